@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build (or reuse) a Horovod 0.28.1 wheel for the venv's torch and MPI, and install it.
+#
+# Why a build: PyPI has only the 0.28.1 sdist (2023); its CMake asks for C++14
+# while torch >= 2.1 headers need C++17, so the stock build fails. We patch the
+# two CMakeLists.txt files to C++17 and build with the PyTorch framework, the MPI
+# and Gloo controllers, and Gloo CPU operations (NCCL GPU operations when CUDA is
+# present). The wheel is cached outside the repository, keyed by the Horovod,
+# torch, MPI and Python versions (and CUDA), so a second set-up does not rebuild.
+#
+# Usage: envs/build_horovod.sh VENV_DIR
+# Env:   SCALELAB_CACHE (default ~/.cache/scalelab), HOROVOD_VERSION (default 0.28.1)
+set -euo pipefail
+
+venv="$(cd "${1:?usage: build_horovod.sh VENV_DIR}" && pwd)"
+py="$venv/bin/python"
+hvd_version="${HOROVOD_VERSION:-0.28.1}"
+cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
+
+torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+cuda_version="$("$py" -c 'import torch; print(torch.version.cuda or "")')"
+mpi_version="$(PATH="$venv/bin:$PATH" mpirun --version | head -n1 | awk '{print $NF}')"
+py_tag="$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+if [ -n "$cuda_version" ] && command -v nvcc >/dev/null 2>&1; then
+  device="cuda${cuda_version}"
+else
+  device="cpu"
+fi
+key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-${device}"
+cache_dir="$cache_root/wheels/$key"
+
+if "$py" -c "import horovod, horovod.torch, sys; sys.exit(horovod.__version__ != '$hvd_version')" 2>/dev/null; then
+  echo "horovod $hvd_version already installed in $venv"
+  exit 0
+fi
+
+if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
+  echo "building Horovod $hvd_version ($key); about 5 minutes on 2 cores"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$py" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "horovod==$hvd_version"
+  tar -xzf "$work/horovod-$hvd_version.tar.gz" -C "$work"
+  src="$work/horovod-$hvd_version"
+  for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
+    grep -q 'CMAKE_CXX_STANDARD 14' "$f" || { echo "error: $f has no C++14 line to patch" >&2; exit 1; }
+    sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$f"
+  done
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+  export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
+  if [ "$device" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
+  export MAKEFLAGS="-j$(nproc)"
+  mkdir -p "$work/dist"
+  PATH="$venv/bin:$PATH" "$py" -m pip wheel --no-build-isolation --no-deps \
+    --wheel-dir "$work/dist" "$src" > "$work/build.log" 2>&1 || {
+      echo "error: Horovod build failed; last lines of the log:" >&2
+      tail -n 40 "$work/build.log" >&2
+      exit 1
+    }
+  mkdir -p "$cache_dir.tmp.$$"
+  cp "$work"/dist/horovod-*.whl "$cache_dir.tmp.$$/"
+  rm -rf "$cache_dir"
+  mv "$cache_dir.tmp.$$" "$cache_dir"   # atomic: a half-copied wheel never looks cached
+else
+  echo "using cached Horovod wheel $cache_dir"
+fi
+"$py" -m pip install --quiet --no-deps "$cache_dir"/horovod-*.whl
+# Horovod's runtime dependencies, pinned in envs/requirements.txt (cloudpickle, psutil, pyyaml, packaging).
+"$py" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "mpi", hvd.mpi_built(), "gloo", hvd.gloo_built(), "nccl", hvd.nccl_built())'

@@ -1,0 +1,1 @@
+"""Datasets: staging into verified shards, reading them back, node-local copies."""

@@ -1,0 +1,276 @@
+"""`scalelab doctor`: what this machine offers the pipeline, and what is missing.
+
+Each probe runs the real tool (or imports the real module in a child Python,
+so a crashing extension cannot take the doctor down) and reports a version or
+the reason it is unavailable. A mode (local, slurm, container) names the probes
+it needs; the exit status says whether that mode can run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from scalelab.tools import which
+
+PROBE_TIMEOUT_S = 60
+
+
+@dataclass
+class Probe:
+    """One component: found or not, its version/details, and how to get it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+# What each mode needs. `local` runs the embedded default with mpirun/torchrun;
+# `slurm` adds the Slurm clients and the Snakemake executor plugin; `container`
+# runs the same through Apptainer.
+MODE_REQUIRES: dict[str, list[str]] = {
+    "local": ["python", "torch", "mpirun", "mpi4py", "horovod", "snakemake"],
+    "slurm": [
+        "python", "torch", "mpirun", "mpi4py", "horovod", "snakemake",
+        "snakemake-slurm-plugin", "sbatch", "srun", "squeue", "scontrol", "slurmctld", "srun-pmix",
+    ],
+    "container": ["python", "snakemake", "apptainer"],
+}
+
+SETUP_HINT = "run ./setup.sh (installs the pinned stack in .venv)"
+SLURM_HINT = (
+    "install the Slurm clients (Debian/Ubuntu: apt-get install slurm-client) "
+    "or load your site's slurm module"
+)
+
+
+def _run(cmd: list[str], timeout: float = PROBE_TIMEOUT_S) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, f"{cmd[0]}: not found"
+    except subprocess.TimeoutExpired:
+        return 124, f"{cmd[0]}: timed out after {timeout:.0f}s"
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def _python_probe(code: str) -> tuple[bool, dict | str]:
+    """Run `code` in a child interpreter; it must print one JSON object."""
+    rc, out = _run([sys.executable, "-c", code])
+    if rc != 0:
+        last = out.splitlines()[-1] if out else f"exit {rc}"
+        return False, last
+    try:
+        return True, json.loads(out.splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return False, out[-200:]
+
+
+def probe_python() -> Probe:
+    v = sys.version_info
+    return Probe("python", v >= (3, 10), f"{v.major}.{v.minor}.{v.micro} ({sys.executable})",
+                 "use Python >= 3.10")
+
+
+def probe_torch() -> Probe:
+    ok, info = _python_probe(
+        "import json, torch, torch.distributed as d\n"
+        "cuda = torch.cuda.is_available()\n"
+        "nccl = '.'.join(map(str, torch.cuda.nccl.version())) if cuda else None\n"
+        "print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda,"
+        " 'gpus': torch.cuda.device_count() if cuda else 0, 'nccl': nccl,"
+        " 'gloo': d.is_gloo_available(), 'mpi': d.is_mpi_available()}))"
+    )
+    if not ok:
+        return Probe("torch", False, str(info), SETUP_HINT)
+    detail = f"{info['version']}, gloo={'yes' if info['gloo'] else 'no'}"
+    if info["gpus"]:
+        detail += f", CUDA {info['cuda']}, {info['gpus']} GPU(s), NCCL {info['nccl']}"
+    else:
+        detail += ", CPU only"
+    return Probe("torch", bool(info["gloo"]), detail, SETUP_HINT)
+
+
+def probe_mpirun() -> Probe:
+    path = which("mpirun")
+    if not path:
+        return Probe("mpirun", False, "not on PATH", SETUP_HINT + " and put .venv/bin on PATH")
+    rc, out = _run([path, "--version"])
+    first = out.splitlines()[0] if out else ""
+    return Probe("mpirun", rc == 0, f"{first} ({path})", SETUP_HINT)
+
+
+def probe_mpi4py() -> Probe:
+    ok, info = _python_probe(
+        "import json, mpi4py\nfrom mpi4py import MPI\n"
+        "print(json.dumps({'version': mpi4py.__version__,"
+        " 'lib': MPI.Get_library_version().split(',')[0].strip()}))"
+    )
+    if not ok:
+        return Probe("mpi4py", False, str(info), SETUP_HINT)
+    return Probe("mpi4py", True, f"{info['version']} on {info['lib']}")
+
+
+def probe_horovod() -> Probe:
+    ok, info = _python_probe(
+        "import json, horovod, horovod.torch as hvd\n"
+        "print(json.dumps({'version': horovod.__version__,"
+        " 'controllers': [n for n, f in (('mpi', hvd.mpi_built), ('gloo', hvd.gloo_built)) if f()],"
+        " 'ops': [n for n, f in (('nccl', hvd.nccl_built), ('ddl', hvd.ddl_built),"
+        " ('ccl', hvd.ccl_built), ('cuda', hvd.cuda_built), ('rocm', hvd.rocm_built)) if f()]}))"
+    )
+    if not ok:
+        return Probe("horovod", False, str(info), "run envs/build_horovod.sh .venv (or ./setup.sh)")
+    ops = ["gloo-cpu"] + info["ops"]
+    controllers = ",".join(info["controllers"])
+    detail = (f"{info['version']}, frameworks: pytorch, controllers: {controllers}"
+              f", tensor ops: {','.join(ops)}")
+    return Probe("horovod", bool(info["controllers"]), detail, "rebuild with envs/build_horovod.sh")
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def probe_snakemake() -> Probe:
+    v = _dist_version("snakemake")
+    return Probe("snakemake", v is not None, v or "not installed", SETUP_HINT)
+
+
+def probe_slurm_plugin() -> Probe:
+    v = _dist_version("snakemake-executor-plugin-slurm")
+    return Probe("snakemake-slurm-plugin", v is not None, v or "not installed", SETUP_HINT)
+
+
+NO_CONF = "installed, but no Slurm configuration found (set SLURM_CONF or /etc/slurm/slurm.conf)"
+
+
+def probe_slurm_client(name: str) -> Probe:
+    path = shutil.which(name)
+    if not path:
+        return Probe(name, False, "not on PATH", SLURM_HINT)
+    rc, out = _run([path, "--version"])
+    detail = out.splitlines()[0] if rc == 0 and out else NO_CONF
+    return Probe(name, True, f"{detail} ({path})", SLURM_HINT)
+
+
+def probe_slurm_controller() -> Probe:
+    """The clients are useless without a reachable slurmctld."""
+    path = shutil.which("scontrol")
+    if not path:
+        return Probe("slurmctld", False, "scontrol not on PATH", SLURM_HINT)
+    rc, out = _run([path, "ping"], timeout=20)
+    ok = rc == 0 and " UP" in out
+    detail = out.splitlines()[-1] if out else f"exit {rc}"
+    if "resolve_ctls" in out or "Could not establish a configuration" in out:
+        detail = NO_CONF
+    return Probe("slurmctld", ok, detail,
+                 "point SLURM_CONF at your cluster's slurm.conf, or start the test cluster: "
+                 "scalelab testcluster up")
+
+
+def probe_srun_mpi() -> Probe:
+    """List srun's --mpi plugin types; the pipeline launches with --mpi=pmix."""
+    path = shutil.which("srun")
+    if not path:
+        return Probe("srun-pmix", False, "srun not on PATH", SLURM_HINT)
+    rc, out = _run([path, "--mpi=list"])
+    if rc != 0:
+        return Probe("srun-pmix", False, NO_CONF, SLURM_HINT)
+    types = sorted({
+        line.split()[-1].removeprefix("mpi/")
+        for line in out.splitlines()
+        if line.strip() and "MPI plugin types" not in line and "specific" not in line
+    })
+    ok = rc == 0 and any(t.startswith("pmix") for t in types)
+    return Probe("srun-pmix", ok, "types: " + (", ".join(types) or out[-120:]),
+                 "install libpmix2 + libpmix-dev before slurmd starts (Debian), or ask your admins")
+
+
+def probe_apptainer() -> Probe:
+    for name in ("apptainer", "singularity"):
+        path = shutil.which(name)
+        if path:
+            rc, out = _run([path, "--version"])
+            return Probe("apptainer", rc == 0, f"{out.splitlines()[0] if out else ''} ({path})")
+    return Probe("apptainer", False, "neither apptainer nor singularity on PATH",
+                 "install Apptainer (https://apptainer.org/docs/admin/main/installation.html) "
+                 "or load your site's apptainer module")
+
+
+PROBES = {
+    "python": probe_python,
+    "torch": probe_torch,
+    "mpirun": probe_mpirun,
+    "mpi4py": probe_mpi4py,
+    "horovod": probe_horovod,
+    "snakemake": probe_snakemake,
+    "snakemake-slurm-plugin": probe_slurm_plugin,
+    "sbatch": lambda: probe_slurm_client("sbatch"),
+    "srun": lambda: probe_slurm_client("srun"),
+    "squeue": lambda: probe_slurm_client("squeue"),
+    "scontrol": lambda: probe_slurm_client("scontrol"),
+    "slurmctld": probe_slurm_controller,
+    "srun-pmix": probe_srun_mpi,
+    "apptainer": probe_apptainer,
+}
+
+
+def run_probes() -> list[Probe]:
+    return [fn() for fn in PROBES.values()]
+
+
+def missing_for(mode: str, probes: list[Probe]) -> list[Probe]:
+    by_name = {p.name: p for p in probes}
+    return [by_name[n] for n in MODE_REQUIRES[mode] if not by_name[n].ok]
+
+
+def _print_table(probes: list[Probe], mode: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    needed = set(MODE_REQUIRES[mode])
+    table = Table(title=f"scalelab doctor (mode: {mode})")
+    table.add_column("component")
+    table.add_column("status")
+    table.add_column("details", overflow="fold")
+    for p in probes:
+        status = "ok" if p.ok else ("MISSING" if p.name in needed else "absent")
+        style = "green" if p.ok else ("bold red" if p.name in needed else "yellow")
+        table.add_row(p.name, f"[{style}]{status}[/]", p.detail)
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    probes = run_probes()
+    missing = missing_for(args.mode, probes)
+    if args.json:
+        print(json.dumps({"mode": args.mode, "ok": not missing,
+                          "probes": [asdict(p) for p in probes]}, indent=2))
+    else:
+        _print_table(probes, args.mode)
+    for p in missing:
+        print(f"missing for --mode {args.mode}: {p.name} ({p.detail}); fix: {p.fix}",
+              file=sys.stderr)
+    if not missing and not args.json:
+        print(f"mode {args.mode}: ready")
+    return 1 if missing else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check what this machine offers the pipeline",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=sorted(MODE_REQUIRES), default="local",
+                   help="what you want to run: local (default), slurm or container")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)

@@ -1,0 +1,1 @@
+"""Multi-node Slurm test cluster in network namespaces."""

@@ -1,0 +1,58 @@
+"""`scalelab testcluster up|status|down|env`: the multi-node Slurm test cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _cluster(args: argparse.Namespace):
+    from scalelab.testcluster.cluster import ClusterSpec, TestCluster
+
+    spec = ClusterSpec(nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                       state_dir=args.state_dir, shared=[p.resolve() for p in args.share])
+    return TestCluster(spec)
+
+
+def cmd_testcluster(args: argparse.Namespace) -> int:
+    from scalelab.testcluster.cluster import ClusterError
+
+    cluster = _cluster(args)
+    try:
+        if args.action == "up":
+            cluster.up(timeout=args.timeout)
+        elif args.action == "down":
+            cluster.down()
+        elif args.action == "env":
+            print(f"export SLURM_CONF={cluster.conf}")
+        else:
+            status = cluster.status()
+            print(json.dumps(status, indent=2))
+            return 0 if status["up"] else 1
+    except ClusterError as exc:
+        print(f"scalelab testcluster {args.action}: error: {exc}")
+        return 1
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from scalelab.testcluster.cluster import DEFAULT_STATE_DIR
+
+    p = sub.add_parser(
+        "testcluster", help="a real multi-node Slurm cluster in network namespaces (root)",
+        description=(
+            "Start munge, slurmctld and N slurmd nodes on this machine, each node in its own "
+            "network namespace with its own address, hostname and private /tmp. Needs root and "
+            "the Debian packages slurm-wlm munge libpmix2 libpmix-dev iproute2. Clients use it "
+            "through SLURM_CONF (eval \"$(scalelab testcluster env)\")."),
+    )
+    p.add_argument("action", choices=["up", "status", "down", "env"])
+    p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    p.add_argument("--cpus-per-node", type=int, default=2, help="CPUs declared per node")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help=f"configuration, logs, spool and node /tmp dirs (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--share", type=Path, action="append", default=[Path.cwd()],
+                   help="path every node must see (default: the current directory); repeatable")
+    p.add_argument("--timeout", type=float, default=90, help="seconds to wait for the daemons")
+    p.set_defaults(func=cmd_testcluster)

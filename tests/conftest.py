@@ -1,0 +1,79 @@
+"""Shared fixtures: the repository, the venv's tools, and the Slurm test cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SCRIPTS = REPO / "tests" / "scripts"
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ with the venv's bin (mpirun, horovodrun, scalelab) first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], timeout: float = 120, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=env or tool_env(), check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr}")
+    return proc
+
+
+def mpirun(n: int, args: list[str], timeout: float = 120, check: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", str(n),
+           *args]
+    return run(cmd, timeout=timeout, env=env, check=check)
+
+
+def require_cluster() -> None:
+    """Skip only where the cluster truly cannot exist; CI sets SCALELAB_REQUIRE_CLUSTER=1."""
+    from scalelab.testcluster.cluster import missing_requirements
+
+    problems = missing_requirements()
+    if problems:
+        reason = "test cluster unavailable: " + "; ".join(problems)
+        if os.environ.get("SCALELAB_REQUIRE_CLUSTER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class ClusterHandle:
+    """The running test cluster as tests use it."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.shared_dir: Path = cluster.shared_dir
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return self.cluster.env(tool_env(extra))
+
+    def srun(self, args: list[str], timeout: float = 180, check: bool = True,
+             extra_env: dict | None = None) -> subprocess.CompletedProcess:
+        return run(["srun", *args], timeout=timeout, env=self.env(extra_env), check=check)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    require_cluster()
+    from scalelab.testcluster.cluster import ClusterSpec, TestCluster
+
+    spec = ClusterSpec(nodes=2, cpus_per_node=2, shared=[REPO, Path(sys.prefix)])
+    tc = TestCluster(spec)
+    tc.up()
+    yield ClusterHandle(tc)
+    tc.down()

@@ -1,0 +1,43 @@
+import json
+
+from conftest import VENV_BIN, run, tool_env
+
+
+def test_local_mode_ready_here():
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "local", "--json"])
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    probes = {p["name"]: p for p in report["probes"]}
+    assert probes["torch"]["ok"] and "2.13.0" in probes["torch"]["detail"]
+    assert probes["horovod"]["ok"]
+    assert "mpi" in probes["horovod"]["detail"] and "gloo" in probes["horovod"]["detail"]
+    assert "Open MPI" in probes["mpi4py"]["detail"]
+
+
+def test_slurm_mode_without_slurm_clients_exits_1_and_names_them():
+    # A PATH with only the venv: the Slurm clients in /usr/bin are gone.
+    env = tool_env({"PATH": str(VENV_BIN)})
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "slurm"], env=env, check=False)
+    assert proc.returncode == 1
+    missing = [line for line in proc.stderr.splitlines() if line.startswith("missing")]
+    names = {line.split(":")[1].split("(")[0].strip() for line in missing}
+    assert {"sbatch", "srun", "squeue", "scontrol"} <= names
+    assert all("fix:" in line for line in missing)
+
+
+def test_container_mode_reports_apptainer_missing():
+    # No apptainer binary can exist on these machines (no package for it here).
+    env = tool_env({"PATH": str(VENV_BIN)})
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "container"], env=env,
+               check=False)
+    assert proc.returncode == 1
+    assert "apptainer" in proc.stderr and "apptainer.org" in proc.stderr
+
+
+def test_slurm_mode_ready_on_test_cluster(cluster):
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "slurm", "--json"],
+               env=cluster.env())
+    report = json.loads(proc.stdout)
+    probes = {p["name"]: p for p in report["probes"]}
+    assert report["ok"], proc.stderr
+    assert "pmix" in probes["srun-pmix"]["detail"]
