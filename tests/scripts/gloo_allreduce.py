@@ -7,9 +7,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scalelab.launch import detect_layout
+from scalelab.launch import detect
 
-layout = detect_layout()
+layout = detect()
 dist.init_process_group("gloo", init_method=f"tcp://{layout.master_addr}:{layout.master_port}",
                         rank=layout.rank, world_size=layout.world_size,
                         timeout=timedelta(seconds=60))
