@@ -18,6 +18,13 @@ from scalelab.errors import UsageError
 COMMAND_MODULES = [
     "scalelab.doctor",
     "scalelab.testcluster.cli",
+    "scalelab.train.cli",
+    "scalelab.runner",
+    "scalelab.evaluate",
+    "scalelab.data.cli",
+    "scalelab.analysis.cli",
+    "scalelab.comm.cli",
+    "scalelab.container.cli",
 ]
 
 

@@ -286,3 +286,13 @@ def _from_slurm(env: Mapping[str, str]) -> Layout:
         master_port=_master_port(env, f"slurm-{job}.{step}"),
         launcher="slurm",
     ))
+
+
+if __name__ == "__main__":  # `python -m scalelab.launch`: what does this process see?
+    import json
+    import sys
+    from dataclasses import asdict
+
+    # One write per line: ranks sharing a pipe then cannot interleave within a line.
+    sys.stdout.write(json.dumps({**asdict(detect()), "hostname": socket.gethostname()}) + "\n")
+    sys.stdout.flush()

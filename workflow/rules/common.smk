@@ -1,5 +1,147 @@
-from snakemake.utils import validate
+# Validate the config (JSON schema in workflow/schemas/, plus checks a schema cannot
+# express) before any job is planned, and expand the sweep into runs.
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
 
-validate(config, schema="../schemas/config.schema.yaml")
+from scalelab import runner, sweep
+from scalelab.errors import UsageError
+
+# Jobs call the CLI of the environment this Snakemake runs in (on cluster nodes
+# Snakemake re-runs the same interpreter); inside the image `scalelab` is on PATH.
+shell.prefix(
+    f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+)
+
+try:
+    _validated = sweep.validate(config, source="config")
+except UsageError as _err:
+    raise WorkflowError(f"invalid configuration: {_err}") from None
+config.clear()
+config.update(_validated)
+
+if config["container"]["enabled"]:
+    # Image present, sha256 equal to the pin, a runtime installed: checked here,
+    # before any job is submitted.
+    from scalelab.container import image_provenance
+    from scalelab.container.runtime import detect as _detect_runtime
+
+    try:
+        _section = {
+            k: v for k, v in config["container"].items() if v not in (None, [], {})
+        }
+        image_provenance(_section, labels=False)
+        if _detect_runtime(config["container"]["runtime"]) is None:
+            raise UsageError(
+                "container.enabled: no apptainer or singularity on PATH "
+                "(install Apptainer or load its module)"
+            )
+    except UsageError as _err:
+        raise WorkflowError(f"container: {_err}") from None
 
 RESULTS = config["results"]
+DATA = f"{RESULTS}/data"
+RUNS = {point.run_id: point for point in sweep.expand(config)}
+
+IMAGE = config["container"]["image"] if config["container"]["enabled"] else None
+
+
+def job_image(wildcards):
+    """The image a whole job runs in under --sdm apptainer (None: on the host)."""
+    return IMAGE
+
+
+def ranks_enter_image(wildcards):
+    """Jobs that start ranks with srun stay on the host: `scalelab launch` puts
+    `apptainer exec IMAGE` inside srun (the hybrid model), never srun inside the image.
+    """
+    return None
+
+
+def stage_args():
+    """`scalelab stage` arguments from the data section, one list item each."""
+    d = config["data"]
+    args = ["--source", d["source"], "--seed", str(d["seed"])]
+    args += [
+        "--split",
+        ",".join(str(f) for f in d["split"]),
+        "--shards",
+        str(d["shards"]),
+    ]
+    if d.get("path"):
+        args += ["--path", d["path"]]
+    if d.get("image_size"):
+        args += ["--image-size", str(d["image_size"]), str(d["image_size"])]
+    if d.get("num_samples"):
+        args += ["--num-samples", str(d["num_samples"])]
+    if d.get("num_classes"):
+        args += ["--num-classes", str(d["num_classes"])]
+    return args
+
+
+def job_spec(wildcards):
+    return json.dumps(runner.job_spec(config, wildcards.run, DATA), sort_keys=True)
+
+
+def train_resources(key):
+    """Slurm resources of one training job, from its sweep point."""
+
+    def get(wildcards):
+        point = RUNS[wildcards.run]
+        res = config["resources"]
+        return {
+            "nodes": point.nodes,
+            "tasks": point.ranks,
+            "cpus_per_task": config["launch"]["cpus_per_task"],
+            "mem_mb_per_cpu": res["mem_mb_per_cpu"],
+            "runtime": res["runtime"],
+        }[key]
+
+    return get
+
+
+def slurm_placement():
+    """Partition, account, constraint and GPUs of training jobs: only those the config sets."""
+    res = config["resources"]
+    extra = {
+        k: res[k] for k in ("slurm_partition", "slurm_account", "constraint") if res[k]
+    }
+    gpus = max(config["sweep"]["gpus_per_task"]) * max(
+        config["sweep"]["tasks_per_node"]
+    )
+    if gpus:
+        extra["gres"] = lambda wildcards: (
+            f"gpu:{RUNS[wildcards.run].gpus_per_task * RUNS[wildcards.run].tasks_per_node}"
+        )
+    return extra
+
+
+def analysis_args():
+    a = config["analysis"]
+    args = [f"--threshold={a['threshold']}"]
+    if a["target_accuracy"]:
+        args.append(f"--target-accuracy={a['target_accuracy']}")
+    for csv in a["from_csv"]:
+        args += ["--from-csv", csv]
+    return args
+
+
+def smallest_run(backend):
+    return min(
+        (p for p in RUNS.values() if p.backend == backend),
+        key=lambda p: (p.ranks, p.repeat),
+    )
+
+
+def final_targets():
+    """The default target: runs, evaluations, analysis, benchmarks, prediction."""
+    targets = [f"{RESULTS}/analysis/scaling.csv"]
+    targets += expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS))
+    cb = config["commbench"]
+    if cb["enabled"]:
+        targets += expand(f"{RESULTS}/commbench/{{lib}}", lib=cb["libs"])
+        if "torch" in cb["libs"] and any(p.backend == "ddp" for p in RUNS.values()):
+            targets.append(f"{RESULTS}/predict/ddp/prediction.csv")
+    return targets

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from scalelab.errors import DataError
+from scalelab.fsio import fsync_dir  # noqa: F401  (re-exported for stage/nodelocal)
 
 FORMAT_NAME = "scalelab-shards"
 FORMAT_VERSION = 1
@@ -111,15 +112,6 @@ def write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist directory entries (new files, renames) on filesystems that need it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -151,7 +143,7 @@ def load_manifest(data_dir: Path) -> dict[str, FileEntry]:
         except (TypeError, KeyError, ValueError):
             raise DataError(f"{path}: entry 'files.{rel}' needs 'bytes' and 'sha256'") from None
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise DataError(f"{path}: entry 'files.{rel}' must be a relative path inside the dataset")
+            raise DataError(f"{path}: entry 'files.{rel}' must be a path inside the dataset")
         entries[rel] = entry
     if INDEX_NAME not in entries:
         raise DataError(f"{path}: does not list {INDEX_NAME}")

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     p.add_argument("--cpus-per-node", type=int, default=2, help="CPUs declared per node")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                   help=f"configuration, logs, spool and node /tmp dirs (default {DEFAULT_STATE_DIR})")
+                   help="configuration, logs, spool and node /tmp dirs "
+                   f"(default {DEFAULT_STATE_DIR})")
     p.add_argument("--share", type=Path, action="append", default=[Path.cwd()],
                    help="path every node must see (default: the current directory); repeatable")
     p.add_argument("--timeout", type=float, default=90, help="seconds to wait for the daemons")

@@ -17,6 +17,7 @@ never touches the machine's own Slurm or munge set-up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_STATE_DIR = Path(os.environ.get("SCALELAB_TESTCLUSTER_DIR", "/var/lib/scalelab/testcluster"))
+from scalelab.fsio import atomic_write_text
+
+DEFAULT_STATE_DIR = Path(
+    os.environ.get("SCALELAB_TESTCLUSTER_DIR", "/var/lib/scalelab/testcluster"))
 REQUIRED_PROGRAMS = ["munged", "mungekey", "slurmctld", "slurmd", "ip", "unshare", "nsenter",
                      "mount", "srun", "sbatch", "scontrol", "sinfo", "squeue", "scancel"]
 APT_PACKAGES = "slurm-wlm munge libpmix2 libpmix-dev iproute2 util-linux"
@@ -127,7 +131,7 @@ class TestCluster:
         self.spec = spec or ClusterSpec()
         self.dir = Path(self.spec.state_dir)
         self.state_file = self.dir / "cluster.json"
-        self.conf = self.dir / "etc" / "slurm.conf"
+        self.conf = self.dir / "etc" / "slurm" / "slurm.conf"
         self.state: dict = {}
 
     # ---- state -------------------------------------------------------------------------
@@ -138,9 +142,7 @@ class TestCluster:
             return {}
 
     def _save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(self.state, indent=2, default=str))
 
     def _record(self, kind: str, value) -> None:
         self.state.setdefault(kind, [])
@@ -197,7 +199,7 @@ class TestCluster:
         print(f"test cluster up: {self.spec.nodes} nodes; export SLURM_CONF={self.conf}")
 
     def _make_dirs(self) -> None:
-        for sub in ("etc", "log", "run", "ctld", "shared"):
+        for sub in ("etc/slurm", "log", "run", "ctld", "shared"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         for node in self.spec.node_names():
             for sub in ("spool", "tmp"):
@@ -279,9 +281,7 @@ TmpFS=/tmp
 {chr(10).join(nodes)}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
-        tmp = self.conf.with_suffix(".tmp")
-        tmp.write_text(conf)
-        os.replace(tmp, self.conf)
+        atomic_write_text(self.conf, conf)
 
     def _spawn(self, name: str, cmd: list[str], log: Path) -> int:
         with open(log, "ab") as out:
@@ -334,6 +334,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 sys.executable, "-m", "scalelab.testcluster.nodeinit",
                 "--hostname", node, "--hosts-file", str(self.dir / "etc" / "hosts"),
                 "--tmp-dir", str(self.dir / "nodes" / node / "tmp"),
+                "--etc-slurm", str(self.conf.parent),
             ]
             for path in [*s.shared, self.dir]:
                 cmd += ["--share", str(path)]
@@ -449,17 +450,13 @@ def _terminate(pids: list[int | None], grace: float = 10) -> None:
     pids = [p for p in dict.fromkeys(pids) if p and p != os.getpid()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + (grace if sig == signal.SIGTERM else 5)
         while time.time() < deadline:
             for pid in pids:
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
             pids = [p for p in pids if _alive(p)]
             if not pids:
                 return

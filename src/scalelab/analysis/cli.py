@@ -1,0 +1,59 @@
+"""``scalelab analyze``: scaling tables and plots from run directories and/or CSV tables."""
+
+from __future__ import annotations
+
+import argparse
+
+from scalelab.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="scaling analysis of training runs (and published tables): tables, fits, plots",
+        description=(
+            "Speedup, parallel efficiency, Karp-Flatt serial fraction, Amdahl/Gustafson fits, "
+            "marginal gain per doubling, cost proxy and sweet spot, written as CSV, Parquet, "
+            "Markdown and PNG/SVG plots into --out (atomically: all outputs or none)."
+        ),
+    )
+    p.add_argument("results", nargs="*", metavar="RUN_DIR",
+                   help="run directories, or directories holding them (searched recursively)")
+    p.add_argument("--out", required=True, help="output directory (replaced as a whole)")
+    p.add_argument("--from-csv", action="append", default=[], metavar="FILE",
+                   help="a table with columns gpus|ranks and throughput|time (optional: nodes, "
+                        "mode, backend, label, global_batch, accuracy, epoch_samples, repeat); "
+                        "repeatable")
+    p.add_argument("--threshold", type=float, default=0.7,
+                   help="efficiency threshold of the sweet spot (default 0.7)")
+    p.add_argument("--mode", choices=("strong", "weak"), default=None,
+                   help="scaling mode of CSV rows without a mode column (default strong)")
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="validation accuracy (0..1) for time-to-target; default: the trainer's")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scalelab.analysis import report, runs, scaling
+
+    if not args.results and not args.from_csv:
+        raise UsageError("give at least one RUN_DIR or --from-csv FILE")
+    if not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold: {args.threshold} must be in (0, 1]")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise UsageError(f"--target-accuracy: {args.target_accuracy} must be in (0, 1]")
+    rows = runs.load_runs(args.results, args.target_accuracy) if args.results else []
+    for path in args.from_csv:
+        rows.extend(runs.load_csv(path, args.mode))
+    frame = runs.to_frame(rows)
+    table, fits = scaling.analyse(frame, args.threshold)
+    out = report.write(args.out, frame, table, fits, args.threshold,
+                       [*map(str, args.results), *map(str, args.from_csv)])
+    for fit in fits.itertuples():
+        spot = (f"sweet spot {fit.sweet_spot_workers:g} workers "
+                f"(efficiency {fit.sweet_spot_efficiency:.1%})")
+        print(f"{fit.source}/{fit.backend}/{fit.mode}: {fit.configurations} configurations, "
+              f"Amdahl f={fit.amdahl_parallel_fraction:.4f}, "
+              f"Gustafson f={fit.gustafson_parallel_fraction:.4f}, {spot}")
+    print(f"wrote {out}")
+    return 0

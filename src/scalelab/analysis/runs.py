@@ -1,0 +1,421 @@
+"""Turn run directories and external CSV tables into one tidy table.
+
+:func:`load_run` is the ONLY place that knows the trainer's and the workflow's
+file formats (``summary.json``, ``config.yaml``, ``metrics.jsonl``,
+``sweep.json``); everything downstream sees the columns of :data:`COLUMNS`.
+:func:`load_csv` maps a published-style table onto the same columns, so runs
+and published numbers can be analysed side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import UsageError
+
+#: The tidy per-run columns (one row per run or per CSV row). NaN: not known.
+COLUMNS: dict[str, str] = {
+    "source": "where the row comes from: 'runs' or the CSV's label/file stem",
+    "run_id": "run identifier (sweep.json run_id, else directory name; CSV: file:line)",
+    "backend": "ddp | horovod | none | external (CSV without a backend column)",
+    "mode": "strong (fixed global batch) | weak (fixed per-rank batch)",
+    "nodes": "nodes used",
+    "ranks": "processes (world size)",
+    "gpus": "GPUs used (0 on CPU)",
+    "workers": "N of the scaling formulas: GPUs when > 0, else ranks",
+    "cores_per_rank": "CPU cores (threads) per rank, for the core-hour cost proxy",
+    "repeat": "repeat index of the same configuration",
+    "global_batch": "samples per optimizer step over all ranks",
+    "samples_per_s": "training throughput, samples/s over all ranks, warm-up excluded",
+    "throughput": "what the scaling metrics use: samples_per_s, else work/s from a time column",
+    "throughput_unit": "samples/s, or work/s when derived from a time",
+    "epoch_time_s": "seconds per epoch (CSV: the time column, seconds per unit of work)",
+    "step_time_s": "seconds per optimizer step",
+    "data_s": "seconds per step waiting for data",
+    "compute_s": "seconds per step of forward/backward/optimizer not hidden behind comm",
+    "comm_s": "seconds per step of exposed gradient communication",
+    "final_accuracy": "validation accuracy after the last epoch (0..1)",
+    "test_accuracy": "accuracy of the final weights on the test split (evaluation.json, 0..1)",
+    "time_to_target_s": "seconds of training until validation accuracy first reached the target",
+    "grad_bytes": "bytes of gradients allreduced per step (NaN unless known)",
+    "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
+                  "CSV: file:line",
+}
+
+NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "global_batch",
+           "samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
+           "comm_s", "final_accuracy", "test_accuracy", "time_to_target_s", "grad_bytes")
+
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------- run directories
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return data
+
+
+def _dig(tree: Mapping[str, Any], *paths: str) -> Any:
+    """First present, non-null value among dotted ``paths`` in a nested mapping."""
+    for dotted in paths:
+        node: Any = tree
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None:
+            return node
+    return None
+
+
+def _num(value: Any, where: str) -> float:
+    """A finite float, NaN for missing; anything else is a broken file."""
+    if value is None:
+        return NAN
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _metrics_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}: line {lineno} is not valid JSON") from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def load_run(run_dir: str | Path, target_accuracy: float | None = None,
+             count_params: bool = False) -> dict[str, Any]:
+    """One completed run as a dict of the :data:`COLUMNS`.
+
+    Every file-format field name of the trainer and the workflow is in this
+    function (and nowhere else), so a format change is a change here only.
+    Files read: summary.json (required; trainer), run_info.json, config.yaml,
+    metrics.jsonl (trainer), sweep.json (workflow; optional for runs made by
+    hand). Per-step times come from the epoch records that also give the
+    throughput (the first epoch is left out when there are several, as the
+    trainer does). ``target_accuracy`` (0..1) gives time-to-target from the
+    per-epoch validation accuracy. ``count_params`` builds the model from
+    config.yaml to learn the gradient size when the summary does not state it.
+    """
+    import hashlib
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UsageError(f"{summary_path}: missing: the run did not complete (no summary.json)")
+    summary = _read_json(summary_path)
+    s = str(summary_path)
+    info_path = run_dir / "run_info.json"
+    info = _read_json(info_path) if info_path.is_file() else {}
+    sweep = _read_json(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else {}
+    config: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{run_dir / 'config.yaml'}: not valid YAML: {exc}") from None
+    records = _metrics_records(run_dir / "metrics.jsonl")
+
+    ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
+    if not ranks > 0:
+        raise UsageError(f"{s}: field 'world_size' missing or not positive")
+    samples_per_s = _num(_dig(summary, "samples_per_s"), f"{s}: samples_per_s")
+    if not samples_per_s > 0:
+        raise UsageError(f"{s}: field 'samples_per_s' missing or not positive")
+    global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
+
+    device = str(_dig(summary, "device") or "cpu")
+    gpus_per_task = _dig(sweep, "gpus_per_task")
+    if device.startswith("cuda"):
+        per_task = _num(gpus_per_task, f"{run_dir / 'sweep.json'}: gpus_per_task")
+        gpus = ranks * (per_task if per_task > 0 else 1.0)
+    else:
+        gpus = 0.0
+    hosts = _dig(info, "hostnames") or next(
+        (r["hostnames"] for r in records if r.get("kind") == "start" and r.get("hostnames")), [])
+    per_rank = _dig(config, "optim.per_rank_batch_size")
+    mode = _dig(sweep, "mode") or ("weak" if per_rank is not None else "strong")
+
+    # epochs as the trainer counts throughput: the first left out when there are several
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    timed = epochs[1:] if len(epochs) > 1 else epochs
+    steps = _num(_dig(summary, "steps_per_epoch"), f"{s}: steps_per_epoch") * len(timed)
+
+    def per_step(key: str) -> float:
+        vals = [r.get(key) for r in timed]
+        if not vals or any(v is None for v in vals) or not steps > 0:
+            return NAN
+        return float(sum(vals)) / steps
+
+    epoch_times = sorted(float(r["time_s"]) for r in timed if r.get("time_s") is not None)
+    val = [(r, r.get("val_acc")) for r in epochs if r.get("val_acc") is not None]
+    ttt = NAN
+    if target_accuracy is not None:
+        elapsed = 0.0
+        for rec in epochs:
+            elapsed += float(rec.get("time_s") or 0.0)
+            if rec.get("val_acc") is not None and rec["val_acc"] >= target_accuracy:
+                ttt = elapsed
+                break
+    final_acc = _dig(summary, "val_acc")
+    if final_acc is None and val:
+        final_acc = val[-1][1]
+
+    grad_bytes = _num(_dig(summary, "grad_bytes"), f"{s}: grad_bytes")
+    if math.isnan(grad_bytes) and _dig(summary, "num_params") is not None:
+        grad_bytes = 4.0 * _num(_dig(summary, "num_params"), f"{s}: num_params")
+    if math.isnan(grad_bytes) and count_params and config:
+        from scalelab.models import build_model
+
+        model = build_model(_dig(config, "model.name") or "cnn",
+                            int(_dig(config, "data.num_classes") or 10),
+                            tuple(_dig(config, "data.image_shape") or (3, 32, 32)),
+                            **(_dig(config, "model.options") or {}))
+        grad_bytes = 4.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    ident = _dig(summary, "provenance.id", "provenance_id")
+    if ident is None:
+        digest = hashlib.sha256()
+        for name in ("config.yaml", "run_info.json", "summary.json"):
+            if (run_dir / name).is_file():
+                digest.update((run_dir / name).read_bytes())
+        ident = digest.hexdigest()[:16]
+
+    row = {
+        "source": "runs",
+        "run_id": str(_dig(sweep, "run_id") or run_dir.name),
+        "backend": str(_dig(sweep, "backend") or _dig(summary, "backend") or "unknown"),
+        "mode": str(mode),
+        "nodes": _num(_dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1), f"{s}: nodes"),
+        "ranks": ranks,
+        "gpus": gpus,
+        "cores_per_rank": _num(_dig(info, "threads_per_rank") or _dig(config, "train.threads")
+                               or 1, f"{info_path}: threads_per_rank"),
+        "repeat": _num(_dig(sweep, "repeat") or 0, f"{run_dir / 'sweep.json'}: repeat"),
+        "global_batch": global_batch,
+        "samples_per_s": samples_per_s,
+        "throughput": samples_per_s,
+        "throughput_unit": "samples/s",
+        "epoch_time_s": epoch_times[len(epoch_times) // 2] if epoch_times else NAN,
+        "step_time_s": global_batch / samples_per_s,
+        "data_s": per_step("data_s"),
+        "compute_s": per_step("compute_s"),
+        "comm_s": per_step("comm_s"),
+        "final_accuracy": _num(final_acc, f"{s}: val_acc"),
+        "test_accuracy": _test_accuracy(run_dir),
+        "time_to_target_s": ttt,
+        "grad_bytes": grad_bytes,
+        "provenance": str(ident),
+    }
+    row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
+    return row
+
+
+def _test_accuracy(run_dir: Path) -> float:
+    """From `scalelab evaluate`'s evaluation.json beside the run, when it ran."""
+    path = run_dir / "evaluation.json"
+    if not path.is_file():
+        return NAN
+    return _num(_read_json(path).get("accuracy"), f"{path}: accuracy")
+
+
+def find_run_dirs(path: str | Path) -> list[Path]:
+    """Run directories at or below ``path``.
+
+    A run directory is one holding any of summary.json, sweep.json, config.yaml
+    or metrics.jsonl; one without summary.json is kept so :func:`load_run`
+    reports it (an incomplete run must not vanish silently from a study).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a directory (give run directories or their parent; "
+                         "tables go to --from-csv)")
+    markers = ("summary.json", "sweep.json", "config.yaml", "run.yaml", "metrics.jsonl")
+    if any((path / m).is_file() for m in markers):
+        return [path]
+    found = sorted({p.parent for m in markers for p in path.rglob(m)
+                    if not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    # A nested marker file (e.g. checkpoints/config.yaml) belongs to the outer run.
+    return [d for d in found if not any(o != d and o in d.parents for o in found)]
+
+
+def load_runs(paths: Iterable[str | Path], target_accuracy: float | None = None) -> list[dict]:
+    """All runs found at or below ``paths``; an input without any run is an error."""
+    rows = []
+    for path in paths:
+        dirs = find_run_dirs(path)
+        if not dirs:
+            raise UsageError(f"{path}: no run directories (no summary.json/sweep.json below it)")
+        rows.extend(load_run(d, target_accuracy) for d in dirs)
+    return rows
+
+
+# --------------------------------------------------------------------------- CSV tables
+
+#: Accepted CSV headers (case-insensitive; spaces and dashes read as underscores).
+CSV_ALIASES: dict[str, tuple[str, ...]] = {
+    "gpus": ("gpus", "gpu", "num_gpus"),
+    "ranks": ("ranks", "processes", "world_size", "workers"),
+    "throughput": ("throughput", "samples_per_s", "images_per_s", "samples/s", "images/s"),
+    "time": ("time", "time_s", "seconds", "epoch_time_s"),
+    "nodes": ("nodes",),
+    "mode": ("mode",),
+    "backend": ("backend",),
+    "label": ("label", "source"),
+    "global_batch": ("global_batch", "batch", "global_batch_size"),
+    "final_accuracy": ("accuracy", "final_accuracy"),
+    "epoch_samples": ("epoch_samples",),
+    "cores_per_rank": ("cores_per_rank",),
+    "repeat": ("repeat",),
+}
+
+
+def _norm(header: str) -> str:
+    return header.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a published-style table: (GPUs or ranks, throughput or time) plus optional columns.
+
+    ``mode`` (strong/weak) applies where the table has no mode column. With a
+    time column only, throughput is work per second: 1/time for strong scaling
+    (fixed total work), workers/time for weak scaling (work grows with N);
+    ``epoch_samples`` turns either into samples/s.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    reader = csv.DictReader(text.splitlines())
+    headers = {_norm(h): h for h in (reader.fieldnames or []) if h is not None}
+    cols: dict[str, str] = {}
+    for key, aliases in CSV_ALIASES.items():
+        for alias in aliases:
+            if alias in headers:
+                cols[key] = headers[alias]
+                break
+    if "gpus" not in cols and "ranks" not in cols:
+        raise UsageError(f"{path}: missing column: need 'gpus' or 'ranks' "
+                         f"(found: {', '.join(headers.values()) or 'no header'})")
+    if "throughput" not in cols and "time" not in cols:
+        raise UsageError(f"{path}: missing column: need 'throughput' (samples/s) or 'time' "
+                         f"(seconds) (found: {', '.join(headers.values())})")
+
+    def text(raw: dict, key: str) -> str:
+        return (raw.get(cols[key]) or "").strip() if key in cols else ""
+
+    def number(raw: dict, key: str, lineno: int, required: bool, positive: bool = True) -> float:
+        if key not in cols:
+            return NAN
+        value = (raw.get(cols[key]) or "").strip()
+        if not value:
+            if required:
+                raise UsageError(f"{path}: line {lineno}: column '{cols[key]}' is empty")
+            return NAN
+        try:
+            x = float(value)
+        except ValueError:
+            raise UsageError(f"{path}: line {lineno}: column '{cols[key]}': "
+                             f"{value!r} is not a number") from None
+        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
+            raise UsageError(f"{path}: line {lineno}: column '{cols[key]}': {value} must be "
+                             f"{'> 0' if positive else '>= 0'}")
+        return x
+
+    rows = []
+    for lineno, raw in enumerate(reader, 2):
+        if not any((v or "").strip() for v in raw.values() if isinstance(v, str)):
+            continue
+        gpus = number(raw, "gpus", lineno, True)
+        ranks = number(raw, "ranks", lineno, True)
+        tput = number(raw, "throughput", lineno, "time" not in cols)
+        time_s = number(raw, "time", lineno, "throughput" not in cols or math.isnan(tput))
+        epoch_samples = number(raw, "epoch_samples", lineno, False)
+        row_mode = text(raw, "mode").lower()
+        row_mode = row_mode or mode or "strong"
+        if row_mode not in ("strong", "weak"):
+            raise UsageError(f"{path}: line {lineno}: column '{cols.get('mode', 'mode')}': "
+                             f"{row_mode!r} is not 'strong' or 'weak'")
+        workers = gpus if not math.isnan(gpus) else ranks
+        if not math.isnan(tput):
+            throughput, unit = tput, "samples/s"
+        else:
+            work = workers if row_mode == "weak" else 1.0
+            if not math.isnan(epoch_samples):
+                throughput, unit = work * epoch_samples / time_s, "samples/s"
+            else:
+                throughput, unit = work / time_s, "work/s"
+        epoch_time = time_s
+        if math.isnan(epoch_time) and not math.isnan(epoch_samples):
+            epoch_time = epoch_samples / tput
+        label, backend = text(raw, "label"), text(raw, "backend")
+        nodes = number(raw, "nodes", lineno, False)
+        repeat = number(raw, "repeat", lineno, False, positive=False)
+        cores = number(raw, "cores_per_rank", lineno, False)
+        rows.append({
+            "source": label or path.stem,
+            "run_id": f"{path.name}:{lineno}",
+            "backend": backend or "external",
+            "mode": row_mode,
+            "nodes": 1.0 if math.isnan(nodes) else nodes,
+            "ranks": ranks if not math.isnan(ranks) else gpus,
+            "gpus": 0.0 if math.isnan(gpus) else gpus,
+            "workers": workers,
+            "cores_per_rank": 1.0 if math.isnan(cores) else cores,
+            "repeat": 0.0 if math.isnan(repeat) else repeat,
+            "global_batch": number(raw, "global_batch", lineno, False),
+            "samples_per_s": throughput if unit == "samples/s" else NAN,
+            "throughput": throughput,
+            "throughput_unit": unit,
+            "epoch_time_s": epoch_time,
+            "step_time_s": NAN,
+            "data_s": NAN,
+            "compute_s": NAN,
+            "comm_s": NAN,
+            "final_accuracy": number(raw, "final_accuracy", lineno, False, positive=False),
+            "time_to_target_s": NAN,
+            "grad_bytes": NAN,
+            "provenance": f"{path.resolve()}:{lineno}",
+        })
+    if not rows:
+        raise UsageError(f"{path}: no data rows")
+    return rows
+
+
+def to_frame(rows: list[dict[str, Any]]):
+    """The tidy pandas table, columns in :data:`COLUMNS` order."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in NUMERIC:
+        frame[col] = pd.to_numeric(frame[col], errors="raise").astype(float)
+    return frame

@@ -1,0 +1,203 @@
+"""Scaling metrics and models over the tidy run table.
+
+Definitions (N = workers, i.e. GPUs or ranks; X = throughput; index 0 is the
+smallest configuration of a group, p = N / N_0 its relative scale):
+
+* speedup            S = X_N / X_0          (weak scaling: scaled speedup)
+* parallel efficiency E = S / p = X_N / (p * X_0); with N_0 = 1 this is X_N / (N * X_1)
+* Karp-Flatt         e = (1/S - 1/p) / (1 - 1/p)   (experimentally determined serial
+  fraction, Karp & Flatt 1990; p > 1 only)
+* Amdahl             S(p) = 1 / ((1 - f) + f / p)   (fixed work, parallel fraction f)
+* Gustafson          S(p) = (1 - f) + f * p         (work grows with p)
+* marginal gain per doubling: (X_i / X_j) ** (1 / log2(N_i / N_j)) - 1 against the next
+  smaller configuration j; 1.0 means a doubling doubles throughput, 0 means no gain.
+* cost proxy: resource-hours per epoch (GPU-h when GPUs are used, else core-h =
+  ranks * cores per rank) and per million samples.
+* sweet spot: the largest configuration whose efficiency is >= a threshold.
+
+Speedup is relative to the smallest measured configuration, not to one worker,
+because multi-node studies rarely measure one GPU, and because the smallest
+configuration is what the user actually ran.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from scalelab.errors import UsageError
+
+GROUP = ["source", "backend", "mode"]
+CONFIG = [*GROUP, "nodes", "ranks", "gpus", "workers"]
+#: Columns aggregated over repeats with median, min, max and spread.
+SPREAD = ["throughput", "samples_per_s", "epoch_time_s"]
+#: Columns aggregated over repeats with the median only.
+MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
+          "final_accuracy", "test_accuracy", "time_to_target_s"]
+
+
+def amdahl(p: np.ndarray, f: float) -> np.ndarray:
+    """Amdahl's law: speedup at relative scale ``p`` with parallel fraction ``f``."""
+    return 1.0 / ((1.0 - f) + f / np.asarray(p, dtype=float))
+
+
+def gustafson(p: np.ndarray, f: float) -> np.ndarray:
+    """Gustafson's law: scaled speedup at relative scale ``p`` with parallel fraction ``f``."""
+    return (1.0 - f) + f * np.asarray(p, dtype=float)
+
+
+def karp_flatt(speedup: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Karp-Flatt experimentally determined serial fraction; NaN where p <= 1."""
+    s, p = np.asarray(speedup, dtype=float), np.asarray(p, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = (1.0 / s - 1.0 / p) / (1.0 - 1.0 / p)
+    return np.where(p > 1, e, np.nan)
+
+
+def fit_fraction(model, p: np.ndarray, speedup: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares parallel fraction f in [0, 1]: (f, standard error, RMS relative error).
+
+    Residuals are weighted relative to the speedup (sigma = S), so the large
+    configurations do not drown the small ones. NaN when fewer than two scales.
+    """
+    from scipy.optimize import curve_fit
+
+    p, s = np.asarray(p, dtype=float), np.asarray(speedup, dtype=float)
+    if len(np.unique(p)) < 2:
+        return math.nan, math.nan, math.nan
+    popt, pcov = curve_fit(model, p, s, p0=[0.9], bounds=(0.0, 1.0), sigma=s)
+    f = float(popt[0])
+    err = float(np.sqrt(pcov[0, 0])) if np.isfinite(pcov[0, 0]) else math.nan
+    rel = (model(p, f) - s) / s
+    return f, err, float(np.sqrt(np.mean(rel ** 2)))
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: repeats reduced to median, min, max and spread."""
+    if runs.empty:
+        raise UsageError("no runs to analyse")
+    rows = []
+    for key, grp in runs.groupby(CONFIG, sort=True, dropna=False):
+        row = dict(zip(CONFIG, key, strict=True))
+        row["repeats"] = len(grp)
+        units = sorted(set(grp["throughput_unit"]))
+        row["throughput_unit"] = units[0] if len(units) == 1 else "mixed"
+        for col in SPREAD:
+            vals = grp[col].dropna()
+            med = float(vals.median()) if len(vals) else math.nan
+            row[col] = med
+            row[f"{col}_min"] = float(vals.min()) if len(vals) else math.nan
+            row[f"{col}_max"] = float(vals.max()) if len(vals) else math.nan
+            row[f"{col}_spread"] = (row[f"{col}_max"] - row[f"{col}_min"]) / med \
+                if len(vals) else math.nan
+        for col in MEDIAN:
+            vals = grp[col].dropna()
+            row[col] = float(vals.median()) if len(vals) else math.nan
+        row["run_ids"] = ";".join(sorted(map(str, grp["run_id"])))
+        row["provenance"] = ";".join(sorted(set(map(str, grp["provenance"]))))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _marginal_gain(grp: pd.DataFrame) -> pd.Series:
+    out = pd.Series(math.nan, index=grp.index)
+    for idx, row in grp.iterrows():
+        smaller = grp[grp["workers"] < row["workers"]]
+        if smaller.empty:
+            continue
+        prev = smaller[smaller["workers"] == smaller["workers"].max()]
+        prev = prev.loc[prev["throughput"].idxmax()]
+        doublings = math.log2(row["workers"] / prev["workers"])
+        out[idx] = (row["throughput"] / prev["throughput"]) ** (1.0 / doublings) - 1.0
+    return out
+
+
+def add_metrics(table: pd.DataFrame, threshold: float = 0.7) -> pd.DataFrame:
+    """Speedup, efficiency, Karp-Flatt, marginal gain, cost and sweet spot for each group."""
+    if not 0 < threshold <= 1:
+        raise UsageError(f"--threshold: {threshold} must be in (0, 1]")
+    parts = []
+    for key, grp in table.groupby(GROUP, sort=True):
+        grp = grp.sort_values(["workers", "nodes"]).copy()
+        if (grp["throughput_unit"] == "mixed").any() or grp["throughput_unit"].nunique() > 1:
+            where = dict(zip(GROUP, key, strict=True))
+            raise UsageError(f"group {where}: throughput given in different units "
+                             "(samples/s and time-derived work/s); give one kind per source")
+        base = grp.iloc[0]
+        grp["base_workers"] = base["workers"]
+        grp["p"] = grp["workers"] / base["workers"]
+        grp["speedup"] = grp["throughput"] / base["throughput"]
+        grp["efficiency"] = grp["speedup"] / grp["p"]
+        grp["karp_flatt"] = karp_flatt(grp["speedup"].to_numpy(), grp["p"].to_numpy())
+        grp["marginal_gain_per_doubling"] = _marginal_gain(grp)
+        gpu = grp["gpus"] > 0
+        units = np.where(gpu, grp["gpus"], grp["ranks"] * grp["cores_per_rank"])
+        grp["cost_unit"] = np.where(gpu, "GPU-h", "core-h")
+        grp["cost_per_epoch_h"] = grp["epoch_time_s"] * units / 3600.0
+        grp["cost_per_1M_samples_h"] = units * 1e6 / grp["samples_per_s"] / 3600.0
+        ok = grp[grp["efficiency"] >= threshold]
+        grp["sweet_spot"] = False
+        if not ok.empty:
+            best = ok[ok["workers"] == ok["workers"].max()]["efficiency"].idxmax()
+            grp.loc[best, "sweet_spot"] = True
+        parts.append(grp)
+    return pd.concat(parts, ignore_index=True)
+
+
+def fit_models(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per group: Amdahl and Gustafson parallel fractions and the sweet spot."""
+    rows = []
+    for key, grp in table.groupby(GROUP, sort=True):
+        p, s = grp["p"].to_numpy(), grp["speedup"].to_numpy()
+        a_f, a_err, a_rms = fit_fraction(amdahl, p, s)
+        g_f, g_err, g_rms = fit_fraction(gustafson, p, s)
+        spot = grp[grp["sweet_spot"]]
+        row = dict(zip(GROUP, key, strict=True))
+        row.update({
+            "configurations": len(grp),
+            "base_workers": float(grp["base_workers"].iloc[0]),
+            "max_workers": float(grp["workers"].max()),
+            "amdahl_parallel_fraction": a_f,
+            "amdahl_parallel_fraction_stderr": a_err,
+            "amdahl_rms_rel_error": a_rms,
+            "gustafson_parallel_fraction": g_f,
+            "gustafson_parallel_fraction_stderr": g_err,
+            "gustafson_rms_rel_error": g_rms,
+            "efficiency_threshold": threshold,
+            "sweet_spot_workers": float(spot["workers"].iloc[0]) if len(spot) else math.nan,
+            "sweet_spot_nodes": float(spot["nodes"].iloc[0]) if len(spot) else math.nan,
+            "sweet_spot_efficiency": float(spot["efficiency"].iloc[0]) if len(spot) else math.nan,
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def share_single_process_baseline(runs: pd.DataFrame) -> pd.DataFrame:
+    """Copy single-process runs of backend 'none' into every other backend of their source/mode.
+
+    One process needs no communication library, so a run made without one is
+    the common baseline of DDP and Horovod; without this, hand-made studies
+    (1 rank with backend none, 2+ ranks with ddp) would have no baseline. The
+    'none' group is kept only where it is the sole backend.
+    """
+    single = runs[(runs["backend"] == "none") & (runs["ranks"] == 1)]
+    if single.empty:
+        return runs
+    parts = [runs[runs["backend"] != "none"]]
+    for (source, mode), grp in runs.groupby(["source", "mode"], sort=False):
+        others = sorted(set(grp["backend"]) - {"none"})
+        base = single[(single["source"] == source) & (single["mode"] == mode)]
+        if not others:
+            parts.append(grp[grp["backend"] == "none"])
+            continue
+        parts.append(grp[(grp["backend"] == "none") & (grp["ranks"] > 1)])
+        parts.extend(base.assign(backend=b) for b in others)
+    return pd.concat(parts, ignore_index=True)
+
+
+def analyse(runs: pd.DataFrame, threshold: float = 0.7) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tidy runs -> (per-configuration scaling table, per-group fits)."""
+    table = add_metrics(aggregate(share_single_process_baseline(runs)), threshold)
+    return table, fit_models(table, threshold)

@@ -1,0 +1,157 @@
+"""Parallelism applied to a model and optimizer from outside the training loop.
+
+The loop is written once against :class:`Backend`; ``ddp``, ``horovod`` and
+``none`` differ only in how gradients are averaged and how ranks talk. Every
+backend offers the same operations: ``setup``, ``prepare`` (before the
+optimizer exists), ``wrap``, ``sync_state`` (after a checkpoint load),
+``no_sync`` for accumulation, ``step``, metric ``allreduce``, object
+broadcast/gather, ``barrier`` and ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from scalelab.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from scalelab.launch import Layout
+    from scalelab.train.config import DistConfig
+
+BACKENDS = ("ddp", "horovod", "none")
+
+
+class Backend:
+    """One rank's handle on the job; this base class is the single-process behaviour."""
+
+    name = "none"
+
+    def __init__(self, layout: Layout, cfg: DistConfig, device: torch.device) -> None:
+        self.layout = layout
+        self.cfg = cfg
+        self.device = device
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    #: Whether ``step`` measures the time spent waiting for gradient communication.
+    measures_comm = False
+
+    def setup(self) -> None:
+        """Join the job (process group, MPI); bounded by ``dist.timeout_s`` where possible."""
+
+    def prepare(self, model: torch.nn.Module, sync_batchnorm: bool) -> torch.nn.Module:
+        """Model transformations that must precede optimizer creation (sync batch-norm)."""
+        if sync_batchnorm:
+            raise UsageError("field 'model.sync_batchnorm': needs the ddp or horovod backend")
+        return model
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             accum_steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Return the (model, optimizer) whose step averages gradients over ranks."""
+        return model, optimizer
+
+    def sync_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank hold rank 0's weights and optimizer state (after a resume)."""
+
+    def no_sync(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Context for accumulation micro-batches whose gradients are not yet averaged."""
+        return contextlib.nullcontext()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+             grad_clip: float | None) -> float | None:
+        """Average gradients (if not done during backward), clip, apply the update.
+
+        Returns the seconds spent waiting for gradient communication when
+        this backend can tell (``measures_comm``), else None.
+        """
+        if grad_clip:
+            import torch
+
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return None
+
+    def allreduce(self, values: list[float], op: Literal["sum", "mean"] = "sum") -> list[float]:
+        """Reduce a few metric scalars over ranks (float64)."""
+        return list(values)
+
+    def allreduce_async(self, tensor: torch.Tensor) -> Callable[[], list[float]]:
+        """Start summing ``tensor`` (float64) over ranks; the returned call waits for the result.
+
+        Lets the loop reduce step metrics and the stop flag while the next
+        step computes, instead of adding a blocking collective to every step.
+        """
+        return tensor.tolist
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Rank ``root``'s ``obj`` on every rank (picklable objects)."""
+        return obj
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for all ranks."""
+
+    def shutdown(self) -> None:
+        """Leave the job cleanly (only after success: a dead peer could make this hang)."""
+
+
+def timed(fn) -> tuple[Any, float]:
+    """Run ``fn()``; return its result and the seconds it took."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def choose_backend(requested: str, layout: Layout) -> str:
+    """Resolve ``dist.backend: auto`` and reject combinations that cannot work."""
+    name = requested
+    if name == "auto":
+        if layout.launcher == "horovodrun":
+            name = "horovod"
+        else:
+            name = "ddp" if layout.world_size > 1 else "none"
+    if name == "none" and layout.world_size > 1:
+        raise UsageError(
+            f"field 'dist.backend': 'none' runs one process but the {layout.launcher} launcher "
+            f"started {layout.world_size}; use ddp or horovod"
+        )
+    if name == "horovod" and layout.launcher in ("torchrun", "single") and layout.world_size > 1:
+        raise UsageError(
+            "field 'dist.backend': horovod needs an MPI launch (mpirun, srun --mpi=pmix) "
+            f"or horovodrun, not {layout.launcher}"
+        )
+    if name not in BACKENDS:
+        raise UsageError(f"field 'dist.backend': unknown backend {name!r}; "
+                         f"valid: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def make_backend(name: str, layout: Layout, cfg: DistConfig, device: torch.device) -> Backend:
+    """Instantiate backend ``name`` (see :func:`choose_backend`)."""
+    if name == "ddp":
+        from scalelab.backends.ddp import DDPBackend
+
+        return DDPBackend(layout, cfg, device)
+    if name == "horovod":
+        from scalelab.backends.horovod import HorovodBackend
+
+        return HorovodBackend(layout, cfg, device)
+    if name == "none":
+        from scalelab.backends.none import NoneBackend
+
+        return NoneBackend(layout, cfg, device)
+    raise UsageError(f"field 'dist.backend': unknown backend {name!r}")

@@ -1,0 +1,1 @@
+"""Communication benchmark (allreduce, allgather, broadcast) and scaling prediction."""

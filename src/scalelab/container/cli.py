@@ -1,0 +1,319 @@
+"""`scalelab container ...`: generate, lint, lock, build, pull, verify, inspect, exec.
+
+Commands that run the container runtime (build, pull, verify with signatures,
+inspect, exec) stop with one error line when neither apptainer nor singularity
+is installed; ``--dry-run`` prints the exact command line instead of running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from scalelab.errors import UsageError
+
+RECIPE_OPTIONS = ("cuda", "distro", "arch", "mpi", "mpi_version", "pmix", "ucx", "nccl", "python",
+                  "torch", "torch_index", "mpi4py", "horovod", "cuda_archs", "srun_mpi", "lock")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("container", help="Apptainer images: generate, lint, lock, build, "
+                              "pull, verify, inspect, exec",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="container_command", metavar="ACTION", required=True)
+
+    g = sub.add_parser("generate", help="render .def files from containers/recipe.py (hpccm)")
+    g.add_argument("--recipe", help="hpccm recipe (default: containers/recipe.py)")
+    g.add_argument("--out", help="write one definition here ('-': stdout); default: rewrite the "
+                   "committed scalelab-gpu.def and scalelab-cpu.def")
+    g.add_argument("--check", action="store_true",
+                   help="compare the committed files with the recipe's output; exit 1 if stale")
+    for opt in RECIPE_OPTIONS:
+        g.add_argument(f"--{opt.replace('_', '-')}", dest=opt, metavar="VALUE",
+                       help=f"recipe argument {opt} ('none' turns a component off)")
+    g.add_argument("--allow-unpinned", action="store_true",
+                   help="render a base that has no digest in the lock (lint will fail it)")
+    g.set_defaults(func=cmd_generate)
+
+    li = sub.add_parser("lint", help="check .def files: pinned bases, sections, versioned labels")
+    li.add_argument("files", nargs="*", help="definition files (default: containers/*.def)")
+    li.set_defaults(func=cmd_lint)
+
+    lk = sub.add_parser("lock", help="resolve base-image digests from the registry into the lock")
+    lk.add_argument("--lock", help="lock file (default: containers/lock.yaml)")
+    lk.add_argument("--add", action="append", default=[], metavar="REF",
+                    help="add an image (registry/name:tag) to the lock")
+    lk.add_argument("--only", action="append", default=[], metavar="REF",
+                    help="resolve only this image (repeatable)")
+    lk.set_defaults(func=cmd_lock)
+
+    b = sub.add_parser("build", help="apptainer build --fakeroot IMAGE DEF (from the repo root)")
+    b.add_argument("--def", dest="definition", default="containers/scalelab-gpu.def",
+                   help="definition file (default: %(default)s)")
+    b.add_argument("--image", help="output .sif (default: <def name>.sif in the current directory)")
+    b.add_argument("--no-fakeroot", action="store_true", help="build as root instead (sudo)")
+    b.add_argument("--force", action="store_true", help="overwrite an existing image")
+    b.add_argument("--notest", action="store_true", help="skip the %%test section")
+    b.add_argument("--commit", help="source commit label (default: git rev-parse HEAD, -dirty "
+                   "when tracked files changed)")
+    _runtime_args(b)
+    b.set_defaults(func=cmd_build)
+
+    pl = sub.add_parser("pull", help="apptainer pull IMAGE URI (oras://, docker://, library://)")
+    pl.add_argument("uri")
+    pl.add_argument("--image", help="output .sif (default: the URI's last path part + .sif)")
+    pl.add_argument("--force", action="store_true")
+    _runtime_args(pl)
+    pl.set_defaults(func=cmd_pull)
+
+    v = sub.add_parser("verify", help="check the image's sha256 against the pin (and signatures)")
+    v.add_argument("image", nargs="?", help="image file (default: container.image of --config)")
+    v.add_argument("--sha256", help="pinned sha256 (default: container.sha256 of --config)")
+    v.add_argument("--config", help="workflow config with a container: section")
+    v.add_argument("--signature", choices=("auto", "require", "skip"), default="auto",
+                   help="auto: check signatures when the image has any (default); "
+                   "skip: sha256 only, needs no apptainer")
+    v.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="show the image's labels (versions, commit, bases)")
+    i.add_argument("image")
+    i.add_argument("--json", action="store_true", help="print apptainer's JSON as is")
+    i.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("exec", help="run a command in the image (optionally under srun)",
+                       description="apptainer exec [--nv] [--bind ...] IMAGE CMD...; with --srun: "
+                       "srun --mpi=pmix ... apptainer exec ... (the container call inside srun).")
+    e.add_argument("--config", help="workflow config with a container: section")
+    e.add_argument("--image", help="image (overrides container.image)")
+    e.add_argument("--bind", action="append", default=[], metavar="SRC[:DST[:OPTS]]")
+    e.add_argument("--no-nv", action="store_true", help="do not pass --nv (CPU image)")
+    e.add_argument("--srun", action="store_true", help="wrap in srun (the hybrid MPI model)")
+    e.add_argument("--nodes", type=int, default=1)
+    e.add_argument("--ntasks-per-node", type=int, default=1)
+    e.add_argument("--srun-mpi", help="srun --mpi plugin (default: container.srun_mpi or pmix)")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="the command to run in the image")
+    _runtime_args(e)
+    e.set_defaults(func=cmd_exec)
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the command line, run nothing")
+
+
+def _containers_dir() -> Path:
+    from scalelab.container.generate import find_containers_dir
+
+    return find_containers_dir()
+
+
+def _runtime_name(args: argparse.Namespace):
+    """(name for the command line, Runtime or None); a dry run needs no installed runtime."""
+    from scalelab.container import runtime
+
+    if args.dry_run:
+        rt = runtime.detect(args.runtime)
+        return (rt.name if rt else ("apptainer" if args.runtime == "auto" else args.runtime)), rt
+    rt = runtime.require(args.runtime)
+    return rt.name, rt
+
+
+def _run_or_print(args: argparse.Namespace, argv: list[str], rt, cwd: Path | None = None) -> int:
+    from scalelab.container import runtime
+
+    if args.dry_run or rt is None:
+        print(shlex.join(argv))
+        return 0
+    full = [rt.path, *argv[1:]] if argv[0] == rt.name else argv
+    return runtime.run(full, cwd=cwd)
+
+
+# ---- commands -----------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from scalelab.container import generate
+
+    userarg = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k) is not None}
+    if args.allow_unpinned:
+        userarg["allow_unpinned"] = "1"
+    recipe = Path(args.recipe) if args.recipe else _containers_dir() / "recipe.py"
+    if args.out:
+        text = generate.render(recipe, userarg)
+        if args.out == "-":
+            sys.stdout.write(text)
+        else:
+            generate.write_atomic(Path(args.out), text)
+            print(f"wrote {args.out}")
+        return 0
+    if userarg:
+        raise UsageError("recipe options change the output: give --out FILE (or --out -)")
+    stale = generate.generate_defaults(recipe.parent, check=args.check)
+    if args.check:
+        for name in stale:
+            print(f"{recipe.parent / name}: differs from the recipe's output "
+                  "(run: scalelab container generate)", file=sys.stderr)
+        return 1 if stale else 0
+    for name in generate.DEFAULT_IMAGES:
+        print(f"{'wrote' if name in stale else 'unchanged'} {recipe.parent / name}")
+    return 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from scalelab.container.lint import lint_file
+
+    files = args.files or sorted(str(p) for p in _containers_dir().glob("*.def"))
+    if not files:
+        raise UsageError("no .def files to lint")
+    bad = 0
+    for f in files:
+        for v in lint_file(f):
+            print(v.format(f))
+            bad += 1
+    print(f"{len(files)} file(s), {bad} problem(s)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from scalelab.container import lock
+
+    path = Path(args.lock) if args.lock else _containers_dir() / "lock.yaml"
+    for ref, old, new in lock.refresh(path, add=args.add, only=args.only):
+        state = "unchanged" if old == new else f"was {old}"
+        print(f"{ref} {new} ({state})")
+    print(f"wrote {path}")
+    return 0
+
+
+def _git_commit(root: Path) -> str:
+    """HEAD, with -dirty when tracked files differ (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from scalelab.container import runtime
+
+    root = _containers_dir().parent
+    definition = Path(args.definition)
+    if not definition.is_absolute():
+        here = Path.cwd() / definition
+        definition = here if here.exists() else root / definition
+    if not definition.is_file():
+        raise UsageError(f"definition file not found: {args.definition}")
+    image = Path(args.image or definition.with_suffix(".sif").name).resolve()
+    if image.exists() and not args.force:
+        raise UsageError(f"{image} exists: pass --force to overwrite it")
+    name, rt = _runtime_name(args)
+    commit = args.commit or _git_commit(root)
+    argv = runtime.build_argv(name, str(image), str(definition), fakeroot=not args.no_fakeroot,
+                              build_args={"SOURCE_COMMIT": commit}, force=args.force,
+                              notest=args.notest)
+    # %files paths in the definitions are relative to the repository root.
+    return _run_or_print(args, argv, rt, cwd=root)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from scalelab.container import runtime
+
+    if "://" not in args.uri:
+        raise UsageError(f"{args.uri} is not a URI (oras://, docker://, library://, https://); "
+                         "for an image on a shared path, point container.image at the file")
+    default = args.uri.rstrip("/").rsplit("/", 1)[-1].replace(":", "_") + ".sif"
+    image = Path(args.image or default).resolve()
+    if image.exists() and not args.force:
+        raise UsageError(f"{image} exists: pass --force to overwrite it")
+    name, rt = _runtime_name(args)
+    return _run_or_print(args, runtime.pull_argv(name, str(image), args.uri, force=args.force), rt)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from scalelab.container import runtime, verify
+    from scalelab.container.config import ContainerConfig
+
+    cfg = ContainerConfig.from_file(args.config) if args.config else None
+    image = args.image or (cfg.image if cfg else None)
+    if not image:
+        raise UsageError("give IMAGE or --config with container.image")
+    pinned = args.sha256 or (cfg.sha256 if cfg else None)
+    rt = None if args.signature == "skip" else runtime.require(args.runtime)
+    result = verify.verify(image, pinned, rt=rt, signature=args.signature)
+    print(f"{result.image}: sha256 {result.sha256} matches the pin; signature {result.signature}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from scalelab.container import runtime
+    from scalelab.container.wiring import parse_inspect_labels
+
+    rt = runtime.require(args.runtime)
+    runtime.check_image_file(args.image)
+    argv = runtime.inspect_argv(rt.name, args.image)
+    proc = subprocess.run([rt.path, *argv[1:]], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UsageError(f"{shlex.join(argv)} failed: {last[-1] if last else proc.returncode}")
+    if args.json:
+        sys.stdout.write(proc.stdout)
+        return 0
+    labels = parse_inspect_labels(proc.stdout)
+    if not labels:
+        raise UsageError(f"{args.image}: no labels in `{shlex.join(argv)}` output")
+    width = max(len(k) for k in labels)
+    for key in sorted(labels):
+        print(f"{key:<{width}}  {labels[key]}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shutil
+
+    from scalelab.container import runtime
+    from scalelab.container.config import ContainerConfig
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise UsageError("give the command after --, e.g. -- scalelab train --config run.yaml")
+    if args.config:
+        cfg = ContainerConfig.from_file(args.config)
+    elif args.image:
+        cfg = ContainerConfig.from_mapping({"image": args.image})
+    else:
+        raise UsageError("give --image or --config with container.image")
+    changes: dict = {"binds": (*cfg.binds, *args.bind)}
+    if args.image:
+        changes["image"] = args.image
+    if args.no_nv:
+        changes["nv"] = False
+    if args.srun_mpi:
+        changes["srun_mpi"] = args.srun_mpi
+    if args.runtime != "auto":
+        changes["runtime"] = args.runtime
+    cfg = dataclasses.replace(cfg, **changes)
+    name, rt = _runtime_name(argparse.Namespace(dry_run=args.dry_run, runtime=cfg.runtime))
+    if not cfg.is_uri and not args.dry_run:
+        runtime.check_image_file(cfg.image)
+    argv = runtime.exec_argv(name, cfg.image, command, nv=cfg.nv, binds=cfg.binds, env=cfg.env,
+                             flags=cfg.exec_flags)
+    if not args.srun:
+        return _run_or_print(args, argv, rt)
+    argv = [*runtime.srun_argv(nodes=args.nodes, tasks_per_node=args.ntasks_per_node,
+                               mpi=cfg.srun_mpi, flags=cfg.srun_flags), *argv]
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    if shutil.which("srun") is None:
+        raise UsageError("srun not found on PATH (--srun runs inside a Slurm allocation)")
+    return runtime.run(argv)

@@ -1,0 +1,128 @@
+"""The ``container:`` section of a workflow config, validated once.
+
+Every consumer (the CLI, the Snakemake wiring, provenance) reads the same
+dataclass, so a typo in a key fails the same way everywhere: one UsageError
+naming ``container.<key>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scalelab.errors import UsageError
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+RUNTIMES = ("auto", "apptainer", "singularity")
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    """How jobs run inside the image."""
+
+    image: str
+    """Path of the .sif on a filesystem every node sees (or an oras://, docker:// URI)."""
+    enabled: bool = True
+    """False: jobs run on the host; the other keys are ignored."""
+    sha256: str | None = None
+    """Pinned sha256 (64 hex) of the .sif; `verify` and provenance compare against it."""
+    runtime: str = "auto"
+    """auto (apptainer, else singularity), apptainer or singularity."""
+    nv: bool = True
+    """Pass --nv (bind the host's NVIDIA driver); false for the CPU image."""
+    binds: tuple[str, ...] = ()
+    """Bind specs SRC[:DST[:OPTS]] for data, scratch and results."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables set inside the container (--env KEY=VALUE)."""
+    exec_flags: tuple[str, ...] = ()
+    """Extra `apptainer exec` flags, e.g. --cleanenv or --contain."""
+    srun_mpi: str = "pmix"
+    """srun --mpi plugin: pmix for Open MPI + PMIx images, pmi2 (or cray_shasta) for MPICH."""
+    srun_flags: tuple[str, ...] = ()
+    """Extra srun flags, e.g. --cpu-bind=cores or --gpus-per-task=1."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None,
+                     where: str = "container") -> ContainerConfig:
+        """Validate a mapping; accepts the whole config (with a `container` key) or the section."""
+        if data is None:
+            raise UsageError(f"{where}: missing (need at least {where}.image)")
+        if "container" in data and isinstance(data["container"], Mapping):
+            data = data["container"]
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{where}: must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"{where}.{unknown[0]}: unknown key "
+                             f"(known: {', '.join(sorted(known))})")
+        image = data.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise UsageError(f"{where}.image: give the path of the .sif image (or a URI)")
+        sha = data.get("sha256")
+        if sha is not None:
+            if not isinstance(sha, str):  # YAML reads an all-digit value as a number
+                raise UsageError(f"{where}.sha256: expected 64 hex digits as a quoted string, "
+                                 f"got {sha!r}")
+            sha = sha.lower().removeprefix("sha256:")
+            if not SHA256_RE.match(sha):
+                raise UsageError(f"{where}.sha256: expected 64 hex digits, got {data['sha256']!r}")
+        runtime = data.get("runtime", "auto")
+        if runtime not in RUNTIMES:
+            raise UsageError(f"{where}.runtime: choose one of {', '.join(RUNTIMES)}, "
+                             f"got {runtime!r}")
+        env = data.get("env") or {}
+        if not isinstance(env, Mapping):
+            raise UsageError(f"{where}.env: must be a mapping of NAME: value")
+        for key in env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
+                raise UsageError(f"{where}.env: {key!r} is not a variable name")
+        srun_mpi = str(data.get("srun_mpi", "pmix"))
+        if not re.match(r"^[a-z0-9_]+$", srun_mpi):
+            raise UsageError(f"{where}.srun_mpi: {srun_mpi!r} is not an srun --mpi plugin name")
+        for key in ("enabled", "nv"):
+            if key in data and not isinstance(data[key], bool):
+                raise UsageError(f"{where}.{key}: must be true or false")
+        return cls(
+            image=image.strip(),
+            enabled=bool(data.get("enabled", True)),
+            sha256=sha,
+            runtime=runtime,
+            nv=bool(data.get("nv", True)),
+            binds=_str_list(data, "binds", where),
+            env=tuple((str(k), str(v)) for k, v in env.items()),
+            exec_flags=_str_list(data, "exec_flags", where),
+            srun_mpi=srun_mpi,
+            srun_flags=_str_list(data, "srun_flags", where),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ContainerConfig:
+        """Load the `container:` section of a YAML config file."""
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, Mapping) or "container" not in data:
+            raise UsageError(f"{p}: has no `container:` section")
+        return cls.from_mapping(data["container"])
+
+    @property
+    def is_uri(self) -> bool:
+        """True for oras://, docker://, library:// ... images (not a local file)."""
+        return "://" in self.image
+
+
+def _str_list(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = data.get(key) or []
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise UsageError(f"{where}.{key}: must be a list of non-empty strings")
+    return tuple(value)

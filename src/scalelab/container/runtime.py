@@ -1,0 +1,150 @@
+"""Find apptainer (or singularity) and spell out the exact command lines.
+
+Every command scalelab runs is built here as an argument list first, so tests
+and ``--dry-run`` see exactly what would run. spython's Client is not used to
+run them: in spython 0.3.14 it hard-codes the ``singularity`` executable
+(``init_command``), probes it with ``singularity --version`` and calls
+``sys.exit`` when a bind source is missing; none of that fits a program that
+must name ``apptainer`` and report one clear error. spython parses the
+definition files instead (:mod:`scalelab.container.lint`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scalelab.errors import UsageError
+
+NOT_FOUND = (
+    "no apptainer or singularity on PATH: install Apptainer "
+    "(https://apptainer.org/docs/admin/main/installation.html) or load your site's module"
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A container runtime found on PATH."""
+
+    name: str
+    """apptainer or singularity (the executable name used in command lines)."""
+    path: str
+    """Where it was found (for messages and provenance)."""
+
+
+def detect(preferred: str = "auto", path: str | None = None) -> Runtime | None:
+    """The runtime to use: apptainer before singularity for `auto`; None when absent."""
+    names = ("apptainer", "singularity") if preferred == "auto" else (preferred,)
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return Runtime(name, found)
+    return None
+
+
+def require(preferred: str = "auto", path: str | None = None) -> Runtime:
+    """Like :func:`detect`, but a missing runtime is one UsageError."""
+    rt = detect(preferred, path)
+    if rt is None:
+        if preferred == "auto":
+            raise UsageError(NOT_FOUND)
+        raise UsageError(f"{preferred} not found on PATH (container.runtime is {preferred})")
+    return rt
+
+
+def runtime_version(rt: Runtime, timeout: float = 30) -> str | None:
+    """`apptainer --version` output, e.g. 'apptainer version 1.3.4'; None if it fails."""
+    try:
+        proc = subprocess.run([rt.path, "--version"], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = proc.stdout.strip().splitlines()
+    return out[0] if proc.returncode == 0 and out else None
+
+
+# ---- argument lists ---------------------------------------------------------------------
+
+def build_argv(rt: str, image: str, definition: str, *, fakeroot: bool = True,
+               build_args: Mapping[str, str] | None = None, force: bool = False,
+               notest: bool = False) -> list[str]:
+    """`apptainer build [--fakeroot] [--force] [--notest] [--build-arg K=V]... IMAGE DEF`."""
+    argv = [rt, "build"]
+    if fakeroot:
+        argv.append("--fakeroot")
+    if force:
+        argv.append("--force")
+    if notest:
+        argv.append("--notest")
+    for key, value in (build_args or {}).items():
+        argv += ["--build-arg", f"{key}={value}"]
+    return [*argv, image, definition]
+
+
+def pull_argv(rt: str, image: str, uri: str, *, force: bool = False) -> list[str]:
+    """`apptainer pull [--force] IMAGE URI` (oras://, docker://, library://, https://)."""
+    return [rt, "pull", *(["--force"] if force else []), image, uri]
+
+
+def inspect_argv(rt: str, image: str) -> list[str]:
+    """`apptainer inspect --json IMAGE`: labels and build metadata as JSON."""
+    return [rt, "inspect", "--json", image]
+
+
+def verify_argv(rt: str, image: str) -> list[str]:
+    """`apptainer verify IMAGE`: checks the SIF's PGP signatures."""
+    return [rt, "verify", image]
+
+
+def exec_argv(rt: str, image: str, command: Sequence[str], *, nv: bool = True,
+              binds: Iterable[str] = (), env: Iterable[tuple[str, str]] = (),
+              flags: Iterable[str] = (), pwd: str | None = None) -> list[str]:
+    """`apptainer exec [--nv] [--bind B]... [--env K=V]... [flags] IMAGE COMMAND...`."""
+    argv = [rt, "exec"]
+    if nv:
+        argv.append("--nv")
+    for bind in binds:
+        argv += ["--bind", bind]
+    for key, value in env:
+        argv += ["--env", f"{key}={value}"]
+    argv += list(flags)
+    if pwd:
+        argv += ["--pwd", pwd]
+    return [*argv, image, *command]
+
+
+def srun_argv(*, nodes: int, tasks_per_node: int, mpi: str = "pmix",
+              cpus_per_task: int | None = None, flags: Iterable[str] = ()) -> list[str]:
+    """`srun --mpi=X --nodes=N --ntasks-per-node=T [...]`: explicit, because a Snakemake
+    job step does not pass the allocation's SLURM_* variables on to the rule's shell."""
+    if nodes < 1 or tasks_per_node < 1:
+        raise UsageError(f"nodes and tasks_per_node must be >= 1, got {nodes} and {tasks_per_node}")
+    argv = ["srun", f"--mpi={mpi}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--ntasks={nodes * tasks_per_node}"]
+    if cpus_per_task:
+        argv.append(f"--cpus-per-task={cpus_per_task}")
+    return [*argv, *flags]
+
+
+def run(argv: Sequence[str], cwd: str | Path | None = None) -> int:
+    """Run a command with the terminal attached; its exit status is ours."""
+    try:
+        return subprocess.run(list(argv), cwd=cwd, check=False).returncode
+    except FileNotFoundError:
+        raise UsageError(f"{argv[0]}: not found") from None
+
+
+def check_image_file(image: str) -> Path:
+    """A local image must exist and be a file; one clear error otherwise."""
+    p = Path(image)
+    if not p.exists():
+        raise UsageError(f"image not found: {image}")
+    if not p.is_file():
+        raise UsageError(f"image is not a file: {image} (a sandbox directory is not supported)")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"image not readable: {image}")
+    return p

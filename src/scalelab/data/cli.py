@@ -1,0 +1,208 @@
+"""``scalelab stage``: stage a dataset into shards; ``verify`` and ``localize`` it.
+
+    scalelab stage --source digits --out data/digits
+    scalelab stage verify data/digits
+    DATA=$(scalelab stage localize data/digits --scratch "$SLURM_TMPDIR")
+
+Staging options sit on ``stage`` itself (the common case reads as one verb);
+``verify`` and ``localize`` are sub-actions that take a staged DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import UsageError
+
+EPILOG = """\
+examples:
+  scalelab stage --source digits --out data/digits
+  scalelab stage --source synthetic --num-samples 50000 --image-size 64 64 --out data/syn
+  scalelab stage --source imagefolder --path /shared/imagenet200/train \\
+                 --image-size 224 224 --shards 64 --out /shared/staged/in200
+  scalelab stage --source npz --path arrays.npz --split 0.9,0.1,0 --out data/mine
+  scalelab stage verify data/digits
+  DATA=$(srun --ntasks-per-node=1 scalelab stage localize /shared/staged/in200)
+
+The output format (shards, index.json, manifest.json) is described in docs/data-format.md.
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``stage`` (with its ``verify`` and ``localize`` actions) to the CLI."""
+    p = subparsers.add_parser(
+        "stage",
+        help="stage a dataset into verified shards; verify or localize staged data",
+        description=(
+            "Split a dataset (deterministically, by seed and fractions) and write it as "
+            "checksummed, memory-mappable shards with an index and a sha256 manifest. "
+            "The output directory appears only when complete."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("source")
+    src.add_argument("--source", choices=["synthetic", "digits", "imagefolder", "npz"],
+                     help="where the images come from")
+    src.add_argument("--path", type=Path, metavar="SRC",
+                     help="imagefolder: ROOT/CLASS/IMAGE directory; npz: the .npz file")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, metavar="DATA_DIR", help="dataset directory to create")
+    out.add_argument("--seed", type=int, default=0, help="seed of the split and of synthetic "
+                     "data (default: 0)")
+    out.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
+                     help="split fractions, summing to 1 (default: 0.8,0.1,0.1)")
+    out.add_argument("--shards", type=int, metavar="N",
+                     help="number of shards over all splits (default: about 256 MiB each)")
+    out.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    img = p.add_argument_group("images")
+    img.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="imagefolder: resize to H W (default 224 224); "
+                     "synthetic: image size (default 32 32)")
+    img.add_argument("--channels", type=int, default=3, choices=[1, 3],
+                     help="imagefolder/synthetic: 1 = grayscale, 3 = RGB (default: 3)")
+    img.add_argument("--resize", choices=["crop", "stretch"], default="crop",
+                     help="imagefolder: center-crop to the aspect ratio, or stretch "
+                     "(default: crop)")
+    img.add_argument("--max-bad", default="0.1%", metavar="N|P%",
+                     help="imagefolder: unreadable images to skip before failing, a count or "
+                     "a percentage of all files (default: 0.1%%)")
+    img.add_argument("--workers", type=int, metavar="N",
+                     help="imagefolder: decoding processes (default: usable CPUs, at most 16)")
+    img.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                     help="npz: axis order of 4-D image arrays (default: auto)")
+    syn = p.add_argument_group("synthetic")
+    syn.add_argument("--num-samples", type=int, default=10000, metavar="N",
+                     help="number of images (default: 10000)")
+    syn.add_argument("--num-classes", type=int, default=10, metavar="K",
+                     help="number of classes (default: 10)")
+    p.set_defaults(func=run, stage_action=None)
+
+    actions = p.add_subparsers(dest="stage_action", title="actions on a staged DATA_DIR",
+                               metavar="{verify,localize}")
+    v = actions.add_parser(
+        "verify", help="check every checksum and the index; non-zero exit names the bad file",
+        description="Check every file of a staged dataset against its manifest (size, sha256) "
+                    "and the index against the shards. Exit 0 if intact, 2 naming the bad file.")
+    v.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    v.add_argument("--quick", action="store_true", help="check sizes and index only, no hashing")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    loc = actions.add_parser(
+        "localize",
+        help="copy DATA_DIR to node-local scratch once per node; print the path to read from",
+        description="Copy a staged dataset to node-local scratch (once per node: concurrent "
+                    "callers wait for one copy), verify the copy, and print the directory to "
+                    "read from. Uses DATA_DIR in place when it is already under scratch, and "
+                    "falls back to DATA_DIR with a warning when scratch lacks space. Scratch is "
+                    "--scratch, else $SCALELAB_SCRATCH, $SLURM_TMPDIR, $TMPDIR, /tmp.")
+    loc.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    loc.add_argument("--scratch", type=Path, metavar="DIR", help="node-local scratch directory")
+    loc.add_argument("--reserve", default="1GiB", metavar="SIZE",
+                     help="free space to leave on scratch, e.g. 500MiB, 2GiB, 0 (default: 1GiB)")
+    loc.add_argument("--lock-timeout", type=float, default=4 * 3600.0, metavar="SECONDS",
+                     help="how long to wait for another rank's copy (default: 14400)")
+    loc.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``stage`` to staging, ``verify`` or ``localize``."""
+    _setup_logging()
+    if args.stage_action and (args.source or args.out or args.path):
+        raise UsageError(f"--source/--path/--out do not apply to '{args.stage_action}' "
+                         "(it takes a staged DATA_DIR)")
+    if args.stage_action == "verify":
+        return _verify(args)
+    if args.stage_action == "localize":
+        return _localize(args)
+    return _stage(args)
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from scalelab.data.stage import StageConfig, run_and_report
+
+    if args.source is None or args.out is None:
+        raise UsageError("--source and --out are required to stage "
+                         "(or use an action: verify, localize; see --help)")
+    image_size = tuple(args.image_size) if args.image_size else None
+    cfg = StageConfig(
+        source=args.source, out=args.out, path=args.path, seed=args.seed, split=args.split,
+        shards=args.shards, image_size=image_size, channels=args.channels,
+        num_classes=args.num_classes, num_samples=args.num_samples, max_bad=args.max_bad,
+        resize=args.resize, layout=args.layout, workers=args.workers, force=args.force,
+        progress=False if args.quiet else None,
+    )
+    with _sigterm_as_exit():
+        run_and_report(cfg)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from scalelab.data.verify import verify_dataset
+
+    report = verify_dataset(args.data_dir, hash_contents=not args.quick,
+                            progress=False if args.quiet else None)
+    print(report.summary())
+    return 0
+
+
+def _localize(args: argparse.Namespace) -> int:
+    from scalelab.data.nodelocal import localize
+
+    path = localize(args.data_dir, args.scratch, reserve_bytes=parse_size(args.reserve),
+                    lock_timeout=args.lock_timeout, progress=False if args.quiet else None)
+    print(path)
+    return 0
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '500M', '0', '2e9' -> bytes."""
+    s = str(text).strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+        if value < 0 or unit not in _UNITS:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--reserve {text}: expected a size like 0, 500MiB or 2GiB") from None
+    return int(value * _UNITS[unit])
+
+
+def _setup_logging() -> None:
+    """Info lines on stderr (stdout stays machine-readable), unless the app configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("scalelab stage: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("scalelab.data").setLevel(logging.INFO)
+
+
+class _sigterm_as_exit:  # noqa: N801 - used like a function
+    """Turn SIGTERM (scancel, Snakemake abort) into SystemExit so staging cleans up."""
+
+    def __enter__(self) -> None:
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, _raise_exit)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

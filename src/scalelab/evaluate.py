@@ -1,0 +1,91 @@
+"""`scalelab evaluate`: the final weights of a run on a held-out split.
+
+Training reports validation accuracy along the way; the test split is kept
+for this one, final measurement, so model selection never sees it. One process
+on the CPU (or one GPU): evaluation is cheap next to training and its result
+must not depend on how many ranks trained the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from scalelab.errors import UsageError
+
+
+def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
+             batch_size: int = 256) -> dict:
+    """Loss and accuracy of RUN_DIR/model.pt on `split` of the staged data."""
+    import numpy as np
+    import torch
+
+    from scalelab.data.shards import open_split
+    from scalelab.models import build_model
+    from scalelab.train.config import load as load_config
+
+    run_dir = Path(run_dir)
+    summary_file, model_file = run_dir / "summary.json", run_dir / "model.pt"
+    for needed in (summary_file, model_file, run_dir / "config.yaml"):
+        if not needed.exists():
+            raise UsageError(f"{needed}: missing; the run did not complete")
+    cfg = load_config(run_dir / "config.yaml")
+    dataset = open_split(data_dir, split)
+    model = build_model(cfg.model.name, dataset.num_classes, dataset.image_shape,
+                        **cfg.model.options)
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise UsageError(f"{model_file}: cannot load the weights ({exc})") from None
+    model.eval()
+    start = time.perf_counter()
+    loss_sum, correct, n = 0.0, 0, len(dataset)
+    per_class = np.zeros((dataset.num_classes, 2), dtype=np.int64)  # [correct, total]
+    with torch.inference_mode():
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, min(lo + batch_size, n))
+            x, y = dataset.get_batch(idx)
+            x, y = torch.from_numpy(x), torch.from_numpy(y)
+            logits = model(x)
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            hit = (logits.argmax(1) == y).numpy()
+            correct += int(hit.sum())
+            np.add.at(per_class, (y.numpy(), 0), hit.astype(np.int64))
+            np.add.at(per_class, (y.numpy(), 1), 1)
+    return {
+        "run_dir": str(run_dir),
+        "split": split,
+        "samples": n,
+        "loss": loss_sum / max(n, 1),
+        "accuracy": correct / max(n, 1),
+        "per_class_accuracy": [c / t if t else None for c, t in per_class.tolist()],
+        "model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
+        "time_s": time.perf_counter() - start,
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from scalelab.fsio import atomic_write_text
+
+    result = evaluate(args.run, args.data, args.split, args.batch_size)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(f"{args.run}: {args.split} accuracy {result['accuracy']:.4f} loss "
+          f"{result['loss']:.4f} on {result['samples']} samples")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a run's final weights on a held-out split",
+                       description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="run directory (with model.pt)")
+    p.add_argument("--data", required=True, type=Path, help="staged data directory")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", type=Path, help="write the result as JSON here (atomically)")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,262 @@
+"""Start the ranks of one training job of the sweep: `scalelab launch`.
+
+This is the piece that replaces a hand-written sbatch script: from the
+workflow config and a run id it writes the run's own config
+(RUN_DIR/run.yaml) and sweep point (RUN_DIR/sweep.json), then starts the
+ranks with an explicit argument list:
+
+* inside a Slurm allocation (SLURM_JOB_ID set): ``srun --mpi=pmix -N .. -n ..
+  --ntasks-per-node .. --cpus-per-task ..`` with every flag explicit, because
+  the Snakemake slurm plugin's job step strips most SLURM_* variables;
+* elsewhere: ``mpirun -n R`` or ``torchrun --nproc-per-node R`` on this machine.
+
+With a container configured, the container call goes inside srun/mpirun
+(``srun ... apptainer exec IMAGE scalelab train ...``), the hybrid model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from scalelab import sweep
+from scalelab.errors import UsageError
+from scalelab.fsio import atomic_write_text
+from scalelab.tools import which
+
+#: Exit code of a job stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me).
+EXIT_REQUEUE = 75
+
+
+def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
+    """The `scalelab train` config of one sweep point."""
+    rc = copy.deepcopy(cfg["train"])
+    dist = rc.setdefault("dist", {})
+    dist["backend"] = point.backend
+    dist["timeout_s"] = cfg["launch"]["timeout_s"]
+    if cfg["launch"].get("socket_ifname"):
+        dist["socket_ifname"] = cfg["launch"]["socket_ifname"]
+    data = rc.setdefault("data", {})
+    data["source"] = "staged"
+    data["path"] = str(data_dir)
+    rc.setdefault("train", {})["threads"] = cfg["launch"]["cpus_per_task"]
+    optim = rc.setdefault("optim", {})
+    if point.mode == "weak":
+        scale = point.ranks / sweep.base_ranks(cfg)
+        if optim.get("global_batch_size"):
+            scaled = optim["global_batch_size"] * scale
+            if scaled != int(scaled):
+                raise UsageError(
+                    f"train.optim.global_batch_size: {optim['global_batch_size']} x "
+                    f"{point.ranks}/{sweep.base_ranks(cfg)} ranks is not a whole batch")
+            optim["global_batch_size"] = int(scaled)
+    return rc
+
+
+def config_digest(run_cfg: dict, point: sweep.RunPoint) -> str:
+    blob = json.dumps({"config": run_cfg, "point": point.as_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def in_slurm_allocation(env: dict[str, str] | None = None) -> bool:
+    return bool((env if env is not None else os.environ).get("SLURM_JOB_ID"))
+
+
+def scalelab_command(args: list[str], container_prefix: list[str] | None = None) -> list[str]:
+    """A per-rank `scalelab ARGS` command: the venv's interpreter, or `scalelab` in the image."""
+    head = [*container_prefix, "scalelab"] if container_prefix else [sys.executable, "-m",
+                                                                      "scalelab"]
+    return [*head, *args]
+
+
+def train_args(run_yaml: Path, out_dir: Path) -> list[str]:
+    return ["train", "--config", str(run_yaml), "--out", str(out_dir), "--resume"]
+
+
+def srun_argv(launch: dict, point: sweep.RunPoint) -> list[str]:
+    argv = [which("srun") or "srun", f"--mpi={launch['srun_mpi']}",
+            f"--nodes={point.nodes}", f"--ntasks={point.ranks}",
+            f"--ntasks-per-node={point.tasks_per_node}",
+            f"--cpus-per-task={launch['cpus_per_task']}", "--kill-on-bad-exit=1"]
+    if point.gpus_per_task:
+        argv.append(f"--gpus-per-task={point.gpus_per_task}")
+    return argv + list(launch["extra_srun_args"])
+
+
+def local_argv(launch: dict, point: sweep.RunPoint) -> list[str]:
+    ranks = point.ranks
+    if launch["local"] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ranks}"]
+    mpirun = which("mpirun")
+    if not mpirun:
+        raise UsageError("launch.local: mpirun not found (run ./setup.sh, or use torchrun)")
+    argv = [mpirun, "-n", str(ranks), "--bind-to", "none"]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    if ranks * launch["cpus_per_task"] > (os.cpu_count() or 1):
+        argv.append("--oversubscribe")
+    return argv
+
+
+def launch_argv(launch: dict, point: sweep.RunPoint, args: list[str],
+                env: dict[str, str] | None = None,
+                container_prefix: list[str] | None = None) -> list[str]:
+    """The whole command line that starts `scalelab ARGS` on every rank of `point`."""
+    per_rank = scalelab_command(args, container_prefix)
+    if in_slurm_allocation(env):
+        return srun_argv(launch, point) + per_rank
+    if point.ranks == 1 and point.backend == "none":
+        return per_rank
+    if launch["local"] == "torchrun" and not container_prefix:
+        # torchrun runs a module or a script, not an arbitrary program.
+        return local_argv(launch, point) + ["-m", "scalelab", *per_rank[3:]]
+    return local_argv(launch, point) + per_rank
+
+
+def rank_env(launch: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = str(launch["cpus_per_task"])
+    env["OMP_NUM_THREADS"] = threads
+    env["MKL_NUM_THREADS"] = threads
+    ifname = launch.get("socket_ifname")
+    if ifname:
+        env["GLOO_SOCKET_IFNAME"] = ifname
+        env["NCCL_SOCKET_IFNAME"] = ifname
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    # Horovod's MPI library is the venv's libmpi: keep it findable on every node.
+    libdir = str(Path(sys.executable).parent.parent / "lib")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH"))
+                                             if p)
+    return env
+
+
+def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path:
+    """Write run.yaml and sweep.json; a run dir left by a different config is cleared.
+
+    An identical config keeps the directory so `--resume` continues from its
+    newest checkpoint (a requeued or retried job); a changed config must not
+    resume from checkpoints that belong to another experiment.
+    """
+    digest = config_digest(run_cfg, point)
+    meta = out_dir / "sweep.json"
+    if out_dir.exists():
+        try:
+            old = json.loads(meta.read_text()).get("config_sha256")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != digest:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
+    atomic_write_text(meta, json.dumps({**point.as_dict(), "config_sha256": digest}, indent=2))
+    return out_dir / "run.yaml"
+
+
+def job_spec(cfg: dict, run_id: str, data_dir: str | Path) -> dict:
+    """Everything one training job needs, as plain JSON.
+
+    The workflow passes it as a rule parameter, so Snakemake re-runs a job
+    exactly when its own spec changes, not when another sweep point does.
+    """
+    point = sweep.find(cfg, run_id)
+    return {"point": point.as_dict(), "run_config": run_config(cfg, point, data_dir),
+            "launch": cfg["launch"], "container": cfg.get("container", {})}
+
+
+def container_setup(container: dict) -> tuple[list[str], dict | None]:
+    """The `apptainer exec ... IMAGE` prefix and the image's provenance, or ([], None).
+
+    The image is checked (present, sha256 equal to the pin) before any rank
+    starts, so a wrong image fails the job at once with one line.
+    """
+    if not container.get("enabled"):
+        return [], None
+    from scalelab.container import image_provenance
+    from scalelab.container.wiring import exec_prefix
+
+    section = {k: v for k, v in container.items() if v not in (None, [], {})}
+    provenance = image_provenance(section)
+    return exec_prefix(section, pwd=os.getcwd()), provenance
+
+
+def _point(d: dict) -> sweep.RunPoint:
+    fields = sweep.RunPoint.__dataclass_fields__
+    return sweep.RunPoint(**{k: d[k] for k in fields})
+
+
+def _generic_point(args: argparse.Namespace) -> sweep.RunPoint:
+    return sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node, 0, 0)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        # Any scalelab sub-command on every rank (e.g. commbench), same launcher logic.
+        launch = sweep.validate_launch({"local": args.local, "srun_mpi": args.mpi,
+                                        "cpus_per_task": args.cpus_per_task})
+        argv = launch_argv(launch, _generic_point(args), command)
+        print("scalelab launch:", " ".join(argv), flush=True)
+        if args.dry_run:
+            return 0
+        return subprocess.run(argv, env=rank_env(launch), check=False).returncode
+    if args.spec:
+        try:
+            spec = json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--spec: not valid JSON ({exc})") from None
+    else:
+        if not (args.config and args.run):
+            raise UsageError("give --spec JSON, or --config FILE and --run ID")
+        spec = job_spec(sweep.load(args.config), args.run, args.data)
+    point = _point(spec["point"])
+    data_dir = Path(spec["run_config"]["data"]["path"])
+    if not (data_dir / "index.json").exists():
+        raise UsageError(f"data {data_dir}: no staged dataset (index.json missing); "
+                         "run `scalelab stage` first")
+    if not args.out:
+        raise UsageError("--out: the run directory is required")
+    out_dir = Path(args.out)
+    prefix, image = container_setup(spec.get("container") or {})
+    run_yaml = prepare_run_dir(out_dir, spec["run_config"], point)
+    if image:
+        atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))
+    argv = launch_argv(spec["launch"], point, train_args(run_yaml, out_dir),
+                       container_prefix=prefix)
+    print("scalelab launch:", " ".join(argv), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(argv, env=rank_env(spec["launch"]), check=False).returncode
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch", help="start every rank of one training job of the sweep",
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--spec", help="job spec as JSON (what the workflow passes)")
+    p.add_argument("--config", help="workflow config (config/config.yaml), with --run and --data")
+    p.add_argument("--run", help="run id of the sweep point, e.g. ddp-strong-n1-t2-g0-r0")
+    p.add_argument("--data", help="staged data directory")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    g = p.add_argument_group("any other scalelab command: scalelab launch [flags] -- ARGS")
+    g.add_argument("--nodes", type=int, default=1, help="nodes (inside a Slurm allocation)")
+    g.add_argument("--tasks-per-node", type=int, default=2, help="ranks per node")
+    g.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank")
+    g.add_argument("--local", choices=["mpirun", "torchrun"], default="mpirun",
+                   help="launcher outside Slurm")
+    g.add_argument("--mpi", default="pmix", help="srun --mpi type inside Slurm")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- scalelab sub-command and its arguments, run on every rank")
+    p.set_defaults(func=cmd_launch)

@@ -1,0 +1,104 @@
+"""Checkpoints: one dict per file, written by rank 0 atomically, read back safely.
+
+A checkpoint holds everything needed to continue bit-for-bit: model,
+optimizer and scheduler states, the position (``epoch`` and ``step_in_epoch``
+= optimizer steps already done in that epoch; the data order is a function of
+seed and epoch, see :mod:`scalelab.train.sampling`), the RNG states of every
+rank, the partial epoch statistics, the epoch history and the config.
+
+Files are ``RUN_DIR/checkpoints/ckpt-<global step>.pt``. :func:`find_latest`
+returns the newest one that loads cleanly, skipping (with a warning) one that
+is truncated or otherwise unreadable, e.g. after a node died mid-write on a
+file system without atomic rename.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalelab.fsio import atomic_write
+
+FORMAT = 1
+REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch",
+            "global_step", "rng", "config")
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def path_for(directory: Path, global_step: int) -> Path:
+    """File name of the checkpoint taken after ``global_step`` optimizer steps."""
+    return directory / f"ckpt-{global_step:09d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest (highest step) first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    state = {"format": FORMAT, **state}
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load and check a checkpoint (tensors to CPU; no arbitrary code: weights_only)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError("not a checkpoint dict")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    if state["format"] != FORMAT:
+        raise ValueError(f"format {state['format']} is not {FORMAT}")
+    return state
+
+
+def find_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads cleanly (older ones are tried after a bad one)."""
+    for path in list_checkpoints(directory):
+        try:
+            return path, load(path)
+        except Exception as exc:  # any unreadable file: warn and fall back to an older one
+            print(f"scalelab train: warning: skipping unreadable checkpoint {path}: "
+                  f"{type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+    return None
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints."""
+    for old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)

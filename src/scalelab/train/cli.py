@@ -1,0 +1,88 @@
+"""``scalelab train --config RUN.yaml --out RUN_DIR [--resume] [--set key.path=value ...]``.
+
+Exit codes: 0 completed (RUN_DIR/summary.json written), 2 bad input (one
+line naming the field; nothing written as if complete), 75 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (requeue and rerun with
+``--resume``), 1 any other failure, e.g. a dead or stuck peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from scalelab.errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (any launcher: torchrun, srun, mpirun, or one process)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, metavar="RUN.yaml",
+                   help="run configuration (YAML); omitted: all defaults")
+    p.add_argument("--out", type=Path, metavar="RUN_DIR",
+                   help="run directory (config, metrics, checkpoints, summary)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint in RUN_DIR "
+                        "(fresh start if there is none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY.PATH=VALUE", help="override a config field (value parsed as YAML)")
+    p.add_argument("--explain", action="store_true",
+                   help="print every config field with its default and meaning, then exit")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the trainer; see the module docstring for exit codes."""
+    from scalelab.train import config
+    from scalelab.train.signals import EXIT_PREEMPTED, Preempted
+
+    if args.explain:
+        print("\n".join(config.explain()))
+        return 0
+    if args.out is None:
+        raise UsageError("--out RUN_DIR is required")
+    cfg = config.load(args.config, args.overrides)
+    try:
+        from scalelab.train import run
+
+        run(cfg, args.out, resume=args.resume)
+    except UsageError:
+        raise
+    except Preempted as exc:
+        print(f"scalelab train: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except BaseException as exc:
+        if not _has_peers():
+            raise
+        # A peer may be dead: interpreter shutdown (process-group destructors, Horovod's
+        # atexit) could block on it. Report and leave at once.
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        if code == 1:
+            traceback.print_exc()
+        print(f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    if _has_peers():
+        # Everything is written (summary last). Leave without interpreter teardown:
+        # collective-library destructors may block on threads of a finished peer.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _has_peers() -> bool:
+    from scalelab.launch import detect
+
+    try:
+        return detect(allow_mpi_query=False).world_size > 1
+    except UsageError:
+        return True

@@ -1,0 +1,262 @@
+"""Scaling analysis: formulas on published-style tables, fits, plots, real runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import VENV_BIN, mpirun, run
+
+from scalelab.analysis import plots, scaling
+
+SCALELAB = str(VENV_BIN / "scalelab")
+
+# Published-style strong-scaling table (images/s of a ResNet-50-like job, 1..64 GPUs).
+PUBLISHED = """gpus,nodes,throughput,time,label
+1,1,1000,1200,paper
+2,1,1950,615.4,paper
+4,1,3800,315.8,paper
+8,1,7200,166.7,paper
+16,2,13000,92.3,paper
+32,4,22000,54.5,paper
+64,8,35000,34.3,paper
+"""
+
+
+def analyze(args: list[str], check: bool = True):
+    return run([SCALELAB, "analyze", *args], timeout=120, check=check)
+
+
+def read_scaling(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "scaling.csv")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> tuple[Path, Path]:
+    """The published table analysed once by the CLI: (csv, out)."""
+    base = tmp_path_factory.mktemp("published")
+    csv = base / "paper.csv"
+    csv.write_text(PUBLISHED)
+    out = base / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    return csv, out
+
+
+def test_efficiency_is_throughput_ratio_over_n(published):
+    _, out = published
+    t = read_scaling(out).sort_values("workers")
+    x1 = t["throughput"].iloc[0]
+    expected = t["throughput"] / (t["workers"] * x1)
+    assert np.allclose(t["efficiency"], expected, rtol=1e-3)
+    assert t["efficiency"].iloc[0] == pytest.approx(1.0)
+    assert t["efficiency"].iloc[-1] == pytest.approx(35000 / (64 * 1000), rel=1e-3)
+
+
+def test_speedup_karp_flatt_marginal_gain_hand_computed(published):
+    _, out = published
+    t = read_scaling(out).set_index("workers")
+    # speedup S = X_N / X_1
+    assert t.loc[8, "speedup"] == pytest.approx(7.2, rel=1e-6)
+    assert t.loc[64, "speedup"] == pytest.approx(35.0, rel=1e-6)
+    # Karp-Flatt e = (1/S - 1/p) / (1 - 1/p), by hand
+    assert t.loc[8, "karp_flatt"] == pytest.approx((1 / 7.2 - 1 / 8) / (1 - 1 / 8), rel=1e-6)
+    assert t.loc[8, "karp_flatt"] == pytest.approx(0.0158730, rel=1e-4)
+    assert t.loc[64, "karp_flatt"] == pytest.approx((1 / 35 - 1 / 64) / (1 - 1 / 64), rel=1e-6)
+    assert math.isnan(t.loc[1, "karp_flatt"])
+    # marginal gain per doubling 8 -> 16: 13000/7200 - 1
+    assert t.loc[16, "marginal_gain_per_doubling"] == pytest.approx(13000 / 7200 - 1, rel=1e-6)
+    # cost proxy: GPUs x time / 3600 GPU-hours per unit of work
+    assert t.loc[16, "cost_per_epoch_h"] == pytest.approx(16 * 92.3 / 3600, rel=1e-6)
+    assert t.loc[16, "cost_unit"] == "GPU-h"
+    # sweet spot: largest scale with efficiency >= 0.7 (16 GPUs: 81%; 32 GPUs: 68.75%)
+    assert list(t.index[t["sweet_spot"]]) == [16]
+
+
+def test_outputs_complete_and_plots_are_real_images(published):
+    _, out = published
+    for name in ("runs.csv", "runs.parquet", "scaling.csv", "scaling.parquet", "fits.csv",
+                 "scaling.md", "analysis.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert pd.read_parquet(out / "scaling.parquet").shape == read_scaling(out).shape
+    md = (out / "scaling.md").read_text()
+    assert "| paper | external | strong |" in md and "Karp-Flatt" in md
+    height, width = int(plots.FIGSIZE[1] * plots.DPI), int(plots.FIGSIZE[0] * plots.DPI)
+    for name in plots.NAMES:
+        img = mpimg.imread(out / "plots" / f"{name}.png")
+        assert img.shape[:2] == (height, width), name
+        assert float(np.std(img[..., :3])) > 0.01, f"{name}.png is blank"
+        svg = (out / "plots" / f"{name}.svg").read_text()
+        assert "<svg" in svg and len(svg) > 2000, name
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+
+
+def test_relative_to_smallest_configuration_and_threshold(tmp_path):
+    csv = tmp_path / "from8.csv"
+    csv.write_text("GPUs,Images/s\n8,7200\n16,13000\n32,22000\n64,35000\n")
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out), "--threshold", "0.8"])
+    t = read_scaling(out).set_index("workers")
+    assert t.loc[32, "efficiency"] == pytest.approx((22000 / 7200) / 4, rel=1e-3)
+    assert t.loc[16, "karp_flatt"] == pytest.approx((1 / (13000 / 7200) - 0.5) / 0.5, rel=1e-6)
+    assert list(t.index[t["sweet_spot"]]) == [16]  # 16: 90.3%, 32: 76.4% < 0.8
+
+
+def test_time_only_table_strong_and_weak(tmp_path):
+    csv = tmp_path / "times.csv"
+    csv.write_text("ranks,time,mode\n1,100,strong\n4,30,strong\n1,10,weak\n4,12.5,weak\n")
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    t = read_scaling(out).set_index(["mode", "workers"])
+    assert t.loc[("strong", 4), "speedup"] == pytest.approx(100 / 30, rel=1e-6)
+    # weak: work grows with N, so efficiency = T_1 / T_N
+    assert t.loc[("weak", 4), "efficiency"] == pytest.approx(10 / 12.5, rel=1e-6)
+    assert set(t["throughput_unit"]) == {"work/s"}
+
+
+def test_amdahl_fit_recovers_parallel_fraction(tmp_path):
+    rng = np.random.default_rng(7)
+    p = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    f_true = 0.95
+    x = 500.0 * scaling.amdahl(p, f_true) * (1 + rng.normal(0, 0.005, p.size))
+    x[0] = 500.0
+    csv = tmp_path / "amdahl.csv"
+    pd.DataFrame({"gpus": p, "throughput": x}).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    fit = pd.read_csv(out / "fits.csv").iloc[0]
+    assert abs(fit["amdahl_parallel_fraction"] - f_true) / f_true < 0.01
+    summary = json.loads((out / "analysis.json").read_text())
+    assert summary["fits"][0]["amdahl_parallel_fraction"] == pytest.approx(
+        fit["amdahl_parallel_fraction"])
+
+
+@pytest.mark.parametrize("f_true", [0.5, 0.9, 0.99])
+def test_fits_recover_synthetic_fractions(f_true):
+    p = np.array([1, 2, 4, 8, 16, 32], dtype=float)
+    f, _, rms = scaling.fit_fraction(scaling.amdahl, p, scaling.amdahl(p, f_true))
+    assert f == pytest.approx(f_true, rel=1e-4) and rms < 1e-6
+    f, _, _ = scaling.fit_fraction(scaling.gustafson, p, scaling.gustafson(p, f_true))
+    assert f == pytest.approx(f_true, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- real runs
+
+TRAIN = ["train", "--set", "train.epochs=2", "--set", "train.steps_per_epoch=4",
+         "--set", "data.num_samples=512", "--set", "data.val_samples=64",
+         "--set", "optim.per_rank_batch_size=16", "--set", "train.threads=1",
+         "--set", "metrics.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory) -> Path:
+    """Runs made by the trainer: 1 rank, 2 ranks DDP (with a workflow sweep.json), 2 Horovod."""
+    root = tmp_path_factory.mktemp("runs")
+    run([SCALELAB, *TRAIN, "--out", str(root / "single")], timeout=120)
+    mpirun(2, [SCALELAB, *TRAIN, "--set", "dist.backend=ddp", "--out", str(root / "ddp2")],
+           timeout=120)
+    (root / "ddp2" / "sweep.json").write_text(json.dumps({
+        "run_id": "ddp-weak-n1-t2-g0-r0", "ranks": 2, "backend": "ddp", "mode": "weak",
+        "nodes": 1, "tasks_per_node": 2, "gpus_per_task": 0, "repeat": 0}))
+    mpirun(2, [SCALELAB, *TRAIN, "--set", "dist.backend=horovod", "--out",
+               str(root / "hvd2")], timeout=120)
+    return root
+
+
+def test_analysis_of_real_runs(real_runs, tmp_path):
+    out = tmp_path / "out"
+    proc = analyze([str(real_runs), "--out", str(out), "--target-accuracy", "0.05"])
+    assert "ddp" in proc.stdout and "horovod" in proc.stdout
+    runs = pd.read_csv(out / "runs.csv").set_index("run_id")
+    assert set(runs.index) == {"single", "ddp-weak-n1-t2-g0-r0", "hvd2"}
+    assert runs.loc["ddp-weak-n1-t2-g0-r0", "ranks"] == 2
+    assert runs.loc["hvd2", "backend"] == "horovod" and runs.loc["single", "backend"] == "none"
+    assert (runs["samples_per_s"] > 0).all() and (runs["global_batch"] > 0).all()
+    assert (runs["compute_s"] > 0).all() and (runs["epoch_time_s"] > 0).all()
+    assert runs.loc["hvd2", "comm_s"] > 0  # Horovod's allreduce time is measured
+    assert runs["time_to_target_s"].notna().all()
+    assert runs["provenance"].nunique() == 3
+    t = read_scaling(out)
+    # the single-process run is the baseline of both backends
+    for backend in ("ddp", "horovod"):
+        grp = t[t["backend"] == backend].set_index("ranks")
+        assert list(grp.index) == [1, 2]
+        x1, x2 = grp.loc[1, "throughput"], grp.loc[2, "throughput"]
+        assert grp.loc[2, "efficiency"] == pytest.approx(x2 / (2 * x1), rel=1e-3)
+        assert grp.loc[2, "cost_unit"] == "core-h"
+    for name in plots.NAMES:
+        img = mpimg.imread(out / "plots" / f"{name}.png")
+        assert img.shape[:2] == (500, 800) and float(np.std(img[..., :3])) > 0.01
+
+
+# --------------------------------------------------------------------------- bad input
+
+def assert_usage_error(args: list[str], out: Path, *needles: str) -> None:
+    proc = analyze([*args, "--out", str(out)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("scalelab analyze: error:") and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists(), "partial output left behind"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_empty_results_directory(tmp_path):
+    empty = tmp_path / "results"
+    empty.mkdir()
+    assert_usage_error([str(empty)], tmp_path / "out", str(empty), "no run directories")
+
+
+def test_run_without_summary(real_runs, tmp_path):
+    broken = tmp_path / "results" / "ddp2"
+    shutil.copytree(real_runs / "ddp2", broken, ignore=shutil.ignore_patterns("checkpoints"))
+    (broken / "summary.json").unlink()
+    shutil.copytree(real_runs / "single", tmp_path / "results" / "single",
+                    ignore=shutil.ignore_patterns("checkpoints"))
+    assert_usage_error([str(tmp_path / "results")], tmp_path / "out",
+                       str(broken / "summary.json"), "did not complete")
+
+
+def test_csv_missing_column(tmp_path):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("gpus,speed\n1,100\n2,190\n")
+    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv), "missing column",
+                       "throughput")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc"])
+def test_csv_non_positive_or_non_numeric(tmp_path, value):
+    csv = tmp_path / "bad.csv"
+    csv.write_text(f"gpus,throughput\n1,100\n2,{value}\n")
+    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv),
+                       "column 'throughput'", "line 3")
+
+
+def test_csv_non_positive_scale(tmp_path):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("ranks,throughput\n0,100\n2,190\n")
+    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv), "column 'ranks'")
+
+
+def test_failure_keeps_previous_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("kept")
+    csv = tmp_path / "bad.csv"
+    csv.write_text("gpus,throughput\n1,-1\n")
+    proc = analyze(["--from-csv", str(csv), "--out", str(out)], check=False)
+    assert proc.returncode == 2
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+
+
+def test_bad_threshold(tmp_path):
+    csv = tmp_path / "ok.csv"
+    csv.write_text("gpus,throughput\n1,100\n2,190\n")
+    assert_usage_error(["--from-csv", str(csv), "--threshold", "1.5"], tmp_path / "out",
+                       "--threshold")

@@ -1,0 +1,76 @@
+"""The model registry and the plain-torch models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalelab.errors import UsageError
+from scalelab.models import build_model, model_names
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_resnet_matches_reference_parameter_counts() -> None:
+    # The reference ImageNet ResNets (torchvision's resnet18/resnet50) have these counts.
+    assert n_params(build_model("resnet18", 1000, (3, 224, 224))) == 11_689_512
+    assert n_params(build_model("resnet50", 1000, (3, 224, 224))) == 25_557_032
+    assert n_params(build_model("resnet", 1000, (3, 224, 224), depth=18)) == 11_689_512
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("cnn", {}),
+    ("resnet18", {"width": 16}),
+    ("resnet50", {"width": 8}),
+    ("vit", {"dim": 48, "depth": 2, "heads": 2}),
+])
+def test_forward_backward(name: str, opts: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 7, (3, 32, 32), **opts)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 7, (4,))
+    logits = model(x)
+    assert logits.shape == (4, 7)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
+
+
+def test_small_images_get_the_cifar_stem() -> None:
+    small = build_model("resnet18", 10, (3, 32, 32))
+    large = build_model("resnet18", 10, (3, 96, 96))
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in small.modules())
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in large.modules())
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cnn_has_no_batchnorm_and_resnet_has() -> None:
+    def has_bn(m: torch.nn.Module) -> bool:
+        return any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+    assert not has_bn(build_model("cnn", 10, (1, 28, 28)))
+    assert has_bn(build_model("resnet18", 10, (3, 32, 32)))
+
+
+def test_zero_init_residual() -> None:
+    model = build_model("resnet18", 10, (3, 32, 32), zero_init_residual=True)
+    last_bns = [b.last_bn().weight.detach() for b in model.modules() if hasattr(b, "last_bn")]
+    assert last_bns and all(float(w.abs().sum()) == 0.0 for w in last_bns)
+
+
+def test_unknown_model_names_field_and_choices() -> None:
+    with pytest.raises(UsageError) as err:
+        build_model("resnet51", 10, (3, 32, 32))
+    message = str(err.value)
+    assert "model.name" in message and "'resnet51'" in message
+    assert all(name in message for name in model_names())
+
+
+def test_bad_options() -> None:
+    with pytest.raises(UsageError, match=r"model\.options\.depth.*valid: width, hidden"):
+        build_model("cnn", 10, (3, 32, 32), depth=3)
+    with pytest.raises(UsageError, match="patch_size"):
+        build_model("vit", 10, (3, 30, 30), patch_size=4)
+    with pytest.raises(UsageError, match="depth must be one of"):
+        build_model("resnet", 10, (3, 32, 32), depth=20)

@@ -1,0 +1,70 @@
+"""Workflow config validation and sweep expansion."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from scalelab import runner, sweep
+from scalelab.errors import UsageError
+
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def _bad(mutate) -> str:
+    cfg = copy.deepcopy(DEFAULT)
+    mutate(cfg)
+    with pytest.raises(UsageError) as err:
+        sweep.validate(cfg)
+    return str(err.value)
+
+
+def test_default_config_is_valid_and_filled():
+    cfg = sweep.validate(DEFAULT)
+    assert cfg["resources"]["runtime"] == 60  # schema default filled in
+    assert cfg["container"]["enabled"] is False
+    ids = [p.run_id for p in sweep.expand(cfg)]
+    assert ids == ["ddp-strong-n1-t1-g0-r0", "ddp-strong-n1-t2-g0-r0",
+                   "horovod-strong-n1-t1-g0-r0", "horovod-strong-n1-t2-g0-r0"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c.update(bogus=1), "config: bogus: unknown key 'bogus'"),
+    (lambda c: c["sweep"].update(nodes=[0]),
+     "config: sweep.nodes[0]: 0 is less than the minimum of 1"),
+    (lambda c: c["sweep"].update(nodes=[-2]), "sweep.nodes[0]"),
+    (lambda c: c["sweep"].update(nodes=["two"]), "sweep.nodes[0]: 'two' is not of type 'integer'"),
+    (lambda c: c["sweep"].update(backends=["mpi"]), "sweep.backends[0]: 'mpi' is not one of"),
+    (lambda c: c["sweep"].update(tasks_per_node=[4]) or c.update(cluster={"cpus_per_node": 2}),
+     "sweep.tasks_per_node[0]: 4 tasks x 1 CPUs"),
+    (lambda c: c["data"].update(split=[0.5, 0.1, 0.1]), "data.split: fractions"),
+    (lambda c: c["launch"].update(srun_mpi="pmix; rm -rf /"), "launch.srun_mpi"),
+    (lambda c: c["sweep"].pop("backends"), "'backends' is a required property"),
+])
+def test_bad_config_names_the_field(mutate, expected):
+    message = _bad(mutate)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_weak_mode_scales_global_batch_and_strong_keeps_it():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["sweep"]["modes"] = ["strong", "weak"]
+    cfg = sweep.validate(cfg)
+    batches = {(p.mode, p.ranks): runner.run_config(cfg, p, "d")["optim"]["global_batch_size"]
+               for p in sweep.expand(cfg)}
+    assert batches[("strong", 1)] == batches[("strong", 2)] == 64
+    assert batches[("weak", 1)] == 64 and batches[("weak", 2)] == 128
+
+
+def test_run_config_sets_backend_data_and_threads():
+    cfg = sweep.validate(DEFAULT)
+    point = sweep.find(cfg, "horovod-strong-n1-t2-g0-r0")
+    rc = runner.run_config(cfg, point, Path("results/data"))
+    assert rc["dist"]["backend"] == "horovod"
+    assert rc["data"] == {"source": "staged", "path": "results/data"}
+    assert rc["train"]["threads"] == 1
+    with pytest.raises(UsageError, match="not in the sweep"):
+        sweep.find(cfg, "ddp-strong-n9-t1-g0-r0")

@@ -1,0 +1,82 @@
+"""Checkpoint files, RNG capture, metrics records and the epoch line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalelab.fsio import atomic_write_json
+from scalelab.train import checkpoint as ckpt
+from scalelab.train.metrics import EPOCH_LINE_RE, MetricsWriter, format_epoch_line, throughput
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {},
+            "epoch": 1, "step_in_epoch": step, "global_step": step, "rng": [ckpt.rng_state()],
+            "config": {"seed": 1}}
+
+
+def test_save_load_prune_and_skip_corrupt(tmp_path: Path, capsys) -> None:
+    for step in (5, 10, 15):
+        ckpt.save(ckpt.path_for(tmp_path, step), _state(step))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt-000000015.pt", "ckpt-000000010.pt", "ckpt-000000005.pt"]
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+    ckpt.prune(tmp_path, keep=2)
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+    newest = ckpt.path_for(tmp_path, 15)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated by a crash mid-copy
+    path, state = ckpt.find_latest(tmp_path)
+    assert path.name == "ckpt-000000010.pt" and state["step_in_epoch"] == 10
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+    ckpt.path_for(tmp_path, 10).write_bytes(b"garbage")
+    assert ckpt.find_latest(tmp_path) is None
+
+
+def test_load_rejects_incomplete_dict(tmp_path: Path) -> None:
+    torch.save({"format": 1, "model": {}}, tmp_path / "ckpt-000000001.pt")
+    with pytest.raises(ValueError, match="missing keys"):
+        ckpt.load(tmp_path / "ckpt-000000001.pt")
+
+
+def test_rng_state_roundtrip(tmp_path: Path) -> None:
+    state = ckpt.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    ckpt.save(tmp_path / "ckpt-000000001.pt", {**_state(1), "rng": [state]})
+    ckpt.set_rng_state(ckpt.load(tmp_path / "ckpt-000000001.pt")["rng"][0])
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(2), expected[2])
+
+
+def test_epoch_line_roundtrip() -> None:
+    rec = {"epoch": 2, "epochs": 10, "train_loss": 1.23456, "train_acc": 0.5, "val_loss": None,
+           "val_acc": None, "samples_per_s": 1234.56, "time_s": 9.5}
+    line = format_epoch_line(rec)
+    m = EPOCH_LINE_RE.match(line)
+    assert m, line
+    assert (m["epoch"], m["epochs"], m["train_loss"], m["val_acc"], m["samples_per_s"]) == (
+        "3", "10", "1.2346", "nan", "1234.6")
+
+
+def test_metrics_writer_and_throughput(tmp_path: Path) -> None:
+    writer = MetricsWriter(tmp_path / "m.jsonl", enabled=True)
+    writer.write({"kind": "step", "loss": 1.0})
+    writer.write({"kind": "step", "loss": float("nan")})
+    writer.close()
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["step", "step"]
+    MetricsWriter(tmp_path / "off.jsonl", enabled=False).write({"kind": "x"})
+    assert not (tmp_path / "off.jsonl").exists()
+    epochs = [{"timed_samples": 100, "timed_s": 10.0}, {"timed_samples": 300, "timed_s": 1.0},
+              {"timed_samples": 300, "timed_s": 2.0}]
+    assert throughput(epochs) == pytest.approx(200.0)  # first (warm-up) epoch excluded
+    assert throughput(epochs[:1]) == pytest.approx(10.0)
+    atomic_write_json(tmp_path / "s.json", {"a": 1})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}

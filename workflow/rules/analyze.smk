@@ -1,0 +1,94 @@
+PLOTS = ["throughput", "efficiency", "breakdown", "fits", "backends"]
+LARGEST = max(RUNS.values(), key=lambda p: (p.ranks, p.nodes))
+
+
+rule commbench:
+    output:
+        directory(f"{RESULTS}/commbench/{{lib}}"),
+    log:
+        "logs/commbench/{lib}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/commbench/{{lib}}.tsv"
+    container:
+        ranks_enter_image
+    threads: workflow.cores
+    resources:
+        mpi="srun",
+        nodes=LARGEST.nodes,
+        tasks=LARGEST.nodes
+        * max(LARGEST.tasks_per_node, 2 if LARGEST.nodes == 1 else 1),
+        cpus_per_task=config["launch"]["cpus_per_task"],
+    params:
+        layout=[
+            f"--nodes={LARGEST.nodes}",
+            f"--tasks-per-node={max(LARGEST.tasks_per_node, 2 if LARGEST.nodes == 1 else 1)}",
+            f"--cpus-per-task={config['launch']['cpus_per_task']}",
+            f"--local={config['launch']['local']}",
+            f"--mpi={config['launch']['srun_mpi']}",
+        ],
+        bench=[
+            f"--max-bytes={config['commbench']['max_bytes']}",
+            f"--iters={config['commbench']['iters']}",
+        ],
+    shell:
+        "scalelab launch {params.layout:q} -- commbench --lib {wildcards.lib} "
+        "{params.bench:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule analyze:
+    input:
+        summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS)),
+        evals=expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS)),
+    output:
+        table=report(
+            f"{RESULTS}/analysis/scaling.csv",
+            caption="../report/scaling_table.rst",
+            category="Scaling analysis",
+        ),
+        markdown=f"{RESULTS}/analysis/scaling.md",
+        plots=report(
+            expand(f"{RESULTS}/analysis/plots/{{plot}}.png", plot=PLOTS),
+            caption="../report/plots.rst",
+            category="Scaling analysis",
+        ),
+    log:
+        "logs/analyze.log",
+    container:
+        job_image
+    params:
+        runs=lambda wildcards, input: [os.path.dirname(p) for p in input.summaries],
+        out=lambda wildcards, output: os.path.dirname(output.table),
+        extra=analysis_args(),
+    shell:
+        "scalelab analyze {params.runs:q} --out {params.out:q} {params.extra:q} > {log:q} 2>&1"
+
+
+rule predict:
+    input:
+        commbench=f"{RESULTS}/commbench/torch",
+        summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS)),
+    output:
+        plot=report(
+            f"{RESULTS}/predict/ddp/prediction.png",
+            caption="../report/predict.rst",
+            category="Prediction",
+        ),
+        table=f"{RESULTS}/predict/ddp/prediction.csv",
+    log:
+        "logs/predict.log",
+    container:
+        job_image
+    params:
+        base=lambda wildcards: f"{RESULTS}/runs/{smallest_run('ddp').run_id}",
+        measured=lambda wildcards: [
+            f"{RESULTS}/runs/{p.run_id}" for p in RUNS.values() if p.backend == "ddp"
+        ],
+        out=lambda wildcards, output: os.path.dirname(output.table),
+        scale=[
+            f"--max-nodes={config['analysis']['predict_nodes']}",
+            f"--ranks-per-node={config['analysis']['predict_ranks_per_node']}",
+        ],
+    shell:
+        "scalelab predict --commbench {input.commbench:q} --run {params.base:q} "
+        "--measured {params.measured:q} --backend ddp {params.scale:q} "
+        "--out {params.out:q} > {log:q} 2>&1"

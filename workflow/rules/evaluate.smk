@@ -1,0 +1,17 @@
+rule evaluate:
+    input:
+        summary=f"{RESULTS}/runs/{{run}}/summary.json",
+        data=DATA,
+    output:
+        f"{RESULTS}/runs/{{run}}/evaluation.json",
+    log:
+        "logs/evaluate/{run}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
+    container:
+        job_image
+    params:
+        run_dir=lambda wildcards, input: os.path.dirname(input.summary),
+    shell:
+        "scalelab evaluate --run {params.run_dir:q} --data {input.data:q} --split test "
+        "--out {output:q} > {log:q} 2>&1"
