@@ -57,6 +57,13 @@ def test_weak_mode_scales_global_batch_and_strong_keeps_it():
                for p in sweep.expand(cfg)}
     assert batches[("strong", 1)] == batches[("strong", 2)] == 64
     assert batches[("weak", 1)] == 64 and batches[("weak", 2)] == 128
+    # Given per rank, strong mode turns it into the smallest configuration's global batch.
+    cfg["train"]["optim"] = {"per_rank_batch_size": 32, "lr": 0.1}
+    strong = {p.ranks: runner.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg)
+              if p.mode == "strong"}
+    assert strong[1] == strong[2] == {"global_batch_size": 32, "lr": 0.1}
+    weak = [runner.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg) if p.mode == "weak"]
+    assert all(o == {"per_rank_batch_size": 32, "lr": 0.1} for o in weak)
 
 
 def test_run_config_sets_backend_data_and_threads():

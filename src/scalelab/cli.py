@@ -17,14 +17,14 @@ from scalelab.errors import UsageError
 # Modules that add a sub-command. Order is the order shown in --help.
 COMMAND_MODULES = [
     "scalelab.doctor",
-    "scalelab.testcluster.cli",
+    "scalelab.data.cli",
     "scalelab.train.cli",
     "scalelab.runner",
     "scalelab.evaluate",
-    "scalelab.data.cli",
     "scalelab.analysis.cli",
     "scalelab.comm.cli",
     "scalelab.container.cli",
+    "scalelab.testcluster.cli",
 ]
 
 

@@ -48,17 +48,24 @@ def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
     data = rc.setdefault("data", {})
     data["source"] = "staged"
     data["path"] = str(data_dir)
+    if cfg["data"]["node_local"]:
+        data["localize"] = True
+        if cfg["data"]["scratch"]:
+            data["scratch"] = cfg["data"]["scratch"]
     rc.setdefault("train", {})["threads"] = cfg["launch"]["cpus_per_task"]
     optim = rc.setdefault("optim", {})
-    if point.mode == "weak":
-        scale = point.ranks / sweep.base_ranks(cfg)
-        if optim.get("global_batch_size"):
-            scaled = optim["global_batch_size"] * scale
-            if scaled != int(scaled):
-                raise UsageError(
-                    f"train.optim.global_batch_size: {optim['global_batch_size']} x "
-                    f"{point.ranks}/{sweep.base_ranks(cfg)} ranks is not a whole batch")
-            optim["global_batch_size"] = int(scaled)
+    base = sweep.base_ranks(cfg)
+    if point.mode == "strong" and optim.get("per_rank_batch_size"):
+        # Strong scaling fixes the global batch: that of the smallest configuration.
+        optim["global_batch_size"] = optim.pop("per_rank_batch_size") * base
+    elif point.mode == "weak" and optim.get("global_batch_size"):
+        # Weak scaling fixes the batch per rank: that of the smallest configuration.
+        scaled = optim["global_batch_size"] * point.ranks / base
+        if scaled != int(scaled):
+            raise UsageError(
+                f"train.optim.global_batch_size: {optim['global_batch_size']} x "
+                f"{point.ranks}/{base} ranks is not a whole batch")
+        optim["global_batch_size"] = int(scaled)
     return rc
 
 

@@ -60,6 +60,12 @@ class DataConfig:
     """synthetic only: strength of the class pattern against unit noise (0: unlearnable)."""
     prefetch: bool | None = None
     """Load the next batch in a background thread; null: on with CUDA, off on CPU."""
+    localize: bool = False
+    """staged only: copy the shards to node-local scratch once per node at start (verified),
+    and read them there; falls back to the shared copy with a warning when scratch is small."""
+    scratch: str | None = None
+    """Node-local scratch directory for ``localize``; null: $SCALELAB_SCRATCH, $SLURM_TMPDIR,
+    $TMPDIR, then /tmp."""
 
 
 @dataclass

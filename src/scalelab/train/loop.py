@@ -430,6 +430,15 @@ def open_datasets(cfg: RunConfig):
         return train, val
     if not Path(d.path).exists():
         raise UsageError(f"field 'data.path': no such file or directory: {d.path}")
+    path = d.path
+    if d.localize and d.source == "staged":
+        # Every rank asks; the first on each node copies, the others wait for it.
+        from scalelab.data.nodelocal import localize
+
+        try:
+            path = str(localize(d.path, d.scratch, progress=False))
+        except (DataError, OSError) as exc:
+            raise UsageError(f"field 'data.localize': {exc}") from None
     if d.source == "memory-npz":
         from scalelab.data.memory import load_npz as opener
     else:
@@ -444,9 +453,9 @@ def open_datasets(cfg: RunConfig):
             splits.append(None)
             continue
         try:
-            splits.append(opener(d.path, split))
+            splits.append(opener(path, split))
         except (DataError, OSError, KeyError, ValueError) as exc:
-            raise UsageError(f"field '{field_name}': {split!r} in {d.path}: {exc}") from None
+            raise UsageError(f"field '{field_name}': {split!r} in {path}: {exc}") from None
     train, val = splits
     if len(train) == 0:
         raise UsageError(f"field 'data.train_split': {d.train_split!r} in {d.path} is empty")
