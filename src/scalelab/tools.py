@@ -1,4 +1,4 @@
-"""Finding the external programs scalelab runs."""
+"""The external programs scalelab runs, and the processes it watches."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def which(name: str) -> str | None:
         return found
     candidate = env_bin_dir() / name
     return str(candidate) if os.access(candidate, os.X_OK) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (signal 0; one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -52,6 +52,7 @@ from scalelab.data.sources import (
     npz_source,
 )
 from scalelab.errors import DataError, UsageError
+from scalelab.tools import pid_alive
 
 T = TypeVar("T")
 
@@ -423,19 +424,11 @@ def _staging_dir(out: Path) -> Path:
     prefix = f".{out.name}.staging-{host}-"
     for old in out.parent.glob(prefix + "*"):  # leftovers of killed runs on this host
         pid = old.name[len(prefix):]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return out.parent / f"{prefix}{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stage(cfg: StageConfig) -> StageResult:

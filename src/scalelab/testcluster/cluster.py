@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scalelab.fsio import atomic_write_text
+from scalelab.tools import pid_alive
 
 DEFAULT_STATE_DIR = Path(
     os.environ.get("SCALELAB_TESTCLUSTER_DIR", "/var/lib/scalelab/testcluster"))
@@ -98,14 +99,8 @@ def _run(cmd: list[str], check: bool = True, env: dict | None = None,
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
+    if not pid or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     # A zombie child of ours is not alive.
     try:
         with open(f"/proc/{pid}/stat") as f:
