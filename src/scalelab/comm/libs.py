@@ -12,6 +12,7 @@ torchrun and horovodrun.
 
 from __future__ import annotations
 
+import abc
 import socket
 from collections.abc import Callable
 from datetime import timedelta
@@ -24,7 +25,7 @@ LIBS = ("torch", "horovod", "mpi4py")
 ITEMSIZE = 4
 
 
-class Comm:
+class Comm(abc.ABC):
     """What the benchmark needs from a library (see the subclasses)."""
 
     lib = ""
@@ -33,41 +34,46 @@ class Comm:
     size = 1
     device = "cpu"
 
+    @abc.abstractmethod
     def prepare(self, op: str, count: int) -> tuple[Callable[[], Any], Callable[[], int]]:
         """(run the collective once, verify the last result -> number of wrong elements).
 
         ``count`` is elements per rank (allgather: contributed by each rank).
         Verification refills the buffers with a known pattern and runs once more.
         """
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def reserve(self, max_count: int, gather_count: int) -> None:
         """Allocate the largest buffers once; every size uses a prefix of them.
 
         ``max_count``: elements of the input buffer; ``gather_count``: elements
         each rank contributes to the largest allgather (output: that x size).
         """
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def barrier(self) -> None:
-        raise NotImplementedError
+        ...
 
-    def sync(self) -> None:
+    def sync(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Wait for queued device work (a no-op on host buffers)."""
 
+    @abc.abstractmethod
     def reduce(self, value: float, op: str) -> float:
         """``value`` summed (op='sum') or maximised (op='max') over ranks."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def gather(self, obj: Any) -> list[Any]:
         """A small Python object from every rank, to every rank."""
-        raise NotImplementedError
+        ...
 
     def versions(self) -> dict[str, str]:
         return {}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release the library's resources."""
 
 
 # --------------------------------------------------------------------------- torch.distributed

@@ -54,7 +54,8 @@ class Source:
             yield self._load(ids), ids
 
     def _load(self, ids: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Images of ``ids``; sources that decode in worker processes override iter_load."""
+        raise TypeError(f"{type(self).__name__} has no _load; it overrides iter_load")
 
 
 class ArraySource(Source):
