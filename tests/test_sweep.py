@@ -55,8 +55,9 @@ def test_weak_mode_scales_global_batch_and_strong_keeps_it():
     cfg = sweep.validate(cfg)
     batches = {(p.mode, p.ranks): runner.run_config(cfg, p, "d")["optim"]["global_batch_size"]
                for p in sweep.expand(cfg)}
-    assert batches[("strong", 1)] == batches[("strong", 2)] == 64
-    assert batches[("weak", 1)] == 64 and batches[("weak", 2)] == 128
+    base = DEFAULT["train"]["optim"]["global_batch_size"]
+    assert batches[("strong", 1)] == batches[("strong", 2)] == base
+    assert batches[("weak", 1)] == base and batches[("weak", 2)] == 2 * base
     # Given per rank, strong mode turns it into the smallest configuration's global batch.
     cfg["train"]["optim"] = {"per_rank_batch_size": 32, "lr": 0.1}
     strong = {p.ranks: runner.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg)
