@@ -42,5 +42,7 @@ echo "==> scalelab"
 if [ "$run_main" = 1 ]; then
   echo "==> main job: snakemake on config/config.yaml (local)"
   .venv/bin/snakemake --cores all
-  echo "==> done: results/ holds the outputs; run the tests with: .venv/bin/python -m pytest"
+  .venv/bin/snakemake --report results/report.html
+  echo "==> done: results/ holds runs, evaluations, analysis and report.html;"
+  echo "    run the tests with: .venv/bin/python -m pytest"
 fi
