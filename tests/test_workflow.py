@@ -130,13 +130,16 @@ def test_local_run_end_to_end_then_rerun_nothing_then_one_change(tmp_path):
     cfg["sweep"]["modes"] = ["strong", "weak"]
     (wd / "more.yaml").write_text(yaml.safe_dump(cfg))
     plan = planned_jobs(wd, ["--configfile", "more.yaml"])
-    assert plan == {"train": 4, "evaluate": 4, "analyze": 1, "predict": 1}
+    assert plan == {"train": 4, "evaluate": 4, "analyze": 1, "predict": 1, "effective_config": 1}
 
     # The report bundles the analysis.
     snakemake(wd, ["--cores", "1", "--configfile", ".test/config.yaml", "--report",
                    "report.html"])
     html = (wd / "report.html").read_text(errors="replace")
-    assert "throughput.png" in html and "scaling.csv" in html
+    assert "throughput.png" in html and "scaling.csv" in html and "config.yaml" in html
+    effective = yaml.safe_load((res / "config.yaml").read_text())
+    assert effective["sweep"]["backends"] == ["ddp", "horovod"]
+    assert effective["resources"]["runtime"] == 60  # a schema default, filled in
 
 
 def test_failing_training_job_leaves_no_complete_output(tmp_path):

@@ -92,3 +92,19 @@ rule predict:
         "scalelab predict --commbench {input.commbench:q} --run {params.base:q} "
         "--measured {params.measured:q} --backend ddp {params.scale:q} "
         "--out {params.out:q} > {log:q} 2>&1"
+
+
+rule effective_config:
+    output:
+        report(
+            f"{RESULTS}/config.yaml",
+            caption="../report/config.rst",
+            category="Configuration",
+        ),
+    log:
+        "logs/effective_config.log",
+    params:
+        text=yaml.safe_dump(config, sort_keys=False),
+    run:
+        atomic_write_text(output[0], params.text)
+        atomic_write_text(log[0], f"wrote {output[0]}\n")

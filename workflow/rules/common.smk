@@ -6,8 +6,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from scalelab import runner, sweep
 from scalelab.errors import UsageError
+from scalelab.fsio import atomic_write_text
 
 # Jobs call the CLI of the environment this Snakemake runs in (on cluster nodes
 # Snakemake re-runs the same interpreter); inside the image `scalelab` is on PATH.
@@ -137,7 +140,7 @@ def smallest_run(backend):
 
 def final_targets():
     """The default target: runs, evaluations, analysis, benchmarks, prediction."""
-    targets = [f"{RESULTS}/analysis/scaling.csv"]
+    targets = [f"{RESULTS}/analysis/scaling.csv", f"{RESULTS}/config.yaml"]
     targets += expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS))
     cb = config["commbench"]
     if cb["enabled"]:
