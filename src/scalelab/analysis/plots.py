@@ -22,7 +22,8 @@ DPI = 100
 NAMES = ("throughput", "efficiency", "breakdown", "fits", "backends")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +55,7 @@ def _empty(ax, message: str) -> None:
 
 def throughput(table: pd.DataFrame, threshold: float) -> object:
     """Throughput vs workers with min/max over repeats and the ideal (linear) line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     labels = _labels(table)
     for key, grp in table.groupby(GROUP, sort=True):
@@ -79,7 +80,7 @@ def throughput(table: pd.DataFrame, threshold: float) -> object:
 
 def efficiency(table: pd.DataFrame, threshold: float) -> object:
     """Parallel efficiency vs workers, threshold line, sweet spot circled."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     labels = _labels(table)
     for key, grp in table.groupby(GROUP, sort=True):
@@ -101,7 +102,7 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
 
 def breakdown(table: pd.DataFrame, threshold: float) -> object:
     """Seconds per step split into data / compute / communication / other per configuration."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     parts = ["data_s", "compute_s", "comm_s"]
     rows = table[table[parts].notna().any(axis=1)].sort_values([*GROUP, "workers", "nodes"])
@@ -134,7 +135,7 @@ def breakdown(table: pd.DataFrame, threshold: float) -> object:
 
 def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None = None) -> object:
     """Measured speedup with the fitted Amdahl (solid) and Gustafson (dotted) curves."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     labels = _labels(table)
     pmax = float(table["p"].max())
@@ -170,7 +171,7 @@ def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None =
 
 def backends(table: pd.DataFrame, threshold: float) -> object:
     """Backends (DDP, Horovod, ...) side by side: throughput and efficiency at each scale."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     series = {}
     for (source, backend, mode), grp in table.groupby(GROUP, sort=True):
@@ -209,7 +210,7 @@ PLOTS: dict[str, Callable[..., object]] = {
 
 def save(fig, directory: Path, name: str) -> list[Path]:
     """Write ``name``.png and ``name``.svg at the fixed size; close the figure."""
-    plt = _plt()
+    plt = pyplot()
     paths = [directory / f"{name}.png", directory / f"{name}.svg"]
     try:
         for path in paths:

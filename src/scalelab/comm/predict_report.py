@@ -72,10 +72,9 @@ def markdown(pred: pd.DataFrame, errors: pd.DataFrame, base: Base, fit: RingFit)
 
 
 def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path) -> None:
-    import matplotlib
+    from scalelab.analysis.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
@@ -103,11 +102,7 @@ def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path
     fig.suptitle(f"Predicted {base.mode} scaling (ring allreduce, "
                  f"{base.grad_bytes / 2**20:.1f} MiB gradients)")
     fig.tight_layout()
-    try:
-        for ext in ("png", "svg"):
-            fig.savefig(directory / f"prediction.{ext}", dpi=DPI)
-    finally:
-        plt.close(fig)
+    save(fig, directory, "prediction")
 
 
 def _clean(value):

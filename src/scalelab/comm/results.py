@@ -49,10 +49,9 @@ def human_bytes(n: float) -> str:
 
 
 def plot(records: list[dict], meta: dict, directory: Path) -> None:
-    import matplotlib
+    from scalelab.analysis.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     for op in dict.fromkeys(r["op"] for r in records):
@@ -76,11 +75,7 @@ def plot(records: list[dict], meta: dict, directory: Path) -> None:
     fig.suptitle(f"commbench {meta['lib']} ({meta['backend']}), {meta['world_size']} ranks, "
                  f"{meta['nodes']} node(s)")
     fig.tight_layout()
-    try:
-        for ext in ("png", "svg"):
-            fig.savefig(directory / f"commbench.{ext}", dpi=DPI)
-    finally:
-        plt.close(fig)
+    save(fig, directory, "commbench")
 
 
 def write(out: str | Path, records: list[dict], meta: dict) -> Path:
