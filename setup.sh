@@ -5,11 +5,23 @@
 #   3. Horovod 0.28.1 built for it (cached wheel, see envs/build_horovod.sh),
 #   4. scalelab itself (editable), then
 #   5. the main job: the Snakemake workflow on the embedded default config, locally.
-# Usage: ./setup.sh [--no-run]      (--no-run stops after step 4; CI uses it)
+# Usage: ./setup.sh [--no-run] [--test-env]
+#   --no-run     stop after step 4 (CI uses it)
+#   --test-env   also install what only the test suite needs (envs/test_env.sh: tools that
+#                go into system paths, e.g. Apptainer and a headless browser); CI and
+#                contributors ask for it, a user's machine never gets it unasked.
 set -euo pipefail
 cd "$(dirname "$0")"
 run_main=1
-[ "${1:-}" = "--no-run" ] && run_main=0
+test_env=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-run) run_main=0 ;;
+    --test-env) test_env=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "setup.sh: error: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 apt_packages=(python3 python3-venv python3-dev build-essential cmake git
               slurm-wlm munge libpmix2 libpmix-dev iproute2 util-linux procps)
@@ -38,6 +50,10 @@ bash envs/build_horovod.sh .venv
 echo "==> scalelab"
 .venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/scalelab doctor --mode local
+if [ "$test_env" = 1 ]; then
+  echo "==> test environment (envs/test_env.sh)"
+  bash envs/test_env.sh
+fi
 
 if [ "$run_main" = 1 ]; then
   echo "==> main job: snakemake on config/config.yaml (local)"

@@ -72,7 +72,7 @@ def cluster():
     require_cluster()
     from scalelab.testcluster.cluster import ClusterSpec, TestCluster
 
-    spec = ClusterSpec(nodes=2, cpus_per_node=2, shared=[REPO, Path(sys.prefix)])
+    spec = ClusterSpec.from_env(nodes=2, cpus_per_node=2, shared=[REPO, Path(sys.prefix)])
     tc = TestCluster(spec)
     tc.up()
     yield ClusterHandle(tc)

@@ -10,8 +10,9 @@ from pathlib import Path
 def _cluster(args: argparse.Namespace):
     from scalelab.testcluster.cluster import ClusterSpec, TestCluster
 
-    spec = ClusterSpec(nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                       state_dir=args.state_dir, shared=[p.resolve() for p in args.share])
+    spec = ClusterSpec.from_env(nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                                state_dir=args.state_dir,
+                                shared=[p.resolve() for p in args.share])
     return TestCluster(spec)
 
 

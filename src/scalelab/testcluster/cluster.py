@@ -58,6 +58,24 @@ class ClusterSpec:
     #: Paths every node must see at the same path (project, venv, data).
     shared: list[Path] = field(default_factory=list)
 
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **kw) -> ClusterSpec:
+        """A spec whose identity (state dir, name prefix, subnet, ports) may come from
+        SCALELAB_TESTCLUSTER_{DIR,PREFIX,SUBNET,PORT}: two suites on one machine then each
+        get a cluster of their own (PORT is slurmctld's; slurmd takes PORT+1)."""
+        env = os.environ if env is None else env
+        if env.get("SCALELAB_TESTCLUSTER_DIR"):
+            kw.setdefault("state_dir", Path(env["SCALELAB_TESTCLUSTER_DIR"]))
+        if env.get("SCALELAB_TESTCLUSTER_PREFIX"):
+            kw.setdefault("prefix", env["SCALELAB_TESTCLUSTER_PREFIX"])
+        if env.get("SCALELAB_TESTCLUSTER_SUBNET"):
+            kw.setdefault("subnet", env["SCALELAB_TESTCLUSTER_SUBNET"])
+        if env.get("SCALELAB_TESTCLUSTER_PORT"):
+            port = int(env["SCALELAB_TESTCLUSTER_PORT"])
+            kw.setdefault("ctld_port", port)
+            kw.setdefault("slurmd_port", port + 1)
+        return cls(**kw)
+
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
 
