@@ -202,7 +202,15 @@ def probe_apptainer() -> Probe:
         path = shutil.which(name)
         if path:
             rc, out = _run([path, "--version"])
-            return Probe("apptainer", rc == 0, f"{out.splitlines()[0] if out else ''} ({path})")
+            from scalelab.container.runtime import root_lacks_capabilities
+
+            mode = ("exec needs --userns here: root's capability set is not full "
+                    "(container.userns auto passes it)" if root_lacks_capabilities()
+                    else "exec runs without --userns")
+            return Probe("apptainer", rc == 0,
+                         f"{out.splitlines()[0] if out else ''} ({path}); {mode}",
+                         "" if rc == 0 else "the binary does not run: reinstall it "
+                         "(test environment: bash envs/install_apptainer.sh)")
     return Probe("apptainer", False, "neither apptainer nor singularity on PATH",
                  "install Apptainer (https://apptainer.org/docs/admin/main/installation.html) "
                  "or load your site's apptainer module")

@@ -182,7 +182,8 @@ def job_spec(cfg: dict, run_id: str, data_dir: str | Path) -> dict:
             "launch": cfg["launch"], "container": cfg.get("container", {})}
 
 
-def container_setup(container: dict) -> tuple[list[str], dict | None]:
+def container_setup(container: dict,
+                    run_config: dict | None = None) -> tuple[list[str], dict | None]:
     """The `apptainer exec ... IMAGE` prefix and the image's provenance, or ([], None).
 
     The image is checked (present, sha256 equal to the pin) before any rank
@@ -190,12 +191,12 @@ def container_setup(container: dict) -> tuple[list[str], dict | None]:
     """
     if not container.get("enabled"):
         return [], None
-    from scalelab.container import image_provenance
-    from scalelab.container.wiring import exec_prefix
+    from scalelab.container.wiring import job_container
 
-    section = {k: v for k, v in container.items() if v not in (None, [], {})}
-    provenance = image_provenance(section)
-    return exec_prefix(section, pwd=os.getcwd()), provenance
+    # The dataset and node-local scratch must be seen inside the image at the same paths.
+    data = (run_config or {}).get("data", {})
+    binds = [str(Path(p).resolve()) for p in (data.get("path"), data.get("scratch")) if p]
+    return job_container(container, binds=binds, pwd=os.getcwd())
 
 
 def _point(d: dict) -> sweep.RunPoint:
@@ -235,7 +236,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.out:
         raise UsageError("--out: the run directory is required")
     out_dir = Path(args.out)
-    prefix, image = container_setup(spec.get("container") or {})
+    prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
     run_yaml = prepare_run_dir(out_dir, spec["run_config"], point)
     if image:
         atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))

@@ -13,9 +13,12 @@ from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
 # Jobs call the CLI of the environment this Snakemake runs in (on cluster nodes
-# Snakemake re-runs the same interpreter); inside the image `scalelab` is on PATH.
+# Snakemake re-runs the same interpreter). Inside the image (--sdm apptainer sets
+# APPTAINER_CONTAINER there) the image's own scalelab comes first: the host's venv,
+# visible through the bound workdir, must not shadow it.
 shell.prefix(
-    f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+    'set -euo pipefail; [ -n "${APPTAINER_CONTAINER:-${SINGULARITY_CONTAINER:-}}" ] || '
+    f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 )
 
 try:
@@ -26,29 +29,43 @@ config.clear()
 config.update(_validated)
 
 if config["container"]["enabled"]:
-    # Image present, sha256 equal to the pin, a runtime installed: checked here,
-    # before any job is submitted.
-    from scalelab.container import image_provenance
+    # Image present, hashed by content and equal to the pin, a runtime installed:
+    # checked once per invocation on the submit host, before any job is submitted.
+    # Jobs (which re-parse this file) read the submit host's record instead of hashing
+    # again; they get the digest (container.sha256) and the record in their spec.
     from scalelab.container.runtime import detect as _detect_runtime
+    from scalelab.container.wiring import PIN_RECORD_KEY, sdm_binds, workflow_image
 
     try:
-        _section = {
-            k: v for k, v in config["container"].items() if v not in (None, [], {})
-        }
-        image_provenance(_section, labels=False)
         if _detect_runtime(config["container"]["runtime"]) is None:
             raise UsageError(
                 "container.enabled: no apptainer or singularity on PATH "
                 "(install Apptainer or load its module)"
             )
+        _section = {
+            k: v for k, v in config["container"].items() if v not in (None, [], {})
+        }
+        _alias, _pin, _record = workflow_image(
+            _section, submit_host=workflow.is_main_process
+        )
     except UsageError as _err:
         raise WorkflowError(f"container: {_err}") from None
+    config["container"]["sha256"] = _pin.sha256
+    config["container"][PIN_RECORD_KEY] = _record
+    # Dataset, scratch and an absolute results directory, seen inside --sdm jobs.
+    _binds = sdm_binds(config)
+    if _binds:
+        os.environ["APPTAINER_BIND"] = ",".join(
+            b for b in [os.environ.get("APPTAINER_BIND", ""), *_binds] if b
+        )
 
 RESULTS = config["results"]
 DATA = f"{RESULTS}/data"
 RUNS = {point.run_id: point for point in sweep.expand(config)}
 
-IMAGE = config["container"]["image"] if config["container"]["enabled"] else None
+# Under --sdm apptainer, Snakemake pastes this path unquoted into a shell command:
+# it is the digest-named alias of workflow_image, never the configured path.
+IMAGE = _alias if config["container"]["enabled"] else None
 
 
 def job_image(wildcards):

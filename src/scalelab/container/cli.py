@@ -50,22 +50,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="resolve only this image (repeatable)")
     lk.set_defaults(func=cmd_lock)
 
-    b = sub.add_parser("build", help="apptainer build --fakeroot IMAGE DEF (from the repo root)")
-    b.add_argument("--def", dest="definition", default="containers/scalelab-gpu.def",
-                   help="definition file (default: %(default)s)")
-    b.add_argument("--image", help="output .sif (default: <def name>.sif in the current directory)")
+    b = sub.add_parser("build", help="build the CPU image here (staged, cached), or any "
+                       "definition with apptainer build [--fakeroot]",
+                       description="Without --def: the CPU image of containers/cpu/ in three "
+                       "stages (debootstrap bookworm base, the pinned stack cached by the hash "
+                       "of its inputs under ~/.cache/scalelab/images/, scalelab as a thin last "
+                       "stage with %%test); its sha256 is written to IMAGE.sha256 and "
+                       "IMAGE.build.json. With --def FILE: apptainer build [--fakeroot] IMAGE "
+                       "FILE, e.g. the GPU image on a machine that reaches its base registry.")
+    b.add_argument("--def", dest="definition",
+                   help="definition file (e.g. containers/scalelab-gpu.def); default: the "
+                   "staged CPU image of containers/cpu/")
+    b.add_argument("--image", help="output .sif (default: <def name>.sif, or scalelab-cpu.sif, "
+                   "in the current directory)")
     b.add_argument("--no-fakeroot", action="store_true", help="build as root instead (sudo)")
     b.add_argument("--force", action="store_true", help="overwrite an existing image")
     b.add_argument("--notest", action="store_true", help="skip the %%test section")
     b.add_argument("--commit", help="source commit label (default: git rev-parse HEAD, -dirty "
                    "when tracked files changed)")
+    b.add_argument("--torch-index", metavar="URL",
+                   help="CPU image: take torch from this pip index (e.g. PyTorch's CPU index) "
+                   "instead of what this machine's pip finds (the tested path uses the local "
+                   "file pip's find-links holds)")
     _runtime_args(b)
     b.set_defaults(func=cmd_build)
 
-    pl = sub.add_parser("pull", help="apptainer pull IMAGE URI (oras://, docker://, library://)")
+    pl = sub.add_parser("pull", help="apptainer pull an image (http(s)://, oras://, docker://, "
+                        "library://) and check its sha256 before anything uses it",
+                        description="Pulls into a temporary file beside IMAGE, hashes it, and "
+                        "moves it into place only when the sha256 equals the pin; an existing "
+                        "IMAGE with other bytes is refused unless --force.")
     pl.add_argument("uri")
     pl.add_argument("--image", help="output .sif (default: the URI's last path part + .sif)")
-    pl.add_argument("--force", action="store_true")
+    pl.add_argument("--sha256", help="pinned sha256 the pulled bytes must have")
+    pl.add_argument("--config", help="workflow config: take the pin (and --image) from its "
+                    "container: section")
+    pl.add_argument("--force", action="store_true",
+                    help="replace an existing IMAGE that holds a different (pinned) image")
     _runtime_args(pl)
     pl.set_defaults(func=cmd_pull)
 
@@ -96,6 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--nodes", type=int, default=1)
     e.add_argument("--ntasks-per-node", type=int, default=1)
     e.add_argument("--srun-mpi", help="srun --mpi plugin (default: container.srun_mpi or pmix)")
+    e.add_argument("--userns", choices=("auto", "true", "false"),
+                   help="pass --userns to apptainer exec (default: container.userns or auto: "
+                   "where root lacks capabilities)")
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the command to run in the image")
     _runtime_args(e)
@@ -206,6 +230,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from scalelab.container import runtime
 
     root = _containers_dir().parent
+    if args.definition is None:
+        return _build_cpu(args, root)
     definition = Path(args.definition)
     if not definition.is_absolute():
         here = Path.cwd() / definition
@@ -224,18 +250,72 @@ def cmd_build(args: argparse.Namespace) -> int:
     return _run_or_print(args, argv, rt, cwd=root)
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
-    from scalelab.container import runtime
+def _build_cpu(args: argparse.Namespace, root: Path) -> int:
+    """The staged CPU build of containers/cpu/ (see scalelab.container.build)."""
+    from scalelab.container import build
 
-    if "://" not in args.uri:
-        raise UsageError(f"{args.uri} is not a URI (oras://, docker://, library://, https://); "
-                         "for an image on a shared path, point container.image at the file")
-    default = args.uri.rstrip("/").rsplit("/", 1)[-1].replace(":", "_") + ".sif"
-    image = Path(args.image or default).resolve()
+    image = Path(args.image or "scalelab-cpu.sif").resolve()
     if image.exists() and not args.force:
         raise UsageError(f"{image} exists: pass --force to overwrite it")
+    commit = args.commit or _git_commit(root)
+    if args.dry_run:
+        p = build.plan(root, args.torch_index)
+        print(f"would build {image}: base {p.base_key}, deps {p.deps_key} "
+              f"({'cached' if (p.deps_dir / 'deps').is_dir() else 'to build'}), "
+              f"scalelab {p.src_key}")
+        return 0
+    cached, p = build.build_cpu(root, commit=commit, torch_index=args.torch_index,
+                                notest=args.notest,
+                                say=lambda m: print(f"scalelab container build: {m}", flush=True))
+    record = build.publish(cached, image, p, commit)
+    print(f"{image}: sha256 {record['sha256']} (recorded in {image.name}.sha256 and "
+          f"{image.name}.build.json)")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    import os
+
+    from scalelab.container import runtime, verify
+    from scalelab.container.config import ContainerConfig
+
+    if "://" not in args.uri:
+        raise UsageError(f"{args.uri} is not a URI (https://, oras://, docker://, library://); "
+                         "for an image on a shared path, point container.image at the file")
+    cfg = ContainerConfig.from_file(args.config) if args.config else None
+    pinned = args.sha256 or (cfg.sha256 if cfg else None)
+    if pinned:
+        pinned = ContainerConfig.from_mapping({"image": "x", "sha256": pinned},
+                                              where="--sha256").sha256
+    default = args.uri.rstrip("/").rsplit("/", 1)[-1].replace(":", "_")
+    default = default if default.endswith(".sif") else default + ".sif"
+    image = Path(args.image or (cfg.image if cfg else default)).resolve()
+    if not pinned:
+        raise UsageError("no pin: give --sha256 (the digest the image's builder recorded in "
+                         "IMAGE.sha256) or --config with container.sha256")
     name, rt = _runtime_name(args)
-    return _run_or_print(args, runtime.pull_argv(name, str(image), args.uri, force=args.force), rt)
+    tmp = image.with_name(f".{image.name}.pull.{os.getpid()}")
+    argv = runtime.pull_argv(name, str(tmp), args.uri, force=True)
+    if args.dry_run or rt is None:
+        print(shlex.join(argv))
+        return 0
+    if image.exists() and not args.force and verify.sha256_file(image) != pinned:
+        raise UsageError(f"{image} exists and holds a different image than sha256 {pinned}: "
+                         "refusing to replace it (pass --force, or choose another --image)")
+    image.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rc = runtime.run([rt.path, *argv[1:]])
+        if rc != 0:
+            raise UsageError(f"{shlex.join(argv)} failed with exit {rc}")
+        got = verify.sha256_file(tmp)
+        if got != pinned:
+            raise UsageError(f"{args.uri}: pulled image has sha256 {got}, pinned {pinned}: "
+                             f"refused ({image} left as it was)")
+        tmp.replace(image)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{image}: sha256 {pinned} matches the pin")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -282,6 +362,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     from scalelab.container import runtime
     from scalelab.container.config import ContainerConfig
+    from scalelab.container.wiring import exec_flags
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -299,6 +380,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         changes["nv"] = False
     if args.srun_mpi:
         changes["srun_mpi"] = args.srun_mpi
+    if args.userns:
+        changes["userns"] = args.userns
     if args.runtime != "auto":
         changes["runtime"] = args.runtime
     cfg = dataclasses.replace(cfg, **changes)
@@ -306,7 +389,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not cfg.is_uri and not args.dry_run:
         runtime.check_image_file(cfg.image)
     argv = runtime.exec_argv(name, cfg.image, command, nv=cfg.nv, binds=cfg.binds, env=cfg.env,
-                             flags=cfg.exec_flags)
+                             flags=exec_flags(cfg))
     if not args.srun:
         return _run_or_print(args, argv, rt)
     argv = [*runtime.srun_argv(nodes=args.nodes, tasks_per_node=args.ntasks_per_node,

@@ -45,6 +45,9 @@ class ContainerConfig:
     """srun --mpi plugin: pmix for Open MPI + PMIx images, pmi2 (or cray_shasta) for MPICH."""
     srun_flags: tuple[str, ...] = ()
     """Extra srun flags, e.g. --cpu-bind=cores or --gpus-per-task=1."""
+    userns: str = "auto"
+    """Pass --userns to `apptainer exec`: true, false, or auto (where root lacks capabilities,
+    e.g. in containers and CI; see runtime.root_lacks_capabilities)."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None,
@@ -85,6 +88,11 @@ class ContainerConfig:
         srun_mpi = str(data.get("srun_mpi", "pmix"))
         if not re.match(r"^[a-z0-9_]+$", srun_mpi):
             raise UsageError(f"{where}.srun_mpi: {srun_mpi!r} is not an srun --mpi plugin name")
+        userns = data.get("userns", "auto")
+        if isinstance(userns, bool):
+            userns = "true" if userns else "false"
+        if userns not in ("auto", "true", "false"):
+            raise UsageError(f"{where}.userns: choose true, false or auto, got {userns!r}")
         for key in ("enabled", "nv"):
             if key in data and not isinstance(data[key], bool):
                 raise UsageError(f"{where}.{key}: must be true or false")
@@ -99,6 +107,7 @@ class ContainerConfig:
             exec_flags=_str_list(data, "exec_flags", where),
             srun_mpi=srun_mpi,
             srun_flags=_str_list(data, "srun_flags", where),
+            userns=userns,
         )
 
     @classmethod

@@ -12,6 +12,7 @@ definition files instead (:mod:`scalelab.container.lint`).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,6 +66,35 @@ def runtime_version(rt: Runtime, timeout: float = 30) -> str | None:
         return None
     out = proc.stdout.strip().splitlines()
     return out[0] if proc.returncode == 0 and out else None
+
+
+def root_lacks_capabilities(status: str | None = None, last_cap: int | None = None) -> bool:
+    """True when we are root but the capability bounding set is not full.
+
+    Apptainer run by root asks the kernel for every capability; where root's bounding
+    set lacks one (containers, CI machines: CAP_SYS_RESOURCE here), `apptainer exec`
+    fails ("Requesting capability set ...") unless it runs in a user namespace (--userns).
+    """
+    if status is None:
+        if os.geteuid() != 0:
+            return False
+        try:
+            status = Path("/proc/self/status").read_text()
+            last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        except (OSError, ValueError):
+            return False
+    m = re.search(r"^CapBnd:\s*([0-9a-fA-F]+)", status, flags=re.M)
+    if not m:
+        return False
+    full = (1 << ((last_cap if last_cap is not None else 40) + 1)) - 1
+    return int(m.group(1), 16) & full != full
+
+
+def use_userns(setting: str | bool) -> bool:
+    """container.userns: true, false, or auto (only where root lacks capabilities)."""
+    if isinstance(setting, bool):
+        return setting
+    return setting == "true" or (setting == "auto" and root_lacks_capabilities())
 
 
 # ---- argument lists ---------------------------------------------------------------------

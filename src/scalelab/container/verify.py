@@ -7,10 +7,10 @@ are checked with `apptainer verify` (PGP signatures inside the SIF).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,27 +32,68 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def sha256_cached(path: str | Path) -> str:
-    """sha256 of an image, remembered in `IMAGE.sha256.json` beside it.
+@dataclass(frozen=True)
+class ImagePin:
+    """An image hashed by content, and the file identity it had when hashed.
 
-    Jobs record the image digest for provenance; hashing a 10 GB image in every
-    job costs a minute, so the value is reused while size and mtime are unchanged.
-    `verify` never uses this cache.
+    The workflow hashes the image once per invocation on the submit host (never from
+    a cache keyed by size or mtime: a modified image can keep both). Jobs of that
+    invocation get this record and check that the file is still the one that was
+    hashed (same device, inode, size and mtime), so they run exactly that digest
+    without hashing gigabytes again in every job.
     """
-    p = Path(path)
-    st = p.stat()
-    sidecar = p.with_name(p.name + ".sha256.json")
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        cached = json.loads(sidecar.read_text())
-        if {k: cached.get(k) for k in key} == key and len(cached.get("sha256", "")) == 64:
-            return cached["sha256"]
-    except (OSError, ValueError):
-        pass
+
+    image: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    hashed_at: str
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def pin_image(image: str | Path, pinned: str | None = None) -> ImagePin:
+    """Hash the image by content; UsageError when it differs from a given pin."""
+    p = runtime.check_image_file(str(image))
+    before = p.stat()
     digest = sha256_file(p)
-    with contextlib.suppress(OSError):  # read-only image directory: no cache, same answer
-        atomic_write_text(sidecar, json.dumps({**key, "sha256": digest}))
-    return digest
+    after = p.stat()
+    if (before.st_mtime_ns, before.st_size, before.st_ino) != \
+            (after.st_mtime_ns, after.st_size, after.st_ino):
+        raise UsageError(f"{image}: the image changed while it was being hashed")
+    if pinned and digest != pinned.lower().removeprefix("sha256:"):
+        raise UsageError(f"sha256 mismatch for {image}: pinned {pinned}, file has {digest}")
+    return ImagePin(image=str(p.resolve()), sha256=digest, size=after.st_size,
+                    mtime_ns=after.st_mtime_ns, inode=after.st_ino, device=after.st_dev,
+                    hashed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def check_pinned_file(pin: ImagePin, image: str | Path) -> None:
+    """The job's image must be the very file the submit host hashed (no re-hash)."""
+    p = runtime.check_image_file(str(image))
+    st = p.stat()
+    now = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    then = (pin.image, pin.device, pin.inode, pin.size, pin.mtime_ns)
+    if now != then:
+        raise UsageError(f"{image}: changed since the submit host hashed it at {pin.hashed_at} "
+                         f"(sha256 {pin.sha256}); rerun the workflow to hash it again")
+
+
+def write_pin(path: str | Path, pin: ImagePin) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(pin.as_dict(), indent=2) + "\n")
+
+
+def read_pin(path: str | Path) -> ImagePin | None:
+    """The record a submit host wrote, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return ImagePin(**{k: data[k] for k in ImagePin.__dataclass_fields__})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ never around it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,8 +38,14 @@ def exec_prefix(cfg: ContainerConfig | Mapping[str, Any], *, extra_binds: Iterab
     """`apptainer exec --nv --bind ... IMAGE` (the command follows)."""
     c = _config(cfg)
     return runtime.exec_argv(runtime_name(c, path), c.image, [], nv=c.nv,
-                             binds=[*c.binds, *extra_binds], env=c.env, flags=c.exec_flags,
+                             binds=[*c.binds, *extra_binds], env=c.env, flags=exec_flags(c),
                              pwd=pwd)
+
+
+def exec_flags(c: ContainerConfig) -> list[str]:
+    """container.exec_flags, with --userns first when container.userns asks for it."""
+    userns = runtime.use_userns(c.userns) and not {"--userns", "-u"} & set(c.exec_flags)
+    return [*(["--userns"] if userns else []), *c.exec_flags]
 
 
 def container_prefix(cfg: ContainerConfig | Mapping[str, Any], nodes: int = 1,
@@ -95,30 +103,146 @@ def parse_inspect_labels(text: str) -> dict[str, str]:
 
 
 def image_provenance(cfg: ContainerConfig | Mapping[str, Any], *, labels: bool = True,
-                     path: str | None = None) -> dict[str, Any]:
+                     path: str | None = None,
+                     pin: verify.ImagePin | None = None) -> dict[str, Any]:
     """The image's identity for a run's provenance record.
 
-    Returns {"image", "sha256", "pinned_sha256", "size_bytes", "runtime",
-    "runtime_version", "labels"}. The sha256 is cached beside the image (see
-    :func:`verify.sha256_cached`). Raises UsageError when the image is missing or
-    its sha256 differs from ``container.sha256`` (an unpinned config is recorded,
-    not refused). URI images are not hashed: pull them to a file first.
+    Returns {"image", "sha256", "pinned_sha256", "size_bytes", "hashed_at", "hashed_by",
+    "runtime", "runtime_version", "labels"}. With ``pin`` (the record the submit host
+    wrote after hashing the image by content) the file is only checked to be that same
+    file; without it the image is hashed here. UsageError when the image is missing,
+    changed, or its sha256 differs from ``container.sha256`` (an unpinned config is
+    recorded, not refused). URI images are not hashed: pull them to a file first.
     """
     c = _config(cfg)
     if c.is_uri:
         raise UsageError(f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
                          "path first (scalelab container pull) so every job runs the same bytes")
-    p = runtime.check_image_file(c.image)
-    digest = verify.sha256_cached(p)
-    if c.sha256 and digest != c.sha256:
-        raise UsageError(f"sha256 mismatch for {c.image}: pinned {c.sha256}, file has {digest}")
+    if pin is not None:
+        verify.check_pinned_file(pin, c.image)
+        if c.sha256 and pin.sha256 != c.sha256:
+            raise UsageError(f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
+                             f"host hashed {pin.sha256}")
+        hashed_by = "submit host (once per workflow invocation)"
+    else:
+        pin = verify.pin_image(c.image, c.sha256)
+        hashed_by = "this job"
     rt = runtime.detect(c.runtime, path)
     return {
-        "image": str(Path(c.image).resolve()),
-        "sha256": digest,
+        "image": pin.image,
+        "sha256": pin.sha256,
         "pinned_sha256": c.sha256,
-        "size_bytes": p.stat().st_size,
+        "size_bytes": pin.size,
+        "hashed_at": pin.hashed_at,
+        "hashed_by": hashed_by,
         "runtime": rt.name if rt else None,
         "runtime_version": runtime.runtime_version(rt) if rt else None,
         "labels": inspect_labels(rt, c.image) if (rt and labels) else {},
     }
+
+
+#: Key the workflow adds to the container section it hands to jobs: the pin record's path.
+PIN_RECORD_KEY = "pin_record"
+
+
+def job_container(section: Mapping[str, Any], *, binds: Iterable[str] = (),
+                  pwd: str | None = None) -> tuple[list[str], dict[str, Any]]:
+    """(`apptainer exec ... IMAGE` prefix, provenance) for one training job.
+
+    The submit host's pin record (if the workflow wrote one) spares the job a re-hash;
+    the digest travels into the container as SCALELAB_IMAGE_SHA256 so each rank's
+    run_info.json names the image it ran in.
+    """
+    section = {k: v for k, v in section.items() if v not in (None, [], {})}
+    record = section.pop(PIN_RECORD_KEY, None)
+    pin = verify.read_pin(record) if record else None
+    provenance = image_provenance(section, pin=pin)
+    c = _config(section)
+    env = (*c.env, ("SCALELAB_IMAGE_SHA256", provenance["sha256"]))
+    already = {b.split(":", 1)[0] for b in os.environ.get("APPTAINER_BIND", "").split(",") if b}
+    binds = [b for b in dict.fromkeys(binds)
+             if Path(b.split(":", 1)[0]).exists() and b.split(":", 1)[0] not in already]
+    prefix = runtime.exec_argv(runtime_name(c), c.image, [], nv=c.nv, binds=[*c.binds, *binds],
+                               env=env, flags=exec_flags(c), pwd=pwd)
+    return prefix, provenance
+
+
+def inside_image_info() -> dict[str, Any] | None:
+    """Proof that this process runs inside an Apptainer image (None on the host).
+
+    Recorded in run_info.json by the training loop: the image's os-release, the
+    interpreter's prefix, where scalelab was imported from, and the image path and
+    digest the launcher passed in.
+    """
+    import sys
+
+    image = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if not image:
+        return None
+    import scalelab
+
+    try:
+        os_release = dict(
+            line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines()
+            if "=" in line)
+        os_release = {k: v.strip('"') for k, v in os_release.items()
+                      if k in ("PRETTY_NAME", "ID", "VERSION_ID", "VERSION_CODENAME")}
+    except OSError:
+        os_release = {}
+    return {"image": image, "image_sha256": os.environ.get("SCALELAB_IMAGE_SHA256"),
+            "image_name": os.environ.get("APPTAINER_NAME"),
+            "os_release": os_release, "sys_prefix": sys.prefix,
+            "scalelab_path": str(Path(scalelab.__file__).resolve().parent)}
+
+
+#: Where the workflow keeps its image pins and shell-safe image aliases (under the workdir).
+WORKFLOW_STATE = Path(".snakemake") / "scalelab" / "images"
+
+
+def workflow_image(section: Mapping[str, Any], *, submit_host: bool,
+                   state_dir: str | Path = WORKFLOW_STATE) -> tuple[str, verify.ImagePin, str]:
+    """Pin the workflow's image once per invocation: (alias for --sdm, pin, pin record path).
+
+    On the submit host (Snakemake's main process) the image is hashed by content,
+    compared with ``container.sha256``, and the result written to a record keyed by the
+    image's path. Jobs re-parse the workflow: they read that record and only check that
+    the file is still the one hashed. The alias is a symlink named by the digest,
+    ``.snakemake/scalelab/images/sha256-<hex>.sif``: Snakemake pastes the image path of
+    ``container:`` unquoted into a shell command, so what reaches that shell is this
+    name of hex digits, never the configured path.
+    """
+    c = _config(section)
+    if c.is_uri:
+        raise UsageError(f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
+                         "path first (scalelab container pull) so every job runs the same bytes")
+    state = Path(state_dir)
+    target = Path(c.image).resolve()
+    record = state / f"path-{hashlib.sha256(str(target).encode()).hexdigest()[:16]}.json"
+    pin = None if submit_host else verify.read_pin(record)
+    if pin is None:
+        pin = verify.pin_image(c.image, c.sha256)
+        verify.write_pin(record, pin)
+    else:
+        verify.check_pinned_file(pin, c.image)
+        if c.sha256 and pin.sha256 != c.sha256:
+            raise UsageError(f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
+                             f"host hashed {pin.sha256}")
+    alias = state / f"sha256-{pin.sha256}.sif"
+    if submit_host or not alias.is_symlink():
+        tmp = alias.with_name(f".{alias.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(pin.image)
+        tmp.replace(alias)
+    return str(alias), pin, str(record.resolve())
+
+
+def sdm_binds(cfg: Mapping[str, Any]) -> list[str]:
+    """Paths jobs under --sdm apptainer must see besides the workdir (Snakemake binds that):
+    an absolute results directory, the dataset source and node-local scratch."""
+    data = cfg.get("data") or {}
+    paths = [cfg.get("results"), data.get("path"), data.get("scratch")]
+    out = []
+    for p in paths:
+        if p and Path(p).is_absolute() and Path(p).exists():
+            out.append(str(Path(p).resolve()))
+    return list(dict.fromkeys(out))

@@ -556,6 +556,8 @@ def _run_info(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
         hvd_version = horovod.__version__
     except ImportError:
         hvd_version = None
+    from scalelab.container.wiring import inside_image_info
+
     return {
         "layout": asdict(layout), "hostnames": hostnames, "backend": backend.name,
         "device": str(device),
@@ -567,6 +569,7 @@ def _run_info(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
         "resume": resume, "argv": sys.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "horovod": hvd_version, "numpy": np.__version__},
+        "container": inside_image_info(),  # None on the host; proof of the image otherwise
     }
 
 

