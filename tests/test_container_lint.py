@@ -8,7 +8,8 @@ from conftest import REPO, VENV_BIN, run
 from scalelab.container.lint import REQUIRED_SECTIONS, lint_file, lint_text
 
 GPU = (REPO / "containers" / "scalelab-gpu.def").read_text()
-DEVEL_DIGEST = "sha256:a99a1860ba8e2916e5c3e73b72ec4c4301653a84586e05bfc9a2aa2d58027e97"
+DEVEL_DIGEST = "sha256:d49bb8a4ff97fb5fe477947a3f02aa8c0a53eae77e11f00ec28618a0bcaa2ad1"
+DEVEL = "nvcr.io/nvidia/cuda"
 
 
 def codes(text: str, tmp_path=None) -> set[str]:
@@ -29,24 +30,24 @@ def test_committed_files_are_clean():
 
 
 def test_unpinned_base():
-    text = GPU.replace(f"From: docker.io/nvidia/cuda@{DEVEL_DIGEST}",
-                       "From: docker.io/nvidia/cuda:12.8.1-devel-ubuntu22.04")
+    text = GPU.replace(f"From: {DEVEL}@{DEVEL_DIGEST}",
+                       f"From: {DEVEL}:12.6.3-devel-ubuntu22.04")
     violations = lint_text(text)
     assert [v.code for v in violations] == ["L002"]
     assert violations[0].line == 4 and "not pinned by digest" in violations[0].message
 
 
 def test_latest_tag():
-    text = GPU.replace(f"From: docker.io/nvidia/cuda@{DEVEL_DIGEST}", "From: ubuntu:latest")
+    text = GPU.replace(f"From: {DEVEL}@{DEVEL_DIGEST}", "From: ubuntu:latest")
     assert codes(text) == {"L002", "L003"}
     # `latest` anywhere else (an image pulled in %post) is caught too
-    text = GPU.replace("    set -e\n", "    set -e\n    apptainer pull docker://busybox:latest\n")
+    text = GPU.replace("    set -eu\n", "    set -eu\n    apptainer pull docker://busybox:latest\n")
     assert codes(text) == {"L003"}
 
 
 def test_tag_and_digest_together():
-    text = GPU.replace(f"docker.io/nvidia/cuda@{DEVEL_DIGEST}",
-                       f"docker.io/nvidia/cuda:12.8.1-devel-ubuntu22.04@{DEVEL_DIGEST}")
+    tagged = f"{DEVEL}:12.6.3-devel-ubuntu22.04@{DEVEL_DIGEST}"
+    text = GPU.replace(f"{DEVEL}@{DEVEL_DIGEST}", tagged)
     assert codes(text) == {"L004"}
 
 
@@ -78,10 +79,13 @@ def test_labels_without_versions():
     text = GPU.replace("    org.scalelab.horovod.version 0.28.1\n", "")
     found = lint_text(text)
     assert [v.code for v in found] == ["L006"] and "horovod.version is missing" in found[0].message
-    # `none` is fine for an optional component, not for torch
-    ucx, torch = "org.scalelab.ucx.version", "org.scalelab.torch.version"
-    assert codes(GPU.replace(f"{ucx} 1.17.0", f"{ucx} none")) == set()
+    # `none` is fine for an optional component, not for torch; extra version labels
+    # (nccl, ucx) must be versions too
+    cuda, torch = "org.scalelab.cuda.version", "org.scalelab.torch.version"
+    assert codes(GPU.replace(f"{cuda} 12.6.3", f"{cuda} none")) == set()
     assert codes(GPU.replace(f"{torch} 2.13.0", f"{torch} none")) == {"L006"}
+    nccl = "org.scalelab.nccl.version"
+    assert codes(GPU.replace(f"{nccl} 2.29.3", f"{nccl} from-torch")) == {"L006"}
 
 
 def test_source_commit_label():

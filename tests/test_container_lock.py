@@ -132,7 +132,7 @@ def test_refresh_failure_leaves_the_file_untouched(tmp_path):
     original = (REPO / "containers" / "lock.yaml").read_text()
     path.write_text(original)
     with pytest.raises(UsageError, match="no such tag"):
-        lock.refresh(path, fetch=FakeRegistry(missing={"runtime-ubuntu22.04"}))
+        lock.refresh(path, fetch=FakeRegistry(missing={"12.6.3-devel-ubuntu22.04"}))
     assert path.read_text() == original
 
 

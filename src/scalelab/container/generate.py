@@ -13,10 +13,10 @@ from pathlib import Path
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
-#: The committed files and the user arguments that produce them.
+#: The committed files and the user arguments that produce them. The recipe makes the
+#: GPU image only; the CPU image is a debootstrap build of its own (containers/cpu/).
 DEFAULT_IMAGES: dict[str, dict[str, str]] = {
     "scalelab-gpu.def": {},
-    "scalelab-cpu.def": {"cuda": "none"},
 }
 SINGULARITY_VERSION = "3.2"
 

@@ -15,9 +15,10 @@ from pathlib import Path
 #: Sections the final stage must have.
 REQUIRED_SECTIONS = ("labels", "help", "environment", "runscript", "test")
 #: Labels the final stage must carry; values must look like versions.
-VERSION_LABELS = ("python", "torch", "horovod", "mpi", "mpi4py", "cuda", "nccl", "pmix", "ucx")
-#: Components that may be absent from an image (value `none`).
-OPTIONAL_COMPONENTS = ("cuda", "nccl", "pmix", "ucx")
+VERSION_LABELS = ("python", "torch", "horovod", "mpi", "mpi4py", "cuda")
+#: Components that may be absent from an image (value `none`). Any other
+#: `org.scalelab.<x>.version` label present (nccl, ucx, pmix...) must be a version too.
+OPTIONAL_COMPONENTS = ("cuda",)
 COMMIT_LABEL = "org.scalelab.source-commit"
 LABEL_PREFIX = "org.scalelab."
 VERSION_RE = re.compile(r"^\d+(\.\d+)*(-\d+)?$")
