@@ -12,7 +12,7 @@ from stage_helpers import copy_dataset, flip_byte, stage_digits, truncate
 from scalelab.data.base import ArrayDataset
 from scalelab.data.shards import open_split
 from scalelab.data.stage import StageConfig, stage
-from scalelab.errors import DataError
+from scalelab.errors import DataError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -108,5 +108,5 @@ def test_altered_index_and_missing_manifest(digits, tmp_path):
 def test_unknown_split_and_missing_dir(digits, tmp_path):
     with pytest.raises(DataError, match="no split 'validation'"):
         open_split(digits, "validation")
-    with pytest.raises(DataError, match="no such dataset directory"):
+    with pytest.raises(UsageError, match="no such dataset directory"):
         open_split(tmp_path / "absent", "train")

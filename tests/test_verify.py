@@ -22,9 +22,10 @@ def data(digits, tmp_path):
     return copy_dataset(digits, tmp_path / "d")
 
 
-def _one_line_failure(args, *needles):
+def _one_line_failure(args, *needles, code=1):
+    """A failed check exits 1 (a path that is not there at all is bad usage: 2)."""
     rc, out, err = run_cli("stage", "verify", *args, "--quiet")
-    assert rc == 2, (out, err)
+    assert rc == code, (out, err)
     lines = [ln for ln in err.splitlines() if ln.startswith("scalelab stage: error:")]
     assert len(lines) == 1, err
     for needle in needles:
@@ -85,7 +86,7 @@ def test_index_inconsistent_with_shards_even_with_a_matching_manifest(data):
 
 
 def test_not_a_dataset(tmp_path):
-    _one_line_failure([tmp_path / "absent"], "no such dataset directory")
+    _one_line_failure([tmp_path / "absent"], "no such dataset directory", code=2)
     (tmp_path / "empty").mkdir()
     _one_line_failure([tmp_path / "empty"], "manifest.json: missing")
     with pytest.raises(DataError):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from scalelab import __version__
-from scalelab.errors import UsageError
+from scalelab.errors import EXIT_CODES_HELP, EXIT_USAGE, report_error
 
 # Modules that add a sub-command. Order is the order shown in --help.
 COMMAND_MODULES = [
@@ -29,16 +30,25 @@ COMMAND_MODULES = [
 
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line, exit 2 (its default prints the
+    whole usage block first). Sub-command parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="scalelab",
         description=(
             "Reproducible distributed deep-learning training and scaling studies: "
             "data staging, DDP/Horovod training on Slurm, evaluation and scaling analysis."
         ),
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--version", action="version", version=f"scalelab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="scalelab_command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -49,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"scalelab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        code = report_error(args.scalelab_command, exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -68,9 +68,22 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
     }
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from scalelab.fsio import atomic_write_text
+def _is_evaluation(path: Path) -> bool:
+    """Whether ``path`` is an earlier `evaluate --out` (the only file it may replace)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"run_dir", "split", "model_sha256"} <= doc.keys()
 
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from scalelab.fsio import atomic_write_text, check_file_target
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: {args.batch_size} must be >= 1")
+    if args.out:
+        check_file_target(args.out, [args.run, args.data], is_ours=_is_evaluation)
     result = evaluate(args.run, args.data, args.split, args.batch_size)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -87,5 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="staged data directory")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", type=Path, help="write the result as JSON here (atomically)")
+    p.add_argument("--out", type=Path,
+                   help="write the result as JSON here (atomically; an existing file is "
+                        "replaced only if it is an earlier evaluation)")
     p.set_defaults(func=cmd_evaluate)

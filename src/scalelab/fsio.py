@@ -1,19 +1,55 @@
-"""Atomic writes: a reader sees the old file (or directory) or the complete new one, never half.
+"""Safe writes: atomic files and directories, output markers, and writer locks.
 
-Write to a temp file in the same directory, flush, fsync, ``os.replace`` over
-the target, then fsync the directory so the rename survives a crash.
+Three promises every scalelab command keeps through this module:
+
+* **Atomic.** A reader sees the old file (or directory) or the complete new one,
+  never half: write to a temp sibling, flush, fsync, ``os.replace``, fsync the
+  directory so the rename survives a crash.
+* **Nothing it did not create.** An existing output directory is replaced only
+  when it carries scalelab's marker (:data:`MARKER`) for the same kind of output,
+  or is empty. A target that is, or contains, one of the command's inputs is
+  refused. So ``analyze RUN --out RUN`` or ``--out ~/thesis`` loses nothing.
+* **One writer.** A writer holds an exclusive ``flock`` on ``.<name>.lock`` beside
+  the target for the whole write, not a check-then-write: a second writer is
+  refused at once with the holder's pid and host. The kernel drops the lock when
+  its holder dies; the lock file then names a dead writer: that stale lock is
+  reported, and taken over only where its death is provable (same host, pid gone)
+  or with ``force``.
+
+New files get the mode the umask allows (0666 & ~umask), like ``open()`` would:
+``mkstemp`` alone leaves 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from scalelab.errors import UsageError
+
+#: File that marks a directory as a scalelab output of one kind ("analysis", "run", ...).
+MARKER = ".scalelab-output.json"
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (no race with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def fsync_dir(path: Path) -> None:
@@ -26,13 +62,29 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """Read UTF-8 text; a missing, unreadable or non-UTF-8 file is a one-line UsageError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path}: not UTF-8 text (byte {exc.start}: "
+                         f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path}: is a directory, expected a file") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces ``path`` only if the block completes."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -61,27 +113,249 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# ---- what a command may replace ------------------------------------------------------------
+
+def marker_kind(directory: str | Path) -> str | None:
+    """The kind of scalelab output ``directory`` holds, or None when it carries no marker."""
+    try:
+        return json.loads((Path(directory) / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_marker(directory: str | Path, kind: str) -> None:
+    """Mark ``directory`` as scalelab output of ``kind`` (what may be replaced later)."""
+    from scalelab import __version__
+
+    atomic_write_json(Path(directory) / MARKER, {
+        "kind": kind, "scalelab": __version__, "command": _command_name()})
+
+
+def _command_name() -> str:
+    return " ".join(Path(sys.argv[0]).name.split()[:1] + sys.argv[1:2]) if sys.argv else "?"
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (),
+                 *, what: str = "--out") -> Path:
+    """Refuse a target this command may not replace; return it absolute.
+
+    Allowed: a path that does not exist, an empty directory, or a directory marked
+    as scalelab output of the same ``kind``. Refused: a file, a foreign directory, a
+    directory of another kind, and any target that is or contains an input.
+    """
+    path = Path(os.path.abspath(target))
+    real = _resolved(path)
+    for item in inputs:
+        inp = _resolved(item)
+        if real == inp or real in inp.parents:
+            raise UsageError(f"{what} {target}: overlaps the input {item}; "
+                             "write the output somewhere else")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if path.is_symlink() or not path.is_dir():
+        raise UsageError(f"{what} {target}: exists and is not a directory; refusing to "
+                         "replace it")
+    found = marker_kind(path)
+    if found == kind:
+        return path
+    if found is not None:
+        raise UsageError(f"{what} {target}: holds scalelab {found} output, not {kind}; "
+                         "refusing to replace it")
+    if any(path.iterdir()):
+        busy = _live_holder(path)
+        if busy is not None:  # a writer is creating it right now: say that, not "foreign"
+            raise UsageError(f"{what} {target}: another writer holds its lock, "
+                             f"{_holder_text(busy)}; wait for it or stop it")
+        raise UsageError(f"{what} {target}: existing directory is not scalelab {kind} output "
+                         f"(no {MARKER}); refusing to replace it: choose a new path")
+    return path
+
+
+def check_file_target(target: str | Path, inputs: Iterable[str | Path] = (),
+                      is_ours: Callable[[Path], bool] | None = None,
+                      *, what: str = "--out") -> Path:
+    """Like :func:`check_target` for a single output file: an existing file is replaced
+    only when ``is_ours(path)`` recognises it as this command's earlier output."""
+    path = Path(os.path.abspath(target))
+    real = _resolved(path)
+    for item in inputs:
+        inp = _resolved(item)
+        if real == inp or real in inp.parents:
+            raise UsageError(f"{what} {target}: overlaps the input {item}")
+    if path.is_dir():
+        raise UsageError(f"{what} {target}: is a directory, expected a file path")
+    if path.exists() and not (is_ours and is_ours(path)):
+        raise UsageError(f"{what} {target}: exists and is not output of this command; "
+                         "refusing to replace it")
+    return path
+
+
+# ---- one writer at a time ------------------------------------------------------------------
+
+def lock_path(target: str | Path) -> Path:
+    """The lock file of ``target``: a hidden sibling, so it survives the target's replacement."""
+    target = Path(os.path.abspath(target))
+    return target.parent / f".{target.name}.lock"
+
+
+def _holder(fh: IO[str]) -> dict[str, Any]:
+    fh.seek(0)
+    try:
+        data = json.loads(fh.read() or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} "
+            f"({info.get('command', '?')}, since {info.get('since', '?')})")
+
+
+def _provably_dead(info: dict[str, Any]) -> bool:
+    from scalelab.tools import pid_alive
+
+    pid = info.get("pid")
+    return (info.get("host") == socket.gethostname() and isinstance(pid, int)
+            and not pid_alive(pid))
+
+
+def _open_locked(path: Path, what: str, target: str | Path) -> IO[str]:
+    """Open ``path`` and take its flock; retry when the file was replaced meanwhile.
+
+    The lock file is deleted on release, so a lock taken on a file that has just been
+    unlinked would be a lock on nothing: after locking, the path must still name the
+    very file locked (same inode), else open again.
+    """
+    for _ in range(20):
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - returned open
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(_holder(fh))
+            fh.close()
+            raise UsageError(f"{what} {target}: another writer holds its lock, {holder}; "
+                             "wait for it or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                return fh
+        except FileNotFoundError:
+            pass
+        fh.close()
+    raise UsageError(f"{what} {target}: its lock file {path} keeps changing; another "
+                     "writer is starting and stopping")
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
+def writer_lock(target: str | Path, *, force: bool = False, token: str | None = None,
+                what: str = "--out") -> Iterator[Path]:
+    """Hold the exclusive writer lock of ``target`` for the block.
+
+    A live holder: refused (UsageError naming it). The lock file is removed on release,
+    so one that exists unlocked was left by a writer that died: that stale lock is
+    reported on stderr and taken over when the holder is provably dead or ``force`` is
+    given, otherwise refused. ``token`` is recorded so a child process can tell that
+    the lock was taken on its behalf (see :func:`held_for`).
+    """
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = _open_locked(path, what, target)
+    owned = False
+    try:
+        stale = _holder(fh)
+        if stale:
+            if not (force or _provably_dead(stale)):
+                raise UsageError(f"{what} {target}: stale lock {path} left by "
+                                 f"{_holder_text(stale)}, which cannot be checked from here; "
+                                 "rerun with --force to take it over")
+            print(f"scalelab: warning: {what} {target}: taking over the stale lock left by "
+                  f"{_holder_text(stale)}", file=sys.stderr, flush=True)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "command": _command_name(), "token": token,
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        fh.flush()
+        owned = True
+        yield path
+    finally:
+        # Still locked while unlinking: nobody can take the old file in between. A lock
+        # that was refused (live or stale holder) keeps its file and its evidence.
+        if owned:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        fh.close()
+
+
+def _live_holder(target: str | Path) -> dict[str, Any] | None:
+    """Who holds ``target``'s writer lock right now (None: nobody)."""
+    try:
+        with open(lock_path(target), encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(fh)
+            return None
+    except OSError:
+        return None
+
+
+def held_for(target: str | Path, token: str | None) -> bool:
+    """Whether ``target``'s lock is held right now and was taken with ``token``."""
+    if not token:
+        return False
+    try:
+        with open(lock_path(target), encoding="utf-8") as fh:
+            info = _holder(fh)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return info.get("token") == token
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, kind: str, inputs: Iterable[str | Path] = (), *,
+               force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block succeeds.
 
-    The temporary directory lives next to ``target`` (same filesystem, so the
-    final step is a rename). An existing ``target`` is replaced; on any error
-    the temporary directory is removed and ``target`` is left as it was.
+    ``target`` must pass :func:`check_target` for ``kind`` (it may hold only an earlier
+    output of the same kind), and the writer lock is held from the check to the
+    rename. The temporary directory lives next to ``target`` (same filesystem, so the
+    final step is a rename) and is marked with ``kind``; on any error it is removed and
+    ``target`` is left as it was.
     """
-    target = Path(target)
+    inputs = list(inputs)
+    check_target(target, kind, inputs)
+    target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with writer_lock(target, force=force):
+        check_target(target, kind, inputs)  # again, now that no other writer can change it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield tmp
+            write_marker(tmp, kind)
+            os.chmod(tmp, 0o777 & ~umask())
+            replace_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory ``new`` to ``target``; an old ``target`` goes only now."""
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+    fsync_dir(target.parent)

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("results", nargs="*", metavar="RUN_DIR",
                    help="run directories, or directories holding them (searched recursively)")
-    p.add_argument("--out", required=True, help="output directory (replaced as a whole)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier `analyze` output (then "
+                        "replaced as a whole); never one of the inputs or a directory holding one")
     p.add_argument("--from-csv", action="append", default=[], metavar="FILE",
                    help="a table with columns gpus|ranks and throughput|time (optional: nodes, "
                         "mode, backend, label, global_batch, accuracy, epoch_samples, repeat); "
@@ -35,9 +37,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scalelab.analysis import report, runs, scaling
+    from scalelab.fsio import check_target, read_text
 
     if not args.results and not args.from_csv:
         raise UsageError("give at least one RUN_DIR or --from-csv FILE")
+    check_target(args.out, "analysis", [*args.results, *args.from_csv])
+    for path in args.from_csv:
+        read_text(path, "--from-csv")  # missing or not UTF-8: one line naming the file
     if not 0 < args.threshold <= 1:
         raise UsageError(f"--threshold: {args.threshold} must be in (0, 1]")
     if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:

@@ -114,7 +114,7 @@ def write(out: str | Path, runs: pd.DataFrame, table: pd.DataFrame, fit_table: p
           threshold: float, inputs: Sequence[str]) -> Path:
     """Write every output into ``out`` atomically; return ``out``."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "analysis", inputs) as tmp:
         runs.to_csv(tmp / "runs.csv", index=False)
         runs.to_parquet(tmp / "runs.parquet", index=False)
         table.to_csv(tmp / "scaling.csv", index=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from scalelab.errors import UsageError
 
@@ -41,7 +42,9 @@ def _register_commbench(subparsers) -> None:
                    help="skip the correctness check after each size")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="torch: seconds before a stuck collective fails (default 300)")
-    p.add_argument("--out", required=True, help="output directory (written by rank 0)")
+    p.add_argument("--out", required=True,
+                   help="output directory (written by rank 0): new, empty, or an earlier "
+                        "commbench output")
     p.set_defaults(func=commbench)
 
 
@@ -50,7 +53,9 @@ def commbench(args: argparse.Namespace) -> int:
     import time
 
     from scalelab.comm import bench, libs, results
+    from scalelab.fsio import check_target
 
+    check_target(args.out, "commbench")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in bench.OPS]
     if bad or not ops:
@@ -146,7 +151,9 @@ def _register_predict(subparsers) -> None:
                    help="ranks (GPUs) per node (default 4)")
     p.add_argument("--min-fit-bytes", default="0", help="fit only sizes >= this (default all)")
     p.add_argument("--max-fit-bytes", default=None, help="fit only sizes <= this (default all)")
-    p.add_argument("--out", required=True, help="output directory (replaced as a whole)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier `predict` output (then "
+                        "replaced as a whole); never one of the inputs")
     p.set_defaults(func=predict)
 
 
@@ -154,7 +161,12 @@ def predict(args: argparse.Namespace) -> int:
     from scalelab.comm import predict as model
     from scalelab.comm import predict_report, results
     from scalelab.comm.bench import parse_size
+    from scalelab.fsio import check_target, read_text
 
+    check_target(args.out, "predict", predict_report.inputs_of(args))
+    for flag, path in (("--commbench", args.commbench), ("--measured-csv", args.measured_csv)):
+        if path and not Path(path).is_dir():
+            read_text(path, flag)  # missing or not UTF-8: one line naming the file
     records = results.read(args.commbench)
     min_fit = parse_size(args.min_fit_bytes, "--min-fit-bytes") if args.min_fit_bytes != "0" \
         else 0

@@ -111,10 +111,16 @@ def _clean(value):
     return value
 
 
+def inputs_of(args: argparse.Namespace) -> list[str]:
+    """Every path ``predict`` reads: its --out may be none of them, nor contain one."""
+    paths = [args.commbench, args.run, args.measured_csv, *args.measured]
+    return [str(p) for p in paths if p]
+
+
 def write(out: str | Path, pred: pd.DataFrame, errors: pd.DataFrame, measured: pd.DataFrame,
           base: Base, fit: RingFit, args: argparse.Namespace) -> Path:
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "predict", inputs_of(args)) as tmp:
         pred.to_csv(tmp / "prediction.csv", index=False)
         errors.to_csv(tmp / "errors.csv", index=False)
         (tmp / "prediction.md").write_text(markdown(pred, errors, base, fit))

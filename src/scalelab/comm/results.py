@@ -79,9 +79,9 @@ def plot(records: list[dict], meta: dict, directory: Path) -> None:
 
 
 def write(out: str | Path, records: list[dict], meta: dict) -> Path:
-    """All commbench outputs into ``out``, atomically."""
+    """All commbench outputs into ``out``, atomically (only over an earlier commbench)."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "commbench") as tmp:
         with open(tmp / "commbench.jsonl", "w") as fh:
             for r in records:
                 fh.write(json.dumps(r) + "\n")

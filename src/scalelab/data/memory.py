@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scalelab.errors import DataError
+from scalelab.errors import BadInputData, DataError
 
 
 class InMemoryDataset:
@@ -58,7 +58,7 @@ def load_npz(path: str | Path, split: str) -> InMemoryDataset:
     """Load split ``split`` from an ``.npz`` with ``<split>_images`` and ``<split>_labels``."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no such file: {path}")
+        raise BadInputData(f"no such file: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)

@@ -36,7 +36,7 @@ from scalelab.data.manifest import (
 )
 from scalelab.data.progress import Progress
 from scalelab.data.shards import LOCAL_MARKER
-from scalelab.errors import DataError
+from scalelab.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def localize_report(data_dir: str | Path, scratch: str | Path | None = None, *,
     """``localize`` with the action taken, for logs and tests."""
     data_dir = Path(data_dir).absolute()
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such dataset directory")
+        raise UsageError(f"{data_dir}: no such dataset directory")
     manifest = load_manifest(data_dir)
     root = scratch_root(scratch)
     if _is_within(data_dir, root):

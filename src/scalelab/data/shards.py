@@ -25,7 +25,7 @@ from scalelab.data.manifest import (
     read_npy_header,
     sha256_file,
 )
-from scalelab.errors import DataError
+from scalelab.errors import DataError, UsageError
 
 #: written by nodelocal.localize into a verified node-local copy
 LOCAL_MARKER = ".scalelab-local.json"
@@ -185,7 +185,7 @@ def open_split(data_dir: str | Path, split: str, verify: bool = True) -> Sharded
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such dataset directory")
+        raise UsageError(f"{data_dir}: no such dataset directory")
     manifest = load_manifest(data_dir)
     check_file(data_dir, manifest[INDEX_NAME], hash_contents=True)  # small, always hashed
     index = load_index(data_dir)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.errors import DataError, UsageError
+from scalelab.errors import BadInputData, DataError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SOURCE_KINDS = ("synthetic", "digits", "imagefolder", "npz")
@@ -101,14 +101,14 @@ def npz_source(path: Path, layout: str = "auto") -> ArraySource:
     optional ``classes`` (names). Images are N,H,W or N,H,W,C or N,C,H,W."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--path {path}: no such file (expected an .npz archive)")
+        raise BadInputData(f"--path {path}: no such file (expected an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
             ikey = next((k for k in ("images", "x") if k in keys), None)
             lkey = next((k for k in ("labels", "y") if k in keys), None)
             if ikey is None or lkey is None:
-                raise DataError(
+                raise BadInputData(
                     f"{path}: needs arrays 'images' (or 'x') and 'labels' (or 'y'); "
                     f"found {sorted(keys)}"
                 )
@@ -118,7 +118,7 @@ def npz_source(path: Path, layout: str = "auto") -> ArraySource:
     except DataError:
         raise
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        raise BadInputData(f"{path}: not a readable .npz archive ({exc})") from None
     images = _to_nchw(images, layout, f"{path}: array '{ikey}'")
     if images.dtype == np.uint8:
         scale = 1.0 / 255.0
@@ -126,21 +126,21 @@ def npz_source(path: Path, layout: str = "auto") -> ArraySource:
         images = images.astype(np.float32, copy=False)
         scale = 1.0
     else:
-        raise DataError(f"{path}: array '{ikey}' has dtype {images.dtype}; use uint8 or float")
+        raise BadInputData(f"{path}: array '{ikey}' has dtype {images.dtype}; use uint8 or float")
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(images):
-        raise DataError(
+        raise BadInputData(
             f"{path}: array '{lkey}' must be 1-D integers, one per image "
             f"(got shape {labels.shape}, dtype {labels.dtype}, {len(images)} images)"
         )
     if len(labels) == 0:
-        raise DataError(f"{path}: holds no images")
+        raise BadInputData(f"{path}: holds no images")
     if labels.min() < 0:
-        raise DataError(f"{path}: array '{lkey}' has negative labels")
+        raise BadInputData(f"{path}: array '{lkey}' has negative labels")
     num_classes = int(labels.max()) + 1
     if names is not None:
         classes = [str(n) for n in names.tolist()]
         if len(classes) < num_classes:
-            raise DataError(
+            raise BadInputData(
                 f"{path}: array 'classes' names {len(classes)} classes but labels go up to "
                 f"{num_classes - 1}"
             )
@@ -154,11 +154,11 @@ def _to_nchw(images: np.ndarray, layout: str, what: str) -> np.ndarray:
     if images.ndim == 3:
         return images[:, None, :, :]
     if images.ndim != 4:
-        raise DataError(f"{what} has shape {images.shape}; expected N,H,W or N,H,W,C or N,C,H,W")
+        raise BadInputData(f"{what} has shape {images.shape}; expected N,H,W or N,H,W,C or N,C,H,W")
     if layout == "auto":
         last, first = images.shape[3] in (1, 3, 4), images.shape[1] in (1, 3, 4)
         if last == first:
-            raise DataError(
+            raise BadInputData(
                 f"{what} has shape {images.shape}: cannot tell channels-first from "
                 "channels-last; pass --layout nchw or nhwc"
             )
@@ -280,7 +280,7 @@ class ImageFolderSource(Source):
         self.skipped.append(name)
         self.bad_reasons.append(reason)
         if len(self.skipped) > self.max_bad:
-            raise DataError(
+            raise BadInputData(
                 f"{self.root / name}: cannot decode image ({reason}); "
                 f"{len(self.skipped)} unreadable image(s), over the limit --max-bad "
                 f"{self._max_bad_text} (= {self.max_bad} of {len(self._files)})"
@@ -317,15 +317,15 @@ def parse_max_bad(value: str | int | float, total: int) -> int:
 def scan_imagefolder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """Classes, relative file paths and labels of an image folder; errors name the folder."""
     if not root.exists():
-        raise DataError(f"--path {root}: no such directory")
+        raise BadInputData(f"--path {root}: no such directory")
     if not root.is_dir():
-        raise DataError(f"--path {root}: not a directory (imagefolder expects ROOT/CLASS/IMAGE)")
+        raise BadInputData(f"--path {root}: not a directory (imagefolder expects ROOT/CLASS/IMAGE)")
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if not entries:
-        raise DataError(f"--path {root}: directory is empty (expected ROOT/CLASS/IMAGE files)")
+        raise BadInputData(f"--path {root}: directory is empty (expected ROOT/CLASS/IMAGE files)")
     class_dirs = sorted((p for p in entries if p.is_dir()), key=lambda p: p.name)
     if not class_dirs:
-        raise DataError(
+        raise BadInputData(
             f"--path {root}: no class sub-folders (expected ROOT/CLASS/IMAGE; found only files)"
         )
     files: list[str] = []
@@ -339,7 +339,7 @@ def scan_imagefolder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
             and p.is_file()
         )
         if not found:
-            raise DataError(
+            raise BadInputData(
                 f"{cdir}: class folder has no images ({'/'.join(IMAGE_SUFFIXES)})"
             )
         files.extend(found)

@@ -52,6 +52,7 @@ from scalelab.data.sources import (
     npz_source,
 )
 from scalelab.errors import DataError, UsageError
+from scalelab.fsio import check_file_target, replace_dir, writer_lock
 from scalelab.tools import pid_alive
 
 T = TypeVar("T")
@@ -432,20 +433,41 @@ def _staging_dir(out: Path) -> Path:
 
 
 def stage(cfg: StageConfig) -> StageResult:
-    """Stage ``cfg.source`` into ``cfg.out``; see the module docstring for guarantees."""
-    t0 = time.perf_counter()
-    fractions = parse_fractions(cfg.split)
-    if cfg.seed < 0:
-        raise UsageError(f"--seed {cfg.seed}: must be >= 0")
+    """Stage ``cfg.source`` into ``cfg.out``; see the module docstring for guarantees.
+
+    The writer lock of ``--out`` is held from the first check to the final rename, so
+    a second ``stage`` into the same directory is refused at once instead of silently
+    replacing the first one's dataset.
+    """
     out = Path(cfg.out).absolute()
+    _check_out(cfg, out)
+    with writer_lock(out, force=cfg.force):
+        _check_out(cfg, out)
+        return _stage(cfg, out)
+
+
+def _check_out(cfg: StageConfig, out: Path) -> None:
+    """Refuse an --out that is an input, holds one, or is not a dataset we may replace."""
+    if cfg.path:
+        check_file_target(out, [cfg.path], is_ours=lambda p: True)
     if out.exists() or out.is_symlink():
         if not cfg.force:
             raise UsageError(f"--out {out}: already exists; pass --force to replace it")
+        if out.is_symlink() or not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory; refusing to "
+                             "replace it")
         if not (out / MANIFEST_NAME).exists() and any(out.iterdir()):
             raise UsageError(
                 f"--out {out}: exists and is not a staged dataset (no {MANIFEST_NAME}); "
                 "refusing to replace it"
             )
+
+
+def _stage(cfg: StageConfig, out: Path) -> StageResult:
+    t0 = time.perf_counter()
+    fractions = parse_fractions(cfg.split)
+    if cfg.seed < 0:
+        raise UsageError(f"--seed {cfg.seed}: must be >= 0")
     source = open_source(cfg)
     num_classes = len(source.classes)
     total = len(source.labels)
@@ -550,7 +572,7 @@ def stage(cfg: StageConfig) -> StageResult:
         for split in SPLITS:
             fsync_dir(tmp / split)
         fsync_dir(tmp)
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         hasher.abort()
         writer.abort()
@@ -563,18 +585,6 @@ def stage(cfg: StageConfig) -> StageResult:
     written = sum(e.size for e in entries) + (out / MANIFEST_NAME).stat().st_size
     return StageResult(out, kept, sum(kept.values()), written, len(entries) + 1, seconds,
                        list(source.skipped))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished staging dir into place; an old dataset is replaced only now."""
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    fsync_dir(out.parent)
 
 
 def run_and_report(cfg: StageConfig) -> StageResult:

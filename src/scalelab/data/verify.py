@@ -24,7 +24,7 @@ from scalelab.data.manifest import (
     read_npy_header,
 )
 from scalelab.data.progress import Progress
-from scalelab.errors import DataError
+from scalelab.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
     """Raise ``DataError`` (naming the file) unless ``data_dir`` is intact."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such dataset directory")
+        raise UsageError(f"{data_dir}: no such dataset directory")
     manifest = load_manifest(data_dir)
     problems: list[str] = []
     bad: set[str] = set()

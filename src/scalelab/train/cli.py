@@ -9,12 +9,13 @@ SIGTERM/SIGUSR1 after saving a checkpoint (requeue and rerun with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from scalelab.errors import UsageError
+from scalelab.errors import UsageError, report_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(fresh start if there is none)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a config field (value parsed as YAML)")
+    p.add_argument("--force", action="store_true",
+                   help="take over a stale lock of RUN_DIR whose writer cannot be proven dead")
     p.add_argument("--explain", action="store_true",
                    help="print every config field with its default and meaning, then exit")
     p.set_defaults(func=main)
@@ -52,23 +55,24 @@ def main(args: argparse.Namespace) -> int:
     try:
         from scalelab.train import run
 
-        run(cfg, args.out, resume=args.resume)
-    except UsageError:
-        raise
+        with run_dir_guard(args.out, force=args.force):
+            run(cfg, args.out, resume=args.resume)
     except Preempted as exc:
         print(f"scalelab train: {exc}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     except BaseException as exc:
         if not _has_peers():
-            raise
+            raise  # scalelab.cli reports user errors in one line, bugs with a traceback
         # A peer may be dead: interpreter shutdown (process-group destructors, Horovod's
         # atexit) could block on it. Report and leave at once.
-        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        if code == 1:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else report_error("train", exc)
+        if code is None:
             traceback.print_exc()
-        print(f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
-              file=sys.stderr, flush=True)
+            print(f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
+                  file=sys.stderr, flush=True)
+            code = 1
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     if _has_peers():
         # Everything is written (summary last). Leave without interpreter teardown:
@@ -77,6 +81,33 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+#: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.
+LOCK_ENV = "SCALELAB_RUN_LOCK"
+#: Rank variables of the launchers scalelab supports (see scalelab.launch), first match wins.
+_RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+@contextlib.contextmanager
+def run_dir_guard(out: Path, force: bool = False):
+    """Refuse a RUN_DIR that is not a run directory, and hold its writer lock.
+
+    Rank 0 alone checks and locks the directory (its failure ends the job), unless
+    `scalelab launch` already holds it on the ranks' behalf. Two trainings into one
+    RUN_DIR: the second is refused before it writes anything.
+    """
+    from scalelab.fsio import check_target, held_for, write_marker, writer_lock
+
+    rank = next((os.environ[v] for v in _RANK_VARS if os.environ.get(v)), "0")
+    if rank != "0" or held_for(out, os.environ.get(LOCK_ENV)):
+        yield  # rank 0 (or the launcher) checked and holds the directory for the job
+        return
+    with writer_lock(out, force=force):
+        check_target(out, "run")
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "run")
+        yield
 
 
 def _has_peers() -> bool:

@@ -16,7 +16,9 @@ import sys
 import threading
 from types import FrameType
 
-EXIT_PREEMPTED = 75
+from scalelab.errors import EXIT_REQUEUE
+
+EXIT_PREEMPTED = EXIT_REQUEUE
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -15,7 +15,9 @@ import sys
 import threading
 import time
 
-EXIT_STALLED = 1
+from scalelab.errors import EXIT_FAILED
+
+EXIT_STALLED = EXIT_FAILED
 
 
 class Watchdog:

@@ -1,0 +1,179 @@
+"""Every command's error paths: one ``scalelab CMD: error:`` line, no traceback, and the
+exit code of the convention (0 ok, 1 a check or run failed, 2 bad usage or config,
+75 stopped after a checkpoint). Most cases run in-process through the real entry point;
+the full-disk cases run real processes on a small tmpfs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from train_support import TINY, env, write_config
+
+from scalelab import cli
+from scalelab.errors import EXIT_CODES_HELP
+
+NOT_UTF8 = b"ranks,throughput\n1,\xff\xfe100\n"
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in argv])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line(rc: int, err: str, command: str, code: int) -> str:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"scalelab {command}: error: "), lines[0]
+    assert rc == code, (rc, err)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("errors")
+    good = root / "good.csv"
+    good.write_text("ranks,throughput\n1,100\n2,190\n")
+    bad = root / "latin1.csv"
+    bad.write_bytes(NOT_UTF8)
+    cfg = root / "latin1.yaml"
+    cfg.write_bytes(b"seed: 1\nmodel:\n  name: cnn # caf\xe9\n")
+    afile = root / "a-file"
+    afile.write_text("x")
+    tiny = write_config(root / "tiny.yaml", TINY)
+    return {"root": root, "good": good, "bad": bad, "cfg": cfg, "afile": afile,
+            "tiny": tiny}
+
+
+CASES = [
+    # (id, argv with {placeholders}, command shown, exit code, text the line must contain)
+    ("no-command-args", ["analyze"], "analyze", 2, "--out"),
+    ("unknown-flag", ["evaluate", "--bogus"], "evaluate", 2, "--help"),
+    ("analyze-nothing", ["analyze", "--out", "{root}/a1"], "analyze", 2, "RUN_DIR"),
+    ("analyze-missing-csv", ["analyze", "--from-csv", "{root}/nope.csv", "--out", "{root}/a2"],
+     "analyze", 2, "nope.csv"),
+    ("analyze-not-utf8", ["analyze", "--from-csv", "{bad}", "--out", "{root}/a3"],
+     "analyze", 2, "UTF-8"),
+    ("analyze-out-is-file", ["analyze", "--from-csv", "{good}", "--out", "{afile}"],
+     "analyze", 2, "not a directory"),
+    ("analyze-out-under-proc", ["analyze", "--from-csv", "{good}", "--out",
+                                "/proc/scalelab-nowhere/out"], "analyze", 2, "/proc"),
+    ("analyze-threshold", ["analyze", "--from-csv", "{good}", "--threshold", "7", "--out",
+                           "{root}/a4"], "analyze", 2, "--threshold"),
+    ("evaluate-batch-0", ["evaluate", "--run", "{root}", "--data", "{root}", "--batch-size",
+                          "0"], "evaluate", 2, "--batch-size"),
+    ("evaluate-no-run", ["evaluate", "--run", "{root}/none", "--data", "{root}"],
+     "evaluate", 2, "missing"),
+    ("launch-spec-empty", ["launch", "--spec", "{{}}", "--out", "{root}/r1"], "launch", 2,
+     "point"),
+    ("launch-spec-list", ["launch", "--spec", "[]", "--out", "{root}/r1"], "launch", 2,
+     "object"),
+    ("launch-spec-not-json", ["launch", "--spec", "nope", "--out", "{root}/r1"], "launch", 2,
+     "JSON"),
+    ("launch-no-spec", ["launch", "--out", "{root}/r1"], "launch", 2, "--spec"),
+    ("train-no-out", ["train", "--config", "{tiny}"], "train", 2, "--out"),
+    ("train-config-not-utf8", ["train", "--config", "{cfg}", "--out", "{root}/t1"], "train",
+     2, "UTF-8"),
+    ("train-config-missing", ["train", "--config", "{root}/none.yaml", "--out", "{root}/t2"],
+     "train", 2, "none.yaml"),
+    ("train-out-is-file", ["train", "--config", "{tiny}", "--out", "{afile}"], "train", 2,
+     "not a directory"),
+    ("stage-no-source", ["stage", "--out", "{root}/d1"], "stage", 2, "--source"),
+    ("stage-out-is-file", ["stage", "--source", "synthetic", "--num-samples", "64",
+                           "--out", "{afile}", "--force"], "stage", 2, "not a directory"),
+    ("stage-verify-missing", ["stage", "verify", "{root}/none"], "stage", 2, "none"),
+    ("stage-bad-split", ["stage", "--source", "synthetic", "--split", "0.5,x,0",
+                         "--out", "{root}/d2"], "stage", 2, "--split"),
+    ("commbench-bad-ops", ["commbench", "--lib", "torch", "--ops", "gather", "--out",
+                           "{root}/c1"], "commbench", 2, "--ops"),
+    ("commbench-out-is-file", ["commbench", "--lib", "torch", "--out", "{afile}"],
+     "commbench", 2, "not a directory"),
+    ("predict-not-utf8", ["predict", "--commbench", "{bad}", "--compute-time", "1",
+                          "--grad-bytes", "1M", "--global-batch", "8", "--out", "{root}/p1"],
+     "predict", 2, "UTF-8"),
+    ("predict-missing", ["predict", "--commbench", "{root}/none.csv", "--compute-time", "1",
+                         "--grad-bytes", "1M", "--global-batch", "8", "--out", "{root}/p2"],
+     "predict", 2, "none.csv"),
+    ("doctor-bad-mode", ["doctor", "--mode", "cloud"], "doctor", 2, "cloud"),
+    ("container-no-image", ["container", "verify"], "container", 2, "IMAGE"),
+    ("testcluster-bad-action", ["testcluster", "explode"], "testcluster", 2, "explode"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_error_is_one_line_with_the_conventions_code(case, files):
+    _, argv, command, code, needle = case
+    argv = [a.format(**files) for a in argv]
+    rc, _, err = run_cli(argv)
+    line = assert_one_line(rc, err, command, code)
+    assert needle in line, line
+
+
+def test_help_states_the_exit_codes():
+    rc, out, _ = run_cli(["--help"])
+    assert rc == 0 and " ".join(EXIT_CODES_HELP.split()) in " ".join(out.split())
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user and environment errors are one-liners: a bug must stay debuggable."""
+    from scalelab import evaluate
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(evaluate, "evaluate", broken)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["evaluate", "--run", "x", "--data", "y"])
+
+
+# ---- a full disk: real processes on a 256 KiB tmpfs --------------------------------------
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    assert shutil.which("mount"), "mount(8) missing: setup.sh installs util-linux"
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"cannot mount a small tmpfs (root needed): {proc.stderr}"
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _scalelab(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalelab", *map(str, args)],
+                          capture_output=True, text=True, env=env(), timeout=300)
+
+
+def test_full_disk_while_staging_is_one_line_and_leaves_nothing(small_disk):
+    out = small_disk / "data"
+    proc = _scalelab("stage", "--source", "synthetic", "--num-samples", "4000",
+                     "--image-size", "16", "16", "--quiet", "--out", out)
+    line = assert_one_line(proc.returncode, proc.stderr, "stage", 1)
+    assert "No space left on device" in line
+    assert not out.exists()
+    assert [p.name for p in small_disk.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_full_disk_while_training_is_one_line_and_not_complete(small_disk, files):
+    out = small_disk / "run"
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"]["options"] = {"width": 32, "hidden": 256}  # model.pt > the disk
+    path = write_config(files["root"] / "big.yaml", cfg)
+    proc = _scalelab("train", "--config", path, "--out", out)
+    line = assert_one_line(proc.returncode, proc.stderr, "train", 1)
+    assert "No space left on device" in line
+    assert not (out / "summary.json").exists()
