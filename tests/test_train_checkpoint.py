@@ -41,9 +41,35 @@ def test_save_load_prune_and_skip_corrupt(tmp_path: Path, capsys) -> None:
 
 
 def test_load_rejects_incomplete_dict(tmp_path: Path) -> None:
-    torch.save({"format": 1, "model": {}}, tmp_path / "ckpt-000000001.pt")
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save({"format": 1, "model": {}}, path)
+    with pytest.raises(ValueError, match="no checksum file"):
+        ckpt.load(path)
+    ckpt.write_checksum(path)
     with pytest.raises(ValueError, match="missing keys"):
-        ckpt.load(tmp_path / "ckpt-000000001.pt")
+        ckpt.load(path)
+
+
+def test_one_flipped_bit_in_tensor_data_is_caught(tmp_path: Path, capsys) -> None:
+    """torch.load accepts a flipped bit in a tensor (the zip holds no CRC check it
+    verifies for storages); the recorded sha256 does not."""
+    for step in (5, 10):
+        ckpt.save(ckpt.path_for(tmp_path, step), _state(step))
+    newest = ckpt.path_for(tmp_path, 10)
+    raw = bytearray(newest.read_bytes())
+    torch.load(newest, weights_only=True)  # loads before the flip ...
+    at = raw.find(bytes(_state(10)["model"]["w"].numpy().tobytes()[:8]))
+    assert at > 0, "tensor bytes not found in the checkpoint"
+    raw[at + 3] ^= 0x40  # one bit of a float32's exponent
+    newest.write_bytes(bytes(raw))
+    flipped = torch.load(newest, weights_only=True)  # ... and after it, silently
+    assert not torch.equal(flipped["model"]["w"], _state(10)["model"]["w"])
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        ckpt.load(newest)
+    path, state = ckpt.find_latest(tmp_path)
+    assert path.name == "ckpt-000000005.pt" and state["step_in_epoch"] == 5
+    err = capsys.readouterr().err
+    assert "sha256 mismatch" in err and "falling back to an older one" in err
 
 
 def test_rng_state_roundtrip(tmp_path: Path) -> None:

@@ -96,7 +96,19 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
     assert records(cut, "epoch")[-1]["train_loss"] == records(full, "epoch")[-1]["train_loss"]
 
 
-def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, capsys) -> None:
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_one_bit(path: Path) -> None:
+    """One bit in the middle of the file: tensor data, which torch.load would accept."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_one_bit], ids=["truncated", "bit-flip"])
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, capsys, damage) -> None:
     cfg = deep_update(TINY, {"train": {"epochs": 2}, "checkpoint": {"every_steps": 3, "keep": 2},
                              "dist": {"backend": "none"}})
     full, crashed = tmp_path / "full", tmp_path / "crashed"
@@ -106,7 +118,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, capsys) -> Non
     (crashed / "summary.json").unlink()
     (crashed / "model.pt").unlink()
     last = ckpt.list_checkpoints(crashed / "checkpoints")[0]
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    damage(last)
     capsys.readouterr()
     summary = scalelab.train.run(cfg, crashed, resume=True)
     err = capsys.readouterr().err

@@ -6,14 +6,18 @@ optimizer and scheduler states, the position (``epoch`` and ``step_in_epoch``
 seed and epoch, see :mod:`scalelab.train.sampling`), the RNG states of every
 rank, the partial epoch statistics, the epoch history and the config.
 
-Files are ``RUN_DIR/checkpoints/ckpt-<global step>.pt``. :func:`find_latest`
-returns the newest one that loads cleanly, skipping (with a warning) one that
-is truncated or otherwise unreadable, e.g. after a node died mid-write on a
-file system without atomic rename.
+Files are ``RUN_DIR/checkpoints/ckpt-<global step>.pt``, each with a
+``.pt.sha256`` beside it (``sha256sum -c`` format) written after the checkpoint
+itself. :func:`load` verifies that checksum before reading a byte of the
+checkpoint, so a flipped bit in tensor data, which ``torch.load`` would accept
+silently, is caught like a truncated file. :func:`find_latest` returns the
+newest checkpoint that verifies and loads, skipping (with a warning) one that
+does not, e.g. after a node died mid-write or a disk corrupted it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import sys
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalelab.fsio import atomic_write
+from scalelab.fsio import atomic_write, atomic_write_text
 
 FORMAT = 1
 REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch",
@@ -68,14 +72,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checksum_path(path: Path) -> Path:
+    """The sha256 file of a checkpoint."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_checksum(path: Path) -> str:
+    """Record ``path``'s sha256 beside it (atomically); return the digest."""
+    digest = _sha256(path)
+    atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
+    return digest
+
+
+def verify(path: Path) -> str:
+    """Raise ValueError unless ``path`` matches its recorded sha256; return the digest."""
+    try:
+        expected = checksum_path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        raise ValueError(f"no checksum file {checksum_path(path).name} (written after the "
+                         "checkpoint: the writer died in between, or it was removed)") from None
+    actual = _sha256(path)
+    if actual != expected:
+        raise ValueError(f"sha256 mismatch (recorded {expected[:16]}..., file {actual[:16]}...):"
+                         " the checkpoint is corrupt or was altered")
+    return actual
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename), then its sha256."""
     state = {"format": FORMAT, **state}
+    checksum_path(path).unlink(missing_ok=True)  # never a stale checksum beside new bytes
     atomic_write(path, lambda fh: torch.save(state, fh))
+    write_checksum(path)
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load and check a checkpoint (tensors to CPU; no arbitrary code: weights_only)."""
+    """Verify and load a checkpoint (tensors to CPU; no arbitrary code: weights_only)."""
+    verify(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError("not a checkpoint dict")
@@ -94,7 +132,8 @@ def find_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
             return path, load(path)
         except Exception as exc:  # any unreadable file: warn and fall back to an older one
             print(f"scalelab train: warning: skipping unreadable checkpoint {path}: "
-                  f"{type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                  f"{type(exc).__name__}: {str(exc)[:200]}; falling back to an older one",
+                  file=sys.stderr)
     return None
 
 
@@ -102,3 +141,4 @@ def prune(directory: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints."""
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
