@@ -14,8 +14,9 @@ def test_srun_command_inside_allocation_has_explicit_flags():
     argv = runner.launch_argv(LAUNCH, POINT, runner.train_args("run.yaml", "out"),
                                 env={"SLURM_JOB_ID": "7"})
     assert argv[0].endswith("srun")
+    # GPUs per node, shared by the node's ranks (NCCL's intra-node paths need them all).
     assert argv[1:9] == ["--mpi=pmix", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4",
-                         "--cpus-per-task=2", "--kill-on-bad-exit=1", "--gpus-per-task=1",
+                         "--cpus-per-task=2", "--kill-on-bad-exit=1", "--gres=gpu:4",
                          "--cpu-bind=cores"]
     assert argv[9:] == [sys.executable, "-m", "scalelab", "train", "--config", "run.yaml",
                         "--out", "out", "--resume"]
@@ -51,3 +52,56 @@ def test_rank_env_sets_threads_and_interfaces():
     assert env["OMP_NUM_THREADS"] == "2"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "ib0"
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+
+
+def test_one_rank_inside_slurm_runs_directly_not_under_a_second_srun():
+    point = sweep.RunPoint("ddp", "strong", 1, 1, 0, 0)
+    argv = runner.launch_argv(LAUNCH, point, runner.train_args("r.yaml", "o"),
+                              env={"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"})
+    assert argv == [sys.executable, "-m", "scalelab", "train", "--config", "r.yaml",
+                    "--out", "o", "--resume"]
+
+
+CFG = sweep.validate({
+    "data": {"source": "synthetic", "num_samples": 2000},
+    "train": {"optim": {"global_batch_size": 32}},
+    "sweep": {"backends": ["ddp"], "nodes": [1, 2], "tasks_per_node": [1, 2],
+              "gpus_per_task": [0, 1]},
+    "cluster": {"gpus_per_node": 2},
+    "resources": {"slurm_partition": "gpu", "qos": "high", "slurm_extra": ["--requeue"],
+                  "rules": {"train": {"slurm_account": "proj"}}},
+})
+
+
+def test_slurm_resources_of_points():
+    one = sweep.point_resources(sweep.RunPoint("ddp", "strong", 1, 1, 0, 0), CFG, "train")
+    # No `mpi` resource for one rank: the plugin refuses mpi jobs with one task, and its
+    # own `srun -n1` job step runs the rank.
+    assert one["mpi"] is None and one["tasks"] == 1 and one["nodes"] == 1
+    assert one["slurm_extra"] == "--requeue" and one["gres"] is None
+    assert (one["slurm_partition"], one["slurm_account"], one["qos"]) == ("gpu", "proj", "high")
+    gpu = sweep.point_resources(sweep.RunPoint("ddp", "strong", 2, 2, 1, 0), CFG, "train")
+    assert gpu["mpi"] == "srun" and (gpu["nodes"], gpu["tasks"]) == (2, 4)
+    # gres per node; tasks_per_gpu=0 stops the plugin adding --ntasks-per-gpu=<tasks>.
+    assert gpu["gres"] == "gpu:2" and gpu["tasks_per_gpu"] == 0
+    assert gpu["slurm_extra"] == "--requeue --ntasks-per-node=2"
+    # Site settings reach the other rules too; the per-rule account only training.
+    stage = sweep.slurm_resources(CFG, "stage")
+    assert stage["slurm_partition"] == "gpu" and "slurm_account" not in stage
+
+
+def test_commbench_is_placed_like_the_largest_training_point():
+    point = sweep.commbench_point(CFG)
+    assert (point.nodes, point.tasks_per_node, point.gpus_per_task) == (2, 2, 1)
+    res = sweep.point_resources(point, CFG, "commbench")
+    assert res["gres"] == "gpu:2" and res["mpi"] == "srun" and res["slurm_partition"] == "gpu"
+    single = sweep.validate({**CFG, "sweep": {**CFG["sweep"], "nodes": [1],
+                                              "tasks_per_node": [1], "gpus_per_task": [0]}})
+    assert sweep.commbench_point(single).ranks == 2  # something to communicate
+
+
+def test_retry_policy_only_where_a_retry_can_help():
+    assert sweep.rule_settings(CFG, "train")["retries"] == 1
+    assert sweep.rule_settings(CFG, "commbench")["retries"] == 1
+    for rule in ("stage", "evaluate", "analyze", "predict"):
+        assert sweep.rule_settings(CFG, rule)["retries"] == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -18,20 +18,22 @@ def test_defaults_are_valid() -> None:
     assert (plan.global_batch, plan.per_rank_batch, plan.lr) == (256, 256, cfg.optim.lr)
 
 
-def _all_config_classes(cls: type = C.RunConfig) -> list[type]:
-    found = [cls]
-    for f in dataclasses.fields(cls):
-        t = C.typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(t):
-            found += _all_config_classes(t)
-    return found
-
-
 def test_every_field_has_a_docstring() -> None:
-    for cls in _all_config_classes():
+    for cls in C.sections():
         docs = C.field_docs(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        missing = [name for name in cls.model_fields if not docs.get(name)]
         assert not missing, f"{cls.__name__}: fields without docstring: {missing}"
+
+
+def test_json_schema_is_generated_from_the_models_and_committed() -> None:
+    """The workflow's copy of the run-config schema is the generated one (no drift)."""
+    schema = C.json_schema()
+    assert schema["properties"]["optim"]["$ref"] == "#/$defs/OptimConfig"
+    lr = schema["$defs"]["OptimConfig"]["properties"]["lr"]
+    assert lr["exclusiveMinimum"] == 0 and "finite" in lr["description"]
+    committed = json.loads((Path(__file__).parents[1] / "workflow" / "schemas" /
+                            "run.schema.json").read_text())
+    assert committed == schema, "regenerate: python -m scalelab.sweep --write-schemas"
 
 
 def test_explain_lists_every_leaf() -> None:
@@ -59,12 +61,31 @@ def test_explain_lists_every_leaf() -> None:
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"dist": {"timeout_s": -1}}, "dist.timeout_s"),
     ({"optim": 5}, "optim"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr"),
+    ({"optim": {"momentum": -0.1}}, "optim.momentum"),
+    ({"optim": {"momentum": 1.5}}, "optim.momentum"),
+    ({"optim": {"momentum": float("nan")}}, "optim.momentum"),
+    ({"optim": {"gamma": 0}}, "optim.gamma"),
+    ({"optim": {"gamma": float("inf")}}, "optim.gamma"),
+    ({"optim": {"weight_decay": float("nan")}}, "optim.weight_decay"),
+    ({"optim": {"milestones": [5, 2]}}, "optim.milestones"),
+    ({"seed": -1}, "seed"),
 ])
 def test_bad_fields_are_named(tree: dict, field: str) -> None:
     with pytest.raises(UsageError) as err:
         C.from_dict(tree)
     assert f"field '{field}'" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_typos_get_a_suggestion() -> None:
+    with pytest.raises(UsageError, match=r"did you mean 'global_batch_size'"):
+        C.from_dict({"optim": {"global_btach_size": 32}})
+    with pytest.raises(UsageError, match=r"did you mean 'resnet'"):
+        C.from_dict({"model": {"name": "resnt"}})
+    with pytest.raises(UsageError, match=r"field 'train.optim.lr'"):
+        C.from_dict({"optim": {"lr": "fast"}}, prefix="train.")
 
 
 def test_yaml_file_and_overrides(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ With a container configured, the container call goes inside srun/mpirun
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -38,35 +37,8 @@ EXIT_REQUEUE = 75
 
 
 def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
-    """The `scalelab train` config of one sweep point."""
-    rc = copy.deepcopy(cfg["train"])
-    dist = rc.setdefault("dist", {})
-    dist["backend"] = point.backend
-    dist["timeout_s"] = cfg["launch"]["timeout_s"]
-    if cfg["launch"].get("socket_ifname"):
-        dist["socket_ifname"] = cfg["launch"]["socket_ifname"]
-    data = rc.setdefault("data", {})
-    data["source"] = "staged"
-    data["path"] = str(data_dir)
-    if cfg["data"]["node_local"]:
-        data["localize"] = True
-        if cfg["data"]["scratch"]:
-            data["scratch"] = cfg["data"]["scratch"]
-    rc.setdefault("train", {})["threads"] = cfg["launch"]["cpus_per_task"]
-    optim = rc.setdefault("optim", {})
-    base = sweep.base_ranks(cfg)
-    if point.mode == "strong" and optim.get("per_rank_batch_size"):
-        # Strong scaling fixes the global batch: that of the smallest configuration.
-        optim["global_batch_size"] = optim.pop("per_rank_batch_size") * base
-    elif point.mode == "weak" and optim.get("global_batch_size"):
-        # Weak scaling fixes the batch per rank: that of the smallest configuration.
-        scaled = optim["global_batch_size"] * point.ranks / base
-        if scaled != int(scaled):
-            raise UsageError(
-                f"train.optim.global_batch_size: {optim['global_batch_size']} x "
-                f"{point.ranks}/{base} ranks is not a whole batch")
-        optim["global_batch_size"] = int(scaled)
-    return rc
+    """The `scalelab train` config of one sweep point (see :func:`scalelab.sweep.run_config`)."""
+    return sweep.run_config(cfg, point, data_dir)
 
 
 def config_digest(run_cfg: dict, point: sweep.RunPoint) -> str:
@@ -94,8 +66,9 @@ def srun_argv(launch: dict, point: sweep.RunPoint) -> list[str]:
             f"--nodes={point.nodes}", f"--ntasks={point.ranks}",
             f"--ntasks-per-node={point.tasks_per_node}",
             f"--cpus-per-task={launch['cpus_per_task']}", "--kill-on-bad-exit=1"]
-    if point.gpus_per_task:
-        argv.append(f"--gpus-per-task={point.gpus_per_task}")
+    gres = sweep.gpu_gres(point)
+    if gres:
+        argv.append(f"--gres={gres}")
     return argv + list(launch["extra_srun_args"])
 
 
@@ -121,6 +94,11 @@ def launch_argv(launch: dict, point: sweep.RunPoint, args: list[str],
     """The whole command line that starts `scalelab ARGS` on every rank of `point`."""
     per_rank = scalelab_command(args, container_prefix)
     if in_slurm_allocation(env):
+        if point.ranks == 1:
+            # A 1-rank job is submitted without the `mpi` resource: the slurm plugin's job
+            # step already runs this command under `srun -n1` on the allocated node. A
+            # second srun inside it would wait for resources the step holds; run directly.
+            return per_rank
         return srun_argv(launch, point) + per_rank
     if point.ranks == 1 and point.backend == "none":
         return per_rank
@@ -205,7 +183,8 @@ def _point(d: dict) -> sweep.RunPoint:
 
 
 def _generic_point(args: argparse.Namespace) -> sweep.RunPoint:
-    return sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node, 0, 0)
+    return sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node,
+                          args.gpus_per_task, 0)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -262,6 +241,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nodes", type=int, default=1, help="nodes (inside a Slurm allocation)")
     g.add_argument("--tasks-per-node", type=int, default=2, help="ranks per node")
     g.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank")
+    g.add_argument("--gpus-per-task", type=int, default=0,
+                   help="GPUs per rank (the node's ranks share --gres=gpu:N of the node)")
     g.add_argument("--local", choices=["mpirun", "torchrun"], default="mpirun",
                    help="launcher outside Slurm")
     g.add_argument("--mpi", default="pmix", help="srun --mpi type inside Slurm")

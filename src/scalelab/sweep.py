@@ -1,16 +1,34 @@
-"""The workflow configuration: validation against its JSON schema, and sweep expansion.
+"""The workflow configuration: validation, sweep expansion, and every check done at plan time.
 
-The schema (src/scalelab/schemas/workflow.schema.yaml, linked from
-workflow/schemas/) is the single description of every field. Validation fills
-in defaults, then checks what a schema cannot say (fractions that sum to 1,
-ranks that fit a node). Every error names the field by its path, e.g.
-``sweep.nodes[0]``, so a user finds it in their file at once.
+:func:`validate` is what the workflow's common.smk calls when Snakemake builds the
+DAG, before anything is staged, logged or submitted. It checks, in order:
+
+1. the JSON schema (src/scalelab/schemas/workflow.schema.yaml, linked from
+   workflow/schemas/): types, enums, bounds, unknown keys (with a "did you mean");
+2. numbers are finite, paths and names use a safe character set (every string that
+   can reach sbatch, srun or apptainer), extra sbatch/srun options are ``--opt=value``
+   list items;
+3. the sweep is bounded (``sweep.max_points``) and fits the cluster;
+4. every sweep point's resolved run config through the one run-config definition
+   (:mod:`scalelab.train.config`, pydantic): types, ranges, the batch divisible by the
+   point's ranks x accumulation, enough samples for one batch, non-empty splits.
+
+Every error is one line naming the field path (and the sweep point where it depends on
+one), e.g. ``config: sweep point ddp-strong-n3-t1-g0-r0: field
+'train.optim.global_batch_size': 32 is not divisible by world_size * grad_accum_steps =
+3 * 1``. The checks are cheap (no dataset walks, no torch import): Snakemake re-parses
+the workflow inside every job.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
+import math
+import os
+import re
+import shlex
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
@@ -21,11 +39,51 @@ import yaml
 
 from scalelab.errors import UsageError
 
+#: The sweep's knobs, in run-id order. A new knob (e.g. a tensor-parallel size ``tp``) is
+#: one entry here, one field of RunPoint and one list in the schema's ``sweep`` section.
+KNOBS = ("backends", "modes", "nodes", "tasks_per_node", "gpus_per_task")
+
+#: Rules that run as Slurm jobs under --profile slurm (effective_config runs locally).
+SLURM_RULES = ("stage", "train", "evaluate", "commbench", "analyze", "predict")
+
+#: Rules where a retry can help: training resumes from its newest checkpoint after a
+#: preemption or a node failure; commbench is a fresh measurement. The others are
+#: deterministic (a second try fails the same way), so they never retry.
+RETRYABLE_RULES = ("train", "commbench")
+
+# Characters allowed in config values that become paths or names on a command line.
+_PATH_CHARS = "letters, digits and . _ / + = : @ % , ~ -"
+_PATH_RE = re.compile(r"[A-Za-z0-9._/+=:@%,~-]")
+_NAME_CHARS = "letters, digits and . _ - ,"
+_NAME_RE = re.compile(r"[A-Za-z0-9._,-]")
+_CONSTRAINT_CHARS = "letters, digits and . _ - , & | * [ ]"
+_CONSTRAINT_RE = re.compile(r"[A-Za-z0-9._,&|*\[\]-]")
+_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9._/+=:@%,~-]+)?$")
+
+#: sbatch options the slurm plugin or this workflow sets itself: not allowed in slurm_extra.
+_MANAGED_SBATCH = ("job-name", "output", "error", "parsable", "export", "comment", "workdir",
+                   "chdir", "account", "partition", "mem", "mem-per-cpu", "ntasks",
+                   "ntasks-per-node", "ntasks-per-gpu", "cpus-per-task", "cpus-per-gpu", "time",
+                   "constraint", "qos", "nodes", "clusters", "gres", "gpus", "gpus-per-task",
+                   "gpus-per-node", "wrap")
+
 
 @cache
 def schema() -> dict:
     text = resources.files("scalelab").joinpath("schemas/workflow.schema.yaml").read_text()
     return yaml.safe_load(text)
+
+
+def full_schema() -> dict:
+    """The workflow schema with the run config's generated schema as its ``train`` section."""
+    from scalelab.train.config import json_schema
+
+    out = copy.deepcopy(schema())
+    run = json_schema()
+    out["$defs"] = run.pop("$defs")
+    run.pop("$schema", None)
+    out["properties"]["train"] = {**run, "description": out["properties"]["train"]["description"]}
+    return out
 
 
 def _path(parts) -> str:
@@ -47,84 +105,245 @@ def _fill_defaults(node: dict, sch: dict) -> None:
                 _fill_defaults(node[key], sub)
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def validate(config: dict, source: str = "config") -> dict:
-    """Return a validated copy of `config` with defaults filled in; UsageError otherwise."""
+    """Return a validated copy of `config` with defaults filled in; UsageError otherwise.
+
+    This is the one entry point the workflow uses (common.smk) and the tests exercise.
+    """
     import jsonschema
 
     if not isinstance(config, dict):
         raise UsageError(f"{source}: the configuration must be a mapping")
     cfg = copy.deepcopy(config)
+    _check_finite(cfg, [], source)
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(e.path)))
     if errors:
         err = errors[0]
         where = _path(err.absolute_path)
         if err.validator == "additionalProperties":
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            msg = f"unknown key {extra[0]!r}" if extra else err.message
-            where = _path([*err.absolute_path, extra[0]]) if extra else where
+            known = err.schema.get("properties", {})
+            extra = sorted(set(err.instance) - set(known))
+            if extra:
+                where = _path([*err.absolute_path, extra[0]])
+                msg = f"unknown key {extra[0]!r}{_did_you_mean(extra[0], known)}"
+            else:
+                msg = err.message
         else:
             msg = err.message
-        raise UsageError(f"{source}: {where}: {msg}")
+        raise UsageError(f"{source}: {where}: {msg}".replace("\n", " "))
     _fill_defaults(cfg, schema())
+    _check_strings(cfg, source)
     _check_semantics(cfg, source)
+    _check_size(cfg, source)
+    check_points(cfg, source)
     return cfg
 
 
+# --------------------------------------------------------------------------- values
+
+def _check_finite(node: Any, path: list, source: str) -> None:
+    """NaN and infinities pass JSON-schema bounds (every comparison is false): refuse them."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise UsageError(f"{source}: {_path(path)}: must be a finite number, got {node}")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, [*path, k], source)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_finite(v, [*path, i], source)
+
+
+def _check_chars(value: str, where: str, allowed: re.Pattern, described: str, what: str,
+                 source: str) -> None:
+    for ch in value:
+        if not allowed.fullmatch(ch):
+            shown = repr(ch) if ch.isprintable() and ch != " " else repr(ch).strip("'")
+            raise UsageError(f"{source}: {where}: character {shown} is not allowed in {what} "
+                             f"(allowed: {described})")
+
+
+def check_path(value: str, where: str, source: str = "config") -> None:
+    """A path that reaches a command line: safe characters, not empty, no leading '-'."""
+    if not value:
+        raise UsageError(f"{source}: {where}: must not be empty")
+    _check_chars(value, where, _PATH_RE, _PATH_CHARS, "a path", source)
+    if value.startswith("-"):
+        raise UsageError(f"{source}: {where}: a path must not start with '-' (it would read "
+                         f"as an option)")
+
+
+def check_option(value: str, where: str, source: str = "config") -> None:
+    """One extra command-line option: ``--name`` or ``--name=value`` with safe characters."""
+    if not _OPTION_RE.match(value):
+        bad = next((c for c in value if not _PATH_RE.fullmatch(c)), None)
+        why = f"character {bad!r} is not allowed" if bad else "expected --option or --option=value"
+        raise UsageError(f"{source}: {where}: {why} (one list item per option, "
+                         f"e.g. --cpu-bind=cores)")
+
+
+def _check_strings(cfg: dict, source: str) -> None:
+    """Every config string that can reach sbatch, srun, apptainer or a job's shell."""
+    paths = [("results", cfg["results"]), ("data.path", cfg["data"]["path"]),
+             ("data.scratch", cfg["data"]["scratch"]), ("container.image",
+                                                         cfg["container"]["image"])]
+    paths += [(f"analysis.from_csv[{i}]", p) for i, p in enumerate(cfg["analysis"]["from_csv"])]
+    paths += [(f"container.binds[{i}]", p) for i, p in enumerate(cfg["container"]["binds"])]
+    for where, value in paths:
+        if value is not None:
+            check_path(value, where, source)
+    for i, opt in enumerate(cfg["launch"]["extra_srun_args"]):
+        check_option(opt, f"launch.extra_srun_args[{i}]", source)
+    for i, opt in enumerate(cfg["container"]["exec_flags"]):
+        check_option(opt, f"container.exec_flags[{i}]", source)
+    for key in cfg["container"]["env"]:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UsageError(f"{source}: container.env.{key}: not a valid variable name")
+    ifname = cfg["launch"]["socket_ifname"]
+    if ifname is not None:
+        _check_chars(ifname, "launch.socket_ifname", re.compile(r"[A-Za-z0-9._:^,-]"),
+                     "letters, digits and . _ : ^ , -", "an interface name", source)
+    res = cfg["resources"]
+    for where, section in [("resources", res),
+                           *((f"resources.rules.{r}", s) for r, s in res["rules"].items())]:
+        _check_site(section, where, source)
+
+
+def _check_site(section: dict, where: str, source: str) -> None:
+    for key in ("slurm_partition", "slurm_account", "qos"):
+        if section.get(key) is not None:
+            _check_chars(section[key], f"{where}.{key}", _NAME_RE, _NAME_CHARS, "a Slurm name",
+                         source)
+    if section.get("constraint") is not None:
+        _check_chars(section["constraint"], f"{where}.constraint", _CONSTRAINT_RE,
+                     _CONSTRAINT_CHARS, "a constraint", source)
+    for i, opt in enumerate(section.get("slurm_extra") or []):
+        item = f"{where}.slurm_extra[{i}]"
+        check_option(opt, item, source)
+        name = opt[2:].split("=", 1)[0]
+        if name in _MANAGED_SBATCH:
+            raise UsageError(f"{source}: {item}: --{name} is set by the workflow (use the "
+                             f"resources keys, the sweep or the cluster section instead)")
+
+
+# --------------------------------------------------------------------------- semantics
+
+#: Run-config fields the workflow sets itself, and the workflow key that controls each.
+_WORKFLOW_OWNED = {
+    ("data", "source"): "data.source (the workflow trains on the staged data)",
+    ("data", "path"): "data.path (the workflow trains on the staged data)",
+    ("data", "localize"): "data.node_local",
+    ("data", "scratch"): "data.scratch",
+    ("dist", "backend"): "sweep.backends",
+    ("dist", "timeout_s"): "launch.timeout_s",
+    ("dist", "socket_ifname"): "launch.socket_ifname",
+    ("train", "threads"): "launch.cpus_per_task",
+}
+
+#: Images of the sources whose size is known without reading them.
+_KNOWN_SIZES = {"digits": (1797, 10)}
+#: `scalelab stage --source synthetic` defaults (data/cli.py).
+_SYNTHETIC_DEFAULTS = (10000, 10)
+
+
 def _check_semantics(cfg: dict, source: str) -> None:
-    split = cfg["data"]["split"]
+    data = cfg["data"]
+    split = data["split"]
     if abs(sum(split) - 1.0) > 1e-6:
         raise UsageError(f"{source}: data.split: fractions {split} sum to {sum(split):g}, not 1")
-    if cfg["data"]["source"] in ("imagefolder", "npz") and not cfg["data"].get("path"):
-        raise UsageError(f"{source}: data.path: required for source {cfg['data']['source']!r}")
-    cpus = cfg["cluster"].get("cpus_per_node")
+    names = ("train", "validation", "test")
+    for i, frac in enumerate(split):
+        if frac <= 0:
+            raise UsageError(f"{source}: data.split[{i}]: the {names[i]} fraction must be > 0 "
+                             f"(an empty {names[i]} split cannot be "
+                             f"{'trained on' if i == 0 else 'measured'})")
+    if data["source"] in ("imagefolder", "npz"):
+        if not data.get("path"):
+            raise UsageError(f"{source}: data.path: required for source {data['source']!r}")
+        if not os.path.exists(data["path"]):
+            raise UsageError(f"{source}: data.path: no such "
+                             f"{'directory' if data['source'] == 'imagefolder' else 'file'}: "
+                             f"{data['path']}")
+    elif data.get("path"):
+        raise UsageError(f"{source}: data.path: only used by the imagefolder and npz sources, "
+                         f"not {data['source']!r}")
+    total, classes = _dataset_size(data)
+    if total is not None:
+        for i in (1, 2):
+            if total * split[i] / classes < 0.5:
+                raise UsageError(
+                    f"{source}: data.split[{i}]: {split[i]:g} of {total} images over {classes} "
+                    f"classes leaves the {names[i]} split empty (stratified per class)")
+    for i, csv in enumerate(cfg["analysis"]["from_csv"]):
+        if not os.path.isfile(csv):
+            raise UsageError(f"{source}: analysis.from_csv[{i}]: no such file: {csv}")
+    train = cfg["train"]
+    if not isinstance(train, dict):
+        raise UsageError(f"{source}: train: expected a mapping")
+    for (section, key), owner in _WORKFLOW_OWNED.items():
+        if isinstance(train.get(section), dict) and key in train[section]:
+            raise UsageError(f"{source}: train.{section}.{key}: set by the workflow from "
+                             f"{owner}; remove it here")
+    sw, cl = cfg["sweep"], cfg["cluster"]
+    cpus = cl.get("cpus_per_node")
     per_task = cfg["launch"]["cpus_per_task"]
     if cpus:
-        for i, tpn in enumerate(cfg["sweep"]["tasks_per_node"]):
+        for i, tpn in enumerate(sw["tasks_per_node"]):
             if tpn * per_task > cpus:
                 raise UsageError(
                     f"{source}: sweep.tasks_per_node[{i}]: {tpn} tasks x {per_task} CPUs "
                     f"(launch.cpus_per_task) do not fit a node of {cpus} CPUs "
                     f"(cluster.cpus_per_node)")
-    gpus = cfg["cluster"]["gpus_per_node"]
-    for i, g in enumerate(cfg["sweep"]["gpus_per_task"]):
-        for tpn in cfg["sweep"]["tasks_per_node"]:
+    if cl.get("nodes"):
+        for i, n in enumerate(sw["nodes"]):
+            if n > cl["nodes"]:
+                raise UsageError(f"{source}: sweep.nodes[{i}]: {n} nodes, but the cluster has "
+                                 f"{cl['nodes']} (cluster.nodes)")
+    gpus = cl["gpus_per_node"]
+    for i, g in enumerate(sw["gpus_per_task"]):
+        for tpn in sw["tasks_per_node"]:
             if g and g * tpn > gpus:
                 raise UsageError(
                     f"{source}: sweep.gpus_per_task[{i}]: {tpn} tasks x {g} GPUs do not fit a "
                     f"node of {gpus} GPUs (cluster.gpus_per_node)")
-    if "none" in cfg["sweep"]["backends"]:
-        many = [n * t for n in cfg["sweep"]["nodes"] for t in cfg["sweep"]["tasks_per_node"]
-                if n * t > 1]
+    if "none" in sw["backends"]:
+        many = [n * t for n in sw["nodes"] for t in sw["tasks_per_node"] if n * t > 1]
         if many:
             raise UsageError(f"{source}: sweep.backends: backend 'none' runs one process, "
                              f"but the sweep has {max(many)} ranks")
 
 
-def validate_launch(launch: dict) -> dict:
-    """A `launch` section on its own, checked and completed like the workflow's."""
-    import jsonschema
-
-    sch = schema()["properties"]["launch"]
-    try:
-        jsonschema.validate(launch, sch)
-    except jsonschema.ValidationError as err:
-        raise UsageError(f"launch.{_path(err.absolute_path)}: {err.message}") from None
-    out = dict(launch)
-    _fill_defaults(out, sch)
-    return out
+def _dataset_size(data: dict) -> tuple[int | None, int]:
+    """(images, classes) of the staged dataset when known without reading any file."""
+    if data["source"] == "synthetic":
+        return (data.get("num_samples") or _SYNTHETIC_DEFAULTS[0],
+                data.get("num_classes") or _SYNTHETIC_DEFAULTS[1])
+    if data["source"] in _KNOWN_SIZES:
+        return _KNOWN_SIZES[data["source"]]
+    return None, 1
 
 
-def load(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such configuration file") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return validate(raw or {}, source=str(path))
+def _check_size(cfg: dict, source: str) -> None:
+    """Bound the sweep before expanding it: `repeats: 100000000` must not fill the memory."""
+    sw = cfg["sweep"]
+    factors = {f"sweep.{k}": len(sw[k]) for k in KNOBS}
+    factors["sweep.repeats"] = sw["repeats"]
+    total = math.prod(factors.values())
+    if total > sw["max_points"]:
+        knob = max(factors, key=factors.get)
+        raise UsageError(
+            f"{source}: {knob}: the sweep has {total} points ("
+            + " x ".join(f"{v} {k.split('.')[1]}" for k, v in factors.items())
+            + f"), more than sweep.max_points={sw['max_points']}; shrink {knob} "
+            f"({factors[knob]}) or raise sweep.max_points")
 
+
+# --------------------------------------------------------------------------- points
 
 @dataclass(frozen=True)
 class RunPoint:
@@ -140,6 +359,10 @@ class RunPoint:
     @property
     def ranks(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus_per_task * self.tasks_per_node
 
     @property
     def run_id(self) -> str:
@@ -171,4 +394,201 @@ def find(cfg: dict, run_id: str) -> RunPoint:
 
 def base_ranks(cfg: dict) -> int:
     """Ranks of the smallest configuration: the reference of weak scaling."""
-    return min(p.ranks for p in expand(cfg))
+    s = cfg["sweep"]
+    return min(s["nodes"]) * min(s["tasks_per_node"])
+
+
+def run_config(cfg: dict, point: RunPoint, data_dir: str | Path) -> dict:
+    """The `scalelab train` config of one sweep point (a plain dict, not yet validated)."""
+    rc = copy.deepcopy(cfg["train"])
+    dist = rc.setdefault("dist", {})
+    dist["backend"] = point.backend
+    dist["timeout_s"] = cfg["launch"]["timeout_s"]
+    if cfg["launch"].get("socket_ifname"):
+        dist["socket_ifname"] = cfg["launch"]["socket_ifname"]
+    data = rc.setdefault("data", {})
+    data["source"] = "staged"
+    data["path"] = str(data_dir)
+    if cfg["data"]["node_local"]:
+        data["localize"] = True
+        if cfg["data"]["scratch"]:
+            data["scratch"] = cfg["data"]["scratch"]
+    rc.setdefault("train", {})["threads"] = cfg["launch"]["cpus_per_task"]
+    optim = rc.setdefault("optim", {})
+    if not isinstance(optim, dict):
+        return rc  # the run-config check names train.optim
+    base = base_ranks(cfg)
+    if point.mode == "strong" and optim.get("per_rank_batch_size"):
+        # Strong scaling fixes the global batch: that of the smallest configuration.
+        optim["global_batch_size"] = optim.pop("per_rank_batch_size") * base
+    elif point.mode == "weak" and isinstance(optim.get("global_batch_size"), int):
+        # Weak scaling fixes the batch per rank: that of the smallest configuration.
+        scaled = optim["global_batch_size"] * point.ranks / base
+        if scaled != int(scaled):
+            raise UsageError(
+                f"field 'train.optim.global_batch_size': {optim['global_batch_size']} x "
+                f"{point.ranks}/{base} ranks is not a whole batch")
+        optim["global_batch_size"] = int(scaled)
+    return rc
+
+
+def check_points(cfg: dict, source: str = "config") -> None:
+    """Validate every sweep point's resolved run config (cheap: no file is read).
+
+    The base run config is checked once, so a typo is reported without a sweep point;
+    what depends on the point (batch divisibility, samples per batch) names the point.
+    """
+    from scalelab.train.config import from_dict, resolve_batch
+
+    points = expand(cfg)
+    try:
+        from_dict(run_config(cfg, points[0], "DATA"), prefix="train.")
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    total, classes = _dataset_size(cfg["data"])
+    train_max = None if total is None else math.floor(total * cfg["data"]["split"][0]) + classes
+    seen: dict[str, None] = {}
+    for point in points:
+        key = point.run_id.rsplit("-r", 1)[0]  # repeats share a config
+        if key in seen:
+            continue
+        seen[key] = None
+        try:
+            rc = from_dict(run_config(cfg, point, "DATA"), prefix="train.")
+            plan = resolve_batch(rc, point.ranks, prefix="train.")
+            if train_max is not None and plan.global_batch > train_max:
+                raise UsageError(
+                    f"field 'train.optim.global_batch_size': a global batch of "
+                    f"{plan.global_batch} is larger than the training split (about "
+                    f"{train_max - classes} of {total} images at data.split[0]="
+                    f"{cfg['data']['split'][0]:g})")
+        except UsageError as exc:
+            raise UsageError(f"{source}: sweep point {point.run_id}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- resources
+
+def rule_settings(cfg: dict, rule: str) -> dict[str, Any]:
+    """Site settings and limits of one rule: the resources section, then its per-rule
+    override (resources.rules.RULE), then the retry policy."""
+    res = cfg["resources"]
+    keys = ("slurm_partition", "slurm_account", "constraint", "qos", "slurm_extra",
+            "mem_mb_per_cpu", "runtime")
+    out = {k: res.get(k) for k in keys}
+    if rule != "train":
+        # runtime and memory of the top level are those of the (large) training jobs.
+        out["runtime"], out["mem_mb_per_cpu"] = res["small_runtime"], res["small_mem_mb_per_cpu"]
+    out["retries"] = res["retries"] if rule in RETRYABLE_RULES else 0
+    out.update({k: v for k, v in res["rules"].get(rule, {}).items() if v is not None})
+    return out
+
+
+def slurm_resources(cfg: dict, rule: str) -> dict[str, Any]:
+    """The slurm executor plugin's resources for `rule`: only the keys the config sets."""
+    s = rule_settings(cfg, rule)
+    out = {k: s[k] for k in ("slurm_partition", "slurm_account", "constraint", "qos")
+           if s[k] is not None}
+    if s["slurm_extra"]:
+        # The plugin pastes slurm_extra into a shell command: every item was checked
+        # (--option=value, safe characters) and is quoted here once more.
+        out["slurm_extra"] = " ".join(shlex.quote(o) for o in s["slurm_extra"])
+    out["runtime"] = s["runtime"]
+    out["mem_mb_per_cpu"] = s["mem_mb_per_cpu"]
+    return out
+
+
+def gpu_gres(point: RunPoint) -> str | None:
+    """The per-node GPU request of a point (sbatch and srun ``--gres``), or None on CPU.
+
+    All ranks of a node share all of that node's GPUs (``--gres=gpu:G`` per node, no
+    ``--gpus-per-task``): per-task binding hides the other GPUs of the node from each rank,
+    and NCCL's intra-node paths (P2P/NVLink, CUDA IPC) need to see them. Each rank then
+    takes the GPU of its local rank.
+    """
+    return f"gpu:{point.gpus_per_node}" if point.gpus_per_task else None
+
+
+def point_resources(point: RunPoint, cfg: dict, rule: str) -> dict:
+    """Resources of one job for Snakemake's slurm executor plugin (None: leave unset).
+
+    * 1 rank: no ``mpi`` resource. The plugin then runs the job under its own
+      ``srun -n1`` step, and ``scalelab launch`` runs the rank directly inside it.
+      (The plugin refuses ``mpi`` jobs with one task.)
+    * N ranks: ``mpi`` set, so the rule's command runs in the batch script and starts the
+      ranks itself with srun; sbatch gets ``--nodes``, ``--ntasks`` and, in slurm_extra,
+      ``--ntasks-per-node`` so every node holds the same number of ranks.
+    * GPUs: ``--gres=gpu:G`` per node (see :func:`gpu_gres`) and ``tasks_per_gpu=0``,
+      without which the plugin adds ``--ntasks-per-gpu=<tasks>``, contradicting the gres.
+    """
+    site = slurm_resources(cfg, rule)
+    extra = [site.pop("slurm_extra")] if site.get("slurm_extra") else []
+    if point.ranks > 1:
+        extra.append(f"--ntasks-per-node={point.tasks_per_node}")
+    gres = gpu_gres(point)
+    return {
+        **{k: None for k in ("slurm_partition", "slurm_account", "constraint", "qos")},
+        **site,
+        "mpi": "srun" if point.ranks > 1 else None,
+        "nodes": point.nodes,
+        "tasks": point.ranks,
+        "cpus_per_task": cfg["launch"]["cpus_per_task"],
+        "gres": gres,
+        "tasks_per_gpu": 0 if gres else None,
+        "slurm_extra": " ".join(extra) or None,
+    }
+
+
+def commbench_point(cfg: dict) -> RunPoint:
+    """The layout commbench measures: that of the sweep's largest training point (nodes,
+    ranks per node, GPUs), with at least 2 ranks so there is something to communicate."""
+    points = expand(cfg)
+    largest = max(points, key=lambda p: (p.ranks, p.nodes, p.gpus_per_task))
+    tpn = max(largest.tasks_per_node, 2 if largest.nodes == 1 else 1)
+    return RunPoint("ddp", "strong", largest.nodes, tpn, largest.gpus_per_task, 0)
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such configuration file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return validate(raw or {}, source=str(path))
+
+
+def validate_launch(launch: dict) -> dict:
+    """A `launch` section on its own, checked and completed like the workflow's."""
+    import jsonschema
+
+    sch = schema()["properties"]["launch"]
+    try:
+        jsonschema.validate(launch, sch)
+    except jsonschema.ValidationError as err:
+        raise UsageError(f"launch.{_path(err.absolute_path)}: {err.message}") from None
+    out = dict(launch)
+    _fill_defaults(out, sch)
+    return out
+
+
+def write_schemas(root: Path) -> list[Path]:
+    """Write the generated run-config schema beside the workflow schema (for editors and
+    `snakemake.utils.validate`); a test checks the committed copy is current."""
+    import json
+
+    from scalelab.train.config import json_schema
+
+    out = root / "workflow" / "schemas" / "run.schema.json"
+    out.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return [out]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-schemas"]:
+        for p in write_schemas(Path(__file__).resolve().parents[2]):
+            print(p)

@@ -2,6 +2,13 @@ PLOTS = ["throughput", "efficiency", "breakdown", "fits", "backends"]
 LARGEST = max(RUNS.values(), key=lambda p: (p.ranks, p.nodes))
 
 
+# commbench measures the collectives on the layout of the sweep's largest training
+# point, placed like it: same nodes, ranks per node, GPUs (per-node gres), partition,
+# account, constraint and qos (sweep.point_resources), so `predict` extrapolates from
+# the network and library the training used (NCCL when GPUs are allocated).
+COMMBENCH = sweep.commbench_point(config)
+
+
 rule commbench:
     output:
         directory(f"{RESULTS}/commbench/{{lib}}"),
@@ -9,20 +16,22 @@ rule commbench:
         "logs/commbench/{lib}.log",
     benchmark:
         f"{RESULTS}/benchmarks/commbench/{{lib}}.tsv"
+    retries: retries("commbench")
     container:
         ranks_enter_image
-    threads: workflow.cores
+    threads: timed_threads(COMMBENCH.ranks * config["launch"]["cpus_per_task"])
     resources:
-        mpi="srun",
-        nodes=LARGEST.nodes,
-        tasks=LARGEST.nodes
-        * max(LARGEST.tasks_per_node, 2 if LARGEST.nodes == 1 else 1),
-        cpus_per_task=config["launch"]["cpus_per_task"],
+        **{
+            k: v
+            for k, v in sweep.point_resources(COMMBENCH, config, "commbench").items()
+            if v is not None
+        },
     params:
         layout=[
-            f"--nodes={LARGEST.nodes}",
-            f"--tasks-per-node={max(LARGEST.tasks_per_node, 2 if LARGEST.nodes == 1 else 1)}",
+            f"--nodes={COMMBENCH.nodes}",
+            f"--tasks-per-node={COMMBENCH.tasks_per_node}",
             f"--cpus-per-task={config['launch']['cpus_per_task']}",
+            f"--gpus-per-task={COMMBENCH.gpus_per_task}",
             f"--local={config['launch']['local']}",
             f"--mpi={config['launch']['srun_mpi']}",
         ],
@@ -53,8 +62,11 @@ rule analyze:
         ),
     log:
         "logs/analyze.log",
+    retries: retries("analyze")
     container:
         job_image
+    resources:
+        **slurm_site("analyze"),
     params:
         runs=lambda wildcards, input: [os.path.dirname(p) for p in input.summaries],
         out=lambda wildcards, output: os.path.dirname(output.table),
@@ -76,8 +88,11 @@ rule predict:
         table=f"{RESULTS}/predict/ddp/prediction.csv",
     log:
         "logs/predict.log",
+    retries: retries("predict")
     container:
         job_image
+    resources:
+        **slurm_site("predict"),
     params:
         base=lambda wildcards: f"{RESULTS}/runs/{smallest_run('ddp').run_id}",
         measured=lambda wildcards: [
@@ -103,6 +118,7 @@ rule effective_config:
         ),
     log:
         "logs/effective_config.log",
+    localrule: True
     params:
         text=yaml.safe_dump(config, sort_keys=False),
     run:

@@ -21,10 +21,15 @@ shell.prefix(
     f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 )
 
+# sweep.validate checks everything that can be checked without running a job, every
+# sweep point's resolved run config included (see its docstring); it is cheap, because
+# Snakemake re-parses this file inside every job. A bad config is one line and exit 2
+# (scalelab's convention for bad usage), before anything is staged, logged or submitted.
 try:
     _validated = sweep.validate(config, source="config")
 except UsageError as _err:
-    raise WorkflowError(f"invalid configuration: {_err}") from None
+    print(f"scalelab workflow: error: {_err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 config.clear()
 config.update(_validated)
 
@@ -94,10 +99,13 @@ def stage_args():
         args += ["--path", d["path"]]
     if d.get("image_size"):
         args += ["--image-size", str(d["image_size"]), str(d["image_size"])]
-    if d.get("num_samples"):
-        args += ["--num-samples", str(d["num_samples"])]
-    if d.get("num_classes"):
-        args += ["--num-classes", str(d["num_classes"])]
+    if d["source"] == "synthetic":
+        # Only synthetic data has these knobs (a --configfile merged onto the default
+        # config inherits them for other sources too).
+        if d.get("num_samples"):
+            args += ["--num-samples", str(d["num_samples"])]
+        if d.get("num_classes"):
+            args += ["--num-classes", str(d["num_classes"])]
     return args
 
 
@@ -105,37 +113,41 @@ def job_spec(wildcards):
     return json.dumps(runner.job_spec(config, wildcards.run, DATA), sort_keys=True)
 
 
-def train_resources(key):
-    """Slurm resources of one training job, from its sweep point."""
+def timed_threads(cores_on_slurm):
+    """Threads of a timed job (training, commbench): every core of this machine under the
+    local executor, so nothing runs beside it and its timings are uncontended; on Slurm
+    the allocation isolates it, and the value only sizes the job."""
 
     def get(wildcards):
-        point = RUNS[wildcards.run]
-        res = config["resources"]
-        return {
-            "nodes": point.nodes,
-            "tasks": point.ranks,
-            "cpus_per_task": config["launch"]["cpus_per_task"],
-            "mem_mb_per_cpu": res["mem_mb_per_cpu"],
-            "runtime": res["runtime"],
-        }[key]
+        if workflow.local_exec:
+            return workflow.cores
+        return cores_on_slurm(wildcards) if callable(cores_on_slurm) else cores_on_slurm
 
     return get
 
 
-def slurm_placement():
-    """Partition, account, constraint and GPUs of training jobs: only those the config sets."""
-    res = config["resources"]
-    extra = {
-        k: res[k] for k in ("slurm_partition", "slurm_account", "constraint") if res[k]
-    }
-    gpus = max(config["sweep"]["gpus_per_task"]) * max(
-        config["sweep"]["tasks_per_node"]
-    )
-    if gpus:
-        extra["gres"] = lambda wildcards: (
-            f"gpu:{RUNS[wildcards.run].gpus_per_task * RUNS[wildcards.run].tasks_per_node}"
-        )
-    return extra
+def train_cores(wildcards):
+    """Cores a training job's ranks use: ranks x launch.cpus_per_task."""
+    return RUNS[wildcards.run].ranks * config["launch"]["cpus_per_task"]
+
+
+def point_resource(key):
+    """One Slurm resource of a training job, from its sweep point (None: not set)."""
+
+    def get(wildcards):
+        return sweep.point_resources(RUNS[wildcards.run], config, "train")[key]
+
+    return get
+
+
+def slurm_site(rule):
+    """Partition, account, constraint, qos, extra options, runtime and memory of `rule`."""
+    return sweep.slurm_resources(config, rule)
+
+
+def retries(rule):
+    """Retry policy (see sweep.RETRYABLE_RULES): only where a retry can help."""
+    return sweep.rule_settings(config, rule)["retries"]
 
 
 def analysis_args():

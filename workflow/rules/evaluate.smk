@@ -8,8 +8,11 @@ rule evaluate:
         "logs/evaluate/{run}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
+    retries: retries("evaluate")
     container:
         job_image
+    resources:
+        **slurm_site("evaluate"),
     params:
         run_dir=lambda wildcards, input: os.path.dirname(input.summary),
     shell:

@@ -5,8 +5,11 @@ rule stage:
         "logs/stage.log",
     benchmark:
         f"{RESULTS}/benchmarks/stage.tsv"
+    retries: retries("stage")
     container:
         job_image
+    resources:
+        **slurm_site("stage"),
     params:
         args=stage_args(),
     shell:

@@ -11,6 +11,7 @@ def _cluster(args: argparse.Namespace):
     from scalelab.testcluster.cluster import ClusterSpec, TestCluster
 
     spec = ClusterSpec.from_env(nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                                gpus_per_node=args.gpus_per_node,
                                 state_dir=args.state_dir,
                                 shared=[p.resolve() for p in args.share])
     return TestCluster(spec)
@@ -51,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["up", "status", "down", "env"])
     p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     p.add_argument("--cpus-per-node", type=int, default=2, help="CPUs declared per node")
+    p.add_argument("--gpus-per-node", type=int, default=2,
+                   help="count-only GPUs per node (GRES without devices; 0: none)")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                    help="configuration, logs, spool and node /tmp dirs "
                    f"(default {DEFAULT_STATE_DIR})")

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -49,6 +50,9 @@ class ClusterSpec:
 
     nodes: int = 2
     cpus_per_node: int = 2
+    #: Stand-in GPUs per node: the scheduler accepts or rejects the geometry of GPU jobs
+    #: for real and sets CUDA_VISIBLE_DEVICES, while their ranks run on the CPU.
+    gpus_per_node: int = 2
     mem_mb_per_node: int = 4096
     state_dir: Path = DEFAULT_STATE_DIR
     prefix: str = "sl"
@@ -252,9 +256,12 @@ class TestCluster:
         key.chmod(0o600)
         nodes = [
             f"NodeName={n} NodeHostname={n} NodeAddr={s.node_addr(i)} CPUs={s.cpus_per_node} "
-            f"RealMemory={s.mem_mb_per_node} State=UNKNOWN"
+            f"RealMemory={s.mem_mb_per_node} Features=scalelab"
+            + (f" Gres=gpu:{s.gpus_per_node}" if s.gpus_per_node else "")
+            + " State=UNKNOWN"
             for i, n in enumerate(s.node_names(), start=1)
         ]
+        atomic_write_text(self.conf.parent / "gres.conf", self._gres_conf())
         conf = f"""# Written by scalelab testcluster; removed by `scalelab testcluster down`.
 ClusterName=scalelab{s.prefix}
 SlurmctldHost={ctl_host}({s.host_addr})
@@ -273,11 +280,13 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
+GresTypes=gpu
 # The nodes are namespaces of one machine: trust the configured CPUs/memory.
 SlurmdParameters=config_overrides
 ReturnToService=2
-# The snakemake slurm plugin polls squeue (no accounting here): keep finished jobs visible.
-MinJobAge=300
+# The snakemake slurm plugin polls squeue (no accounting here): keep finished jobs visible
+# for an hour, so the jobs of a long workflow are still listed when it ends.
+MinJobAge=3600
 KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=30
@@ -295,6 +304,23 @@ TmpFS=/tmp
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
         atomic_write_text(self.conf, conf)
+
+    def _gres_conf(self) -> str:
+        """GPUs that are a stand-in: Slurm 22.05 drops GPUs without File= ("Removing
+        file-less GPU"), so each is a character device that is /dev/null (1:3), shared by
+        the nodes like identical hardware. Jobs get real GRES scheduling and a real
+        CUDA_VISIBLE_DEVICES; nothing can use the device as a GPU."""
+        head = "# Written by scalelab testcluster. STAND-IN GPUs: null devices, not GPUs.\n"
+        n = self.spec.gpus_per_node
+        if not n:
+            return head
+        dev = self.dir / "gpudev"
+        dev.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            path = dev / f"gpu{i}"
+            if not path.exists():
+                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        return head + f"Name=gpu File={dev}/gpu[0-{n - 1}]\n"
 
     def _spawn(self, name: str, cmd: list[str], log: Path) -> int:
         with open(log, "ab") as out:

@@ -1,42 +1,80 @@
-"""The run configuration: dataclasses, loaded from YAML and strictly validated.
+"""The run configuration: one pydantic v2 definition, loaded from YAML and strictly validated.
 
-Every field has a docstring (``scalelab train --explain`` prints them). Errors
-name the field path, e.g. ``field 'optim.global_batch_size': ...``, and are
-raised as :class:`~scalelab.errors.UsageError` (one line, exit 2). Checks that
-need the world size (batch divisibility) live in :func:`resolve_batch`, called
-once the launcher is known.
+This module is the single description of a training run. Each field's attribute
+docstring is its documentation: ``scalelab train --explain`` prints it, the JSON
+schema (:func:`json_schema`, also embedded in the workflow schema) carries it as
+``description``, and validation uses the same types and bounds, so the three
+cannot drift apart.
+
+Errors are one line naming the field path, e.g. ``field 'optim.lr': must be a
+finite number > 0, got nan``, raised as :class:`~scalelab.errors.UsageError`
+(exit 2). Unknown keys get a "did you mean". Checks that need the world size
+(batch divisibility) live in :func:`resolve_batch`; the workflow calls it for
+every sweep point at plan time, the trainer again at start.
+
+Extension points: a backend owns its options as a section model registered in
+:data:`BACKEND_SECTIONS` (``dist.horovod`` today), so a new backend adds its model
+there; the world-size arithmetic takes a :class:`Parallelism` so a tensor-parallel
+size can join data parallelism without changing the callers.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import types
-import typing
-from dataclasses import dataclass, field
+import difflib
+import math
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scalelab.errors import UsageError
 
+# --------------------------------------------------------------------------- types
 
-@dataclass
-class ModelConfig:
+#: A float that must be finite (YAML .nan/.inf are refused with the field's name).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every config section: strict types, unknown keys refused, docs from docstrings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True,
+                              validate_assignment=True, allow_inf_nan=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON ready)."""
+        return self.model_dump(mode="python")
+
+
+class ModelConfig(Section):
     """What network to train."""
 
     name: str = "cnn"
     """Registry name: cnn, resnet, resnet18, resnet50 or vit."""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options of the model builder, e.g. ``{depth: 50, width: 64}`` for resnet."""
     sync_batchnorm: bool = False
     """Synchronize batch-norm statistics over all ranks (ddp and horovod, CUDA only)."""
 
+    @model_validator(mode="after")
+    def _known_model(self) -> ModelConfig:
+        from scalelab.models import model_names
 
-@dataclass
-class DataConfig:
+        if self.name not in model_names():
+            hint = _did_you_mean(self.name, model_names())
+            raise ValueError(f"@name:unknown model {self.name!r}{hint}; "
+                             f"valid: {', '.join(model_names())}")
+        return self
+
+
+class DataConfig(Section):
     """Where samples come from."""
 
     source: Literal["synthetic", "memory-npz", "staged"] = "synthetic"
@@ -48,15 +86,16 @@ class DataConfig:
     """Split to train on."""
     val_split: str | None = "val"
     """Split to validate on after each epoch; null: no validation."""
-    num_samples: int = 4096
+    num_samples: PosInt = 4096
     """synthetic only: training samples per epoch."""
-    val_samples: int = 512
+    val_samples: PosInt = 512
     """synthetic only: validation samples."""
-    num_classes: int = 10
+    num_classes: PosInt = 10
     """synthetic only: number of classes (file-backed sources carry their own)."""
-    image_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    image_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [3, 32, 32])
     """synthetic only: image shape [C, H, W]."""
-    signal: float = 0.5
+    signal: NonNegFloat = 0.5
     """synthetic only: strength of the class pattern against unit noise (0: unlearnable)."""
     prefetch: bool | None = None
     """Load the next batch in a background thread; null: on with CUDA, off on CPU."""
@@ -67,51 +106,67 @@ class DataConfig:
     """Node-local scratch directory for ``localize``; null: $SCALELAB_SCRATCH, $SLURM_TMPDIR,
     $TMPDIR, then /tmp."""
 
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"@path:required for data.source {self.source!r}")
+        return self
 
-@dataclass
-class OptimConfig:
+
+class OptimConfig(Section):
     """Optimizer, batch size and learning-rate schedule."""
 
     name: Literal["sgd", "adamw"] = "sgd"
     """Optimizer."""
-    lr: float = 0.1
-    """Learning rate at ``base_batch_size`` (or as is, when base_batch_size is null)."""
-    base_batch_size: int | None = None
+    lr: PosFloat = 0.1
+    """Learning rate at ``base_batch_size`` (or as is, when base_batch_size is null);
+    a finite number > 0."""
+    base_batch_size: PosInt | None = None
     """Linear scaling rule: effective lr = lr * global_batch_size / base_batch_size;
     null: no scaling."""
-    global_batch_size: int | None = None
+    global_batch_size: PosInt | None = None
     """Samples per optimizer step over all ranks; must divide by world_size * grad_accum_steps.
     Give this or per_rank_batch_size (neither: 256 global)."""
-    per_rank_batch_size: int | None = None
+    per_rank_batch_size: PosInt | None = None
     """Samples per optimizer step on each rank (global = this * world size); must divide by
     grad_accum_steps."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: PosInt = 1
     """Micro-batches accumulated per optimizer step (gradients are averaged once per step)."""
-    momentum: float = 0.9
-    """SGD momentum."""
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
+    """SGD momentum, in [0, 1)."""
     nesterov: bool = False
-    """SGD Nesterov momentum."""
-    weight_decay: float = 0.0
+    """SGD Nesterov momentum (needs momentum > 0)."""
+    weight_decay: NonNegFloat = 0.0
     """L2 weight decay (decoupled for adamw)."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegFloat = 0.0
     """Linear warm-up from lr/warmup_steps to the effective lr over this many epochs."""
     schedule: Literal["constant", "cosine", "step"] = "constant"
     """Learning-rate decay after warm-up."""
-    milestones: list[float] = field(default_factory=list)
-    """schedule=step: epochs at which lr is multiplied by gamma."""
-    gamma: float = 0.1
-    """schedule=step: decay factor."""
-    grad_clip: float | None = None
+    milestones: list[NonNegFloat] = Field(default_factory=list)
+    """schedule=step: epochs at which lr is multiplied by gamma (increasing)."""
+    gamma: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.1
+    """schedule=step: decay factor, in (0, 1]."""
+    grad_clip: PosFloat | None = None
     """Clip the global gradient norm to this value after averaging; null: no clipping."""
 
+    @model_validator(mode="after")
+    def _consistent(self) -> OptimConfig:
+        if self.global_batch_size is not None and self.per_rank_batch_size is not None:
+            raise ValueError("@per_rank_batch_size:give either optim.global_batch_size or "
+                             "optim.per_rank_batch_size, not both")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("@nesterov:Nesterov momentum needs optim.momentum > 0")
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"@milestones:must increase, got {self.milestones}")
+        return self
 
-@dataclass
-class TrainConfig:
+
+class TrainConfig(Section):
     """Length of training and execution options."""
 
-    epochs: int = 1
+    epochs: PosInt = 1
     """Passes over the training split."""
-    steps_per_epoch: int | None = None
+    steps_per_epoch: PosInt | None = None
     """Cap on optimizer steps per epoch (throughput runs); null: the whole split."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms, no cuDNN autotuning: bitwise repeatable runs."""
@@ -123,174 +178,174 @@ class TrainConfig:
     """NHWC memory format for 4-D tensors; null: on with CUDA, off on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the local rank's GPU when CUDA is available, else CPU."""
-    threads: int | None = None
+    threads: PosInt | None = None
     """torch intra-op threads per rank on CPU; null: OMP_NUM_THREADS, else cores / ranks
     on the node."""
     progress: bool | None = None
     """Progress bar on rank 0 (other ranks are always quiet); null: only when stderr is a
     terminal."""
-    val_every_epochs: int = 1
+    val_every_epochs: PosInt = 1
     """Validate every N epochs (and always after the last)."""
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """When checkpoints are written (by rank 0, atomically, to RUN_DIR/checkpoints)."""
 
-    every_epochs: int = 1
+    every_epochs: NonNegInt = 1
     """Checkpoint at the end of every N epochs; 0: never (the final one is still written)."""
-    every_steps: int = 0
+    every_steps: NonNegInt = 0
     """Also checkpoint every N optimizer steps; 0: never."""
-    keep: int = 2
+    keep: PosInt = 2
     """Number of newest checkpoints kept."""
 
 
-@dataclass
-class HorovodConfig:
+class HorovodConfig(Section):
     """Horovod-only knobs."""
 
     compression: Literal["none", "fp16", "bf16"] = "none"
     """Gradient compression in the allreduce."""
-    fusion_threshold_mb: float | None = None
+    fusion_threshold_mb: NonNegFloat | None = None
     """Tensor fusion buffer (HOROVOD_FUSION_THRESHOLD); null: Horovod's default (128 MB)."""
 
 
-@dataclass
-class DistConfig:
+#: Backend name -> the section (under ``dist``) that holds its own options. A backend that
+#: brings options adds its model here and a field of that name to DistConfig.
+BACKEND_SECTIONS: dict[str, type[Section]] = {"horovod": HorovodConfig}
+
+
+class DistConfig(Section):
     """How ranks talk to each other."""
 
     backend: Literal["auto", "ddp", "horovod", "none"] = "auto"
     """auto: horovod under horovodrun, ddp for several ranks, none for one."""
-    timeout_s: float = 300.0
+    timeout_s: PosFloat = 300.0
     """A collective that waits longer than this fails the job (dead or stuck peer)."""
     socket_ifname: str | None = None
     """Network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)."""
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: PosFloat = 25.0
     """ddp: gradient bucket size."""
-    horovod: HorovodConfig = field(default_factory=HorovodConfig)
+    horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     """Horovod options."""
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     """What goes into RUN_DIR/metrics.jsonl."""
 
-    log_every: int = 1
+    log_every: PosInt = 1
     """Write a step record (and check for stop signals) every N optimizer steps."""
-    warmup_steps: int = 3
+    warmup_steps: NonNegInt = 3
     """Steps at the start excluded from throughput (the first epoch is excluded
     altogether from the run's samples/s when there are several epochs)."""
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     """One training run."""
 
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed of model initialization, data order and augmentation."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     """Model."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     """Data."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimization."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     """Training."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing."""
-    dist: DistConfig = field(default_factory=DistConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
     """Distribution."""
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Metrics."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON ready)."""
-        return dataclasses.asdict(self)
+
+# --------------------------------------------------------------------------- errors
+
+def _did_you_mean(word: str, choices: list[str] | Any) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_at(loc: tuple) -> type[Section] | None:
+    """The section model that holds the field at ``loc`` (None: not a section)."""
+    cls: Any = RunConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return None
+        cls = ann
+    return cls
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(err: dict) -> tuple[str, str]:
+    """(field path, one-line reason) of one pydantic error."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        owner = _section_at(loc[:-1])
+        names = list(owner.model_fields) if owner else []
+        return _dotted(loc), (f"unknown key{_did_you_mean(loc[-1], names)}; "
+                              f"valid: {', '.join(names)}")
+    if kind == "value_error":
+        text = str(ctx.get("error", err["msg"]))
+        if text.startswith("@"):
+            name, _, text = text[1:].partition(":")
+            loc = (*loc, name)
+        return _dotted(loc), text
+    value = err.get("input")
+    if kind == "finite_number":
+        return _dotted(loc), f"must be a finite number, got {value}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "?")
+        return _dotted(loc), f"must be {op} {bound}, got {_show(value)}"
+    if kind in ("too_short", "too_long"):
+        return _dotted(loc), f"expected {ctx.get('min_length', ctx.get('max_length'))} " \
+                             f"items, got {_show(value)}"
+    if kind == "literal_error":
+        return _dotted(loc), f"expected one of {ctx.get('expected')}, got {_show(value)}"
+    if kind == "model_type" or kind == "dict_type":
+        return _dotted(loc), f"expected a mapping, got {_show(value)}"
+    if kind == "float_type" and isinstance(value, str):
+        hint = ""
+        try:
+            float(value)
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+        except ValueError:
+            pass
+        return _dotted(loc), f"expected a number, got {_show(value)}{hint}"
+    names = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "list_type": "a list"}
+    if kind in names:
+        return _dotted(loc), f"expected {names[kind]}, got {_show(value)}"
+    return _dotted(loc), f"{err['msg']}, got {_show(value)}"
+
+
+def format_error(exc: ValidationError, prefix: str = "") -> str:
+    """The first error of ``exc`` as ``field 'PREFIXpath': reason`` (one line)."""
+    errors = exc.errors(include_url=False)
+    # Unknown keys first: a typo explains the other errors of its section.
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+    path, reason = _message(errors[0])
+    where = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
+    return f"field '{where}': {reason}".replace("\n", " ")
 
 
 # --------------------------------------------------------------------------- loading
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against annotation ``tp``; return the converted value."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except UsageError:
-                continue
-        raise UsageError(f"field '{path}': expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise UsageError(f"field '{path}': expected one of {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise UsageError(f"field '{path}': expected a list, got {value!r}")
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UsageError(f"field '{path}': expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UsageError(f"field '{path}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"field '{path}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"field '{path}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UsageError(f"field '{path}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    where = f"field '{path}'" if path else "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            full = f"{path}.{key}" if path else str(key)
-            raise UsageError(f"field '{full}': unknown key; valid: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name in data:
-            full = f"{path}.{name}" if path else name
-            kwargs[name] = _convert(data[name], hints[name], full)
-    return cls(**kwargs)
-
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
@@ -314,15 +369,27 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: value is not valid YAML: {exc}") from None
+            raise UsageError(f"--set {key}: value is not valid YAML: "
+                             f"{str(exc).splitlines()[0]}") from None
         _set_path(tree, key.strip(), value)
     return tree
 
 
-def from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """Validate a nested dict into a RunConfig (strict: unknown keys and wrong types fail)."""
-    cfg = _build(RunConfig, data, "")
-    validate(cfg)
+def from_dict(data: dict[str, Any] | None, prefix: str = "") -> RunConfig:
+    """Validate a nested dict into a RunConfig (strict: unknown keys and wrong types fail).
+
+    ``prefix`` is prepended to field paths in errors (the workflow passes ``train.``).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"field '{prefix.rstrip('.') or 'config'}': expected a mapping, "
+                         f"got {_show(data)}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(format_error(exc, prefix)) from None
+    validate(cfg, prefix)
     return cfg
 
 
@@ -332,7 +399,9 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--config {path}: not UTF-8 text (byte {exc.start})") from None
         except OSError as exc:
             raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
         try:
@@ -344,52 +413,49 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
     return from_dict(apply_overrides(tree, overrides or []))
 
 
-def _positive(value: float | int | None, path: str, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"field '{path}': must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def validate(cfg: RunConfig, prefix: str = "") -> None:
+    """Checks beyond types and bounds that need no world size and no torch import."""
+    allowed = model_option_names(cfg.model.name)
+    for key in cfg.model.options:
+        if key not in allowed:
+            raise UsageError(
+                f"field '{prefix}model.options.{key}': not an option of model "
+                f"{cfg.model.name!r}{_did_you_mean(key, allowed)}; "
+                f"valid: {', '.join(allowed) or '(none)'}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Range checks that do not depend on the world size."""
-    from scalelab.models import check_model_options
+@cache
+def model_option_names(name: str) -> list[str]:
+    """Keyword options of model ``name``'s builder, read from its source (no torch import):
+    cheap enough for the workflow's plan-time check of every sweep point."""
+    import ast
+    import importlib.util
 
-    check_model_options(cfg.model.name, cfg.model.options)
-    d, o, t = cfg.data, cfg.optim, cfg.train
-    if d.source != "synthetic" and not d.path:
-        raise UsageError(f"field 'data.path': required for data.source {d.source!r}")
-    if len(d.image_shape) != 3 or min(d.image_shape) < 1:
-        raise UsageError(f"field 'data.image_shape': expected [C, H, W], got {d.image_shape}")
-    _positive(d.num_samples, "data.num_samples")
-    _positive(d.val_samples, "data.val_samples")
-    _positive(d.num_classes, "data.num_classes")
-    _positive(o.lr, "optim.lr")
-    _positive(o.base_batch_size, "optim.base_batch_size")
-    _positive(o.global_batch_size, "optim.global_batch_size")
-    _positive(o.per_rank_batch_size, "optim.per_rank_batch_size")
-    _positive(o.grad_accum_steps, "optim.grad_accum_steps")
-    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
-    _positive(o.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
-    _positive(o.grad_clip, "optim.grad_clip")
-    if o.global_batch_size is not None and o.per_rank_batch_size is not None:
-        raise UsageError(
-            "field 'optim.per_rank_batch_size': give either optim.global_batch_size or "
-            "optim.per_rank_batch_size, not both"
-        )
-    _positive(t.epochs, "train.epochs")
-    _positive(t.steps_per_epoch, "train.steps_per_epoch")
-    _positive(t.threads, "train.threads")
-    _positive(t.val_every_epochs, "train.val_every_epochs")
-    _positive(cfg.checkpoint.every_epochs, "checkpoint.every_epochs", allow_zero=True)
-    _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
-    _positive(cfg.checkpoint.keep, "checkpoint.keep")
-    _positive(cfg.dist.timeout_s, "dist.timeout_s")
-    _positive(cfg.dist.bucket_cap_mb, "dist.bucket_cap_mb")
-    _positive(cfg.dist.horovod.fusion_threshold_mb, "dist.horovod.fusion_threshold_mb",
-              allow_zero=True)
-    _positive(cfg.metrics.log_every, "metrics.log_every")
-    _positive(cfg.metrics.warmup_steps, "metrics.warmup_steps", allow_zero=True)
+    from scalelab.models import _REGISTRY
+
+    module, func = _REGISTRY[name].split(":")
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            args = [*node.args.args, *node.args.kwonlyargs]
+            return [a.arg for a in args if a.arg not in ("num_classes", "image_shape")]
+    raise LookupError(f"model builder {module}:{func} not found")  # a bug in the registry
+
+
+# --------------------------------------------------------------------------- batch plan
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How the world is split. Data parallelism only today; a tensor-parallel size joins as
+    ``tp`` (data-parallel ranks = world_size / tp) without changing the callers."""
+
+    world_size: int
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
 
 
 @dataclass(frozen=True)
@@ -403,58 +469,68 @@ class BatchPlan:
     lr: float
 
 
-def resolve_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
+def resolve_batch(cfg: RunConfig, world_size: int | Parallelism, prefix: str = "") -> BatchPlan:
     """Derive per-rank and micro-batch sizes and the scaled lr; check divisibility."""
+    par = world_size if isinstance(world_size, Parallelism) else Parallelism(world_size)
+    dp = par.dp
     o = cfg.optim
     accum = o.grad_accum_steps
     if o.per_rank_batch_size is not None:
         if o.per_rank_batch_size % accum:
             raise UsageError(
-                f"field 'optim.per_rank_batch_size': {o.per_rank_batch_size} is not divisible "
-                f"by optim.grad_accum_steps={accum}"
+                f"field '{prefix}optim.per_rank_batch_size': {o.per_rank_batch_size} is not "
+                f"divisible by optim.grad_accum_steps={accum}"
             )
-        global_batch = o.per_rank_batch_size * world_size
+        global_batch = o.per_rank_batch_size * dp
     else:
         global_batch = o.global_batch_size if o.global_batch_size is not None else 256
-        if global_batch % (world_size * accum):
+        if global_batch % (dp * accum):
             raise UsageError(
-                f"field 'optim.global_batch_size': {global_batch} is not divisible by "
-                f"world_size * grad_accum_steps = {world_size} * {accum}"
+                f"field '{prefix}optim.global_batch_size': {global_batch} is not divisible by "
+                f"world_size * grad_accum_steps = {dp} * {accum}"
             )
-    per_rank = global_batch // world_size
+    per_rank = global_batch // dp
     lr = o.lr * global_batch / o.base_batch_size if o.base_batch_size else o.lr
+    if not math.isfinite(lr):
+        raise UsageError(f"field '{prefix}optim.lr': the scaled learning rate is not finite")
     return BatchPlan(global_batch, per_rank, per_rank // accum, accum, lr)
 
 
 # --------------------------------------------------------------------------- documentation
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
+def field_docs(cls: type[Section]) -> dict[str, str]:
+    """Field name -> its attribute docstring (what --explain and the JSON schema show)."""
+    return {name: " ".join((f.description or "").split()) for name, f in cls.model_fields.items()}
 
 
-def explain(cls: type = RunConfig, prefix: str = "") -> list[str]:
+def sections(cls: type[Section] = RunConfig) -> list[type[Section]]:
+    """Every section model reachable from ``cls`` (``cls`` first)."""
+    found = [cls]
+    for f in cls.model_fields.values():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            found += sections(f.annotation)
+    return found
+
+
+def explain(cls: type[Section] = RunConfig, prefix: str = "") -> list[str]:
     """Lines ``path: default  # doc`` for every field, recursively."""
     lines = []
     docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
     default = cls()
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(f"{path}:  # {docs.get(f.name, '')}")
-            lines.extend(explain(hints[f.name], path + "."))
+    for name, f in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            lines.append(f"{path}:  # {docs.get(name, '')}")
+            lines.extend(explain(f.annotation, path + "."))
         else:
-            value = yaml.safe_dump(getattr(default, f.name), default_flow_style=True).strip()
+            value = yaml.safe_dump(getattr(default, name), default_flow_style=True).strip()
             value = value.removesuffix("\n...").removesuffix("...").strip()
-            doc = " ".join(docs.get(f.name, "").split())
-            lines.append(f"{path}: {value}  # {doc}")
+            lines.append(f"{path}: {value}  # {docs.get(name, '')}")
     return lines
+
+
+def json_schema() -> dict[str, Any]:
+    """The run config's JSON schema (draft 2020-12), generated from the models above."""
+    schema = RunConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
