@@ -260,3 +260,103 @@ def test_bad_threshold(tmp_path):
     csv.write_text("gpus,throughput\n1,100\n2,190\n")
     assert_usage_error(["--from-csv", str(csv), "--threshold", "1.5"], tmp_path / "out",
                        "--threshold")
+
+
+# --------------------------------------------------------------------------- anomaly flags
+
+def _repeats_csv(path: Path, points: dict[int, list[float]]) -> Path:
+    rows = ["ranks,throughput,repeat,label"]
+    rows += [f"{n},{x},{i},crafted" for n, xs in points.items() for i, x in enumerate(xs)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_125_percent_with_small_spread_is_flagged_beside_the_figure(tmp_path):
+    csv = _repeats_csv(tmp_path / "t.csv", {1: [100, 101, 99], 2: [250, 252, 248]})
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    t = read_scaling(out).set_index("workers")
+    assert t.loc[2, "efficiency"] == pytest.approx(1.25)
+    assert t.loc[2, "efficiency_spread"] == pytest.approx(math.hypot(0.02, 4 / 250))
+    assert bool(t.loc[2, "flag_superlinear"]) and t.loc[2, "flags"] == "superlinear"
+    assert pd.isna(t.loc[1, "flags"])  # the 100% baseline: nothing to say
+    md = (out / "scaling.md").read_text()
+    assert "125.0% (superlinear)" in md
+    assert "superlinear (1 of 2 rows): efficiency above 100%" in md
+    page = (out / "scaling.html").read_text()
+    assert '<td class="anomaly">&#9888; 125.0% (superlinear)</td>' in page
+
+
+def test_within_noise_is_not_flagged_and_plain_scaling_carries_no_flag(tmp_path):
+    csv = _repeats_csv(tmp_path / "t.csv", {1: [100, 90, 110], 2: [210, 190, 230],
+                                            4: [340, 330, 350]})
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    t = read_scaling(out).set_index("workers")
+    assert t.loc[2, "efficiency"] == pytest.approx(1.05)
+    assert not t["flag_superlinear"].any()
+    assert t.loc[2, "flags"] == "within noise"  # above 100% is never printed bare
+    assert t["flags"].isna()[[1, 4]].all()  # 100% baseline and 85%: nothing to say
+    md = (out / "scaling.md").read_text()
+    assert "105.0% (within noise)" in md and "superlinear" not in md.split("Flags:")[1]
+    assert 'class="anomaly"' not in (out / "scaling.html").read_text()
+
+
+def test_single_repeat_and_spread_larger_than_effect_are_marked(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("ranks,throughput\n1,100\n2,204\n")
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    t = read_scaling(out).set_index("workers")
+    # one repeat: no spread was measured, so 102% cannot be cleared as noise
+    assert t.loc[2, "flags"] == "superlinear; single repeat"
+    assert t.loc[1, "flags"] == "single repeat"
+    assert "n/a (1 repeat)" in (out / "scaling.md").read_text()
+
+    noisy = _repeats_csv(tmp_path / "n.csv", {1: [100, 70, 130], 2: [105, 80, 130]})
+    analyze(["--from-csv", str(noisy), "--out", str(tmp_path / "out2")])
+    t = read_scaling(tmp_path / "out2").set_index("workers")
+    assert t.loc[2, "flags"] == "noisy" and bool(t.loc[2, "flag_noisy"])
+
+
+# --------------------------------------------------------------------------- safe labels
+
+@pytest.mark.parametrize("label", ["=HYPERLINK(\"http://x\")", "+1+2", "@SUM(A1)", "-2+3",
+                                   "<script>alert(1)</script>", "a<b", " =1"])
+def test_formula_or_html_labels_are_refused_naming_file_and_row(tmp_path, label):
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": ["ok", label]}
+                 ).to_csv(csv, index=False)
+    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv), "line 3",
+                       "column 'label'")
+
+
+def test_labels_are_escaped_in_markdown_and_html_but_plain_in_csv(tmp_path):
+    label = "A & B | *x* [y](z) `q`"
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": [label] * 2}
+                 ).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    assert set(read_scaling(out)["source"]) == {label}  # pandas reads back what was given
+    assert set(pd.read_csv(out / "runs.csv")["source"]) == {label}
+    md = (out / "scaling.md").read_text()
+    assert r"A &amp; B \| \*x\* \[y\](z) \`q\`" in md and label not in md
+    assert "A &amp; B | *x* [y](z) `q`" in (out / "scaling.html").read_text()
+
+
+def test_formula_run_directory_name_is_refused(real_runs, tmp_path):
+    bad = tmp_path / "=cmd"
+    shutil.copytree(real_runs / "single", bad, ignore=shutil.ignore_patterns("checkpoints"))
+    assert_usage_error([str(bad)], tmp_path / "out", str(bad), "directory name")
+
+
+def test_flag_rule_in_process():
+    """k x spread is the bar: the same 110% is an anomaly at 2% spread, noise at 20%."""
+    def table(spread: float) -> pd.DataFrame:
+        return pd.DataFrame({"efficiency": [1.0, 1.10], "speedup": [1.0, 2.2], "p": [1, 2],
+                             "repeats": [3, 3], "base_repeats": [3, 3],
+                             "efficiency_spread": [spread, spread]})
+    assert list(scaling.flag(table(0.02))["flags"]) == ["", "superlinear"]
+    assert list(scaling.flag(table(0.20))["flags"]) == ["", "within noise"]
+    assert list(scaling.flag(table(0.02), k=6.0)["flags"]) == ["", "within noise"]

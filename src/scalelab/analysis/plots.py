@@ -79,13 +79,25 @@ def throughput(table: pd.DataFrame, threshold: float) -> object:
 
 
 def efficiency(table: pd.DataFrame, threshold: float) -> object:
-    """Parallel efficiency vs workers, threshold line, sweet spot circled."""
+    """Parallel efficiency vs workers with its spread, threshold line, sweet spot circled,
+    flagged (superlinear) points crossed in red."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     labels = _labels(table)
     for key, grp in table.groupby(GROUP, sort=True):
         grp = grp.sort_values("workers")
-        ax.plot(grp["workers"], grp["efficiency"], marker="o", label=labels[key])
+        err = grp["efficiency"] * grp["efficiency_spread"].fillna(0) \
+            if "efficiency_spread" in grp else None
+        ax.errorbar(grp["workers"], grp["efficiency"], yerr=err, marker="o", capsize=3,
+                    label=labels[key])
+        if "flag_superlinear" in grp:
+            bad = grp[grp["flag_superlinear"].astype(bool)]
+            ax.plot(bad["workers"], bad["efficiency"], "x", color="red", markersize=12,
+                    mew=2, label=None)
+            for row in bad.itertuples():
+                ax.annotate("superlinear: anomaly", (row.workers, row.efficiency),
+                            textcoords="offset points", xytext=(6, 6), color="red",
+                            fontsize="small")
         spot = grp[grp["sweet_spot"]]
         ax.plot(spot["workers"], spot["efficiency"], "o", markersize=14, fillstyle="none",
                 color="black")
@@ -94,7 +106,7 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
     ax.set_ylim(0, max(1.1, float(table["efficiency"].max()) * 1.1))
     ax.set_xlabel("workers (GPUs, or ranks on CPU)")
     ax.set_ylabel("parallel efficiency  X_N / (p X_0)")
-    ax.set_title("Parallel efficiency (circle: sweet spot)")
+    ax.set_title("Parallel efficiency, bars: spread (circle: sweet spot; red x: flagged)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return fig

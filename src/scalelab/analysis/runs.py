@@ -53,6 +53,33 @@ NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "glo
 
 NAN = float("nan")
 
+#: A cell starting with one of these is a formula to Excel/LibreOffice/Sheets (OWASP
+#: "CSV Injection"); tab and carriage return are on the same list.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def check_label(value: str, where: str) -> str:
+    """``value`` if it is safe as a plain label, else a UsageError naming ``where``.
+
+    Labels end up in scaling.csv (opened in spreadsheets), scaling.md and the HTML
+    report: one that a spreadsheet would run as a formula, or that carries HTML
+    markup or control characters, is refused at input rather than altered, so the
+    CSV stays plain (pandas reads back exactly what was given). Markdown and HTML
+    outputs escape everything else.
+    """
+    text = str(value)
+    bad = ""
+    if text.lstrip(" ").startswith(FORMULA_START):
+        bad = f"starts with {text.lstrip(' ')[0]!r} (a spreadsheet would run it as a formula)"
+    elif "<" in text or ">" in text:
+        bad = "contains '<' or '>' (HTML markup)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        bad = "contains a control character"
+    if bad:
+        raise UsageError(f"{where}: label {text!r} {bad}; use letters, digits and "
+                         "punctuation other than = + - @ < > at the start")
+    return text
+
 
 # --------------------------------------------------------------------------- run directories
 
@@ -207,11 +234,18 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
                 digest.update((run_dir / name).read_bytes())
         ident = digest.hexdigest()[:16]
 
+    sweep_path = run_dir / "sweep.json"
+    run_id = _dig(sweep, "run_id")
+    run_id = check_label(run_id, f"{sweep_path}: field 'run_id'") if run_id is not None \
+        else check_label(run_dir.name, f"{run_dir}: directory name")
+    backend = _dig(sweep, "backend")
+    backend = check_label(backend, f"{sweep_path}: field 'backend'") if backend is not None \
+        else check_label(_dig(summary, "backend") or "unknown", f"{s}: field 'backend'")
     row = {
         "source": "runs",
-        "run_id": str(_dig(sweep, "run_id") or run_dir.name),
-        "backend": str(_dig(sweep, "backend") or _dig(summary, "backend") or "unknown"),
-        "mode": str(mode),
+        "run_id": run_id,
+        "backend": backend,
+        "mode": check_label(mode, f"{sweep_path}: field 'mode'"),
         "nodes": _num(_dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1), f"{s}: nodes"),
         "ranks": ranks,
         "gpus": gpus,
@@ -231,7 +265,7 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
         "test_accuracy": _test_accuracy(run_dir),
         "time_to_target_s": ttt,
         "grad_bytes": grad_bytes,
-        "provenance": str(ident),
+        "provenance": check_label(ident, f"{s}: field 'provenance.id'"),
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
     return row
@@ -311,6 +345,7 @@ def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
     ``epoch_samples`` turns either into samples/s.
     """
     path = Path(path)
+    check_label(path.name, f"{path}: file name (it labels the rows: source, run_id)")
     try:
         text = path.read_text()
     except OSError as exc:
@@ -378,6 +413,8 @@ def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
         if math.isnan(epoch_time) and not math.isnan(epoch_samples):
             epoch_time = epoch_samples / tput
         label, backend = text(raw, "label"), text(raw, "backend")
+        for key, value in (("label", label), ("backend", backend)):
+            check_label(value, f"{path}: line {lineno}: column '{cols.get(key, key)}'")
         nodes = number(raw, "nodes", lineno, False)
         repeat = number(raw, "repeat", lineno, False, positive=False)
         cores = number(raw, "cores_per_rank", lineno, False)
