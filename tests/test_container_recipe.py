@@ -88,6 +88,18 @@ def test_gpu_image_content():
     assert "ucx-" not in text and "openmpi-5" not in text and "pmix-" not in text
     assert "%arguments\n    SOURCE_COMMIT=unknown" in text
     assert "--expect-cuda 12.6 --expect-nccl" in text and "horovodrun --check-build" in text
+    # Cluster-safe environment: pinned prefixes and PMIx store, defaults that yield to the
+    # user's values (NCCL's config file, the venv's sitecustomize), no GPU binding.
+    assert "export OPAL_PREFIX=/opt/scalelab/venv" in text and "export PMIX_MCA_gds=hash" in text
+    assert "echo 'NCCL_SOCKET_IFNAME=^lo,docker' > /etc/nccl.conf" in text
+    assert ("install -m 644 /opt/scalelab/src/containers/gpu/sitecustomize.py "
+            "/opt/scalelab/venv/lib/python3.11/site-packages/sitecustomize.py") in text
+    assert "CUDA_VISIBLE_DEVICES" not in text
+    assert "_SOCKET_IFNAME=" not in body_of(text, "%environment")
+
+
+def body_of(text: str, header: str) -> str:
+    return text.split(f"\n{header}\n", 1)[1].split("\n%", 1)[0]
 
 
 def test_cu130_build_for_r580_sites():

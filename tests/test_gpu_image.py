@@ -23,6 +23,7 @@ $SCALELAB_CACHE (default ~/.cache/scalelab).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -344,58 +345,164 @@ def test_a_syntax_error_is_found():
     assert len(problems) == 1 and "%test" in problems[0] and "bash -n" in problems[0]
 
 
-def run_environment(text: str, host_env: dict[str, str], shell: str = "sh") -> dict[str, str]:
-    """The variables after %environment is sourced with this host environment."""
-    script = body(text, "environment") + "\nenv -0\n"
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **host_env}
-    proc = subprocess.run([shell, "-c", script], env=env, capture_output=True, check=True)
+# How Apptainer builds a container's environment (measured with Apptainer 1.4.5, and
+# checked against the real binary in test_apptainer_merges_the_environment_as_modelled):
+# %environment runs WITHOUT the host's variables in sight; what it exports beats a host
+# value of the same name; host-only variables pass unchanged; --env/APPTAINERENV_ values
+# beat the image's. Then, in the GPU image, every Python process runs sitecustomize.
+
+def image_exports(text: str) -> dict[str, str]:
+    """What a definition's %environment exports, evaluated as Apptainer does (no host env)."""
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
+    proc = subprocess.run(["sh", "-c", body(text, "environment") + "\nenv -0\n"], env=base,
+                          capture_output=True, check=True)
     pairs = (item.split(b"=", 1) for item in proc.stdout.split(b"\0") if b"=" in item)
-    return {k.decode(): v.decode() for k, v in pairs}
+    out = {k.decode(): v.decode() for k, v in pairs}
+    return {k: v for k, v in out.items()
+            if base.get(k) != v and k not in ("PWD", "OLDPWD", "SHLVL", "_")}
 
 
-#: What a site's MPI module typically exports on a login or compute node.
-SITE_MODULE = {"OMPI_MCA_pml": "ucx", "OMPI_MCA_btl": "^openib", "OPAL_PREFIX": "/apps/openmpi/4.1",
+def installed_sitecustomize(text: str) -> Path | None:
+    """The repository file a definition installs as the venv's sitecustomize.py, if any."""
+    files = devel_files(text)
+    m = re.search(r"install -m \d+ (\S+) \S+/site-packages/sitecustomize\.py",
+                  body(text, "post", "devel"))
+    return REPO / files[m.group(1)] if m and m.group(1) in files else None
+
+
+def load_sitecustomize(path: Path):
+    spec = importlib.util.spec_from_file_location("image_sitecustomize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # inert here: acts only when SCALELAB_IMAGE is set
+    return module
+
+
+def container_env(text: str, host: dict[str, str], cli: dict[str, str] | None = None,
+                  net: Path | None = None) -> dict[str, str]:
+    """The environment a Python process in the image starts MPI/NCCL/Gloo with."""
+    env = {**host, **image_exports(text), **(cli or {})}
+    path = installed_sitecustomize(text)
+    if path is not None and env.get("SCALELAB_IMAGE"):
+        module = load_sitecustomize(path)
+        module.clean_mpi_env(env)
+        if net is None:
+            module.set_interfaces(env)
+        else:
+            module.set_interfaces(env, net)
+    return env
+
+
+def nccl_conf_default(text: str) -> str | None:
+    m = re.search(r"echo '(NCCL_SOCKET_IFNAME=[^']*)' > /etc/nccl\.conf", body(text, "post"))
+    return m.group(1).split("=", 1)[1] if m else None
+
+
+#: What a site's MPI module typically exports on a login or compute node (Open MPI 4 era).
+SITE_MODULE = {"OMPI_MCA_pml": "cm", "OMPI_MCA_btl": "openib,self",
+               "OPAL_PREFIX": "/apps/openmpi/4.1", "OPAL_LIBDIR": "/apps/openmpi/4.1/lib",
                "PRTE_MCA_plm": "slurm", "PMIX_MCA_gds": "ds21"}
 
 
 def environment_problems(text: str) -> list[str]:
     problems = []
-    for shell in ("sh", "bash"):
-        env = run_environment(text, SITE_MODULE, shell)
-        leaked = sorted(k for k in SITE_MODULE if env.get(k) == SITE_MODULE[k])
-        if leaked:
-            problems.append(f"{shell}: host MPI settings reach the image's MPI: {leaked}")
-        if env.get("OPAL_PREFIX") != "/opt/scalelab/venv":
-            problems.append(f"{shell}: OPAL_PREFIX is {env.get('OPAL_PREFIX')!r}, not the "
-                            "image's Open MPI")
-        over = run_environment(text, {**SITE_MODULE, "SCALELAB_PMIX_MCA_gds": "ds12",
-                                      "SCALELAB_OMPI_MCA_btl": "self,tcp"}, shell)
-        if over.get("PMIX_MCA_gds") != "ds12" or over.get("OMPI_MCA_btl") != "self,tcp":
-            problems.append(f"{shell}: a site cannot set the image's PMIx/MCA settings on purpose")
-        nccl = env.get("NCCL_SOCKET_IFNAME", "")
-        if not nccl.startswith("^"):
-            problems.append(f"{shell}: NCCL_SOCKET_IFNAME default {nccl!r} is not an exclusion")
-        mine = run_environment(text, {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"},
-                               shell)
-        if (mine.get("NCCL_SOCKET_IFNAME"), mine.get("GLOO_SOCKET_IFNAME")) != ("ib0", "ib0"):
-            problems.append(f"{shell}: a user's interface choice is overridden")
-        for key in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-                    "OMPI_MCA_hwloc_base_binding_policy"):
-            if key in env:
-                problems.append(f"{shell}: the image sets {key} (GPU/CPU binding is Slurm's)")
+    env = container_env(text, SITE_MODULE)
+    leaked = sorted(k for k in SITE_MODULE if env.get(k) == SITE_MODULE[k])
+    if leaked:
+        problems.append(f"host MPI settings reach the image's MPI: {leaked}")
+    if env.get("OPAL_PREFIX") != "/opt/scalelab/venv":
+        problems.append(f"OPAL_PREFIX is {env.get('OPAL_PREFIX')!r}, not the image's Open MPI")
+    on_purpose = container_env(text, {**SITE_MODULE, "SCALELAB_PMIX_MCA_gds": "ds12",
+                                      "SCALELAB_OMPI_MCA_btl": "self,tcp"})
+    if (on_purpose.get("PMIX_MCA_gds"), on_purpose.get("OMPI_MCA_btl")) != ("ds12", "self,tcp"):
+        problems.append("a site cannot set the image's PMIx/MCA settings from the host on purpose")
+    mpirun_job = container_env(text, {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_btl": "tcp,self"})
+    if mpirun_job.get("OMPI_MCA_btl") != "tcp,self":
+        problems.append("an mpirun's own --mca settings are dropped in its ranks")
+    nccl = env.get("NCCL_SOCKET_IFNAME") or nccl_conf_default(text) or ""
+    if not nccl.startswith("^"):
+        problems.append(f"NCCL's interface default {nccl!r} is not an exclusion")
+    mine = container_env(text, {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
+                                "CUDA_VISIBLE_DEVICES": "1"})
+    if [mine.get(k) for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+                              "CUDA_VISIBLE_DEVICES")] != ["ib0", "ib0", "1"]:
+        problems.append("a user's or launcher's interface/GPU choice is overridden")
+    for key in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+                "OMPI_MCA_hwloc_base_binding_policy"):
+        if key in env:
+            problems.append(f"the image sets {key} (GPU/CPU binding is Slurm's)")
     return problems
 
 
-def test_environment_is_safe_on_a_cluster():
+def test_environment_is_safe_on_a_cluster(tmp_path):
     text = GPU_DEF.read_text()
     assert environment_problems(text) == []
-    env = run_environment(text, {})
-    assert env["PMIX_MCA_gds"] == "hash" and env["NCCL_SOCKET_IFNAME"] == "^lo,docker"
-    # Gloo: only a name that is not excluded, and only when it is the one candidate here.
-    net = Path("/sys/class/net")
-    up = [p.name for p in net.iterdir() if not p.name.startswith(("lo", "docker"))
-          and (p / "operstate").read_text().strip() == "up"]
-    assert env.get("GLOO_SOCKET_IFNAME") == (up[0] if len(up) == 1 else None)
+    env = container_env(text, SITE_MODULE)
+    assert env["PMIX_MCA_gds"] == "hash" and nccl_conf_default(text) == "^lo,docker"
+    assert env["SCALELAB_DROPPED_MPI_ENV"] == "OMPI_MCA_btl,OMPI_MCA_pml,OPAL_LIBDIR,PRTE_MCA_plm"
+    # Gloo: set only when exactly one interface is up and not excluded.
+    net = tmp_path / "net"
+    for name, state in (("lo", "unknown"), ("docker0", "up"), ("eth0", "up"), ("ib0", "down")):
+        (net / name).mkdir(parents=True)
+        (net / name / "operstate").write_text(state + "\n")
+    assert container_env(text, {}, net=net)["GLOO_SOCKET_IFNAME"] == "eth0"
+    (net / "ib0" / "operstate").write_text("up\n")
+    assert "GLOO_SOCKET_IFNAME" not in container_env(text, {}, net=net)  # two candidates
+    narrowed = container_env(text, {"SCALELAB_IFACE_EXCLUDE": "lo,docker,eth"}, net=net)
+    assert narrowed["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert narrowed["NCCL_SOCKET_IFNAME"] == "^lo,docker,eth"
+
+
+def test_sitecustomize_lets_the_image_mpi_start_under_a_site_module():
+    # The image's MPI is the requirements' Open MPI wheel, the one in this venv: with a
+    # site module's OMPI_MCA_btl=openib,self MPI_Init fails; with the image's start-up
+    # clean-up it works, and a deliberate SCALELAB_OMPI_MCA_* setting arrives.
+    code = ("import os; from mpi4py import MPI; "
+            "print(MPI.Query_thread() == MPI.THREAD_MULTIPLE, os.environ.get('OMPI_MCA_pml'))")
+    env = {**os.environ, **SITE_MODULE, "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OPAL_PREFIX": sys.prefix}
+    del env["OPAL_LIBDIR"], env["PMIX_MCA_gds"]
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert plain.returncode != 0  # the failure the image must not have
+    image = {**env, "SCALELAB_IMAGE": "scalelab-gpu", "SCALELAB_OMPI_MCA_pml": "ob1",
+             "PYTHONPATH": str(installed_sitecustomize(GPU_DEF.read_text()).parent)}
+    proc = subprocess.run([sys.executable, "-c", code], env=image, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "ob1"]
+
+
+def test_apptainer_merges_the_environment_as_modelled(tmp_path):
+    # A container of two host binaries (sh, env) carrying the GPU image's %environment:
+    # what real Apptainer makes of a site module's variables and an --env value must be
+    # what container_env() assumes (sitecustomize aside: this container has no Python).
+    from container_image import require_apptainer
+
+    apptainer = require_apptainer()
+    root = tmp_path / "root"
+    for binary in ("/bin/sh", "/usr/bin/env"):
+        real = Path(binary).resolve()
+        libs = re.findall(r"(/\S+\.so[.\d]*)", subprocess.run(
+            ["ldd", str(real)], capture_output=True, text=True, check=True).stdout)
+        for src, dest in [(real, Path(binary)), *((Path(lib), Path(lib)) for lib in libs)]:
+            (root / dest.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / dest.relative_to("/"))
+    envdir = root / ".singularity.d" / "env"
+    envdir.mkdir(parents=True)
+    text = GPU_DEF.read_text()
+    (envdir / "90-environment.sh").write_text("#!/bin/sh\n" + body(text, "environment"))
+    sif = tmp_path / "env-model.sif"
+    subprocess.run([apptainer, "build", str(sif), str(root)], capture_output=True, check=True,
+                   timeout=300)
+    host = {**SITE_MODULE, "SCALELAB_OMPI_MCA_btl": "self"}
+    proc = subprocess.run([apptainer, "exec", "--userns", "--env", "OMPI_MCA_osc=ucx", str(sif),
+                           "env"], env={**os.environ, **host}, capture_output=True, text=True,
+                          check=True, timeout=120)
+    real_env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    model = {**host, **image_exports(text), "OMPI_MCA_osc": "ucx"}
+    for key in [*host, *image_exports(text), "OMPI_MCA_osc"]:
+        if key != "PATH":
+            assert real_env.get(key) == model.get(key), (key, real_env.get(key), model.get(key))
 
 
 # ---- static checks of the image's content -----------------------------------------------
@@ -481,6 +588,18 @@ def unpack_sdist(dest: Path) -> Path:
     return dest / f"horovod-{HOROVOD}"
 
 
+def devel_files(text: str) -> dict[str, str]:
+    """%files of the devel stage copied from the build directory: destination -> source."""
+    files = {}
+    for s in sections(text):
+        if s.name == "files" and s.stage == "devel" and not s.args:
+            for entry in s.body.split("\n"):
+                if entry.strip():
+                    local, dest = entry.split()
+                    files[dest] = local
+    return files
+
+
 def patch_commands(text: str) -> tuple[list[str], str, dict[str, str]]:
     """The devel %post lines that change the unpacked sdist, its path there, and %files."""
     post = body(text, "post", "devel").splitlines()
@@ -493,14 +612,7 @@ def patch_commands(text: str) -> tuple[list[str], str, dict[str, str]]:
             break  # the build itself
         if src in line:
             cmds.append(line.strip())
-    files = {}
-    for s in sections(text):
-        if s.name == "files" and s.stage == "devel" and not s.args:
-            for entry in s.body.split("\n"):
-                if entry.strip():
-                    local, dest = entry.split()
-                    files[dest] = local
-    return cmds, src, files
+    return cmds, src, devel_files(text)
 
 
 def apply_patches(text: str, tree: Path) -> subprocess.CompletedProcess:
@@ -609,3 +721,40 @@ def test_the_checks_fail_on_the_definition_before_issue_14(tmp_path):
     problems = libcuda_problems(tree)  # ... and libcuda.so stays
     assert "horovod/torch/cuda_util.cc opens libcuda as libcuda.so" in problems
     assert not any("C++17" in p for p in problems)
+
+
+# ---- the GPU check (runs only where there are GPUs; its plumbing is checked here) --------
+
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_script_commands(tmp_path):
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], check=False).returncode == 0
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "IMAGE.sif", str(tmp_path)],
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "SCALELAB_APPTAINER": "apptainer"})
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "+ apptainer test --nv IMAGE.sif "
+    assert lines[2] == (f"+ env NCCL_DEBUG=VERSION apptainer exec --nv --bind {tmp_path} IMAGE.sif "
+                        f"torchrun --standalone --nproc-per-node 2 {tmp_path}/ddp_allreduce.py ")
+    assert lines[3] == (f"+ env NCCL_DEBUG=VERSION apptainer exec --nv --bind {tmp_path} IMAGE.sif "
+                        f"mpirun -np 2 python {tmp_path}/horovod_allreduce.py ")
+    for script in ("ddp_allreduce.py", "horovod_allreduce.py"):
+        compile((tmp_path / script).read_text(), script, "exec")  # the rank programs parse
+
+
+def test_gpu_check_refuses_what_it_cannot_check(tmp_path):
+    def run_check(*args, env=None):
+        return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
+                              check=False, env={**os.environ, **(env or {})})
+
+    usage = run_check()
+    assert usage.returncode == 2 and usage.stderr.startswith("gpu_check.sh: error: usage:")
+    missing = run_check(str(tmp_path / "absent.sif"))
+    assert (missing.returncode, missing.stderr.strip()) == (
+        2, f"gpu_check.sh: error: image not found: {tmp_path}/absent.sif")
+    image = tmp_path / "x.sif"
+    image.write_bytes(b"")
+    # No GPU on a CI machine: a clear refusal (exit 2), never a pass.
+    proc = run_check(str(image), env={"PATH": "/usr/bin:/bin", "SCALELAB_APPTAINER": "true"})
+    assert proc.returncode == 2 and "GPU" in proc.stderr and proc.stdout == ""

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# GPU check of a built scalelab-gpu image, on ONE node with 2 or more NVIDIA GPUs and Apptainer.
+#
+#   benchmarks/gpu_check.sh [--dry-run] IMAGE.sif [OUT_DIR]
+#
+# What no CI machine can run (it needs GPUs and the host driver through --nv):
+#   1. apptainer test --nv IMAGE: the image's own %test (ldd, one NCCL, libcuda.so.1 in
+#      Horovod, MPI threads, one Horovod training step), now on a GPU;
+#   2. the host environment cannot steer the image's MPI (needs no GPU, checked here too);
+#   3. a 2-rank NCCL allreduce with torch DDP (torchrun inside the image);
+#   4. a 2-rank NCCL allreduce with Horovod (the image's mpirun, NCCL operations);
+#   and that DDP and Horovod report the same NCCL version: the image's one NCCL.
+# Each step prints the command it runs (`+ ...`), then PASS or FAIL. OUT_DIR (default
+# ./gpu-check) gets every log and gpu_check.json (one record per step).
+# Env: SCALELAB_APPTAINER (default: apptainer, else singularity),
+#      SCALELAB_APPTAINER_FLAGS (extra `exec`/`test` flags, e.g. --userns).
+# Exit: 0 all passed, 1 a check failed, 2 bad usage or fewer than 2 GPUs.
+set -uo pipefail
+
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+case "${1:-}" in -h|--help) sed -n '2,19p' "$0"; exit 0 ;; esac
+die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
+[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: benchmarks/gpu_check.sh [--dry-run] IMAGE.sif [OUT_DIR]"
+image="$1"
+out="${2:-gpu-check}"
+
+runtime="${SCALELAB_APPTAINER:-}"
+if [ -z "$runtime" ]; then
+  runtime="$(command -v apptainer || command -v singularity || true)"
+fi
+read -r -a flags <<< "${SCALELAB_APPTAINER_FLAGS:-}"
+if [ "$dry" = 0 ]; then
+  [ -f "$image" ] || die "image not found: $image"
+  [ -n "$runtime" ] && command -v "$runtime" >/dev/null || \
+    die "no apptainer or singularity on PATH (set SCALELAB_APPTAINER)"
+  command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this check needs NVIDIA GPUs"
+  gpus="$(nvidia-smi -L | grep -c '^GPU ')"
+  [ "$gpus" -ge 2 ] || die "found $gpus GPU(s); the 2-rank NCCL checks need 2 on this node"
+fi
+runtime="${runtime:-apptainer}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
+# The two rank programs, written where the container sees them (OUT_DIR is bound).
+cat > "$out/ddp_allreduce.py" <<'EOF'
+"""2-rank NCCL allreduce with torch.distributed (DDP's backend); one JSON line per rank."""
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("nccl")
+local = int(os.environ["LOCAL_RANK"])
+torch.cuda.set_device(local)
+rank, world = dist.get_rank(), dist.get_world_size()
+x = torch.full((1 << 22,), float(rank + 1), device="cuda")
+dist.all_reduce(x)
+torch.cuda.synchronize()
+expected = world * (world + 1) / 2
+print(json.dumps({"check": "ddp", "rank": rank, "world": world, "value": x[0].item(),
+                  "expected": expected, "ok": bool(torch.all(x == expected)),
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+                  "gpu": torch.cuda.get_device_name(local)}), flush=True)
+dist.destroy_process_group()
+EOF
+cat > "$out/horovod_allreduce.py" <<'EOF'
+"""2-rank NCCL allreduce with Horovod (GPU tensors go through NCCL); one JSON line per rank."""
+import json
+
+import horovod.torch as hvd
+import torch
+
+hvd.init()
+torch.cuda.set_device(hvd.local_rank())
+x = torch.full((1 << 22,), float(hvd.rank() + 1), device="cuda")
+y = hvd.allreduce(x, op=hvd.Sum)
+torch.cuda.synchronize()
+expected = hvd.size() * (hvd.size() + 1) / 2
+print(json.dumps({"check": "horovod", "rank": hvd.rank(), "world": hvd.size(),
+                  "value": y[0].item(), "expected": expected,
+                  "ok": bool(torch.all(y == expected)), "nccl_built": bool(hvd.nccl_built()),
+                  "mpi_threads": bool(hvd.mpi_threads_supported()),
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version()))}), flush=True)
+hvd.shutdown()
+EOF
+
+results=()
+failed=0
+# step NAME CHECK_FN -- COMMAND...: print and run COMMAND (log in OUT_DIR/NAME.log), then
+# CHECK_FN NAME decides PASS/FAIL from the exit status and the log.
+step() {
+  local name="$1" check="$2"; shift 3
+  echo "+ $(printf '%q ' "$@")"
+  [ "$dry" = 1 ] && return 0
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local verdict=FAIL
+  if [ "$rc" = 0 ] && "$check" "$out/$name.log"; then verdict=PASS; else failed=1; fi
+  echo "$verdict $name (exit $rc, log $out/$name.log)"
+  results+=("{\"step\": \"$name\", \"exit\": $rc, \"result\": \"$verdict\"}")
+}
+ok_exit() { return 0; }
+# Both ranks printed ok=true, and NCCL said which version it is.
+ranks_ok() {
+  [ "$(grep -c '"ok": true' "$1")" = 2 ] && ! grep -q '"ok": false' "$1" && \
+    grep -q 'NCCL version' "$1"
+}
+env_ok() { grep -qx 'OPAL_PREFIX=/opt/scalelab/venv OMPI_MCA_pml=None threads=3 gds=ds12' "$1"; }
+
+step apptainer_test ok_exit -- "$runtime" test --nv "${flags[@]}" "$image"
+step host_env env_ok -- env OMPI_MCA_pml=host_module_value OPAL_PREFIX=/apps/openmpi/4.1 \
+  SCALELAB_PMIX_MCA_gds=ds12 "$runtime" exec "${flags[@]}" "$image" python -c \
+  'import os; from mpi4py import MPI; e = os.environ; print("OPAL_PREFIX=%s OMPI_MCA_pml=%s threads=%d gds=%s" % (e["OPAL_PREFIX"], e.get("OMPI_MCA_pml"), MPI.Query_thread(), e["PMIX_MCA_gds"]))'
+step ddp_nccl_allreduce ranks_ok -- env NCCL_DEBUG=VERSION "$runtime" exec --nv "${flags[@]}" \
+  --bind "$out" "$image" torchrun --standalone --nproc-per-node 2 "$out/ddp_allreduce.py"
+step horovod_nccl_allreduce ranks_ok -- env NCCL_DEBUG=VERSION "$runtime" exec --nv \
+  "${flags[@]}" --bind "$out" "$image" mpirun -np 2 python "$out/horovod_allreduce.py"
+[ "$dry" = 1 ] && exit 0
+
+# One NCCL: DDP and Horovod ran the same NCCL release, the one the image's label names.
+label="$("$runtime" inspect --labels "$image" 2>/dev/null | awk '/org.scalelab.nccl.version/ {print $NF}')"
+versions="$(cat "$out/ddp_nccl_allreduce.log" "$out/horovod_nccl_allreduce.log" \
+  | grep -o '"nccl": "[0-9.]*"' | sort -u)"
+if [ "$versions" = "\"nccl\": \"$label\"" ]; then verdict=PASS; else verdict=FAIL; failed=1; fi
+echo "$verdict one_nccl (label $label; seen: $(echo "$versions" | tr '\n' ' '))"
+results+=("{\"step\": \"one_nccl\", \"exit\": 0, \"result\": \"$verdict\"}")
+
+{ echo "["; (IFS=,; echo "${results[*]}"); echo "]"; } > "$out/gpu_check.json.tmp"
+mv "$out/gpu_check.json.tmp" "$out/gpu_check.json"
+echo "gpu_check: $([ "$failed" = 0 ] && echo 'all checks passed' || echo 'FAILED') ($out/gpu_check.json)"
+exit "$failed"
