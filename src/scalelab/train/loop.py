@@ -35,7 +35,14 @@ from scalelab.launch import Layout, detect
 from scalelab.models import build_model
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.config import BatchPlan, RunConfig, from_dict, load, resolve_batch
-from scalelab.train.metrics import EpochStats, MetricsWriter, format_epoch_line, throughput
+from scalelab.train.metrics import (
+    EpochStats,
+    MetricsWriter,
+    PhaseTimer,
+    format_epoch_line,
+    model_facts,
+    throughput,
+)
 from scalelab.train.sampling import Batches, epoch_order, eval_shard, rank_batches
 from scalelab.train.signals import Preempted, StopRequest
 from scalelab.train.watchdog import Watchdog
@@ -140,6 +147,8 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     if cfg.train.compile:
         model = torch.compile(model)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    timer = PhaseTimer(device)  # CUDA events on GPUs, the host clock on the CPU
+    timer.attach(optimizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # --- the run directory describes itself
@@ -258,9 +267,11 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
 
         for step in range(first, steps_per_epoch):
             # data
+            timer.mark("start")
             t0 = time.perf_counter()
             x, y = next(batches)
             t_data = time.perf_counter() - t0
+            timer.mark("ready")
             # forward/backward over micro-batches; gradients averaged on the last one
             mb = plan.micro_batch
             for micro in range(plan.accum_steps):
@@ -276,6 +287,7 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
                                             (logits.argmax(1) == ys).sum().double(),
                                             torch.tensor(float(len(ys)), device=device,
                                                          dtype=torch.float64)])
+            timer.mark("backward")
             t_comm = backend.step(optimizer, params, cfg.optim.grad_clip)
             optimizer.zero_grad()  # set_to_none (the default) frees grads early
             scheduler.step()
@@ -286,17 +298,12 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
             # timing (rank 0's clock; all ranks move in lockstep)
             now = time.perf_counter()
             step_s, t_prev = now - t_prev, now
-            comm_s = t_comm or 0.0
-            stats.data_s += t_data
-            stats.comm_s += comm_s
-            stats.compute_s += max(0.0, step_s - t_data - comm_s)
+            timer.end(step_s, t_data, t_comm)
             if process_steps > cfg.metrics.warmup_steps:
                 stats.timed_samples += plan.global_batch
                 stats.timed_s += step_s
             interval["steps"] += 1
             interval["time"] += step_s
-            interval["data"] += t_data
-            interval["comm"] += comm_s
             bar.update(1)
 
             # sync point: sum metrics and the stop flag over ranks. The reduction runs
@@ -306,6 +313,12 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
             every = cfg.checkpoint.every_steps
             ckpt_due = bool(every) and global_step % every == 0 and not last_step
             if global_step % log_every == 0 or last_step or ckpt_due:
+                data_s, compute_s, comm_s = timer.collect()  # GPU: one sync per interval
+                stats.data_s += data_s
+                stats.compute_s += compute_s
+                stats.comm_s += comm_s
+                interval["data"] += data_s
+                interval["comm"] += comm_s
                 flag = torch.tensor([float(stop.requested)], dtype=torch.float64, device=device)
                 inflight.append((backend.allreduce_async(torch.cat([flag, pending])), {
                     "epoch": epoch, "step": step + 1, "global_step": global_step,
@@ -324,6 +337,9 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
                                    "epoch": epoch, "step_in_epoch": step + 1,
                                    "global_step": global_step, "checkpoint": path.name})
                     metrics.close()
+                    # No rank leaves before the record is written: srun --kill-on-bad-exit
+                    # ends the step when the first rank exits 75.
+                    backend.barrier()
                     bar.close()
                     raise Preempted(
                         f"stop signal {stop.name or '(on another rank)'}: checkpoint "
@@ -368,6 +384,9 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
         atomic_write(out / "model.pt", lambda fh: torch.save(raw_model.state_dict(), fh))
     summary = _summary(cfg, layout, plan, backend, history, global_step, steps_per_epoch,
                        resumes, device)
+    summary.update(model_facts(cfg.model.name, cfg.model.options, train_set.num_classes,
+                               train_set.image_shape, raw_model, device,
+                               summary["samples_per_s_per_rank"], use_bf16))
     metrics.write({"kind": "end", "global_step": global_step,
                    "samples_per_s": summary["samples_per_s"]})
     metrics.close()
