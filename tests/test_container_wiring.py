@@ -1,14 +1,23 @@
-"""Exact command lines (exec, build, pull, srun-wrapped exec) and provenance, without apptainer."""
+"""Exact command lines (exec, build, pull, srun-wrapped exec), --userns, provenance and the
+content pin. Runtime detection uses the real apptainer's directory; only the
+apptainer-versus-singularity preference needs fake executables (no singularity here)."""
 
 import hashlib
-import json
+import os
+from pathlib import Path
 
 import pytest
+from container_image import require_apptainer
 from container_standin import make_standins
 
-from scalelab.container import runtime
+from scalelab.container import runtime, verify
 from scalelab.container.config import ContainerConfig
-from scalelab.container.wiring import container_prefix, image_provenance, parse_inspect_labels
+from scalelab.container.wiring import (
+    container_prefix,
+    image_provenance,
+    parse_inspect_labels,
+    workflow_image,
+)
 from scalelab.errors import UsageError
 
 CFG = {
@@ -16,13 +25,14 @@ CFG = {
     "binds": ["/scratch/data:/data:ro", "/scratch/$USER"],
     "env": {"NCCL_SOCKET_IFNAME": "ib0"},
     "srun_flags": ["--cpu-bind=cores"],
+    "userns": False,
 }
 
 
 @pytest.fixture
-def standin_path(tmp_path):
-    """A PATH holding only a stand-in `apptainer` (see tests/container_standin.py)."""
-    return str(make_standins(tmp_path / "bin"))
+def standin_path():
+    """PATH = the directory of the real apptainer (only found, not run, by these tests)."""
+    return os.path.dirname(require_apptainer())
 
 
 def test_exec_argv():
@@ -115,41 +125,98 @@ def test_config_accepts_whole_config_and_sha_prefix():
     assert cfg.sha256 == sha and cfg.nv and cfg.srun_mpi == "pmix"
 
 
-def test_image_provenance(tmp_path, monkeypatch):
+def test_userns_auto_follows_roots_capability_set():
+    full = "CapBnd:\t000001ffffffffff\n"
+    lacking = "CapBnd:\t000001fffeffffff\n"  # no CAP_SYS_RESOURCE (bit 24), as here
+    assert not runtime.root_lacks_capabilities(full, 40)
+    assert runtime.root_lacks_capabilities(lacking, 40)
+    assert runtime.use_userns(True) and not runtime.use_userns("false")
+    here = os.geteuid() == 0 and runtime.root_lacks_capabilities()
+    assert runtime.use_userns("auto") == here
+
+
+def test_userns_reaches_the_exec_argv(standin_path):
+    cfg = {**CFG, "nv": False}
+    assert container_prefix({**cfg, "userns": True}, launcher="none", path=standin_path) == [
+        "apptainer", "exec", "--bind", "/scratch/data:/data:ro", "--bind", "/scratch/$USER",
+        "--env", "NCCL_SOCKET_IFNAME=ib0", "--userns", CFG["image"]]
+    # Given once in exec_flags: not repeated.
+    flags = container_prefix({**cfg, "userns": True, "exec_flags": ["--userns"]},
+                             launcher="none", path=standin_path)
+    assert flags.count("--userns") == 1
+    with pytest.raises(UsageError, match=r"container\.userns"):
+        ContainerConfig.from_mapping({"image": "a.sif", "userns": "maybe"})
+
+
+def test_image_provenance_hashes_by_content(tmp_path):
     image = tmp_path / "img.sif"
-    image.write_bytes(b"SIF stand-in bytes " * 1000)
+    image.write_bytes(b"bytes of an image " * 1000)
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    bindir = make_standins(tmp_path / "bin")
-    inspect_json = json.dumps({"data": {"attributes": {"labels": {
-        "org.scalelab.torch.version": "2.13.0", "org.scalelab.source-commit": "abc1234"}}},
-        "type": "container"})
-    monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "log"))
-    monkeypatch.setenv("STANDIN_STDOUT", inspect_json)
-    record = image_provenance({"image": str(image), "sha256": digest}, path=str(bindir))
+    record = image_provenance({"image": str(image), "sha256": digest},
+                              path=os.path.dirname(require_apptainer()))
     assert record["sha256"] == digest and record["pinned_sha256"] == digest
-    assert record["runtime"] == "apptainer" and record["size_bytes"] == 19000
-    assert record["labels"]["org.scalelab.source-commit"] == "abc1234"
-    cache = json.loads((tmp_path / "img.sif.sha256.json").read_text())
-    assert cache["sha256"] == digest
-    # unpinned: recorded, not refused; no runtime: no labels
+    assert record["runtime"] == "apptainer" and record["size_bytes"] == 18000
+    assert record["runtime_version"] == "apptainer version 1.4.5"
+    assert record["hashed_by"] == "this job" and record["labels"] == {}  # not a SIF: no labels
+    assert not list(tmp_path.glob("*.sha256.json"))  # no size+mtime cache any more
     record = image_provenance({"image": str(image)}, path=str(tmp_path / "empty"))
-    assert record["pinned_sha256"] is None and record["runtime"] is None and record["labels"] == {}
+    assert record["pinned_sha256"] is None and record["runtime"] is None
     with pytest.raises(UsageError, match="sha256 mismatch"):
-        image_provenance({"image": str(image), "sha256": "0" * 64}, path=str(bindir))
+        image_provenance({"image": str(image), "sha256": "0" * 64})
     with pytest.raises(UsageError, match="image not found"):
         image_provenance({"image": str(tmp_path / "missing.sif")})
     with pytest.raises(UsageError, match="is a URI"):
         image_provenance({"image": "oras://ghcr.io/lab/scalelab-gpu:0.1.0"})
 
 
-def test_provenance_cache_follows_the_file(tmp_path):
+def _flip_keep_size_and_mtime(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_content_pin_sees_a_change_that_keeps_size_and_mtime(tmp_path):
     image = tmp_path / "img.sif"
-    image.write_bytes(b"one")
-    first = image_provenance({"image": str(image)}, labels=False, path=str(tmp_path))["sha256"]
-    image.write_bytes(b"two, longer")
-    second = image_provenance({"image": str(image)}, labels=False, path=str(tmp_path))["sha256"]
-    assert first == hashlib.sha256(b"one").hexdigest()
-    assert second == hashlib.sha256(b"two, longer").hexdigest()
+    image.write_bytes(b"x" * 4096)
+    pin = verify.pin_image(image)
+    _flip_keep_size_and_mtime(image)
+    with pytest.raises(UsageError, match="sha256 mismatch"):
+        verify.pin_image(image, pin.sha256)
+
+
+def test_workflow_image_hashes_once_on_the_submit_host(tmp_path):
+    image = tmp_path / "dir" / "img.sif"
+    image.parent.mkdir()
+    image.write_bytes(b"y" * 4096)
+    state = tmp_path / "state"
+    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True,
+                                        state_dir=state)
+    assert Path(alias).name == f"sha256-{pin.sha256}.sif" and Path(alias).resolve() == image
+    assert verify.read_pin(record) == pin
+    # A job re-parse reads the record: it does not hash (a changed record would show).
+    job_alias, job_pin, _ = workflow_image({"image": str(image)}, submit_host=False,
+                                           state_dir=state)
+    assert (job_alias, job_pin) == (alias, pin)
+    # The job refuses a file that is no longer the one hashed: written in place with size
+    # and mtime kept (the ctime moves), or replaced (another inode).
+    _flip_keep_size_and_mtime(image)
+    with pytest.raises(UsageError, match="changed since the submit host hashed it"):
+        workflow_image({"image": str(image)}, submit_host=False, state_dir=state)
+    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True,
+                                        state_dir=state)
+    replacement = tmp_path / "dir" / "new.sif"
+    replacement.write_bytes(b"z" * 4096)
+    os.replace(replacement, image)
+    with pytest.raises(UsageError, match="changed since the submit host hashed it"):
+        workflow_image({"image": str(image)}, submit_host=False, state_dir=state)
+    # The next invocation's submit host hashes again (and the pin still refuses other bytes).
+    _flip_keep_size_and_mtime(image)
+    with pytest.raises(UsageError, match="sha256 mismatch"):
+        workflow_image({"image": str(image), "sha256": pin.sha256}, submit_host=True,
+                       state_dir=state)
 
 
 def test_parse_inspect_labels():

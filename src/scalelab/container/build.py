@@ -330,9 +330,18 @@ def build_cpu(repo: Path, *, commit: str, torch_index: str | None = None, notest
         for old in p.deps_dir.glob("scalelab-cpu-*.sif"):  # keep the cache to one image per deps
             if old != p.cached_sif:
                 old.unlink(missing_ok=True)
+        _prune(images, keep=p.deps_dir)
         p.times["total"] = round(time.monotonic() - t_all, 1)
         say(f"image: built in {p.times['total']} s ({p.cached_sif}; log {log})")
     return p.cached_sif, p
+
+
+def _prune(images: Path, keep: Path, spare: int = 1) -> None:
+    """Drop stack stages of older inputs (GBs each), keeping `keep` and `spare` newer others."""
+    others = sorted((d for d in images.glob("cpu-*") if d.is_dir() and d != keep),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in others[spare:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _version() -> str:

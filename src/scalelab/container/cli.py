@@ -15,8 +15,9 @@ from pathlib import Path
 
 from scalelab.errors import UsageError
 
-RECIPE_OPTIONS = ("cuda", "distro", "arch", "mpi", "mpi_version", "pmix", "ucx", "nccl", "python",
-                  "torch", "torch_index", "mpi4py", "horovod", "cuda_archs", "srun_mpi", "lock")
+#: User arguments of containers/recipe.py (the GPU image; see its docstring).
+RECIPE_OPTIONS = ("cuda", "distro", "arch", "python", "torch", "torch_index", "nccl", "openmpi",
+                  "ucx", "mpi4py", "horovod", "cuda_archs", "srun_mpi", "lock", "requirements")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,10 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="container_command", metavar="ACTION", required=True)
 
-    g = sub.add_parser("generate", help="render .def files from containers/recipe.py (hpccm)")
+    g = sub.add_parser("generate", help="render the GPU .def from containers/recipe.py (hpccm)")
     g.add_argument("--recipe", help="hpccm recipe (default: containers/recipe.py)")
     g.add_argument("--out", help="write one definition here ('-': stdout); default: rewrite the "
-                   "committed scalelab-gpu.def and scalelab-cpu.def")
+                   "committed scalelab-gpu.def (the CPU image is containers/cpu/, not generated)")
     g.add_argument("--check", action="store_true",
                    help="compare the committed files with the recipe's output; exit 1 if stale")
     for opt in RECIPE_OPTIONS:

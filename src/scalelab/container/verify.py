@@ -39,14 +39,16 @@ class ImagePin:
     The workflow hashes the image once per invocation on the submit host (never from
     a cache keyed by size or mtime: a modified image can keep both). Jobs of that
     invocation get this record and check that the file is still the one that was
-    hashed (same device, inode, size and mtime), so they run exactly that digest
-    without hashing gigabytes again in every job.
+    hashed (same device, inode, size, mtime and ctime: a write, or restoring the mtime
+    after one, moves the ctime, which no user can set), so they run exactly that
+    digest without hashing gigabytes again in every job.
     """
 
     image: str
     sha256: str
     size: int
     mtime_ns: int
+    ctime_ns: int
     inode: int
     device: int
     hashed_at: str
@@ -61,13 +63,14 @@ def pin_image(image: str | Path, pinned: str | None = None) -> ImagePin:
     before = p.stat()
     digest = sha256_file(p)
     after = p.stat()
-    if (before.st_mtime_ns, before.st_size, before.st_ino) != \
-            (after.st_mtime_ns, after.st_size, after.st_ino):
+    if (before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino) != \
+            (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino):
         raise UsageError(f"{image}: the image changed while it was being hashed")
     if pinned and digest != pinned.lower().removeprefix("sha256:"):
         raise UsageError(f"sha256 mismatch for {image}: pinned {pinned}, file has {digest}")
     return ImagePin(image=str(p.resolve()), sha256=digest, size=after.st_size,
-                    mtime_ns=after.st_mtime_ns, inode=after.st_ino, device=after.st_dev,
+                    mtime_ns=after.st_mtime_ns, ctime_ns=after.st_ctime_ns, inode=after.st_ino,
+                    device=after.st_dev,
                     hashed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
@@ -75,8 +78,8 @@ def check_pinned_file(pin: ImagePin, image: str | Path) -> None:
     """The job's image must be the very file the submit host hashed (no re-hash)."""
     p = runtime.check_image_file(str(image))
     st = p.stat()
-    now = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    then = (pin.image, pin.device, pin.inode, pin.size, pin.mtime_ns)
+    now = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    then = (pin.image, pin.device, pin.inode, pin.size, pin.mtime_ns, pin.ctime_ns)
     if now != then:
         raise UsageError(f"{image}: changed since the submit host hashed it at {pin.hashed_at} "
                          f"(sha256 {pin.sha256}); rerun the workflow to hash it again")

@@ -1,0 +1,365 @@
+"""The real CPU image, run for real: built by `scalelab container build`, %test, its own
+scalelab inside, 2-node training in the hybrid model on the test cluster (equal to the
+same runs on the host), the pull over HTTP onto the nodes, the content pin.
+
+No stand-in anywhere in this file: `apptainer` is the binary installed by
+envs/install_apptainer.sh. CI (SCALELAB_REQUIRE_CLUSTER=1) fails, never skips, without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import VENV_BIN, run, tool_env
+from container_image import SCALELAB, require_apptainer, session_image
+
+PY = str(VENV_BIN / "python")
+pytestmark = pytest.mark.timeout(2400)  # the first test may wait for a cold image build
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> dict:
+    return session_image()
+
+
+def apptainer_exec(image: Path, cmd: list[str], env: dict | None = None,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([require_apptainer(), "exec", "--userns", str(image), *cmd], env=env,
+               timeout=timeout)
+
+
+# ---- the image itself ---------------------------------------------------------------------
+
+def test_build_records_the_sha256_and_the_image_passes_its_test(cpu_image):
+    image = cpu_image["path"]
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    assert cpu_image["sha256"] == digest
+    assert image.with_name(image.name + ".sha256").read_text() == f"{digest}  {image.name}\n"
+    rec = cpu_image["record"]
+    assert "torch==2.13.0" in rec["pins"] and rec["horovod_wheel"].startswith("horovod-0.28.1-")
+    assert not any(p.startswith(("snakemake", "pytest", "ruff")) for p in rec["pins"])
+    # %test again, on the finished image: one Horovod step through Open MPI.
+    proc = run([require_apptainer(), "test", "--userns", str(image)], timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["horovod"] == "0.28.1", result
+    assert result["torch"].startswith("2.13.0") and "Open MPI" in result["mpi_library"]
+    labels = run([SCALELAB, "container", "inspect", str(image)]).stdout
+    assert "org.scalelab.torch" in labels and "2.13.0+cpu" in labels
+    assert "debian:bookworm (debootstrap)" in labels
+
+
+def test_image_runs_its_own_scalelab_not_the_hosts(cpu_image):
+    # The host's venv first on PATH (as Snakemake's shell has it): the image must still win.
+    probe = ("import sys, scalelab, shutil; print(sys.prefix); print(scalelab.__file__); "
+             "print(shutil.which('scalelab')); print(open('/etc/os-release').read())")
+    out = apptainer_exec(cpu_image["path"], ["python", "-c", probe], env=tool_env()).stdout
+    prefix, module, exe = out.splitlines()[:3]
+    assert prefix == "/opt/venv"
+    assert module.startswith("/opt/venv/lib/python3.11/site-packages/scalelab/")
+    assert exe == "/opt/venv/bin/scalelab"
+    assert 'VERSION_CODENAME=bookworm' in out
+
+
+def test_cached_build_is_reused(cpu_image):
+    proc = run([SCALELAB, "container", "build", "--dry-run", "--image",
+                str(cpu_image["path"]), "--force"])
+    assert "(cached)" in proc.stdout, proc.stdout  # the deps stage is not rebuilt
+
+
+# ---- the content pin (issue 11) --------------------------------------------------------------
+
+def test_modified_image_with_same_size_and_mtime_is_refused_before_any_job(cpu_image, tmp_path):
+    from test_workflow import copy_workflow, snakemake
+
+    image = tmp_path / "img" / "scalelab-cpu.sif"
+    image.parent.mkdir()
+    shutil.copyfile(cpu_image["path"], image)
+    wd = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wd / ".test" / "config.yaml").read_text())
+    cfg["container"] = {"enabled": True, "image": str(image), "nv": False,
+                        "sha256": cpu_image["sha256"]}
+    (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert snakemake(wd, ["-n", "--configfile", "c.yaml"]).returncode == 0
+    # Flip one byte in the middle, keep the size and the mtime.
+    st = image.stat()
+    with open(image, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+    proc = snakemake(wd, ["--cores", "1", "--configfile", "c.yaml"], check=False)
+    assert proc.returncode != 0
+    assert "sha256 mismatch" in proc.stderr and cpu_image["sha256"] in proc.stderr
+    assert not (wd / "results").exists()
+
+
+# ---- the hybrid model on the test cluster ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(cluster) -> Path:
+    data = cluster.shared_dir / "container-synthetic"
+    if not (data / "index.json").exists():
+        run([PY, "-m", "scalelab", "stage", "--source", "synthetic", "--num-samples", "400",
+             "--num-classes", "4", "--image-size", "8", "8", "--shards", "2", "--out",
+             str(data), "--quiet"])
+    return data
+
+
+def _train_config(cluster, staged: Path, backend: str, tag: str) -> Path:
+    cfg = {"seed": 5, "model": {"name": "cnn"},
+           "data": {"source": "staged", "path": str(staged)},
+           "optim": {"global_batch_size": 32, "lr": 0.05},
+           "train": {"epochs": 1, "threads": 1, "deterministic": True},
+           "dist": {"backend": backend, "timeout_s": 120}}
+    path = cluster.shared_dir / f"container-{backend}-{tag}-{os.getpid()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.cluster
+@pytest.mark.horovod
+@pytest.mark.parametrize("backend", ["ddp", "horovod"])
+def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu_image, backend):
+    image = cpu_image["path"]
+    inside = cluster.shared_dir / f"run-img-{backend}-{os.getpid()}"
+    host = cluster.shared_dir / f"run-host-{backend}-{os.getpid()}"
+    cfg = _train_config(cluster, staged, backend, "x")
+    env = cluster.env(tool_env({"SCALELAB_IMAGE_SHA256": cpu_image["sha256"]}))
+    # srun --mpi=pmix ... apptainer exec --userns IMAGE scalelab train: the container call
+    # inside srun, through scalelab's own command line.
+    proc = run([SCALELAB, "container", "exec", "--image", str(image), "--no-nv", "--srun",
+                "--nodes", "2", "--ntasks-per-node", "1", "--", "scalelab", "train",
+                "--config", str(cfg), "--out", str(inside)], env=env, timeout=600)
+    assert (inside / "summary.json").exists(), proc.stdout + proc.stderr
+    # The same run on the host's venv, same nodes, same launcher.
+    cluster.srun(["--mpi=pmix", "-N2", "-n2", PY, "-m", "scalelab", "train", "--config",
+                  str(cfg), "--out", str(host)], timeout=600,
+                 extra_env={"LD_LIBRARY_PATH": str(VENV_BIN.parent / "lib")})
+    info = json.loads((inside / "run_info.json").read_text())
+    assert sorted(info["hostnames"]) == ["n1", "n2"]
+    proof = info["container"]
+    assert proof["image"] == str(image) and proof["image_sha256"] == cpu_image["sha256"]
+    assert proof["os_release"]["VERSION_CODENAME"] == "bookworm"
+    assert proof["sys_prefix"] == "/opt/venv"
+    assert proof["scalelab_path"].startswith("/opt/venv/lib/python3.11/site-packages/")
+    assert json.loads((host / "run_info.json").read_text())["container"] is None
+    got = torch.load(inside / "model.pt", map_location="cpu")
+    want = torch.load(host / "model.pt", map_location="cpu")
+    assert got.keys() == want.keys()
+    worst = max(float((got[k].double() - want[k].double()).abs().max()) for k in got)
+    assert worst <= 1e-5, worst
+    s_in = json.loads((inside / "summary.json").read_text())
+    s_host = json.loads((host / "summary.json").read_text())
+    assert s_in["global_steps"] == s_host["global_steps"] > 0 and s_in["world_size"] == 2
+
+
+# ---- the pull onto the cluster, over HTTP on the cluster's own network ------------------------
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest's output readable
+        pass
+
+
+@pytest.fixture
+def http_server(cluster, tmp_path):
+    """An HTTP server on the test cluster's host address only, alive for this test (<= 10 min)."""
+    served = cluster.shared_dir / f"served-{os.getpid()}"
+    served.mkdir(exist_ok=True)
+    host = cluster.cluster.spec.host_addr
+    with socket.socket() as s:  # a free port on that address
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(
+        (host, port), functools.partial(_Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    deadline = threading.Timer(600, server.shutdown)
+    deadline.start()
+    try:
+        yield served, f"http://{host}:{port}"
+    finally:
+        deadline.cancel()
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(served, ignore_errors=True)
+
+
+@pytest.mark.cluster
+def test_pull_onto_a_node_verifies_sha256_and_refuses_another_image(cluster, cpu_image,
+                                                                     http_server):
+    served, url = http_server
+    shutil.copyfile(cpu_image["path"], served / "scalelab-cpu.sif")
+    dest = cluster.shared_dir / f"pulled-{os.getpid()}" / "scalelab-cpu.sif"
+    env = cluster.env(tool_env())
+    pull = [SCALELAB, "container", "pull", f"{url}/scalelab-cpu.sif", "--image", str(dest),
+            "--sha256", cpu_image["sha256"]]
+    t0 = time.monotonic()
+    proc = cluster.srun(["-N1", "-w", "n2", *pull], timeout=300)  # run on a node
+    assert "matches the pin" in proc.stdout
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == cpu_image["sha256"]
+    print(f"pull of {dest.stat().st_size >> 20} MiB onto n2: {time.monotonic() - t0:.1f} s")
+    # A job uses it: both nodes run the pulled image.
+    out = cluster.srun(["-N2", "-n2", require_apptainer(), "exec", "--userns", str(dest),
+                        "bash", "-c", 'echo "$(hostname) $APPTAINER_CONTAINER"'], timeout=120)
+    assert sorted(out.stdout.split("\n")[:-1]) == [f"n1 {dest}", f"n2 {dest}"]
+    # Someone replaces the served image by another one under the same name.
+    other = served / "scalelab-cpu.sif"
+    with open(other, "ab") as f:
+        f.write(b"\0" * 4096)
+    before = dest.stat().st_mtime_ns
+    proc = run([*pull, "--force"], env=env, check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "refused" in proc.stderr and cpu_image["sha256"] in proc.stderr
+    assert dest.stat().st_mtime_ns == before
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == cpu_image["sha256"]
+    assert not list(dest.parent.glob(".*.pull.*"))  # no partial file left behind
+    # A different local image under the destination's name is refused too.
+    proc = run([*pull[:-2], "--sha256", "f" * 64], env=env, check=False, timeout=300)
+    assert proc.returncode == 2 and "holds a different image" in proc.stderr
+
+
+# ---- Snakemake's --sdm apptainer: the image's own scalelab, no shell injection ----------------
+
+def _sdm_args() -> list[str]:
+    return ["--sdm", "apptainer", "--apptainer-args", "--userns"]
+
+
+def _full_config(image: Path, sha: str, **sweep) -> dict:
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    cfg["sweep"].update(sweep)
+    cfg["commbench"] = {"enabled": False}
+    cfg["container"] = {"enabled": True, "image": str(image), "nv": False, "sha256": sha}
+    return cfg
+
+
+def test_sdm_jobs_run_the_images_scalelab_even_with_the_host_venv_visible(cpu_image, tmp_path):
+    """common.smk's shell prefix must not put the host venv before the image's scalelab."""
+    from conftest import REPO
+    from test_workflow import snakemake
+
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    (wd / "c.yaml").write_text(yaml.safe_dump(_full_config(cpu_image["path"],
+                                                           cpu_image["sha256"])))
+    (wd / "Snakefile").write_text(
+        'configfile: "c.yaml"\n'
+        f'include: "{REPO}/workflow/rules/common.smk"\n\n'
+        "rule whoami:\n"
+        '    output: "whoami.txt"\n'
+        "    container: job_image\n"
+        "    shell: \"{{ command -v scalelab; python -c 'import sys; print(sys.prefix)'; "
+        'echo $APPTAINER_CONTAINER; }} > {output}"\n')
+    # The host venv bound inside at its own path: the old prefix would have run it.
+    env = tool_env({"APPTAINER_BIND": str(VENV_BIN.parent)})
+    snakemake(wd, ["--cores", "1", *_sdm_args(), "whoami.txt"], env=env, timeout=300)
+    exe, prefix, image = (wd / "whoami.txt").read_text().split()
+    assert exe == "/opt/venv/bin/scalelab" and prefix == "/opt/venv"
+    assert image.endswith(f".snakemake/scalelab/images/sha256-{cpu_image['sha256']}.sif")
+
+
+def test_injection_through_the_image_path_runs_nothing_end_to_end(cpu_image, tmp_path):
+    """A container.image carrying $(...) under --sdm apptainer: nothing is executed.
+
+    The image file really exists under that name (a copy of the real image), so only the
+    plan-time validator or the quoting can stop it; whichever does, the marker must stay
+    absent and no job may run the payload.
+    """
+    from test_workflow import copy_workflow, snakemake
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "imgs" / f"img$(touch {marker}).sif"
+    evil.parent.mkdir()
+    os.link(cpu_image["path"], evil)
+    wd = copy_workflow(tmp_path / "wf")
+    cfg = _full_config(evil, cpu_image["sha256"], backends=["ddp"], nodes=[1],
+                       tasks_per_node=[1])
+    (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, ["--cores", "2", *_sdm_args(), "--configfile", "c.yaml",
+                          "results/data"], check=False, timeout=600)
+    assert not marker.exists(), proc.stdout + proc.stderr
+    if proc.returncode != 0:  # refused at plan time (sweep.validate's character check)
+        assert "container.image" in proc.stderr and not (wd / "results").exists()
+    else:  # planned: the stage job ran inside the image through the digest-named alias
+        assert (wd / "results" / "data" / "index.json").exists()
+
+
+def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image, tmp_path):
+    """Bypassing the validator: the path goes straight to workflow_image, then into
+    Snakemake's own --sdm command builder, which pastes the image path unquoted."""
+    from snakemake.deployment.singularity import shellcmd
+
+    from scalelab.container.wiring import workflow_image
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / f"img$(touch {marker}).sif"
+    os.link(cpu_image["path"], evil)
+
+    def sh(cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    # The test can fail: Snakemake with the raw path executes the payload.
+    sh(shellcmd(str(evil), "true", args="--userns", shell_executable="bash"))
+    assert marker.exists()
+    marker.unlink()
+    alias, pin, _ = workflow_image({"image": str(evil), "sha256": cpu_image["sha256"]},
+                                   submit_host=True, state_dir=tmp_path / "state")
+    assert pin.sha256 == cpu_image["sha256"] and Path(alias).resolve() == evil
+    proc = sh(shellcmd(alias, "echo inside $APPTAINER_CONTAINER", args="--userns",
+                       shell_executable="bash"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"inside {alias}" in proc.stdout and not marker.exists()
+
+
+# ---- the whole workflow under the shipped profile on the test cluster -------------------------
+
+@pytest.mark.cluster
+@pytest.mark.horovod
+def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu_image, tmp_path):
+    from test_workflow import copy_workflow, snakemake
+
+    sha = cpu_image["sha256"]
+    wd = copy_workflow(cluster.shared_dir / f"wf-container-{tmp_path.name}")
+    cfg = _full_config(cpu_image["path"], sha, nodes=[2], tasks_per_node=[1])
+    (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
+    snakemake(wd, ["--profile", "profiles/slurm-apptainer", "--configfile", "c.yaml",
+                   "--slurm-init-seconds-before-status-checks", "3", "--retries", "0"],
+              env=cluster.env(tool_env()), timeout=1500)
+    print(f"workflow under slurm-apptainer: {time.monotonic() - t0:.0f} s")
+    for backend in ("ddp", "horovod"):
+        run_dir = wd / "results" / "runs" / f"{backend}-strong-n2-t1-g0-r0"
+        info = json.loads((run_dir / "run_info.json").read_text())
+        assert sorted(info["hostnames"]) == ["n1", "n2"]
+        proof = info["container"]
+        assert proof["image_sha256"] == sha and proof["sys_prefix"] == "/opt/venv"
+        assert proof["os_release"]["VERSION_CODENAME"] == "bookworm"
+        record = json.loads((run_dir / "container.json").read_text())
+        assert record["sha256"] == sha and record["hashed_by"].startswith("submit host")
+        log = (wd / "logs" / "train" / f"{backend}-strong-n2-t1-g0-r0.log").read_text()
+        assert "apptainer exec --userns" in log and "--mpi=pmix" in log
+        assert (run_dir / "evaluation.json").exists()
+    assert (wd / "results" / "analysis" / "scaling.csv").exists()
+    # Stage, evaluate and analyze ran as Slurm jobs inside the image (Snakemake's --sdm).
+    alias = f".snakemake/scalelab/images/sha256-{sha}.sif"
+    for rule in ("stage", "evaluate", "analyze"):
+        logs = list((wd / ".snakemake" / "slurm_logs").glob(f"rule_{rule}/**/*.log"))
+        assert logs, rule
+        assert any(alias in p.read_text() for p in logs), (rule, logs[0].read_text()[-2000:])
