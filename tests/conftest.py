@@ -72,7 +72,11 @@ def cluster():
     require_cluster()
     from scalelab.testcluster.cluster import ClusterSpec, TestCluster
 
-    spec = ClusterSpec.from_env(nodes=2, cpus_per_node=2, shared=[REPO, Path(sys.prefix)])
+    # 3 nodes: studies with 1-, 2- and 3-node points (test_slurm_profile). 4 CPUs and 4
+    # stand-in GPUs (null devices as GRES) per node: the GPU example's 4 ranks x 1 GPU per
+    # node fit, and the scheduler accepts or refuses GPU geometry for real.
+    spec = ClusterSpec.from_env(nodes=3, cpus_per_node=4, gpus_per_node=4,
+                                shared=[REPO, Path(sys.prefix)])
     tc = TestCluster(spec)
     tc.up()
     yield ClusterHandle(tc)

@@ -105,3 +105,17 @@ def test_retry_policy_only_where_a_retry_can_help():
     assert sweep.rule_settings(CFG, "commbench")["retries"] == 1
     for rule in ("stage", "evaluate", "analyze", "predict"):
         assert sweep.rule_settings(CFG, rule)["retries"] == 0
+
+
+def test_predict_refuses_a_cpu_curve_for_a_gpu_study():
+    import pytest
+
+    from scalelab.comm.predict import check_curve
+    from scalelab.errors import UsageError
+
+    gloo = [{"backend": "gloo", "op": "allreduce"}]
+    with pytest.raises(UsageError, match="cannot predict NCCL on GPUs"):
+        check_curve(gloo, {"gpus": 8.0})
+    check_curve(gloo, {"gpus": 8.0}, allow_cpu_curve=True)  # told to
+    check_curve(gloo, {"gpus": 0.0})  # a CPU study: the CPU curve is the right one
+    check_curve([{"backend": "nccl"}], {"gpus": 8.0})

@@ -163,8 +163,7 @@ def _check_chars(value: str, where: str, allowed: re.Pattern, described: str, wh
                  source: str) -> None:
     for ch in value:
         if not allowed.fullmatch(ch):
-            shown = repr(ch) if ch.isprintable() and ch != " " else repr(ch).strip("'")
-            raise UsageError(f"{source}: {where}: character {shown} is not allowed in {what} "
+            raise UsageError(f"{source}: {where}: character {ch!r} is not allowed in {what} "
                              f"(allowed: {described})")
 
 
@@ -442,6 +441,7 @@ def check_points(cfg: dict, source: str = "config") -> None:
 
     points = expand(cfg)
     try:
+        from_dict(copy.deepcopy(cfg["train"]), prefix="train.")  # as written
         from_dict(run_config(cfg, points[0], "DATA"), prefix="train.")
     except UsageError as exc:
         raise UsageError(f"{source}: {exc}") from None

@@ -121,6 +121,25 @@ class Base:
             raise UsageError(f"--overlap: {self.overlap} must be in [0, 1]")
 
 
+def check_curve(records: Iterable[dict], run: dict, allow_cpu_curve: bool = False) -> None:
+    """Refuse to extrapolate a GPU study from an allreduce curve measured on the CPU.
+
+    A gloo or MPI curve on host buffers says nothing about NCCL on GPUs (other links,
+    other algorithms, bandwidth that differs by orders of magnitude): a prediction fitted to
+    it would look precise and be wrong. ``allow_cpu_curve`` is the explicit override
+    (e.g. to study the CPU fallback on purpose).
+    """
+    if allow_cpu_curve or not (run.get("gpus") or 0) > 0:
+        return
+    backends = sorted({str(r.get("backend")) for r in records})
+    if "nccl" not in backends:
+        raise UsageError(
+            f"--commbench: the run trained on GPUs but the allreduce curve was measured with "
+            f"{', '.join(backends)} on host buffers; a CPU curve cannot predict NCCL on GPUs. "
+            f"Run commbench on the study's GPU nodes (the workflow places it like the "
+            f"training), or pass --allow-cpu-curve to fit it anyway")
+
+
 def predict(base: Base, fit: RingFit, ranks: Iterable[int]) -> pd.DataFrame:
     """Predicted step time, throughput and efficiency at each rank count."""
     base.check()

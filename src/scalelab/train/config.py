@@ -40,6 +40,8 @@ PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
+#: A split is a directory of the staged data: a plain name, never a path.
+SplitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1)]
 
 
 class Section(BaseModel):
@@ -82,9 +84,9 @@ class DataConfig(Section):
     staged: sharded data written by ``scalelab stage``."""
     path: str | None = None
     """The .npz file (memory-npz) or staged data directory (staged); unused for synthetic."""
-    train_split: str = "train"
+    train_split: SplitName = "train"
     """Split to train on."""
-    val_split: str | None = "val"
+    val_split: SplitName | None = "val"
     """Split to validate on after each epoch; null: no validation."""
     num_samples: PosInt = 4096
     """synthetic only: training samples per epoch."""
@@ -313,6 +315,9 @@ def _message(err: dict) -> tuple[str, str]:
               "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()), "?")
         return _dotted(loc), f"must be {op} {bound}, got {_show(value)}"
+    if kind == "string_pattern_mismatch":
+        return _dotted(loc), (f"{_show(value)} is not a plain name (letters, digits and "
+                              f". _ - only)")
     if kind in ("too_short", "too_long"):
         return _dotted(loc), f"expected {ctx.get('min_length', ctx.get('max_length'))} " \
                              f"items, got {_show(value)}"
