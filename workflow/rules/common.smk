@@ -17,7 +17,7 @@ from scalelab.fsio import atomic_write_text
 # APPTAINER_CONTAINER there) the image's own scalelab comes first: the host's venv,
 # visible through the bound workdir, must not shadow it.
 shell.prefix(
-    'set -euo pipefail; [ -n "${APPTAINER_CONTAINER:-${SINGULARITY_CONTAINER:-}}" ] || '
+    'set -euo pipefail; [ -n "${{APPTAINER_CONTAINER:-${{SINGULARITY_CONTAINER:-}}}}" ] || '
     f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 )
 
