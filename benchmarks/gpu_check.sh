@@ -47,7 +47,7 @@ fi
 
 # The two rank programs, written where the container sees them (OUT_DIR is bound).
 cat > "$out/ddp_allreduce.py" <<'EOF'
-"""2-rank NCCL allreduce with torch.distributed (DDP's backend); one JSON line per rank."""
+"""2-rank NCCL allreduce and a DDP step with torch.distributed; one JSON line per rank."""
 import json
 import os
 
@@ -60,10 +60,16 @@ torch.cuda.set_device(local)
 rank, world = dist.get_rank(), dist.get_world_size()
 x = torch.full((1 << 22,), float(rank + 1), device="cuda")
 dist.all_reduce(x)
+# A DistributedDataParallel step: its gradient allreduce (NCCL) averages the ranks'.
+model = torch.nn.Linear(256, 4, bias=False).cuda()
+ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local])
+ddp(torch.full((8, 256), float(rank + 1), device="cuda")).sum().backward()
 torch.cuda.synchronize()
 expected = world * (world + 1) / 2
+grad_ok = torch.allclose(model.weight.grad, torch.full_like(model.weight.grad, 8 * expected / world))
 print(json.dumps({"check": "ddp", "rank": rank, "world": world, "value": x[0].item(),
-                  "expected": expected, "ok": bool(torch.all(x == expected)),
+                  "expected": expected, "grad_ok": bool(grad_ok),
+                  "ok": bool(torch.all(x == expected)) and bool(grad_ok),
                   "nccl": ".".join(map(str, torch.cuda.nccl.version())),
                   "gpu": torch.cuda.get_device_name(local)}), flush=True)
 dist.destroy_process_group()
