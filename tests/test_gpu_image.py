@@ -727,6 +727,51 @@ def test_cpu_build_patch_is_unchanged(tmp_path):
            '${device}"' in build
 
 
+def test_horovod_cmake_finds_torchs_pip_nccl(tmp_path):
+    # Horovod's own FindNCCL.cmake, given the definition's HOROVOD_NCCL_* settings and its
+    # libnccl.so link, on the pip NCCL's layout with the real nccl.h of the pinned
+    # nvidia-nccl-cu12 (read from PyPI): shared linking, found, NCCL 2. The 395 MB
+    # libnccl.so.2 itself is a STAND-IN (an empty file): find_library resolves names only;
+    # that the real one is in that wheel at that path is checked in
+    # test_pins_of_the_gpu_image_exist_together.
+    text = GPU_DEF.read_text()
+    build = next(line for line in body(text, "post", "devel").splitlines()
+                 if "HOROVOD_NCCL_LINK" in line)
+    settings = dict(re.findall(r"\b(HOROVOD_NCCL_\w+)=(\S+)", build))
+    link = next(line.strip() for line in body(text, "post", "devel").splitlines()
+                if "ln -s" in line and "libnccl" in line)
+    cu, version = torch_pin(text).nccl
+    header = wheel_members(f"nvidia-nccl-{cu}", version, "x86_64",
+                           "nvidia/nccl/include/nccl.h")["nvidia/nccl/include/nccl.h"]
+    site = re.search(r"HOROVOD_NCCL_INCLUDE=(\S+)/nvidia/nccl/include", build).group(1)
+    root = tmp_path / "root"
+
+    def here(path: str) -> str:
+        return str(root) + path
+
+    Path(here(f"{site}/nvidia/nccl/include")).mkdir(parents=True)
+    Path(here(f"{site}/nvidia/nccl/include/nccl.h")).write_text(str(header))
+    Path(here(f"{site}/nvidia/nccl/lib")).mkdir(parents=True)
+    Path(here(f"{site}/nvidia/nccl/lib/libnccl.so.2")).write_bytes(b"")  # stand-in, see above
+    rebased = re.sub(r"(?<=\s)(/(?:opt|var)/\S+)", lambda m: here(m.group(1)), link)
+    subprocess.run(["bash", "-e", "-c", rebased], check=True)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    sdist = unpack_sdist(tmp_path / "sdist")
+    (probe / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(probe NONE)\n"
+        f'list(APPEND CMAKE_MODULE_PATH "{sdist}/cmake/Modules")\n'
+        "find_package(NCCL REQUIRED)\n"
+        'message(STATUS "PROBE ${NCCL_LIBRARIES} ${NCCL_INCLUDE_DIRS} ${NCCL_MAJOR_VERSION}")\n')
+    env = {**os.environ, **{k: here(v) if v.startswith("/") else v for k, v in settings.items()}}
+    proc = subprocess.run(["cmake", "-S", str(probe), "-B", str(tmp_path / "build")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Linking against shared NCCL library" in proc.stdout
+    assert (f"PROBE {here(settings['HOROVOD_NCCL_LIB'])}/libnccl.so "
+            f"{here(site)}/nvidia/nccl/include 2") in proc.stdout
+
+
 # ---- (d) the same checks on the definition as it was before ------------------------------
 
 def test_the_checks_fail_on_the_definition_before_issue_14(tmp_path):
