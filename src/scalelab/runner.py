@@ -20,20 +20,18 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from scalelab import sweep
+from scalelab import supervise, sweep
 from scalelab.errors import UsageError
-from scalelab.fsio import atomic_write_text
+from scalelab.fsio import atomic_write_text, check_target, marker_kind, write_marker, writer_lock
 from scalelab.tools import which
-
-#: Exit code of a job stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me).
-EXIT_REQUEUE = 75
+from scalelab.train.cli import LOCK_ENV
 
 
 def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
@@ -131,11 +129,12 @@ def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path
 
     An identical config keeps the directory so `--resume` continues from its
     newest checkpoint (a requeued or retried job); a changed config must not
-    resume from checkpoints that belong to another experiment.
+    resume from checkpoints that belong to another experiment. Only a directory
+    marked as a scalelab run is ever cleared (the caller checked and locked it).
     """
     digest = config_digest(run_cfg, point)
     meta = out_dir / "sweep.json"
-    if out_dir.exists():
+    if out_dir.exists() and marker_kind(out_dir) == "run":
         try:
             old = json.loads(meta.read_text()).get("config_sha256")
         except (OSError, json.JSONDecodeError):
@@ -143,6 +142,7 @@ def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path
         if old != digest:
             shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "run")
     (out_dir / "summary.json").unlink(missing_ok=True)
     atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
     atomic_write_text(meta, json.dumps({**point.as_dict(), "config_sha256": digest}, indent=2))
@@ -179,7 +179,23 @@ def container_setup(container: dict,
 
 def _point(d: dict) -> sweep.RunPoint:
     fields = sweep.RunPoint.__dataclass_fields__
+    missing = [k for k in fields if k not in d]
+    if missing:
+        raise UsageError(f"--spec: field 'point' lacks {', '.join(missing)}")
     return sweep.RunPoint(**{k: d[k] for k in fields})
+
+
+def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path]:
+    """The sweep point and data directory of a job spec; one line naming a missing field."""
+    if not isinstance(spec, dict):
+        raise UsageError("--spec: expected a JSON object (what `job_spec` writes)")
+    for key in ("point", "run_config", "launch"):
+        if not isinstance(spec.get(key), dict):
+            raise UsageError(f"--spec: field '{key}' is missing or not an object")
+    path = (spec["run_config"].get("data") or {}).get("path")
+    if not isinstance(path, str) or not path:
+        raise UsageError("--spec: field 'run_config.data.path' is missing")
+    return _point(spec["point"]), Path(path)
 
 
 def _generic_point(args: argparse.Namespace) -> sweep.RunPoint:
@@ -197,7 +213,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print("scalelab launch:", " ".join(argv), flush=True)
         if args.dry_run:
             return 0
-        return subprocess.run(argv, env=rank_env(launch), check=False).returncode
+        return supervise.run(argv, rank_env(launch))
     if args.spec:
         try:
             spec = json.loads(args.spec)
@@ -207,24 +223,28 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if not (args.config and args.run):
             raise UsageError("give --spec JSON, or --config FILE and --run ID")
         spec = job_spec(sweep.load(args.config), args.run, args.data)
-    point = _point(spec["point"])
-    data_dir = Path(spec["run_config"]["data"]["path"])
+    point, data_dir = _spec_parts(spec)
     if not (data_dir / "index.json").exists():
         raise UsageError(f"data {data_dir}: no staged dataset (index.json missing); "
                          "run `scalelab stage` first")
     if not args.out:
         raise UsageError("--out: the run directory is required")
     out_dir = Path(args.out)
+    check_target(out_dir, "run")
     prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
-    run_yaml = prepare_run_dir(out_dir, spec["run_config"], point)
-    if image:
-        atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))
-    argv = launch_argv(spec["launch"], point, train_args(run_yaml, out_dir),
+    argv = launch_argv(spec["launch"], point, train_args(out_dir / "run.yaml", out_dir),
                        container_prefix=prefix)
     print("scalelab launch:", " ".join(argv), flush=True)
     if args.dry_run:
-        return 0
-    return subprocess.run(argv, env=rank_env(spec["launch"]), check=False).returncode
+        return 0  # a dry run touches nothing: no run directory, no lock
+    token = secrets.token_hex(8)
+    with writer_lock(out_dir, force=args.force, token=token):
+        check_target(out_dir, "run")
+        prepare_run_dir(out_dir, spec["run_config"], point)
+        if image:
+            atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))
+        env = {**rank_env(spec["launch"]), LOCK_ENV: token}
+        return supervise.run(argv, env, out_dir)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -236,7 +256,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="run id of the sweep point, e.g. ddp-strong-n1-t2-g0-r0")
     p.add_argument("--data", help="staged data directory")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command; start, write and delete nothing")
+    p.add_argument("--force", action="store_true",
+                   help="take over a stale lock of the run directory whose writer cannot be "
+                        "proven dead")
     g = p.add_argument_group("any other scalelab command: scalelab launch [flags] -- ARGS")
     g.add_argument("--nodes", type=int, default=1, help="nodes (inside a Slurm allocation)")
     g.add_argument("--tasks-per-node", type=int, default=2, help="ranks per node")

@@ -365,20 +365,51 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                            f"{_tail(log)}")
 
     def _start_slurmds(self) -> None:
+        for node in self.spec.node_names():
+            self._start_slurmd(node)
+
+    def kill_node(self, node: str) -> list[int]:
+        """Fail ``node`` as hardware would: SIGKILL its slurmd and every process in its
+        network namespace (job steps, ranks) at once. Returns the pids killed."""
+        pids = _pids_in_netns(self.spec.netns(node))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        return pids
+
+    def restore_node(self, node: str, timeout: float = 120) -> None:
+        """Start ``node``'s slurmd again after :meth:`kill_node` and return it to service."""
+        self.state = self._load()
+        self._start_slurmd(node)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self._node_states().get(node, "")
+            if state in ("idle", "mixed", "allocated"):
+                return
+            if state in ("down", "drained", "draining", "idle*", "unknown"):
+                _run(["scontrol", "update", f"nodename={node}", "state=resume"], check=False,
+                     env=self.env())
+            time.sleep(1)
+        raise ClusterError(f"{node} not back in service after {timeout:.0f}s "
+                           f"(state {self._node_states().get(node)})")
+
+    def _start_slurmd(self, node: str) -> None:
         s = self.spec
-        for node in s.node_names():
-            cmd = [
-                "unshare", "--mount", "--uts", "--propagation", "private", "--",
-                "nsenter", f"--net=/run/netns/{s.netns(node)}", "--",
-                sys.executable, "-m", "scalelab.testcluster.nodeinit",
-                "--hostname", node, "--hosts-file", str(self.dir / "etc" / "hosts"),
-                "--tmp-dir", str(self.dir / "nodes" / node / "tmp"),
-                "--etc-slurm", str(self.conf.parent),
-            ]
-            for path in [*s.shared, self.dir]:
-                cmd += ["--share", str(path)]
-            cmd += ["--", "slurmd", "-D", "-f", str(self.conf), "-N", node]
-            self._spawn(f"slurmd-{node}", cmd, self.dir / "log" / f"slurmd-{node}.out")
+        cmd = [
+            "unshare", "--mount", "--uts", "--propagation", "private", "--",
+            "nsenter", f"--net=/run/netns/{s.netns(node)}", "--",
+            sys.executable, "-m", "scalelab.testcluster.nodeinit",
+            "--hostname", node, "--hosts-file", str(self.dir / "etc" / "hosts"),
+            "--tmp-dir", str(self.dir / "nodes" / node / "tmp"),
+            "--etc-slurm", str(self.conf.parent),
+        ]
+        for path in [*s.shared, self.dir]:
+            cmd += ["--share", str(path)]
+        cmd += ["--", "slurmd", "-D", "-f", str(self.conf), "-N", node]
+        self._spawn(f"slurmd-{node}", cmd, self.dir / "log" / f"slurmd-{node}.out")
 
     def _node_states(self) -> dict[str, str]:
         out = _run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, env=self.env(), timeout=20)
