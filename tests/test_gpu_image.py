@@ -583,6 +583,25 @@ def test_ldd_check_of_test_runs_on_the_same_wheels():
         assert re.search(rf"^\s+{re.escape(RDMA_LIBS[lib])}( |\\|$)", final_packages, re.M), lib
 
 
+def test_test_section_mpi_lines_run_on_the_same_wheels():
+    # The %test lines about the MPI (a site module's settings dropped, SCALELAB_* ones applied,
+    # THREAD_MULTIPLE over UCX, the bundled UCX version), run as written on this venv (the
+    # same Open MPI wheel and mpi4py) with the image's %environment and sitecustomize.
+    text = GPU_DEF.read_text()
+    picked = [line for line in body(text, "test").splitlines()
+              if line.strip().startswith(("env OMPI_MCA_", "SCALELAB_OMPI_MCA_pml=ucx",
+                                          "python -c 'import ctypes"))]
+    assert len(picked) == 3, picked
+    script = "\n".join(["set -eu", "export OMPI_ALLOW_RUN_AS_ROOT=1 "
+                         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", *picked, "echo done"])
+    env = {**os.environ, **image_exports(text), "SCALELAB_IMAGE": "scalelab-gpu",
+           "PYTHONPATH": str(installed_sitecustomize(text).parent)}
+    env = {k: v.replace("/opt/scalelab/venv", sys.prefix) for k, v in env.items()}
+    proc = subprocess.run(["bash", "-c", script.replace("/opt/scalelab/venv", sys.prefix)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "done"), proc.stderr
+
+
 # ---- (c) the patched Horovod sources ------------------------------------------------------
 
 def cache_root() -> Path:
