@@ -74,3 +74,57 @@ def test_bad_options() -> None:
         build_model("vit", 10, (3, 30, 30), patch_size=4)
     with pytest.raises(UsageError, match="depth must be one of"):
         build_model("resnet", 10, (3, 32, 32), depth=20)
+
+
+# --------------------------------------------------------------------------- FLOPs, MFU facts
+
+def test_flops_per_sample_match_published_counts() -> None:
+    from scalelab.train.metrics import forward_flops
+
+    # ResNet-50 at 224 px: 4.09 GMACs per image (2 FLOPs per multiply-add).
+    rn50 = forward_flops("resnet50", {}, 1000, (3, 224, 224))
+    assert rn50 == pytest.approx(2 * 4.089e9, rel=0.01)
+    # The small CNN by hand: two 3x3 convs and two linear layers (MACs x 2).
+    cnn = forward_flops("cnn", {}, 10, (3, 32, 32))
+    by_hand = 2 * (32 * 32 * 32 * 3 * 9 + 16 * 16 * 64 * 32 * 9 + 4096 * 128 + 128 * 10)
+    assert cnn == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_model_facts_on_cpu_and_the_peak_table() -> None:
+    from scalelab.train.metrics import model_facts, peak_bf16
+
+    model = build_model("cnn", 10, (3, 32, 32))
+    facts = model_facts("cnn", {}, 10, (3, 32, 32), model, torch.device("cpu"), 500.0, False)
+    assert facts["num_params"] == n_params(model) == 545_098
+    assert facts["grad_bytes"] == 4 * 545_098
+    assert facts["flops_per_sample_train"] == 3 * facts["flops_per_sample_forward"]
+    assert facts["mfu"] is None and "CPU" in facts["mfu_peak"]
+    # specific names before generic ones: an H100 PCIe is not an SXM, an L40S not an L4
+    assert peak_bf16("NVIDIA H100 PCIe")[0] == 756e12
+    assert peak_bf16("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert peak_bf16("NVIDIA H200")[0] == 989e12
+    assert peak_bf16("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert peak_bf16("NVIDIA L40S")[0] == 362e12 and peak_bf16("NVIDIA L4")[0] == 121e12
+    assert peak_bf16("Tesla V100-SXM2-16GB") is None
+
+
+def test_gpu_acceptance_smoke_runs_every_path(tmp_path) -> None:
+    """benchmarks/gpu_acceptance.sh --smoke: every benchmark at toy sizes on the CPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_acceptance.sh"), "--smoke"],
+                          capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+                               "OUT": str(tmp_path), "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GPU acceptance on CPU (smoke run)" in proc.stdout
+    res = json.loads((tmp_path / "gpu_acceptance.json").read_text())
+    for key in ("resnet50_eager", "resnet50_compile", "transformer", "overhead"):
+        assert res[key]["wall_s"] > 0, key
+    assert res["resnet50_eager"]["img_s"] > 0 and res["transformer"]["tokens_s"] > 0
+    assert res["overhead"]["rounds"] == 2 and res["overhead"]["ratio_median"] > 0
+    assert (tmp_path / "gpu_acceptance.md").read_text().count("\n| ") >= 5
