@@ -95,6 +95,7 @@ def test_commbench_is_placed_like_the_largest_training_point():
     assert (point.nodes, point.tasks_per_node, point.gpus_per_task) == (2, 2, 1)
     res = sweep.point_resources(point, CFG, "commbench")
     assert res["gres"] == "gpu:2" and res["mpi"] == "srun" and res["slurm_partition"] == "gpu"
+    assert res["slurm_account"] == "proj"  # the training jobs' own override too
     single = sweep.validate({**CFG, "sweep": {**CFG["sweep"], "nodes": [1],
                                               "tasks_per_node": [1], "gpus_per_task": [0]}})
     assert sweep.commbench_point(single).ranks == 2  # something to communicate

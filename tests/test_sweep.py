@@ -26,8 +26,9 @@ def test_default_config_is_valid_and_filled():
     assert cfg["resources"]["runtime"] == 60  # schema default filled in
     assert cfg["container"]["enabled"] is False
     ids = [p.run_id for p in sweep.expand(cfg)]
-    assert ids == ["ddp-strong-n1-t1-g0-r0", "ddp-strong-n1-t2-g0-r0",
-                   "horovod-strong-n1-t1-g0-r0", "horovod-strong-n1-t2-g0-r0"]
+    repeats = DEFAULT["sweep"].get("repeats", 1)
+    assert ids == [f"{b}-strong-n1-t{t}-g0-r{r}" for b in ("ddp", "horovod") for t in (1, 2)
+                   for r in range(repeats)]
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -479,8 +479,17 @@ def rule_settings(cfg: dict, rule: str) -> dict[str, Any]:
         # runtime and memory of the top level are those of the (large) training jobs.
         out["runtime"], out["mem_mb_per_cpu"] = res["small_runtime"], res["small_mem_mb_per_cpu"]
     out["retries"] = res["retries"] if rule in RETRYABLE_RULES else 0
+    if rule == "commbench":
+        # Placed like the training it predicts: the training jobs' placement overrides
+        # apply to it too (its own override, below, still wins).
+        train = res["rules"].get("train", {})
+        out.update({k: train[k] for k in _PLACEMENT if train.get(k) is not None})
     out.update({k: v for k, v in res["rules"].get(rule, {}).items() if v is not None})
     return out
+
+
+#: Where a job runs (as opposed to how long and how big it is).
+_PLACEMENT = ("slurm_partition", "slurm_account", "constraint", "qos", "slurm_extra")
 
 
 def slurm_resources(cfg: dict, rule: str) -> dict[str, Any]:
