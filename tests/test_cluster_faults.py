@@ -230,3 +230,69 @@ def test_lost_node_fails_the_job_and_the_retry_resumes(cluster, data, reference)
     record("lost-node", survived=True, seconds_to_fail=round(seconds, 1),
            killed_processes=len(killed), steps_lost=lost,
            checkpoint_interval_steps=RUN_CFG["checkpoint"]["every_steps"], bitwise_equal=True)
+
+
+@pytest.fixture()
+def small_shared_disk(cluster, tmp_path):
+    """A 64 MiB ext4 filesystem mounted at the same path on the host and inside every
+    node's (private) mount namespace: one loop device, so one filesystem seen by all."""
+    image = tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", "-O", "^has_journal", str(image)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    mnt = cluster.shared_dir / "small-disk"
+    mnt.mkdir(exist_ok=True)
+    state = cluster.cluster._load()
+    slurmds = [state["pids"][f"slurmd-{n}"] for n in cluster.cluster.spec.node_names()]
+    subprocess.run(["mount", dev, str(mnt)], check=True)
+    for pid in slurmds:
+        subprocess.run(["nsenter", "-t", str(pid), "-m", "mount", dev, str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        for pid in slurmds:
+            subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", "-l", str(mnt)],
+                           check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_full_disk_at_checkpoint_time_then_rerun_resumes(cluster, data, reference,
+                                                        small_shared_disk):
+    """The disk fills while the second checkpoint is written: one clear error line, the
+    first checkpoint intact, nothing marked complete; with space freed, the rerun resumes
+    from that checkpoint and ends with the uninterrupted run's weights."""
+    from scalelab.train import checkpoint as ckpt
+
+    size = max(p.stat().st_size for p in (reference / "checkpoints").glob("ckpt-*.pt"))
+    out = small_shared_disk / "run"
+    ballast = small_shared_disk / "ballast"
+    free = os.statvfs(small_shared_disk).f_bavail * os.statvfs(small_shared_disk).f_frsize
+    # Room for the run's small files and one checkpoint and a half: the second fails.
+    with open(ballast, "wb") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * max(0, free - int(1.5 * size) - (1 << 20)))
+    spec = spec_file(cluster, data, "full-disk")
+    job = sbatch_wait(cluster, "full-disk", spec, out, "--no-requeue")
+    text, _ = job.communicate(timeout=300)
+    log = "".join(p.read_text() for p in cluster.shared_dir.glob("full-disk-*.log"))
+    assert job.returncode not in (0, 75), f"{job.returncode}: {text}\n{log}"
+    errors = [x for x in log.splitlines() if x.startswith("scalelab train: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], log
+    assert "Traceback" not in log, log
+    assert not (out / "summary.json").exists()
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    assert kept, "the previous checkpoint is gone"
+    ckpt.verify(kept[0])  # intact: its sha256 matches
+    ballast.unlink()
+    again = sbatch_wait(cluster, "full-disk-retry", spec, out)
+    text, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, text
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+               if '"resume"' in x]
+    assert resumed and resumed[-1]["checkpoint"] == kept[0].name
+    a, b = weights(reference), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
+    record("full-disk-checkpoint", survived=True, error_line=errors[0][:120],
+           previous_checkpoint_intact=True, resumed_from=kept[0].name, bitwise_equal=True)

@@ -60,8 +60,11 @@ class CheckFailed(UsageError):
     exit_code = EXIT_FAILED
 
 
-def _environment_cause(exc: BaseException, depth: int = 5) -> OSError | None:
-    """An ENOSPC-like OSError this exception was raised while handling, if any."""
+def environment_cause(exc: BaseException, depth: int = 5) -> OSError | None:
+    """The ENOSPC-like OSError behind ``exc`` (itself, or one it was raised while
+    handling), if any."""
+    if isinstance(exc, OSError) and exc.errno in _RUN_ERRNOS:
+        return exc
     seen = exc.__cause__ or exc.__context__
     while seen is not None and depth > 0:
         if isinstance(seen, OSError) and seen.errno in _RUN_ERRNOS:
@@ -83,7 +86,7 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if not isinstance(exc, OSError):
         # Libraries re-raise a full disk as their own error (torch.save: RuntimeError
         # "unexpected pos" while handling the ENOSPC); the disk is still the cause.
-        cause = _environment_cause(exc)
+        cause = environment_cause(exc)
         exc = cause if cause is not None else exc
     if isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else ""

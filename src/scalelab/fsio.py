@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from scalelab.errors import UsageError
+from scalelab.errors import UsageError, environment_cause
 
 #: File that marks a directory as a scalelab output of one kind ("analysis", "run", ...).
 MARKER = ".scalelab-output.json"
@@ -90,9 +90,13 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = environment_cause(exc)
+        if cause is not None and cause.filename is None:
+            # A full disk hit inside a writer (torch.save, pandas) names no file: name it.
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
 

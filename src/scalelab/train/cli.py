@@ -66,6 +66,11 @@ def main(args: argparse.Namespace) -> int:
         # A peer may be dead: interpreter shutdown (process-group destructors, Horovod's
         # atexit) could block on it. Report and leave at once.
         code = 130 if isinstance(exc, KeyboardInterrupt) else report_error("train", exc)
+        if code is None and _peer_lost(exc):
+            # A consequence, not a cause: the rank that failed first reports why.
+            print(f"scalelab train: rank {_rank()} stopped: a peer failed "
+                  f"({str(exc).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+            code = 1
         if code is None:
             traceback.print_exc()
             print(f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
@@ -99,8 +104,7 @@ def run_dir_guard(out: Path, force: bool = False):
     """
     from scalelab.fsio import check_target, held_for, write_marker, writer_lock
 
-    rank = next((os.environ[v] for v in _RANK_VARS if os.environ.get(v)), "0")
-    if rank != "0" or held_for(out, os.environ.get(LOCK_ENV)):
+    if _rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
         yield  # rank 0 (or the launcher) checked and holds the directory for the job
         return
     with writer_lock(out, force=force):
@@ -108,6 +112,22 @@ def run_dir_guard(out: Path, force: bool = False):
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "run")
         yield
+
+
+#: What gloo, NCCL and MPI say when the other side of a collective went away.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Timed out waiting", "timed out", "Socket Timeout", "NCCL communicator was "
+              "aborted", "HorovodInternalError")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says that another rank died or hung (the cause lies there)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _PEER_LOST)
+
+
+def _rank() -> str:
+    return next((os.environ[v] for v in _RANK_VARS if os.environ.get(v)), "0")
 
 
 def _has_peers() -> bool:
