@@ -1,4 +1,5 @@
-PLOTS = ["throughput", "efficiency", "breakdown", "fits", "backends"]
+from scalelab.fsio import atomic_write
+
 LARGEST = max(RUNS.values(), key=lambda p: (p.ranks, p.nodes))
 
 
@@ -48,17 +49,58 @@ rule analyze:
     input:
         summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS)),
         evals=expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS)),
+        # the commbench curves join the report through this rule (none when it is off)
+        curves=(
+            expand(
+                f"{RESULTS}/report/commbench-{{lib}}.png",
+                lib=config["commbench"]["libs"],
+            )
+            if config["commbench"]["enabled"]
+            else []
+        ),
     output:
         table=report(
-            f"{RESULTS}/analysis/scaling.csv",
+            f"{RESULTS}/analysis/scaling.html",
             caption="../report/scaling_table.rst",
             category="Scaling analysis",
+            labels={"item": "table: scaling with flags"},
+        ),
+        csv=report(
+            f"{RESULTS}/analysis/scaling.csv",
+            caption="../report/scaling_csv.rst",
+            category="Scaling analysis",
+            labels={"item": "table: scaling.csv"},
         ),
         markdown=f"{RESULTS}/analysis/scaling.md",
-        plots=report(
-            expand(f"{RESULTS}/analysis/plots/{{plot}}.png", plot=PLOTS),
-            caption="../report/plots.rst",
+        throughput=report(
+            f"{RESULTS}/analysis/plots/throughput.png",
+            caption="../report/plot_throughput.rst",
             category="Scaling analysis",
+            labels={"item": "plot: throughput"},
+        ),
+        efficiency=report(
+            f"{RESULTS}/analysis/plots/efficiency.png",
+            caption="../report/plot_efficiency.rst",
+            category="Scaling analysis",
+            labels={"item": "plot: efficiency"},
+        ),
+        breakdown=report(
+            f"{RESULTS}/analysis/plots/breakdown.png",
+            caption="../report/plot_breakdown.rst",
+            category="Scaling analysis",
+            labels={"item": "plot: breakdown"},
+        ),
+        fits=report(
+            f"{RESULTS}/analysis/plots/fits.png",
+            caption="../report/plot_fits.rst",
+            category="Scaling analysis",
+            labels={"item": "plot: fits"},
+        ),
+        backends=report(
+            f"{RESULTS}/analysis/plots/backends.png",
+            caption="../report/plot_backends.rst",
+            category="Scaling analysis",
+            labels={"item": "plot: backends"},
         ),
     log:
         "logs/analyze.log",
@@ -84,6 +126,7 @@ rule predict:
             f"{RESULTS}/predict/ddp/prediction.png",
             caption="../report/predict.rst",
             category="Prediction",
+            labels={"item": "prediction: DDP at larger scales"},
         ),
         table=f"{RESULTS}/predict/ddp/prediction.csv",
     log:
@@ -109,12 +152,34 @@ rule predict:
         "--out {params.out:q} > {log:q} 2>&1"
 
 
+rule commbench_curves:
+    input:
+        f"{RESULTS}/commbench/{{lib}}",
+    output:
+        report(
+            f"{RESULTS}/report/commbench-{{lib}}.png",
+            caption="../report/commbench.rst",
+            category="Communication",
+            labels={"item": "commbench: {lib}"},
+        ),
+    log:
+        "logs/commbench_curves/{lib}.log",
+    wildcard_constraints:
+        lib="[A-Za-z0-9_]+",
+    localrule: True
+    run:
+        data = Path(input[0], "commbench.png").read_bytes()
+        atomic_write(output[0], lambda fh: fh.write(data))
+        atomic_write_text(log[0], f"copied {input[0]}/commbench.png\n")
+
+
 rule effective_config:
     output:
         report(
             f"{RESULTS}/config.yaml",
             caption="../report/config.rst",
             category="Configuration",
+            labels={"item": "effective config"},
         ),
     log:
         "logs/effective_config.log",
