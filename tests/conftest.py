@@ -81,3 +81,11 @@ def cluster():
     tc.up()
     yield ClusterHandle(tc)
     tc.down()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (``item.rep_call``) for fixtures that tally."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -17,26 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, run
+from conftest import VENV_BIN, run
+from reliability import record
 from train_support import TINY, deep_update, wait_for_record, weights
 
 from scalelab.testcluster.cluster import _pids_in_netns
 
 pytestmark = pytest.mark.cluster
 PY = str(VENV_BIN / "python")
-FIGURES = Path(os.environ.get("SCALELAB_RELIABILITY_DIR", REPO / "build" / "reliability"))
 RUN_CFG = deep_update(TINY, {
     "model": {"options": {"width": 32, "hidden": 128}},
     "optim": {"global_batch_size": 64},
     "train": {"epochs": 1, "deterministic": True},
     "checkpoint": {"every_steps": 10, "keep": 3},
 })
-
-
-def record(name: str, **figures) -> None:
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / f"{name}.json").write_text(json.dumps(
-        {"fault": name, "when": time.strftime("%Y-%m-%d %H:%M"), **figures}, indent=2))
 
 
 def job_processes(cluster, needle: str) -> list[str]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from reliability import record
 from train_support import TINY, env, ok, run, write_config
 
 from scalelab import fsio
@@ -45,6 +46,24 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str, code: int = 
 
 def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     return run([*SCALELAB, *map(str, args)], timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally(request):
+    """Count the data-loss reproducers and how many left every file intact."""
+    seen = {"tried": 0, "intact": 0}
+    yield seen
+    record("data-loss-reproducers", reproducers_tried=seen["tried"],
+           all_files_intact=seen["intact"])
+
+
+@pytest.fixture(autouse=True)
+def _count(request, tally):
+    tally["tried"] += 1
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        tally["intact"] += 1
 
 
 @pytest.fixture(scope="module")

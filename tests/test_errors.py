@@ -15,6 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from reliability import record
 from train_support import TINY, env, write_config
 
 from scalelab import cli
@@ -113,13 +114,24 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def tally():
+    seen = {"tried": 0, "one_line": 0}
+    yield seen
+    record("error-paths", error_paths_tried=seen["tried"],
+           one_line_with_the_right_code=seen["one_line"],
+           commands=len({c[2] for c in CASES}))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_error_is_one_line_with_the_conventions_code(case, files):
+def test_error_is_one_line_with_the_conventions_code(case, files, tally):
     _, argv, command, code, needle = case
     argv = [a.format(**files) for a in argv]
+    tally["tried"] += 1
     rc, _, err = run_cli(argv)
     line = assert_one_line(rc, err, command, code)
     assert needle in line, line
+    tally["one_line"] += 1
 
 
 def test_help_states_the_exit_codes():
