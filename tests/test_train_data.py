@@ -83,3 +83,53 @@ def test_eval_shards_cover_everything_once() -> None:
     for world in (1, 2, 3, 7):
         shards = [eval_shard(100, r, world) for r in range(world)]
         np.testing.assert_array_equal(np.concatenate(shards), np.arange(100))
+
+
+# --------------------------------------------------------------------------- default task
+
+def test_class_patterns_are_deterministic_bounded_and_confused_at_the_stated_rate():
+    from scalelab.data.synthetic import ClassPatterns
+
+    gen = ClassPatterns(10, (3, 8, 8), seed=5)
+    ids = np.arange(20000)
+    labels = ids % 10
+    a, b = gen.images(ids[:50], labels[:50]), gen.images(ids[:50], labels[:50])
+    np.testing.assert_array_equal(a, b)  # a function of (seed, id)
+    assert a.dtype == np.uint8 and a.shape == (50, 3, 8, 8)
+    # 15% of the images show another class's pattern (1/10 of those by chance their own)
+    h = gen.images(ids, labels).reshape(len(ids), -1).astype(float)
+    own = gen._patterns[-1].astype(float)  # strongest pattern of each class
+    guess = np.argmax(h @ (own - own.mean(1, keepdims=True)).T, axis=1)
+    agree = float(np.mean(guess == labels))
+    assert 0.6 < agree < 0.9, agree  # faint levels and confusion: neither trivial nor random
+    with pytest.raises(ValueError):
+        ClassPatterns(10, (3, 8, 8), seed=0, amplitude=300)
+
+
+def test_default_task_learnable_but_not_trivial(tmp_path: Path) -> None:
+    """The shipped config's data and training: epoch-1 val accuracy in [0.4, 0.9], rising."""
+    import json
+
+    import yaml
+    from conftest import REPO, VENV_BIN, run
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    d = cfg["data"]
+    scalelab = str(VENV_BIN / "scalelab")
+    run([scalelab, "stage", "--source", d["source"], "--seed", str(d["seed"]),
+         "--split", ",".join(map(str, d["split"])), "--shards", str(d["shards"]),
+         "--image-size", str(d["image_size"]), str(d["image_size"]),
+         "--num-samples", str(d["num_samples"]), "--num-classes", str(d["num_classes"]),
+         "--quiet", "--out", str(tmp_path / "data")], timeout=300)
+    t = cfg["train"]
+    sets = [f"seed={t['seed']}", "data.source=staged", f"data.path={tmp_path / 'data'}",
+            "train.threads=1", *(f"optim.{k}={v}" for k, v in t["optim"].items()),
+            *(f"train.{k}={str(v).lower()}" for k, v in t["train"].items()),
+            f"model.name={t['model']['name']}"]
+    run([scalelab, "train", *(a for s in sets for a in ("--set", s)), "--out",
+         str(tmp_path / "run")], timeout=600)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    acc = [e["val_acc"] for e in epochs if e["kind"] == "epoch"]
+    assert len(acc) == t["train"]["epochs"] >= 3
+    assert 0.4 <= acc[0] <= 0.9, acc
+    assert acc[-1] > acc[0] and max(acc[1:]) > acc[0], acc

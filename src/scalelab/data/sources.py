@@ -171,7 +171,7 @@ def _to_nchw(images: np.ndarray, layout: str, what: str) -> np.ndarray:
 
 
 class SyntheticSource(Source):
-    """Learnable random images: a per-class prototype plus per-image noise.
+    """Learnable, non-trivial random images (:class:`~scalelab.data.synthetic.ClassPatterns`).
 
     Image ``i`` depends only on (seed, i), and is built from two gathers and an
     add, so generation is much faster than the disk and staging throughput
@@ -194,21 +194,15 @@ class SyntheticSource(Source):
         self.scale = 1.0 / 255.0
         self.skipped = []
         self.labels = rng.integers(0, num_classes, num_samples, dtype=np.int64)
-        size = int(np.prod(image_shape))
-        self._protos = rng.integers(0, 128, (num_classes, size), dtype=np.uint8)
-        self._span = max(1 << 23, 4 * size)
-        pool = rng.integers(0, 128, self._span + size, dtype=np.uint8)
-        self._windows = np.lib.stride_tricks.sliding_window_view(pool, size)
+        from scalelab.data.synthetic import ClassPatterns  # the images: faint patterns + noise
+
+        self._patterns = ClassPatterns(num_classes, image_shape, seed)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_samples": len(self.labels)}
 
     def _load(self, ids: np.ndarray) -> np.ndarray:
-        mixed = ids.astype(np.uint64) * np.uint64(2654435761) + np.uint64(self._seed)
-        offsets = (mixed % np.uint64(self._span)).astype(np.int64)
-        out = self._protos[self.labels[ids]]
-        out += self._windows[offsets]
-        return out.reshape((len(ids), *self.image_shape))
+        return self._patterns.images(ids, self.labels[ids])
 
 
 class ImageFolderSource(Source):
