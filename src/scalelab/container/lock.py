@@ -227,7 +227,7 @@ def refresh(path: str | Path, *, add: list[str] = (), only: list[str] = (),
     missing = [r for r in only if r not in known]
     if missing:
         raise UsageError(f"{missing[0]} is not in {path} (use --add)")
-    stamp = (now or (lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")))()
+    stamp = (now or (lambda: _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%MZ")))()
     changes = []
     for entry in entries:
         if only and entry["ref"] not in only:
