@@ -69,6 +69,21 @@ class Comm(abc.ABC):
         """A small Python object from every rank, to every rank."""
         ...
 
+    def check(self, op: str, count: int, fill: Callable[[float], Any], run: Callable[[], Any],
+              result: Callable[[], Any], to_numpy: Callable[[Any], Any]) -> int:
+        """Refill the input with the verification pattern, run once, count wrong elements.
+
+        Pattern: rank r contributes r + 1 (allreduce, allgather); broadcast sends 42
+        from rank 0 into zeros elsewhere.
+        """
+        if op == "broadcast":
+            fill(42.0 if self.rank == 0 else 0.0)
+        else:
+            fill(float(self.rank + 1))
+        run()
+        self.sync()
+        return _wrong(op, result(), count, self.size, to_numpy)
+
     def versions(self) -> dict[str, str]:
         return {}
 
@@ -127,13 +142,9 @@ class TorchComm(Comm):
         }[op]
 
         def verify() -> int:
-            buf.fill_(0.0 if (op == "broadcast" and self.rank) else float(self.rank + 1))
-            if op == "broadcast" and self.rank == 0:
-                buf.fill_(42.0)
-            run()
-            self.sync()
-            return _wrong(op, buf if op != "allgather" else out, count, self.size,
-                          lambda x: x.cpu().numpy())
+            return self.check(op, count, buf.fill_, run,
+                              lambda: buf if op != "allgather" else out,
+                              lambda x: x.cpu().numpy())
 
         return run, verify
 
@@ -207,13 +218,9 @@ class HorovodComm(Comm):
         }[op]
 
         def verify() -> int:
-            buf.fill_(0.0 if (op == "broadcast" and self.rank) else float(self.rank + 1))
-            if op == "broadcast" and self.rank == 0:
-                buf.fill_(42.0)
-            run()
-            self.sync()
-            result = last["out"] if op == "allgather" else buf
-            return _wrong(op, result, count, self.size, lambda x: x.cpu().numpy())
+            return self.check(op, count, buf.fill_, run,
+                              lambda: last["out"] if op == "allgather" else buf,
+                              lambda x: x.cpu().numpy())
 
         return run, verify
 
@@ -273,11 +280,8 @@ class MpiComm(Comm):
         }[op]
 
         def verify() -> int:
-            buf.fill(0.0 if (op == "broadcast" and self.rank) else float(self.rank + 1))
-            if op == "broadcast" and self.rank == 0:
-                buf.fill(42.0)
-            run()
-            return _wrong(op, buf if op != "allgather" else out, count, self.size, lambda x: x)
+            return self.check(op, count, buf.fill, run,
+                              lambda: buf if op != "allgather" else out, lambda x: x)
 
         return run, verify
 
