@@ -135,6 +135,17 @@ def assert_timed_jobs_ran_alone(log: str) -> int:
     return timed
 
 
+def test_exclusivity_check_catches_overlap():
+    """The checker used on the real run below fails on a timed job beside another job."""
+    ok = ("rule stage:\n    jobid: 2\nFinished jobid: 2 (Rule: stage)\n"
+          "rule train:\n    jobid: 3\nFinished jobid: 3 (Rule: train)\n")
+    assert assert_timed_jobs_ran_alone(ok) == 1
+    overlap = ("rule evaluate:\n    jobid: 5\nrule train:\n    jobid: 3\n"
+               "Finished jobid: 5 (Rule: evaluate)\nFinished jobid: 3 (Rule: train)\n")
+    with pytest.raises(AssertionError, match="started beside"):
+        assert_timed_jobs_ran_alone(overlap)
+
+
 def test_local_run_end_to_end_then_rerun_nothing_then_one_change(tmp_path):
     wd = copy_workflow(tmp_path / "wf")
     proc = snakemake(wd, ["--cores", "2", "--configfile", ".test/config.yaml"])
