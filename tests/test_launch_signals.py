@@ -9,6 +9,7 @@ Real processes throughout: `scalelab stage`, then `scalelab launch` starting
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -83,16 +84,28 @@ def reference(data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("local, sig", [("mpirun", signal.SIGTERM), ("mpirun", signal.SIGUSR1),
-                                        ("torchrun", signal.SIGTERM)])
+def child_pid(pid: int) -> int:
+    """The (first) child process of ``pid``: the launcher that `scalelab launch` started."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        if children:
+            return int(children[0])
+    raise AssertionError(f"{pid} has no child")
+
+
+@pytest.mark.parametrize("local, sig, target", [
+    ("mpirun", signal.SIGTERM, "launch"), ("mpirun", signal.SIGUSR1, "launch"),
+    ("torchrun", signal.SIGTERM, "launch"), ("mpirun", signal.SIGUSR1, "mpirun")])
 def test_signal_to_launch_checkpoints_exits_75_and_resumes(data, reference, tmp_path, local,
-                                                           sig):
+                                                           sig, target):
     out = tmp_path / "run"
     proc = launch(data, out, local)
     try:
         wait_for_record(out / "metrics.jsonl",
                         lambda r: r.get("kind") == "step" and r.get("global_step", 0) >= 3, 120)
-        proc.send_signal(sig)  # launch only, as Slurm signals the batch script
+        # launch, as Slurm signals the batch script; or the launcher below it directly
+        victim = proc.pid if target == "launch" else child_pid(proc.pid)
+        os.kill(victim, sig)
         text, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
