@@ -189,3 +189,31 @@ def test_full_disk_while_training_is_one_line_and_not_complete(small_disk, files
     line = assert_one_line(proc.returncode, proc.stderr, "train", 1)
     assert "No space left on device" in line
     assert not (out / "summary.json").exists()
+
+
+def test_empty_validation_and_test_splits_are_refused(files, tmp_path):
+    """A dataset staged with no validation or test rows: training refuses to validate on
+    nothing and evaluation refuses to report an accuracy over zero samples."""
+    data = tmp_path / "data"
+    rc, _, err = run_cli(["stage", "--source", "synthetic", "--num-samples", "64",
+                          "--image-size", "8", "8", "--split", "1,0,0", "--quiet",
+                          "--out", data])
+    assert rc == 0, err
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"] = {"source": "staged", "path": str(data)}
+    path = write_config(tmp_path / "staged.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "scalelab", "train", "--config", str(path),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          env=env(), timeout=300)
+    line = assert_one_line(proc.returncode, proc.stderr, "train", 2)
+    assert "data.val_split" in line and "empty" in line
+    cfg["data"]["val_split"] = None  # train without validation, then evaluate on "test"
+    path = write_config(tmp_path / "noval.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "scalelab", "train", "--config", str(path),
+                           "--out", str(tmp_path / "run2")], capture_output=True, text=True,
+                          env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rc, _, err = run_cli(["evaluate", "--run", tmp_path / "run2", "--data", data,
+                          "--split", "test"])
+    line = assert_one_line(rc, err, "evaluate", 2)
+    assert "no samples" in line

@@ -34,6 +34,9 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
             raise UsageError(f"{needed}: missing; the run did not complete")
     cfg = load_config(run_dir / "config.yaml")
     dataset = open_split(data_dir, split)
+    if len(dataset) == 0:
+        raise UsageError(f"--split {split}: {data_dir} holds no samples in it; an accuracy "
+                         "over zero samples means nothing")
     model = build_model(cfg.model.name, dataset.num_classes, dataset.image_shape,
                         **cfg.model.options)
     try:

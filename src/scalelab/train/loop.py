@@ -33,14 +33,23 @@ from scalelab.errors import DataError, UsageError
 from scalelab.fsio import atomic_write, atomic_write_json, atomic_write_text
 from scalelab.launch import Layout, detect
 from scalelab.models import build_model
+from scalelab.models.gpt import lm_facts
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.config import BatchPlan, RunConfig, from_dict, load, resolve_batch
+from scalelab.train.config import (
+    BatchPlan,
+    Parallelism,
+    RunConfig,
+    from_dict,
+    load,
+    resolve_batch,
+)
 from scalelab.train.metrics import (
     EpochStats,
     MetricsWriter,
     PhaseTimer,
     format_epoch_line,
     model_facts,
+    peak_bf16,
     throughput,
 )
 from scalelab.train.sampling import Batches, epoch_order, eval_shard, rank_batches
@@ -75,8 +84,8 @@ def _run(config: RunConfig | dict | str | Path, out: Path, resume: bool, overrid
     else:
         cfg = load(config, overrides)
     layout = detect()
-    plan = resolve_batch(cfg, layout.world_size)
-    backend_name = choose_backend(cfg.dist.backend, layout)
+    backend_name = choose_backend(cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name)
+    plan = resolve_batch(cfg, Parallelism(layout.world_size, cfg.dist.tp))
     done = _check_run_dir(out, resume)
     if done is not None:
         if layout.is_main:
@@ -186,8 +195,7 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
                     f"{saved[1]} steps per epoch, this config gives {plan.global_batch} and "
                     f"{steps_per_epoch}: the position in the epoch would not carry over")
             try:
-                raw_model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+                backend.load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise UsageError(f"--resume: checkpoint {name} does not fit this model/"
                                  f"optimizer: {str(exc).splitlines()[0]}") from None
@@ -212,9 +220,10 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
         watchdog.beat()
         rngs = backend.gather_object(ckpt.rng_state())
         path = ckpt.path_for(ckpt_dir, global_step)
+        model_state, optim_state = backend.full_state(raw_model, optimizer)  # all ranks
         if main:
             ckpt.save(path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model_state, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "epoch": epoch_pos,
                 "step_in_epoch": step_pos, "global_step": global_step, "rng": rngs,
                 "stats": stats.to_dict(), "history": history, "config": cfg.to_dict(),
@@ -256,7 +265,7 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
         stats.comm_measured = backend.measures_comm
         order = epoch_order(cfg.seed, epoch, len(train_set))
         batches = Batches(train_set, rank_batches(order, first, steps_per_epoch,
-                                                  plan.global_batch, layout.rank,
+                                                  plan.global_batch, backend.dp_rank,
                                                   plan.per_rank_batch),
                           device, channels_last, prefetch)
         bar = _progress(show_bar, epoch, epochs, first, steps_per_epoch)
@@ -283,9 +292,10 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
                         loss = F.cross_entropy(logits, ys)
                     (loss / plan.accum_steps).backward()
                 with torch.no_grad():
-                    pending += torch.stack([loss.detach().double() * len(ys),
+                    # per target: a sample's label, or a token of a sequence (gpt)
+                    pending += torch.stack([loss.detach().double() * ys.numel(),
                                             (logits.argmax(1) == ys).sum().double(),
-                                            torch.tensor(float(len(ys)), device=device,
+                                            torch.tensor(float(ys.numel()), device=device,
                                                          dtype=torch.float64)])
             timer.mark("backward")
             t_comm = backend.step(optimizer, params, cfg.optim.grad_clip)
@@ -380,13 +390,16 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
             save_checkpoint(epoch + 1, 0)
 
     # --- the end: final weights, then the summary (its presence = completed)
+    final_state = backend.full_state(raw_model, None)[0]  # all ranks (gathers when sharded)
     if main:
-        atomic_write(out / "model.pt", lambda fh: torch.save(raw_model.state_dict(), fh))
+        atomic_write(out / "model.pt", lambda fh: torch.save(final_state, fh))
     summary = _summary(cfg, layout, plan, backend, history, global_step, steps_per_epoch,
                        resumes, device)
     summary.update(model_facts(cfg.model.name, cfg.model.options, train_set.num_classes,
                                train_set.image_shape, raw_model, device,
                                summary["samples_per_s_per_rank"], use_bf16))
+    summary.update(backend.memory_facts())
+    summary.update(lm_facts(raw_model, summary, device, peak_bf16))
     metrics.write({"kind": "end", "global_step": global_step,
                    "samples_per_s": summary["samples_per_s"]})
     metrics.close()
@@ -403,7 +416,7 @@ def evaluate(model: torch.nn.Module, dataset, backend: Backend, device: torch.de
     """Mean loss and accuracy over the whole split; each rank evaluates its own share."""
     was_training = model.training
     model.eval()
-    idx = eval_shard(len(dataset), backend.rank, backend.world_size)
+    idx = eval_shard(len(dataset), backend.dp_rank, backend.dp_size)
     chunks = (idx[i:i + batch] for i in range(0, len(idx), batch))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in Batches(dataset, chunks, device, channels_last, prefetch=False):
@@ -411,7 +424,7 @@ def evaluate(model: torch.nn.Module, dataset, backend: Backend, device: torch.de
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         sums[1] += (logits.argmax(1) == y).sum().double()
-        sums[2] += len(y)
+        sums[2] += y.numel()  # targets: labels, or tokens of sequences
         watchdog.beat()
     model.train(was_training)
     loss_sum, correct, count = backend.allreduce(sums.tolist())
@@ -437,6 +450,11 @@ def _check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
 def open_datasets(cfg: RunConfig):
     """The training and validation splits (validation None when not configured)."""
     d = cfg.data
+    if d.source == "tokens":
+        from scalelab.data.tokens import token_splits
+
+        return token_splits(d.num_samples, d.val_samples if d.val_split else None,
+                            d.vocab_size, d.seq_len, cfg.seed)
     if d.source == "synthetic":
         from scalelab.data.synthetic import SyntheticDataset
 
@@ -478,6 +496,9 @@ def open_datasets(cfg: RunConfig):
     train, val = splits
     if len(train) == 0:
         raise UsageError(f"field 'data.train_split': {d.train_split!r} in {d.path} is empty")
+    if val is not None and len(val) == 0:
+        raise UsageError(f"field 'data.val_split': {d.val_split!r} in {d.path} is empty; "
+                         "stage with a validation fraction > 0, or set data.val_split: null")
     if val is not None and (val.image_shape != train.image_shape
                             or val.num_classes != train.num_classes):
         raise UsageError(f"field 'data.val_split': {d.val_split!r} has shape {val.image_shape} "
