@@ -179,7 +179,7 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     # --- resume: position, states and history from the newest valid checkpoint
     start_epoch, start_step, global_step, resumes = 0, 0, 0, 0
     stats, history = EpochStats(), []
-    _seed_everything(cfg.seed + 1 + layout.rank)  # per-rank streams (dropout, augmentation)
+    _seed_everything(cfg.seed + 1 + layout.rank)  # per-rank streams (dropout)
     if resume:
         found = ckpt.find_latest(ckpt_dir) if main else None
         name = backend.broadcast_object(found[0].name if found else None)

@@ -40,10 +40,6 @@ class Watchdog:
         self._last = time.monotonic()
         self._armed = True
 
-    def pause(self) -> None:
-        """Disarm until the next beat (e.g. around a first, compiling step)."""
-        self._armed = False
-
     def stop(self) -> None:
         self._stop.set()
 
