@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "scalelab.comm.cli",
     "scalelab.container.cli",
     "scalelab.testcluster.cli",
+    "scalelab.rerun",
 ]
 
 
