@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--goal", type=float, default=1.15)
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="copy the study's results/analysis here before cleaning up "
+                             "(its scaling table shows the run's flags)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="scalelab-overhead-"))
@@ -58,6 +61,8 @@ def main() -> int:
     print(f"jobs: {jobs}  sum of job run times: {total:.1f} s  workflow wall time: {wall:.1f} s")
     print(f"overhead ratio wall/sum = {ratio:.3f} (goal <= {args.goal})  "
           f"{'PASS' if ratio <= args.goal else 'FAIL'}")
+    if args.keep:
+        shutil.copytree(work / "results" / "analysis", args.keep, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0 if ratio <= args.goal else 1
 

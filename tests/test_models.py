@@ -128,3 +128,45 @@ def test_gpu_acceptance_smoke_runs_every_path(tmp_path) -> None:
     assert res["resnet50_eager"]["img_s"] > 0 and res["transformer"]["tokens_s"] > 0
     assert res["overhead"]["rounds"] == 2 and res["overhead"]["ratio_median"] > 0
     assert (tmp_path / "gpu_acceptance.md").read_text().count("\n| ") >= 5
+
+
+def test_phase_timer_splits_gpu_time_from_event_gaps() -> None:
+    """The CUDA branch's arithmetic, with stand-in events (no GPU here): comm is the gap
+    backward -> reduced, data start -> ready, compute the rest of ready -> end."""
+    from types import SimpleNamespace
+
+    from scalelab.train.metrics import PhaseTimer
+
+    clock = {"t": 0.0}
+
+    class Event:  # stands in for torch.cuda.Event: records the current fake time (ms)
+        def __init__(self, enable_timing: bool) -> None:
+            self.t = None
+
+        def record(self) -> None:
+            self.t = clock["t"]
+
+        def synchronize(self) -> None: ...
+
+        def elapsed_time(self, other: Event) -> float:
+            return other.t - self.t
+
+    timer = PhaseTimer(torch.device("cpu"))
+    timer.cuda = True
+    timer._torch = SimpleNamespace(cuda=SimpleNamespace(Event=Event))
+    for comm in (5.0, None):  # Horovod-like step, then a backend that does not measure comm
+        for name, advance in (("start", 2.0), ("ready", 30.0), ("backward", 5.0),
+                              ("reduced", 3.0)):
+            timer.mark(name)
+            clock["t"] += advance
+        timer.end(step_s=99.0, data_s=99.0, comm_s=comm)  # host times are ignored on GPUs
+    data, compute, comm = timer.collect()
+    assert data == pytest.approx(2 * 2.0e-3)
+    assert comm == pytest.approx(5.0e-3)  # only the step whose backend measures comm
+    assert compute == pytest.approx((30 + 3) * 1e-3 + (30 + 5 + 3) * 1e-3)
+    assert timer.collect() == (0.0, 0.0, 0.0)  # collected once
+
+    cpu = PhaseTimer(torch.device("cpu"))  # the CPU keeps the host clock, as before
+    cpu.end(step_s=1.0, data_s=0.25, comm_s=0.5)
+    cpu.end(step_s=1.0, data_s=0.25, comm_s=None)
+    assert cpu.collect() == pytest.approx((0.5, 0.25 + 0.75, 0.5))

@@ -145,8 +145,10 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     hand). Per-step times come from the epoch records that also give the
     throughput (the first epoch is left out when there are several, as the
     trainer does). ``target_accuracy`` (0..1) gives time-to-target from the
-    per-epoch validation accuracy. ``count_params`` builds the model from
-    config.yaml to learn the gradient size when the summary does not state it.
+    per-epoch validation accuracy. The gradient size comes from the summary
+    (``grad_bytes``, else 4 x ``num_params``; the trainer writes both); only for
+    runs whose summary predates them does ``count_params`` rebuild the model from
+    config.yaml.
     """
     import hashlib
 
