@@ -11,7 +11,6 @@ broadcast/gather, ``barrier`` and ``shutdown``.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
     from scalelab.launch import Layout
     from scalelab.train.config import DistConfig
 
-BACKENDS = ("ddp", "horovod", "none")
+BACKENDS = ("ddp", "horovod", "none", "fsdp")
 
 
 class Backend:
@@ -46,6 +45,39 @@ class Backend:
 
     #: Whether ``step`` measures the time spent waiting for gradient communication.
     measures_comm = False
+    #: Parameter/gradient/optimizer-state bytes of this rank, measured at the first step.
+    state_bytes: dict[str, int] | None = None
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of each global batch this rank reads (tensor-parallel peers share one)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        """Number of data-parallel shares of each global batch."""
+        return self.world_size
+
+    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Unsharded model and optimizer state dicts; every rank calls it (gathers when
+        sharded), so checkpoints and model.pt do not depend on the world size."""
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+
+    def load_full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
+        """Inverse of :meth:`full_state` (each rank keeps its own shard)."""
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+
+    def memory_facts(self) -> dict[str, Any]:
+        """Per-rank memory figures for the summary (measured, see scalelab.backends.memory)."""
+        facts: dict[str, Any] = {f"rank0_{k}": v for k, v in (self.state_bytes or {}).items()}
+        if self.device.type == "cuda":
+            import torch
+
+            facts["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return facts
 
     def setup(self) -> None:
         """Join the job (process group, MPI); bounded by ``dist.timeout_s`` where possible."""
@@ -80,7 +112,16 @@ class Backend:
 
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+        self.measure_state(params, optimizer)
         return None
+
+    def measure_state(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer
+                      ) -> None:
+        """Record this rank's state bytes once, after the first step (optimizer state exists)."""
+        if self.state_bytes is None:
+            from scalelab.backends.memory import state_bytes
+
+            self.state_bytes = state_bytes(params, optimizer)
 
     def allreduce(self, values: list[float], op: Literal["sum", "mean"] = "sum") -> list[float]:
         """Reduce a few metric scalars over ranks (float64)."""
@@ -109,16 +150,15 @@ class Backend:
         """Leave the job cleanly (only after success: a dead peer could make this hang)."""
 
 
-def timed(fn) -> tuple[Any, float]:
-    """Run ``fn()``; return its result and the seconds it took."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
-def choose_backend(requested: str, layout: Layout) -> str:
+def choose_backend(requested: str, layout: Layout, tp: int = 1, model: str | None = None) -> str:
     """Resolve ``dist.backend: auto`` and reject combinations that cannot work."""
     name = requested
+    if tp > 1:
+        from scalelab.backends.fsdp import check_tp
+
+        check_tp(requested, layout.world_size, tp, model)
     if name == "auto":
         if layout.launcher == "horovodrun":
             name = "horovod"
@@ -142,6 +182,10 @@ def choose_backend(requested: str, layout: Layout) -> str:
 
 def make_backend(name: str, layout: Layout, cfg: DistConfig, device: torch.device) -> Backend:
     """Instantiate backend ``name`` (see :func:`choose_backend`)."""
+    if name == "fsdp" or (name == "ddp" and cfg.tp > 1):
+        from scalelab.backends.fsdp import FSDPBackend, TPDataParallel
+
+        return (FSDPBackend if name == "fsdp" else TPDataParallel)(layout, cfg, device)
     if name == "ddp":
         from scalelab.backends.ddp import DDPBackend
 

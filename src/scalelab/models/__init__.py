@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "resnet50": "scalelab.models.resnet:resnet50",
     "resnet": "scalelab.models.resnet:resnet",
     "vit": "scalelab.models.vit:vit",
+    "gpt": "scalelab.models.gpt:gpt",  # num_classes = vocabulary, image_shape = (seq_len,)
 }
 
 
@@ -58,7 +59,7 @@ def build_model(name: str, num_classes: int, image_shape: tuple[int, int, int], 
     check_model_options(name, opts)
     if num_classes < 1:
         raise UsageError(f"field 'data.num_classes': must be >= 1, got {num_classes}")
-    if len(image_shape) != 3 or min(image_shape) < 1:
+    if len(image_shape) not in (1, 3) or min(image_shape) < 1:  # (C, H, W) or (seq_len,)
         raise UsageError(f"field 'data.image_shape': must be [C, H, W], got {list(image_shape)}")
     try:
         return _builder(name)(num_classes=num_classes, image_shape=tuple(image_shape), **opts)

@@ -79,9 +79,10 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where samples come from."""
 
-    source: Literal["synthetic", "memory-npz", "staged"] = "synthetic"
+    source: Literal["synthetic", "memory-npz", "staged", "tokens"] = "synthetic"
     """synthetic: seeded on-the-fly images; memory-npz: one .npz loaded into memory;
-    staged: sharded data written by ``scalelab stage``."""
+    staged: sharded data written by ``scalelab stage``; tokens: seeded learnable token
+    sequences for language models (model gpt)."""
     path: str | None = None
     """The .npz file (memory-npz) or staged data directory (staged); unused for synthetic."""
     train_split: SplitName = "train"
@@ -99,6 +100,10 @@ class DataConfig(Section):
     """synthetic only: image shape [C, H, W]."""
     signal: NonNegFloat = 0.5
     """synthetic only: strength of the class pattern against unit noise (0: unlearnable)."""
+    seq_len: PosInt = 64
+    """tokens only: tokens per sample (the model's context length)."""
+    vocab_size: Annotated[int, Field(ge=5)] = 256
+    """tokens only: vocabulary size (num_samples and val_samples count sequences)."""
     prefetch: bool | None = None
     """Load the next batch in a background thread; null: on with CUDA, off on CPU."""
     localize: bool = False
@@ -110,7 +115,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.source != "synthetic" and not self.path:
+        if self.source not in ("synthetic", "tokens") and not self.path:
             raise ValueError(f"@path:required for data.source {self.source!r}")
         return self
 
@@ -212,14 +217,29 @@ class HorovodConfig(Section):
 
 #: Backend name -> the section (under ``dist``) that holds its own options. A backend that
 #: brings options adds its model here and a field of that name to DistConfig.
-BACKEND_SECTIONS: dict[str, type[Section]] = {"horovod": HorovodConfig}
+class FSDPConfig(Section):
+    """fsdp-only knobs (FSDP2 ``fully_shard`` per block, then the root)."""
+
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameters and compute in bf16, gradient reduction in fp32; auto: bf16 on GPUs."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
+
+
+BACKEND_SECTIONS: dict[str, type[Section]] = {"horovod": HorovodConfig, "fsdp": FSDPConfig}
 
 
 class DistConfig(Section):
     """How ranks talk to each other."""
 
-    backend: Literal["auto", "ddp", "horovod", "none"] = "auto"
-    """auto: horovod under horovodrun, ddp for several ranks, none for one."""
+    backend: Literal["auto", "ddp", "horovod", "none", "fsdp"] = "auto"
+    """auto: horovod under horovodrun, ddp for several ranks, none for one; fsdp: sharded
+    parameters, gradients and optimizer state (FSDP2)."""
+    tp: PosInt = 1
+    """Tensor-parallel ranks per model replica (gpt only; ddp or fsdp over world_size / tp
+    data-parallel groups on a 2-D device mesh)."""
     timeout_s: PosFloat = 300.0
     """A collective that waits longer than this fails the job (dead or stuck peer)."""
     socket_ifname: str | None = None
@@ -228,6 +248,8 @@ class DistConfig(Section):
     """ddp: gradient bucket size."""
     horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     """Horovod options."""
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    """fsdp options."""
 
 
 class MetricsConfig(Section):
@@ -244,7 +266,7 @@ class RunConfig(Section):
     """One training run."""
 
     seed: NonNegInt = 0
-    """Seed of model initialization, data order and augmentation."""
+    """Seed of model initialization and data order."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Model."""
     data: DataConfig = Field(default_factory=DataConfig)
