@@ -143,6 +143,7 @@ def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu
     # srun --mpi=pmix ... apptainer exec --userns IMAGE scalelab train: the container call
     # inside srun, through scalelab's own command line.
     proc = run([SCALELAB, "container", "exec", "--image", str(image), "--no-nv", "--srun",
+                "--bind", str(cluster.shared_dir),  # data, config and run dir: not bound by default
                 "--nodes", "2", "--ntasks-per-node", "1", "--", "scalelab", "train",
                 "--config", str(cfg), "--out", str(inside)], env=env, timeout=600)
     assert (inside / "summary.json").exists(), proc.stdout + proc.stderr
@@ -236,7 +237,7 @@ def test_pull_onto_a_node_verifies_sha256_and_refuses_another_image(cluster, cpu
 # ---- Snakemake's --sdm apptainer: the image's own scalelab, no shell injection ----------------
 
 def _sdm_args() -> list[str]:
-    return ["--sdm", "apptainer", "--apptainer-args", "--userns"]
+    return ["--sdm", "apptainer", "--apptainer-args=--userns"]
 
 
 def _full_config(image: Path, sha: str, **sweep) -> dict:
@@ -283,16 +284,16 @@ def test_injection_through_the_image_path_runs_nothing_end_to_end(cpu_image, tmp
     """
     from test_workflow import copy_workflow, snakemake
 
-    marker = tmp_path / "PWNED"
-    evil = tmp_path / "imgs" / f"img$(touch {marker}).sif"
+    evil = tmp_path / "imgs" / "img$(touch PWNED).sif"  # relative: a job's shell runs in wd
     evil.parent.mkdir()
     os.link(cpu_image["path"], evil)
     wd = copy_workflow(tmp_path / "wf")
+    marker = wd / "PWNED"
     cfg = _full_config(evil, cpu_image["sha256"], backends=["ddp"], nodes=[1],
                        tasks_per_node=[1])
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(wd, ["--cores", "2", *_sdm_args(), "--configfile", "c.yaml",
-                          "results/data"], check=False, timeout=600)
+    proc = snakemake(wd, ["results/data", "--cores", "2", *_sdm_args(), "--configfile",
+                          "c.yaml"], check=False, timeout=600)
     assert not marker.exists(), proc.stdout + proc.stderr
     if proc.returncode != 0:  # refused at plan time (sweep.validate's character check)
         assert "container.image" in proc.stderr and not (wd / "results").exists()
@@ -308,7 +309,7 @@ def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image,
     from scalelab.container.wiring import workflow_image
 
     marker = tmp_path / "PWNED"
-    evil = tmp_path / f"img$(touch {marker}).sif"
+    evil = tmp_path / "img$(touch PWNED).sif"  # the shell below runs in tmp_path
     os.link(cpu_image["path"], evil)
 
     def sh(cmd: str) -> subprocess.CompletedProcess:
@@ -341,7 +342,8 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
     snakemake(wd, ["--profile", "profiles/slurm-apptainer", "--configfile", "c.yaml",
-                   "--slurm-init-seconds-before-status-checks", "3", "--retries", "0"],
+                   "--slurm-init-seconds-before-status-checks", "3", "--retries", "0",
+                   "--slurm-keep-successful-logs"],  # the proof below reads the job logs
               env=cluster.env(tool_env()), timeout=1500)
     print(f"workflow under slurm-apptainer: {time.monotonic() - t0:.0f} s")
     for backend in ("ddp", "horovod"):

@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--notest", action="store_true", help="skip the %%test section")
     b.add_argument("--commit", help="source commit label (default: git rev-parse HEAD, -dirty "
                    "when tracked files changed)")
+    b.add_argument("--mksquashfs-args", metavar="ARGS",
+                   help="CPU image: compression of the SIF (default: '-comp zstd "
+                   "-Xcompression-level 3'; '-comp gzip' for runtimes without zstd)")
     b.add_argument("--torch-index", metavar="URL",
                    help="CPU image: take torch from this pip index (e.g. PyTorch's CPU index) "
                    "instead of what this machine's pip finds (the tested path uses the local "
@@ -267,6 +270,7 @@ def _build_cpu(args: argparse.Namespace, root: Path) -> int:
         return 0
     cached, p = build.build_cpu(root, commit=commit, torch_index=args.torch_index,
                                 notest=args.notest,
+                                mksquashfs_args=args.mksquashfs_args or build.MKSQUASHFS_ARGS,
                                 say=lambda m: print(f"scalelab container build: {m}", flush=True))
     record = build.publish(cached, image, p, commit)
     print(f"{image}: sha256 {record['sha256']} (recorded in {image.name}.sha256 and "
