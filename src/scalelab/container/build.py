@@ -44,7 +44,7 @@ from scalelab.fsio import atomic_write_text
 BUILDER_VERSION = "1"
 #: Pins of envs/requirements.txt that only the host needs (workflow driver, dev tools).
 HOST_ONLY = {"snakemake", "snakemake-executor-plugin-slurm", "snakefmt", "pygments", "spython",
-             "hpccm", "pytest", "pytest-timeout", "ruff"}
+             "hpccm", "pytest", "pytest-timeout", "ruff", "uv"}
 HOROVOD_VERSION = "0.28.1"
 #: The image's Python: bookworm's python3.
 IMAGE_PY_TAG = "cp311"
