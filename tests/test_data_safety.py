@@ -279,3 +279,14 @@ def test_atomic_files_follow_the_umask(tmp_path, mask, mode):
     subprocess.run([sys.executable, "-c", script], check=True, env=env())
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
     assert (tmp_path / "d").stat().st_mode & 0o777 == mode | ((mode & 0o444) >> 2)
+
+
+def test_a_skeleton_of_empty_directories_is_not_data(tmp_path):
+    """Snakemake makes an output's parent directories before the job: they hold nothing
+    to lose, so they may be replaced; one empty file in them is data and is kept."""
+    skeleton = tmp_path / "analysis"
+    (skeleton / "plots" / "deeper").mkdir(parents=True)
+    assert fsio.check_target(skeleton, "analysis") == skeleton
+    (skeleton / "plots" / "keep.txt").write_text("")
+    with pytest.raises(UsageError, match="not scalelab analysis output"):
+        fsio.check_target(skeleton, "analysis")

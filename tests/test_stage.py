@@ -154,11 +154,12 @@ def test_synthetic_shapes_determinism_and_class_signal(tmp_path):
     ds = open_split(a, "train")
     raw, labels = ds.raw_batch(np.arange(len(ds)))
     assert raw.shape[1:] == (3, 6, 5) and set(labels.tolist()) == {0, 1, 2, 3}
-    # images of one class are closer to their class mean than to another class's mean
-    means = np.stack([raw[labels == k].mean(axis=0) for k in range(4)])
-    d_own = np.abs(raw - means[labels]).mean()
-    d_other = np.abs(raw - means[(labels + 1) % 4]).mean()
-    assert d_own < 0.8 * d_other
+    # a learnable class signal (not a trivial one: the default task must not be solved at
+    # once): the nearest class mean names the class well above chance (0.25)
+    flat = raw.reshape(len(raw), -1).astype(float)
+    means = np.stack([flat[labels == k].mean(axis=0) for k in range(4)])
+    guess = np.argmin(((flat[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(guess == labels) > 0.5
 
 
 def test_npz_channels_last_arrays(tmp_path):

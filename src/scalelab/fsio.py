@@ -169,7 +169,7 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
     if found is not None:
         raise UsageError(f"{what} {target}: holds scalelab {found} output, not {kind}; "
                          "refusing to replace it")
-    if any(path.iterdir()):
+    if _holds_files(path):
         busy = _live_holder(path)
         if busy is not None:  # a writer is creating it right now: say that, not "foreign"
             raise UsageError(f"{what} {target}: another writer holds its lock, "
@@ -177,6 +177,13 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
         raise UsageError(f"{what} {target}: existing directory is not scalelab {kind} output "
                          f"(no {MARKER}); refusing to replace it: choose a new path")
     return path
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether anything but empty directories lies under ``path``. Snakemake creates the
+    parents of a job's outputs (e.g. results/analysis/plots/) before the job runs: such a
+    skeleton holds nothing to lose."""
+    return any(not p.is_dir() or p.is_symlink() for p in path.rglob("*"))
 
 
 def check_file_target(target: str | Path, inputs: Iterable[str | Path] = (),
