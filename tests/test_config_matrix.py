@@ -176,6 +176,8 @@ CASES = [
     ("more GPUs than a node", _set("sweep.gpus_per_task", [1]),
      "sweep.gpus_per_task[0]: 1 tasks x 1 GPUs do not fit a node of 0 GPUs"),
     ("backend none on 2 ranks", _set("sweep.backends", ["none"]), "sweep.backends: backend 'none'"),
+    ("tensor parallel does not divide the ranks", _set("train.dist", {"tp": 2}),
+     "sweep point ddp-strong-n1-t1-g0-r0: field 'train.dist.tp': 1 ranks do not split"),
     ("workflow-owned backend", _set("train.dist", {"backend": "ddp"}),
      "train.dist.backend: set by the workflow from sweep.backends"),
     ("workflow-owned data path", _set("train.data", {"path": "/x"}), "train.data.path: set by"),

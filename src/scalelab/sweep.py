@@ -437,7 +437,7 @@ def check_points(cfg: dict, source: str = "config") -> None:
     The base run config is checked once, so a typo is reported without a sweep point;
     what depends on the point (batch divisibility, samples per batch) names the point.
     """
-    from scalelab.train.config import from_dict, resolve_batch
+    from scalelab.train.config import Parallelism, from_dict, resolve_batch
 
     points = expand(cfg)
     try:
@@ -455,7 +455,10 @@ def check_points(cfg: dict, source: str = "config") -> None:
         seen[key] = None
         try:
             rc = from_dict(run_config(cfg, point, "DATA"), prefix="train.")
-            plan = resolve_batch(rc, point.ranks, prefix="train.")
+            if point.ranks % rc.dist.tp:
+                raise UsageError(f"field 'train.dist.tp': {point.ranks} ranks do not split "
+                                 f"into tensor-parallel groups of {rc.dist.tp}")
+            plan = resolve_batch(rc, Parallelism(point.ranks, rc.dist.tp), prefix="train.")
             if train_max is not None and plan.global_batch > train_max:
                 raise UsageError(
                     f"field 'train.optim.global_batch_size': a global batch of "

@@ -215,8 +215,6 @@ class HorovodConfig(Section):
     """Tensor fusion buffer (HOROVOD_FUSION_THRESHOLD); null: Horovod's default (128 MB)."""
 
 
-#: Backend name -> the section (under ``dist``) that holds its own options. A backend that
-#: brings options adds its model here and a field of that name to DistConfig.
 class FSDPConfig(Section):
     """fsdp-only knobs (FSDP2 ``fully_shard`` per block, then the root)."""
 
@@ -228,6 +226,8 @@ class FSDPConfig(Section):
     """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
 
 
+#: Backend name -> the section (under ``dist``) that holds its own options. A backend that
+#: brings options adds its model here and a field of that name to DistConfig.
 BACKEND_SECTIONS: dict[str, type[Section]] = {"horovod": HorovodConfig, "fsdp": FSDPConfig}
 
 
