@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian/Ubuntu machine to a working scalelab:
 #   1. system packages (Slurm, munge, PMIx for the test cluster; compilers for Horovod),
-#   2. the pinned Python stack in .venv (envs/requirements.txt),
+#   2. the pinned Python stack in .venv, hash-checked (envs/lock-cpu.txt; SCALELAB_LOCK=cuda
+#      for envs/lock-cuda.txt),
 #   3. Horovod 0.28.1 built for it (cached wheel, see envs/build_horovod.sh),
 #   4. scalelab itself (editable), then
 #   5. the main job: the Snakemake workflow on the embedded default config, locally.
@@ -42,9 +43,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $($python --version)"
   "$python" -m venv .venv
 fi
-echo "==> installing the pinned Python stack (envs/requirements.txt)"
-.venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
-.venv/bin/python -m pip install --quiet -r envs/requirements.txt
+# The hashed lock of the stack (envs/lock.sh): every file pip installs is checked by sha256.
+# CPU lock (default): torch 2.13.0+cpu, which pip finds only where that wheel is at hand (a local
+# wheel directory or PyTorch's CPU index in pip's config). SCALELAB_LOCK=cuda: PyPI's torch
+# 2.13.0, the CUDA build. Either way the lock goes into the venv for provenance.json.
+lock="envs/lock-${SCALELAB_LOCK:-cpu}.txt"
+[ -f "$lock" ] || { echo "setup.sh: error: SCALELAB_LOCK=${SCALELAB_LOCK}: no $lock (cpu|cuda)" >&2; exit 2; }
+echo "==> installing the locked Python stack ($lock, hash-checked)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --require-hashes -r "$lock"
+cp "$lock" .venv/scalelab-lock.txt
 echo "==> Horovod"
 bash envs/build_horovod.sh .venv
 echo "==> scalelab"

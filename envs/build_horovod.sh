@@ -39,7 +39,14 @@ if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
   echo "building Horovod $hvd_version ($key); about 5 minutes on 2 cores"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  "$py" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "horovod==$hvd_version"
+  if grep -q "^horovod==$hvd_version " "$here/lock-horovod.txt"; then
+    # The pinned sdist, checked against its sha256 (envs/lock-horovod.txt).
+    "$py" -m pip download --quiet --no-deps --no-binary :all: --require-hashes --dest "$work" \
+      -r "$here/lock-horovod.txt"
+  else
+    echo "warning: horovod $hvd_version is not pinned by hash in envs/lock-horovod.txt" >&2
+    "$py" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "horovod==$hvd_version"
+  fi
   tar -xzf "$work/horovod-$hvd_version.tar.gz" -C "$work"
   src="$work/horovod-$hvd_version"
   # C++14 -> C++17 in the two CMakeLists.txt (the shared patch script; no --libcuda here:

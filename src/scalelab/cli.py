@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "scalelab.container.cli",
     "scalelab.testcluster.cli",
     "scalelab.rerun",
+    "scalelab.bundle",
 ]
 
 

@@ -291,10 +291,10 @@ def dataset_hash(cfg: Any) -> dict[str, Any]:
     d = cfg.data
     if d.source == "staged" and d.path:
         manifest = Path(d.path) / "manifest.json"
-        return {"source": "staged", "path": d.path, "file": "manifest.json",
+        return {"source": "staged", "path": str(Path(d.path).resolve()), "file": "manifest.json",
                 "sha256": sha256_file(manifest) if manifest.is_file() else None}
     if d.source == "memory-npz" and d.path:
-        return {"source": "memory-npz", "path": d.path,
+        return {"source": "memory-npz", "path": str(Path(d.path).resolve()),
                 "sha256": sha256_file(d.path) if Path(d.path).is_file() else None}
     gen = {"num_samples": d.num_samples, "val_samples": d.val_samples,
            "num_classes": d.num_classes, "image_shape": list(d.image_shape),

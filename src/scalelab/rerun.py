@@ -192,6 +192,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     config = json.loads(json.dumps(manifest["config"]))
     if args.data:
         config.setdefault("data", {})["path"] = str(Path(args.data).resolve())
+    elif (config.get("data") or {}).get("path"):
+        # A relative path was relative to the run's working directory, recorded resolved.
+        config["data"]["path"] = manifest["incidental"]["data"].get("path") or config[
+            "data"]["path"]
     data_path = (config.get("data") or {}).get("path")
     if data_path and not Path(data_path).exists():
         raise UsageError(f"{args.run_dir}: its dataset {data_path} is gone; pass --data DIR "

@@ -1,0 +1,89 @@
+"""The hashed environment locks (envs/lock-*.txt, made by envs/lock.sh with uv).
+
+What a user relies on: the CPU lock is what setup.sh installed here (every
+distribution at its locked version), every pin carries sha256 hashes, both locks
+agree with envs/requirements.txt, the CPU lock takes the CPU build of torch and the
+CUDA lock PyPI's CUDA build, and Horovod's sdist is pinned by its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, VENV_BIN
+
+from scalelab import provenance
+
+ENVS = REPO / "envs"
+
+
+def entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of every requirement in a pip lock."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", block)
+        if m:
+            name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+            out[name] = (m.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return out
+
+
+def requirements() -> dict[str, str]:
+    return provenance.lock_pins((ENVS / "requirements.txt").read_text())
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_lock_pins_every_requirement_with_hashes(variant):
+    lock = entries(ENVS / f"lock-{variant}.txt")
+    assert len(lock) > len(requirements())  # transitive dependencies are locked too
+    for name, (_, hashes) in lock.items():
+        assert hashes, f"{name} has no hash"
+    for name, version in requirements().items():
+        assert name in lock, f"{name} of requirements.txt missing from lock-{variant}.txt"
+        assert lock[name][0].split("+")[0] == version, (name, lock[name][0], version)
+    text = (ENVS / f"lock-{variant}.txt").read_text()
+    assert "--find-links" not in text and "--index-url" not in text  # no host, no local path
+
+
+def test_cpu_lock_takes_the_cpu_torch_and_cuda_lock_the_cuda_build():
+    cpu, cuda = entries(ENVS / "lock-cpu.txt"), entries(ENVS / "lock-cuda.txt")
+    assert cpu["torch"][0] == "2.13.0+cpu"
+    assert not any(n.startswith("nvidia-") for n in cpu)
+    assert cuda["torch"][0] == "2.13.0"
+    assert any(n.startswith("nvidia-nccl") for n in cuda)
+    assert any(n.startswith("nvidia-cudnn") for n in cuda)
+
+
+def test_this_venv_is_the_cpu_lock():
+    """setup.sh installed the CPU lock: every locked distribution at its locked version."""
+    lock = entries(ENVS / "lock-cpu.txt")
+    wrong = []
+    for name, (version, _) in lock.items():
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have != version:
+            wrong.append(f"{name}: locked {version}, installed {have}")
+    assert not wrong, wrong
+    state = provenance.lock_state()
+    assert state and state["installed_matches"], state
+
+
+def test_horovod_sdist_pin_matches_build_script_default_and_pip_checks_it(tmp_path):
+    pin = entries(ENVS / "lock-horovod.txt")["horovod"]
+    script = (ENVS / "build_horovod.sh").read_text()
+    assert f'HOROVOD_VERSION:-{pin[0]}' in script and "--require-hashes" in script
+    bad = tmp_path / "bad.txt"
+    wrong = hashlib.sha256(b"not the sdist").hexdigest()
+    bad.write_text(f"horovod=={pin[0]} --hash=sha256:{wrong}\n")
+    proc = subprocess.run([str(VENV_BIN / "python"), "-m", "pip", "download", "--no-deps",
+                           "--no-binary", ":all:", "--require-hashes", "-d", str(tmp_path / "d"),
+                           "-r", str(bad)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in proc.stderr
+    assert f"Got        {pin[1][0]}" in proc.stderr  # PyPI's sdist is the pinned file

@@ -1,0 +1,140 @@
+"""provenance.json in every run directory, and no secret anywhere in a study's outputs.
+
+Real runs only: `scalelab train` under mpirun, and the Snakemake workflow on the
+.test config. Secrets are planted in the environment of the whole workflow; every
+file under results/ and logs/ is then searched, inside zip members (.pt) and parquet
+cells too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from train_support import MPIRUN, PY, TINY, TRAIN, deep_update, ok, run, write_config
+
+from scalelab import provenance
+
+SCHEMA = json.loads(provenance.SCHEMA.read_text())
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-planted-aws-9f3c1",
+    "HF_TOKEN": "hf_plantedTokenValue4711",
+    "MY_PASSWORD": "planted-password-Zq81x",
+    # Allow-listed prefixes with a credential-like name: dropped all the same.
+    "NCCL_PLANTED_AUTH_TOKEN": "planted-nccl-token-55aa",
+    "OMPI_PLANTED_SECRET": "planted-ompi-secret-66bb",
+}
+
+
+def validate(manifest: dict) -> None:
+    jsonschema.Draft202012Validator(SCHEMA).validate(manifest)
+
+
+def leaks(root: Path, values: list[str]) -> list[str]:
+    """'file: value' for every planted value found in any file under root (raw bytes,
+    every zip member, every parquet cell and column name)."""
+    found = []
+    needles = [v.encode() for v in values]
+
+    def scan(name: str, data: bytes) -> None:
+        found.extend(f"{name}: {n.decode()}" for n in needles if n in data)
+
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        scan(str(path), data)
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for member in zf.namelist():
+                    scan(f"{path}!{member}", zf.read(member))
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            frame = pd.read_parquet(path)
+            scan(f"{path} (cells)", frame.to_csv().encode())
+    return found
+
+
+def test_manifest_of_a_two_rank_run_validates_names_layout_and_keeps_no_secret(tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", deep_update(TINY, {"train": {"deterministic": True}}))
+    out = tmp_path / "run"
+    ok(run([*MPIRUN, PY, *TRAIN, "--config", str(cfg), "--out", str(out)], timeout=180,
+           extra_env={**SECRETS, "NCCL_DEBUG": "WARN"}))
+    manifest = json.loads((out / "provenance.json").read_text())
+    validate(manifest)
+    must, inc = manifest["must_match"], manifest["incidental"]
+    assert must["world_size"] == 2 and must["tasks_per_node"] == 2 and must["nodes"] == 1
+    assert must["launcher"] == "openmpi"
+    assert must["versions"]["torch"] == __import__("torch").__version__
+    assert must["versions"]["mpi"].startswith("Open MPI")
+    assert must["deterministic"] is True and must["seed"] == TINY["seed"]
+    assert must["config_sha256"] == provenance.config_sha256(
+        yaml.safe_load((out / "config.yaml").read_text()))
+    assert manifest["provenance_id"] == provenance.provenance_id(must)
+    # The launcher's command line is found from the rank's ancestry.
+    assert inc["launcher_argv"] and Path(inc["launcher_argv"][0]).name in ("mpirun", "prterun")
+    # The allow-list keeps what describes the run and nothing that looks like a credential.
+    assert inc["env"]["NCCL_DEBUG"] == "WARN" and inc["env"]["OMP_NUM_THREADS"] == "1"
+    assert any(k.startswith("OMPI_") for k in inc["env"])
+    assert not leaks(out, list(SECRETS.values()))
+
+
+def test_allow_list_and_redaction_are_by_name():
+    env = {"HF_TOKEN": "x", "NCCL_IB_HCA": "mlx5", "NCCL_X_PASSWORD": "y", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_ACCOUNT": "proj", "HOME": "/root", "OMP_NUM_THREADS": "4"}
+    assert provenance.allowed_env(env) == {"NCCL_IB_HCA": "mlx5", "OMP_NUM_THREADS": "4",
+                                           "SLURM_JOB_ID": "7"}
+    assert provenance.redact_argv(["mpirun", "-x", "HF_TOKEN=abc", "-x", "NCCL_DEBUG=INFO"]) == [
+        "mpirun", "-x", "HF_TOKEN=<redacted>", "-x", "NCCL_DEBUG=INFO"]
+    # The schema itself refuses a manifest that carries a credential-like name.
+    from scalelab.train.config import from_dict
+
+    manifest = provenance.collect(from_dict(TINY), Path("unused-run-dir"))
+    validate(manifest)
+    manifest["incidental"]["env"]["HF_TOKEN"] = "x"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(manifest)
+
+
+def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_logs(tmp_path):
+    """The shipped workflow on the .test config (staging, both backends on 2 ranks,
+    evaluation, commbench, analysis), with secrets in the environment of every job."""
+    from conftest import tool_env
+    from test_workflow import copy_workflow, snakemake
+
+    wd = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wd / ".test" / "config.yaml").read_text())
+    cfg["sweep"]["tasks_per_node"] = [2]
+    (wd / "secret.yaml").write_text(yaml.safe_dump(cfg))
+    env = tool_env(SECRETS)
+    names = ["ddp-strong-n1-t2-g0-r0", "horovod-strong-n1-t2-g0-r0"]
+    # Staging, training under mpirun, evaluation, the communication benchmark and the analysis.
+    targets = [*(f"results/runs/{n}/evaluation.json" for n in names), "results/commbench/torch",
+               "results/analysis/scaling.csv"]
+    snakemake(wd, [*targets, "--cores", "2", "--configfile", "secret.yaml"], env=env)
+    runs = sorted((wd / "results" / "runs").iterdir())
+    assert [r.name for r in runs] == names
+    for run_dir in runs:
+        manifest = json.loads((run_dir / "provenance.json").read_text())
+        validate(manifest)
+        assert manifest["must_match"]["world_size"] == 2
+        assert manifest["must_match"]["data_sha256"] == provenance.sha256_file(
+            wd / manifest["config"]["data"]["path"] / "manifest.json")
+        assert manifest["incidental"]["data"]["path"] == str(wd / "results" / "data")
+        assert manifest["incidental"]["data"]["source"] == "staged"
+    files = [p for d in ("results", "logs") for p in (wd / d).rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".pt", ".parquet", ".json", ".log"} <= kinds, kinds  # the binary outputs are there
+    found = leaks(wd / "results", list(SECRETS.values())) + leaks(wd / "logs",
+                                                                    list(SECRETS.values()))
+    assert not found, found
+    # The search would have found a value written plainly, or inside a .pt.
+    import torch
+
+    torch.save({"note": SECRETS["HF_TOKEN"]}, wd / "results" / "planted.pt")
+    assert f"{wd / 'results' / 'planted.pt'}!planted/data.pkl: {SECRETS['HF_TOKEN']}" in leaks(
+        wd / "results", [SECRETS["HF_TOKEN"]])
