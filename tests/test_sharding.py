@@ -175,3 +175,46 @@ def test_fsdp_and_tp_are_valid_config() -> None:
     assert choose_backend(cfg.dist.backend, _layout(4), cfg.dist.tp, cfg.model.name) == "fsdp"
     with pytest.raises(UsageError, match="field 'dist.tp'"):
         from_dict({**GPT_TINY, "dist": {"tp": 0}})
+
+
+# ----------------------------------------------------------------------------- resharding
+
+def _resume_from(source: Path, step: int, target: Path) -> None:
+    """A run directory (marker included) holding only ``source``'s checkpoint at ``step``
+    and its sha256: the state of a run stopped right after that checkpoint."""
+    import shutil
+
+    from scalelab.fsio import MARKER
+
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copy2(source / MARKER, target / MARKER)
+    for suffix in (".pt", ".pt.sha256"):
+        name = f"ckpt-{step:09d}{suffix}"
+        shutil.copy2(source / "checkpoints" / name, target / "checkpoints" / name)
+
+
+@pytest.mark.parametrize("before, after", [
+    ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=fsdp"])),
+    ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=fsdp"])),
+], ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2"])
+def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before, after) -> None:
+    """Checkpoints hold the gathered (unsharded) state: a run stopped after epoch 1 at one
+    world size continues at another and ends where the uninterrupted run ends."""
+    cfg = json.loads(json.dumps(GPT_TINY))
+    cfg["train"]["epochs"] = 2
+    config = write_config(tmp_path / "gpt.yaml", cfg)
+
+    def train(ranks: int, sets: list[str], out: Path, *extra: str):
+        launcher = [PY] if ranks == 1 else torchrun(ranks)
+        args = [arg for s in sets for arg in ("--set", s)]
+        return ok(run([*launcher, *TRAIN, "--config", str(config), "--out", str(out), *args,
+                       *extra], timeout=300))
+
+    train(before[0], before[1], tmp_path / "whole")
+    _resume_from(tmp_path / "whole", 8, tmp_path / "resumed")
+    proc = train(after[0], after[1], tmp_path / "resumed", "--resume")
+    assert "resumed from ckpt-000000008.pt at epoch 2" in proc.stdout
+    s = summary(tmp_path / "resumed")
+    assert (s["resumes"], s["global_steps"], s["world_size"]) == (1, 16, after[0])
+    # reduction order differs between the layouts: equal to float32 round-off, not bitwise
+    assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "whole")) < ATOL
