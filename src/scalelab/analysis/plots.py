@@ -86,8 +86,10 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
     labels = _labels(table)
     for key, grp in table.groupby(GROUP, sort=True):
         grp = grp.sort_values("workers")
-        err = grp["efficiency"] * grp["efficiency_spread"].fillna(0) \
-            if "efficiency_spread" in grp else None
+        err = None
+        if "efficiency_spread" in grp:  # the spread's full width, centred, clipped at 0
+            half = grp["efficiency"] * grp["efficiency_spread"].fillna(0) / 2
+            err = np.vstack([np.minimum(half, grp["efficiency"]), half])
         ax.errorbar(grp["workers"], grp["efficiency"], yerr=err, marker="o", capsize=3,
                     label=labels[key])
         if "flag_superlinear" in grp:
@@ -106,7 +108,7 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
     ax.set_ylim(0, max(1.1, float(table["efficiency"].max()) * 1.1))
     ax.set_xlabel("workers (GPUs, or ranks on CPU)")
     ax.set_ylabel("parallel efficiency  X_N / (p X_0)")
-    ax.set_title("Parallel efficiency, bars: spread (circle: sweet spot; red x: flagged)")
+    ax.set_title("Parallel efficiency, bars: spread (circle: sweet spot; red x: superlinear)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return fig
