@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -132,9 +133,46 @@ def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_log
     found = leaks(wd / "results", list(SECRETS.values())) + leaks(wd / "logs",
                                                                     list(SECRETS.values()))
     assert not found, found
+    # A workflow run (scalelab launch, staged data) reruns bitwise from its manifest.
+    proc = subprocess.run([PY, "-m", "scalelab", "reproduce", f"results/runs/{names[0]}",
+                           "--out", str(tmp_path / "rerun")], cwd=wd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "reproduced" in proc.stdout, proc.stdout + proc.stderr
+    assert "mpirun -n 2" in proc.stdout
+    assert not leaks(tmp_path / "rerun", list(SECRETS.values()))
     # The search would have found a value written plainly, or inside a .pt.
     import torch
 
     torch.save({"note": SECRETS["HF_TOKEN"]}, wd / "results" / "planted.pt")
     assert f"{wd / 'results' / 'planted.pt'}!planted/data.pkl: {SECRETS['HF_TOKEN']}" in leaks(
         wd / "results", [SECRETS["HF_TOKEN"]])
+
+
+@pytest.mark.cluster
+def test_manifest_on_the_test_cluster_and_reproduce_inside_an_allocation(cluster):
+    """2 nodes under srun: the manifest names Slurm's job, nodes and layout; `reproduce`
+    run inside an allocation of the same shape reruns with srun, bitwise."""
+    import os
+
+    tag = f"prov-{os.getpid()}"
+    cfg = write_config(cluster.shared_dir / f"{tag}.yaml",
+                       deep_update(TINY, {"train": {"deterministic": True},
+                                          "dist": {"backend": "ddp", "timeout_s": 60}}))
+    out = cluster.shared_dir / f"{tag}-run"
+    cluster.srun(["-N2", "-n2", PY, *TRAIN, "--config", str(cfg), "--out", str(out)],
+                 timeout=300, extra_env=SECRETS)
+    manifest = json.loads((out / "provenance.json").read_text())
+    validate(manifest)
+    must, inc = manifest["must_match"], manifest["incidental"]
+    assert (must["launcher"], must["world_size"], must["nodes"], must["tasks_per_node"]) == (
+        "slurm", 2, 2, 1)
+    assert inc["slurm"]["job_id"] and inc["slurm"]["nodelist"] in ("n[1-2]", "n1,n2")
+    assert inc["env"]["SLURM_JOB_ID"] == inc["slurm"]["job_id"]
+    assert not leaks(out, list(SECRETS.values()))
+    # A Slurm run is rerun with srun, so only inside an allocation.
+    outside = run([PY, "-m", "scalelab", "reproduce", str(out), "--out", str(out) + "-x"])
+    assert outside.returncode == 2 and "salloc -N 2" in outside.stderr
+    proc = run(["salloc", "-N2", "-n2", PY, "-m", "scalelab", "reproduce", str(out),
+                "--out", f"{out}-rerun"], timeout=300, extra_env=cluster.env())
+    assert proc.returncode == 0 and "reproduced" in proc.stdout, proc.stdout + proc.stderr
+    assert "srun --mpi=pmix --nodes=2 --ntasks=2" in proc.stdout

@@ -193,9 +193,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.data:
         config.setdefault("data", {})["path"] = str(Path(args.data).resolve())
     elif (config.get("data") or {}).get("path"):
-        # A relative path was relative to the run's working directory, recorded resolved.
-        config["data"]["path"] = manifest["incidental"]["data"].get("path") or config[
-            "data"]["path"]
+        # A relative path is relative to the study's directory (an imported study: its own
+        # copy); else the path the run resolved it to. Either way its hash is checked below.
+        recorded = manifest["incidental"]["data"].get("path")
+        if not Path(config["data"]["path"]).exists() and recorded:
+            config["data"]["path"] = recorded
     data_path = (config.get("data") or {}).get("path")
     if data_path and not Path(data_path).exists():
         raise UsageError(f"{args.run_dir}: its dataset {data_path} is gone; pass --data DIR "
