@@ -304,9 +304,11 @@ def test_injection_through_the_image_path_runs_nothing_end_to_end(cpu_image, tmp
 def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image, tmp_path):
     """Bypassing the validator: the path goes straight to workflow_image, then into
     Snakemake's own --sdm command builder, which pastes the image path unquoted."""
-    from snakemake.deployment.singularity import shellcmd
+    from snakemake.deployment.singularity import Singularity, shellcmd
 
     from scalelab.container.wiring import workflow_image
+
+    Singularity().check()  # as Snakemake does before any --sdm job: finds apptainer
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "img$(touch PWNED).sif"  # the shell below runs in tmp_path
@@ -317,8 +319,8 @@ def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image,
                               text=True, timeout=300, check=False)
 
     # The test can fail: Snakemake with the raw path executes the payload.
-    sh(shellcmd(str(evil), "true", args="--userns", shell_executable="bash"))
-    assert marker.exists()
+    raw = sh(shellcmd(str(evil), "true", args="--userns", shell_executable="bash"))
+    assert marker.exists(), raw.stderr
     marker.unlink()
     alias, pin, _ = workflow_image({"image": str(evil), "sha256": cpu_image["sha256"]},
                                    submit_host=True, state_dir=tmp_path / "state")
@@ -337,7 +339,7 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
     from test_workflow import copy_workflow, snakemake
 
     sha = cpu_image["sha256"]
-    wd = copy_workflow(cluster.shared_dir / f"wf-container-{tmp_path.name}")
+    wd = copy_workflow(cluster.shared_dir / f"wf-container-{os.getpid()}")
     cfg = _full_config(cpu_image["path"], sha, nodes=[2], tasks_per_node=[1])
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
@@ -356,7 +358,9 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
         record = json.loads((run_dir / "container.json").read_text())
         assert record["sha256"] == sha and record["hashed_by"].startswith("submit host")
         log = (wd / "logs" / "train" / f"{backend}-strong-n2-t1-g0-r0.log").read_text()
-        assert "apptainer exec --userns" in log and "--mpi=pmix" in log
+        launched = next(line for line in log.splitlines() if line.startswith("scalelab launch:"))
+        assert "apptainer exec" in launched and "--userns" in launched
+        assert "--mpi=pmix" in launched and f"SCALELAB_IMAGE_SHA256={sha}" in launched
         assert (run_dir / "evaluation.json").exists()
     assert (wd / "results" / "analysis" / "scaling.csv").exists()
     # Stage, evaluate and analyze ran as Slurm jobs inside the image (Snakemake's --sdm).
