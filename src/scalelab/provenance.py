@@ -481,6 +481,20 @@ def record_start(cfg: Any, run_dir: str | Path, resume: bool = False) -> dict[st
     out = Path(run_dir)
     if (out / "summary.json").exists():
         return None  # nothing will run: `scalelab train` says the run is complete
+    # Input the trainer refuses before its first write is refused here first, so a bad
+    # config leaves no manifest that looks like a run: the batch plan, the data file.
+    # The trainer reports them on every rank; rank 0 alone must not fail first.
+    from scalelab.errors import UsageError
+    from scalelab.launch import detect
+    from scalelab.train.config import resolve_batch
+
+    try:
+        layout = detect(allow_mpi_query=False)
+        resolve_batch(cfg, layout.world_size)
+    except UsageError:
+        return None
+    if cfg.data.source != "synthetic" and not (cfg.data.path and Path(cfg.data.path).exists()):
+        return None  # the trainer names the missing data.path
     manifest = collect(cfg, out)
     old = None
     if resume and (out / FILE).exists():
