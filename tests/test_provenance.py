@@ -176,3 +176,23 @@ def test_manifest_on_the_test_cluster_and_reproduce_inside_an_allocation(cluster
                 "--out", f"{out}-rerun"], timeout=300, extra_env=cluster.env())
     assert proc.returncode == 0 and "reproduced" in proc.stdout, proc.stdout + proc.stderr
     assert "srun --mpi=pmix --nodes=2 --ntasks=2" in proc.stdout
+
+
+def test_a_resumed_run_keeps_its_manifest_and_records_each_start(tmp_path):
+    """A requeued job (summary not yet written) resumes: same manifest, one more start."""
+    cfg = write_config(tmp_path / "run.yaml", deep_update(TINY, {"train": {"epochs": 2}}))
+    out = tmp_path / "run"
+    ok(run([PY, *TRAIN, "--config", str(cfg), "--out", str(out)], timeout=120))
+    first = json.loads((out / "provenance.json").read_text())
+    (out / "summary.json").unlink()  # as if stopped after the last checkpoint
+    ok(run([PY, *TRAIN, "--config", str(cfg), "--out", str(out), "--resume"], timeout=120))
+    again = json.loads((out / "provenance.json").read_text())
+    validate(again)
+    assert again["provenance_id"] == first["provenance_id"]
+    assert again["incidental"]["started_at"] == first["incidental"]["started_at"]
+    assert len(again["incidental"]["starts"]) == 2
+    assert "changed_on_resume" not in again["incidental"]
+    # A completed run is left alone by a later `train` into it.
+    before = (out / "provenance.json").read_bytes()
+    ok(run([PY, *TRAIN, "--config", str(cfg), "--out", str(out), "--resume"], timeout=120))
+    assert (out / "provenance.json").read_bytes() == before
