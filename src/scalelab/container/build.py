@@ -6,9 +6,11 @@ Three stages, each an Apptainer definition in ``containers/cpu/``:
    read from this machine's apt sources at build time (never written into the repo).
 2. ``deps.def``: /opt/venv with the pinned stack (torch 2.13.0 CPU, Open MPI wheel,
    mpi4py, Horovod 0.28.1, ...), installed offline from a wheelhouse the host builds
-   with its own pip. Cached under ``~/.cache/scalelab/images/cpu-<key>/`` where
-   <key> hashes every input (definitions, pins, wheel files): a commit that changes
-   only scalelab's code reuses it.
+   with its own pip from the hashed lock envs/lock-cpu.txt (the image's part of it: the
+   direct requirements minus host-only tools, and what they need). Cached under
+   ``~/.cache/scalelab/images/cpu-<key>/`` where <key> hashes every input (definitions,
+   the locked pins with their hashes, wheel files): a commit that changes only
+   scalelab's code reuses it.
 3. ``app.def``: scalelab's own wheel on top, %test (one Horovod step), the labels;
    squashed to a SIF whose sha256 is recorded beside it.
 
@@ -99,11 +101,65 @@ def image_requirements(requirements: Path) -> list[str]:
     return pins
 
 
+@dataclass
+class LockEntry:
+    pin: str
+    hashes: list[str]
+    via: list[str]
+
+
+def parse_lock(text: str) -> dict[str, LockEntry]:
+    """A `uv pip compile --generate-hashes` file: name -> (name==version, hashes, via)."""
+    entries: dict[str, LockEntry] = {}
+    current: LockEntry | None = None
+    in_via = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if raw and not raw[0].isspace() and not raw.startswith("#"):
+            pin_text = line.rstrip("\\").strip()
+            current = LockEntry(pin_text, [], [])
+            entries[pin_text.split("==", 1)[0].lower()] = current
+            in_via = False
+        elif current is None:
+            continue
+        elif line.startswith("--hash="):
+            current.hashes.append(line.rstrip("\\").strip())
+        elif line.startswith("# via"):
+            rest = line[len("# via"):].strip()
+            current.via += [rest] if rest else []
+            in_via = not rest
+        elif in_via and line.startswith("#   "):
+            current.via.append(line[4:].strip())
+        else:
+            in_via = False
+    return entries
+
+
+def lock_requirements(lock: Path) -> list[str]:
+    """The image's part of the hashed lock (envs/lock-cpu.txt): its direct requirements
+    minus the host-only tools, and everything they need (the lock's own `via` lines),
+    each as `name==version --hash=...` so the wheelhouse is checked like setup.sh's venv."""
+    entries = parse_lock(lock.read_text())
+    if "torch" not in entries:
+        raise UsageError(f"{lock}: no torch entry")
+    kept = {n for n, e in entries.items()
+            if n not in HOST_ONLY and any(v.startswith("-r ") for v in e.via)}
+    grew = True
+    while grew:
+        grew = False
+        for name, e in entries.items():
+            if name not in kept and any(v.lower() in kept for v in e.via):
+                kept.add(name)
+                grew = True
+    return [" ".join([entries[n].pin, *entries[n].hashes]) for n in sorted(kept)]
+
+
 def pin(pins: Sequence[str], name: str) -> str:
+    """The version of `name` in the pins, without a local tag (2.13.0+cpu -> 2.13.0)."""
     for p in pins:
         if p.lower().startswith(f"{name}=="):
-            return p.split("==", 1)[1]
-    raise UsageError(f"envs/requirements.txt: no {name}== pin")
+            return p.split("==", 1)[1].split()[0].split("+")[0]
+    raise UsageError(f"the image's pins have no {name}==")
 
 
 def horovod_wheel(pins: Sequence[str]) -> Path:
@@ -161,7 +217,9 @@ def plan(repo: Path, torch_index: str | None = None) -> Plan:
     for name in ("base.def", "deps.def", "app.def"):
         if not (cpu_dir / name).is_file():
             raise UsageError(f"{cpu_dir / name}: missing (the CPU image recipe)")
-    pins = image_requirements(repo / "envs" / "requirements.txt")
+    lock = repo / "envs" / "lock-cpu.txt"
+    pins = (lock_requirements(lock) if lock.is_file()
+            else image_requirements(repo / "envs" / "requirements.txt"))
     hvd = horovod_wheel(pins)
     base_key = hashlib.sha256(((cpu_dir / "base.def").read_text() + BUILDER_VERSION).encode())
     deps = hashlib.sha256()
@@ -257,9 +315,15 @@ def _stage(p: Plan, name: str, final: Path, argv_of, log: Path, say) -> None:
 
 def _wheelhouse(p: Plan, dest: Path, log: Path) -> None:
     """Every pin as a wheel for Python 3.11 (the host's pip; sdists are built here)."""
-    (dest / "requirements.txt").write_text("\n".join(p.pins) + "\n")
+    hashed = any("--hash=" in line for line in p.pins)
+    (dest / "lock.txt").write_text("\n".join(p.pins) + "\n")
+    # The image installs from the wheelhouse by name==version (a wheel built here from an
+    # sdist has no hash in the lock); the hashes were checked when the files were fetched.
+    (dest / "requirements.txt").write_text("\n".join(line.split()[0] for line in p.pins) + "\n")
     argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
-            "-r", str(dest / "requirements.txt")]
+            "-r", str(dest / "lock.txt")]
+    if hashed:
+        argv[5:5] = ["--require-hashes", "--no-deps"]
     if p.torch_index:
         argv += ["--extra-index-url", p.torch_index]
     _run(argv, log, "pip wheel (the image's wheelhouse)")
@@ -370,7 +434,8 @@ def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
     digest = verify.sha256_file(image)
     record = {"image": str(image.resolve()), "sha256": digest, "size_bytes": image.stat().st_size,
               "deps_key": p.deps_key, "base_key": p.base_key, "source_key": p.src_key,
-              "source_commit": commit, "pins": p.pins, "horovod_wheel": p.horovod.name,
+              "source_commit": commit, "pins": [line.split()[0] for line in p.pins],
+              "horovod_wheel": p.horovod.name,
               "torch_source": p.torch_index or "local file via pip find-links (tested)",
               "stage_seconds": p.times}
     atomic_write_text(image.with_name(image.name + ".sha256"), f"{digest}  {image.name}\n")
