@@ -87,6 +87,25 @@ def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
     return found
 
 
+def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard: bool = True,
+                activation_checkpointing: bool = False) -> None:
+    """``fully_shard`` every block, then the root (in place). The root keeps its gathered
+    parameters after forward (backward needs them first), as torch's default does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    opts = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for parent, i in blocks_of(model):
+        block = parent[i]
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                checkpoint_wrapper,
+            )
+
+            block = parent[i] = checkpoint_wrapper(block)
+        fully_shard(block, reshard_after_forward=reshard, **opts)
+    fully_shard(model, reshard_after_forward=False, **opts)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
@@ -194,24 +213,12 @@ class FSDPBackend(_MeshBackend):
         return MixedPrecisionPolicy()
 
     def prepare(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
-
         if sync_batchnorm:
             raise UsageError("field 'model.sync_batchnorm': not with the fsdp backend")
         if self.tp > 1:
             apply_tp(model, self.mesh["tp"])
-        opts = {"mesh": self.mesh["dp"], "mp_policy": self._mp_policy(),
-                "reshard_after_forward": self.cfg.fsdp.reshard_after_forward}
-        for parent, i in blocks_of(model):
-            block = parent[i]
-            if self.cfg.fsdp.activation_checkpointing:
-                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                    checkpoint_wrapper,
-                )
-
-                block = parent[i] = checkpoint_wrapper(block)
-            fully_shard(block, **opts)
-        fully_shard(model, **opts)
+        shard_model(model, self.mesh["dp"], self._mp_policy(),
+                    self.cfg.fsdp.reshard_after_forward, self.cfg.fsdp.activation_checkpointing)
         return model
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
