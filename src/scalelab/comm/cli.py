@@ -151,6 +151,9 @@ def _register_predict(subparsers) -> None:
                    help="ranks (GPUs) per node (default 4)")
     p.add_argument("--min-fit-bytes", default="0", help="fit only sizes >= this (default all)")
     p.add_argument("--max-fit-bytes", default=None, help="fit only sizes <= this (default all)")
+    p.add_argument("--allow-cpu-curve", action="store_true",
+                   help="fit a CPU (gloo/MPI) allreduce curve to a run that trained on GPUs "
+                        "(refused by default: it cannot predict NCCL)")
     p.add_argument("--out", required=True,
                    help="output directory: new, empty, or an earlier `predict` output (then "
                         "replaced as a whole); never one of the inputs")
@@ -174,6 +177,7 @@ def predict(args: argparse.Namespace) -> int:
         else float("inf")
     fit = model.fit_ring(records, min_fit, max_fit)
     base, run_row = _base(args)
+    model.check_curve(records, run_row, args.allow_cpu_curve)
     ranks = model.scales(args.max_nodes, args.ranks_per_node)
     measured = _measured(args, run_row, base.mode)
     ranks = sorted(set(ranks) | {int(r) for r in measured["ranks"]})

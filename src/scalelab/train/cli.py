@@ -105,16 +105,14 @@ def run_dir_guard(out: Path, force: bool = False):
     `scalelab launch` already holds it on the ranks' behalf. Two trainings into one
     RUN_DIR: the second is refused before it writes anything.
     """
-    from scalelab.fsio import check_target, held_for, write_marker, writer_lock
+    from scalelab.fsio import check_target, held_for, writer_lock
 
     if _rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
         yield  # rank 0 (or the launcher) checked and holds the directory for the job
         return
     with writer_lock(out, force=force):
         check_target(out, "run")
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "run")
-        yield
+        yield  # the trainer creates and marks RUN_DIR once the config has passed
 
 
 #: What gloo, NCCL and MPI say when the other side of a collective went away.

@@ -30,7 +30,7 @@ import yaml
 
 from scalelab.backends import Backend, choose_backend, make_backend
 from scalelab.errors import DataError, UsageError
-from scalelab.fsio import atomic_write, atomic_write_json, atomic_write_text
+from scalelab.fsio import atomic_write, atomic_write_json, atomic_write_text, write_marker
 from scalelab.launch import Layout, detect
 from scalelab.models import build_model
 from scalelab.models.gpt import lm_facts
@@ -165,6 +165,7 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     hostnames = backend.gather_object(socket.gethostname())
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "run")  # a run directory: what scalelab may resume or replace
         if not resume:
             for stale in ("metrics.jsonl", "model.pt"):
                 (out / stale).unlink(missing_ok=True)
