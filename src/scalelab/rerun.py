@@ -76,6 +76,9 @@ def _launcher_argv(launcher: str, world: int, nodes: int, per_node: int,
     py = sys.executable
     if launcher == "single":
         return []
+    if nodes > 1 and launcher != "slurm":
+        # Several nodes (e.g. Open MPI ranks started by srun --mpi=pmix): srun again.
+        launcher = "slurm"
     if launcher == "openmpi":
         mpirun = which("mpirun")
         if not mpirun:
