@@ -86,6 +86,8 @@ def test_sharded_runs_equal_one_rank_and_ddp(runs: dict[str, Path], name: str) -
     s = summary(runs[name])
     assert s["global_steps"] == 8 and s["world_size"] == CASES[name][0]
     assert s["backend"] == ("fsdp" if "fsdp" in name else "ddp")
+    tp = 2 if "tp" in name else 1
+    assert (s["tp"], s["dp"]) == (tp, CASES[name][0] // tp)
 
 
 def test_fsdp_mixed_precision_computes_in_bf16(runs: dict[str, Path]) -> None:

@@ -159,6 +159,10 @@ class _MeshBackend(DDPBackend):
              accum_steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         return model, optimizer  # everything happened in prepare (before the optimizer)
 
+    def memory_facts(self) -> dict[str, Any]:
+        """The figures, and the layout they were measured under."""
+        return {**super().memory_facts(), "dp": self.dp_size, "tp": self.tp}
+
     def sync_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing: :meth:`load_full_state` gave every rank its shard of the same file."""
 
