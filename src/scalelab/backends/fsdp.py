@@ -189,7 +189,7 @@ class _MeshBackend(DDPBackend):
             set_optimizer_state_dict,
         )
 
-        if not isinstance(next(iter(optim_state.get("state", {}) or {"": 0})), str):
+        if any(not isinstance(key, str) for key in optim_state.get("state", {})):
             raise ValueError("the optimizer state is keyed by parameter index (a ddp/horovod "
                              "checkpoint), not by name")
         opts = StateDictOptions(full_state_dict=True)
