@@ -17,6 +17,7 @@ from container_image import require_apptainer, session_image
 from container_standin import make_standins, read_log, standin_env
 
 SCALELAB = str(VENV_BIN / "scalelab")
+pytestmark = pytest.mark.timeout(2400)  # the first test to ask may wait for a cold image build
 
 
 @pytest.fixture(scope="session")
