@@ -66,10 +66,19 @@ if [ -r /etc/os-release ] && ! grep -q '^ID=debian' /etc/os-release && [ -z "${S
   die "this machine's apt sources are not Debian's; set SCALELAB_DEBIAN_MIRROR to a Debian mirror URI"
 fi
 
-say "bookworm helpers (squashfs, fuse, uidmap, debootstrap, patchelf)"
-env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
-  squashfs-tools uidmap fuse2fs squashfuse fuse-overlayfs debootstrap patchelf libseccomp2 \
-  containernetworking-plugins ca-certificates >/dev/null
+helpers=(squashfs-tools uidmap fuse2fs squashfuse fuse-overlayfs debootstrap patchelf libseccomp2
+         containernetworking-plugins ca-certificates debian-archive-keyring)
+missing=()
+for p in "${helpers[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "bookworm helpers: ${missing[*]}"
+  apt_wait=(-o DPkg::Lock::Timeout=900)   # other apt runs (e.g. the rest of test_env.sh)
+  env DEBIAN_FRONTEND=noninteractive apt-get "${apt_wait[@]}" update -qq
+  env DEBIAN_FRONTEND=noninteractive apt-get "${apt_wait[@]}" install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 work="$(mktemp -d)"
 chmod 755 "$work"   # apt fetches as user _apt
