@@ -53,7 +53,7 @@ IMAGE_PY_TAG = "cp311"
 USERNS_MAP = ["--map-users=0,0,65536", "--map-groups=0,0,65536"]
 #: zstd level 3: measured here 28 s against 381 s for mksquashfs' default gzip on torch's
 #: 754 MB, 1% larger. Needs zstd in the runtime's squashfs (squashfuse with zstd, as Debian
-#: and EL builds have, or a kernel >= 4.14); pass "-comp gzip" for older sites.
+#: and EL builds have, or a kernel >= 4.14); --mksquashfs-args="-comp gzip" for older sites.
 MKSQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"
 
 

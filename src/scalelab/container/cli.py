@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Without --def: the CPU image of containers/cpu/ in three "
                        "stages (debootstrap bookworm base, the pinned stack cached by the hash "
                        "of its inputs under ~/.cache/scalelab/images/, scalelab as a thin last "
-                       "stage with %%test); its sha256 is written to IMAGE.sha256 and "
+                       "stage with %test); its sha256 is written to IMAGE.sha256 and "
                        "IMAGE.build.json. With --def FILE: apptainer build [--fakeroot] IMAGE "
                        "FILE, e.g. the GPU image on a machine that reaches its base registry.")
     b.add_argument("--def", dest="definition",
@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "when tracked files changed)")
     b.add_argument("--mksquashfs-args", metavar="ARGS",
                    help="CPU image: compression of the SIF (default: '-comp zstd "
-                   "-Xcompression-level 3'; '-comp gzip' for runtimes without zstd)")
+                   "-Xcompression-level 3'; --mksquashfs-args='-comp gzip' for runtimes "
+                   "without zstd)")
     b.add_argument("--torch-index", metavar="URL",
                    help="CPU image: take torch from this pip index (e.g. PyTorch's CPU index) "
                    "instead of what this machine's pip finds (the tested path uses the local "
