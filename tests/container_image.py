@@ -10,6 +10,7 @@ test cluster's nodes see (their /tmp is private).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, run
+from conftest import REPO, VENV_BIN, run
 
 SCALELAB = str(VENV_BIN / "scalelab")
 #: Generous: a cold build on a 2-core CI machine (base, wheelhouse, stack, squash, %test).
@@ -51,7 +52,10 @@ def session_image() -> dict:
         out = Path(reuse)
         record = json.loads(out.with_name(out.name + ".build.json").read_text())
         return {"path": out, "sha256": record["sha256"], "record": record, "log": ""}
-    out = image_dir() / "test-session" / "scalelab-cpu.sif"
+    # One published copy per checkout: a suite run from another clone (CI in /tmp, say)
+    # must not replace the file under this one's feet. The build cache itself is shared.
+    checkout = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    out = image_dir() / "test-session" / checkout / "scalelab-cpu.sif"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     proc = run([SCALELAB, "container", "build", "--image", str(out), "--force"],
