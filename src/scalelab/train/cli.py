@@ -56,9 +56,6 @@ def main(args: argparse.Namespace) -> int:
         from scalelab.train import run
 
         with run_dir_guard(args.out, force=args.force):
-            from scalelab.provenance import record_start
-
-            record_start(cfg, args.out, resume=args.resume)  # rank 0: RUN_DIR/provenance.json
             run(cfg, args.out, resume=args.resume)
     except Preempted as exc:
         print(f"scalelab train: {exc}", file=sys.stderr, flush=True)

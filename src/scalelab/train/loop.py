@@ -166,6 +166,9 @@ def _train(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "run")  # a run directory: what scalelab may resume or replace
+        from scalelab.provenance import record_start
+
+        record_start(cfg, out, resume=resume)  # RUN_DIR/provenance.json, once input passed
         if not resume:
             for stale in ("metrics.jsonl", "model.pt"):
                 (out / stale).unlink(missing_ok=True)
@@ -418,7 +421,10 @@ def evaluate(model: torch.nn.Module, dataset, backend: Backend, device: torch.de
     was_training = model.training
     model.eval()
     idx = eval_shard(len(dataset), backend.dp_rank, backend.dp_size)
-    chunks = (idx[i:i + batch] for i in range(0, len(idx), batch))
+    # As many chunks on every rank (shares differ by one sample): fsdp/tp forwards are
+    # collectives, and a rank with one chunk more would wait for its peers forever.
+    count = math.ceil(math.ceil(len(dataset) / backend.dp_size) / batch)
+    chunks = (c for c in np.array_split(idx, max(1, count)) if len(c))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in Batches(dataset, chunks, device, channels_last, prefetch=False):
         with autocast:
