@@ -160,6 +160,13 @@ def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu
     assert proof["sys_prefix"] == "/opt/venv"
     assert proof["scalelab_path"].startswith("/opt/venv/lib/python3.11/site-packages/")
     assert json.loads((host / "run_info.json").read_text())["container"] is None
+    # The provenance manifest of a run inside the image validates and pins the image.
+    from scalelab.provenance import FILE, validate
+
+    manifest = json.loads((inside / FILE).read_text())
+    validate(manifest, str(inside / FILE))
+    assert manifest["must_match"]["image_sha256"] == cpu_image["sha256"]
+    assert json.loads((host / FILE).read_text())["must_match"]["image_sha256"] is None
     got = torch.load(inside / "model.pt", map_location="cpu")
     want = torch.load(host / "model.pt", map_location="cpu")
     assert got.keys() == want.keys()
@@ -358,6 +365,11 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
         assert proof["os_release"]["VERSION_CODENAME"] == "bookworm"
         record = json.loads((run_dir / "container.json").read_text())
         assert record["sha256"] == sha and record["hashed_by"].startswith("submit host")
+        from scalelab.provenance import FILE, validate
+
+        manifest = json.loads((run_dir / FILE).read_text())
+        validate(manifest, str(run_dir / FILE))  # issue 17: every workflow run, in the image too
+        assert manifest["must_match"]["image_sha256"] == sha
         log = (wd / "logs" / "train" / f"{backend}-strong-n2-t1-g0-r0.log").read_text()
         launched = next(line for line in log.splitlines() if line.startswith("scalelab launch:"))
         assert "apptainer exec" in launched and "--userns" in launched
