@@ -232,7 +232,8 @@ def test_two_trainings_into_one_run_directory(tmp_path):
 def test_train_into_a_foreign_directory_is_refused(tmp_path, victim):
     cfg = write_config(tmp_path / "tiny.yaml", TINY)
     before = snapshot(victim)
-    one_error_line(cli("train", "--config", cfg, "--out", victim), "train")
+    line = one_error_line(cli("train", "--config", cfg, "--out", victim), "train")
+    assert "not scalelab run output" in line  # not "another writer" (the lock is its own)
     assert snapshot(victim) == before
 
 

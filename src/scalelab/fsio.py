@@ -171,7 +171,7 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
                          "refusing to replace it")
     if _holds_files(path):
         busy = _live_holder(path)
-        if busy is not None:  # a writer is creating it right now: say that, not "foreign"
+        if busy is not None and not _is_me(busy):  # a writer is creating it right now
             raise UsageError(f"{what} {target}: another writer holds its lock, "
                              f"{_holder_text(busy)}; wait for it or stop it")
         raise UsageError(f"{what} {target}: existing directory is not scalelab {kind} output "
@@ -300,6 +300,10 @@ def writer_lock(target: str | Path, *, force: bool = False, token: str | None = 
             with contextlib.suppress(OSError):
                 path.unlink()
         fh.close()
+
+
+def _is_me(info: dict[str, Any]) -> bool:
+    return info.get("pid") == os.getpid() and info.get("host") == socket.gethostname()
 
 
 def _live_holder(target: str | Path) -> dict[str, Any] | None:
