@@ -89,3 +89,9 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that kill or remount a node of the session's cluster run last, so that a
+    node they leave changed (fresh slurmd, new mounts) cannot disturb any other test."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

@@ -185,6 +185,7 @@ def test_dead_or_stuck_rank_across_nodes_fails_in_bounded_time(cluster, data, fa
            summary_written=False)
 
 
+@pytest.mark.disruptive
 def test_lost_node_fails_the_job_and_the_retry_resumes(cluster, data, reference):
     """Kill node n2 (its slurmd and every process in its namespace) mid-job: the job
     fails in bounded time with nothing marked complete; with the node back, the retry
@@ -254,6 +255,7 @@ def small_shared_disk(cluster, tmp_path):
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
+@pytest.mark.disruptive
 def test_full_disk_at_checkpoint_time_then_rerun_resumes(cluster, data, reference,
                                                         small_shared_disk):
     """The disk fills while the second checkpoint is written: one clear error line, the

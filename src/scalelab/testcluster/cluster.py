@@ -383,6 +383,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def restore_node(self, node: str, timeout: float = 120) -> None:
         """Start ``node``'s slurmd again after :meth:`kill_node` and return it to service."""
         self.state = self._load()
+        # A node that comes back has a fresh node-local /tmp (tmpfs on real nodes): no
+        # PMIx session dirs or scratch of the jobs that died with it.
+        tmp = self.dir / "nodes" / node / "tmp"
+        for entry in tmp.iterdir() if tmp.is_dir() else []:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         self._start_slurmd(node)
         deadline = time.time() + timeout
         while time.time() < deadline:
