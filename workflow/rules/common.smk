@@ -39,7 +39,11 @@ if config["container"]["enabled"]:
     # Jobs (which re-parse this file) read the submit host's record instead of hashing
     # again; they get the digest (container.sha256) and the record in their spec.
     from scalelab.container.runtime import detect as _detect_runtime
-    from scalelab.container.wiring import PIN_RECORD_KEY, sdm_binds, workflow_image
+    from scalelab.container.wiring import (
+        PIN_RECORD_KEY,
+        export_sdm_binds,
+        workflow_image,
+    )
 
     try:
         if _detect_runtime(config["container"]["runtime"]) is None:
@@ -58,11 +62,7 @@ if config["container"]["enabled"]:
     config["container"]["sha256"] = _pin.sha256
     config["container"][PIN_RECORD_KEY] = _record
     # Dataset, scratch and an absolute results directory, seen inside --sdm jobs.
-    _binds = sdm_binds(config)
-    if _binds:
-        os.environ["APPTAINER_BIND"] = ",".join(
-            b for b in [os.environ.get("APPTAINER_BIND", ""), *_binds] if b
-        )
+    export_sdm_binds(config)
 
 RESULTS = config["results"]
 DATA = f"{RESULTS}/data"

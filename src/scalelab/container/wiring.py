@@ -246,3 +246,16 @@ def sdm_binds(cfg: Mapping[str, Any]) -> list[str]:
         if p and Path(p).is_absolute() and Path(p).exists():
             out.append(str(Path(p).resolve()))
     return list(dict.fromkeys(out))
+
+
+def export_sdm_binds(cfg: Mapping[str, Any], environ: Any = None) -> list[str]:
+    """Add :func:`sdm_binds` to APPTAINER_BIND (kept: binds a site already set there), so
+    every --sdm apptainer job Snakemake starts binds them; return the binds added."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    binds = sdm_binds(cfg)
+    if binds:
+        environ["APPTAINER_BIND"] = ",".join(
+            b for b in [environ.get("APPTAINER_BIND", ""), *binds] if b)
+    return binds
