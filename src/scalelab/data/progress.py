@@ -1,4 +1,4 @@
-"""Progress reporting for long data operations (staging, hashing, copying).
+"""Progress reporting for long operations (staging, hashing, copying, training epochs).
 
 On a terminal it draws a rich progress bar on stderr; in a batch job's log
 (no terminal) it writes one plain line at most every 30 s, so Slurm logs show
@@ -15,11 +15,12 @@ from types import TracebackType
 class Progress:
     """A counter with a display; ``advance(n)`` as work is done."""
 
-    def __init__(self, description: str, total: float, unit: str, enabled: bool | None = None):
+    def __init__(self, description: str, total: float, unit: str, enabled: bool | None = None,
+                 initial: float = 0.0):
         self.description = description
         self.total = max(float(total), 1.0)
         self.unit = unit
-        self.done = 0.0
+        self.done = float(initial)
         if enabled is None:
             enabled = True
         self._tty = enabled and sys.stderr.isatty()
@@ -53,8 +54,22 @@ class Progress:
                 transient=True,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total)
+            self._task = self._bar.add_task(self.description, total=self.total,
+                                            completed=self.done)
         return self
+
+    # The trainer's loop speaks this small part of tqdm's API: one progress library.
+    def update(self, n: float = 1) -> None:
+        self.advance(n)
+
+    def set_postfix(self, **fields: object) -> None:
+        """Show ``key=value`` fields after the description (e.g. the running loss)."""
+        if self._bar is not None:
+            text = " ".join(f"{k}={v}" for k, v in fields.items())
+            self._bar.update(self._task, description=f"{self.description} {text}")
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
 
     def advance(self, n: float) -> None:
         self.done += n
@@ -77,3 +92,4 @@ class Progress:
     ) -> None:
         if self._bar is not None:
             self._bar.__exit__(exc_type, exc, tb)
+            self._bar = None

@@ -587,10 +587,9 @@ class _NoBar:
 def _progress(show: bool, epoch: int, epochs: int, first: int, total: int):
     if not show:
         return _NoBar()
-    from tqdm import tqdm
+    from scalelab.data.progress import Progress
 
-    return tqdm(total=total, initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                file=sys.stderr, leave=False, dynamic_ncols=True)
+    return Progress(f"epoch {epoch + 1}/{epochs}", total, "steps", initial=first).__enter__()
 
 
 def _run_info(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
