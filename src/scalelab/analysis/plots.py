@@ -39,12 +39,17 @@ def _labels(table: pd.DataFrame) -> dict[tuple, str]:
     return {k: " / ".join(str(k[i]) for i in varying) for k in keys}
 
 
-def _log2_x(ax, values: np.ndarray) -> None:
+def log2_x(ax, values, label=None, **tick_style) -> None:
+    """A log2 x axis with a tick at each of ``values`` (labelled ``label(v)``, default
+    ``f"{v:g}"``): worker counts and message sizes double, so equal steps read equally."""
     ax.set_xscale("log", base=2)
-    ticks = np.unique(values)
+    ticks = np.unique(np.asarray(values))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xticklabels([label(t) if label else f"{t:g}" for t in ticks], **tick_style)
     ax.minorticks_off()
+
+
+
 
 
 def _empty(ax, message: str) -> None:
@@ -67,7 +72,7 @@ def throughput(table: pd.DataFrame, threshold: float) -> object:
         base = grp.iloc[0]
         ax.plot(grp["workers"], base["throughput"] * grp["workers"] / base["workers"], "--",
                 color=line[0].get_color(), alpha=0.6, label=f"{labels[key]} (ideal)")
-    _log2_x(ax, table["workers"].to_numpy())
+    log2_x(ax, table["workers"].to_numpy())
     ax.set_yscale("log")
     ax.set_xlabel("workers (GPUs, or ranks on CPU)")
     units = sorted(set(table["throughput_unit"]))
@@ -104,7 +109,7 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
         ax.plot(spot["workers"], spot["efficiency"], "o", markersize=14, fillstyle="none",
                 color="black")
     ax.axhline(threshold, color="red", linestyle=":", label=f"threshold {threshold:g}")
-    _log2_x(ax, table["workers"].to_numpy())
+    log2_x(ax, table["workers"].to_numpy())
     ax.set_ylim(0, max(1.1, float(table["efficiency"].max()) * 1.1))
     ax.set_xlabel("workers (GPUs, or ranks on CPU)")
     ax.set_ylabel("parallel efficiency  X_N / (p X_0)")
@@ -170,7 +175,7 @@ def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None =
         if row is not None and np.isfinite(row["gustafson_parallel_fraction"]):
             f = row["gustafson_parallel_fraction"]
             ax.plot(grid, gustafson(grid, f), ":", color=colour, label=f"Gustafson f={f:.4f}")
-    _log2_x(ax, np.append(table["p"].to_numpy(), 1.0))
+    log2_x(ax, np.append(table["p"].to_numpy(), 1.0))
     ax.set_yscale("log", base=2)
     from matplotlib.ticker import FormatStrFormatter
 

@@ -72,10 +72,9 @@ def markdown(pred: pd.DataFrame, errors: pd.DataFrame, base: Base, fit: RingFit)
 
 
 def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path) -> None:
-    from scalelab.analysis.plots import pyplot, save
+    from scalelab.analysis.plots import log2_x, pyplot, save
 
     plt = pyplot()
-    import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     x0 = float(pred.loc[pred["ranks"] == base.ranks, "throughput"].iloc[0])
@@ -87,11 +86,7 @@ def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path
         ax2.plot(measured["ranks"], measured["throughput"] / (x0 * measured["ranks"] / base.ranks),
                  "o", color="black", label="measured")
     for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ticks = np.unique(pred["ranks"])
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize="x-small", rotation=45)
-        ax.minorticks_off()
+        log2_x(ax, pred["ranks"], fontsize="x-small", rotation=45)
         ax.set_xlabel("ranks (GPUs)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

@@ -49,7 +49,7 @@ def human_bytes(n: float) -> str:
 
 
 def plot(records: list[dict], meta: dict, directory: Path) -> None:
-    from scalelab.analysis.plots import pyplot, save
+    from scalelab.analysis.plots import log2_x, pyplot, save
 
     plt = pyplot()
 
@@ -62,10 +62,7 @@ def plot(records: list[dict], meta: dict, directory: Path) -> None:
     sizes = sorted({r["size_bytes"] for r in records})
     ticks = [s for s in sizes if math.log2(s) % 2 == 0] or sizes
     for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([human_bytes(t) for t in ticks], fontsize="x-small", rotation=45)
-        ax.minorticks_off()
+        log2_x(ax, ticks, human_bytes, fontsize="x-small", rotation=45)
         ax.set_xlabel("message size")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
