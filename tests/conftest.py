@@ -94,4 +94,7 @@ def pytest_runtest_makereport(item, call):
 def pytest_collection_modifyitems(config, items):
     """Tests that kill or remount a node of the session's cluster run last, so that a
     node they leave changed (fresh slurmd, new mounts) cannot disturb any other test."""
+    for item in items:  # the `cluster` tier is whatever uses the cluster, marked or not
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
