@@ -26,6 +26,32 @@ def record(name: str, **figures) -> None:
     (FIGURES / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
+class Tally:
+    """Counts a module's cases as they pass; records them only after a full run of the
+    module (a -k selection would publish a partial count as the figure)."""
+
+    def __init__(self, request, name: str, **labels: str) -> None:
+        self.request, self.name, self.labels = request, name, labels
+        self.tried = self.passed = 0
+
+    def case(self, request) -> None:
+        """Call from an autouse function fixture's teardown (after the test ran)."""
+        self.tried += 1
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.passed:
+            self.passed += 1
+
+    def publish(self, **extra) -> None:
+        option = self.request.config.option
+        if getattr(option, "keyword", "") or getattr(option, "markexpr", ""):
+            return  # a selection: its count is not the module's figure
+        module = self.request.module
+        total = sum(1 for item in self.request.session.items if item.module is module)
+        if self.tried and self.tried >= total:
+            record(self.name, **{self.labels.get("tried", "tried"): self.tried,
+                                 self.labels.get("passed", "passed"): self.passed}, **extra)
+
+
 def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"

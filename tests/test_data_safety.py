@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability import record
+from reliability import Tally
 from train_support import TINY, env, ok, run, write_config
 
 from scalelab import fsio
@@ -51,19 +51,16 @@ def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module", autouse=True)
 def tally(request):
     """Count the data-loss reproducers and how many left every file intact."""
-    seen = {"tried": 0, "intact": 0}
+    seen = Tally(request, "data-loss-reproducers", tried="reproducers_tried",
+                 passed="all_files_intact_and_one_error_line")
     yield seen
-    record("data-loss-reproducers", reproducers_tried=seen["tried"],
-           all_files_intact=seen["intact"])
+    seen.publish()
 
 
 @pytest.fixture(autouse=True)
 def _count(request, tally):
-    tally["tried"] += 1
     yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.passed:
-        tally["intact"] += 1
+    tally.case(request)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from reliability import record
+from reliability import Tally
 from train_support import TINY, env, write_config
 
 from scalelab import cli
@@ -114,24 +114,27 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tally():
-    seen = {"tried": 0, "one_line": 0}
+@pytest.fixture(scope="module", autouse=True)
+def tally(request):
+    seen = Tally(request, "error-paths", tried="error_tests_run",
+                 passed="one_line_with_the_right_code")
     yield seen
-    record("error-paths", error_paths_tried=seen["tried"],
-           one_line_with_the_right_code=seen["one_line"],
-           commands=len({c[2] for c in CASES}))
+    seen.publish(commands_covered=len({c[2] for c in CASES}))
+
+
+@pytest.fixture(autouse=True)
+def _count(request, tally):
+    yield
+    tally.case(request)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_error_is_one_line_with_the_conventions_code(case, files, tally):
+def test_error_is_one_line_with_the_conventions_code(case, files):
     _, argv, command, code, needle = case
     argv = [a.format(**files) for a in argv]
-    tally["tried"] += 1
     rc, _, err = run_cli(argv)
     line = assert_one_line(rc, err, command, code)
     assert needle in line, line
-    tally["one_line"] += 1
 
 
 def test_help_states_the_exit_codes():

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from conftest import REPO
+from reliability import Tally
 from test_workflow import copy_workflow, snakemake
 
 from scalelab import sweep
@@ -66,6 +67,21 @@ FIELDS = {
     "launch.srun_mpi": lambda c, v: c["launch"].update(srun_mpi=v),
     "train.data.val_split": lambda c, v: c["train"].setdefault("data", {}).update(val_split=v),
 }
+
+@pytest.fixture(scope="module", autouse=True)
+def tally(request):
+    """The module's figures for docs/reliability.md (published after a full run only)."""
+    seen = Tally(request, "injection-vectors", tried="cases_tried",
+                 passed="planted_commands_not_executed")
+    yield seen
+    seen.publish()
+
+
+@pytest.fixture(autouse=True)
+def _count(request, tally):
+    yield
+    tally.case(request)
+
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
