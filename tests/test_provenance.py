@@ -17,6 +17,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from reliability import record
 from train_support import MPIRUN, PY, TINY, TRAIN, deep_update, ok, run, write_config
 
 from scalelab import provenance
@@ -133,6 +134,8 @@ def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_log
     found = leaks(wd / "results", list(SECRETS.values())) + leaks(wd / "logs",
                                                                     list(SECRETS.values()))
     assert not found, found
+    record("planted-secrets", planted=len(SECRETS), files_searched=len(files),
+           leaked=len(found), binary_outputs_searched=sorted(kinds & {".pt", ".parquet"}))
     # A workflow run (scalelab launch, staged data) reruns bitwise from its manifest.
     proc = subprocess.run([PY, "-m", "scalelab", "reproduce", f"results/runs/{names[0]}",
                            "--out", str(tmp_path / "rerun")], cwd=wd, env=env,
