@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,10 @@ def pytest_collection_modifyitems(config, items):
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+def two_nodes(hosts) -> bool:
+    """Whether ``hosts`` (per rank, in rank order) name exactly two distinct test-cluster
+    nodes. Slurm picks which two of the session cluster's nodes a 2-node job gets."""
+    hosts = list(hosts)
+    return len(set(hosts)) == 2 and all(re.fullmatch(r"n\d+", h) for h in hosts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_manifest_on_the_test_cluster_and_reproduce_inside_an_allocation(cluster
     must, inc = manifest["must_match"], manifest["incidental"]
     assert (must["launcher"], must["world_size"], must["nodes"], must["tasks_per_node"]) == (
         "slurm", 2, 2, 1)
-    assert inc["slurm"]["job_id"] and inc["slurm"]["nodelist"] in ("n[1-2]", "n1,n2")
+    assert inc["slurm"]["job_id"] and re.fullmatch(r"n\[\d-\d\]|n\d,n\d|n\[\d,\d\]",
+                                                   inc["slurm"]["nodelist"])
     assert inc["env"]["SLURM_JOB_ID"] == inc["slurm"]["job_id"]
     assert not leaks(out, list(SECRETS.values()))
     # A Slurm run is rerun with srun, so only inside an allocation.

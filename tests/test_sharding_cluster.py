@@ -51,5 +51,5 @@ def test_sharded_training_across_nodes_equals_one_process(cluster, srun_args, se
     info = json.loads((out / "run_info.json").read_text())
     assert (summary["status"], summary["world_size"], summary["backend"]) == (
         "completed", world, "fsdp")
-    assert sorted(set(info["hostnames"])) == ["n1", "n2"]
+    assert len(set(info["hostnames"])) == 2
     assert _max_diff(_weights(out), _weights(ref)) < ATOL
