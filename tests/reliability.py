@@ -52,6 +52,25 @@ class Tally:
                                  self.labels.get("passed", "passed"): self.passed}, **extra)
 
 
+def tally_fixtures(name: str, tried: str, passed: str, **extra):
+    """The two autouse fixtures a module needs to publish its tally as ``name``:
+    ``tally, _count = tally_fixtures(...)`` at module level."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True, name="tally")
+    def tally(request):
+        seen = Tally(request, name, tried=tried, passed=passed)
+        yield seen
+        seen.publish(**extra)
+
+    @pytest.fixture(autouse=True, name="_count")
+    def count(request, tally):
+        yield
+        tally.case(request)
+
+    return tally, count
+
+
 def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"

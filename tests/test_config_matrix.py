@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 from conftest import REPO
-from reliability import Tally
+from reliability import tally_fixtures
 from test_workflow import copy_workflow, snakemake
 
 from scalelab import sweep
@@ -23,19 +23,8 @@ from scalelab.errors import UsageError
 BASE = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
 NAN, INF = float("nan"), float("inf")
 
-@pytest.fixture(scope="module", autouse=True)
-def tally(request):
-    """The module's figures for docs/reliability.md (published after a full run only)."""
-    seen = Tally(request, "configs-rejected-before-submit", tried="cases_tried",
-                 passed="rejected_with_one_line_before_submit")
-    yield seen
-    seen.publish()
-
-
-@pytest.fixture(autouse=True)
-def _count(request, tally):
-    yield
-    tally.case(request)
+tally, _count = tally_fixtures("configs-rejected-before-submit", "cases_tried",
+                                "rejected_with_one_line_before_submit")
 
 
 

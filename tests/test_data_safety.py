@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability import Tally
+from reliability import tally_fixtures
 from train_support import TINY, env, ok, run, write_config
 
 from scalelab import fsio
@@ -48,19 +48,8 @@ def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     return run([*SCALELAB, *map(str, args)], timeout=timeout)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tally(request):
-    """Count the data-loss reproducers and how many left every file intact."""
-    seen = Tally(request, "data-loss-reproducers", tried="reproducers_tried",
-                 passed="all_files_intact_and_one_error_line")
-    yield seen
-    seen.publish()
-
-
-@pytest.fixture(autouse=True)
-def _count(request, tally):
-    yield
-    tally.case(request)
+tally, _count = tally_fixtures("data-loss-reproducers", "reproducers_tried",
+                                "all_files_intact_and_one_error_line")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from reliability import Tally
+from reliability import tally_fixtures
 from train_support import TINY, env, write_config
 
 from scalelab import cli
@@ -114,18 +114,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tally(request):
-    seen = Tally(request, "error-paths", tried="error_tests_run",
-                 passed="one_line_with_the_right_code")
-    yield seen
-    seen.publish(commands_covered=len({c[2] for c in CASES}))
-
-
-@pytest.fixture(autouse=True)
-def _count(request, tally):
-    yield
-    tally.case(request)
+tally, _count = tally_fixtures("error-paths", "error_tests_run", "one_line_with_the_right_code",
+                                commands_covered=len({c[2] for c in CASES}))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

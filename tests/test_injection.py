@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from conftest import REPO
-from reliability import Tally
+from reliability import tally_fixtures
 from test_workflow import copy_workflow, snakemake
 
 from scalelab import sweep
@@ -68,19 +68,8 @@ FIELDS = {
     "train.data.val_split": lambda c, v: c["train"].setdefault("data", {}).update(val_split=v),
 }
 
-@pytest.fixture(scope="module", autouse=True)
-def tally(request):
-    """The module's figures for docs/reliability.md (published after a full run only)."""
-    seen = Tally(request, "injection-vectors", tried="cases_tried",
-                 passed="planted_commands_not_executed")
-    yield seen
-    seen.publish()
-
-
-@pytest.fixture(autouse=True)
-def _count(request, tally):
-    yield
-    tally.case(request)
+tally, _count = tally_fixtures("injection-vectors", "cases_tried",
+                                "planted_commands_not_executed")
 
 
 
