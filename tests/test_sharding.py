@@ -22,7 +22,7 @@ from train_support import PY, TRAIN, max_diff, ok, run, weights, write_config
 
 from scalelab.data.tokens import PROBS, TokenSequences
 from scalelab.errors import UsageError
-from scalelab.launch import Layout
+from scalelab.layout import Layout
 from scalelab.models import build_model
 
 ATOL = 1e-5

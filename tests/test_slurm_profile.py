@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO
 from test_workflow import copy_workflow, snakemake
 
-from scalelab import runner, sweep
+from scalelab import launcher, sweep
 
 pytestmark = pytest.mark.cluster
 
@@ -163,7 +163,7 @@ def test_resnet50_gpu_points_are_accepted_by_the_scheduler(cluster, tmp_path):
                               "--wrap true", shell=True, env=env, capture_output=True,
                               text=True)
         assert test.returncode == 0 and "to start at" in test.stderr, (sbatch, test.stderr)
-        srun = runner.srun_argv(cfg["launch"], point)
+        srun = launcher.srun_argv(cfg["launch"], point)
         assert "--gres=gpu:4" in srun and not any(a.startswith("--gpus-per") for a in srun)
         check = subprocess.run([srun[0], "--test-only", *srun[1:], "true"], env=env,
                                capture_output=True, text=True)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from scalelab import runner, sweep
+from scalelab import launcher, sweep
 from scalelab.errors import UsageError
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -54,24 +54,25 @@ def test_weak_mode_scales_global_batch_and_strong_keeps_it():
     cfg = copy.deepcopy(DEFAULT)
     cfg["sweep"]["modes"] = ["strong", "weak"]
     cfg = sweep.validate(cfg)
-    batches = {(p.mode, p.ranks): runner.run_config(cfg, p, "d")["optim"]["global_batch_size"]
+    batches = {(p.mode, p.ranks): launcher.run_config(cfg, p, "d")["optim"]["global_batch_size"]
                for p in sweep.expand(cfg)}
     base = DEFAULT["train"]["optim"]["global_batch_size"]
     assert batches[("strong", 1)] == batches[("strong", 2)] == base
     assert batches[("weak", 1)] == base and batches[("weak", 2)] == 2 * base
     # Given per rank, strong mode turns it into the smallest configuration's global batch.
     cfg["train"]["optim"] = {"per_rank_batch_size": 32, "lr": 0.1}
-    strong = {p.ranks: runner.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg)
+    strong = {p.ranks: launcher.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg)
               if p.mode == "strong"}
     assert strong[1] == strong[2] == {"global_batch_size": 32, "lr": 0.1}
-    weak = [runner.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg) if p.mode == "weak"]
+    weak = [launcher.run_config(cfg, p, "d")["optim"] for p in sweep.expand(cfg)
+            if p.mode == "weak"]
     assert all(o == {"per_rank_batch_size": 32, "lr": 0.1} for o in weak)
 
 
 def test_run_config_sets_backend_data_and_threads():
     cfg = sweep.validate(DEFAULT)
     point = sweep.find(cfg, "horovod-strong-n1-t2-g0-r0")
-    rc = runner.run_config(cfg, point, Path("results/data"))
+    rc = launcher.run_config(cfg, point, Path("results/data"))
     assert rc["dist"]["backend"] == "horovod"
     assert rc["data"] == {"source": "staged", "path": "results/data"}
     assert rc["train"]["threads"] == 1

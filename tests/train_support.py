@@ -134,7 +134,7 @@ class Ranks:
 
 
 def slurm_env(job_id: int) -> Callable[[int], dict[str, str]]:
-    """What ``srun -n 2`` on one node sets (the variables scalelab.launch reads)."""
+    """What ``srun -n 2`` on one node sets (the variables scalelab.layout reads)."""
     def rank_env(r: int) -> dict[str, str]:
         return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r),
                 "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "2",

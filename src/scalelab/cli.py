@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "scalelab.doctor",
     "scalelab.data.cli",
     "scalelab.train.cli",
-    "scalelab.runner",
+    "scalelab.launcher",
     "scalelab.evaluate",
     "scalelab.analysis.cli",
     "scalelab.comm.cli",

@@ -343,7 +343,7 @@ def launcher_argv() -> list[str] | None:
 
 def collect(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """The manifest of the run about to start in ``run_dir`` (this process = rank 0)."""
-    from scalelab.launch import detect
+    from scalelab.layout import detect
 
     layout = detect(allow_mpi_query=False)
     nodes = max(1, layout.world_size // max(1, layout.local_world_size))
@@ -485,7 +485,7 @@ def record_start(cfg: Any, run_dir: str | Path, resume: bool = False) -> dict[st
     # config leaves no manifest that looks like a run: the batch plan, the data file.
     # The trainer reports them on every rank; rank 0 alone must not fail first.
     from scalelab.errors import UsageError
-    from scalelab.launch import detect
+    from scalelab.layout import detect
     from scalelab.train.config import resolve_batch
 
     try:

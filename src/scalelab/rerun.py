@@ -259,7 +259,7 @@ def _start(argv: list[str], out: Path, run_yaml: Path, config: dict[str, Any],
     import yaml
 
     from scalelab import supervise
-    from scalelab.runner import rank_env
+    from scalelab.launcher import rank_env
     from scalelab.train.cli import LOCK_ENV
 
     token = secrets.token_hex(8)

@@ -1,4 +1,4 @@
-"""torch.distributed gloo allreduce; rank layout and rendezvous from scalelab.launch."""
+"""torch.distributed gloo allreduce; rank layout and rendezvous from scalelab.layout."""
 
 import json
 import socket
@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scalelab.launch import detect
+from scalelab.layout import detect
 
 layout = detect()
 dist.init_process_group("gloo", init_method=f"tcp://{layout.master_addr}:{layout.master_port}",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from scalelab import runner, sweep
+from scalelab import launcher, sweep
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
@@ -110,7 +110,7 @@ def stage_args():
 
 
 def job_spec(wildcards):
-    return json.dumps(runner.job_spec(config, wildcards.run, DATA), sort_keys=True)
+    return json.dumps(launcher.job_spec(config, wildcards.run, DATA), sort_keys=True)
 
 
 def timed_threads(cores_on_slurm):

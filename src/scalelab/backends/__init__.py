@@ -19,7 +19,7 @@ from scalelab.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from scalelab.launch import Layout
+    from scalelab.layout import Layout
     from scalelab.train.config import DistConfig
 
 BACKENDS = ("ddp", "horovod", "none", "fsdp")

@@ -104,7 +104,7 @@ def _launcher() -> str:
     """The launcher's name only: a dummy MASTER_ADDR keeps detect() from querying MPI."""
     import os
 
-    from scalelab.launch import detect
+    from scalelab.layout import detect
 
     try:
         return detect({**os.environ, "MASTER_ADDR": "-"}, allow_mpi_query=False).launcher

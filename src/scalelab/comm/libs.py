@@ -4,7 +4,7 @@ The benchmark loop must time the *library's* collective and nothing else, so
 each adapter owns its buffers (torch tensors, numpy arrays) and exposes the
 collectives as zero-argument callables built once per message size: no
 allocation, conversion or dispatch on the timed path beyond what the library
-itself does. Rank layout comes from the environment (:func:`scalelab.launch.detect`
+itself does. Rank layout comes from the environment (:func:`scalelab.layout.detect`
 for torch.distributed; mpi4py and Horovod read their own), so the same command
 works under mpirun, srun (plain for gloo, ``--mpi=pmix`` for MPI/Horovod),
 torchrun and horovodrun.
@@ -102,7 +102,7 @@ class TorchComm(Comm):
         import torch
         import torch.distributed as dist
 
-        from scalelab.launch import detect
+        from scalelab.layout import detect
 
         layout = detect()
         cuda = torch.cuda.is_available()

@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
 #: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.
 LOCK_ENV = "SCALELAB_RUN_LOCK"
-#: Rank variables of the launchers scalelab supports (see scalelab.launch), first match wins.
+#: Rank variables of the launchers scalelab supports (see scalelab.layout), first match wins.
 _RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
@@ -129,7 +129,7 @@ def _rank() -> str:
 
 
 def _has_peers() -> bool:
-    from scalelab.launch import detect
+    from scalelab.layout import detect
 
     try:
         return detect(allow_mpi_query=False).world_size > 1

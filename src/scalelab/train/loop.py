@@ -31,7 +31,7 @@ import yaml
 from scalelab.backends import Backend, choose_backend, make_backend
 from scalelab.errors import DataError, UsageError
 from scalelab.fsio import atomic_write, atomic_write_json, atomic_write_text, write_marker
-from scalelab.launch import Layout, detect
+from scalelab.layout import Layout, detect
 from scalelab.models import build_model
 from scalelab.models.gpt import lm_facts
 from scalelab.train import checkpoint as ckpt

@@ -288,7 +288,7 @@ def _from_slurm(env: Mapping[str, str]) -> Layout:
     ))
 
 
-if __name__ == "__main__":  # `python -m scalelab.launch`: what does this process see?
+if __name__ == "__main__":  # `python -m scalelab.layout`: what does this process see?
     import json
     import sys
     from dataclasses import asdict

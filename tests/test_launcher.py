@@ -3,7 +3,7 @@
 import os
 import sys
 
-from scalelab import runner, sweep
+from scalelab import launcher, sweep
 
 LAUNCH = {"local": "mpirun", "srun_mpi": "pmix", "cpus_per_task": 2, "timeout_s": 60,
           "extra_srun_args": ["--cpu-bind=cores"], "socket_ifname": "ib0"}
@@ -11,7 +11,7 @@ POINT = sweep.RunPoint("ddp", "strong", 2, 4, 1, 0)
 
 
 def test_srun_command_inside_allocation_has_explicit_flags():
-    argv = runner.launch_argv(LAUNCH, POINT, runner.train_args("run.yaml", "out"),
+    argv = launcher.launch_argv(LAUNCH, POINT, launcher.train_args("run.yaml", "out"),
                                 env={"SLURM_JOB_ID": "7"})
     assert argv[0].endswith("srun")
     # GPUs per node, shared by the node's ranks (NCCL's intra-node paths need them all).
@@ -24,7 +24,7 @@ def test_srun_command_inside_allocation_has_explicit_flags():
 
 def test_container_call_goes_inside_srun():
     prefix = ["apptainer", "exec", "--nv", "img.sif"]
-    argv = runner.launch_argv(LAUNCH, POINT, runner.train_args("r.yaml", "o"),
+    argv = launcher.launch_argv(LAUNCH, POINT, launcher.train_args("r.yaml", "o"),
                               env={"SLURM_JOB_ID": "7"},
                               container_prefix=prefix)
     i = argv.index("apptainer")
@@ -33,22 +33,22 @@ def test_container_call_goes_inside_srun():
 
 
 def test_local_mpirun_and_torchrun():
-    argv = runner.launch_argv(LAUNCH, sweep.RunPoint("horovod", "strong", 1, 2, 0, 0),
-                              runner.train_args("r.yaml", "o"), env={})
+    argv = launcher.launch_argv(LAUNCH, sweep.RunPoint("horovod", "strong", 1, 2, 0, 0),
+                              launcher.train_args("r.yaml", "o"), env={})
     assert argv[0].endswith("mpirun") and argv[1:3] == ["-n", "2"]
     assert ("--allow-run-as-root" in argv) == (os.geteuid() == 0)
     assert argv[argv.index(sys.executable):] == [sys.executable, "-m", "scalelab", "train",
                                                  "--config", "r.yaml", "--out", "o", "--resume"]
-    torch_argv = runner.launch_argv({**LAUNCH, "local": "torchrun"},
+    torch_argv = launcher.launch_argv({**LAUNCH, "local": "torchrun"},
                                     sweep.RunPoint("ddp", "strong", 1, 2, 0, 0),
-                                    runner.train_args("r.yaml", "o"), env={})
+                                    launcher.train_args("r.yaml", "o"), env={})
     assert torch_argv == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node=2", "-m", "scalelab", "train", "--config", "r.yaml",
                           "--out", "o", "--resume"]
 
 
 def test_rank_env_sets_threads_and_interfaces():
-    env = runner.rank_env(LAUNCH)
+    env = launcher.rank_env(LAUNCH)
     assert env["OMP_NUM_THREADS"] == "2"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "ib0"
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
@@ -56,7 +56,7 @@ def test_rank_env_sets_threads_and_interfaces():
 
 def test_one_rank_inside_slurm_runs_directly_not_under_a_second_srun():
     point = sweep.RunPoint("ddp", "strong", 1, 1, 0, 0)
-    argv = runner.launch_argv(LAUNCH, point, runner.train_args("r.yaml", "o"),
+    argv = launcher.launch_argv(LAUNCH, point, launcher.train_args("r.yaml", "o"),
                               env={"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"})
     assert argv == [sys.executable, "-m", "scalelab", "train", "--config", "r.yaml",
                     "--out", "o", "--resume"]

@@ -8,7 +8,7 @@ import pytest
 from train_support import MPIRUN, PY, TORCHRUN, ok, run
 
 from scalelab.errors import UsageError
-from scalelab.launch import (
+from scalelab.layout import (
     PORT_BASE,
     PORT_SPAN,
     Layout,
@@ -122,7 +122,7 @@ def _layouts(stdout: str) -> list[dict]:
 
 
 def test_real_mpirun_layout() -> None:
-    found = _layouts(ok(run([*MPIRUN, PY, "-m", "scalelab.launch"], timeout=60)).stdout)
+    found = _layouts(ok(run([*MPIRUN, PY, "-m", "scalelab.layout"], timeout=60)).stdout)
     assert [(d["rank"], d["world_size"], d["local_rank"], d["launcher"]) for d in found] == [
         (0, 2, 0, "openmpi"), (1, 2, 1, "openmpi")]
     assert found[0]["master_port"] == found[1]["master_port"]
@@ -130,7 +130,7 @@ def test_real_mpirun_layout() -> None:
 
 
 def test_real_torchrun_layout() -> None:
-    found = _layouts(ok(run([*TORCHRUN, "-m", "scalelab.launch"], timeout=60)).stdout)
+    found = _layouts(ok(run([*TORCHRUN, "-m", "scalelab.layout"], timeout=60)).stdout)
     assert [(d["rank"], d["world_size"], d["launcher"]) for d in found] == [
         (0, 2, "torchrun"), (1, 2, "torchrun")]
 
@@ -141,7 +141,7 @@ def test_real_mpirun_multinode_path_broadcasts_rank0_host() -> None:
     code = ("import os, json, socket, dataclasses\n"
             "os.environ['OMPI_COMM_WORLD_LOCAL_SIZE'] = '1'\n"
             "os.environ['OMPI_COMM_WORLD_LOCAL_RANK'] = '0'\n"
-            "from scalelab.launch import detect\n"
+            "from scalelab.layout import detect\n"
             "line = json.dumps({**dataclasses.asdict(detect()), 'host': socket.gethostname()})\n"
             "os.write(1, (line + '\\n').encode())\n")
     found = _layouts(ok(run([*MPIRUN, PY, "-c", code], timeout=60)).stdout)
