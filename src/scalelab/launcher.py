@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 import yaml
@@ -179,20 +180,24 @@ def container_setup(container: dict,
 
 def _point(d: dict) -> sweep.RunPoint:
     fields = sweep.RunPoint.__dataclass_fields__
-    missing = [k for k in fields if k not in d]
+    missing = [k for k, f in fields.items() if k not in d and f.default is MISSING]
     if missing:
         raise UsageError(f"--spec: field 'point' lacks {', '.join(missing)}")
-    return sweep.RunPoint(**{k: d[k] for k in fields})
+    return sweep.RunPoint(**{k: d[k] for k in fields if k in d})
 
 
-def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path]:
-    """The sweep point and data directory of a job spec; one line naming a missing field."""
+def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
+    """The sweep point and data directory of a job spec (None: a source every rank
+    generates, nothing staged); one line naming a missing field."""
     if not isinstance(spec, dict):
         raise UsageError("--spec: expected a JSON object (what `job_spec` writes)")
     for key in ("point", "run_config", "launch"):
         if not isinstance(spec.get(key), dict):
             raise UsageError(f"--spec: field '{key}' is missing or not an object")
-    path = (spec["run_config"].get("data") or {}).get("path")
+    data = spec["run_config"].get("data") or {}
+    if data.get("source") in sweep.GENERATED_SOURCES:
+        return _point(spec["point"]), None
+    path = data.get("path")
     if not isinstance(path, str) or not path:
         raise UsageError("--spec: field 'run_config.data.path' is missing")
     return _point(spec["point"]), Path(path)
@@ -224,7 +229,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             raise UsageError("give --spec JSON, or --config FILE and --run ID")
         spec = job_spec(sweep.load(args.config), args.run, args.data)
     point, data_dir = _spec_parts(spec)
-    if not (data_dir / "index.json").exists():
+    if data_dir is not None and not (data_dir / "index.json").exists():
         raise UsageError(f"data {data_dir}: no staged dataset (index.json missing); "
                          "run `scalelab stage` first")
     if not args.out:

@@ -29,7 +29,7 @@ import math
 import os
 import re
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -39,9 +39,9 @@ import yaml
 
 from scalelab.errors import UsageError
 
-#: The sweep's knobs, in run-id order. A new knob (e.g. a tensor-parallel size ``tp``) is
-#: one entry here, one field of RunPoint and one list in the schema's ``sweep`` section.
-KNOBS = ("backends", "modes", "nodes", "tasks_per_node", "gpus_per_task")
+#: The sweep's knobs, in run-id order. A new knob is one entry here, one field of RunPoint
+#: and one list in the schema's ``sweep`` section.
+KNOBS = ("backends", "modes", "nodes", "tasks_per_node", "gpus_per_task", "tp")
 
 #: Rules that run as Slurm jobs under --profile slurm (effective_config runs locally).
 SLURM_RULES = ("stage", "train", "evaluate", "commbench", "analyze", "predict")
@@ -141,6 +141,10 @@ def validate(config: dict, source: str = "config") -> dict:
     _check_strings(cfg, source)
     _check_semantics(cfg, source)
     _check_size(cfg, source)
+    try:
+        plan(cfg)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
     check_points(cfg, source)
     return cfg
 
@@ -251,16 +255,48 @@ _SYNTHETIC_DEFAULTS = (10000, 10)
 
 
 def _check_semantics(cfg: dict, source: str) -> None:
-    data = cfg["data"]
+    """What the schema cannot express: data, the run config's owned fields, the cluster."""
+    _check_data(cfg["data"], source)
+    for i, csv in enumerate(cfg["analysis"]["from_csv"]):
+        if not os.path.isfile(csv):
+            raise UsageError(f"{source}: analysis.from_csv[{i}]: no such file: {csv}")
+    _check_owned(cfg, source)
+    _check_fits_cluster(cfg, source)
+
+
+_SPLIT_NAMES = ("train", "validation", "test")
+
+#: Data keys that size or place staged data: meaningless for a generated source.
+_STAGING_ONLY = ("num_samples", "num_classes", "image_size", "node_local", "scratch")
+
+
+def _check_data(data: dict, source: str) -> None:
     split = data["split"]
     if abs(sum(split) - 1.0) > 1e-6:
         raise UsageError(f"{source}: data.split: fractions {split} sum to {sum(split):g}, not 1")
-    names = ("train", "validation", "test")
     for i, frac in enumerate(split):
         if frac <= 0:
-            raise UsageError(f"{source}: data.split[{i}]: the {names[i]} fraction must be > 0 "
-                             f"(an empty {names[i]} split cannot be "
+            raise UsageError(f"{source}: data.split[{i}]: the {_SPLIT_NAMES[i]} fraction must "
+                             f"be > 0 (an empty {_SPLIT_NAMES[i]} split cannot be "
                              f"{'trained on' if i == 0 else 'measured'})")
+    _check_data_path(data, source)
+    if data["source"] in GENERATED_SOURCES:
+        for key in _STAGING_ONLY:
+            if data.get(key):
+                raise UsageError(
+                    f"{source}: data.{key}: not used by source {data['source']!r}, which every "
+                    f"rank generates (size it in train.data: num_samples, val_samples, "
+                    f"seq_len, vocab_size)")
+    total, classes = _dataset_size(data)
+    if total is not None:
+        for i in (1, 2):
+            if total * split[i] / classes < 0.5:
+                raise UsageError(
+                    f"{source}: data.split[{i}]: {split[i]:g} of {total} images over {classes} "
+                    f"classes leaves the {_SPLIT_NAMES[i]} split empty (stratified per class)")
+
+
+def _check_data_path(data: dict, source: str) -> None:
     if data["source"] in ("imagefolder", "npz"):
         if not data.get("path"):
             raise UsageError(f"{source}: data.path: required for source {data['source']!r}")
@@ -271,38 +307,36 @@ def _check_semantics(cfg: dict, source: str) -> None:
     elif data.get("path"):
         raise UsageError(f"{source}: data.path: only used by the imagefolder and npz sources, "
                          f"not {data['source']!r}")
-    total, classes = _dataset_size(data)
-    if total is not None:
-        for i in (1, 2):
-            if total * split[i] / classes < 0.5:
-                raise UsageError(
-                    f"{source}: data.split[{i}]: {split[i]:g} of {total} images over {classes} "
-                    f"classes leaves the {names[i]} split empty (stratified per class)")
-    for i, csv in enumerate(cfg["analysis"]["from_csv"]):
-        if not os.path.isfile(csv):
-            raise UsageError(f"{source}: analysis.from_csv[{i}]: no such file: {csv}")
+
+
+def _check_owned(cfg: dict, source: str) -> None:
+    """Run-config fields the workflow sets itself may not be written in ``train``."""
     train = cfg["train"]
     if not isinstance(train, dict):
         raise UsageError(f"{source}: train: expected a mapping")
-    for (section, key), owner in _WORKFLOW_OWNED.items():
+    owned = dict(_WORKFLOW_OWNED)
+    if cfg["sweep"].get("tp"):
+        owned[("dist", "tp")] = "sweep.tp"
+    for (section, key), owner in owned.items():
         if isinstance(train.get(section), dict) and key in train[section]:
             raise UsageError(f"{source}: train.{section}.{key}: set by the workflow from "
                              f"{owner}; remove it here")
+
+
+def _check_fits_cluster(cfg: dict, source: str) -> None:
     sw, cl = cfg["sweep"], cfg["cluster"]
     cpus = cl.get("cpus_per_node")
     per_task = cfg["launch"]["cpus_per_task"]
-    if cpus:
-        for i, tpn in enumerate(sw["tasks_per_node"]):
-            if tpn * per_task > cpus:
-                raise UsageError(
-                    f"{source}: sweep.tasks_per_node[{i}]: {tpn} tasks x {per_task} CPUs "
-                    f"(launch.cpus_per_task) do not fit a node of {cpus} CPUs "
-                    f"(cluster.cpus_per_node)")
-    if cl.get("nodes"):
-        for i, n in enumerate(sw["nodes"]):
-            if n > cl["nodes"]:
-                raise UsageError(f"{source}: sweep.nodes[{i}]: {n} nodes, but the cluster has "
-                                 f"{cl['nodes']} (cluster.nodes)")
+    for i, tpn in enumerate(sw["tasks_per_node"]):
+        if cpus and tpn * per_task > cpus:
+            raise UsageError(
+                f"{source}: sweep.tasks_per_node[{i}]: {tpn} tasks x {per_task} CPUs "
+                f"(launch.cpus_per_task) do not fit a node of {cpus} CPUs "
+                f"(cluster.cpus_per_node)")
+    for i, n in enumerate(sw["nodes"]):
+        if cl.get("nodes") and n > cl["nodes"]:
+            raise UsageError(f"{source}: sweep.nodes[{i}]: {n} nodes, but the cluster has "
+                             f"{cl['nodes']} (cluster.nodes)")
     gpus = cl["gpus_per_node"]
     for i, g in enumerate(sw["gpus_per_task"]):
         for tpn in sw["tasks_per_node"]:
@@ -330,7 +364,7 @@ def _dataset_size(data: dict) -> tuple[int | None, int]:
 def _check_size(cfg: dict, source: str) -> None:
     """Bound the sweep before expanding it: `repeats: 100000000` must not fill the memory."""
     sw = cfg["sweep"]
-    factors = {f"sweep.{k}": len(sw[k]) for k in KNOBS}
+    factors = {f"sweep.{k}": len(sw[k]) for k in KNOBS if k in sw}
     factors["sweep.repeats"] = sw["repeats"]
     total = math.prod(factors.values())
     if total > sw["max_points"]:
@@ -354,6 +388,8 @@ class RunPoint:
     tasks_per_node: int
     gpus_per_task: int
     repeat: int
+    tp: int = 1
+    """Tensor-parallel ranks per model replica (``sweep.tp``; 1: none)."""
 
     @property
     def ranks(self) -> int:
@@ -365,30 +401,116 @@ class RunPoint:
 
     @property
     def run_id(self) -> str:
-        """Readable and stable: the same point always gets the same directory."""
+        """Readable and stable: the same point always gets the same directory. tp = 1 adds
+        nothing, so the ids of sweeps without tensor parallelism are those they always had."""
+        tp = f"-tp{self.tp}" if self.tp != 1 else ""
         return (f"{self.backend}-{self.mode}-n{self.nodes}-t{self.tasks_per_node}"
-                f"-g{self.gpus_per_task}-r{self.repeat}")
+                f"-g{self.gpus_per_task}{tp}-r{self.repeat}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "ranks": self.ranks, **asdict(self)}
 
 
-def expand(cfg: dict) -> list[RunPoint]:
-    """Every combination of the sweep lists, in a stable order."""
+@dataclass(frozen=True)
+class Skipped:
+    """A combination of the sweep's lists that cannot exist, and why."""
+
+    point: RunPoint
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.point.run_id, "backend": self.point.backend,
+                "ranks": self.point.ranks, "tp": self.point.tp, "reason": self.reason}
+
+
+def _combinations(cfg: dict) -> list[RunPoint]:
     s = cfg["sweep"]
     return [
-        RunPoint(b, m, n, t, g, r)
-        for b, m, n, t, g, r in itertools.product(
+        RunPoint(b, m, n, t, g, r, tp)
+        for b, m, n, t, g, tp, r in itertools.product(
             s["backends"], s["modes"], s["nodes"], s["tasks_per_node"], s["gpus_per_task"],
-            range(s["repeats"]))
+            s.get("tp") or [1], range(s["repeats"]))
     ]
 
 
+def _tp_problem(point: RunPoint, model: str | None) -> str | None:
+    """Why ``point``'s tensor-parallel layout cannot exist, or None (tp = 1 always can).
+
+    The rule is the fsdp backend's own check (:func:`scalelab.backends.fsdp.check_tp`),
+    imported only for sweeps with tp > 1: it brings torch, and Snakemake re-parses the
+    workflow inside every job."""
+    if point.tp == 1:
+        return None
+    from scalelab.backends.fsdp import check_tp
+
+    try:
+        check_tp(point.backend, point.ranks, point.tp, model)
+    except UsageError as exc:
+        return str(exc).replace("field 'dist.tp': ", "")
+    return None
+
+
+def plan(cfg: dict) -> tuple[list[RunPoint], list[Skipped]]:
+    """The sweep's points in a stable order, and the combinations skipped because they
+    cannot exist (``sweep.tp`` with horovod, tp not dividing the ranks, a model without a
+    tensor-parallel plan). An explicitly written single point is never skipped: a sweep
+    left without any point is an error naming ``sweep.tp``."""
+    train = cfg.get("train")
+    model = train.get("model") if isinstance(train, dict) else None
+    name = model.get("name", "cnn") if isinstance(model, dict) else None
+    points, skipped = [], []
+    for point in _combinations(cfg):
+        why = _tp_problem(point, name if isinstance(name, str) else None)
+        if why is None:
+            points.append(point)
+        else:
+            skipped.append(Skipped(point, why))
+    if not points:
+        first = skipped[0]
+        raise UsageError(f"sweep.tp: no point of the sweep can run; "
+                         f"{first.point.run_id}: {first.reason}")
+    return points, skipped
+
+
+def expand(cfg: dict) -> list[RunPoint]:
+    """Every combination of the sweep lists that can exist, in a stable order."""
+    return plan(cfg)[0]
+
+
+def skipped(cfg: dict) -> list[Skipped]:
+    """The combinations of the sweep lists that cannot exist (see :func:`plan`)."""
+    return plan(cfg)[1]
+
+
+def plan_summary(cfg: dict) -> str:
+    """What the workflow prints when it starts: the runs, and every skipped combination."""
+    points, skips = plan(cfg)
+    lines = [f"sweep: {len(points)} training run(s)"
+             + (f"; {len(skips)} combination(s) skipped, they cannot exist:" if skips else "")]
+    lines += [f"  skipped {s.point.run_id}: {s.reason}" for s in skips]
+    return "\n".join(lines)
+
+
 def find(cfg: dict, run_id: str) -> RunPoint:
-    for point in expand(cfg):
+    points, skips = plan(cfg)
+    for point in points:
         if point.run_id == run_id:
             return point
+    for skip in skips:
+        if skip.point.run_id == run_id:
+            raise UsageError(f"run {run_id!r}: sweep.tp: this combination cannot "
+                             f"exist and is skipped: {skip.reason}")
     raise UsageError(f"run {run_id!r} is not in the sweep of this configuration")
+
+
+#: Data sources every rank generates itself: nothing is staged, and there is no test split
+#: for `scalelab evaluate` (the trainer validates on its own held-out sequences).
+GENERATED_SOURCES = ("tokens",)
+
+
+def stages_data(cfg: dict) -> bool:
+    """Whether the workflow stages data (and evaluates the runs on its test split)."""
+    return cfg["data"]["source"] not in GENERATED_SOURCES
 
 
 def base_ranks(cfg: dict) -> int:
@@ -402,13 +524,19 @@ def run_config(cfg: dict, point: RunPoint, data_dir: str | Path) -> dict:
     rc = copy.deepcopy(cfg["train"])
     dist = rc.setdefault("dist", {})
     dist["backend"] = point.backend
+    if cfg["sweep"].get("tp"):
+        dist["tp"] = point.tp
     dist["timeout_s"] = cfg["launch"]["timeout_s"]
     if cfg["launch"].get("socket_ifname"):
         dist["socket_ifname"] = cfg["launch"]["socket_ifname"]
     data = rc.setdefault("data", {})
-    data["source"] = "staged"
-    data["path"] = str(data_dir)
-    if cfg["data"]["node_local"]:
+    if not stages_data(cfg):
+        # Generated on every rank (train.data sizes it): nothing staged, nothing to copy.
+        data["source"] = cfg["data"]["source"]
+    else:
+        data["source"] = "staged"
+        data["path"] = str(data_dir)
+    if cfg["data"]["node_local"] and stages_data(cfg):
         data["localize"] = True
         if cfg["data"]["scratch"]:
             data["scratch"] = cfg["data"]["scratch"]
@@ -458,11 +586,14 @@ def check_points(cfg: dict, source: str = "config") -> None:
             if point.ranks % rc.dist.tp:
                 raise UsageError(f"field 'train.dist.tp': {point.ranks} ranks do not split "
                                  f"into tensor-parallel groups of {rc.dist.tp}")
-            plan = resolve_batch(rc, Parallelism(point.ranks, rc.dist.tp), prefix="train.")
-            if train_max is not None and plan.global_batch > train_max:
+            why = _tp_problem(replace(point, tp=rc.dist.tp), rc.model.name)
+            if why:  # written in train.dist.tp: explicit, so an error (sweep.tp skips)
+                raise UsageError(f"field 'train.dist.tp': {why}")
+            batch = resolve_batch(rc, Parallelism(point.ranks, rc.dist.tp), prefix="train.")
+            if train_max is not None and batch.global_batch > train_max:
                 raise UsageError(
                     f"field 'train.optim.global_batch_size': a global batch of "
-                    f"{plan.global_batch} is larger than the training split (about "
+                    f"{batch.global_batch} is larger than the training split (about "
                     f"{train_max - classes} of {total} images at data.split[0]="
                     f"{cfg['data']['split'][0]:g})")
         except UsageError as exc:

@@ -48,7 +48,7 @@ rule commbench:
 rule analyze:
     input:
         summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS)),
-        evals=expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS)),
+        evals=evaluations(),
         # the commbench curves join the report through this rule (none when it is off)
         curves=(
             expand(
@@ -175,17 +175,20 @@ rule commbench_curves:
 
 rule effective_config:
     output:
-        report(
+        config=report(
             f"{RESULTS}/config.yaml",
             caption="../report/config.rst",
             category="Configuration",
             labels={"item": "effective config"},
         ),
+        plan=f"{RESULTS}/sweep.json",
     log:
         "logs/effective_config.log",
     localrule: True
     params:
         text=yaml.safe_dump(config, sort_keys=False),
+        plan=sweep_plan_json(),
     run:
-        atomic_write_text(output[0], params.text)
-        atomic_write_text(log[0], f"wrote {output[0]}\n")
+        atomic_write_text(output.config, params.text)
+        atomic_write_text(output.plan, params.plan)
+        atomic_write_text(log[0], f"wrote {output.config} and {output.plan}\n")

@@ -66,7 +66,14 @@ if config["container"]["enabled"]:
 
 RESULTS = config["results"]
 DATA = f"{RESULTS}/data"
-RUNS = {point.run_id: point for point in sweep.expand(config)}
+_POINTS, SKIPPED = sweep.plan(config)
+RUNS = {point.run_id: point for point in _POINTS}
+# Combinations of the sweep lists that cannot exist (e.g. horovod with tp > 1) are
+# skipped, and said so once, when the workflow starts (RESULTS/sweep.json lists them too).
+if SKIPPED and workflow.is_main_process:
+    print(f"scalelab workflow: {sweep.plan_summary(config)}", file=sys.stderr, flush=True)
+# A generated source (tokens) is neither staged nor evaluated on a test split.
+STAGED = sweep.stages_data(config)
 
 # Under --sdm apptainer, Snakemake pastes this path unquoted into a shell command:
 # it is the digest-named alias of workflow_image, never the configured path.
@@ -167,10 +174,32 @@ def smallest_run(backend):
     )
 
 
+def staged_data():
+    """The training jobs' input: the staged dataset, or nothing for a generated source."""
+    return DATA if STAGED else []
+
+
+def evaluations():
+    """Every run's test-split evaluation (none for a generated source: no test split)."""
+    if not STAGED:
+        return []
+    return expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS))
+
+
+def sweep_plan_json():
+    """RESULTS/sweep.json: the runs and the skipped combinations, machine-readable."""
+    doc = {
+        "runs": [p.as_dict() for p in RUNS.values()],
+        "skipped": [s.as_dict() for s in SKIPPED],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def final_targets():
     """The default target: runs, evaluations, analysis, benchmarks, prediction."""
     targets = [f"{RESULTS}/analysis/scaling.csv", f"{RESULTS}/config.yaml"]
-    targets += expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS))
+    targets += expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS))
+    targets += evaluations()
     cb = config["commbench"]
     if cb["enabled"]:
         targets += expand(f"{RESULTS}/commbench/{{lib}}", lib=cb["libs"])

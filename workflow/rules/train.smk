@@ -10,7 +10,7 @@
 # on its own nodes: scratch space only exists for the job's allocation.
 rule train:
     input:
-        DATA,
+        staged_data(),
     output:
         f"{RESULTS}/runs/{{run}}/summary.json",
     log:

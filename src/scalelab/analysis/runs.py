@@ -43,13 +43,30 @@ COLUMNS: dict[str, str] = {
     "test_accuracy": "accuracy of the final weights on the test split (evaluation.json, 0..1)",
     "time_to_target_s": "seconds of training until validation accuracy first reached the target",
     "grad_bytes": "bytes of gradients allreduced per step (NaN unless known)",
+    "tp": "tensor-parallel ranks per model replica (1: none); a tp > 1 point is its own series",
+    "param_bytes_per_rank": "parameter bytes rank 0 holds (its local shards), measured",
+    "grad_bytes_per_rank": "gradient bytes rank 0 holds, measured",
+    "optim_state_bytes_per_rank": "optimizer-state bytes rank 0 holds (moments, momentum)",
+    "state_bytes_per_rank": "parameter + gradient + optimizer-state bytes of rank 0",
+    "cuda_max_allocated_bytes": "CUDA allocator peak of rank 0 (GPU runs only)",
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
                   "CSV: file:line",
 }
 
 NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "global_batch",
            "samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
-           "comm_s", "final_accuracy", "test_accuracy", "time_to_target_s", "grad_bytes")
+           "comm_s", "final_accuracy", "test_accuracy", "time_to_target_s", "grad_bytes", "tp",
+           "param_bytes_per_rank", "grad_bytes_per_rank", "optim_state_bytes_per_rank",
+           "state_bytes_per_rank", "cuda_max_allocated_bytes")
+
+#: Memory columns and the summary.json keys they come from (the trainer's memory_facts).
+MEMORY_KEYS = {
+    "param_bytes_per_rank": "rank0_param_bytes",
+    "grad_bytes_per_rank": "rank0_grad_bytes",
+    "optim_state_bytes_per_rank": "rank0_optim_state_bytes",
+    "state_bytes_per_rank": "rank0_state_bytes",
+    "cuda_max_allocated_bytes": "cuda_max_allocated_bytes",
+}
 
 NAN = float("nan")
 
@@ -134,67 +151,45 @@ def _metrics_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_run(run_dir: str | Path, target_accuracy: float | None = None,
-             count_params: bool = False) -> dict[str, Any]:
-    """One completed run as a dict of the :data:`COLUMNS`.
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    import yaml
 
-    Every file-format field name of the trainer and the workflow is in this
-    function (and nowhere else), so a format change is a change here only.
-    Files read: summary.json (required; trainer), run_info.json, config.yaml,
-    metrics.jsonl (trainer), sweep.json (workflow; optional for runs made by
-    hand). Per-step times come from the epoch records that also give the
-    throughput (the first epoch is left out when there are several, as the
-    trainer does). ``target_accuracy`` (0..1) gives time-to-target from the
-    per-epoch validation accuracy. The gradient size comes from the summary
-    (``grad_bytes``, else 4 x ``num_params``; the trainer writes both); only for
-    runs whose summary predates them does ``count_params`` rebuild the model from
-    config.yaml.
-    """
-    import hashlib
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from None
 
-    run_dir = Path(run_dir)
+
+def _run_files(run_dir: Path) -> dict[str, Any]:
+    """Every file of a run directory that :func:`load_run` reads, parsed."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UsageError(f"{summary_path}: missing: the run did not complete (no summary.json)")
-    summary = _read_json(summary_path)
-    s = str(summary_path)
-    info_path = run_dir / "run_info.json"
-    info = _read_json(info_path) if info_path.is_file() else {}
-    sweep = _read_json(run_dir / "sweep.json") if (run_dir / "sweep.json").is_file() else {}
-    config: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        import yaml
 
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{run_dir / 'config.yaml'}: not valid YAML: {exc}") from None
-    records = _metrics_records(run_dir / "metrics.jsonl")
+    def optional(name: str) -> dict[str, Any]:
+        return _read_json(run_dir / name) if (run_dir / name).is_file() else {}
 
-    ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
-    if not ranks > 0:
-        raise UsageError(f"{s}: field 'world_size' missing or not positive")
-    samples_per_s = _num(_dig(summary, "samples_per_s"), f"{s}: samples_per_s")
-    if not samples_per_s > 0:
-        raise UsageError(f"{s}: field 'samples_per_s' missing or not positive")
-    global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
+    return {"summary": _read_json(summary_path), "info": optional("run_info.json"),
+            "sweep": optional("sweep.json"), "config": _read_yaml(run_dir / "config.yaml"),
+            "records": _metrics_records(run_dir / "metrics.jsonl")}
 
-    device = str(_dig(summary, "device") or "cpu")
-    gpus_per_task = _dig(sweep, "gpus_per_task")
-    if device.startswith("cuda"):
-        per_task = _num(gpus_per_task, f"{run_dir / 'sweep.json'}: gpus_per_task")
-        gpus = ranks * (per_task if per_task > 0 else 1.0)
-    else:
-        gpus = 0.0
-    hosts = _dig(info, "hostnames") or next(
-        (r["hostnames"] for r in records if r.get("kind") == "start" and r.get("hostnames")), [])
-    per_rank = _dig(config, "optim.per_rank_batch_size")
-    mode = _dig(sweep, "mode") or ("weak" if per_rank is not None else "strong")
 
-    # epochs as the trainer counts throughput: the first left out when there are several
+def _gpus(summary: dict, sweep: dict, ranks: float, where: Path) -> float:
+    if not str(_dig(summary, "device") or "cpu").startswith("cuda"):
+        return 0.0
+    per_task = _num(_dig(sweep, "gpus_per_task"), f"{where}: gpus_per_task")
+    return ranks * (per_task if per_task > 0 else 1.0)
+
+
+def _epoch_columns(records: list[dict], steps_per_epoch: float,
+                   target_accuracy: float | None) -> dict[str, float]:
+    """Per-step times, median epoch time and time-to-target from the epoch records
+    (the first epoch left out of the timings when there are several, as the trainer does)."""
     epochs = [r for r in records if r.get("kind") == "epoch"]
     timed = epochs[1:] if len(epochs) > 1 else epochs
-    steps = _num(_dig(summary, "steps_per_epoch"), f"{s}: steps_per_epoch") * len(timed)
+    steps = steps_per_epoch * len(timed)
 
     def per_step(key: str) -> float:
         vals = [r.get(key) for r in timed]
@@ -203,19 +198,27 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
         return float(sum(vals)) / steps
 
     epoch_times = sorted(float(r["time_s"]) for r in timed if r.get("time_s") is not None)
-    val = [(r, r.get("val_acc")) for r in epochs if r.get("val_acc") is not None]
-    ttt = NAN
-    if target_accuracy is not None:
-        elapsed = 0.0
-        for rec in epochs:
-            elapsed += float(rec.get("time_s") or 0.0)
-            if rec.get("val_acc") is not None and rec["val_acc"] >= target_accuracy:
-                ttt = elapsed
-                break
-    final_acc = _dig(summary, "val_acc")
-    if final_acc is None and val:
-        final_acc = val[-1][1]
+    val = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
+    return {"epoch_time_s": epoch_times[len(epoch_times) // 2] if epoch_times else NAN,
+            "data_s": per_step("data_s"), "compute_s": per_step("compute_s"),
+            "comm_s": per_step("comm_s"), "last_val_acc": val[-1] if val else None,
+            "time_to_target_s": _time_to_target(epochs, target_accuracy)}
 
+
+def _time_to_target(epochs: list[dict], target_accuracy: float | None) -> float:
+    if target_accuracy is None:
+        return NAN
+    elapsed = 0.0
+    for rec in epochs:
+        elapsed += float(rec.get("time_s") or 0.0)
+        if rec.get("val_acc") is not None and rec["val_acc"] >= target_accuracy:
+            return elapsed
+    return NAN
+
+
+def _grad_bytes(summary: dict, config: dict, s: str, count_params: bool) -> float:
+    """From the summary (``grad_bytes``, else 4 x ``num_params``); only for runs whose
+    summary predates both does ``count_params`` rebuild the model from config.yaml."""
     grad_bytes = _num(_dig(summary, "grad_bytes"), f"{s}: grad_bytes")
     if math.isnan(grad_bytes) and _dig(summary, "num_params") is not None:
         grad_bytes = 4.0 * _num(_dig(summary, "num_params"), f"{s}: num_params")
@@ -227,47 +230,103 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
                             tuple(_dig(config, "data.image_shape") or (3, 32, 32)),
                             **(_dig(config, "model.options") or {}))
         grad_bytes = 4.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return grad_bytes
 
+
+def _provenance(summary: dict, run_dir: Path) -> str:
     ident = _dig(summary, "provenance.id", "provenance_id")
-    if ident is None:
-        digest = hashlib.sha256()
-        for name in ("config.yaml", "run_info.json", "summary.json"):
-            if (run_dir / name).is_file():
-                digest.update((run_dir / name).read_bytes())
-        ident = digest.hexdigest()[:16]
+    if ident is not None:
+        return ident
+    import hashlib
 
-    sweep_path = run_dir / "sweep.json"
+    digest = hashlib.sha256()
+    for name in ("config.yaml", "run_info.json", "summary.json"):
+        if (run_dir / name).is_file():
+            digest.update((run_dir / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _labels(run_dir: Path, summary: dict, sweep: dict, mode: str) -> dict[str, str]:
+    """run_id, backend and mode: from sweep.json, else the directory and the summary."""
+    s, sweep_path = str(run_dir / "summary.json"), run_dir / "sweep.json"
     run_id = _dig(sweep, "run_id")
     run_id = check_label(run_id, f"{sweep_path}: field 'run_id'") if run_id is not None \
         else check_label(run_dir.name, f"{run_dir}: directory name")
     backend = _dig(sweep, "backend")
     backend = check_label(backend, f"{sweep_path}: field 'backend'") if backend is not None \
         else check_label(_dig(summary, "backend") or "unknown", f"{s}: field 'backend'")
+    return {"run_id": run_id, "backend": backend,
+            "mode": check_label(mode, f"{sweep_path}: field 'mode'")}
+
+
+def _memory(summary: dict, s: str) -> dict[str, float]:
+    """Rank 0's measured state bytes (NaN for runs whose summary predates them)."""
+    return {col: _num(_dig(summary, key), f"{s}: {key}") for col, key in MEMORY_KEYS.items()}
+
+
+def load_run(run_dir: str | Path, target_accuracy: float | None = None,
+             count_params: bool = False) -> dict[str, Any]:
+    """One completed run as a dict of the :data:`COLUMNS`.
+
+    Every file-format field name of the trainer and the workflow is in this
+    function and its helpers above (and nowhere else), so a format change is a
+    change here only. Files read: summary.json (required; trainer), run_info.json,
+    config.yaml, metrics.jsonl (trainer), sweep.json (workflow; optional for runs
+    made by hand). Per-step times come from the epoch records that also give the
+    throughput (the first epoch is left out when there are several, as the
+    trainer does). ``target_accuracy`` (0..1) gives time-to-target from the
+    per-epoch validation accuracy. The gradient size comes from the summary
+    (``grad_bytes``, else 4 x ``num_params``; the trainer writes both); only for
+    runs whose summary predates them does ``count_params`` rebuild the model from
+    config.yaml. tp: sweep.json's, else the summary's (the fsdp/tp backends write
+    it), else the run config's ``dist.tp``, else 1.
+    """
+    run_dir = Path(run_dir)
+    f = _run_files(run_dir)
+    summary, info, sweep, config = f["summary"], f["info"], f["sweep"], f["config"]
+    s = str(run_dir / "summary.json")
+    ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
+    if not ranks > 0:
+        raise UsageError(f"{s}: field 'world_size' missing or not positive")
+    samples_per_s = _num(_dig(summary, "samples_per_s"), f"{s}: samples_per_s")
+    if not samples_per_s > 0:
+        raise UsageError(f"{s}: field 'samples_per_s' missing or not positive")
+    global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
+    hosts = _dig(info, "hostnames") or next(
+        (r["hostnames"] for r in f["records"] if r.get("kind") == "start" and r.get("hostnames")),
+        [])
+    mode = _dig(sweep, "mode") or ("weak" if _dig(config, "optim.per_rank_batch_size")
+                                   is not None else "strong")
+    ep = _epoch_columns(f["records"], _num(_dig(summary, "steps_per_epoch"),
+                                           f"{s}: steps_per_epoch"), target_accuracy)
+    final_acc = _dig(summary, "val_acc")
     row = {
         "source": "runs",
-        "run_id": run_id,
-        "backend": backend,
-        "mode": check_label(mode, f"{sweep_path}: field 'mode'"),
+        **_labels(run_dir, summary, sweep, mode),
         "nodes": _num(_dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1), f"{s}: nodes"),
         "ranks": ranks,
-        "gpus": gpus,
+        "gpus": _gpus(summary, sweep, ranks, run_dir / "sweep.json"),
         "cores_per_rank": _num(_dig(info, "threads_per_rank") or _dig(config, "train.threads")
-                               or 1, f"{info_path}: threads_per_rank"),
+                               or 1, f"{run_dir / 'run_info.json'}: threads_per_rank"),
         "repeat": _num(_dig(sweep, "repeat") or 0, f"{run_dir / 'sweep.json'}: repeat"),
         "global_batch": global_batch,
         "samples_per_s": samples_per_s,
         "throughput": samples_per_s,
         "throughput_unit": "samples/s",
-        "epoch_time_s": epoch_times[len(epoch_times) // 2] if epoch_times else NAN,
+        "epoch_time_s": ep["epoch_time_s"],
         "step_time_s": global_batch / samples_per_s,
-        "data_s": per_step("data_s"),
-        "compute_s": per_step("compute_s"),
-        "comm_s": per_step("comm_s"),
-        "final_accuracy": _num(final_acc, f"{s}: val_acc"),
+        "data_s": ep["data_s"],
+        "compute_s": ep["compute_s"],
+        "comm_s": ep["comm_s"],
+        "final_accuracy": _num(final_acc if final_acc is not None else ep["last_val_acc"],
+                               f"{s}: val_acc"),
         "test_accuracy": _test_accuracy(run_dir),
-        "time_to_target_s": ttt,
-        "grad_bytes": grad_bytes,
-        "provenance": check_label(ident, f"{s}: field 'provenance.id'"),
+        "time_to_target_s": ep["time_to_target_s"],
+        "grad_bytes": _grad_bytes(summary, config, s, count_params),
+        "tp": _num(_dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1,
+                   f"{s}: tp"),
+        **_memory(summary, s),
+        "provenance": check_label(_provenance(summary, run_dir), f"{s}: field 'provenance.id'"),
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
     return row
@@ -331,11 +390,128 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
     "epoch_samples": ("epoch_samples",),
     "cores_per_rank": ("cores_per_rank",),
     "repeat": ("repeat",),
+    "tp": ("tp", "tensor_parallel"),
 }
 
 
 def _norm(header: str) -> str:
     return header.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+class _Table:
+    """A published-style CSV: its path and which of its headers maps to which column."""
+
+    def __init__(self, path: Path, cols: dict[str, str]) -> None:
+        self.path, self.cols = path, cols
+
+    def text(self, raw: dict, key: str) -> str:
+        return (raw.get(self.cols[key]) or "").strip() if key in self.cols else ""
+
+    def number(self, raw: dict, key: str, lineno: int, required: bool,
+               positive: bool = True) -> float:
+        """The cell as a finite number (> 0, or >= 0); NaN when absent and not required."""
+        if key not in self.cols:
+            return NAN
+        col = self.cols[key]
+        value = (raw.get(col) or "").strip()
+        if not value:
+            if required:
+                raise UsageError(f"{self.path}: line {lineno}: column '{col}' is empty")
+            return NAN
+        try:
+            x = float(value)
+        except ValueError:
+            raise UsageError(f"{self.path}: line {lineno}: column '{col}': "
+                             f"{value!r} is not a number") from None
+        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
+            raise UsageError(f"{self.path}: line {lineno}: column '{col}': {value} must be "
+                             f"{'> 0' if positive else '>= 0'}")
+        return x
+
+    def default(self, raw: dict, key: str, lineno: int, value: float,
+                positive: bool = True) -> float:
+        x = self.number(raw, key, lineno, False, positive)
+        return value if math.isnan(x) else x
+
+
+def _csv_columns(path: Path, fieldnames: list[str] | None) -> dict[str, str]:
+    headers = {_norm(h): h for h in (fieldnames or []) if h is not None}
+    cols: dict[str, str] = {}
+    for key, aliases in CSV_ALIASES.items():
+        found = next((headers[a] for a in aliases if a in headers), None)
+        if found is not None:
+            cols[key] = found
+    if "gpus" not in cols and "ranks" not in cols:
+        raise UsageError(f"{path}: missing column: need 'gpus' or 'ranks' "
+                         f"(found: {', '.join(headers.values()) or 'no header'})")
+    if "throughput" not in cols and "time" not in cols:
+        raise UsageError(f"{path}: missing column: need 'throughput' (samples/s) or 'time' "
+                         f"(seconds) (found: {', '.join(headers.values())})")
+    return cols
+
+
+def _csv_times(t: _Table, raw: dict, lineno: int) -> tuple[float, float, float]:
+    """(throughput, time, epoch samples) cells of one row, NaN where absent."""
+    tput = t.number(raw, "throughput", lineno, "time" not in t.cols)
+    time_s = t.number(raw, "time", lineno, "throughput" not in t.cols or math.isnan(tput))
+    return tput, time_s, t.number(raw, "epoch_samples", lineno, False)
+
+
+def _csv_throughput(cells: tuple[float, float, float], mode: str,
+                    workers: float) -> tuple[float, str, float]:
+    """(throughput, unit, epoch time) of one row: given, or derived from a time column."""
+    tput, time_s, epoch_samples = cells
+    epoch_time = time_s
+    if math.isnan(epoch_time) and not math.isnan(epoch_samples):
+        epoch_time = epoch_samples / tput
+    if not math.isnan(tput):
+        return tput, "samples/s", epoch_time
+    work = workers if mode == "weak" else 1.0
+    if not math.isnan(epoch_samples):
+        return work * epoch_samples / time_s, "samples/s", epoch_time
+    return work / time_s, "work/s", epoch_time
+
+
+def _csv_row(t: _Table, raw: dict, lineno: int, mode: str | None) -> dict[str, Any]:
+    gpus = t.number(raw, "gpus", lineno, True)
+    ranks = t.number(raw, "ranks", lineno, True)
+    cells = _csv_times(t, raw, lineno)
+    row_mode = t.text(raw, "mode").lower() or mode or "strong"
+    if row_mode not in ("strong", "weak"):
+        raise UsageError(f"{t.path}: line {lineno}: column '{t.cols.get('mode', 'mode')}': "
+                         f"{row_mode!r} is not 'strong' or 'weak'")
+    workers = gpus if not math.isnan(gpus) else ranks
+    throughput, unit, epoch_time = _csv_throughput(cells, row_mode, workers)
+    label, backend = t.text(raw, "label"), t.text(raw, "backend")
+    for key, value in (("label", label), ("backend", backend)):
+        check_label(value, f"{t.path}: line {lineno}: column '{t.cols.get(key, key)}'")
+    return {
+        "source": label or t.path.stem,
+        "run_id": f"{t.path.name}:{lineno}",
+        "backend": backend or "external",
+        "mode": row_mode,
+        "nodes": t.default(raw, "nodes", lineno, 1.0),
+        "ranks": ranks if not math.isnan(ranks) else gpus,
+        "gpus": 0.0 if math.isnan(gpus) else gpus,
+        "workers": workers,
+        "cores_per_rank": t.default(raw, "cores_per_rank", lineno, 1.0),
+        "repeat": t.default(raw, "repeat", lineno, 0.0, positive=False),
+        "global_batch": t.number(raw, "global_batch", lineno, False),
+        "samples_per_s": throughput if unit == "samples/s" else NAN,
+        "throughput": throughput,
+        "throughput_unit": unit,
+        "epoch_time_s": epoch_time,
+        "step_time_s": NAN,
+        "data_s": NAN,
+        "compute_s": NAN,
+        "comm_s": NAN,
+        "final_accuracy": t.number(raw, "final_accuracy", lineno, False, positive=False),
+        "time_to_target_s": NAN,
+        "grad_bytes": NAN,
+        "tp": t.default(raw, "tp", lineno, 1.0),
+        **{col: NAN for col in MEMORY_KEYS},
+        "provenance": f"{t.path.resolve()}:{lineno}",
+    }
 
 
 def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
@@ -353,98 +529,9 @@ def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     reader = csv.DictReader(text.splitlines())
-    headers = {_norm(h): h for h in (reader.fieldnames or []) if h is not None}
-    cols: dict[str, str] = {}
-    for key, aliases in CSV_ALIASES.items():
-        for alias in aliases:
-            if alias in headers:
-                cols[key] = headers[alias]
-                break
-    if "gpus" not in cols and "ranks" not in cols:
-        raise UsageError(f"{path}: missing column: need 'gpus' or 'ranks' "
-                         f"(found: {', '.join(headers.values()) or 'no header'})")
-    if "throughput" not in cols and "time" not in cols:
-        raise UsageError(f"{path}: missing column: need 'throughput' (samples/s) or 'time' "
-                         f"(seconds) (found: {', '.join(headers.values())})")
-
-    def text(raw: dict, key: str) -> str:
-        return (raw.get(cols[key]) or "").strip() if key in cols else ""
-
-    def number(raw: dict, key: str, lineno: int, required: bool, positive: bool = True) -> float:
-        if key not in cols:
-            return NAN
-        value = (raw.get(cols[key]) or "").strip()
-        if not value:
-            if required:
-                raise UsageError(f"{path}: line {lineno}: column '{cols[key]}' is empty")
-            return NAN
-        try:
-            x = float(value)
-        except ValueError:
-            raise UsageError(f"{path}: line {lineno}: column '{cols[key]}': "
-                             f"{value!r} is not a number") from None
-        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
-            raise UsageError(f"{path}: line {lineno}: column '{cols[key]}': {value} must be "
-                             f"{'> 0' if positive else '>= 0'}")
-        return x
-
-    rows = []
-    for lineno, raw in enumerate(reader, 2):
-        if not any((v or "").strip() for v in raw.values() if isinstance(v, str)):
-            continue
-        gpus = number(raw, "gpus", lineno, True)
-        ranks = number(raw, "ranks", lineno, True)
-        tput = number(raw, "throughput", lineno, "time" not in cols)
-        time_s = number(raw, "time", lineno, "throughput" not in cols or math.isnan(tput))
-        epoch_samples = number(raw, "epoch_samples", lineno, False)
-        row_mode = text(raw, "mode").lower()
-        row_mode = row_mode or mode or "strong"
-        if row_mode not in ("strong", "weak"):
-            raise UsageError(f"{path}: line {lineno}: column '{cols.get('mode', 'mode')}': "
-                             f"{row_mode!r} is not 'strong' or 'weak'")
-        workers = gpus if not math.isnan(gpus) else ranks
-        if not math.isnan(tput):
-            throughput, unit = tput, "samples/s"
-        else:
-            work = workers if row_mode == "weak" else 1.0
-            if not math.isnan(epoch_samples):
-                throughput, unit = work * epoch_samples / time_s, "samples/s"
-            else:
-                throughput, unit = work / time_s, "work/s"
-        epoch_time = time_s
-        if math.isnan(epoch_time) and not math.isnan(epoch_samples):
-            epoch_time = epoch_samples / tput
-        label, backend = text(raw, "label"), text(raw, "backend")
-        for key, value in (("label", label), ("backend", backend)):
-            check_label(value, f"{path}: line {lineno}: column '{cols.get(key, key)}'")
-        nodes = number(raw, "nodes", lineno, False)
-        repeat = number(raw, "repeat", lineno, False, positive=False)
-        cores = number(raw, "cores_per_rank", lineno, False)
-        rows.append({
-            "source": label or path.stem,
-            "run_id": f"{path.name}:{lineno}",
-            "backend": backend or "external",
-            "mode": row_mode,
-            "nodes": 1.0 if math.isnan(nodes) else nodes,
-            "ranks": ranks if not math.isnan(ranks) else gpus,
-            "gpus": 0.0 if math.isnan(gpus) else gpus,
-            "workers": workers,
-            "cores_per_rank": 1.0 if math.isnan(cores) else cores,
-            "repeat": 0.0 if math.isnan(repeat) else repeat,
-            "global_batch": number(raw, "global_batch", lineno, False),
-            "samples_per_s": throughput if unit == "samples/s" else NAN,
-            "throughput": throughput,
-            "throughput_unit": unit,
-            "epoch_time_s": epoch_time,
-            "step_time_s": NAN,
-            "data_s": NAN,
-            "compute_s": NAN,
-            "comm_s": NAN,
-            "final_accuracy": number(raw, "final_accuracy", lineno, False, positive=False),
-            "time_to_target_s": NAN,
-            "grad_bytes": NAN,
-            "provenance": f"{path.resolve()}:{lineno}",
-        })
+    table = _Table(path, _csv_columns(path, reader.fieldnames))
+    rows = [_csv_row(table, raw, lineno, mode) for lineno, raw in enumerate(reader, 2)
+            if any((v or "").strip() for v in raw.values() if isinstance(v, str))]
     if not rows:
         raise UsageError(f"{path}: no data rows")
     return rows
