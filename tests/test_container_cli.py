@@ -44,8 +44,9 @@ def real_env() -> dict:
     return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def one_error_line(proc, *words):
-    assert proc.returncode == 2, proc
+def one_error_line(proc, *words, code=2):
+    """One `scalelab container: error:` line; exit 2 (bad usage) or 1 (a check failed)."""
+    assert proc.returncode == code, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("scalelab container: error: ")
@@ -171,7 +172,7 @@ def test_verify_sha256_and_signature(cpu_image, tmp_path):
     proc = scalelab(["verify", image, "--sha256", sha], real_env())
     assert proc.returncode == 0 and "signature unsigned" in proc.stdout, proc.stderr
     one_error_line(scalelab(["verify", image, "--sha256", sha, "--signature", "require"],
-                            real_env()), "signature check failed")
+                            real_env()), "signature check failed", code=1)
 
 
 def test_verify_reads_the_pin_from_the_config(sandbox, tmp_path):
@@ -183,9 +184,26 @@ def test_verify_reads_the_pin_from_the_config(sandbox, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config.write_text(f"container:\n  image: {image}\n  sha256: {'f' * 64}\n")
     line = one_error_line(scalelab(["verify", "--config", str(config)], standin_env(bindir, log)),
-                          "sha256 mismatch", str(image))
+                          "sha256 mismatch", str(image), code=1)
     assert f"file has {sha}" in line
     assert all(c["argv"][0] != "verify" for c in read_log(log))  # no signature check after it
+
+
+def test_verify_json_carries_the_verdict_and_the_exit_code(sandbox, tmp_path):
+    bindir, log, image, sha = sandbox
+    args = ["verify", str(image), "--signature", "skip"]
+    proc = scalelab([*args, "--sha256", sha, "--json"], standin_env(bindir, log))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": True, "image": str(image), "sha256": sha,
+                                       "signature": "skipped"}
+    human = scalelab([*args, "--sha256", "f" * 64], standin_env(bindir, log))
+    proc = scalelab([*args, "--sha256", "f" * 64, "--json"], standin_env(bindir, log))
+    verdict = json.loads(proc.stdout)
+    assert proc.returncode == human.returncode == verdict["exit_code"] == 1
+    assert (verdict["ok"], verdict["sha256"], verdict["pinned"]) == (False, sha, "f" * 64)
+    assert one_error_line(proc, "sha256 mismatch", code=1) == \
+        f"scalelab container: error: {verdict['error']}"
+    assert read_log(log) == []  # no runtime was asked
 
 
 @pytest.mark.parametrize("action", ["exec", "verify", "inspect"])

@@ -171,14 +171,14 @@ def test_launch_dry_run_touches_nothing(tmp_path, victim):
 # ---- one writer at a time --------------------------------------------------------------
 
 def _stage_args(out: Path, n: int = 4000) -> list[str]:
-    return ["stage", "--source", "synthetic", "--num-samples", str(n), "--image-size", "16",
-            "16", "--num-classes", "4", "--seed", "1", "--quiet", "--out", str(out)]
+    return ["data", "stage", "--source", "synthetic", "--num-samples", str(n), "--image-size",
+            "16", "16", "--num-classes", "4", "--seed", "1", "--quiet", "--out", str(out)]
 
 
 def test_stage_into_a_directory_another_writer_holds_is_refused(tmp_path):
     out = tmp_path / "data"
     with fsio.writer_lock(out):
-        line = one_error_line(cli(*_stage_args(out, 200)), "stage")
+        line = one_error_line(cli(*_stage_args(out, 200)), "data")
     assert f"pid {os.getpid()}" in line and socket.gethostname() in line
     assert not out.exists()
 
@@ -192,8 +192,8 @@ def test_two_concurrent_stages_one_wins_one_is_refused(tmp_path):
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
-    assert loser.count("\n") == 1 and "scalelab stage: error:" in loser
-    ok(cli("stage", "verify", out))
+    assert loser.count("\n") == 1 and "scalelab data: error:" in loser
+    ok(cli("data", "verify", out))
 
 
 def test_two_trainings_into_one_run_directory(tmp_path):

@@ -41,3 +41,16 @@ def test_slurm_mode_ready_on_test_cluster(cluster):
     probes = {p["name"]: p for p in report["probes"]}
     assert report["ok"], proc.stderr
     assert "pmix" in probes["srun-pmix"]["detail"]
+
+
+def test_json_and_human_forms_agree_on_a_missing_mode():
+    """--json is one document with the verdict and what is missing; the same exit code."""
+    env = tool_env({"PATH": str(VENV_BIN)})
+    args = [str(VENV_BIN / "scalelab"), "doctor", "--mode", "slurm"]
+    human = run(args, env=env, check=False)
+    proc = run([*args, "--json"], env=env, check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == human.returncode == 1
+    assert report["ok"] is False and report["mode"] == "slurm"
+    assert {"sbatch", "srun", "squeue", "scontrol"} <= set(report["missing"])
+    assert not {p["name"] for p in report["probes"] if p["ok"]} & set(report["missing"])

@@ -92,12 +92,13 @@ CASES = [
      "train", 2, "none.yaml"),
     ("train-out-is-file", ["train", "--config", "{tiny}", "--out", "{afile}"], "train", 2,
      "not a directory"),
-    ("stage-no-source", ["stage", "--out", "{root}/d1"], "stage", 2, "--source"),
-    ("stage-out-is-file", ["stage", "--source", "synthetic", "--num-samples", "64",
-                           "--out", "{afile}", "--force"], "stage", 2, "not a directory"),
-    ("stage-verify-missing", ["stage", "verify", "{root}/none"], "stage", 2, "none"),
-    ("stage-bad-split", ["stage", "--source", "synthetic", "--split", "0.5,x,0",
-                         "--out", "{root}/d2"], "stage", 2, "--split"),
+    ("data-stage-no-source", ["data", "stage", "--out", "{root}/d1"], "data", 2, "--source"),
+    ("data-stage-out-is-file", ["data", "stage", "--source", "synthetic", "--num-samples",
+                                "64", "--out", "{afile}", "--force"], "data", 2,
+     "not a directory"),
+    ("data-verify-missing", ["data", "verify", "{root}/none"], "data", 2, "none"),
+    ("data-stage-bad-split", ["data", "stage", "--source", "synthetic", "--split", "0.5,x,0",
+                              "--out", "{root}/d2"], "data", 2, "--split"),
     ("commbench-bad-ops", ["commbench", "--lib", "torch", "--ops", "gather", "--out",
                            "{root}/c1"], "commbench", 2, "--ops"),
     ("commbench-out-is-file", ["commbench", "--lib", "torch", "--out", "{afile}"],
@@ -165,9 +166,9 @@ def _scalelab(*args: object) -> subprocess.CompletedProcess:
 
 def test_full_disk_while_staging_is_one_line_and_leaves_nothing(small_disk):
     out = small_disk / "data"
-    proc = _scalelab("stage", "--source", "synthetic", "--num-samples", "4000",
+    proc = _scalelab("data", "stage", "--source", "synthetic", "--num-samples", "4000",
                      "--image-size", "16", "16", "--quiet", "--out", out)
-    line = assert_one_line(proc.returncode, proc.stderr, "stage", 1)
+    line = assert_one_line(proc.returncode, proc.stderr, "data", 1)
     assert "No space left on device" in line
     assert not out.exists()
     assert [p.name for p in small_disk.iterdir() if not p.name.endswith(".lock")] == []
@@ -188,7 +189,7 @@ def test_empty_validation_and_test_splits_are_refused(files, tmp_path):
     """A dataset staged with no validation or test rows: training refuses to validate on
     nothing and evaluation refuses to report an accuracy over zero samples."""
     data = tmp_path / "data"
-    rc, _, err = run_cli(["stage", "--source", "synthetic", "--num-samples", "64",
+    rc, _, err = run_cli(["data", "stage", "--source", "synthetic", "--num-samples", "64",
                           "--image-size", "8", "8", "--split", "1,0,0", "--quiet",
                           "--out", data])
     assert rc == 0, err

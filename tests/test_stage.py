@@ -62,10 +62,10 @@ def test_digits_end_to_end_same_images_and_labels_as_sklearn(tmp_path):
 
 def test_digits_cli_stages_verifies_and_reports_throughput(tmp_path):
     out = tmp_path / "d"
-    rc, stdout, err = run_cli("stage", "--source", "digits", "--out", out, "--quiet")
+    rc, stdout, err = run_cli("data", "stage", "--source", "digits", "--out", out, "--quiet")
     assert rc == 0, err
     assert "MB/s" in stdout and "images/s" in stdout and "staged 1797 images" in stdout
-    rc, stdout, err = run_cli("stage", "verify", out, "--quiet")
+    rc, stdout, err = run_cli("data", "verify", out, "--quiet")
     assert rc == 0, err
     assert stdout.startswith(f"OK {out}")
     index = json.loads((out / "index.json").read_text())
@@ -207,7 +207,7 @@ def _assert_clean_failure(rc: int, err: str, out: Path, *needles: str) -> str:
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("scalelab stage: error: ")
+    assert lines[0].startswith("scalelab data: error: ")
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert leftovers(out) == []
@@ -216,7 +216,7 @@ def _assert_clean_failure(rc: int, err: str, out: Path, *needles: str) -> str:
 
 def test_missing_source_directory(tmp_path):
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "imagefolder", "--path", tmp_path / "nope",
+    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", tmp_path / "nope",
                          "--out", out)
     _assert_clean_failure(rc, err, out, str(tmp_path / "nope"), "no such directory")
 
@@ -224,7 +224,7 @@ def test_missing_source_directory(tmp_path):
 def test_empty_source_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "imagefolder", "--path", tmp_path / "empty",
+    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", tmp_path / "empty",
                          "--out", out)
     _assert_clean_failure(rc, err, out, str(tmp_path / "empty"), "empty")
 
@@ -234,7 +234,7 @@ def test_source_without_class_folders(tmp_path):
     src.mkdir()
     (src / "a.png").write_bytes(b"x")
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "imagefolder", "--path", src, "--out", out)
+    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src, "--out", out)
     _assert_clean_failure(rc, err, out, "no class sub-folders")
 
 
@@ -243,7 +243,7 @@ def test_class_folder_without_images(tmp_path):
     (src / "empty_class").mkdir()
     (src / "empty_class" / "readme.txt").write_text("no images here")
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "imagefolder", "--path", src, "--out", out)
+    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src, "--out", out)
     _assert_clean_failure(rc, err, out, str(src / "empty_class"), "no images")
 
 
@@ -257,9 +257,9 @@ def _with_corrupt(tmp_path: Path) -> Path:
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
     src = _with_corrupt(tmp_path)
     out = tmp_path / "out"
-    rc, stdout, err = run_cli("stage", "--source", "imagefolder", "--path", src, "--out", out,
-                              "--image-size", "8", "8", "--max-bad", "1", "--workers", "1",
-                              "--quiet")
+    rc, stdout, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src,
+                              "--out", out, "--image-size", "8", "8", "--max-bad", "1",
+                              "--workers", "1", "--quiet")
     assert rc == 0, err
     assert "skipped 1 unreadable image" in stdout
     index = json.loads((out / "index.json").read_text())
@@ -274,7 +274,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
 def test_corrupt_image_over_the_limit_fails(tmp_path):
     src = _with_corrupt(tmp_path)
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "imagefolder", "--path", src, "--out", out,
+    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src, "--out", out,
                          "--image-size", "8", "8", "--workers", "1", "--quiet")
     _assert_clean_failure(rc, err, out, str(src / "dog" / "img001.png"), "--max-bad")
 
@@ -282,18 +282,18 @@ def test_corrupt_image_over_the_limit_fails(tmp_path):
 @pytest.mark.parametrize("split", ["0.8,0.1,0.2", "0.5,0.5", "0.9,-0.1,0.2", "a,b,c"])
 def test_split_fractions_that_do_not_add_up(tmp_path, split):
     out = tmp_path / "out"
-    rc, _, err = run_cli("stage", "--source", "digits", "--out", out, f"--split={split}")
+    rc, _, err = run_cli("data", "stage", "--source", "digits", "--out", out, f"--split={split}")
     _assert_clean_failure(rc, err, out, "--split", split)
 
 
 def test_existing_output_needs_force(tmp_path):
     out = stage_digits(tmp_path / "d")
     before = (out / "manifest.json").read_bytes()
-    rc, _, err = run_cli("stage", "--source", "digits", "--out", out)
+    rc, _, err = run_cli("data", "stage", "--source", "digits", "--out", out)
     assert rc == 2 and "--force" in err
     assert (out / "manifest.json").read_bytes() == before
-    rc, _, err = run_cli("stage", "--source", "digits", "--out", out, "--seed", "1", "--force",
-                         "--quiet")
+    rc, _, err = run_cli("data", "stage", "--source", "digits", "--out", out, "--seed", "1",
+                         "--force", "--quiet")
     assert rc == 0, err
     assert (out / "manifest.json").read_bytes() != before
     assert leftovers(out) == [out.name]
@@ -323,9 +323,9 @@ def test_bad_options_are_usage_errors(tmp_path):
         stage(StageConfig("mnist", tmp_path / "o"))
     with pytest.raises(UsageError, match="--shards"):
         stage(StageConfig("digits", tmp_path / "o", shards=0, progress=False))
-    rc, _, err = run_cli("stage", "verify", tmp_path, "--source", "digits")
+    rc, _, err = run_cli("data", "verify", tmp_path, "--source", "digits")
     assert rc == 2 and err.count("\n") == 1 and "unrecognized arguments: --source" in err
-    rc, _, err = run_cli("stage")
+    rc, _, err = run_cli("data", "stage")
     assert rc == 2 and "--source and --out are required" in err
     assert leftovers(tmp_path / "o") == []
 
@@ -340,8 +340,8 @@ def test_sigterm_during_staging_leaves_nothing(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scalelab", "stage", "--source", "synthetic", "--num-samples",
-         "200000", "--image-size", "64", "64", "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "scalelab", "data", "stage", "--source", "synthetic",
+         "--num-samples", "200000", "--image-size", "64", "64", "--out", str(out), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

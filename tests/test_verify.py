@@ -1,4 +1,4 @@
-"""``scalelab stage verify``: every checksum and the index, one-line errors."""
+"""``scalelab data verify``: every checksum and the index, one-line errors."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def data(digits, tmp_path):
 
 def _one_line_failure(args, *needles, code=1):
     """A failed check exits 1 (a path that is not there at all is bad usage: 2)."""
-    rc, out, err = run_cli("stage", "verify", *args, "--quiet")
+    rc, out, err = run_cli("data", "verify", *args, "--quiet")
     assert rc == code, (out, err)
-    lines = [ln for ln in err.splitlines() if ln.startswith("scalelab stage: error:")]
+    lines = [ln for ln in err.splitlines() if ln.startswith("scalelab data: error:")]
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -34,7 +34,7 @@ def _one_line_failure(args, *needles, code=1):
 
 
 def test_intact_dataset_passes(data):
-    rc, out, err = run_cli("stage", "verify", data, "--quiet")
+    rc, out, err = run_cli("data", "verify", data, "--quiet")
     assert rc == 0, err
     assert out.startswith(f"OK {data}: ") and "train 1439, val 179, test 179" in out
     report = verify_dataset(data, progress=False)
@@ -91,3 +91,25 @@ def test_not_a_dataset(tmp_path):
     _one_line_failure([tmp_path / "empty"], "manifest.json: missing")
     with pytest.raises(DataError):
         verify_dataset(tmp_path / "empty", progress=False)
+
+
+def test_json_verdict_intact_and_corrupt(data):
+    """--json: one document on stdout with the verdict, the exit code of the human form."""
+    rc, out, err = run_cli("data", "verify", data, "--json")
+    verdict = json.loads(out)
+    assert rc == 0, err
+    assert verdict["ok"] is True and verdict["problems"] == [] and verdict["hashed"] is True
+    assert verdict["counts"] == {"train": 1439, "val": 179, "test": 179}
+    assert verdict["files"] == len(list(data.rglob("*.npy"))) + 2
+    shards = sorted((data / "train").glob("*.images.npy"))
+    shards[0].unlink()
+    flip_byte(shards[1])
+    rc_human = run_cli("data", "verify", data, "--quiet")[0]
+    rc, out, err = run_cli("data", "verify", data, "--json")
+    verdict = json.loads(out)
+    assert rc == rc_human == verdict["exit_code"] == 1
+    assert verdict["ok"] is False and len(verdict["problems"]) == 2
+    assert any(str(shards[0]) in p and "missing" in p for p in verdict["problems"])
+    assert any(str(shards[1]) in p and "sha256 mismatch" in p for p in verdict["problems"])
+    assert [ln for ln in err.splitlines() if ": error: " in ln] == \
+        [f"scalelab data: error: {verdict['error']}"]

@@ -73,8 +73,8 @@ def _python_probe(code: str) -> tuple[bool, dict | str]:
 
 def probe_python() -> Probe:
     v = sys.version_info
-    return Probe("python", v >= (3, 10), f"{v.major}.{v.minor}.{v.micro} ({sys.executable})",
-                 "use Python >= 3.10")
+    return Probe("python", v >= (3, 11), f"{v.major}.{v.minor}.{v.micro} ({sys.executable})",
+                 "use Python >= 3.11 (the Snakemake slurm executor plugin needs it)")
 
 
 def probe_torch() -> Probe:
@@ -264,6 +264,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     missing = missing_for(args.mode, probes)
     if args.json:
         print(json.dumps({"mode": args.mode, "ok": not missing,
+                          "missing": [p.name for p in missing],
                           "probes": [asdict(p) for p in probes]}, indent=2))
     else:
         _print_table(probes, args.mode)

@@ -13,4 +13,4 @@ rule stage:
     params:
         args=stage_args(),
     shell:
-        "scalelab stage {params.args:q} --quiet --out {output:q} > {log:q} 2>&1"
+        "scalelab data stage {params.args:q} --quiet --out {output:q} > {log:q} 2>&1"

@@ -8,12 +8,14 @@ is installed; ``--dry-run`` prints the exact command line instead of running it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from scalelab.errors import UsageError
+from scalelab.errors import CheckFailed, UsageError
 
 #: User arguments of containers/recipe.py (the GPU image; see its docstring).
 RECIPE_OPTIONS = ("cuda", "distro", "arch", "python", "torch", "torch_index", "nccl", "openmpi",
@@ -103,6 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="auto: check signatures when the image has any (default); "
                    "skip: sha256 only, needs no apptainer")
     v.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    v.add_argument("--json", action="store_true",
+                   help="print the verdict as one JSON document on stdout")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="show the image's labels (versions, commit, bases)")
@@ -315,7 +319,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             raise UsageError(f"{shlex.join(argv)} failed with exit {rc}")
         got = verify.sha256_file(tmp)
         if got != pinned:
-            raise UsageError(f"{args.uri}: pulled image has sha256 {got}, pinned {pinned}: "
+            raise CheckFailed(f"{args.uri}: pulled image has sha256 {got}, pinned {pinned}: "
                              f"refused ({image} left as it was)")
         tmp.replace(image)
     finally:
@@ -335,7 +339,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     pinned = args.sha256 or (cfg.sha256 if cfg else None)
     rt = None if args.signature == "skip" else runtime.require(args.runtime)
     result = verify.verify(image, pinned, rt=rt, signature=args.signature)
-    print(f"{result.image}: sha256 {result.sha256} matches the pin; signature {result.signature}")
+    if args.json:
+        print(json.dumps({"ok": True, **dataclasses.asdict(result)}))
+    else:
+        print(f"{result.image}: sha256 {result.sha256} matches the pin; "
+              f"signature {result.signature}")
     return 0
 
 
@@ -363,7 +371,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    import dataclasses
     import shutil
 
     from scalelab.container import runtime

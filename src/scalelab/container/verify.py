@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalelab.container import runtime
-from scalelab.errors import UsageError
+from scalelab.errors import CheckFailed, UsageError
 from scalelab.fsio import atomic_write_text
 
 CHUNK = 8 * 1024 * 1024
@@ -119,7 +119,9 @@ def check_sha256(image: str, pinned: str | None) -> str:
                          "(or pass --sha256) after checking the image")
     pinned = pinned.lower().removeprefix("sha256:")
     if actual != pinned:
-        raise UsageError(f"sha256 mismatch for {image}: pinned {pinned}, file has {actual}")
+        error = CheckFailed(f"sha256 mismatch for {image}: pinned {pinned}, file has {actual}")
+        error.details = {"image": image, "pinned": pinned, "sha256": actual}  # for --json
+        raise error
     return actual
 
 
@@ -137,7 +139,7 @@ def check_signature(rt: runtime.Runtime, image: str, require: bool) -> str:
     if any(m in out.lower() for m in UNSIGNED_MARKERS) and not require:
         return "unsigned"
     last = out.splitlines()[-1] if out else f"exit {proc.returncode}"
-    raise UsageError(f"signature check failed for {image}: {last}")
+    raise CheckFailed(f"signature check failed for {image}: {last}")
 
 
 def verify(image: str, pinned: str | None, *, rt: runtime.Runtime | None,

@@ -1,16 +1,18 @@
-"""``scalelab stage``: stage a dataset into shards; ``verify`` and ``localize`` it.
+"""``scalelab data``: stage a dataset into shards, verify it, localize it.
 
-    scalelab stage --source digits --out data/digits
-    scalelab stage verify data/digits
-    DATA=$(scalelab stage localize data/digits --scratch "$SLURM_TMPDIR")
+    scalelab data stage --source digits --out data/digits
+    scalelab data verify data/digits
+    DATA=$(scalelab data localize data/digits --scratch "$SLURM_TMPDIR")
 
-Staging options sit on ``stage`` itself (the common case reads as one verb);
-``verify`` and ``localize`` are sub-actions that take a staged DATA_DIR.
+The spellings of the previous release (``scalelab stage [OPTIONS]``, ``scalelab stage
+verify``, ``scalelab stage localize``) still work for one release: they run the same
+code and print one deprecation line on stderr naming the new spelling.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -21,31 +23,72 @@ from scalelab.errors import UsageError
 
 EPILOG = """\
 examples:
-  scalelab stage --source digits --out data/digits
-  scalelab stage --source synthetic --num-samples 50000 --image-size 64 64 --out data/syn
-  scalelab stage --source imagefolder --path /shared/imagenet200/train \\
-                 --image-size 224 224 --shards 64 --out /shared/staged/in200
-  scalelab stage --source npz --path arrays.npz --split 0.9,0.1,0 --out data/mine
-  scalelab stage verify data/digits
-  DATA=$(srun --ntasks-per-node=1 scalelab stage localize /shared/staged/in200)
+  scalelab data stage --source digits --out data/digits
+  scalelab data stage --source synthetic --num-samples 50000 --image-size 64 64 --out data/syn
+  scalelab data stage --source imagefolder --path /shared/imagenet200/train \\
+                      --image-size 224 224 --shards 64 --out /shared/staged/in200
+  scalelab data stage --source npz --path arrays.npz --split 0.9,0.1,0 --out data/mine
+  scalelab data verify data/digits
+  DATA=$(srun --ntasks-per-node=1 scalelab data localize /shared/staged/in200)
 
 The output format (shards, index.json, manifest.json) is described in docs/data-format.md.
 """
 
+STAGE_HELP = "stage a dataset into verified shards"
+STAGE_DESCRIPTION = (
+    "Split a dataset (deterministically, by seed and fractions) and write it as "
+    "checksummed, memory-mappable shards with an index and a sha256 manifest. "
+    "The output directory appears only when complete.")
+VERIFY_HELP = "check every checksum and the index; the error names the bad file"
+VERIFY_DESCRIPTION = (
+    "Check every file of a staged dataset against its manifest (size, sha256) and the "
+    "index against the shards. Exit 0 if intact, 1 naming the bad file, 2 when DATA_DIR "
+    "is not a dataset.")
+LOCALIZE_HELP = "copy DATA_DIR to node-local scratch once per node; print the path to read from"
+LOCALIZE_DESCRIPTION = (
+    "Copy a staged dataset to node-local scratch (once per node: concurrent callers wait "
+    "for one copy), verify the copy, and print the directory to read from. Uses DATA_DIR in "
+    "place when it is already under scratch, and falls back to DATA_DIR with a warning when "
+    "scratch lacks space. Scratch is --scratch, else $SCALELAB_SCRATCH, $SLURM_TMPDIR, "
+    "$TMPDIR, /tmp.")
+
 
 def register(subparsers: Any) -> None:
-    """Add ``stage`` (with its ``verify`` and ``localize`` actions) to the CLI."""
+    """Add the ``data`` group (stage, verify, localize) and the deprecated ``stage`` spellings."""
     p = subparsers.add_parser(
-        "stage",
-        help="stage a dataset into verified shards; verify or localize staged data",
-        description=(
-            "Split a dataset (deterministically, by seed and fractions) and write it as "
-            "checksummed, memory-mappable shards with an index and a sha256 manifest. "
-            "The output directory appears only when complete."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "data", help="stage a dataset into verified shards; verify or localize staged data",
+        description="Stage a dataset into checksummed shards, verify a staged dataset, or "
+                    "copy it to node-local scratch.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="data_action", metavar="ACTION", required=True)
+    _stage_options(actions.add_parser(
+        "stage", help=STAGE_HELP, description=STAGE_DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)).set_defaults(func=cmd_stage)
+    _verify_options(actions.add_parser(
+        "verify", help=VERIFY_HELP, description=VERIFY_DESCRIPTION)).set_defaults(func=cmd_verify)
+    _localize_options(actions.add_parser(
+        "localize", help=LOCALIZE_HELP, description=LOCALIZE_DESCRIPTION,
+    )).set_defaults(func=cmd_localize)
+    _register_deprecated_stage(subparsers)
+
+
+def _register_deprecated_stage(subparsers: Any) -> None:
+    """The previous release's ``stage [OPTIONS] | stage verify | stage localize``."""
+    p = _stage_options(subparsers.add_parser(
+        "stage", help="deprecated spelling of `scalelab data stage|verify|localize`",
+        description=STAGE_DESCRIPTION + " Deprecated: use `scalelab data stage`; "
+        "`stage verify` and `stage localize` are `scalelab data verify|localize`.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.set_defaults(func=cmd_deprecated_stage, stage_action=None)
+    actions = p.add_subparsers(dest="stage_action", title="actions on a staged DATA_DIR",
+                               metavar="{verify,localize}")
+    _verify_options(actions.add_parser("verify", help=VERIFY_HELP,
+                                       description=VERIFY_DESCRIPTION))
+    _localize_options(actions.add_parser("localize", help=LOCALIZE_HELP,
+                                         description=LOCALIZE_DESCRIPTION))
+
+
+def _stage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_argument_group("source")
     src.add_argument("--source", choices=["synthetic", "digits", "imagefolder", "npz"],
                      help="where the images come from")
@@ -82,53 +125,47 @@ def register(subparsers: Any) -> None:
                      help="number of images (default: 10000)")
     syn.add_argument("--num-classes", type=int, default=10, metavar="K",
                      help="number of classes (default: 10)")
-    p.set_defaults(func=run, stage_action=None)
-
-    actions = p.add_subparsers(dest="stage_action", title="actions on a staged DATA_DIR",
-                               metavar="{verify,localize}")
-    v = actions.add_parser(
-        "verify", help="check every checksum and the index; non-zero exit names the bad file",
-        description="Check every file of a staged dataset against its manifest (size, sha256) "
-                    "and the index against the shards. Exit 0 if intact, 2 naming the bad file.")
-    v.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    v.add_argument("--quick", action="store_true", help="check sizes and index only, no hashing")
-    v.add_argument("--quiet", action="store_true", help="no progress bar")
-    loc = actions.add_parser(
-        "localize",
-        help="copy DATA_DIR to node-local scratch once per node; print the path to read from",
-        description="Copy a staged dataset to node-local scratch (once per node: concurrent "
-                    "callers wait for one copy), verify the copy, and print the directory to "
-                    "read from. Uses DATA_DIR in place when it is already under scratch, and "
-                    "falls back to DATA_DIR with a warning when scratch lacks space. Scratch is "
-                    "--scratch, else $SCALELAB_SCRATCH, $SLURM_TMPDIR, $TMPDIR, /tmp.")
-    loc.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    loc.add_argument("--scratch", type=Path, metavar="DIR", help="node-local scratch directory")
-    loc.add_argument("--reserve", default="1GiB", metavar="SIZE",
-                     help="free space to leave on scratch, e.g. 500MiB, 2GiB, 0 (default: 1GiB)")
-    loc.add_argument("--lock-timeout", type=float, default=4 * 3600.0, metavar="SECONDS",
-                     help="how long to wait for another rank's copy (default: 14400)")
-    loc.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Dispatch ``stage`` to staging, ``verify`` or ``localize``."""
-    _setup_logging()
+def _verify_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--quick", action="store_true", help="check sizes and index only, no hashing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print the verdict as one JSON document on stdout")
+    return p
+
+
+def _localize_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    p.add_argument("--scratch", type=Path, metavar="DIR", help="node-local scratch directory")
+    p.add_argument("--reserve", default="1GiB", metavar="SIZE",
+                   help="free space to leave on scratch, e.g. 500MiB, 2GiB, 0 (default: 1GiB)")
+    p.add_argument("--lock-timeout", type=float, default=4 * 3600.0, metavar="SECONDS",
+                   help="how long to wait for another rank's copy (default: 14400)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_deprecated_stage(args: argparse.Namespace) -> int:
+    """``scalelab stage ...``: say the new spelling once, then run it unchanged."""
+    action = args.stage_action or "stage"
+    print(f"scalelab stage: warning: `scalelab stage{'' if action == 'stage' else ' ' + action}` "
+          f"is deprecated and goes in the next release; use `scalelab data {action}`",
+          file=sys.stderr, flush=True)
     if args.stage_action and (args.source or args.out or args.path):
         raise UsageError(f"--source/--path/--out do not apply to '{args.stage_action}' "
                          "(it takes a staged DATA_DIR)")
-    if args.stage_action == "verify":
-        return _verify(args)
-    if args.stage_action == "localize":
-        return _localize(args)
-    return _stage(args)
+    return {"stage": cmd_stage, "verify": cmd_verify, "localize": cmd_localize}[action](args)
 
 
-def _stage(args: argparse.Namespace) -> int:
+def cmd_stage(args: argparse.Namespace) -> int:
     from scalelab.data.stage import StageConfig, run_and_report
 
+    _setup_logging(args)
     if args.source is None or args.out is None:
-        raise UsageError("--source and --out are required to stage "
-                         "(or use an action: verify, localize; see --help)")
+        raise UsageError("--source and --out are required to stage (see --help)")
     image_size = tuple(args.image_size) if args.image_size else None
     cfg = StageConfig(
         source=args.source, out=args.out, path=args.path, seed=args.seed, split=args.split,
@@ -142,18 +179,25 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
+    """The verdict as a line (``OK DATA_DIR: ...``) or, with --json, one JSON document.
+
+    A failed check raises: the one error line on stderr, and with --json the entry
+    point prints the failed verdict (with every problem found) on stdout.
+    """
     from scalelab.data.verify import verify_dataset
 
+    _setup_logging(args)
     report = verify_dataset(args.data_dir, hash_contents=not args.quick,
-                            progress=False if args.quiet else None)
-    print(report.summary())
+                            progress=False if args.quiet or args.json else None)
+    print(json.dumps(report.as_verdict()) if args.json else report.summary())
     return 0
 
 
-def _localize(args: argparse.Namespace) -> int:
+def cmd_localize(args: argparse.Namespace) -> int:
     from scalelab.data.nodelocal import localize
 
+    _setup_logging(args)
     path = localize(args.data_dir, args.scratch, reserve_bytes=parse_size(args.reserve),
                     lock_timeout=args.lock_timeout, progress=False if args.quiet else None)
     print(path)
@@ -179,12 +223,13 @@ def parse_size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
-def _setup_logging() -> None:
+def _setup_logging(args: argparse.Namespace) -> None:
     """Info lines on stderr (stdout stays machine-readable), unless the app configured logging."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("scalelab stage: %(message)s"))
+        command = getattr(args, "scalelab_command", None) or "data"
+        handler.setFormatter(logging.Formatter(f"scalelab {command}: %(message)s"))
         root.addHandler(handler)
     logging.getLogger("scalelab.data").setLevel(logging.INFO)
 

@@ -158,7 +158,7 @@ def _copy(data_dir: Path, target: Path, manifest: dict[str, FileEntry], manifest
                     raise DataError(
                         f"{src}: copy at {dst} does not match {MANIFEST_NAME} "
                         f"(size {size} vs {entry.size}, sha256 {digest[:16]}... vs "
-                        f"{entry.sha256[:16]}...); run 'scalelab stage verify {data_dir}'"
+                        f"{entry.sha256[:16]}...); run 'scalelab data verify {data_dir}'"
                     )
                 bar.advance(size)
             shutil.copyfile(data_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)

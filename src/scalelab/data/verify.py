@@ -1,4 +1,4 @@
-"""``scalelab stage verify``: check a staged dataset completely.
+"""``scalelab data verify``: check a staged dataset completely.
 
 Every file in the manifest (size and sha256), the index's own consistency
 (row ranges, class counts) and every .npy header against the index. All
@@ -45,6 +45,12 @@ class VerifyReport:
         return (f"OK {self.data_dir}: {self.files} files, {self.bytes / 1e6:.1f} MB "
                 f"({what}); {splits}")
 
+    def as_verdict(self) -> dict[str, Any]:
+        """The passed verdict as ``scalelab data verify --json`` prints it."""
+        return {"ok": True, "data_dir": str(self.data_dir), "files": self.files,
+                "bytes": self.bytes, "hashed": self.hashed, "counts": self.counts,
+                "problems": []}
+
 
 def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
                    progress: bool | None = None) -> VerifyReport:
@@ -78,7 +84,11 @@ def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         for p in problems[1:]:
             log.warning("also: %s", p)
-        raise DataError(problems[0] + more)
+        error = DataError(problems[0] + more)
+        # the whole list, for a failed verdict printed as JSON (scalelab.cli)
+        error.details = {"data_dir": str(data_dir), "hashed": hash_contents,
+                         "problems": problems}
+        raise error
     total += (data_dir / MANIFEST_NAME).stat().st_size
     return VerifyReport(data_dir, len(manifest) + 1, total, counts, hash_contents)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -30,12 +31,25 @@ def cmd_testcluster(args: argparse.Namespace) -> int:
             print(f"export SLURM_CONF={cluster.conf}")
         else:
             status = cluster.status()
-            print(json.dumps(status, indent=2))
+            print(json.dumps({"ok": status["up"], **status}, indent=2) if args.json
+                  else format_status(status))
             return 0 if status["up"] else 1
     except ClusterError as exc:
-        print(f"scalelab testcluster {args.action}: error: {exc}")
+        print(f"scalelab testcluster {args.action}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def format_status(status: dict) -> str:
+    """`testcluster status` for a person: the verdict, then one line per daemon and node."""
+    lines = [f"test cluster: {'up' if status['up'] else 'not up'}"
+             + (f" (SLURM_CONF={status['conf']})" if status.get("conf") else "")]
+    for name, daemon in sorted(status.get("daemons", {}).items()):
+        state = "running" if daemon["alive"] else "NOT RUNNING"
+        lines.append(f"  {name:<12} pid {daemon['pid']}: {state}")
+    for name, state in sorted(status.get("nodes", {}).items()):
+        lines.append(f"  node {name:<7} {state}")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,4 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share", type=Path, action="append", default=[Path.cwd()],
                    help="path every node must see (default: the current directory); repeatable")
     p.add_argument("--timeout", type=float, default=90, help="seconds to wait for the daemons")
+    p.add_argument("--json", action="store_true",
+                   help="status: print the state as one JSON document on stdout")
     p.set_defaults(func=cmd_testcluster)

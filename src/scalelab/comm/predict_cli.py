@@ -1,0 +1,157 @@
+"""``scalelab predict``: step time, throughput and efficiency at scale from a commbench curve.
+
+The model and its report live in :mod:`scalelab.comm.predict` and
+:mod:`scalelab.comm.predict_report`; this module is the command around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from scalelab.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict step time, throughput and efficiency at scale (ring-allreduce model)",
+        description=(
+            "From one measured configuration (compute time per step, gradient bytes) and a "
+            "commbench allreduce curve (fitted latency alpha and bandwidth beta), predict "
+            "step time, throughput and efficiency up to --max-nodes x --ranks-per-node. "
+            "Model: t_ar(n,S) = 2(n-1) alpha + 2(n-1)/n S/beta; t_step = t_data + t_compute + "
+            "(1-overlap) t_ar. Writes CSV, Markdown, JSON and a plot into --out."
+        ),
+    )
+    p.add_argument("--commbench", required=True, metavar="DIR|CSV",
+                   help="commbench output (directory, commbench.csv or .jsonl)")
+    p.add_argument("--run", metavar="RUN_DIR",
+                   help="measured base configuration: a completed training run")
+    p.add_argument("--compute-time", type=float, help="seconds of compute per step at the base")
+    p.add_argument("--data-time", type=float, help="seconds waiting for data per step (default 0)")
+    p.add_argument("--grad-bytes", help="bytes allreduced per step, e.g. 100M or 4*params")
+    p.add_argument("--global-batch", type=float, help="samples per step over all base ranks")
+    p.add_argument("--base-ranks", type=int, help="ranks of the base configuration")
+    p.add_argument("--mode", choices=("weak", "strong"),
+                   help="weak: per-rank batch fixed; strong: global batch fixed "
+                        "(default: the run's mode, else weak)")
+    p.add_argument("--overlap", type=float, default=0.0,
+                   help="fraction of the allreduce hidden behind compute, 0..1 (default 0)")
+    p.add_argument("--measured", nargs="*", default=[], metavar="RUN_DIR",
+                   help="runs (or directories of runs) to compare the prediction with "
+                        "(default: the --run itself)")
+    p.add_argument("--measured-csv", metavar="FILE",
+                   help="measured (ranks|gpus, throughput) table to compare with")
+    p.add_argument("--backend", help="keep only measured runs of this backend")
+    p.add_argument("--max-nodes", type=int, default=64, help="largest node count (default 64)")
+    p.add_argument("--ranks-per-node", type=int, default=4,
+                   help="ranks (GPUs) per node (default 4)")
+    p.add_argument("--min-fit-bytes", default="0", help="fit only sizes >= this (default all)")
+    p.add_argument("--max-fit-bytes", default=None, help="fit only sizes <= this (default all)")
+    p.add_argument("--allow-cpu-curve", action="store_true",
+                   help="fit a CPU (gloo/MPI) allreduce curve to a run that trained on GPUs "
+                        "(refused by default: it cannot predict NCCL)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier `predict` output (then "
+                        "replaced as a whole); never one of the inputs")
+    p.set_defaults(func=predict)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from scalelab.comm import predict as model
+    from scalelab.comm import predict_report, results
+    from scalelab.comm.bench import parse_size
+    from scalelab.fsio import check_target, read_text
+
+    check_target(args.out, "predict", predict_report.inputs_of(args))
+    for flag, path in (("--commbench", args.commbench), ("--measured-csv", args.measured_csv)):
+        if path and not Path(path).is_dir():
+            read_text(path, flag)  # missing or not UTF-8: one line naming the file
+    records = results.read(args.commbench)
+    min_fit = parse_size(args.min_fit_bytes, "--min-fit-bytes") if args.min_fit_bytes != "0" \
+        else 0
+    max_fit = parse_size(args.max_fit_bytes, "--max-fit-bytes") if args.max_fit_bytes \
+        else float("inf")
+    fit = model.fit_ring(records, min_fit, max_fit)
+    base, run_row = _base(args)
+    model.check_curve(records, run_row, args.allow_cpu_curve)
+    ranks = model.scales(args.max_nodes, args.ranks_per_node)
+    measured = _measured(args, run_row, base.mode)
+    ranks = sorted(set(ranks) | {int(r) for r in measured["ranks"]})
+    pred = model.predict(base, fit, ranks)
+    errors = model.compare(pred, measured)
+    out = predict_report.write(args.out, pred, errors, measured, base, fit, args)
+    print(f"alpha = {fit.alpha_s * 1e6:.2f} us, beta = {fit.beta_Bps / 1e9:.3f} GB/s "
+          f"(fit rms rel error {fit.rms_rel_error:.1%} over {fit.points} sizes)")
+    for e in errors.itertuples():
+        print(f"ranks {e.ranks:g}: measured {e.measured_throughput:.4g}, predicted "
+              f"{e.predicted_throughput:.4g} samples/s ({e.throughput_rel_error:+.1%})")
+    last = pred.iloc[-1]
+    print(f"at {last['ranks']:g} ranks: step {last['step_time_s'] * 1e3:.2f} ms, "
+          f"{last['throughput']:.4g} samples/s, efficiency {last['efficiency']:.1%}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _base(args: argparse.Namespace):
+    """The base configuration: the run's measurements, overridden by explicit flags."""
+    import math
+
+    from scalelab.comm.bench import parse_size
+    from scalelab.comm.predict import Base
+
+    row: dict = {}
+    if args.run:
+        from scalelab.analysis.runs import load_run
+
+        row = load_run(args.run, count_params=args.grad_bytes is None)
+    compute = args.compute_time if args.compute_time is not None else row.get("compute_s")
+    if compute is None or math.isnan(compute):
+        raise UsageError("--compute-time: required (no --run, or the run has no compute time)")
+    data = args.data_time if args.data_time is not None else row.get("data_s", 0.0)
+    grad = parse_size(args.grad_bytes, "--grad-bytes") if args.grad_bytes else \
+        row.get("grad_bytes")
+    if grad is None or math.isnan(grad):
+        raise UsageError("--grad-bytes: required (no --run, or its gradient size is unknown)")
+    batch = args.global_batch if args.global_batch is not None else row.get("global_batch")
+    if batch is None or math.isnan(batch):
+        raise UsageError("--global-batch: required without --run")
+    ranks = args.base_ranks if args.base_ranks is not None else int(row.get("ranks", 1))
+    mode = args.mode or row.get("mode") or "weak"
+    base = Base(ranks=ranks, compute_s=float(compute),
+                data_s=0.0 if data is None or math.isnan(data) else float(data),
+                grad_bytes=float(grad), global_batch=float(batch), mode=mode,
+                overlap=args.overlap)
+    base.check()
+    return base, row
+
+
+def _measured(args: argparse.Namespace, run_row: dict, mode: str):
+    """Measured (ranks, throughput, step time) medians to compare the prediction with."""
+    import pandas as pd
+
+    from scalelab.analysis import runs
+
+    rows = []
+    if args.measured:
+        rows = runs.load_runs(args.measured)
+    elif run_row:
+        rows = [run_row]
+    if args.measured_csv:
+        rows += runs.load_csv(args.measured_csv, mode)
+    cols = ["ranks", "throughput", "step_time_s"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    frame = runs.to_frame(rows)
+    frame = frame[frame["mode"] == mode]
+    # a single process without a communication library is every backend's baseline
+    single = (frame["backend"] == "none") & (frame["ranks"] == 1)
+    if args.backend:
+        frame = frame[single | (frame["backend"] == args.backend)]
+    elif frame.loc[~single, "backend"].nunique() > 1:
+        names = ", ".join(sorted(frame.loc[~single, "backend"].unique()))
+        raise UsageError(f"--measured: runs of several backends ({names}); pick one with "
+                         "--backend")
+    frame = frame.assign(ranks=frame["workers"])
+    return frame.groupby("ranks", as_index=False)[cols[1:]].median()
