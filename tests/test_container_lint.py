@@ -95,6 +95,16 @@ def test_source_commit_label():
     assert codes(filled) == set()
 
 
+def test_each_bad_label_is_reported_once_with_its_value():
+    text = GPU.replace("org.scalelab.torch.version 2.13.0", "org.scalelab.torch.version recent")
+    assert [v.message for v in lint_text(text)] == [
+        "label org.scalelab.torch.version is 'recent', not a version"]
+    text = GPU.replace("{{ SOURCE_COMMIT }}", "main")
+    assert [v.message for v in lint_text(text)] == [
+        "label org.scalelab.source-commit must be a commit or a build-arg placeholder, "
+        "got 'main'"]
+
+
 def test_not_a_definition_file(tmp_path):
     assert codes("hello\n") == {"L001"}
     assert [v.code for v in lint_file(tmp_path / "absent.def")] == ["L000"]

@@ -53,12 +53,7 @@ class ContainerConfig:
     def from_mapping(cls, data: Mapping[str, Any] | None,
                      where: str = "container") -> ContainerConfig:
         """Validate a mapping; accepts the whole config (with a `container` key) or the section."""
-        if data is None:
-            raise UsageError(f"{where}: missing (need at least {where}.image)")
-        if "container" in data and isinstance(data["container"], Mapping):
-            data = data["container"]
-        if not isinstance(data, Mapping):
-            raise UsageError(f"{where}: must be a mapping, got {type(data).__name__}")
+        data = _section(data, where)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -67,32 +62,16 @@ class ContainerConfig:
         image = data.get("image")
         if not isinstance(image, str) or not image.strip():
             raise UsageError(f"{where}.image: give the path of the .sif image (or a URI)")
-        sha = data.get("sha256")
-        if sha is not None:
-            if not isinstance(sha, str):  # YAML reads an all-digit value as a number
-                raise UsageError(f"{where}.sha256: expected 64 hex digits as a quoted string, "
-                                 f"got {sha!r}")
-            sha = sha.lower().removeprefix("sha256:")
-            if not SHA256_RE.match(sha):
-                raise UsageError(f"{where}.sha256: expected 64 hex digits, got {data['sha256']!r}")
+        sha = _sha256(data.get("sha256"), where)
         runtime = data.get("runtime", "auto")
         if runtime not in RUNTIMES:
             raise UsageError(f"{where}.runtime: choose one of {', '.join(RUNTIMES)}, "
                              f"got {runtime!r}")
-        env = data.get("env") or {}
-        if not isinstance(env, Mapping):
-            raise UsageError(f"{where}.env: must be a mapping of NAME: value")
-        for key in env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
-                raise UsageError(f"{where}.env: {key!r} is not a variable name")
+        env = _env(data.get("env") or {}, where)
         srun_mpi = str(data.get("srun_mpi", "pmix"))
         if not re.match(r"^[a-z0-9_]+$", srun_mpi):
             raise UsageError(f"{where}.srun_mpi: {srun_mpi!r} is not an srun --mpi plugin name")
-        userns = data.get("userns", "auto")
-        if isinstance(userns, bool):
-            userns = "true" if userns else "false"
-        if userns not in ("auto", "true", "false"):
-            raise UsageError(f"{where}.userns: choose true, false or auto, got {userns!r}")
+        userns = _userns(data.get("userns", "auto"), where)
         for key in ("enabled", "nv"):
             if key in data and not isinstance(data[key], bool):
                 raise UsageError(f"{where}.{key}: must be true or false")
@@ -128,6 +107,48 @@ class ContainerConfig:
     def is_uri(self) -> bool:
         """True for oras://, docker://, library:// ... images (not a local file)."""
         return "://" in self.image
+
+
+def _section(data: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
+    """The `container` section, from the whole config or the section itself."""
+    if data is None:
+        raise UsageError(f"{where}: missing (need at least {where}.image)")
+    if "container" in data and isinstance(data["container"], Mapping):
+        data = data["container"]
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{where}: must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _sha256(sha: Any, where: str) -> str | None:
+    """64 lower-case hex digits (a `sha256:` prefix is dropped), or None when unpinned."""
+    if sha is None:
+        return None
+    if not isinstance(sha, str):  # YAML reads an all-digit value as a number
+        raise UsageError(f"{where}.sha256: expected 64 hex digits as a quoted string, "
+                         f"got {sha!r}")
+    digest = sha.lower().removeprefix("sha256:")
+    if not SHA256_RE.match(digest):
+        raise UsageError(f"{where}.sha256: expected 64 hex digits, got {sha!r}")
+    return digest
+
+
+def _env(env: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(env, Mapping):
+        raise UsageError(f"{where}.env: must be a mapping of NAME: value")
+    for key in env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
+            raise UsageError(f"{where}.env: {key!r} is not a variable name")
+    return env
+
+
+def _userns(userns: Any, where: str) -> str:
+    """true, false or auto (YAML booleans accepted)."""
+    if isinstance(userns, bool):
+        userns = "true" if userns else "false"
+    if userns not in ("auto", "true", "false"):
+        raise UsageError(f"{where}.userns: choose true, false or auto, got {userns!r}")
+    return userns
 
 
 def _str_list(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:

@@ -104,61 +104,89 @@ def _spython_check(path: Path) -> tuple[list[str] | None, str | None]:
 
 def lint_text(text: str, path: Path | None = None) -> list[Violation]:
     """All violations in a definition file's text (path: for spython, which reads files)."""
-    out: list[Violation] = []
     stages = _scan(text)
     if not stages:
         return [Violation("L001", 1, "no `Bootstrap:` header: not a definition file")]
-    if path is not None:
-        bases, error = _spython_check(path)
-        if error:
-            out.append(Violation("L001", 1, f"spython cannot parse it: {error}"))
-        elif bases != [s.base for s in stages]:
-            out.append(Violation("L001", 1, f"spython reads the bases as {bases}, the scanner as "
-                                            f"{[s.base for s in stages]}"))
-    for number, line in enumerate(text.splitlines(), start=1):
-        if LATEST_RE.search(line):
-            out.append(Violation("L003", number, "uses a `latest` tag: pin a version and a digest"))
+    out = _parser_disagrees(stages, path) + _latest_tags(text)
     for stage in stages:
-        if stage.bootstrap not in ("docker", "oras", "library", "localimage"):
-            continue
-        line = stage.base_line or stage.start
-        if stage.bootstrap == "localimage":
-            continue
-        base = stage.base
-        if not base:
-            out.append(Violation("L002", line, "stage has no `From:` base"))
-        elif not DIGEST_RE.search(base):
-            out.append(Violation("L002", line, f"base {base} is not pinned by digest "
-                                               "(From: name@sha256:<64 hex>)"))
-        elif ":" in base.split("@", 1)[0].rsplit("/", 1)[-1]:
-            out.append(Violation("L004", line, f"base {base} has a tag and a digest: Apptainer's "
-                                               "docker transport rejects that; keep the digest"))
+        out += _unpinned_base(stage)
     final = stages[-1]
+    out += _missing_sections(final)
+    if "labels" in final.sections:
+        out += _bad_labels(final)
+    return sorted(out, key=lambda v: (v.line, v.code))
+
+
+def _parser_disagrees(stages: list[_Stage], path: Path | None) -> list[Violation]:
+    """L001: spython cannot parse the file, or reads other bases than the scanner."""
+    if path is None:
+        return []
+    bases, error = _spython_check(path)
+    if error:
+        return [Violation("L001", 1, f"spython cannot parse it: {error}")]
+    if bases != [s.base for s in stages]:
+        return [Violation("L001", 1, f"spython reads the bases as {bases}, the scanner as "
+                                     f"{[s.base for s in stages]}")]
+    return []
+
+
+def _latest_tags(text: str) -> list[Violation]:
+    """L003: any line naming a `latest` tag."""
+    return [Violation("L003", number, "uses a `latest` tag: pin a version and a digest")
+            for number, line in enumerate(text.splitlines(), start=1) if LATEST_RE.search(line)]
+
+
+def _unpinned_base(stage: _Stage) -> list[Violation]:
+    """L002/L004: a registry base must be pinned by digest alone (localimage is a file)."""
+    if stage.bootstrap not in ("docker", "oras", "library"):
+        return []
+    line, base = stage.base_line or stage.start, stage.base
+    if not base:
+        return [Violation("L002", line, "stage has no `From:` base")]
+    if not DIGEST_RE.search(base):
+        return [Violation("L002", line, f"base {base} is not pinned by digest "
+                                        "(From: name@sha256:<64 hex>)")]
+    if ":" in base.split("@", 1)[0].rsplit("/", 1)[-1]:
+        return [Violation("L004", line, f"base {base} has a tag and a digest: Apptainer's "
+                                        "docker transport rejects that; keep the digest")]
+    return []
+
+
+def _missing_sections(final: _Stage) -> list[Violation]:
+    """L005: the final stage lacks a required section, or has it empty."""
+    out = []
     for name in REQUIRED_SECTIONS:
         if name not in final.sections:
             out.append(Violation("L005", final.start, f"final stage has no %{name} section"))
         elif not any(final.section_lines[n] for n in final.sections[name]):
             out.append(Violation("L005", final.sections[name][0], f"%{name} is empty"))
+    return out
+
+
+def _bad_labels(final: _Stage) -> list[Violation]:
+    """L006: required version labels missing or not versions, and any other
+    ``org.scalelab.*.version`` label not a version; L007: the source commit label."""
     labels = _labels(final)
-    if "labels" in final.sections:
-        for component in VERSION_LABELS:
-            key = f"{LABEL_PREFIX}{component}.version"
-            value, where = labels.get(key, ("", final.sections["labels"][0]))
-            if not value:
-                out.append(Violation("L006", where, f"label {key} is missing"))
-            elif value == "none" and component in OPTIONAL_COMPONENTS:
-                continue
-            elif not VERSION_RE.match(value):
-                out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
-        for key, (value, where) in labels.items():
-            if key.startswith(LABEL_PREFIX) and key.endswith(".version") and not (
-                    VERSION_RE.match(value) or value == "none"):
-                out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
-        commit, where = labels.get(COMMIT_LABEL, ("", final.sections["labels"][0]))
-        if not COMMIT_RE.match(commit):
-            out.append(Violation("L007", where, f"label {COMMIT_LABEL} must be a commit or a "
-                                                "build-arg placeholder, got {commit!r}"))
-    return sorted(out, key=lambda v: (v.line, v.code))
+    header = final.sections["labels"][0]
+    out = []
+    for component in VERSION_LABELS:
+        key = f"{LABEL_PREFIX}{component}.version"
+        value, where = labels.get(key, ("", header))
+        if not value:
+            out.append(Violation("L006", where, f"label {key} is missing"))
+        elif not VERSION_RE.match(value) and not (value == "none"
+                                                  and component in OPTIONAL_COMPONENTS):
+            out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
+    required = {f"{LABEL_PREFIX}{c}.version" for c in VERSION_LABELS}
+    for key, (value, where) in labels.items():
+        if key.startswith(LABEL_PREFIX) and key.endswith(".version") and key not in required \
+                and not (VERSION_RE.match(value) or value == "none"):
+            out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
+    commit, where = labels.get(COMMIT_LABEL, ("", header))
+    if not COMMIT_RE.match(commit):
+        out.append(Violation("L007", where, f"label {COMMIT_LABEL} must be a commit or a "
+                                            f"build-arg placeholder, got {commit!r}"))
+    return out
 
 
 def lint_file(path: str | Path) -> list[Violation]:

@@ -73,7 +73,7 @@ MAX_LISTED_SKIPPED = 1000
 
 @dataclass
 class StageConfig:
-    """What to stage and how; field names match the ``scalelab stage`` options."""
+    """What to stage and how; field names match the ``scalelab data stage`` options."""
 
     source: str
     out: Path
@@ -469,104 +469,31 @@ def _stage(cfg: StageConfig, out: Path) -> StageResult:
     if cfg.seed < 0:
         raise UsageError(f"--seed {cfg.seed}: must be >= 0")
     source = open_source(cfg)
-    num_classes = len(source.classes)
-    total = len(source.labels)
-    plan = plan_split(source.labels, num_classes, fractions, cfg.seed)
+    plan = plan_split(source.labels, len(source.classes), fractions, cfg.seed)
     counts = {s: len(plan[s]) for s in SPLITS}
     if counts["train"] == 0:
-        raise DataError(f"--split {cfg.split}: the train split would be empty ({total} items)")
-    row_shape = tuple(source.image_shape)
-    row_bytes = int(np.prod(row_shape)) * source.dtype.itemsize
-    n_shards = allocate_shards(counts, row_bytes, cfg.shards)
-    chunk_rows = max(1, min(source.max_chunk_rows, CHUNK_BYTES // row_bytes))
-
-    chunks: list[tuple[str, int, np.ndarray, bool, int]] = []  # split, shard, ids, last, planned
-    for split in SPLITS:
-        if not counts[split]:
-            continue
-        for k, shard_ids in enumerate(np.array_split(plan[split], n_shards[split])):
-            starts = range(0, len(shard_ids), chunk_rows)
-            for j in starts:
-                last = j + chunk_rows >= len(shard_ids)
-                chunks.append((split, k, shard_ids[j:j + chunk_rows], last, len(shard_ids)))
+        raise DataError(f"--split {cfg.split}: the train split would be empty "
+                        f"({len(source.labels)} items)")
+    row_bytes = int(np.prod(tuple(source.image_shape))) * source.dtype.itemsize
+    chunks = _chunks(plan, allocate_shards(counts, row_bytes, cfg.shards),
+                     max(1, min(source.max_chunk_rows, CHUNK_BYTES // row_bytes)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _staging_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    writer = _Lane("writer")
-    hasher = _Lane("hasher")
-    stats_lane = _Lane("stats")
-    current: _ShardWriter | None = None
-    opened: list[_ShardWriter] = []
+    shards = _ShardPass(tmp, source, row_bytes)
     try:
         tmp.mkdir()
         for split in SPLITS:
             (tmp / split).mkdir()
-        stats = _Stats(row_shape[0], source.dtype)
-        stats_rows = max(STATS_MIN_IMAGES, STATS_BYTES // row_bytes)
-        stats_fed = 0
-        finished: list[tuple[str, int, int, Future[list[FileEntry]]]] = []
-        kept: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        class_counts = {s: np.zeros(num_classes, dtype=np.int64) for s in SPLITS}
-        loads = source.iter_load(c[2] for c in chunks)
-        with Progress(f"staging {source.kind}", total, "images", cfg.progress) as bar:
-            for (split, k, asked, last, planned), (images, ids) in zip(chunks, loads, strict=True):
-                if current is None:
-                    current = _ShardWriter(tmp, split, k, planned, row_shape, source.dtype,
-                                           writer, hasher)
-                    opened.append(current)
-                labels = source.labels[ids]
-                current.append(images, labels, ids)
-                if split == "train" and stats_fed < stats_rows:
-                    sample = images[:stats_rows - stats_fed]
-                    stats_lane.submit(stats.update, sample)
-                    stats_fed += len(sample)
-                class_counts[split] += np.bincount(labels, minlength=num_classes)
-                bar.advance(len(asked))
-                if last:
-                    finished.append((split, kept[split], current.rows, current.finish()))
-                    kept[split] += current.rows
-                    current = None
-        hasher.close()
-        writer.close()
-        stats_lane.close()
-        entries: list[FileEntry] = []
-        shard_records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-        for split, start, rows, future in finished:
-            files = future.result()
-            if files:
-                entries.extend(files)
-                shard_records[split].append({
-                    "images": files[0].path, "labels": files[1].path, "ids": files[2].path,
-                    "start": start, "stop": start + rows,
-                })
-        if kept["train"] == 0:
+        shards.run(chunks, cfg.progress)
+        entries, shard_records = shards.records()
+        if shards.kept["train"] == 0:
             raise DataError(f"{cfg.path}: no readable images left in the train split")
         names = source.item_names()
         if names is not None:
             entries.append(_write_small(tmp, ITEM_NAMES_FILE, ("\n".join(names) + "\n").encode()))
-        mean, std = stats.mean_std(source.scale)
-        index = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "source": source.describe(),
-            "seed": cfg.seed,
-            "fractions": dict(zip(SPLITS, fractions, strict=True)),
-            "classes": source.classes,
-            "num_classes": num_classes,
-            "image_shape": list(row_shape),
-            "layout": "NCHW",
-            "dtype": source.dtype.name,
-            "scale": source.scale,
-            "normalization": {"mean": mean, "std": std, "computed_on": "train",
-                              "images": stats.images,
-                              "formula": "(value * scale - mean[c]) / std[c]"},
-            "item_names": ITEM_NAMES_FILE if names is not None else None,
-            "skipped": {"count": len(source.skipped),
-                        "items": source.skipped[:MAX_LISTED_SKIPPED]},
-            "splits": {s: {"count": kept[s], "class_counts": class_counts[s].tolist(),
-                           "shards": shard_records[s]} for s in SPLITS},
-        }
+        index = _index(cfg, source, fractions, shards, shard_records, names is not None)
         entries.append(_write_small(tmp, INDEX_NAME, dumps(index)))
         write_bytes_synced(tmp / MANIFEST_NAME, dumps(manifest_dict(entries)))
         for split in SPLITS:
@@ -574,17 +501,132 @@ def _stage(cfg: StageConfig, out: Path) -> StageResult:
         fsync_dir(tmp)
         replace_dir(tmp, out)
     except BaseException:
-        hasher.abort()
-        writer.abort()
-        stats_lane.abort()
-        for shard in opened:
-            shard.abort()
+        shards.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
     written = sum(e.size for e in entries) + (out / MANIFEST_NAME).stat().st_size
-    return StageResult(out, kept, sum(kept.values()), written, len(entries) + 1, seconds,
-                       list(source.skipped))
+    return StageResult(out, shards.kept, sum(shards.kept.values()), written, len(entries) + 1,
+                       seconds, list(source.skipped))
+
+
+#: One chunk of a shard: split, shard number, item ids, last chunk of its shard, shard rows.
+_Chunk = tuple[str, int, np.ndarray, bool, int]
+
+
+def _chunks(plan: dict[str, np.ndarray], n_shards: dict[str, int],
+            chunk_rows: int) -> list[_Chunk]:
+    """Every split's items cut into shards, each shard into chunks of ``chunk_rows``."""
+    chunks: list[_Chunk] = []
+    for split in SPLITS:
+        if not len(plan[split]):
+            continue
+        for k, shard_ids in enumerate(np.array_split(plan[split], n_shards[split])):
+            for j in range(0, len(shard_ids), chunk_rows):
+                last = j + chunk_rows >= len(shard_ids)
+                chunks.append((split, k, shard_ids[j:j + chunk_rows], last, len(shard_ids)))
+    return chunks
+
+
+class _ShardPass:
+    """One pass over the source's chunks: shards written and hashed on background lanes,
+    rows and classes counted, normalization statistics fed from the first train rows."""
+
+    def __init__(self, tmp: Path, source: Source, row_bytes: int):
+        self.tmp, self.source = tmp, source
+        self.writer, self.hasher, self.stats_lane = _Lane("writer"), _Lane("hasher"), _Lane("stats")
+        self.stats = _Stats(tuple(source.image_shape)[0], source.dtype)
+        self.stats_rows = max(STATS_MIN_IMAGES, STATS_BYTES // row_bytes)
+        self.stats_fed = 0
+        self.current: _ShardWriter | None = None
+        self.opened: list[_ShardWriter] = []
+        self.finished: list[tuple[str, int, int, Future[list[FileEntry]]]] = []
+        self.kept: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.class_counts = {s: np.zeros(len(source.classes), dtype=np.int64) for s in SPLITS}
+
+    def run(self, chunks: list[_Chunk], progress: bool | None) -> None:
+        """Load, write and hash every chunk; wait until every lane is done."""
+        loads = self.source.iter_load(c[2] for c in chunks)
+        total = len(self.source.labels)
+        with Progress(f"staging {self.source.kind}", total, "images", progress) as bar:
+            for chunk, (images, ids) in zip(chunks, loads, strict=True):
+                self._add(chunk, images, ids)
+                bar.advance(len(chunk[2]))
+                if chunk[3]:
+                    self._finish_shard(chunk[0])
+        self.hasher.close()
+        self.writer.close()
+        self.stats_lane.close()
+
+    def _add(self, chunk: _Chunk, images: np.ndarray, ids: np.ndarray) -> None:
+        split, k, _, _, planned = chunk
+        if self.current is None:
+            self.current = _ShardWriter(self.tmp, split, k, planned,
+                                        tuple(self.source.image_shape), self.source.dtype,
+                                        self.writer, self.hasher)
+            self.opened.append(self.current)
+        labels = self.source.labels[ids]
+        self.current.append(images, labels, ids)
+        if split == "train" and self.stats_fed < self.stats_rows:
+            sample = images[:self.stats_rows - self.stats_fed]
+            self.stats_lane.submit(self.stats.update, sample)
+            self.stats_fed += len(sample)
+        self.class_counts[split] += np.bincount(labels, minlength=len(self.source.classes))
+
+    def _finish_shard(self, split: str) -> None:
+        assert self.current is not None
+        self.finished.append((split, self.kept[split], self.current.rows, self.current.finish()))
+        self.kept[split] += self.current.rows
+        self.current = None
+
+    def records(self) -> tuple[list[FileEntry], dict[str, list[dict[str, Any]]]]:
+        """The manifest entries of the shards written, and each split's shard records."""
+        entries: list[FileEntry] = []
+        shard_records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        for split, start, rows, future in self.finished:
+            files = future.result()
+            if files:
+                entries.extend(files)
+                shard_records[split].append({
+                    "images": files[0].path, "labels": files[1].path, "ids": files[2].path,
+                    "start": start, "stop": start + rows,
+                })
+        return entries, shard_records
+
+    def abort(self) -> None:
+        self.hasher.abort()
+        self.writer.abort()
+        self.stats_lane.abort()
+        for shard in self.opened:
+            shard.abort()
+
+
+def _index(cfg: StageConfig, source: Source, fractions: tuple[float, float, float],
+           shards: _ShardPass, shard_records: dict[str, list[dict[str, Any]]],
+           has_names: bool) -> dict[str, Any]:
+    """index.json: how the dataset was made, its normalization and its shards."""
+    mean, std = shards.stats.mean_std(source.scale)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": source.describe(),
+        "seed": cfg.seed,
+        "fractions": dict(zip(SPLITS, fractions, strict=True)),
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "image_shape": list(tuple(source.image_shape)),
+        "layout": "NCHW",
+        "dtype": source.dtype.name,
+        "scale": source.scale,
+        "normalization": {"mean": mean, "std": std, "computed_on": "train",
+                          "images": shards.stats.images,
+                          "formula": "(value * scale - mean[c]) / std[c]"},
+        "item_names": ITEM_NAMES_FILE if has_names else None,
+        "skipped": {"count": len(source.skipped),
+                    "items": source.skipped[:MAX_LISTED_SKIPPED]},
+        "splits": {s: {"count": shards.kept[s], "class_counts": shards.class_counts[s].tolist(),
+                       "shards": shard_records[s]} for s in SPLITS},
+    }
 
 
 def run_and_report(cfg: StageConfig) -> StageResult:
