@@ -266,8 +266,10 @@ def _check_semantics(cfg: dict, source: str) -> None:
 
 _SPLIT_NAMES = ("train", "validation", "test")
 
-#: Data keys that size or place staged data: meaningless for a generated source.
-_STAGING_ONLY = ("num_samples", "num_classes", "image_size", "node_local", "scratch")
+#: Data keys that place staged data: meaningless for a generated source. (The keys that
+#: size synthetic images are ignored like for every other source: a --configfile merged
+#: onto config/config.yaml inherits them.)
+_STAGING_ONLY = ("node_local", "scratch")
 
 
 def _check_data(data: dict, source: str) -> None:
@@ -285,8 +287,7 @@ def _check_data(data: dict, source: str) -> None:
             if data.get(key):
                 raise UsageError(
                     f"{source}: data.{key}: not used by source {data['source']!r}, which every "
-                    f"rank generates (size it in train.data: num_samples, val_samples, "
-                    f"seq_len, vocab_size)")
+                    f"rank generates: nothing is staged or copied")
     total, classes = _dataset_size(data)
     if total is not None:
         for i in (1, 2):
@@ -446,7 +447,9 @@ def _tp_problem(point: RunPoint, model: str | None) -> str | None:
     try:
         check_tp(point.backend, point.ranks, point.tp, model)
     except UsageError as exc:
-        return str(exc).replace("field 'dist.tp': ", "")
+        # the backend's words are about a started job; here it is a planned point
+        return str(exc).replace("field 'dist.tp': ", "").replace("the launcher started",
+                                                                  "this point has")
     return None
 
 

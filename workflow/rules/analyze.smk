@@ -102,6 +102,12 @@ rule analyze:
             category="Scaling analysis",
             labels={"item": "plot: backends"},
         ),
+        memory=report(
+            f"{RESULTS}/analysis/plots/memory.png",
+            caption="../report/plot_memory.rst",
+            category="Scaling analysis",
+            labels={"item": "plot: memory per rank"},
+        ),
     log:
         "logs/analyze.log",
     retries: retries("analyze")

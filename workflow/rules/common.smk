@@ -71,7 +71,9 @@ RUNS = {point.run_id: point for point in _POINTS}
 # Combinations of the sweep lists that cannot exist (e.g. horovod with tp > 1) are
 # skipped, and said so once, when the workflow starts (RESULTS/sweep.json lists them too).
 if SKIPPED and workflow.is_main_process:
-    print(f"scalelab workflow: {sweep.plan_summary(config)}", file=sys.stderr, flush=True)
+    print(
+        f"scalelab workflow: {sweep.plan_summary(config)}", file=sys.stderr, flush=True
+    )
 # A generated source (tokens) is neither staged nor evaluated on a test split.
 STAGED = sweep.stages_data(config)
 

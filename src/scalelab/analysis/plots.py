@@ -19,7 +19,7 @@ from scalelab.analysis.scaling import GROUP, amdahl, gustafson
 FIGSIZE = (8.0, 5.0)
 DPI = 100
 #: Plot names (file stems) in the order the report lists them.
-NAMES = ("throughput", "efficiency", "breakdown", "fits", "backends")
+NAMES = ("throughput", "efficiency", "breakdown", "fits", "backends", "memory")
 
 
 def pyplot():
@@ -32,11 +32,15 @@ def pyplot():
     return plt
 
 
+def _field(name: str, value) -> str:
+    return f"tp={value:g}" if name == "tp" else str(value)
+
+
 def _labels(table: pd.DataFrame) -> dict[tuple, str]:
     """Short legend labels: only the group fields that differ between groups."""
     keys = list(table.groupby(GROUP, sort=True).groups)
     varying = [i for i in range(len(GROUP)) if len({k[i] for k in keys}) > 1] or [1, 2]
-    return {k: " / ".join(str(k[i]) for i in varying) for k in keys}
+    return {k: " / ".join(_field(GROUP[i], k[i]) for i in varying) for k in keys}
 
 
 def log2_x(ax, values, label=None, **tick_style) -> None:
@@ -193,8 +197,10 @@ def backends(table: pd.DataFrame, threshold: float) -> object:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     series = {}
-    for (source, backend, mode), grp in table.groupby(GROUP, sort=True):
+    for (source, backend, mode, tp), grp in table.groupby(GROUP, sort=True):
         name = backend if table["mode"].nunique() == 1 else f"{backend}/{mode}"
+        if table["tp"].nunique() > 1:
+            name = f"{name} tp={tp:g}"
         if table["source"].nunique() > 1:
             name = f"{source}: {name}"
         series[name] = grp.groupby("workers")[["throughput", "efficiency"]].max()
@@ -218,12 +224,54 @@ def backends(table: pd.DataFrame, threshold: float) -> object:
     return fig
 
 
+def memory(table: pd.DataFrame, threshold: float) -> object:
+    """Throughput (left) beside the state one rank holds (right), against world size:
+    what sharding saves next to what it costs. Memory: rank 0's measured bytes."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+    labels = _labels(table)
+    mem = table[table["state_bytes_per_rank"].notna()]
+    for key, grp in table.groupby(GROUP, sort=True):
+        grp = grp.sort_values("ranks")
+        ax1.plot(grp["ranks"], grp["throughput"], "o-", label=labels[key])
+        held = grp[grp["state_bytes_per_rank"].notna()]
+        if len(held):
+            ax2.plot(held["ranks"], held["state_bytes_per_rank"] / 2**20, "o-",
+                     label=f"{labels[key]} total")
+            ax2.plot(held["ranks"], (held["param_bytes_per_rank"]
+                                     + held["optim_state_bytes_per_rank"]) / 2**20, "x:",
+                     color=ax2.lines[-1].get_color(), label=f"{labels[key]} params+optimizer")
+    log2_x(ax1, table["ranks"].to_numpy())
+    ax1.set_yscale("log")
+    ax1.set_xlabel("world size (ranks)")
+    units = sorted(set(table["throughput_unit"]))
+    ax1.set_ylabel(f"throughput ({', '.join(units)})")
+    ax1.set_title("throughput")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize="x-small")
+    if mem.empty:
+        _empty(ax2, "no per-rank state bytes in the input\n(runs made before they were "
+                    "measured, or published tables)")
+    else:
+        log2_x(ax2, mem["ranks"].to_numpy())
+        ax2.set_xlabel("world size (ranks)")
+        ax2.set_ylabel("MiB held by rank 0")
+        ax2.set_ylim(bottom=0)
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize="x-small")
+    ax2.set_title("state per rank (params, grads, optimizer)")
+    fig.suptitle("Memory per rank beside throughput")
+    fig.tight_layout()
+    return fig
+
+
 PLOTS: dict[str, Callable[..., object]] = {
     "throughput": throughput,
     "efficiency": efficiency,
     "breakdown": breakdown,
     "fits": fits,
     "backends": backends,
+    "memory": memory,
 }
 
 

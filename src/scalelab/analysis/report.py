@@ -5,9 +5,7 @@ Output directory layout (every file always present, whatever the input)::
     runs.csv, runs.parquet         tidy per-run table (scalelab.analysis.runs.COLUMNS)
     scaling.csv, scaling.parquet   per configuration: repeats aggregated + scaling metrics
     fits.csv                       per group: Amdahl/Gustafson parallel fraction, sweet spot
-    scaling.md                     Markdown tables for humans (flags beside the figures)
-    scaling.html                   the same tables as one self-contained HTML page: the
-                                   Snakemake report's view of the results
+    scaling.md                     Markdown tables for humans and the Snakemake report
     analysis.json                  fits and sweet spots, machine-readable (not summary.json:
                                    that name marks a run directory)
     plots/{throughput,efficiency,breakdown,fits,backends}.{png,svg}
@@ -15,79 +13,37 @@ Output directory layout (every file always present, whatever the input)::
 
 from __future__ import annotations
 
-import html
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from scalelab.analysis import plots
-from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND
 from scalelab.fsio import atomic_dir
-
-#: Characters with a meaning inside a Markdown table cell (links and images need '[').
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
-
-
-def md_escape(text: str) -> str:
-    """Text safe inside Markdown (and the HTML it becomes): every Markdown control
-    character backslash-escaped, then &, < and > as entities, so a label renders as
-    written and can neither break a table nor open a tag."""
-    return html.escape(_MD_SPECIAL.sub(r"\\\1", str(text)), quote=False)
 
 
 def _fmt(value: Any, spec: str) -> str:
-    """One cell as plain text (no markup): '-' for missing, 'yes' for True."""
     if isinstance(value, float) and math.isnan(value):
         return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else ""
-    if isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, bool):
+        return "**yes**" if value else ""
+    if isinstance(value, (int, float)):
         if spec == "num":
             return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
         return format(value, spec)
     return str(value)
 
 
-def _cell(row: pd.Series, column: str, spec: str) -> str:
-    """The text of one cell; the spread says 'n/a' where only one repeat ran."""
-    if column == "throughput_spread" and row.get("repeats", 2) < 2:
-        return "n/a (1 repeat)"
-    if column == "efficiency" and row.get("flags"):
-        return f"{_fmt(row[column], spec)} ({row['flags']})"
-    return _fmt(row[column], spec)
-
-
 def markdown_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
-    """A GitHub Markdown table of ``(column, header, format spec)`` triples; every cell
-    escaped, so a label can neither break the table nor inject HTML."""
+    """A GitHub Markdown table of ``(column, header, format spec)`` triples."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
              "|" + "|".join("---:" if s else "---" for _, _, s in columns) + "|"]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(md_escape(_cell(row, c, s)) for c, _, s in columns)
-                     + " |")
+        lines.append("| " + " | ".join(_fmt(row[c], s) for c, _, s in columns) + " |")
     return "\n".join(lines)
-
-
-def html_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
-    """The same table as HTML (every cell escaped); flagged efficiencies get a class."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
-    rows = []
-    for _, row in frame.iterrows():
-        cells = []
-        for col, _, spec in columns:
-            text = html.escape(_cell(row, col, spec))
-            anomaly = col == "efficiency" and bool(row.get("flag_superlinear", False))
-            cls = ' class="anomaly"' if anomaly else (' class="num"' if spec else "")
-            cells.append(f"<td{cls}>{'&#9888; ' if anomaly else ''}{text}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
-            + "\n</tbody>\n</table>")
 
 
 SCALING_COLUMNS = [
@@ -97,8 +53,7 @@ SCALING_COLUMNS = [
     ("throughput", "throughput (median)", "num"), ("throughput_min", "min", "num"),
     ("throughput_max", "max", "num"), ("throughput_spread", "spread", ".1%"),
     ("epoch_time_s", "epoch time s", "num"), ("speedup", "speedup", ".3f"),
-    ("efficiency", "efficiency (flags)", ".1%"), ("efficiency_spread", "+- spread", ".1%"),
-    ("karp_flatt", "Karp-Flatt", ".4f"),
+    ("efficiency", "efficiency", ".1%"), ("karp_flatt", "Karp-Flatt", ".4f"),
     ("marginal_gain_per_doubling", "gain/doubling", ".1%"),
     ("cost_per_epoch_h", "cost/epoch", ".3g"), ("cost_unit", "cost unit", ""),
     ("time_to_target_s", "time to target s", "num"), ("final_accuracy", "final acc", ".3f"),
@@ -119,46 +74,23 @@ FIT_COLUMNS = [
 ]
 
 
-def flag_summary(table: pd.DataFrame) -> list[str]:
-    """One line per flag that occurs: how many rows carry it, and what it means."""
-    lines = []
-    for code, meaning in FLAG_LEGEND.items():
-        n = int(sum(code in f.split("; ") for f in table["flags"]))
-        if n:
-            lines.append(f"{code} ({n} of {len(table)} rows): {meaning}")
-    return lines
-
-
-def _intro(table: pd.DataFrame, threshold: float) -> str:
-    units = ", ".join(sorted(set(table["throughput_unit"])))
-    return (
-        f"Throughput in {units}; speedup and efficiency relative to the smallest configuration "
-        "of each source/backend/mode (efficiency = X_N / (p X_0), p = N / N_0, N = GPUs or "
-        f"ranks on CPU). Sweet spot: largest scale with efficiency >= {threshold:g}. Spread: "
-        "(max - min) / median over the repeats; the efficiency's spread r adds the point's and "
-        f"the baseline's in quadrature. Flags (K = {FLAG_K:g}): efficiency > 1 + K r is "
-        "'superlinear'. Definitions and sources: docs/analysis.md."
-    )
-
-
 def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
              inputs: Sequence[str]) -> str:
-    """The human-readable report; every label and path escaped."""
-    flags = flag_summary(table)
+    """The human-readable report."""
+    units = ", ".join(sorted(set(table["throughput_unit"])))
     parts = [
         "# Scaling analysis",
         "",
-        "Inputs: " + ", ".join(md_escape(i) for i in inputs),
+        "Inputs: " + ", ".join(f"`{i}`" for i in inputs),
         "",
-        _intro(table, threshold),
+        f"Throughput in {units}; speedup and efficiency relative to the smallest configuration "
+        "of each source/backend/mode (efficiency = X_N / (p X_0), p = N / N_0, N = GPUs or "
+        f"ranks on CPU). Sweet spot: largest scale with efficiency >= {threshold:g}. "
+        "Definitions and sources: docs/analysis.md.",
         "",
         "## Configurations (repeats aggregated)",
         "",
         markdown_table(table, SCALING_COLUMNS),
-        "",
-        "Flags:" if flags else "Flags: none.",
-        "",
-        *[f"- {line}" for line in flags],
         "",
         "## Model fits",
         "",
@@ -172,31 +104,6 @@ def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
     ]
     parts += [f"![{name}](plots/{name}.png)" for name in plots.NAMES]
     return "\n".join(parts) + "\n"
-
-
-_CSS = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:90%}
-th,td{border:1px solid #ccc;padding:2px 6px}td.num{text-align:right}
-td.anomaly{background:#fdd;color:#900;font-weight:bold;text-align:right}"""
-
-
-def html_page(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
-              inputs: Sequence[str]) -> str:
-    """scaling.md's content as one self-contained HTML page (no scripts, no remote
-    resources): what the Snakemake report shows for the scaling table."""
-    flags = flag_summary(table)
-    legend = "".join(f"<li>{html.escape(line)}</li>" for line in flags) or "<li>none</li>"
-    return "\n".join([
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
-        "<title>Scaling analysis</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>Scaling analysis</h1>",
-        "<p>Inputs: " + html.escape(", ".join(map(str, inputs))) + "</p>",
-        f"<p>{html.escape(_intro(table, threshold))}</p>",
-        "<h2>Configurations (repeats aggregated)</h2>",
-        html_table(table, SCALING_COLUMNS),
-        f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
-        "<h2>Model fits</h2>",
-        html_table(fit_table, FIT_COLUMNS),
-        "</body></html>", ""])
 
 
 def _jsonable(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -214,9 +121,7 @@ def write(out: str | Path, runs: pd.DataFrame, table: pd.DataFrame, fit_table: p
         table.to_parquet(tmp / "scaling.parquet", index=False)
         fit_table.to_csv(tmp / "fits.csv", index=False)
         (tmp / "scaling.md").write_text(markdown(table, fit_table, threshold, inputs))
-        (tmp / "scaling.html").write_text(html_page(table, fit_table, threshold, inputs))
-        summary = {"threshold": threshold, "inputs": list(inputs), "fits": _jsonable(fit_table),
-                   "flag_k": FLAG_K, "flags": flag_summary(table)}
+        summary = {"threshold": threshold, "inputs": list(inputs), "fits": _jsonable(fit_table)}
         (tmp / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots.write_all(table, fit_table, threshold, tmp / "plots")
     return out

@@ -37,7 +37,8 @@ import pandas as pd
 
 from scalelab.errors import UsageError
 
-GROUP = ["source", "backend", "mode"]
+#: A series: one source, backend, scaling mode and tensor-parallel size (tp = 2 is not tp = 1).
+GROUP = ["source", "backend", "mode", "tp"]
 CONFIG = [*GROUP, "nodes", "ranks", "gpus", "workers"]
 #: Columns aggregated over repeats with median, min, max and spread.
 SPREAD = ["throughput", "samples_per_s", "epoch_time_s"]
@@ -60,7 +61,9 @@ FLAG_LEGEND: dict[str, str] = {
              "the scaling effect is not resolved",
 }
 MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
-          "final_accuracy", "test_accuracy", "time_to_target_s"]
+          "final_accuracy", "test_accuracy", "time_to_target_s", "param_bytes_per_rank",
+          "grad_bytes_per_rank", "optim_state_bytes_per_rank", "state_bytes_per_rank",
+          "cuda_max_allocated_bytes"]
 
 
 def amdahl(p: np.ndarray, f: float) -> np.ndarray:
@@ -251,7 +254,25 @@ def share_single_process_baseline(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+#: The reference of the memory comparison: data parallelism without sharding.
+MEMORY_BASELINE = {"backend": "ddp", "tp": 1.0}
+
+
+def add_memory(table: pd.DataFrame) -> pd.DataFrame:
+    """``param_optim_bytes_per_rank`` (parameters + optimizer state, what sharding divides)
+    and ``memory_vs_ddp``: that figure over DDP's (tp = 1) at the same source, mode and
+    ranks, from the measured bytes; NaN where either side was not measured."""
+    t = table.copy()
+    t["param_optim_bytes_per_rank"] = t["param_bytes_per_rank"] + t["optim_state_bytes_per_rank"]
+    ref = t[(t["backend"] == MEMORY_BASELINE["backend"]) & (t["tp"] == MEMORY_BASELINE["tp"])]
+    ref = ref.groupby(["source", "mode", "ranks"])["param_optim_bytes_per_rank"].median()
+    keys = list(zip(t["source"], t["mode"], t["ranks"], strict=True))
+    base = np.array([ref.get(k, math.nan) for k in keys], dtype=float)
+    t["memory_vs_ddp"] = t["param_optim_bytes_per_rank"] / base
+    return t
+
+
 def analyse(runs: pd.DataFrame, threshold: float = 0.7) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tidy runs -> (per-configuration scaling table, per-group fits)."""
-    table = add_metrics(aggregate(share_single_process_baseline(runs)), threshold)
+    table = add_memory(add_metrics(aggregate(share_single_process_baseline(runs)), threshold))
     return table, fit_models(table, threshold)
