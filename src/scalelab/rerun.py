@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _launcher_argv(launcher: str, world: int, nodes: int, per_node: int,
                    recorded: list[str] | None) -> list[str]:
     """The command that starts ``world`` ranks the way the recorded run was started."""
-    from scalelab.tools import which
+    from scalelab.tools import mpirun_argv, which
 
     py = sys.executable
     if launcher == "single":
@@ -80,15 +80,7 @@ def _launcher_argv(launcher: str, world: int, nodes: int, per_node: int,
         # Several nodes (e.g. Open MPI ranks started by srun --mpi=pmix): srun again.
         launcher = "slurm"
     if launcher == "openmpi":
-        mpirun = which("mpirun")
-        if not mpirun:
-            raise UsageError("launcher openmpi: mpirun not found (run ./setup.sh)")
-        argv = [mpirun, "-n", str(world), "--bind-to", "none"]
-        if os.geteuid() == 0:
-            argv.append("--allow-run-as-root")
-        if world > (os.cpu_count() or 1):
-            argv.append("--oversubscribe")
-        return argv
+        return mpirun_argv(world, world, "launcher openmpi: mpirun not found (run ./setup.sh)")
     if launcher == "torchrun":
         return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
     if launcher == "horovodrun":

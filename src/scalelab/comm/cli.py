@@ -1,4 +1,10 @@
-"""``scalelab commbench``: collective bandwidth, run on every rank (rank 0 reports)."""
+"""``scalelab commbench``: collective bandwidth, run on every rank (rank 0 reports).
+
+Collective benchmark with nccl-tests definitions (algbw = size/time; busbw = algbw x
+2(n-1)/n for allreduce, (n-1)/n for allgather, 1 for broadcast). Start it on every rank with
+any launcher: mpirun, srun (--mpi=pmix for mpi4py/Horovod), torchrun, horovodrun. Rank 0
+prints the table and writes --out.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,10 @@ from scalelab.errors import UsageError
 
 
 def register(subparsers) -> None:
+    """Add ``commbench`` (its description is this module's docstring)."""
     p = subparsers.add_parser(
-        "commbench",
-        help="allreduce/allgather/broadcast bandwidth (torch.distributed, Horovod, mpi4py)",
-        description=(
-            "Collective benchmark with nccl-tests definitions (algbw = size/time; busbw = "
-            "algbw x 2(n-1)/n for allreduce, (n-1)/n for allgather, 1 for broadcast). Start it "
-            "on every rank with any launcher: mpirun, srun (--mpi=pmix for mpi4py/Horovod), "
-            "torchrun, horovodrun. Rank 0 prints the table and writes --out."
-        ),
-    )
+        "commbench", description=" ".join(__doc__.split("\n\n")[1].split()),
+        help="allreduce/allgather/broadcast bandwidth (torch.distributed, Horovod, mpi4py)")
     p.add_argument("--lib", required=True, choices=("torch", "horovod", "mpi4py"))
     p.add_argument("--backend", default="auto",
                    help="torch only: gloo, nccl or mpi (auto: nccl with CUDA, else gloo)")

@@ -1,5 +1,11 @@
 """``scalelab predict``: step time, throughput and efficiency at scale from a commbench curve.
 
+From one measured configuration (compute time per step, gradient bytes) and a commbench
+allreduce curve (fitted latency alpha and bandwidth beta), predict step time, throughput and
+efficiency up to --max-nodes x --ranks-per-node. Model: t_ar(n,S) = 2(n-1) alpha + 2(n-1)/n
+S/beta; t_step = t_data + t_compute + (1-overlap) t_ar. Writes CSV, Markdown, JSON and a
+plot into --out.
+
 The model and its report live in :mod:`scalelab.comm.predict` and
 :mod:`scalelab.comm.predict_report`; this module is the command around them.
 """
@@ -13,17 +19,10 @@ from scalelab.errors import UsageError
 
 
 def register(subparsers) -> None:
+    """Add ``predict`` (its description is this module's docstring)."""
     p = subparsers.add_parser(
-        "predict",
-        help="predict step time, throughput and efficiency at scale (ring-allreduce model)",
-        description=(
-            "From one measured configuration (compute time per step, gradient bytes) and a "
-            "commbench allreduce curve (fitted latency alpha and bandwidth beta), predict "
-            "step time, throughput and efficiency up to --max-nodes x --ranks-per-node. "
-            "Model: t_ar(n,S) = 2(n-1) alpha + 2(n-1)/n S/beta; t_step = t_data + t_compute + "
-            "(1-overlap) t_ar. Writes CSV, Markdown, JSON and a plot into --out."
-        ),
-    )
+        "predict", description=" ".join(__doc__.split("\n\n")[1].split()),
+        help="predict step time, throughput and efficiency at scale (ring-allreduce model)")
     p.add_argument("--commbench", required=True, metavar="DIR|CSV",
                    help="commbench output (directory, commbench.csv or .jsonl)")
     p.add_argument("--run", metavar="RUN_DIR",

@@ -38,9 +38,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scalelab.container import runtime, verify
+from scalelab.container import runtime
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
+from scalelab.provenance import sha256_file
 
 #: Bump when the staging logic changes in a way the inputs do not show.
 BUILDER_VERSION = "1"
@@ -224,7 +225,7 @@ def plan(repo: Path, torch_index: str | None = None) -> Plan:
     base_key = hashlib.sha256(((cpu_dir / "base.def").read_text() + BUILDER_VERSION).encode())
     deps = hashlib.sha256()
     for part in (base_key.hexdigest(), (cpu_dir / "deps.def").read_text(), "\n".join(pins),
-                 torch_index or "pip-default", hvd.name, verify.sha256_file(hvd),
+                 torch_index or "pip-default", hvd.name, sha256_file(hvd),
                  _torch_file_digest(torch_index, pin(pins, "torch"))):
         deps.update(part.encode() + b"\0")
     return Plan(repo=repo, cpu_dir=cpu_dir, pins=pins, torch_index=torch_index, horovod=hvd,
@@ -241,7 +242,7 @@ def _torch_file_digest(torch_index: str | None, version: str) -> str:
     dirs = re.findall(r"find-links='([^']+)'", proc.stdout)
     for d in dirs:
         for f in sorted(glob.glob(os.path.join(d, f"torch-{version}+cpu-{IMAGE_PY_TAG}-*.whl"))):
-            return verify.sha256_file(f)
+            return sha256_file(f)
     return ""
 
 
@@ -431,7 +432,7 @@ def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
         tmp = image.with_name(f".{image.name}.tmp.{os.getpid()}")
         shutil.copyfile(cached, tmp)
         tmp.replace(image)
-    digest = verify.sha256_file(image)
+    digest = sha256_file(image)
     record = {"image": str(image.resolve()), "sha256": digest, "size_bytes": image.stat().st_size,
               "deps_key": p.deps_key, "base_key": p.base_key, "source_key": p.src_key,
               "source_commit": commit, "pins": [line.split()[0] for line in p.pins],

@@ -286,8 +286,9 @@ def _build_cpu(args: argparse.Namespace, root: Path) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     import os
 
-    from scalelab.container import runtime, verify
+    from scalelab.container import runtime
     from scalelab.container.config import ContainerConfig
+    from scalelab.provenance import sha256_file
 
     if "://" not in args.uri:
         raise UsageError(f"{args.uri} is not a URI (https://, oras://, docker://, library://); "
@@ -309,7 +310,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if args.dry_run or rt is None:
         print(shlex.join(argv))
         return 0
-    if image.exists() and not args.force and verify.sha256_file(image) != pinned:
+    if image.exists() and not args.force and sha256_file(image) != pinned:
         raise UsageError(f"{image} exists and holds a different image than sha256 {pinned}: "
                          "refusing to replace it (pass --force, or choose another --image)")
     image.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +318,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         rc = runtime.run([rt.path, *argv[1:]])
         if rc != 0:
             raise UsageError(f"{shlex.join(argv)} failed with exit {rc}")
-        got = verify.sha256_file(tmp)
+        got = sha256_file(tmp)
         if got != pinned:
             raise CheckFailed(f"{args.uri}: pulled image has sha256 {got}, pinned {pinned}: "
                              f"refused ({image} left as it was)")

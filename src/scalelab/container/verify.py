@@ -7,7 +7,6 @@ are checked with `apptainer verify` (PGP signatures inside the SIF).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -17,19 +16,10 @@ from pathlib import Path
 from scalelab.container import runtime
 from scalelab.errors import CheckFailed, UsageError
 from scalelab.fsio import atomic_write_text
+from scalelab.provenance import sha256_file
 
-CHUNK = 8 * 1024 * 1024
 #: Output of `apptainer verify` on an image that simply carries no signature.
 UNSIGNED_MARKERS = ("signature not found", "no signatures found", "no signature found")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (images are GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ the trainer: one ``.npz`` with ``<split>_images`` (N, C, H, W) and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,24 +57,34 @@ class InMemoryDataset:
         return images, self.labels[indices].astype(np.int64, copy=False)
 
 
+@contextmanager
+def open_npz(path: Path, missing: str, unreadable: Callable[[Exception], str],
+             error: type[DataError] = DataError) -> Iterator[Any]:
+    """An ``.npz`` archive opened without pickles. No file: BadInputData(``missing``); a
+    file numpy cannot read (also while the body reads it): ``error(unreadable(exc))``."""
+    if not path.is_file():
+        raise BadInputData(missing)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            yield archive
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise error(unreadable(exc)) from None
+
+
 def load_npz(path: str | Path, split: str) -> InMemoryDataset:
     """Load split ``split`` from an ``.npz`` with ``<split>_images`` and ``<split>_labels``."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputData(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = set(archive.files)
-            want = (f"{split}_images", f"{split}_labels")
-            missing = [k for k in want if k not in keys]
-            if missing:
-                raise DataError(
-                    f"{path}: missing array(s) {', '.join(missing)}; has {sorted(keys)}"
-                )
-            num_classes = int(archive["num_classes"]) if "num_classes" in keys else None
-            return InMemoryDataset(archive[want[0]], archive[want[1]], num_classes)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
+    with open_npz(path, f"no such file: {path}",
+                  lambda exc: f"{path}: cannot read: {exc}") as archive:
+        keys = set(archive.files)
+        want = (f"{split}_images", f"{split}_labels")
+        missing = [k for k in want if k not in keys]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)}; has {sorted(keys)}")
+        num_classes = int(archive["num_classes"]) if "num_classes" in keys else None
+        return InMemoryDataset(archive[want[0]], archive[want[1]], num_classes)
 
 
 def save_npz(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.errors import BadInputData, DataError, UsageError
+from scalelab.errors import BadInputData, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SOURCE_KINDS = ("synthetic", "digits", "imagefolder", "npz")
@@ -99,26 +99,21 @@ def digits_source() -> ArraySource:
 def npz_source(path: Path, layout: str = "auto") -> ArraySource:
     """Arrays a user already has: keys ``images`` (or ``x``), ``labels`` (or ``y``),
     optional ``classes`` (names). Images are N,H,W or N,H,W,C or N,C,H,W."""
+    from scalelab.data.memory import open_npz
+
     path = Path(path)
-    if not path.is_file():
-        raise BadInputData(f"--path {path}: no such file (expected an .npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = set(archive.files)
-            ikey = next((k for k in ("images", "x") if k in keys), None)
-            lkey = next((k for k in ("labels", "y") if k in keys), None)
-            if ikey is None or lkey is None:
-                raise BadInputData(
-                    f"{path}: needs arrays 'images' (or 'x') and 'labels' (or 'y'); "
-                    f"found {sorted(keys)}"
-                )
-            images = archive[ikey]
-            labels = archive[lkey]
-            names = archive["classes"] if "classes" in keys else None
-    except DataError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise BadInputData(f"{path}: not a readable .npz archive ({exc})") from None
+    with open_npz(path, f"--path {path}: no such file (expected an .npz archive)",
+                  lambda exc: f"{path}: not a readable .npz archive ({exc})",
+                  BadInputData) as archive:
+        keys = set(archive.files)
+        ikey = next((k for k in ("images", "x") if k in keys), None)
+        lkey = next((k for k in ("labels", "y") if k in keys), None)
+        if ikey is None or lkey is None:
+            raise BadInputData(f"{path}: needs arrays 'images' (or 'x') and 'labels' (or 'y'); "
+                               f"found {sorted(keys)}")
+        images = archive[ikey]
+        labels = archive[lkey]
+        names = archive["classes"] if "classes" in keys else None
     images = _to_nchw(images, layout, f"{path}: array '{ikey}'")
     if images.dtype == np.uint8:
         scale = 1.0 / 255.0
