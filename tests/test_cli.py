@@ -142,3 +142,17 @@ def test_json_failure_is_one_document_with_the_error(tmp_path):
     assert rc == verdict["exit_code"] == 2
     assert verdict["ok"] is False and "nowhere" in verdict["error"]
     assert err.splitlines() == [f"scalelab data: error: {verdict['error']}"]
+
+
+@pytest.mark.cluster
+def test_testcluster_status_of_the_running_cluster(cluster):
+    args = ("testcluster", "status", "--state-dir", cluster.cluster.dir)
+    rc_human, human, err = _main(*args)
+    rc_json, doc, _ = _main(*args, "--json")
+    status = json.loads(doc)
+    assert rc_human == rc_json == 0, err
+    assert status["ok"] is True and status["up"] is True
+    lines = human.splitlines()
+    assert lines[0] == f"test cluster: up (SLURM_CONF={status['conf']})"
+    assert {ln.split()[1] for ln in lines if ln.startswith("  node ")} == set(status["nodes"])
+    assert all(ln.endswith(": running") for ln in lines if " pid " in ln)
