@@ -19,8 +19,8 @@ from scalelab.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+    from scalelab.backends.config import DistConfig
     from scalelab.layout import Layout
-    from scalelab.train.config import DistConfig
 
 BACKENDS = ("ddp", "horovod", "none", "fsdp")
 
@@ -45,6 +45,15 @@ class Backend:
 
     #: Whether ``step`` measures the time spent waiting for gradient communication.
     measures_comm = False
+    #: Seconds the trainer's watchdog grants beyond ``dist.timeout_s`` before it ends a rank
+    #: stuck in a collective: torch.distributed times out by itself, so the watchdog is the
+    #: second line there; MPI collectives never time out, so for Horovod it is the first.
+    watchdog_grace_s = 60.0
+
+    @property
+    def watchdog_limit_s(self) -> float:
+        """Seconds without progress after which the watchdog ends this rank."""
+        return self.cfg.timeout_s + self.watchdog_grace_s
     #: Parameter/gradient/optimizer-state bytes of this rank, measured at the first step.
     state_bytes: dict[str, int] | None = None
 
@@ -150,6 +159,14 @@ class Backend:
         """Leave the job cleanly (only after success: a dead peer could make this hang)."""
 
 
+def library_versions() -> dict[str, str | None]:
+    """Versions of the communication libraries the backends use beyond torch (None: absent)."""
+    try:
+        import horovod
+
+        return {"horovod": horovod.__version__}
+    except ImportError:
+        return {"horovod": None}
 
 
 def choose_backend(requested: str, layout: Layout, tp: int = 1, model: str | None = None) -> str:

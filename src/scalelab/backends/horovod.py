@@ -56,6 +56,7 @@ class HorovodBackend(Backend):
 
     name = "horovod"
     measures_comm = True
+    watchdog_grace_s = 0.0  # MPI collectives have no timeout: the watchdog is the only bound
 
     def setup(self) -> None:
         fusion = self.cfg.horovod.fusion_threshold_mb

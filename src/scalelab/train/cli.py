@@ -12,10 +12,11 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
-from scalelab.errors import UsageError, report_error
+from scalelab.errors import EXIT_USAGE, UsageError, describe, report_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
         # A peer may be dead: interpreter shutdown (process-group destructors, Horovod's
         # atexit) could block on it. Report and leave at once.
         code = 130 if isinstance(exc, KeyboardInterrupt) else report_error("train", exc)
+        if code == EXIT_USAGE and _rank() != "0":
+            _after_rank0(exc)
         if code is None and _peer_lost(exc):
             # A consequence, not a cause: the rank that failed first reports why.
             print(f"scalelab train: rank {_rank()} stopped: a peer failed "
@@ -86,6 +89,21 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+#: Seconds a rank other than 0 waits before leaving on bad input (see :func:`_after_rank0`).
+USAGE_GRACE_S = 3.0
+
+
+def _after_rank0(exc: BaseException) -> None:
+    """Bad input fails on every rank, and rank 0 says so. The launcher ends the job when the
+    first rank exits, so the other ranks wait a moment for rank 0's line to get out; if
+    rank 0 has not ended the job by then, the input was bad on this rank alone (a device it
+    lacks): it reports for itself."""
+    time.sleep(USAGE_GRACE_S)
+    found = describe(exc)
+    if found is not None:
+        print(f"scalelab train: error: rank {_rank()}: {found[0]}", file=sys.stderr, flush=True)
 
 
 #: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.

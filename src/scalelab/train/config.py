@@ -12,10 +12,10 @@ finite number > 0, got nan``, raised as :class:`~scalelab.errors.UsageError`
 (batch divisibility) live in :func:`resolve_batch`; the workflow calls it for
 every sweep point at plan time, the trainer again at start.
 
-Extension points: a backend owns its options as a section model registered in
-:data:`BACKEND_SECTIONS` (``dist.horovod`` today), so a new backend adds its model
-there; the world-size arithmetic takes a :class:`Parallelism` so a tensor-parallel
-size can join data parallelism without changing the callers.
+Extension points: backends own their options (``dist``: :mod:`scalelab.backends.config`),
+so a new backend adds its section there; the world-size arithmetic takes a
+:class:`Parallelism` so a tensor-parallel size joins data parallelism without changing
+the callers.
 """
 
 from __future__ import annotations
@@ -28,32 +28,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from scalelab.backends.config import DistConfig, FSDPConfig, HorovodConfig
+from scalelab.config_types import (
+    Finite,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Section,
+    SplitName,
+)
 from scalelab.errors import UsageError
 
-# --------------------------------------------------------------------------- types
-
-#: A float that must be finite (YAML .nan/.inf are refused with the field's name).
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PosInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
-#: A split is a directory of the staged data: a plain name, never a path.
-SplitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1)]
-
-
-class Section(BaseModel):
-    """Base of every config section: strict types, unknown keys refused, docs from docstrings."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True,
-                              validate_assignment=True, allow_inf_nan=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON ready)."""
-        return self.model_dump(mode="python")
-
+__all__ = ["DistConfig", "FSDPConfig", "Finite", "HorovodConfig", "NonNegFloat", "NonNegInt",
+           "PosFloat", "PosInt", "RunConfig", "Section", "SplitName"]
 
 class ModelConfig(Section):
     """What network to train."""
@@ -204,52 +194,6 @@ class CheckpointConfig(Section):
     """Also checkpoint every N optimizer steps; 0: never."""
     keep: PosInt = 2
     """Number of newest checkpoints kept."""
-
-
-class HorovodConfig(Section):
-    """Horovod-only knobs."""
-
-    compression: Literal["none", "fp16", "bf16"] = "none"
-    """Gradient compression in the allreduce."""
-    fusion_threshold_mb: NonNegFloat | None = None
-    """Tensor fusion buffer (HOROVOD_FUSION_THRESHOLD); null: Horovod's default (128 MB)."""
-
-
-class FSDPConfig(Section):
-    """fsdp-only knobs (FSDP2 ``fully_shard`` per block, then the root)."""
-
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Parameters and compute in bf16, gradient reduction in fp32; auto: bf16 on GPUs."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
-    reshard_after_forward: bool = True
-    """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
-
-
-#: Backend name -> the section (under ``dist``) that holds its own options. A backend that
-#: brings options adds its model here and a field of that name to DistConfig.
-BACKEND_SECTIONS: dict[str, type[Section]] = {"horovod": HorovodConfig, "fsdp": FSDPConfig}
-
-
-class DistConfig(Section):
-    """How ranks talk to each other."""
-
-    backend: Literal["auto", "ddp", "horovod", "none", "fsdp"] = "auto"
-    """auto: horovod under horovodrun, ddp for several ranks, none for one; fsdp: sharded
-    parameters, gradients and optimizer state (FSDP2)."""
-    tp: PosInt = 1
-    """Tensor-parallel ranks per model replica (gpt only; ddp or fsdp over world_size / tp
-    data-parallel groups on a 2-D device mesh)."""
-    timeout_s: PosFloat = 300.0
-    """A collective that waits longer than this fails the job (dead or stuck peer)."""
-    socket_ifname: str | None = None
-    """Network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)."""
-    bucket_cap_mb: PosFloat = 25.0
-    """ddp: gradient bucket size."""
-    horovod: HorovodConfig = Field(default_factory=HorovodConfig)
-    """Horovod options."""
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
-    """fsdp options."""
 
 
 class MetricsConfig(Section):

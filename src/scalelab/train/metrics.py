@@ -66,19 +66,23 @@ class EpochStats:
 
 
 class MetricsWriter:
-    """Appends JSON records to ``metrics.jsonl``; a no-op on ranks other than 0."""
+    """Appends JSON records to ``metrics.jsonl``; a no-op on ranks other than 0.
+
+    The file is opened at the first record, so a writer can exist before the run
+    directory is set up (and its stale files removed)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
+        self.enabled = enabled
         self._fd: int | None = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (one line, one write call)."""
         if self._fd is None:
-            return
+            if not self.enabled:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         record = {"time": round(time.time(), 3), **record}
         os.write(self._fd, (json.dumps(record, allow_nan=True) + "\n").encode())
 
@@ -92,6 +96,7 @@ class MetricsWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+        self.enabled = False  # a record after close() is a bug, not a reason to reopen
 
 
 def throughput(history: list[dict[str, Any]]) -> float | None:
@@ -250,3 +255,18 @@ def model_facts(name: str, options: dict[str, Any], num_classes: int,
         facts["mfu_peak"] = (f"{card}: {peak[0] / 1e12:g} TFLOP/s dense bf16 ({peak[1]})"
                              + ("" if bf16 else "; this run was not bf16"))
     return facts
+
+
+def epoch_record(stats: EpochStats, epoch: int, epochs: int, global_step: int,
+                 val_loss: float | None, val_acc: float | None) -> dict[str, Any]:
+    """The metrics.jsonl record of a finished epoch (also the run history's entry)."""
+    return {
+        "kind": "epoch", "epoch": epoch, "epochs": epochs, "global_step": global_step,
+        "train_loss": stats.loss_sum / stats.count if stats.count else None,
+        "train_acc": stats.correct / stats.count if stats.count else None,
+        "val_loss": val_loss, "val_acc": val_acc,
+        "samples_per_s": stats.timed_samples / stats.timed_s if stats.timed_s else None,
+        "timed_samples": stats.timed_samples, "timed_s": stats.timed_s,
+        "time_s": stats.wall_s, "data_s": stats.data_s, "compute_s": stats.compute_s,
+        "comm_s": stats.comm_s if stats.comm_measured else None,
+    }

@@ -1,0 +1,55 @@
+"""The ``dist`` section of the run config: how ranks talk, and each backend's own options.
+
+It lives with the backends (not the trainer) because a backend is what reads it: a
+new backend adds its options section here and a field of that name to
+:class:`DistConfig`. The trainer's config (:mod:`scalelab.train.config`) embeds it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from scalelab.config_types import NonNegFloat, PosFloat, PosInt, Section
+
+
+class HorovodConfig(Section):
+    """Horovod-only knobs."""
+
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    """Gradient compression in the allreduce."""
+    fusion_threshold_mb: NonNegFloat | None = None
+    """Tensor fusion buffer (HOROVOD_FUSION_THRESHOLD); null: Horovod's default (128 MB)."""
+
+
+class FSDPConfig(Section):
+    """fsdp-only knobs (FSDP2 ``fully_shard`` per block, then the root)."""
+
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameters and compute in bf16, gradient reduction in fp32; auto: bf16 on GPUs."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
+
+
+class DistConfig(Section):
+    """How ranks talk to each other."""
+
+    backend: Literal["auto", "ddp", "horovod", "none", "fsdp"] = "auto"
+    """auto: horovod under horovodrun, ddp for several ranks, none for one; fsdp: sharded
+    parameters, gradients and optimizer state (FSDP2)."""
+    tp: PosInt = 1
+    """Tensor-parallel ranks per model replica (gpt only; ddp or fsdp over world_size / tp
+    data-parallel groups on a 2-D device mesh)."""
+    timeout_s: PosFloat = 300.0
+    """A collective that waits longer than this fails the job (dead or stuck peer)."""
+    socket_ifname: str | None = None
+    """Network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)."""
+    bucket_cap_mb: PosFloat = 25.0
+    """ddp: gradient bucket size."""
+    horovod: HorovodConfig = Field(default_factory=HorovodConfig)
+    """Horovod options."""
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    """fsdp options."""
