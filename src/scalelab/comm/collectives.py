@@ -19,8 +19,9 @@ parallelism issue other collectives, in other numbers:
 Times use the ring algorithm's alpha-beta costs (Thakur, Rabenseifner & Gropp 2005):
 allreduce 2(n-1) alpha + 2(n-1)/n S/beta; all-gather and reduce-scatter (n-1) alpha +
 (n-1)/n S/beta, with S the whole (unsharded) buffer. The counts are checked against
-what torch really issues (CommDebugMode) in tests/test_sharding_comm.py; wiring them
-into ``scalelab predict`` is left to comm/predict.py.
+what torch really issues (CommDebugMode) in tests/test_sharding_comm.py, and their
+byte volume in tests/test_predict_collectives.py; ``scalelab predict`` times them
+(:class:`scalelab.comm.predict.CommModel`).
 """
 
 from __future__ import annotations
@@ -88,13 +89,29 @@ def step_seconds(collectives: list[Collective], alpha_s: float, beta_Bps: float)
     return sum(c.seconds(alpha_s, beta_Bps) for c in collectives)
 
 
-def fsdp_groups(model) -> list[float]:
+def tp_local_bytes(module, tp: int = 1, prefix: str = "") -> float:
+    """Bytes of ``module``'s parameters one tensor-parallel rank holds: the weights (and
+    column-wise biases) that :data:`scalelab.models.gpt.TP_PLAN` splits count 1/tp, the
+    rest (embeddings, norms, row-wise biases) in full. ``prefix``: the module's path
+    inside a block (TP_PLAN's names are relative to a block)."""
+    from scalelab.models.gpt import TP_PLAN
+
+    total = 0.0
+    for name, p in module.named_parameters():
+        full = f"{prefix}{name}"
+        owner, _, leaf = full.rpartition(".")
+        owner = owner.split(".", 2)[-1] if owner.startswith("blocks.") else owner
+        style = TP_PLAN.get(owner) if tp > 1 else None
+        split = style == "colwise" or (style == "rowwise" and leaf == "weight")
+        total += p.numel() * p.element_size() / (tp if split else 1)
+    return total
+
+
+def fsdp_groups(model, tp: int = 1) -> list[float]:
     """Bytes of each FSDP shard group of ``model`` (per block, then the root's rest),
-    as :class:`scalelab.backends.fsdp.FSDPBackend` wraps it."""
+    as :class:`scalelab.backends.fsdp.FSDPBackend` wraps it; with ``tp`` > 1, of one
+    tensor-parallel rank's part (what FSDP shards over the dp dimension)."""
     from scalelab.backends.fsdp import blocks_of
 
-    def size(module) -> float:
-        return float(sum(p.numel() * p.element_size() for p in module.parameters()))
-
-    blocks = [size(parent[i]) for parent, i in blocks_of(model)]
-    return [*blocks, size(model) - sum(blocks)]
+    blocks = [tp_local_bytes(parent[i], tp, "blocks.0.") for parent, i in blocks_of(model)]
+    return [*blocks, tp_local_bytes(model, tp) - sum(blocks)]

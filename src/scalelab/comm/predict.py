@@ -10,6 +10,15 @@ Model (stated in every output)::
     strong scaling (global batch B fixed):    t_compute(N) = t_compute(N0) * N0 / N, t_data likewise
     throughput X(N) = global batch / t_step(N);   efficiency E(N) = X(N) / ((N / N0) X(N0))
 
+The allreduce term is that of ddp and horovod. Other backends issue other collectives
+(:class:`CommModel`, counted by :mod:`scalelab.comm.collectives` and checked against
+what torch issues): fsdp all-gathers every shard group's parameters in forward and
+again in backward (2G - 1 for G groups, the root kept) and reduce-scatters their
+gradients (G); tensor parallelism adds 6 allreduces of a block's activations per block
+(b x T x d x 4 bytes, b the per-rank batch) among the tp ranks, and data-parallel
+collectives run over world / tp ranks on 1/tp of the split weights. All-gather and
+reduce-scatter cost (n-1) alpha + (n-1)/n S/beta on the same fitted ring.
+
 alpha (latency per ring step, s) and beta (bandwidth, B/s) are fitted to the
 commbench allreduce curve by non-negative least squares on relative residuals
 (so 1 KiB and 256 MiB weigh alike). G is the gradient size in bytes, overlap
@@ -27,10 +36,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from scalelab.comm.collectives import (
+    Collective,
+    counts,
+    ddp_step,
+    fsdp_groups,
+    fsdp_step,
+    tp_local_bytes,
+    tp_step,
+)
 from scalelab.errors import UsageError
 
 MODEL = ("t_ar(n,S) = 2(n-1)*alpha + 2(n-1)/n * S/beta;  "
@@ -140,23 +159,139 @@ def check_curve(records: Iterable[dict], run: dict, allow_cpu_curve: bool = Fals
             f"training), or pass --allow-cpu-curve to fit it anyway")
 
 
-def predict(base: Base, fit: RingFit, ranks: Iterable[int]) -> pd.DataFrame:
-    """Predicted step time, throughput and efficiency at each rank count."""
+@dataclass(frozen=True)
+class CommModel:
+    """The collectives one optimizer step issues under a backend, at any world size.
+
+    ``grad_bytes``: the unsharded gradient (fp32 parameter) bytes; ``group_bytes``:
+    fsdp's shard groups (blocks, root last), of one tensor-parallel rank's part when
+    tp > 1; ``local_bytes``: one tensor-parallel rank's parameter bytes (what a
+    data-parallel allreduce moves when tp > 1). ``n_layers``, ``d_model``, ``seq_len``:
+    the transformer's, for the tensor-parallel allreduces of activations.
+    """
+
+    backend: str = "ddp"
+    grad_bytes: float = 0.0
+    tp: int = 1
+    group_bytes: tuple[float, ...] = ()
+    local_bytes: float | None = None
+    reshard_after_forward: bool = True
+    param_scale: float = 1.0
+    accum_steps: int = 1
+    n_layers: int = 0
+    d_model: int = 0
+    seq_len: int = 0
+    act_bytes: int = 4
+
+    def collectives(self, ranks: int, per_rank_batch: float) -> list[Collective]:
+        """The step's collectives on ``ranks`` ranks, ``per_rank_batch`` samples each
+        (a tensor-parallel group shares its batch); none on a group of one rank."""
+        tp = self.tp if ranks % self.tp == 0 else 1
+        dp = max(ranks // tp, 1)
+        if self.backend == "fsdp":
+            groups = list(self.group_bytes) or [self.grad_bytes / tp]
+            out = fsdp_step(groups, dp, self.reshard_after_forward, self.accum_steps,
+                            self.param_scale)
+        else:
+            local = self.local_bytes if self.local_bytes and tp > 1 else self.grad_bytes
+            out = ddp_step(local, dp)
+        if tp > 1:
+            out += tp_step(self.n_layers, round(per_rank_batch * self.seq_len), self.d_model,
+                           tp, self.act_bytes, self.accum_steps)
+        return [c for c in out if c.ranks > 1 and c.count > 0]
+
+    def describe(self, ranks: int, per_rank_batch: float) -> str:
+        """One line: what the step issues at ``ranks`` (count and bytes per op)."""
+        found = self.collectives(ranks, per_rank_batch)
+        if not found:
+            return f"{self.backend} at {ranks} rank(s): no collectives"
+        parts = [f"{n} {op} ({volume(found)[op] / 2**20:.3g} MiB)"
+                 for op, n in counts(found).items()]
+        tp = f" tp={self.tp}" if self.tp > 1 else ""
+        return f"{self.backend}{tp} at {ranks} ranks, per step: " + ", ".join(parts)
+
+
+def volume(collectives: list[Collective]) -> dict[str, float]:
+    """Bytes per op over a step: count x the whole (unsharded) buffer of each collective."""
+    out: dict[str, float] = {}
+    for c in collectives:
+        out[c.op] = out.get(c.op, 0.0) + c.count * c.size_bytes
+    return out
+
+
+def comm_model(model, backend: str, tp: int = 1, seq_len: int = 0, accum_steps: int = 1,
+               reshard_after_forward: bool = True, param_scale: float = 1.0) -> CommModel:
+    """The :class:`CommModel` of ``model`` (a torch module, built unsharded) under a layout."""
+    full = float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    groups = tuple(fsdp_groups(model, tp)) if backend == "fsdp" else ()
+    return CommModel(backend=backend, grad_bytes=full, tp=tp, group_bytes=groups,
+                     local_bytes=tp_local_bytes(model, tp), accum_steps=accum_steps,
+                     reshard_after_forward=reshard_after_forward, param_scale=param_scale,
+                     n_layers=int(getattr(model, "n_layers", 0)),
+                     d_model=int(getattr(model, "d_model", 0)), seq_len=seq_len)
+
+
+def comm_model_from_run(run_dir: str | Path) -> CommModel:
+    """The base run's :class:`CommModel`: its backend and tp (sweep.json, summary.json)
+    and its model rebuilt from its config.yaml (the trainer's resolved config)."""
+    import yaml
+
+    from scalelab.analysis.runs import load_run
+    from scalelab.models import build_model
+
+    run_dir = Path(run_dir)
+    row = load_run(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    data, dist = cfg.get("data") or {}, cfg.get("dist") or {}
+    model_cfg = cfg.get("model") or {}
+    tokens = data.get("source") == "tokens"
+    shape = (int(data.get("seq_len", 64)),) if tokens else tuple(data.get("image_shape")
+                                                                  or (3, 32, 32))
+    classes = int(data.get("vocab_size", 256) if tokens else data.get("num_classes") or 10)
+    model = build_model(model_cfg.get("name", "cnn"), classes, shape,
+                        **(model_cfg.get("options") or {}))
+    fsdp = dist.get("fsdp") or {}
+    return comm_model(model, str(row["backend"]), int(row["tp"]),
+                      seq_len=shape[0] if tokens else 0,
+                      accum_steps=int((cfg.get("optim") or {}).get("grad_accum_steps", 1)),
+                      reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)))
+
+
+def predict(base: Base, fit: RingFit, ranks: Iterable[int],
+            comm: CommModel | None = None) -> pd.DataFrame:
+    """Predicted step time, throughput and efficiency at each rank count.
+
+    ``comm``: the collectives of the base run's backend (default: ddp's one allreduce
+    of ``base.grad_bytes``); the per-op times are columns, ``comm_s`` their sum.
+    """
     base.check()
-    n = np.array(sorted(set(int(r) for r in ranks) | {base.ranks}), dtype=float)
+    comm = comm or CommModel("ddp", base.grad_bytes)
+    # with tensor parallelism only multiples of tp exist
+    n = np.array(sorted({int(r) for r in ranks if int(r) % comm.tp == 0} | {base.ranks}),
+                 dtype=float)
     scale = np.ones_like(n) if base.mode == "weak" else base.ranks / n
     batch = base.global_batch * (n / base.ranks if base.mode == "weak" else np.ones_like(n))
-    comm = ring_allreduce_time(n, base.grad_bytes, fit.alpha_s, fit.beta_Bps)
-    step = (base.data_s + base.compute_s) * scale + (1.0 - base.overlap) * comm
+    per_op = {op: np.zeros_like(n) for op in ("allreduce", "all_gather", "reduce_scatter")}
+    for i, (ranks_i, batch_i) in enumerate(zip(n, batch, strict=True)):
+        dp = max(int(ranks_i) // comm.tp, 1)
+        for c in comm.collectives(int(ranks_i), batch_i / dp):
+            per_op[c.op][i] += c.seconds(fit.alpha_s, fit.beta_Bps)
+    total = sum(per_op.values())
+    step = (base.data_s + base.compute_s) * scale + (1.0 - base.overlap) * total
     throughput = batch / step
     x0 = throughput[n == base.ranks][0]
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "ranks": n, "global_batch": batch, "compute_s": base.compute_s * scale,
-        "data_s": base.data_s * scale, "allreduce_s": comm,
-        "exposed_comm_s": (1.0 - base.overlap) * comm, "step_time_s": step,
+        "data_s": base.data_s * scale, "allreduce_s": per_op["allreduce"],
+        "all_gather_s": per_op["all_gather"], "reduce_scatter_s": per_op["reduce_scatter"],
+        "comm_s": total, "exposed_comm_s": (1.0 - base.overlap) * total, "step_time_s": step,
         "throughput": throughput, "speedup": throughput / x0,
         "efficiency": throughput / (x0 * n / base.ranks),
     })
+    last = int(n[-1])
+    out.attrs["comm"] = comm.describe(last, float(batch[-1]) / max(last // comm.tp, 1))
+    out.attrs["backend"] = comm.backend
+    return out
 
 
 def compare(pred: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:

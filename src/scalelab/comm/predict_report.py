@@ -27,7 +27,8 @@ DPI = 100
 PRED_COLUMNS = [
     ("ranks", "ranks", "g"), ("global_batch", "global batch", "g"),
     ("compute_s", "compute ms", "num_ms"), ("data_s", "data ms", "num_ms"),
-    ("allreduce_s", "allreduce ms", "num_ms"), ("step_time_s", "step ms", "num_ms"),
+    ("allreduce_s", "allreduce ms", "num_ms"), ("all_gather_s", "all-gather ms", "num_ms"),
+    ("reduce_scatter_s", "reduce-scatter ms", "num_ms"), ("step_time_s", "step ms", "num_ms"),
     ("throughput", "samples/s", "num"), ("speedup", "speedup", ".2f"),
     ("efficiency", "efficiency", ".1%"),
 ]
@@ -51,9 +52,13 @@ def _table(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) -> str:
 
 
 def markdown(pred: pd.DataFrame, errors: pd.DataFrame, base: Base, fit: RingFit) -> str:
+    backend = pred.attrs.get("backend", "ddp")
     lines = [
-        "# Scaling prediction (ring-allreduce model)", "",
+        f"# Scaling prediction ({backend}: ring model of its collectives)", "",
         "Model: `" + MODEL + "`", "",
+        *([f"Collectives: {pred.attrs['comm']}; all-gather and reduce-scatter cost "
+           "(n-1) alpha + (n-1)/n S/beta, S the unsharded buffer.", ""]
+          if "comm" in pred.attrs else []),
         f"Fitted on {fit.points} allreduce sizes at world size(s) "
         f"{', '.join(map(str, fit.world_sizes))}: alpha = {fit.alpha_s * 1e6:.3f} us "
         f"(+- {fit.alpha_stderr_s * 1e6:.2g}), beta = {fit.beta_Bps / 1e9:.4f} GB/s "
@@ -94,8 +99,8 @@ def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path
     ax1.set_ylabel("samples/s")
     ax2.set_ylabel("efficiency vs predicted base")
     ax2.set_ylim(0, 1.1)
-    fig.suptitle(f"Predicted {base.mode} scaling (ring allreduce, "
-                 f"{base.grad_bytes / 2**20:.1f} MiB gradients)")
+    fig.suptitle(f"Predicted {base.mode} scaling of {pred.attrs.get('backend', 'ddp')} "
+                 f"(ring model, {base.grad_bytes / 2**20:.1f} MiB gradients)")
     fig.tight_layout()
     save(fig, directory, "prediction")
 
@@ -120,7 +125,8 @@ def write(out: str | Path, pred: pd.DataFrame, errors: pd.DataFrame, measured: p
         errors.to_csv(tmp / "errors.csv", index=False)
         (tmp / "prediction.md").write_text(markdown(pred, errors, base, fit))
         doc = {
-            "model": MODEL, "fit": {k: _clean(v) for k, v in fit_dict(fit).items()},
+            "model": MODEL, "collectives": pred.attrs.get("comm"),
+            "fit": {k: _clean(v) for k, v in fit_dict(fit).items()},
             "base": asdict(base), "commbench": str(args.commbench),
             "prediction": json.loads(pred.to_json(orient="records")),
             "errors": json.loads(errors.to_json(orient="records")),
