@@ -62,8 +62,9 @@ def wait_gone(cluster, needle: str, timeout: float = 30) -> list[str]:
 def data(cluster) -> Path:
     out = cluster.shared_dir / "faults-data"
     if not (out / "index.json").exists():
-        run([PY, "-m", "scalelab", "stage", "--source", "synthetic", "--num-samples", "3200",
-             "--image-size", "32", "32", "--num-classes", "4", "--seed", "4", "--quiet",
+        run([PY, "-m", "scalelab", "data", "stage", "--source", "synthetic",
+             "--num-samples", "3200", "--image-size", "32", "32", "--num-classes", "4",
+             "--seed", "4", "--quiet",
              "--out", str(out)], timeout=300)
     return out
 

@@ -17,14 +17,14 @@ PY = str(VENV_BIN / "python")
 def staged(cluster) -> Path:
     data = cluster.shared_dir / "digits"
     if not (data / "index.json").exists():
-        run([PY, "-m", "scalelab", "stage", "--source", "digits", "--out", str(data),
+        run([PY, "-m", "scalelab", "data", "stage", "--source", "digits", "--out", str(data),
              "--shards", "3", "--quiet"])
     return data
 
 
 def test_node_local_staging_copies_once_per_node_and_verifies(cluster, staged):
     # Two ranks per node ask at once: one copy per node, the same path everywhere.
-    proc = cluster.srun(["-N2", "--ntasks-per-node=2", PY, "-m", "scalelab", "stage", "localize",
+    proc = cluster.srun(["-N2", "--ntasks-per-node=2", PY, "-m", "scalelab", "data", "localize",
                          str(staged), "--scratch", "/tmp", "--reserve", "1MiB", "--quiet"])
     paths = set(proc.stdout.split())
     assert len(paths) == 1, proc.stdout
@@ -37,7 +37,7 @@ def test_node_local_staging_copies_once_per_node_and_verifies(cluster, staged):
                             '-maxdepth 1 -type d | wc -l)"']).stdout
     lines = listing.split("\n")[:-1]
     assert two_nodes(x.split()[0] for x in lines) and all(x.endswith(" 1") for x in lines)
-    verify = cluster.srun(["-N2", "--ntasks-per-node=1", PY, "-m", "scalelab", "stage",
+    verify = cluster.srun(["-N2", "--ntasks-per-node=1", PY, "-m", "scalelab", "data",
                            "verify", local, "--quiet"])
     assert verify.stdout.count("OK") == 2, verify.stdout + verify.stderr
 

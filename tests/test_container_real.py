@@ -115,7 +115,7 @@ def test_modified_image_with_same_size_and_mtime_is_refused_before_any_job(cpu_i
 def staged(cluster) -> Path:
     data = cluster.shared_dir / "container-synthetic"
     if not (data / "index.json").exists():
-        run([PY, "-m", "scalelab", "stage", "--source", "synthetic", "--num-samples", "400",
+        run([PY, "-m", "scalelab", "data", "stage", "--source", "synthetic", "--num-samples", "400",
              "--num-classes", "4", "--image-size", "8", "8", "--shards", "2", "--out",
              str(data), "--quiet"])
     return data

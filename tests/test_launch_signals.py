@@ -2,7 +2,7 @@
 protocol (checkpoint, exit), launch returns 75, no process outlives it, and the rerun
 resumes to the same final weights as an uninterrupted run (issue 11).
 
-Real processes throughout: `scalelab stage`, then `scalelab launch` starting
+Real processes throughout: `scalelab data stage`, then `scalelab launch` starting
 `mpirun -n 2` or torchrun with 2 ranks, signalled from outside like Slurm would.
 """
 
@@ -36,7 +36,7 @@ RUN_CFG = deep_update(TINY, {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sig") / "data"
-    ok(run([*SCALELAB, "stage", "--source", "synthetic", "--num-samples", "3200",
+    ok(run([*SCALELAB, "data", "stage", "--source", "synthetic", "--num-samples", "3200",
             "--image-size", "32", "32", "--num-classes", "4", "--seed", "2", "--quiet",
             "--out", str(out)], timeout=300))
     return out

@@ -154,11 +154,11 @@ def test_scratch_from_argument_then_environment(monkeypatch, tmp_path):
 
 def test_cli_prints_only_the_path(shared, tmp_path, monkeypatch):
     monkeypatch.setenv("SCALELAB_SCRATCH", str(tmp_path / "env-scratch"))
-    rc, out, err = run_cli("stage", "localize", shared, "--reserve", "0", "--quiet")
+    rc, out, err = run_cli("data", "localize", shared, "--reserve", "0", "--quiet")
     assert rc == 0, err
     assert out == f"{local_target(shared, tmp_path / 'env-scratch')[0]}\n"
-    rc, out, err = run_cli("stage", "localize", shared, "--scratch", tmp_path / "s",
+    rc, out, err = run_cli("data", "localize", shared, "--scratch", tmp_path / "s",
                            "--reserve", "1000TiB", "--quiet")
     assert rc == 0 and out == f"{shared}\n"
-    rc, out, err = run_cli("stage", "localize", shared, "--reserve", "lots")
+    rc, out, err = run_cli("data", "localize", shared, "--reserve", "lots")
     assert rc == 2 and "--reserve lots" in err and out == ""

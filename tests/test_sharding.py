@@ -193,17 +193,16 @@ def test_fsdp_and_tp_are_valid_config() -> None:
 # ----------------------------------------------------------------------------- resharding
 
 def _resume_from(source: Path, step: int, target: Path) -> None:
-    """A run directory (marker included) holding only ``source``'s checkpoint at ``step``
-    and its sha256: the state of a run stopped right after that checkpoint."""
+    """A run directory (marker included) holding only ``source``'s distributed checkpoint
+    at ``step``: the state of a run stopped right after that checkpoint."""
     import shutil
 
     from scalelab.fsio import MARKER
 
     (target / "checkpoints").mkdir(parents=True)
     shutil.copy2(source / MARKER, target / MARKER)
-    for suffix in (".pt", ".pt.sha256"):
-        name = f"ckpt-{step:09d}{suffix}"
-        shutil.copy2(source / "checkpoints" / name, target / "checkpoints" / name)
+    name = f"ckpt-{step:09d}.dcp"
+    shutil.copytree(source / "checkpoints" / name, target / "checkpoints" / name)
 
 
 @pytest.mark.parametrize("before, after", [
@@ -211,8 +210,9 @@ def _resume_from(source: Path, step: int, target: Path) -> None:
     ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=fsdp"])),
 ], ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2"])
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before, after) -> None:
-    """Checkpoints hold the gathered (unsharded) state: a run stopped after epoch 1 at one
-    world size continues at another and ends where the uninterrupted run ends."""
+    """A distributed checkpoint (each rank wrote its shards) of a run stopped after epoch 1
+    at one world size continues at another with --reshard, and ends where the
+    uninterrupted run ends; without --reshard the resume is refused, writing nothing."""
     cfg = json.loads(json.dumps(GPT_TINY))
     cfg["train"]["epochs"] = 2
     config = write_config(tmp_path / "gpt.yaml", cfg)
@@ -224,9 +224,22 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before
                        *extra], timeout=300))
 
     train(before[0], before[1], tmp_path / "whole")
+    dcp_dir = tmp_path / "whole" / "checkpoints" / "ckpt-000000008.dcp"
+    shards = sorted(p.name for p in dcp_dir.glob("*.distcp"))
+    assert len(shards) == before[0], shards  # every rank wrote its own shards
+    assert {".metadata", "meta.pt", "SHA256SUMS"} <= {p.name for p in dcp_dir.iterdir()}
     _resume_from(tmp_path / "whole", 8, tmp_path / "resumed")
-    proc = train(after[0], after[1], tmp_path / "resumed", "--resume")
-    assert "resumed from ckpt-000000008.pt at epoch 2" in proc.stdout
+    launcher = [PY] if after[0] == 1 else torchrun(after[0])
+    refused = run([*launcher, *TRAIN, "--config", str(config), "--out",
+                   str(tmp_path / "resumed"), *[a for s in after[1] for a in ("--set", s)],
+                   "--resume"], timeout=300)
+    # exit 2 from the trainer; torchrun reports any failed worker as its own exit 1
+    assert refused.returncode == (2 if after[0] == 1 else 1), refused.stderr[-2000:]
+    lines = [x for x in refused.stderr.splitlines() if x.startswith("scalelab train: error")]
+    assert len(lines) == 1 and "--reshard" in lines[0] and f"by {before[0]} ranks" in lines[0]
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    proc = train(after[0], after[1], tmp_path / "resumed", "--resume", "--reshard")
+    assert "resumed from ckpt-000000008.dcp at epoch 2" in proc.stdout
     s = summary(tmp_path / "resumed")
     assert (s["resumes"], s["global_steps"], s["world_size"]) == (1, 16, after[0])
     # reduction order differs between the layouts: equal to float32 round-off, not bitwise

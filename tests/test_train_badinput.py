@@ -58,8 +58,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, overrides: list[str], fiel
 
 def test_missing_split_in_staged_data(tmp_path: Path) -> None:
     data = tmp_path / "staged"
-    rc, _, err = cli("stage", "--source", "synthetic", "--num-samples", "120", "--num-classes",
-                     "3", "--image-size", "8", "8", "--out", data, "--quiet")
+    rc, _, err = cli("data", "stage", "--source", "synthetic", "--num-samples", "120",
+                     "--num-classes", "3", "--image-size", "8", "8", "--out", data, "--quiet")
     assert rc == 0, err
     config = write_config(tmp_path / "run.yaml", deep_update(TINY, {
         "data": {"source": "staged", "path": str(data), "val_split": "validation"}}))

@@ -106,3 +106,62 @@ def test_metrics_writer_and_throughput(tmp_path: Path) -> None:
     assert throughput(epochs[:1]) == pytest.approx(10.0)
     atomic_write_json(tmp_path / "s.json", {"a": 1})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}
+
+
+def _sharded(tmp_path: Path, step: int) -> tuple[Path, torch.nn.Module]:
+    """A real distributed checkpoint (torch.distributed.checkpoint, one process) of a small
+    model and its SGD momentum, written through save_sharded."""
+    torch.manual_seed(step)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    meta = {k: v for k, v in _state(step).items() if k not in ("model", "optimizer")}
+    path = ckpt.path_for(tmp_path, step, sharded=True)
+    barriers = []
+    ckpt.save_sharded(path, model, opt, meta, rank=0, barrier=lambda: barriers.append(1))
+    assert len(barriers) == 2  # before the shards are written, after the rename
+    return path, model
+
+
+def test_sharded_checkpoint_atomic_checksummed_and_loads(tmp_path: Path, capsys) -> None:
+    ckpt.save(ckpt.path_for(tmp_path, 5), _state(5))
+    path, model = _sharded(tmp_path, 10)
+    assert path.name == "ckpt-000000010.dcp" and path.is_dir()
+    names = {p.name for p in path.iterdir()}
+    assert {".metadata", "meta.pt", "SHA256SUMS"} <= names and any(
+        n.endswith(".distcp") for n in names)
+    assert not list(tmp_path.glob(".*"))  # the hidden .partial directory was renamed away
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt-000000010.dcp", "ckpt-000000005.pt"]
+
+    state = ckpt.load(path)  # verifies every file, returns the non-tensor state
+    assert state["global_step"] == 10 and state["model"] == path
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    ckpt.load_sharded(path, fresh, fresh_opt)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all("momentum_buffer" in s for s in fresh_opt.state.values())
+
+    # a flipped byte in a shard: refused by name; the resume falls back to the older one
+    shard = next(path.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"sha256 mismatch in {shard.name}"):
+        ckpt.load(path)
+    found, _ = ckpt.find_latest(tmp_path)
+    assert found.name == "ckpt-000000005.pt"
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+    # no checksum file (the writer died before finishing) or a stray file: refused
+    path2, _ = _sharded(tmp_path, 15)
+    (path2 / "stray.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unlisted"):
+        ckpt.load(path2)
+    (path2 / "SHA256SUMS").unlink()
+    with pytest.raises(ValueError, match="no readable SHA256SUMS"):
+        ckpt.load(path2)
+    ckpt.prune(tmp_path, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000015.dcp"]

@@ -116,7 +116,7 @@ def test_default_task_learnable_but_not_trivial(tmp_path: Path) -> None:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     d = cfg["data"]
     scalelab = str(VENV_BIN / "scalelab")
-    run([scalelab, "stage", "--source", d["source"], "--seed", str(d["seed"]),
+    run([scalelab, "data", "stage", "--source", d["source"], "--seed", str(d["seed"]),
          "--split", ",".join(map(str, d["split"])), "--shards", str(d["shards"]),
          "--image-size", str(d["image_size"]), str(d["image_size"]),
          "--num-samples", str(d["num_samples"]), "--num-classes", str(d["num_classes"]),

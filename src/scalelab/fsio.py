@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -50,6 +51,12 @@ def umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (streamed by hashlib.file_digest)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

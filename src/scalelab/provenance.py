@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalelab.fsio import sha256_file
+
 FILE = "provenance.json"
 FORMAT = "scalelab-provenance"
 VERSION = 1
@@ -73,14 +75,6 @@ def canonical(obj: Any) -> bytes:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def allowed_env(environ: dict[str, str] | None = None) -> dict[str, str]:

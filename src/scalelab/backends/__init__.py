@@ -54,6 +54,9 @@ class Backend:
     def watchdog_limit_s(self) -> float:
         """Seconds without progress after which the watchdog ends this rank."""
         return self.cfg.timeout_s + self.watchdog_grace_s
+    #: Whether each rank holds only a shard of the state: checkpoints are then written by
+    #: every rank (torch.distributed.checkpoint), not gathered to rank 0.
+    shards_state = False
     #: Parameter/gradient/optimizer-state bytes of this rank, measured at the first step.
     state_bytes: dict[str, int] | None = None
 

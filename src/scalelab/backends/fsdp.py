@@ -134,6 +134,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 class _MeshBackend(DDPBackend):
     """Joins like ddp, then lays the world out as a (dp, tp) DeviceMesh."""
 
+    shards_state = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tp = self.cfg.tp

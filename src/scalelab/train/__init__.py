@@ -15,7 +15,7 @@ __all__ = ["EXIT_PREEMPTED", "Preempted", "RunConfig", "load", "run"]
 
 
 def run(config: RunConfig | dict | str | Path, out_dir: str | Path, *, resume: bool = False,
-        overrides: list[str] | None = None) -> dict[str, Any]:
+        overrides: list[str] | None = None, reshard: bool = False) -> dict[str, Any]:
     """Train (every rank of the job calls this) and return the summary dict.
 
     ``config``: a RunConfig, a nested dict or a YAML path; ``overrides``:
@@ -24,4 +24,4 @@ def run(config: RunConfig | dict | str | Path, out_dir: str | Path, *, resume: b
     """
     from scalelab.train.loop import run as _run
 
-    return _run(config, out_dir, resume=resume, overrides=overrides)
+    return _run(config, out_dir, resume=resume, overrides=overrides, reshard=reshard)

@@ -8,7 +8,13 @@ rank, the partial epoch statistics, the epoch history and the config.
 
 Files are ``RUN_DIR/checkpoints/ckpt-<global step>.pt``, each with a
 ``.pt.sha256`` beside it (``sha256sum -c`` format) written after the checkpoint
-itself. :func:`load` verifies that checksum before reading a byte of the
+itself. Sharded runs (fsdp, tensor parallel) write distributed checkpoints
+instead (:func:`save_sharded`): a directory ``ckpt-<global step>.dcp`` in
+``torch.distributed.checkpoint``'s format, where every rank writes its own
+shards, plus ``meta.pt`` (everything but the tensors) and ``SHA256SUMS``; it
+appears under its name only once complete (written as a hidden temporary
+directory, checksummed, renamed), and DCP reshards it on load when the world
+size differs. :func:`load` verifies that checksum before reading a byte of the
 checkpoint, so a flipped bit in tensor data, which ``torch.load`` would accept
 silently, is caught like a truncated file. :func:`find_latest` returns the
 newest checkpoint that verifies and loads, skipping (with a warning) one that
@@ -17,27 +23,35 @@ does not, e.g. after a node died mid-write or a disk corrupted it.
 
 from __future__ import annotations
 
-import hashlib
+import os
 import random
 import re
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from scalelab.fsio import atomic_write, atomic_write_text
+from scalelab.fsio import atomic_write, atomic_write_text, fsync_dir, sha256_file
 
 FORMAT = 1
 REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch",
             "global_step", "rng", "config")
-_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_NAME = re.compile(r"^ckpt-(\d+)\.(pt|dcp)$")
+#: Inside a sharded checkpoint directory: the non-tensor state and the checksums.
+META, SUMS = "meta.pt", "SHA256SUMS"
 
 
-def path_for(directory: Path, global_step: int) -> Path:
-    """File name of the checkpoint taken after ``global_step`` optimizer steps."""
-    return directory / f"ckpt-{global_step:09d}.pt"
+def path_for(directory: Path, global_step: int, sharded: bool = False) -> Path:
+    """Path of the checkpoint taken after ``global_step`` optimizer steps."""
+    return directory / f"ckpt-{global_step:09d}.{'dcp' if sharded else 'pt'}"
+
+
+def is_sharded(path: Path) -> bool:
+    return path.suffix == ".dcp"
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -77,14 +91,9 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def write_checksum(path: Path) -> str:
     """Record ``path``'s sha256 beside it (atomically); return the digest."""
-    digest = _sha256(path)
+    digest = sha256_file(path)
     atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
     return digest
 
@@ -96,7 +105,7 @@ def verify(path: Path) -> str:
     except (OSError, IndexError):
         raise ValueError(f"no checksum file {checksum_path(path).name} (written after the "
                          "checkpoint: the writer died in between, or it was removed)") from None
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ValueError(f"sha256 mismatch (recorded {expected[:16]}..., file {actual[:16]}...):"
                          " the checkpoint is corrupt or was altered")
@@ -112,9 +121,17 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint (tensors to CPU; no arbitrary code: weights_only)."""
-    verify(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Verify and load a checkpoint (tensors to CPU; no arbitrary code: weights_only).
+
+    Of a sharded checkpoint this returns the non-tensor state; its ``model`` and
+    ``optimizer`` entries name the directory that :func:`load_sharded` reads."""
+    if is_sharded(path):
+        verify_dir(path)
+        state = torch.load(path / META, map_location="cpu", weights_only=True)
+        state = {**state, "model": path, "optimizer": path} if isinstance(state, dict) else state
+    else:
+        verify(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError("not a checkpoint dict")
     missing = [k for k in REQUIRED if k not in state]
@@ -140,5 +157,75 @@ def find_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
 def prune(directory: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints."""
     for old in list_checkpoints(directory)[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            continue
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- sharded (DCP)
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 meta: dict[str, Any], rank: int, barrier: Callable[[], None]) -> None:
+    """Write a distributed checkpoint: every rank its own shards (a collective call).
+
+    Rank 0 prepares a hidden temporary directory, all ranks write into it with
+    ``torch.distributed.checkpoint.save``, then rank 0 adds ``meta.pt`` and the
+    sha256 of every file, and renames the directory into place. A job that dies
+    before the rename leaves only the hidden directory, which no resume reads.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path.with_name(f".{path.name}.partial")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if rank == 0:  # dcp.save returns on rank 0 after every rank's files are written
+        atomic_write(tmp / META, lambda fh: torch.save({"format": FORMAT, **meta}, fh))
+        _write_sums(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # a same-step leftover (a rerun of this step)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    barrier()
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read a distributed checkpoint into this rank's shards (resharded to this job's
+    layout by DCP's planner); every rank calls it. ``path`` was verified by :func:`load`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def _write_sums(directory: Path) -> None:
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+    lines = "".join(f"{sha256_file(directory / name)}  {name}\n" for name in files)
+    atomic_write_text(directory / SUMS, lines)
+
+
+def verify_dir(directory: Path) -> None:
+    """Raise ValueError unless every file of a sharded checkpoint matches SHA256SUMS
+    and none is missing or unlisted."""
+    try:
+        listed = dict(reversed(line.split("  ", 1)) for line in
+                      (directory / SUMS).read_text().splitlines() if line)
+    except (OSError, ValueError):
+        raise ValueError(f"no readable {SUMS} (the writer died before finishing, or it was "
+                         "removed)") from None
+    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS}
+    if present != set(listed):
+        raise ValueError(f"files differ from {SUMS}: missing {sorted(set(listed) - present)}, "
+                         f"unlisted {sorted(present - set(listed))}")
+    for name, expected in listed.items():
+        if sha256_file(directory / name) != expected:
+            raise ValueError(f"sha256 mismatch in {name}: the checkpoint is corrupt or altered")

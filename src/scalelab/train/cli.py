@@ -1,4 +1,4 @@
-"""``scalelab train --config RUN.yaml --out RUN_DIR [--resume] [--set key.path=value ...]``.
+"""``scalelab train --config RUN.yaml --out RUN_DIR [--resume [--reshard]] [--set KEY=VALUE]``.
 
 Exit codes: 0 completed (RUN_DIR/summary.json written), 2 bad input (one
 line naming the field; nothing written as if complete), 75 stopped by
@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in RUN_DIR "
                         "(fresh start if there is none)")
+    p.add_argument("--reshard", action="store_true",
+                   help="with --resume: accept a checkpoint written at another world size or "
+                        "tp (sharded checkpoints are resharded to this job's layout); without "
+                        "it such a resume is refused")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a config field (value parsed as YAML)")
     p.add_argument("--force", action="store_true",
@@ -57,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         from scalelab.train import run
 
         with run_dir_guard(args.out, force=args.force):
-            run(cfg, args.out, resume=args.resume)
+            run(cfg, args.out, resume=args.resume, reshard=args.reshard)
     except Preempted as exc:
         print(f"scalelab train: {exc}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED

@@ -71,7 +71,7 @@ class DataConfig(Section):
 
     source: Literal["synthetic", "memory-npz", "staged", "tokens"] = "synthetic"
     """synthetic: seeded on-the-fly images; memory-npz: one .npz loaded into memory;
-    staged: sharded data written by ``scalelab stage``; tokens: seeded learnable token
+    staged: sharded data written by ``scalelab data stage``; tokens: seeded learnable token
     sequences for language models (model gpt)."""
     path: str | None = None
     """The .npz file (memory-npz) or staged data directory (staged); unused for synthetic."""

@@ -50,27 +50,31 @@ from scalelab.train.watchdog import Watchdog
 
 
 def run(config: RunConfig | dict | str | Path, out_dir: str | Path, *,
-        resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+        resume: bool = False, overrides: list[str] | None = None,
+        reshard: bool = False) -> dict[str, Any]:
     """Train as configured, writing RUN_DIR = ``out_dir``; return the summary dict.
 
-    ``config`` is a RunConfig, a nested dict or a YAML path. Raises UsageError
-    for bad input (nothing written), Preempted after a stop signal (checkpoint
-    written). Every rank of the job calls this.
+    ``config`` is a RunConfig, a nested dict or a YAML path. ``reshard`` lets a
+    resume continue from a checkpoint written at another world size or tp. Raises
+    UsageError for bad input (nothing written), Preempted after a stop signal
+    (checkpoint written). Every rank of the job calls this.
     """
+    if reshard and not resume:
+        raise UsageError("--reshard: only with --resume (it lets a resume change the layout)")
     stop = StopRequest().install()  # early: a signal during start-up must not kill us
     try:
-        return _run(config, Path(out_dir), resume, overrides or [], stop)
+        return _run(config, Path(out_dir), (resume, reshard), overrides or [], stop)
     finally:
         stop.restore()
 
 
-def _run(config: RunConfig | dict | str | Path, out: Path, resume: bool, overrides: list[str],
-         stop: StopRequest) -> dict[str, Any]:
+def _run(config: RunConfig | dict | str | Path, out: Path, resume: tuple[bool, bool],
+         overrides: list[str], stop: StopRequest) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
     backend_name = choose_backend(cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name)
     plan = resolve_batch(cfg, Parallelism(layout.world_size, cfg.dist.tp))
-    done = check_run_dir(out, resume)
+    done = check_run_dir(out, resume[0])
     if done is not None:
         if layout.is_main:
             print(f"scalelab train: {out} already holds a completed run; nothing to do")
@@ -284,26 +288,34 @@ class Trainer:
 
     # ------------------------------------------------------------------- checkpoints
 
-    def checkpoint(self) -> dict[str, Any]:
-        """The checkpoint as one dict (all ranks call it: sharded states are gathered)."""
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Everything in a checkpoint but the weights and optimizer state (a collective:
+        it gathers every rank's RNG states)."""
         job = self.job
         rngs = job.backend.gather_object(ckpt.rng_state())
-        model_state, optim_state = job.backend.full_state(job.raw_model, job.optimizer)
-        return {"model": model_state, "optimizer": optim_state,
-                "scheduler": job.scheduler.state_dict(), **self.state.state_dict(),
+        return {"scheduler": job.scheduler.state_dict(), **self.state.state_dict(),
                 "rng": rngs, "config": job.cfg.to_dict(), "world_size": job.layout.world_size,
                 "backend": job.backend.name, "global_batch": job.plan.global_batch,
                 "steps_per_epoch": job.steps_per_epoch}
 
     def save_checkpoint(self) -> Path:
-        """All ranks call this; rank 0 writes (atomically, with its sha256)."""
+        """All ranks call this. Sharded backends write a distributed checkpoint (each rank
+        its shards); the others one file from rank 0, gathered. Atomic, checksummed."""
+        job = self.job
         self.watchdog.beat()
-        path = ckpt.path_for(self.ckpt_dir, self.state.global_step)
-        state = self.checkpoint()
-        if self.job.main:
-            ckpt.save(path, state)
-            ckpt.prune(self.ckpt_dir, self.job.cfg.checkpoint.keep)
-        self.job.backend.barrier()
+        sharded = job.backend.shards_state
+        path = ckpt.path_for(self.ckpt_dir, self.state.global_step, sharded)
+        meta = self.checkpoint_meta()
+        if sharded:
+            ckpt.save_sharded(path, job.raw_model, job.optimizer, meta, job.layout.rank,
+                              job.backend.barrier)
+        else:
+            model_state, optim_state = job.backend.full_state(job.raw_model, job.optimizer)
+            if job.main:
+                ckpt.save(path, {"model": model_state, "optimizer": optim_state, **meta})
+        if job.main:
+            ckpt.prune(self.ckpt_dir, job.cfg.checkpoint.keep)
+        job.backend.barrier()
         self.watchdog.beat()
         return path
 
@@ -319,8 +331,11 @@ class Trainer:
         saved = found[1] if found else ckpt.load(self.ckpt_dir / name)
         self._check_position(name, saved)
         try:
-            job.backend.load_full_state(job.raw_model, job.optimizer, saved["model"],
-                                        saved["optimizer"])
+            if ckpt.is_sharded(Path(name)):
+                ckpt.load_sharded(self.ckpt_dir / name, job.raw_model, job.optimizer)
+            else:
+                job.backend.load_full_state(job.raw_model, job.optimizer, saved["model"],
+                                            saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"--resume: checkpoint {name} does not fit this model/"
                              f"optimizer: {str(exc).splitlines()[0]}") from None
@@ -337,8 +352,17 @@ class Trainer:
                            "global_step": self.state.global_step})
 
     def _check_position(self, name: str, saved: dict[str, Any]) -> None:
-        """The position in an epoch carries over only with the same batches per epoch."""
+        """The position in an epoch carries over only with the same batches per epoch; the
+        layout (world size, tp) changes only when asked (a different layout is a different
+        sweep point, so it must not happen by accident)."""
         job = self.job
+        was = (saved.get("world_size"), saved["config"].get("dist", {}).get("tp", 1))
+        now = (job.layout.world_size, job.cfg.dist.tp)
+        if was != now and not job.reshard:
+            raise UsageError(
+                f"--resume: checkpoint {name} was written by {was[0]} ranks (tp {was[1]}), "
+                f"this job has {now[0]} (tp {now[1]}); pass --reshard to continue the run at "
+                "the new layout")
         have = (saved.get("global_batch"), saved.get("steps_per_epoch"))
         if have != (job.plan.global_batch, job.steps_per_epoch):
             raise UsageError(
