@@ -5,55 +5,101 @@ Output directory layout (every file always present, whatever the input)::
     runs.csv, runs.parquet         tidy per-run table (scalelab.analysis.runs.COLUMNS)
     scaling.csv, scaling.parquet   per configuration: repeats aggregated + scaling metrics
     fits.csv                       per group: Amdahl/Gustafson parallel fraction, sweet spot
-    scaling.md                     Markdown tables for humans and the Snakemake report
-    analysis.json                  fits and sweet spots, machine-readable (not summary.json:
-                                   that name marks a run directory)
-    plots/{throughput,efficiency,breakdown,fits,backends}.{png,svg}
+    scaling.md                     Markdown tables for humans (flags beside the figures), the
+                                   memory per rank and what sharding bought (vs ddp)
+    scaling.html                   the same tables as one self-contained HTML page: the
+                                   Snakemake report's view of the results
+    analysis.json                  fits, sweet spots and memory_vs_ddp, machine-readable (not
+                                   summary.json: that name marks a run directory)
+    plots/{throughput,efficiency,breakdown,fits,backends,memory}.{png,svg}
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from scalelab.analysis import plots
+from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND
 from scalelab.fsio import atomic_dir
+
+#: Characters with a meaning inside a Markdown table cell (links and images need '[').
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md_escape(text: str) -> str:
+    """Text safe inside Markdown (and the HTML it becomes): every Markdown control
+    character backslash-escaped, then &, < and > as entities, so a label renders as
+    written and can neither break a table nor open a tag."""
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", str(text)), quote=False)
 
 
 def _fmt(value: Any, spec: str) -> str:
+    """One cell as plain text (no markup): '-' for missing, 'yes' for True."""
     if isinstance(value, float) and math.isnan(value):
         return "-"
-    if isinstance(value, bool):
-        return "**yes**" if value else ""
-    if isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else ""
+    if isinstance(value, (int, float, np.integer, np.floating)):
         if spec == "num":
             return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
         return format(value, spec)
     return str(value)
 
 
+def _cell(row: pd.Series, column: str, spec: str) -> str:
+    """The text of one cell; the spread says 'n/a' where only one repeat ran."""
+    if column == "throughput_spread" and row.get("repeats", 2) < 2:
+        return "n/a (1 repeat)"
+    if column == "efficiency" and row.get("flags"):
+        return f"{_fmt(row[column], spec)} ({row['flags']})"
+    return _fmt(row[column], spec)
+
+
 def markdown_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
-    """A GitHub Markdown table of ``(column, header, format spec)`` triples."""
+    """A GitHub Markdown table of ``(column, header, format spec)`` triples; every cell
+    escaped, so a label can neither break the table nor inject HTML."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
              "|" + "|".join("---:" if s else "---" for _, _, s in columns) + "|"]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], s) for c, _, s in columns) + " |")
+        lines.append("| " + " | ".join(md_escape(_cell(row, c, s)) for c, _, s in columns)
+                     + " |")
     return "\n".join(lines)
+
+
+def html_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
+    """The same table as HTML (every cell escaped); flagged efficiencies get a class."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
+    rows = []
+    for _, row in frame.iterrows():
+        cells = []
+        for col, _, spec in columns:
+            text = html.escape(_cell(row, col, spec))
+            anomaly = col == "efficiency" and bool(row.get("flag_superlinear", False))
+            cls = ' class="anomaly"' if anomaly else (' class="num"' if spec else "")
+            cells.append(f"<td{cls}>{'&#9888; ' if anomaly else ''}{text}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + "\n</tbody>\n</table>")
 
 
 SCALING_COLUMNS = [
     ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""),
-    ("nodes", "nodes", "g"), ("ranks", "ranks", "g"), ("gpus", "GPUs", "g"),
+    ("tp", "tp", "g"), ("nodes", "nodes", "g"), ("ranks", "ranks", "g"), ("gpus", "GPUs", "g"),
     ("repeats", "repeats", "d"), ("global_batch", "global batch", "g"),
     ("throughput", "throughput (median)", "num"), ("throughput_min", "min", "num"),
     ("throughput_max", "max", "num"), ("throughput_spread", "spread", ".1%"),
     ("epoch_time_s", "epoch time s", "num"), ("speedup", "speedup", ".3f"),
-    ("efficiency", "efficiency", ".1%"), ("karp_flatt", "Karp-Flatt", ".4f"),
+    ("efficiency", "efficiency (flags)", ".1%"), ("efficiency_spread", "+- spread", ".1%"),
+    ("karp_flatt", "Karp-Flatt", ".4f"),
     ("marginal_gain_per_doubling", "gain/doubling", ".1%"),
     ("cost_per_epoch_h", "cost/epoch", ".3g"), ("cost_unit", "cost unit", ""),
     ("time_to_target_s", "time to target s", "num"), ("final_accuracy", "final acc", ".3f"),
@@ -61,7 +107,7 @@ SCALING_COLUMNS = [
 ]
 
 FIT_COLUMNS = [
-    ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""),
+    ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
     ("configurations", "configs", "d"),
     ("amdahl_parallel_fraction", "Amdahl f", ".5f"),
     ("amdahl_parallel_fraction_stderr", "+-", ".2g"),
@@ -74,23 +120,107 @@ FIT_COLUMNS = [
 ]
 
 
+MIB = 2.0 ** 20
+
+MEMORY_COLUMNS = [
+    ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
+    ("ranks", "ranks", "g"), ("param_mib", "params MiB/rank", ".4g"),
+    ("grad_mib", "grads MiB/rank", ".4g"), ("optim_mib", "optimizer MiB/rank", ".4g"),
+    ("state_mib", "total MiB/rank", ".4g"), ("cuda_mib", "CUDA peak MiB", ".4g"),
+    ("memory_vs_ddp", "params+optimizer vs ddp", ".2f"),
+]
+
+
+def memory_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows with measured per-rank state bytes, in MiB (rank 0's local tensors)."""
+    rows = table[table["state_bytes_per_rank"].notna()].sort_values(
+        ["source", "mode", "ranks", "backend", "tp"])
+    return rows.assign(param_mib=rows["param_bytes_per_rank"] / MIB,
+                       grad_mib=rows["grad_bytes_per_rank"] / MIB,
+                       optim_mib=rows["optim_state_bytes_per_rank"] / MIB,
+                       state_mib=rows["state_bytes_per_rank"] / MIB,
+                       cuda_mib=rows["cuda_max_allocated_bytes"] / MIB)
+
+
+def memory_comparisons(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Every measured point against DDP at the same ranks (``memory_vs_ddp``), >1 rank."""
+    rows = table[table["memory_vs_ddp"].notna() & (table["ranks"] > 1)
+                 & ~((table["backend"] == "ddp") & (table["tp"] == 1))]
+    rows = rows.sort_values(["source", "mode", "ranks", "backend", "tp"])
+    return [{"source": r.source, "backend": r.backend, "mode": r.mode, "tp": float(r.tp),
+             "ranks": float(r.ranks), "param_optim_bytes_per_rank": float(
+                 r.param_optim_bytes_per_rank),
+             "ddp_param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank
+                                                     / r.memory_vs_ddp),
+             "ratio": float(r.memory_vs_ddp)} for r in rows.itertuples()]
+
+
+def _layout(c: dict[str, Any]) -> str:
+    return c["backend"] + (f" tp={c['tp']:g}" if c["tp"] != 1 else "")
+
+
+def sharding_sentence(table: pd.DataFrame) -> str:
+    """What sharding bought, in one sentence computed from the measured bytes."""
+    found = memory_comparisons(table)
+    if not found:
+        return ("What sharding bought: nothing to compare (no run with measured per-rank "
+                "state bytes beside a ddp run at the same ranks).")
+    found.sort(key=lambda c: (c["backend"] != "fsdp", c["tp"], c["ranks"]))
+    parts = [f"{_layout(c)} at {c['ranks']:g} ranks {c['ratio']:.2f}x "
+             f"({c['param_optim_bytes_per_rank'] / MIB:.3g} vs "
+             f"{c['ddp_param_optim_bytes_per_rank'] / MIB:.3g} MiB)" for c in found]
+    parts[0] = parts[0].replace(" ranks ", " ranks holds ", 1).replace(
+        "x (", "x of ddp's parameter + optimizer-state bytes per rank (", 1)
+    return ("What sharding bought: " + "; ".join(parts)
+            + " (rank 0's measured local tensors, against ddp at the same ranks).")
+
+
+def flag_summary(table: pd.DataFrame) -> list[str]:
+    """One line per flag that occurs: how many rows carry it, and what it means."""
+    lines = []
+    for code, meaning in FLAG_LEGEND.items():
+        n = int(sum(code in f.split("; ") for f in table["flags"]))
+        if n:
+            lines.append(f"{code} ({n} of {len(table)} rows): {meaning}")
+    return lines
+
+
+def _intro(table: pd.DataFrame, threshold: float) -> str:
+    units = ", ".join(sorted(set(table["throughput_unit"])))
+    return (
+        f"Throughput in {units}; speedup and efficiency relative to the smallest configuration "
+        "of each source/backend/mode (efficiency = X_N / (p X_0), p = N / N_0, N = GPUs or "
+        f"ranks on CPU). Sweet spot: largest scale with efficiency >= {threshold:g}. Spread: "
+        "(max - min) / median over the repeats; the efficiency's spread r adds the point's and "
+        f"the baseline's in quadrature. Flags (K = {FLAG_K:g}): efficiency > 1 + K r is "
+        "'superlinear'. Definitions and sources: docs/analysis.md."
+    )
+
+
 def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
              inputs: Sequence[str]) -> str:
-    """The human-readable report."""
-    units = ", ".join(sorted(set(table["throughput_unit"])))
+    """The human-readable report; every label and path escaped."""
+    flags = flag_summary(table)
     parts = [
         "# Scaling analysis",
         "",
-        "Inputs: " + ", ".join(f"`{i}`" for i in inputs),
+        "Inputs: " + ", ".join(md_escape(i) for i in inputs),
         "",
-        f"Throughput in {units}; speedup and efficiency relative to the smallest configuration "
-        "of each source/backend/mode (efficiency = X_N / (p X_0), p = N / N_0, N = GPUs or "
-        f"ranks on CPU). Sweet spot: largest scale with efficiency >= {threshold:g}. "
-        "Definitions and sources: docs/analysis.md.",
+        _intro(table, threshold),
         "",
         "## Configurations (repeats aggregated)",
         "",
         markdown_table(table, SCALING_COLUMNS),
+        "",
+        "Flags:" if flags else "Flags: none.",
+        "",
+        *[f"- {line}" for line in flags],
+        "",
+        "## Memory per rank",
+        "",
+        md_escape(sharding_sentence(table)),
+        "",
+        _memory_markdown(table),
         "",
         "## Model fits",
         "",
@@ -104,6 +234,41 @@ def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
     ]
     parts += [f"![{name}](plots/{name}.png)" for name in plots.NAMES]
     return "\n".join(parts) + "\n"
+
+
+def _memory_markdown(table: pd.DataFrame) -> str:
+    rows = memory_table(table)
+    if rows.empty:
+        return "(no run reports per-rank state bytes)"
+    return markdown_table(rows, MEMORY_COLUMNS)
+
+
+_CSS = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:90%}
+th,td{border:1px solid #ccc;padding:2px 6px}td.num{text-align:right}
+td.anomaly{background:#fdd;color:#900;font-weight:bold;text-align:right}"""
+
+
+def html_page(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
+              inputs: Sequence[str]) -> str:
+    """scaling.md's content as one self-contained HTML page (no scripts, no remote
+    resources): what the Snakemake report shows for the scaling table."""
+    flags = flag_summary(table)
+    legend = "".join(f"<li>{html.escape(line)}</li>" for line in flags) or "<li>none</li>"
+    return "\n".join([
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+        "<title>Scaling analysis</title>", f"<style>{_CSS}</style></head><body>",
+        "<h1>Scaling analysis</h1>",
+        "<p>Inputs: " + html.escape(", ".join(map(str, inputs))) + "</p>",
+        f"<p>{html.escape(_intro(table, threshold))}</p>",
+        "<h2>Configurations (repeats aggregated)</h2>",
+        html_table(table, SCALING_COLUMNS),
+        f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
+        "<h2>Memory per rank</h2>",
+        f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
+        html_table(memory_table(table), MEMORY_COLUMNS),
+        "<h2>Model fits</h2>",
+        html_table(fit_table, FIT_COLUMNS),
+        "</body></html>", ""])
 
 
 def _jsonable(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -121,7 +286,11 @@ def write(out: str | Path, runs: pd.DataFrame, table: pd.DataFrame, fit_table: p
         table.to_parquet(tmp / "scaling.parquet", index=False)
         fit_table.to_csv(tmp / "fits.csv", index=False)
         (tmp / "scaling.md").write_text(markdown(table, fit_table, threshold, inputs))
-        summary = {"threshold": threshold, "inputs": list(inputs), "fits": _jsonable(fit_table)}
+        (tmp / "scaling.html").write_text(html_page(table, fit_table, threshold, inputs))
+        summary = {"threshold": threshold, "inputs": list(inputs), "fits": _jsonable(fit_table),
+                   "flag_k": FLAG_K, "flags": flag_summary(table),
+                   "memory_vs_ddp": memory_comparisons(table),
+                   "sharding": sharding_sentence(table)}
         (tmp / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots.write_all(table, fit_table, threshold, tmp / "plots")
     return out
