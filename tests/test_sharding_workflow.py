@@ -22,6 +22,7 @@ from conftest import REPO, two_nodes
 from test_workflow import copy_workflow, snakemake
 
 from scalelab import launcher, sweep
+from scalelab.comm import predict
 from scalelab.errors import UsageError
 
 CONFIG = yaml.safe_load((REPO / ".test" / "sharding.yaml").read_text())
@@ -162,6 +163,16 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
         assert summary.get("tp", 1) == (2 if "-tp2-" in run else 1)
         assert summary["rank0_state_bytes"] > 0
         assert _max_diff(_weights(res / "runs" / run), ref) < ATOL, run
+        # predict's model of the run: its backend, tp and the bytes the rank really holds
+        comm = predict.comm_model_from_run(res / "runs" / run)
+        assert (comm.backend, comm.tp) == (summary["backend"], summary.get("tp", 1))
+        assert comm.grad_bytes == summary["grad_bytes"]
+        if "-tp2-" in run and run.startswith("ddp"):
+            assert comm.local_bytes == summary["rank0_param_bytes"]  # measured to_local()
+        if run.startswith("fsdp") and "-t2-" in run:
+            dp = summary["world_size"] // comm.tp
+            assert sum(comm.group_bytes) / dp == pytest.approx(
+                summary["rank0_param_bytes"], rel=0.01)  # shards: padding aside
 
 
 def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):

@@ -145,7 +145,9 @@ rule predict:
     params:
         base=lambda wildcards: f"{RESULTS}/runs/{smallest_run('ddp').run_id}",
         measured=lambda wildcards: [
-            f"{RESULTS}/runs/{p.run_id}" for p in RUNS.values() if p.backend == "ddp"
+            f"{RESULTS}/runs/{p.run_id}"
+            for p in RUNS.values()
+            if p.backend == "ddp" and p.tp == 1
         ],
         out=lambda wildcards, output: os.path.dirname(output.table),
         scale=[

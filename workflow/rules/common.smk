@@ -170,8 +170,9 @@ def analysis_args():
 
 
 def smallest_run(backend):
+    """The base of a prediction: the backend's smallest point without tensor parallelism."""
     return min(
-        (p for p in RUNS.values() if p.backend == backend),
+        (p for p in RUNS.values() if p.backend == backend and p.tp == 1),
         key=lambda p: (p.ranks, p.repeat),
     )
 
@@ -205,6 +206,8 @@ def final_targets():
     cb = config["commbench"]
     if cb["enabled"]:
         targets += expand(f"{RESULTS}/commbench/{{lib}}", lib=cb["libs"])
-        if "torch" in cb["libs"] and any(p.backend == "ddp" for p in RUNS.values()):
+        if "torch" in cb["libs"] and any(
+            p.backend == "ddp" and p.tp == 1 for p in RUNS.values()
+        ):
             targets.append(f"{RESULTS}/predict/ddp/prediction.csv")
     return targets
