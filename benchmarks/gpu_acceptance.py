@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -252,6 +253,32 @@ def trainer_samples_s(device: torch.device, s: Sizes, work: Path, i: int) -> flo
     return float(summary["samples_per_s"])
 
 
+def gpt_fsdp(device: torch.device, s: Sizes, smoke: bool) -> dict:
+    """scalelab's own GPT under its fsdp backend on one device (issue 18's MFU figure):
+    bf16 mixed precision on GPUs, seeded synthetic tokens; MFU from the run's summary
+    (6N + 12LTd FLOPs per token against the card's dense bf16 peak)."""
+    from scalelab.train import run
+
+    n = s.gpt_batch * (s.gpt_steps + s.gpt_warmup)
+    cfg = {
+        "seed": 0, "model": {"name": "gpt", "options": {"size": "tiny" if smoke else "small"}},
+        "data": {"source": "tokens", "num_samples": n, "val_samples": s.gpt_batch,
+                 "seq_len": s.gpt_seq, "vocab_size": s.gpt_vocab},
+        "optim": {"name": "adamw", "global_batch_size": s.gpt_batch, "lr": 3e-4},
+        "train": {"epochs": 1, "progress": False, "device": device.type},
+        "metrics": {"warmup_steps": s.gpt_warmup},
+        "checkpoint": {"every_epochs": 0},
+        "dist": {"backend": "fsdp"},
+    }
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29561")):
+        os.environ.setdefault(key, value)
+    with tempfile.TemporaryDirectory(prefix="scalelab-gpu-gpt-") as tmp:
+        summary = run(cfg, Path(tmp) / "gpt-fsdp")
+    return {k: summary.get(k) for k in ("num_params", "tokens_per_s", "mfu_lm", "mfu_peak",
+                                         "cuda_max_allocated_bytes", "rank0_state_bytes",
+                                         "val_perplexity")}
+
+
 def overhead(device: torch.device, s: Sizes) -> dict:
     """Interleaved rounds (bare, trainer, bare, ...): the paired ratio shares the momentary
     state of the machine; the median over rounds is reported with its range."""
@@ -290,6 +317,7 @@ def main() -> int:
     stages = [("resnet50_eager", lambda: resnet50_img_s(device, s, False, args.smoke)),
               ("resnet50_compile", lambda: resnet50_img_s(device, s, True, args.smoke)),
               ("transformer", lambda: transformer_tokens_s(device, s)),
+              ("gpt_fsdp", lambda: gpt_fsdp(device, s, args.smoke)),
               ("overhead", lambda: overhead(device, s))]
     for name, fn in stages:
         t = time.perf_counter()
@@ -312,6 +340,10 @@ def table(r: dict, s: Sizes) -> str:
     """One Markdown table with the card's name."""
     rn, rc, tf, ov = r["resnet50_eager"], r["resnet50_compile"], r["transformer"], r["overhead"]
     mfu = f"{tf['mfu']:.1%}" if tf["mfu"] is not None else "n/a (no published peak)"
+    g = r["gpt_fsdp"]
+    g_mfu = f"{g['mfu_lm']:.1%}" if g.get("mfu_lm") is not None else f"n/a ({g.get('mfu_peak')})"
+    g_mem = (f", peak {g['cuda_max_allocated_bytes'] / 2**30:.1f} GiB"
+             if g.get("cuda_max_allocated_bytes") else "")
     lines = [
         f"GPU acceptance on {r['card']} (torch {r['torch']}, {r['date']}, "
         f"{r['total_s']:.0f} s{', SMOKE: toy sizes, figures mean nothing' if r['smoke'] else ''})",
@@ -325,6 +357,9 @@ def table(r: dict, s: Sizes) -> str:
         f"(compile + warm-up {rc['warmup_s']:.0f} s excluded) |",
         f"| GPT {tf['params'] / 1e6:.0f}M params, seq {s.gpt_seq}, batch {s.gpt_batch}, "
         f"bf16, eager | {_n(tf['tokens_s'])} tokens/s | MFU {mfu} |",
+        f"| scalelab train, gpt {g['num_params'] / 1e6:.0f}M, dist.backend fsdp, 1 device, "
+        f"seq {s.gpt_seq}, batch {s.gpt_batch} | {_n(g['tokens_per_s'] or 0)} tokens/s | "
+        f"MFU {g_mfu}{g_mem} |",
         f"| scalelab train vs bare loop, {ov['model']} {s.ovh_image}px, batch {s.ovh_batch} | "
         f"{_n(ov['trainer_samples_s'])} vs {_n(ov['bare_samples_s'])} samples/s | "
         f"ratio {ov['ratio_median']:.3f} (median of {ov['rounds']} interleaved rounds, "

@@ -123,11 +123,14 @@ def test_gpu_acceptance_smoke_runs_every_path(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU acceptance on CPU (smoke run)" in proc.stdout
     res = json.loads((tmp_path / "gpu_acceptance.json").read_text())
-    for key in ("resnet50_eager", "resnet50_compile", "transformer", "overhead"):
+    for key in ("resnet50_eager", "resnet50_compile", "transformer", "gpt_fsdp", "overhead"):
         assert res[key]["wall_s"] > 0, key
+    # scalelab's own GPT under fsdp: figures from its summary; on the CPU no MFU, and why
+    assert res["gpt_fsdp"]["tokens_per_s"] > 0 and res["gpt_fsdp"]["mfu_lm"] is None
+    assert "CPU" in res["gpt_fsdp"]["mfu_peak"]
     assert res["resnet50_eager"]["img_s"] > 0 and res["transformer"]["tokens_s"] > 0
     assert res["overhead"]["rounds"] == 2 and res["overhead"]["ratio_median"] > 0
-    assert (tmp_path / "gpu_acceptance.md").read_text().count("\n| ") >= 5
+    assert (tmp_path / "gpu_acceptance.md").read_text().count("\n| ") >= 6
 
 
 def test_phase_timer_splits_gpu_time_from_event_gaps() -> None:

@@ -56,6 +56,15 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, overrides: list[str], fiel
     assert not out_dir.exists()  # validated before anything is written
 
 
+def test_reshard_without_resume_is_refused(tmp_path: Path) -> None:
+    """--reshard only loosens a resume; alone it is a usage error, and nothing is written."""
+    config = write_config(tmp_path / "run.yaml", TINY)
+    out_dir = tmp_path / "run"
+    rc, _, err = cli("train", "--config", config, "--out", out_dir, "--reshard")
+    assert_usage_error(rc, err, "--reshard", out_dir)
+    assert not out_dir.exists()
+
+
 def test_missing_split_in_staged_data(tmp_path: Path) -> None:
     data = tmp_path / "staged"
     rc, _, err = cli("data", "stage", "--source", "synthetic", "--num-samples", "120",
