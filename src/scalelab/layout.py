@@ -35,7 +35,7 @@ import os
 import re
 import socket
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from scalelab.errors import UsageError
@@ -189,30 +189,49 @@ def _checked(layout: Layout) -> Layout:
     return layout
 
 
-def _from_torchrun(env: Mapping[str, str]) -> Layout:
-    world = _int(env, "WORLD_SIZE")
+@dataclass(frozen=True)
+class _Names:
+    """Where one launcher puts the rank layout in the environment."""
+
+    launcher: str
+    rank: str
+    size: str
+    local_rank: str
+    local_size: str
+
+
+_TORCHRUN = _Names("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_HOROVODRUN = _Names("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
+                     "HOROVOD_LOCAL_SIZE")
+_OPENMPI = _Names("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                  "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+_MPICH = _Names("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+
+
+def _read(env: Mapping[str, str], names: _Names, master_addr: Callable[[bool], str],
+          port_key: str) -> Layout:
+    """The layout from ``names``' variables; ``master_addr(all_local)`` finds rank 0's host."""
+    world = _int(env, names.size)
+    local_world = _int(env, names.local_size, world)
     return _checked(Layout(
-        rank=_int(env, "RANK"),
+        rank=_int(env, names.rank),
         world_size=world,
-        local_rank=_int(env, "LOCAL_RANK", 0),
-        local_world_size=_int(env, "LOCAL_WORLD_SIZE", world),
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_master_port(env, "torchrun"),
-        launcher="torchrun",
+        local_rank=_int(env, names.local_rank, 0),
+        local_world_size=local_world,
+        master_addr=master_addr(local_world == world),
+        master_port=_master_port(env, port_key),
+        launcher=names.launcher,
     ))
+
+
+def _from_torchrun(env: Mapping[str, str]) -> Layout:
+    return _read(env, _TORCHRUN, lambda _: env.get("MASTER_ADDR", "127.0.0.1"), "torchrun")
 
 
 def _from_horovodrun(env: Mapping[str, str]) -> Layout:
-    world = _int(env, "HOROVOD_SIZE")
-    return _checked(Layout(
-        rank=_int(env, "HOROVOD_RANK"),
-        world_size=world,
-        local_rank=_int(env, "HOROVOD_LOCAL_RANK", 0),
-        local_world_size=_int(env, "HOROVOD_LOCAL_SIZE", world),
-        master_addr=env.get("MASTER_ADDR", env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR", "127.0.0.1")),
-        master_port=_master_port(env, "horovodrun-" + env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", "")),
-        launcher="horovodrun",
-    ))
+    addr = env.get("MASTER_ADDR", env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR", "127.0.0.1"))
+    return _read(env, _HOROVODRUN, lambda _: addr,
+                 "horovodrun-" + env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", ""))
 
 
 def _mpi_master_addr(env: Mapping[str, str], all_local: bool, allow_query: bool) -> str:
@@ -230,32 +249,13 @@ def _mpi_master_addr(env: Mapping[str, str], all_local: bool, allow_query: bool)
 
 
 def _from_openmpi(env: Mapping[str, str], allow_query: bool) -> Layout:
-    world = _int(env, "OMPI_COMM_WORLD_SIZE")
-    local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
     job_key = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri") or "openmpi"
-    return _checked(Layout(
-        rank=_int(env, "OMPI_COMM_WORLD_RANK"),
-        world_size=world,
-        local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
-        local_world_size=local_world,
-        master_addr=_mpi_master_addr(env, local_world == world, allow_query),
-        master_port=_master_port(env, job_key),
-        launcher="openmpi",
-    ))
+    return _read(env, _OPENMPI, lambda local: _mpi_master_addr(env, local, allow_query), job_key)
 
 
 def _from_mpich(env: Mapping[str, str], allow_query: bool) -> Layout:
-    world = _int(env, "PMI_SIZE")
-    local_world = _int(env, "MPI_LOCALNRANKS", world)
-    return _checked(Layout(
-        rank=_int(env, "PMI_RANK"),
-        world_size=world,
-        local_rank=_int(env, "MPI_LOCALRANKID", 0),
-        local_world_size=local_world,
-        master_addr=_mpi_master_addr(env, local_world == world, allow_query),
-        master_port=_master_port(env, "mpich-" + env.get("PMI_FD", env.get("PMI_PORT", ""))),
-        launcher="mpich",
-    ))
+    return _read(env, _MPICH, lambda local: _mpi_master_addr(env, local, allow_query),
+                 "mpich-" + env.get("PMI_FD", env.get("PMI_PORT", "")))
 
 
 def _from_slurm(env: Mapping[str, str]) -> Layout:
