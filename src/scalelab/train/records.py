@@ -18,6 +18,7 @@ import torch
 
 from scalelab.backends import library_versions
 from scalelab.models.gpt import lm_facts
+from scalelab.provenance import redact_argv
 from scalelab.train.metrics import model_facts, peak_bf16, throughput
 from scalelab.train.setup import Job
 from scalelab.train.state import TrainState
@@ -37,7 +38,7 @@ def run_info(job: Job) -> dict[str, Any]:
         "steps_per_epoch": job.steps_per_epoch,
         "precision": "bf16" if job.use_bf16 else "fp32", "channels_last": job.channels_last,
         "compile": cfg.train.compile, "deterministic": cfg.train.deterministic,
-        "resume": job.resume, "argv": sys.argv,
+        "resume": job.resume, "argv": redact_argv(list(sys.argv)),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **library_versions(), "numpy": np.__version__},
