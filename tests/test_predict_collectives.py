@@ -136,6 +136,32 @@ def test_prediction_uses_the_backend_s_collectives():
     assert "allreduce" in tp.attrs["comm"] and "tp=2" in tp.attrs["comm"]
 
 
+@pytest.mark.parametrize("mixed, device, scale", [("bf16", "cpu", 0.5), ("auto", "cpu", 1.0),
+                                                  ("auto", "cuda:0", 0.5), ("fp32", "cuda:0", 1.0)])
+def test_comm_model_from_run_reads_the_layout(tmp_path, mixed, device, scale):
+    """A run directory as the trainer writes it: backend and tp from the summary, the model
+    from config.yaml, bf16 all-gathers where the fsdp backend would have used them."""
+    import yaml
+
+    cfg = {"model": {"name": "gpt", "options": {"size": "tiny", "n_layers": LAYERS}},
+           "data": {"source": "tokens", "seq_len": SEQ, "vocab_size": VOCAB},
+           "optim": {"grad_accum_steps": 2},
+           "dist": {"backend": "fsdp", "tp": 2, "fsdp": {"mixed_precision": mixed}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"world_size": 4, "samples_per_s": 10.0, "global_batch_size": 8, "backend": "fsdp",
+         "tp": 2, "device": device}))
+    comm = model.comm_model_from_run(tmp_path)
+    assert (comm.backend, comm.tp, comm.seq_len, comm.accum_steps) == ("fsdp", 2, SEQ, 2)
+    assert comm.param_scale == scale
+    assert comm.group_bytes == tuple(model.fsdp_groups(_gpt(), 2))
+    volume = model.volume(comm.collectives(4, BATCH))
+    groups = comm.group_bytes
+    gathers = 2 * sum(groups) - groups[-1]  # twice per block, the root once, per micro-batch
+    assert volume["all_gather"] == pytest.approx(2 * gathers * scale)
+    assert volume["reduce_scatter"] == pytest.approx(sum(groups))  # fp32, once per step
+
+
 if __name__ == "__main__":
     rank_main(os.environ["MODE"])
     sys.exit(0)

@@ -254,7 +254,16 @@ def comm_model_from_run(run_dir: str | Path) -> CommModel:
     return comm_model(model, str(row["backend"]), int(row["tp"]),
                       seq_len=shape[0] if tokens else 0,
                       accum_steps=int((cfg.get("optim") or {}).get("grad_accum_steps", 1)),
-                      reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)))
+                      reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)),
+                      param_scale=0.5 if _bf16_params(fsdp, row) else 1.0)
+
+
+def _bf16_params(fsdp: dict, row: dict) -> bool:
+    """Whether the fsdp run gathered bf16 parameters (``dist.fsdp.mixed_precision``, as
+    the backend decides it: bf16, or auto on a GPU); its gradients reduce in fp32."""
+    want = fsdp.get("mixed_precision", "auto")
+    return str(row["backend"]) == "fsdp" and (
+        want == "bf16" or (want == "auto" and row["gpus"] > 0))
 
 
 def predict(base: Base, fit: RingFit, ranks: Iterable[int],
