@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -117,6 +118,22 @@ def test_impossible_point_written_explicitly_is_an_error(mutate, expected):
     cfg = copy.deepcopy(CONFIG)
     mutate(cfg)
     assert expected in _error(cfg)
+
+
+def test_plan_printed_without_snakemake(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan",
+                           str(REPO / ".test" / "sharding.yaml")], capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "sweep: 6 training run(s); 2 combination(s) skipped, they cannot exist:"
+    assert "  skipped ddp-strong-n1-t1-g0-tp2-r0: tp=2 needs a multiple of 2 ranks; this " \
+           "point has 1" in lines
+    assert "  run fsdp-strong-n1-t2-g0-tp2-r0: 2 rank(s), tp=2" in lines
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_cfg(backends=["horovod"], tp=[2])))
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "sweep.tp: no point of the sweep can run" in proc.stderr
 
 
 def test_a_skipped_run_id_asked_for_by_name_is_an_error():

@@ -732,9 +732,30 @@ def write_schemas(root: Path) -> list[Path]:
     return [out]
 
 
+def print_plan(path: str) -> int:
+    """``python -m scalelab.sweep --plan CONFIG``: the runs and the skipped combinations,
+    without Snakemake (exit 2 and one line for a bad config, like the workflow)."""
+    import sys
+
+    try:
+        cfg = load(path)
+    except UsageError as exc:
+        print(f"scalelab sweep: error: {exc}", file=sys.stderr)
+        return 2
+    print(plan_summary(cfg))
+    for point in expand(cfg):
+        print(f"  run {point.run_id}: {point.ranks} rank(s)"
+              + (f", tp={point.tp}" if point.tp > 1 else ""))
+    return 0
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["--write-schemas"]:
         for p in write_schemas(Path(__file__).resolve().parents[2]):
             print(p)
+    elif sys.argv[1:2] == ["--plan"] and len(sys.argv) == 3:
+        sys.exit(print_plan(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m scalelab.sweep --plan CONFIG | --write-schemas")
