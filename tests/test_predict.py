@@ -130,6 +130,30 @@ def test_cli_from_real_run_and_real_commbench(tmp_path):
     assert len(pd.read_csv(out / "errors.csv")) == 1
 
 
+def test_cli_predicts_the_collectives_of_an_fsdp_run(tmp_path):
+    """`predict --run` on a real 2-rank fsdp run models all-gathers and reduce-scatters
+    (FSDP2's collectives), not ddp's gradient allreduce."""
+    runs = tmp_path / "fsdp"
+    run([str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "scalelab", "train", "--set", "model.name=gpt", "--set", "data.source=tokens",
+         "--set", "data.num_samples=128", "--set", "data.val_samples=32",
+         "--set", "data.seq_len=16", "--set", "data.vocab_size=32",
+         "--set", "optim.global_batch_size=16", "--set", "train.epochs=1",
+         "--set", "train.threads=1", "--set", "dist.backend=fsdp", "--out", str(runs)],
+        timeout=300)
+    cb = tmp_path / "cb"
+    mpirun(2, [SCALELAB, "commbench", "--lib", "mpi4py", "--ops", "allreduce",
+               "--min-bytes", "4K", "--max-bytes", "4M", "--factor", "4", "--iters", "5",
+               "--warmup", "2", "--out", str(cb)], timeout=120)
+    out = tmp_path / "pred"
+    run([SCALELAB, "predict", "--commbench", str(cb), "--run", str(runs), "--max-nodes", "2",
+         "--ranks-per-node", "2", "--out", str(out)])
+    pred = pd.read_csv(out / "prediction.csv")
+    multi = pred[pred["ranks"] > 1]
+    assert len(multi) and (multi["all_gather_s"] > 0).all(), pred
+    assert (multi["reduce_scatter_s"] > 0).all() and (multi["allreduce_s"] == 0).all(), pred
+
+
 @pytest.mark.parametrize("header,row,needle", [
     ("op,size_bytes,world_size", "allreduce,1024,2", "missing column 'time_s'"),
     ("op,size_bytes,time_s,world_size", "allreduce,1024,0,2", "column 'time_s'"),

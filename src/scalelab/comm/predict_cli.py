@@ -78,7 +78,9 @@ def predict(args: argparse.Namespace) -> int:
     ranks = model.scales(args.max_nodes, args.ranks_per_node)
     measured = _measured(args, run_row, base.mode)
     ranks = sorted(set(ranks) | {int(r) for r in measured["ranks"]})
-    pred = model.predict(base, fit, ranks)
+    # the collectives of the base run's backend (fsdp, tp), not only ddp's allreduce
+    comm = model.comm_model_from_run(args.run) if args.run else None
+    pred = model.predict(base, fit, ranks, comm)
     errors = model.compare(pred, measured)
     out = predict_report.write(args.out, pred, errors, measured, base, fit, args)
     print(f"alpha = {fit.alpha_s * 1e6:.2f} us, beta = {fit.beta_Bps / 1e9:.3f} GB/s "
