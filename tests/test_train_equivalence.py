@@ -8,6 +8,7 @@ unchanged under every launcher; only the launcher in front changes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,15 @@ def test_run_directory_describes_the_run(runs: dict[str, Path], name: str, backe
     lines = [m for line in (run_dir / "stdout.txt").read_text().splitlines()
              if (m := EPOCH_LINE_RE.match(line))]
     assert len(lines) == 1 and lines[0]["epoch"] == "1"  # rank 0 only: other ranks are quiet
+
+
+def test_every_backend_measures_its_state_bytes(runs: dict[str, Path]) -> None:
+    """Per-rank parameter/gradient/optimizer bytes come from each rank's tensors under every
+    backend; unsharded, ddp and horovod hold the same (SGD with momentum: one buffer)."""
+    found = {name: json.loads((runs[name] / "summary.json").read_text())
+             for name in ("single", "ddp-mpirun", "horovod-mpirun-accum2")}
+    params = {name: s["rank0_param_bytes"] for name, s in found.items()}
+    assert len(set(params.values())) == 1 and params["single"] > 0, params
+    for name, s in found.items():
+        assert s["rank0_optim_state_bytes"] == s["rank0_param_bytes"], name
+        assert s["rank0_state_bytes"] == 3 * s["rank0_param_bytes"], name

@@ -134,6 +134,7 @@ class HorovodBackend(Backend):
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         with optimizer.skip_synchronize():  # type: ignore[attr-defined]
             optimizer.step()
+        self.measure_state(params, optimizer)
         return waited
 
     def allreduce(self, values: list[float], op: Literal["sum", "mean"] = "sum") -> list[float]:
