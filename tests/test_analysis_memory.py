@@ -90,3 +90,13 @@ def test_csv_rows_carry_tp(tmp_path):
     plain = tmp_path / "plain.csv"
     plain.write_text("gpus,throughput\n1,10\n2,19\n")
     assert set(pd.DataFrame(runs.load_csv(plain))["tp"]) == {1.0}
+
+
+def test_no_sharded_run_says_how_to_measure_it(tmp_path):
+    """The default study (ddp and horovod only): the sentence says there was no sharded run
+    and which sweep knob measures one, not that figures were missing."""
+    _run(tmp_path, "ddp-1", "ddp", 1, 1, (4, 4, 4), 100.0)
+    _run(tmp_path, "ddp-2", "ddp", 2, 1, (4, 4, 4), 150.0)
+    table, _ = scaling.analyse(runs.to_frame(runs.load_runs([tmp_path])))
+    sentence = report.sharding_sentence(table)
+    assert "no sharded run in this study" in sentence and "fsdp" in sentence

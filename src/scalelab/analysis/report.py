@@ -163,8 +163,11 @@ def sharding_sentence(table: pd.DataFrame) -> str:
     """What sharding bought, in one sentence computed from the measured bytes."""
     found = memory_comparisons(table)
     if not found:
-        return ("What sharding bought: nothing to compare (no run with measured per-rank "
-                "state bytes beside a ddp run at the same ranks).")
+        sharded = bool(((table["backend"] == "fsdp") | (table["tp"] > 1)).any())
+        why = ("no run with measured per-rank state bytes beside a ddp run at the same ranks"
+               if sharded else "no sharded run in this study; sweep `backends: [ddp, fsdp]` "
+               "or `tp: [1, 2]` to measure it")
+        return f"What sharding bought: nothing to compare ({why})."
     found.sort(key=lambda c: (c["backend"] != "fsdp", c["tp"], c["ranks"]))
     parts = [f"{_layout(c)} at {c['ranks']:g} ranks {c['ratio']:.2f}x "
              f"({c['param_optim_bytes_per_rank'] / MIB:.3g} vs "
