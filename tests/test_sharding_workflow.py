@@ -95,6 +95,18 @@ def test_model_without_tensor_parallel_plan_is_skipped():
     assert "model 'cnn' has no tensor-parallel plan" in skipped[-1].reason
 
 
+def test_heads_that_do_not_split_are_skipped_at_plan_time():
+    """A GPT whose heads do not divide by tp: skipped when the plan is built (not found
+    only when the job starts), the rest of the sweep runs."""
+    cfg = copy.deepcopy(CONFIG)
+    cfg["train"]["model"].setdefault("options", {})["n_heads"] = 1
+    cfg["train"]["model"]["options"]["d_model"] = 32
+    points, skipped = sweep.plan(sweep.validate(cfg))
+    assert points and all(p.tp == 1 for p in points)
+    two_ranks = [s for s in skipped if s.point.tasks_per_node == 2]
+    assert two_ranks and all("1 heads do not split over tp=2" in s.reason for s in two_ranks)
+
+
 def _explicit_tp(cfg: dict, backend: str) -> None:
     """tp written in the run config (no sweep.tp): every point of the sweep uses it."""
     del cfg["sweep"]["tp"]

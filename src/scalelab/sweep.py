@@ -434,7 +434,8 @@ def _combinations(cfg: dict) -> list[RunPoint]:
     ]
 
 
-def _tp_problem(point: RunPoint, model: str | None) -> str | None:
+def _tp_problem(point: RunPoint, model: str | None,
+                options: dict[str, Any] | None = None) -> str | None:
     """Why ``point``'s tensor-parallel layout cannot exist, or None (tp = 1 always can).
 
     The rule is the fsdp backend's own check (:func:`scalelab.backends.fsdp.check_tp`),
@@ -445,7 +446,7 @@ def _tp_problem(point: RunPoint, model: str | None) -> str | None:
     from scalelab.backends.fsdp import check_tp
 
     try:
-        check_tp(point.backend, point.ranks, point.tp, model)
+        check_tp(point.backend, point.ranks, point.tp, model, options)
     except UsageError as exc:
         # the backend's words are about a started job; here it is a planned point
         return str(exc).replace("field 'dist.tp': ", "").replace("the launcher started",
@@ -461,9 +462,11 @@ def plan(cfg: dict) -> tuple[list[RunPoint], list[Skipped]]:
     train = cfg.get("train")
     model = train.get("model") if isinstance(train, dict) else None
     name = model.get("name", "cnn") if isinstance(model, dict) else None
+    options = model.get("options") if isinstance(model, dict) else None
     points, skipped = [], []
     for point in _combinations(cfg):
-        why = _tp_problem(point, name if isinstance(name, str) else None)
+        why = _tp_problem(point, name if isinstance(name, str) else None,
+                          options if isinstance(options, dict) else None)
         if why is None:
             points.append(point)
         else:
@@ -589,7 +592,7 @@ def check_points(cfg: dict, source: str = "config") -> None:
             if point.ranks % rc.dist.tp:
                 raise UsageError(f"field 'train.dist.tp': {point.ranks} ranks do not split "
                                  f"into tensor-parallel groups of {rc.dist.tp}")
-            why = _tp_problem(replace(point, tp=rc.dist.tp), rc.model.name)
+            why = _tp_problem(replace(point, tp=rc.dist.tp), rc.model.name, rc.model.options)
             if why:  # written in train.dist.tp: explicit, so an error (sweep.tp skips)
                 raise UsageError(f"field 'train.dist.tp': {why}")
             batch = resolve_batch(rc, Parallelism(point.ranks, rc.dist.tp), prefix="train.")

@@ -172,13 +172,14 @@ def library_versions() -> dict[str, str | None]:
         return {"horovod": None}
 
 
-def choose_backend(requested: str, layout: Layout, tp: int = 1, model: str | None = None) -> str:
+def choose_backend(requested: str, layout: Layout, tp: int = 1, model: str | None = None,
+                   options: dict[str, Any] | None = None) -> str:
     """Resolve ``dist.backend: auto`` and reject combinations that cannot work."""
     name = requested
     if tp > 1:
         from scalelab.backends.fsdp import check_tp
 
-        check_tp(requested, layout.world_size, tp, model)
+        check_tp(requested, layout.world_size, tp, model, options)
     if name == "auto":
         if layout.launcher == "horovodrun":
             name = "horovod"

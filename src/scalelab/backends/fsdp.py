@@ -41,8 +41,10 @@ from scalelab.errors import UsageError
 TP_MODELS = ("gpt",)
 
 
-def check_tp(backend: str, world_size: int, tp: int, model: str | None) -> None:
-    """Reject tensor-parallel layouts that cannot exist (before any process group)."""
+def check_tp(backend: str, world_size: int, tp: int, model: str | None,
+             options: dict[str, Any] | None = None) -> None:
+    """Reject tensor-parallel layouts that cannot exist (before any process group; the
+    workflow asks at plan time): the backend, the ranks, the model and its heads."""
     if backend in ("horovod", "none"):
         raise UsageError(f"field 'dist.tp': tensor parallelism (tp={tp}) needs the ddp or fsdp "
                          f"backend, not {backend}")
@@ -52,6 +54,12 @@ def check_tp(backend: str, world_size: int, tp: int, model: str | None) -> None:
     if model is not None and model not in TP_MODELS:
         raise UsageError(f"field 'dist.tp': model {model!r} has no tensor-parallel plan "
                          f"(tp > 1 supports: {', '.join(TP_MODELS)})")
+    from scalelab.models.gpt import gpt_heads
+
+    heads = gpt_heads(options or {}) if model == "gpt" else None
+    if heads is not None and heads % tp:
+        raise UsageError(f"field 'dist.tp': the model's {heads} heads do not split over "
+                         f"tp={tp} ranks")
 
 
 def apply_tp(model: nn.Module, tp_mesh: Any) -> None:

@@ -162,6 +162,15 @@ def gpt(num_classes: int, image_shape: tuple[int, ...], size: str = "tiny",
                n_heads or heads, dropout)
 
 
+def gpt_heads(options: dict[str, Any]) -> int | None:
+    """Attention heads of the GPT that ``options`` (the model options of the config) build,
+    or None when the options name no known size (the model build says why)."""
+    size = options.get("size", "tiny")
+    if options.get("n_heads") is not None:
+        return int(options["n_heads"])
+    return SIZES[size][2] if size in SIZES else None
+
+
 def lm_facts(model: nn.Module, summary: dict[str, Any], device: Any,
              peak: Callable[[str], tuple[float, str] | None]) -> dict[str, Any]:
     """Language-model figures for the summary: perplexity, tokens/s, FLOPs/token, MFU.

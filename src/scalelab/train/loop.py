@@ -72,7 +72,8 @@ def _run(config: RunConfig | dict | str | Path, out: Path, resume: tuple[bool, b
          overrides: list[str], stop: StopRequest) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
-    backend_name = choose_backend(cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name)
+    backend_name = choose_backend(cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name,
+                                  cfg.model.options)
     plan = resolve_batch(cfg, Parallelism(layout.world_size, cfg.dist.tp))
     done = check_run_dir(out, resume[0])
     if done is not None:
