@@ -8,7 +8,9 @@ the per-round ratios (each round's two runs share the machine's momentary load),
 with a distribution-free lower confidence bound of that median: the k-th smallest
 per-round ratio, k the largest with P(Binomial(n, 1/2) <= k - 1) <= 0.10, so the
 true median ratio lies above it with >= 90% confidence (the sign-test /
-order-statistic interval; no normality assumed). The goal: bound >= 0.97.
+order-statistic interval; no normality assumed). The goal: bound >= 0.97. It also
+prints the same statistic for the bare script against itself (consecutive rounds, A/A):
+the noise floor of the machine, below which no trainer's bound can be shown.
 
     .venv/bin/python benchmarks/bench_train_vs_bare.py [--launcher torchrun|mpirun]
 """
@@ -120,9 +122,16 @@ def main() -> int:
           f"{min(paired):.3f}-{max(paired):.3f}); ratio of medians {t / b:.3f}")
     print(f"bound    : {bound:.3f} lower {conf:.1%} confidence bound of the median ratio "
           "(order statistic, sign test); goal >= 0.97")
+    # A/A: the same bare script against itself, one round apart. What this machine's
+    # run-to-run noise alone does to the same statistic: a bound the code cannot beat here.
+    aa = [b2 / b1 for b1, b2 in zip(bare_rates, bare_rates[1:], strict=False)]
+    aa_bound, aa_conf = median_lower_bound(aa)
+    print(f"A/A      : bare vs bare one round later: median {statistics.median(aa):.3f}, "
+          f"range {min(aa):.3f}-{max(aa):.3f}, lower {aa_conf:.1%} bound {aa_bound:.3f} "
+          "(the machine's noise floor for this bound)")
     print(json.dumps({"ratio_median": ratio, "ratio_lower_bound": bound,
                       "bound_confidence": conf, "ratios": paired, "bare": bare_rates,
-                      "trainer": train_rates}))
+                      "trainer": train_rates, "aa_ratios": aa, "aa_lower_bound": aa_bound}))
     return 1 if args.min_ratio is not None and bound < args.min_ratio else 0
 
 
