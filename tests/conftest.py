@@ -34,6 +34,23 @@ def run(cmd: list[str], timeout: float = 120, env: dict | None = None,
     return proc
 
 
+def scalelab_main(*argv: object) -> tuple[int, str, str]:
+    """``scalelab ARGV`` in this process: (exit code, stdout, stderr). Fast enough for the
+    validation matrices; the subprocess tests keep the real entry point covered."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from scalelab import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
 def mpirun(n: int, args: list[str], timeout: float = 120, check: bool = True,
            env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [str(VENV_BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", str(n),

@@ -1,10 +1,8 @@
-import io
 import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from conftest import VENV_BIN, run
+from conftest import VENV_BIN, run, scalelab_main
 
 from scalelab import __version__, cli
 
@@ -59,20 +57,12 @@ def test_the_table_is_the_parser_in_help_order():
 
 @pytest.mark.parametrize("command", [*cli.COMMANDS, *cli.DEPRECATED])
 def test_every_command_has_help(command):
-    rc, out, err = _main(command, "--help")
+    rc, out, err = scalelab_main(command, "--help")
     assert rc == 0 and f"usage: scalelab {command}" in out, err
 
 
 # ---- data: one group, the old spellings for one release ----------------------------------------
 
-def _main(*argv: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
 
 
 STAGE = ("--source", "synthetic", "--num-samples", "60", "--image-size", "8", "8",
@@ -89,39 +79,39 @@ def _deprecation(err: str, old: str, new: str) -> None:
 
 def test_old_data_spellings_work_and_name_the_new_one(tmp_path):
     new, old = tmp_path / "new", tmp_path / "old"
-    rc, out_new, err = _main("data", "stage", *STAGE, new)
+    rc, out_new, err = scalelab_main("data", "stage", *STAGE, new)
     assert rc == 0 and "deprecated" not in err, err
-    rc, out_old, err = _main("stage", *STAGE, old)
+    rc, out_old, err = scalelab_main("stage", *STAGE, old)
     assert rc == 0, err
     _deprecation(err, "stage", "data stage")
     assert (old / "manifest.json").read_bytes() == (new / "manifest.json").read_bytes()
 
-    rc, out, err = _main("stage", "verify", old, "--quiet")
+    rc, out, err = scalelab_main("stage", "verify", old, "--quiet")
     assert rc == 0 and out.startswith(f"OK {old}: "), err
     _deprecation(err, "stage verify", "data verify")
     scratch = tmp_path / "scratch"
-    rc, out, err = _main("stage", "localize", old, "--scratch", scratch, "--reserve", "0",
+    rc, out, err = scalelab_main("stage", "localize", old, "--scratch", scratch, "--reserve", "0",
                          "--quiet")
     assert rc == 0 and out.strip().startswith(str(scratch)), err
     _deprecation(err, "stage localize", "data localize")
-    assert _main("data", "localize", old, "--scratch", scratch, "--reserve", "0",
+    assert scalelab_main("data", "localize", old, "--scratch", scratch, "--reserve", "0",
                  "--quiet")[1] == out
 
 
 def test_old_spelling_keeps_the_exit_code(tmp_path):
     data = tmp_path / "d"
-    assert _main("data", "stage", *STAGE, data)[0] == 0
+    assert scalelab_main("data", "stage", *STAGE, data)[0] == 0
     shard = sorted((data / "train").glob("*.labels.npy"))[0]
     shard.write_bytes(shard.read_bytes()[:-3])
-    new = _main("data", "verify", data, "--quiet")
-    old = _main("stage", "verify", data, "--quiet")
+    new = scalelab_main("data", "verify", data, "--quiet")
+    old = scalelab_main("stage", "verify", data, "--quiet")
     assert new[0] == old[0] == 1
     errors = [[ln for ln in err.splitlines() if ": error: " in ln] for _, _, err in (new, old)]
     assert len(errors[0]) == 1 and "truncated" in errors[0][0]
     assert errors[1] == [errors[0][0].replace("scalelab data:", "scalelab stage:")]
-    rc, _, err = _main("stage", "verify", data, "--source", "digits")
+    rc, _, err = scalelab_main("stage", "verify", data, "--source", "digits")
     assert rc == 2 and "unrecognized arguments: --source" in err
-    rc, _, err = _main("data")
+    rc, _, err = scalelab_main("data")
     assert rc == 2 and err.count("\n") == 1 and "ACTION" in err
 
 
@@ -129,15 +119,15 @@ def test_old_spelling_keeps_the_exit_code(tmp_path):
 
 def test_testcluster_status_json_and_human_agree(tmp_path):
     args = ("testcluster", "status", "--state-dir", tmp_path / "none")
-    rc_human, human, _ = _main(*args)
-    rc_json, doc, _ = _main(*args, "--json")
+    rc_human, human, _ = scalelab_main(*args)
+    rc_json, doc, _ = scalelab_main(*args, "--json")
     assert rc_human == rc_json == 1
     assert human.startswith("test cluster: not up")
     assert json.loads(doc)["ok"] is False and json.loads(doc)["up"] is False
 
 
 def test_json_failure_is_one_document_with_the_error(tmp_path):
-    rc, out, err = _main("data", "verify", tmp_path / "nowhere", "--json")
+    rc, out, err = scalelab_main("data", "verify", tmp_path / "nowhere", "--json")
     verdict = json.loads(out)
     assert rc == verdict["exit_code"] == 2
     assert verdict["ok"] is False and "nowhere" in verdict["error"]
@@ -147,8 +137,8 @@ def test_json_failure_is_one_document_with_the_error(tmp_path):
 @pytest.mark.cluster
 def test_testcluster_status_of_the_running_cluster(cluster):
     args = ("testcluster", "status", "--state-dir", cluster.cluster.dir)
-    rc_human, human, err = _main(*args)
-    rc_json, doc, _ = _main(*args, "--json")
+    rc_human, human, err = scalelab_main(*args)
+    rc_json, doc, _ = scalelab_main(*args, "--json")
     status = json.loads(doc)
     assert rc_human == rc_json == 0, err
     assert status["ok"] is True and status["up"] is True

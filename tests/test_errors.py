@@ -6,15 +6,14 @@ the full-disk cases run real processes on a small tmpfs.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import scalelab_main
 from reliability import tally_fixtures
 from train_support import TINY, env, write_config
 
@@ -25,13 +24,7 @@ NOT_UTF8 = b"ranks,throughput\n1,\xff\xfe100\n"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+    return scalelab_main(*argv)
 
 
 def assert_one_line(rc: int, err: str, command: str, code: int) -> str:

@@ -6,24 +6,13 @@ under mpirun for the world-size-dependent check).
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import scalelab_main
 from train_support import MPIRUN, PY, TINY, TORCHRUN, TRAIN, deep_update, run, write_config
 
-from scalelab.cli import main
-
-
-def cli(*argv: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+cli = scalelab_main
 
 
 def assert_usage_error(rc: int, err: str, field: str, out_dir: Path) -> None:
