@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -98,7 +99,11 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
-def _rank() -> str:
+#: Seconds a rank other than 0 waits before reporting bad input (see :func:`report_error`).
+USAGE_GRACE_S = 3.0
+
+
+def process_rank() -> str:
     """This process's rank under any launcher ("0" for a single process)."""
     for var in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if os.environ.get(var):
@@ -111,17 +116,20 @@ def _rank() -> str:
 def report_error(command: str, exc: BaseException) -> int | None:
     """Print the one error line of ``exc`` and return its exit code (None: a bug).
 
-    With several ranks the same bad input fails on every rank: rank 0 reports it; the
-    other ranks stay silent for usage errors and name themselves for the rest.
+    With several ranks the same bad input fails on every rank, and rank 0 says so. The
+    launcher ends the job when the first rank exits, so on bad input the other ranks wait
+    a moment for rank 0's line to get out; if the job is still alive then, the input was
+    bad on this rank alone (a device it lacks) and it reports for itself. Other errors
+    name their rank at once.
     """
     found = describe(exc)
     if found is None:
         return None
     message, code = found
-    rank = _rank()
+    rank = process_rank()
     if rank != "0":
         if code == EXIT_USAGE:
-            return code
+            time.sleep(USAGE_GRACE_S)
         message = f"rank {rank}: {message}"
     print(f"scalelab {command}: error: {message}", file=sys.stderr, flush=True)
     return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,15 +77,22 @@ def throughput(table: pd.DataFrame, threshold: float) -> object:
         base = grp.iloc[0]
         ax.plot(grp["workers"], base["throughput"] * grp["workers"] / base["workers"], "--",
                 color=line[0].get_color(), alpha=0.6, label=f"{labels[key]} (ideal)")
-    log2_x(ax, table["workers"].to_numpy())
+    _throughput_axes(ax, table, "workers", "workers (GPUs, or ranks on CPU)",
+                     "Throughput vs scale (dashed: ideal linear scaling)", "small")
+    return fig
+
+
+def _throughput_axes(ax: Any, table: pd.DataFrame, x: str, xlabel: str, title: str,
+                     legend: str) -> None:
+    """Log-2 scale axis, log throughput in the table's units, grid and legend."""
+    log2_x(ax, table[x].to_numpy())
     ax.set_yscale("log")
-    ax.set_xlabel("workers (GPUs, or ranks on CPU)")
+    ax.set_xlabel(xlabel)
     units = sorted(set(table["throughput_unit"]))
     ax.set_ylabel(f"throughput ({', '.join(units)})")
-    ax.set_title("Throughput vs scale (dashed: ideal linear scaling)")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
+    ax.legend(fontsize=legend)
 
 
 def efficiency(table: pd.DataFrame, threshold: float) -> object:
@@ -241,14 +249,7 @@ def memory(table: pd.DataFrame, threshold: float) -> object:
             ax2.plot(held["ranks"], (held["param_bytes_per_rank"]
                                      + held["optim_state_bytes_per_rank"]) / 2**20, "x:",
                      color=ax2.lines[-1].get_color(), label=f"{labels[key]} params+optimizer")
-    log2_x(ax1, table["ranks"].to_numpy())
-    ax1.set_yscale("log")
-    ax1.set_xlabel("world size (ranks)")
-    units = sorted(set(table["throughput_unit"]))
-    ax1.set_ylabel(f"throughput ({', '.join(units)})")
-    ax1.set_title("throughput")
-    ax1.grid(True, alpha=0.3)
-    ax1.legend(fontsize="x-small")
+    _throughput_axes(ax1, table, "ranks", "world size (ranks)", "throughput", "x-small")
     if mem.empty:
         _empty(ax2, "no per-rank state bytes in the input\n(runs made before they were "
                     "measured, or published tables)")

@@ -23,11 +23,17 @@ RECIPE_OPTIONS = ("cuda", "distro", "arch", "python", "torch", "torch_index", "n
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """`scalelab container ACTION`: one function per action below."""
     p = subparsers.add_parser("container", help="Apptainer images: generate, lint, lock, build, "
                               "pull, verify, inspect, exec",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="container_command", metavar="ACTION", required=True)
+    for add in (_add_generate, _add_lint, _add_lock, _add_build, _add_pull, _add_verify,
+                _add_inspect, _add_exec):
+        add(sub)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="render the GPU .def from containers/recipe.py (hpccm)")
     g.add_argument("--recipe", help="hpccm recipe (default: containers/recipe.py)")
     g.add_argument("--out", help="write one definition here ('-': stdout); default: rewrite the "
@@ -41,10 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="render a base that has no digest in the lock (lint will fail it)")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_lint(sub: argparse._SubParsersAction) -> None:
     li = sub.add_parser("lint", help="check .def files: pinned bases, sections, versioned labels")
     li.add_argument("files", nargs="*", help="definition files (default: containers/*.def)")
     li.set_defaults(func=cmd_lint)
 
+
+def _add_lock(sub: argparse._SubParsersAction) -> None:
     lk = sub.add_parser("lock", help="resolve base-image digests from the registry into the lock")
     lk.add_argument("--lock", help="lock file (default: containers/lock.yaml)")
     lk.add_argument("--add", action="append", default=[], metavar="REF",
@@ -53,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="resolve only this image (repeatable)")
     lk.set_defaults(func=cmd_lock)
 
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build the CPU image here (staged, cached), or any "
                        "definition with apptainer build [--fakeroot]",
                        description="Without --def: the CPU image of containers/cpu/ in three "
@@ -82,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _runtime_args(b)
     b.set_defaults(func=cmd_build)
 
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("pull", help="apptainer pull an image (http(s)://, oras://, docker://, "
                         "library://) and check its sha256 before anything uses it",
                         description="Pulls into a temporary file beside IMAGE, hashes it, and "
@@ -97,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _runtime_args(pl)
     pl.set_defaults(func=cmd_pull)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("verify", help="check the image's sha256 against the pin (and signatures)")
     v.add_argument("image", nargs="?", help="image file (default: container.image of --config)")
     v.add_argument("--sha256", help="pinned sha256 (default: container.sha256 of --config)")
@@ -109,12 +125,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="print the verdict as one JSON document on stdout")
     v.set_defaults(func=cmd_verify)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="show the image's labels (versions, commit, bases)")
     i.add_argument("image")
     i.add_argument("--json", action="store_true", help="print apptainer's JSON as is")
     i.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
     i.set_defaults(func=cmd_inspect)
 
+
+def _add_exec(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("exec", help="run a command in the image (optionally under srun)",
                        description="apptainer exec [--nv] [--bind ...] IMAGE CMD...; with --srun: "
                        "srun --mpi=pmix ... apptainer exec ... (the container call inside srun).")

@@ -120,17 +120,20 @@ def save(path: Path, state: dict[str, Any]) -> None:
     write_checksum(path)
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, verified: bool = False) -> dict[str, Any]:
     """Verify and load a checkpoint (tensors to CPU; no arbitrary code: weights_only).
 
     Of a sharded checkpoint this returns the non-tensor state; its ``model`` and
-    ``optimizer`` entries name the directory that :func:`load_sharded` reads."""
+    ``optimizer`` entries name the directory that :func:`load_sharded` reads.
+    ``verified``: the checksums were checked already (by rank 0, for the whole job)."""
     if is_sharded(path):
-        verify_dir(path)
+        if not verified:
+            verify_dir(path)
         state = torch.load(path / META, map_location="cpu", weights_only=True)
         state = {**state, "model": path, "optimizer": path} if isinstance(state, dict) else state
     else:
-        verify(path)
+        if not verified:
+            verify(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError("not a checkpoint dict")

@@ -12,11 +12,10 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
-from scalelab.errors import EXIT_USAGE, UsageError, describe, report_error
+from scalelab.errors import UsageError, process_rank, report_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,11 +70,9 @@ def main(args: argparse.Namespace) -> int:
         # A peer may be dead: interpreter shutdown (process-group destructors, Horovod's
         # atexit) could block on it. Report and leave at once.
         code = 130 if isinstance(exc, KeyboardInterrupt) else report_error("train", exc)
-        if code == EXIT_USAGE and _rank() != "0":
-            _after_rank0(exc)
         if code is None and _peer_lost(exc):
             # A consequence, not a cause: the rank that failed first reports why.
-            print(f"scalelab train: rank {_rank()} stopped: a peer failed "
+            print(f"scalelab train: rank {process_rank()} stopped: a peer failed "
                   f"({str(exc).splitlines()[0][:160]})", file=sys.stderr, flush=True)
             code = 1
         if code is None:
@@ -95,25 +92,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Seconds a rank other than 0 waits before leaving on bad input (see :func:`_after_rank0`).
-USAGE_GRACE_S = 3.0
-
-
-def _after_rank0(exc: BaseException) -> None:
-    """Bad input fails on every rank, and rank 0 says so. The launcher ends the job when the
-    first rank exits, so the other ranks wait a moment for rank 0's line to get out; if
-    rank 0 has not ended the job by then, the input was bad on this rank alone (a device it
-    lacks): it reports for itself."""
-    time.sleep(USAGE_GRACE_S)
-    found = describe(exc)
-    if found is not None:
-        print(f"scalelab train: error: rank {_rank()}: {found[0]}", file=sys.stderr, flush=True)
-
-
 #: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.
 LOCK_ENV = "SCALELAB_RUN_LOCK"
-#: Rank variables of the launchers scalelab supports (see scalelab.layout), first match wins.
-_RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
 @contextlib.contextmanager
@@ -126,7 +106,7 @@ def run_dir_guard(out: Path, force: bool = False):
     """
     from scalelab.fsio import check_target, held_for, writer_lock
 
-    if _rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
+    if process_rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
         yield  # rank 0 (or the launcher) checked and holds the directory for the job
         return
     with writer_lock(out, force=force):
@@ -145,9 +125,6 @@ def _peer_lost(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
     return any(marker in text for marker in _PEER_LOST)
 
-
-def _rank() -> str:
-    return next((os.environ[v] for v in _RANK_VARS if os.environ.get(v)), "0")
 
 
 def _has_peers() -> bool:

@@ -63,19 +63,19 @@ def run(config: RunConfig | dict | str | Path, out_dir: str | Path, *,
         raise UsageError("--reshard: only with --resume (it lets a resume change the layout)")
     stop = StopRequest().install()  # early: a signal during start-up must not kill us
     try:
-        return _run(config, Path(out_dir), (resume, reshard), overrides or [], stop)
+        return _run(config, Path(out_dir), resume, reshard, overrides or [], stop)
     finally:
         stop.restore()
 
 
-def _run(config: RunConfig | dict | str | Path, out: Path, resume: tuple[bool, bool],
+def _run(config: RunConfig | dict | str | Path, out: Path, resume: bool, reshard: bool,
          overrides: list[str], stop: StopRequest) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
     backend_name = choose_backend(cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name,
                                   cfg.model.options)
     plan = resolve_batch(cfg, Parallelism(layout.world_size, cfg.dist.tp))
-    done = check_run_dir(out, resume[0])
+    done = check_run_dir(out, resume)
     if done is not None:
         if layout.is_main:
             print(f"scalelab train: {out} already holds a completed run; nothing to do")
@@ -94,7 +94,7 @@ def _run(config: RunConfig | dict | str | Path, out: Path, resume: tuple[bool, b
     try:
         try:
             job = build_job(cfg, layout, plan, backend, raw_model, data, device, threads, out,
-                            resume)
+                            resume, reshard=reshard)
             result = Trainer(job, stop, watchdog).fit()
         except Preempted:  # every rank agreed to stop: leave together
             backend.barrier()
@@ -329,7 +329,8 @@ class Trainer:
             if job.main:
                 print(f"scalelab train: no checkpoint in {self.ckpt_dir}; starting from scratch")
             return
-        saved = found[1] if found else ckpt.load(self.ckpt_dir / name)
+        # rank 0 verified the checksums before naming the checkpoint to every rank
+        saved = found[1] if found else ckpt.load(self.ckpt_dir / name, verified=True)
         self._check_position(name, saved)
         try:
             if ckpt.is_sharded(Path(name)):

@@ -79,7 +79,7 @@ def steps_per_epoch(cfg: RunConfig, plan: BatchPlan, train_set: Any) -> int:
 
 def build_job(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
               raw_model: torch.nn.Module, data: tuple[Any, Any, int], device: torch.device,
-              threads: int | None, out: Path, resume: tuple[bool, bool]) -> Job:
+              threads: int | None, out: Path, resume: bool, *, reshard: bool = False) -> Job:
     """Apply the backend to the model, make optimizer and schedule, describe the run dir."""
     train_set, val_set, steps = data
     use_bf16 = cfg.train.precision == "bf16" or (
@@ -102,7 +102,7 @@ def build_job(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     timer.attach(optimizer)
     hostnames = backend.gather_object(socket.gethostname())
     return Job(cfg=cfg, layout=layout, plan=plan, backend=backend, device=device,
-               threads=threads, out=out, resume=resume[0], reshard=resume[1],
+               threads=threads, out=out, resume=resume, reshard=reshard,
                train_set=train_set, val_set=val_set,
                steps_per_epoch=steps, raw_model=raw_model, model=model, optimizer=optimizer,
                scheduler=scheduler, params=[p for p in raw_model.parameters() if p.requires_grad],
