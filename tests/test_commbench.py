@@ -54,6 +54,36 @@ def test_busbw_factors():
     assert bench.bus_factor("broadcast", 8) == 1.0
 
 
+class _Local:
+    """One process, no peers: time_op needs only sync and barrier (both no-ops here)."""
+
+    def sync(self) -> None: ...
+
+    def barrier(self) -> None: ...
+
+
+def test_one_descheduled_block_does_not_become_the_figure():
+    """time_op reports the median of up to BLOCKS timed blocks: one 200 ms stall among
+    2 ms calls leaves the figure near 2 ms (a single block's mean would be ~42 ms)."""
+    import time
+
+    calls = []
+
+    def run_once() -> None:
+        calls.append(1)
+        time.sleep(0.2 if len(calls) == 3 else 0.002)  # the 1st timed call, after 2 warm-ups
+
+    t = bench.time_op(_Local(), run_once, iters=5, warmup=2)
+    assert len(calls) == 7
+    assert 0.0015 < t < 0.02, t
+
+
+def test_blocks_split_every_timed_call():
+    calls = []
+    bench.time_op(_Local(), lambda: calls.append(1), iters=12, warmup=0)
+    assert len(calls) == 12
+
+
 def test_default_sizes_span_1k_to_256m():
     sizes = bench.message_sizes(bench.parse_size("1K"), bench.parse_size("256M"), 2)
     assert sizes[0] == 1024 and sizes[-1] == 256 * 2**20 and len(sizes) == 19

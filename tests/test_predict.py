@@ -53,6 +53,56 @@ def test_fit_recovers_alpha_beta(world_sizes):
     assert fit.rms_rel_error < 0.02 and fit.world_sizes == tuple(world_sizes)
 
 
+#: Allreduce times (us) of a 2-rank gloo commbench measured during a CI run on a busy
+#: 2-core machine (1 KiB .. 1 MiB, 3 iterations): flat within noise.
+FLAT_US = [2467.6, 1026.9, 4195.1, 2003.3, 1204.2, 2444.9, 1870.0, 3120.5, 2210.0, 2950.7,
+           2601.3]
+
+
+def flat_records() -> list[dict]:
+    recs = []
+    for k, us in enumerate(FLAT_US):
+        rec = synthetic_records()[0] | {"lib": "torch", "backend": "gloo",
+                                        "size_bytes": 1024 * 2 ** k, "time_s": us * 1e-6}
+        recs.append(rec)
+    return recs
+
+
+def test_a_resolved_curve_is_not_a_bound():
+    assert not model.fit_ring(synthetic_records()).beta_is_lower_bound
+
+
+def test_a_flat_curve_gives_a_flagged_bandwidth_bound():
+    """Noise-dominated times cannot resolve beta: the fit falls back to the best bus
+    bandwidth measured (which the true beta is at least) and says so."""
+    recs = flat_records()
+    fit = model.fit_ring(recs)
+    assert fit.beta_is_lower_bound
+    best = max(r["size_bytes"] / r["time_s"] for r in recs)  # 2(n-1)/n = 1 at n = 2
+    assert fit.beta_Bps == pytest.approx(best, rel=1e-9)
+    assert fit.alpha_s > 0 and fit.size_range == (1024, 1024 * 2 ** 10)
+    # every measured time is at least the fitted bandwidth term: a true lower bound on beta
+    assert all(r["time_s"] >= r["size_bytes"] / fit.beta_Bps * (1 - 1e-9) for r in recs)
+
+
+def test_predict_on_a_flat_curve_finishes_and_flags_it(tmp_path):
+    cb = write_commbench(tmp_path / "cb", flat_records())
+    out = tmp_path / "pred"
+    proc = run([SCALELAB, "predict", "--commbench", str(cb), "--compute-time", "0.01",
+                "--grad-bytes", "400K", "--global-batch", "32", "--out", str(out)])
+    assert "warning:" in proc.stderr and "lower bound" in proc.stderr, proc.stderr
+    assert "beta >=" in proc.stdout
+    pred = pd.read_csv(out / "prediction.csv")
+    assert pred["comm_s_is_upper_bound"].all()
+    assert "not resolved" in (out / "prediction.md").read_text()
+    assert json.loads((out / "prediction.json").read_text())["fit"]["beta_is_lower_bound"]
+    resolved = tmp_path / "resolved"
+    run([SCALELAB, "predict", "--commbench", str(write_commbench(tmp_path / "cb2",
+         synthetic_records())), "--compute-time", "0.01", "--grad-bytes", "400K",
+         "--global-batch", "32", "--out", str(resolved)])
+    assert not pd.read_csv(resolved / "prediction.csv")["comm_s_is_upper_bound"].any()
+
+
 def test_model_weak_and_strong():
     fit = model.RingFit(ALPHA, BETA, 0, 0, 0, 0, 10, (2,))
     g = 100e6

@@ -17,6 +17,7 @@ GB/s means 1e9 bytes per second, as in nccl-tests.
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -76,17 +77,29 @@ def elements(op: str, size_bytes: int, n: int) -> int:
     return max(1, per // n if op == "allgather" else per)
 
 
+#: Timed calls are split into up to this many blocks; the median block is reported, so one
+#: descheduled block on a shared node does not become the figure (nccl-tests times a
+#: single block and reports its mean).
+BLOCKS = 5
+
+
 def time_op(comm: Comm, run: Callable[[], Any], iters: int, warmup: int) -> float:
-    """Seconds per call on this rank: warm-up, barrier, ``iters`` timed calls."""
+    """Seconds per call on this rank: warm-up, barrier, then ``iters`` timed calls in up to
+    ``BLOCKS`` synchronised blocks; the median block's time per call."""
     for _ in range(warmup):
         run()
     comm.sync()
     comm.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    comm.sync()
-    return (time.perf_counter() - start) / iters
+    blocks = min(BLOCKS, iters)
+    per_call = []
+    for b in range(blocks):
+        calls = iters // blocks + (b < iters % blocks)
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        comm.sync()
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
 
 
 def benchmark(comm: Comm, ops: Iterable[str], sizes: list[int], iters: int, warmup: int,

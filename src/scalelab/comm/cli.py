@@ -77,7 +77,8 @@ def commbench(args: argparse.Namespace) -> int:
         "launcher": _launcher(), "ops": ops, "sizes": sizes, "iters": args.iters,
         "warmup": args.warmup, "checked": not args.no_check, "started_at": started,
         "versions": comm.versions(), "argv": sys.argv,
-        "definitions": "time: mean over ranks; algbw = size/time (1e9 B/s); busbw = algbw x "
+        "definitions": f"time: per call, the median of up to {bench.BLOCKS} timed blocks, "
+                       "mean over ranks; algbw = size/time (1e9 B/s); busbw = algbw x "
                        "2(n-1)/n (allreduce), (n-1)/n (allgather), 1 (broadcast)",
     }
     wrong = sum(r["wrong"] for r in records if r["wrong"] > 0)

@@ -68,7 +68,13 @@ def ring_allreduce_time(n: np.ndarray | float, size_bytes: np.ndarray | float, a
 
 @dataclass(frozen=True)
 class RingFit:
-    """Fitted ring-allreduce parameters and how well they describe the curve."""
+    """Fitted ring-allreduce parameters and how well they describe the curve.
+
+    ``beta_is_lower_bound`` is set when the measured times do not grow measurably with the
+    message size (latency and noise dominate, as on a shared machine or with small sizes):
+    beta is then the best bus bandwidth measured, which the true bandwidth is at least, so
+    every communication time predicted from it is an upper bound.
+    """
 
     alpha_s: float
     beta_Bps: float
@@ -78,11 +84,21 @@ class RingFit:
     max_rel_error: float
     points: int
     world_sizes: tuple[int, ...]
+    beta_is_lower_bound: bool = False
+    size_range: tuple[float, float] = (math.nan, math.nan)
+
+
+#: The slope (1/beta) must exceed this many standard errors to count as measured.
+SLOPE_SIGMAS = 2.0
 
 
 def fit_ring(records: Iterable[dict], min_bytes: float = 0.0,
              max_bytes: float = math.inf) -> RingFit:
-    """Fit alpha and beta to the allreduce records of a commbench output."""
+    """Fit alpha and beta to the allreduce records of a commbench output.
+
+    Least squares on relative error (each size counts alike), with both terms >= 0. When
+    the bandwidth term is not resolved, beta falls back to a flagged lower bound.
+    """
     from scipy.optimize import nnls
 
     rows = [r for r in records if r["op"] == "allreduce" and r["world_size"] >= 2
@@ -93,26 +109,38 @@ def fit_ring(records: Iterable[dict], min_bytes: float = 0.0,
     n = np.array([r["world_size"] for r in rows], dtype=float)
     s = np.array([r["size_bytes"] for r in rows], dtype=float)
     t = np.array([r["time_s"] for r in rows], dtype=float)
-    design = np.column_stack([2 * (n - 1), 2 * (n - 1) / n * s]) / t[:, None]
+    lat, vol = 2 * (n - 1), 2 * (n - 1) / n * s  # time = lat * alpha + vol / beta
+    design = np.column_stack([lat, vol]) / t[:, None]
     coef, _ = nnls(design, np.ones_like(t))
+    a_err, ib_err = _stderr(design, coef)
     alpha, inv_beta = float(coef[0]), float(coef[1])
-    if inv_beta <= 0:
-        raise UsageError("commbench: the allreduce time does not grow with the message size; "
-                         "cannot fit a bandwidth (use larger sizes)")
+    bound = not inv_beta > SLOPE_SIGMAS * (0.0 if math.isnan(ib_err) else ib_err)
+    if bound:
+        inv_beta = float(np.min(t / vol))  # 1 / best bus bandwidth: t >= vol / beta
+        x = lat / t  # alpha alone, by the same relative least squares
+        alpha = max(0.0, float(x @ (1.0 - vol * inv_beta / t) / (x @ x)))
+        coef = np.array([alpha, inv_beta])
+        a_err, ib_err = math.nan, math.nan
     resid = design @ coef - 1.0
-    dof = max(len(t) - 2, 1)
-    try:
-        cov = np.linalg.inv(design.T @ design) * float(resid @ resid) / dof
-        a_err, ib_err = float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))
-    except np.linalg.LinAlgError:
-        a_err = ib_err = math.nan
     beta = 1.0 / inv_beta
     return RingFit(
         alpha_s=alpha, beta_Bps=beta, alpha_stderr_s=a_err,
         beta_stderr_Bps=ib_err * beta * beta,
         rms_rel_error=float(np.sqrt(np.mean(resid ** 2))),
         max_rel_error=float(np.max(np.abs(resid))), points=len(t),
-        world_sizes=tuple(sorted({int(x) for x in n})))
+        world_sizes=tuple(sorted({int(x) for x in n})), beta_is_lower_bound=bound,
+        size_range=(float(s.min()), float(s.max())))
+
+
+def _stderr(design: np.ndarray, coef: np.ndarray) -> tuple[float, float]:
+    """Standard errors of the two fitted coefficients (nan when they cannot be told apart)."""
+    resid = design @ coef - 1.0
+    dof = max(len(resid) - 2, 1)
+    try:
+        cov = np.linalg.inv(design.T @ design) * float(resid @ resid) / dof
+    except np.linalg.LinAlgError:
+        return math.nan, math.nan
+    return float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))
 
 
 @dataclass(frozen=True)
@@ -296,6 +324,8 @@ def predict(base: Base, fit: RingFit, ranks: Iterable[int],
         "comm_s": total, "exposed_comm_s": (1.0 - base.overlap) * total, "step_time_s": step,
         "throughput": throughput, "speedup": throughput / x0,
         "efficiency": throughput / (x0 * n / base.ranks),
+        # beta unresolved: the times above are upper bounds, the efficiencies lower ones
+        "comm_s_is_upper_bound": fit.beta_is_lower_bound,
     })
     last = int(n[-1])
     out.attrs["comm"] = comm.describe(last, float(batch[-1]) / max(last // comm.tp, 1))
@@ -344,4 +374,5 @@ def scales(max_nodes: int, ranks_per_node: int) -> list[int]:
 def fit_dict(fit: RingFit) -> dict:
     d = asdict(fit)
     d["world_sizes"] = list(fit.world_sizes)
+    d["size_range"] = list(fit.size_range)
     return d

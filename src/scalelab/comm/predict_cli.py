@@ -13,6 +13,7 @@ The model and its report live in :mod:`scalelab.comm.predict` and
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from scalelab.errors import UsageError
@@ -83,7 +84,10 @@ def predict(args: argparse.Namespace) -> int:
     pred = model.predict(base, fit, ranks, comm)
     errors = model.compare(pred, measured)
     out = predict_report.write(args.out, pred, errors, measured, base, fit, args)
-    print(f"alpha = {fit.alpha_s * 1e6:.2f} us, beta = {fit.beta_Bps / 1e9:.3f} GB/s "
+    if fit.beta_is_lower_bound:
+        print(f"scalelab predict: warning: {predict_report.bound_warning(fit)}", file=sys.stderr)
+    print(f"alpha = {fit.alpha_s * 1e6:.2f} us, beta {'>=' if fit.beta_is_lower_bound else '='} "
+          f"{fit.beta_Bps / 1e9:.3f} GB/s "
           f"(fit rms rel error {fit.rms_rel_error:.1%} over {fit.points} sizes)")
     for e in errors.itertuples():
         print(f"ranks {e.ranks:g}: measured {e.measured_throughput:.4g}, predicted "

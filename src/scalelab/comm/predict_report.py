@@ -60,10 +60,7 @@ def markdown(pred: pd.DataFrame, errors: pd.DataFrame, base: Base, fit: RingFit)
            "(n-1) alpha + (n-1)/n S/beta, S the unsharded buffer.", ""]
           if "comm" in pred.attrs else []),
         f"Fitted on {fit.points} allreduce sizes at world size(s) "
-        f"{', '.join(map(str, fit.world_sizes))}: alpha = {fit.alpha_s * 1e6:.3f} us "
-        f"(+- {fit.alpha_stderr_s * 1e6:.2g}), beta = {fit.beta_Bps / 1e9:.4f} GB/s "
-        f"(+- {fit.beta_stderr_Bps / 1e9:.2g}); relative fit error rms {fit.rms_rel_error:.1%}, "
-        f"max {fit.max_rel_error:.1%}.", "",
+        f"{', '.join(map(str, fit.world_sizes))}: " + _fit_text(fit), "",
         f"Base configuration: {base.ranks} rank(s), {base.mode} scaling, compute "
         f"{base.compute_s * 1e3:.3f} ms + data {base.data_s * 1e3:.3f} ms per step, gradients "
         f"{base.grad_bytes / 2**20:.2f} MiB, global batch {base.global_batch:g}, "
@@ -74,6 +71,25 @@ def markdown(pred: pd.DataFrame, errors: pd.DataFrame, base: Base, fit: RingFit)
         "![prediction](prediction.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def bound_warning(fit: RingFit) -> str:
+    """One line saying why beta is only a lower bound and what to measure instead."""
+    lo, hi = fit.size_range
+    return (f"the allreduce time does not grow measurably with the message size over "
+            f"{lo:.0f}-{hi:.0f} B (latency and noise dominate), so beta is a lower bound (the "
+            f"best bus bandwidth measured) and predicted communication times are upper bounds; "
+            f"measure larger sizes (commbench --max-bytes) or more iterations to resolve it")
+
+
+def _fit_text(fit: RingFit) -> str:
+    alpha = f"alpha = {fit.alpha_s * 1e6:.3f} us"
+    if fit.beta_is_lower_bound:
+        return (f"{alpha}, **beta >= {fit.beta_Bps / 1e9:.4f} GB/s (not resolved)**: "
+                f"{bound_warning(fit)}.")
+    return (f"{alpha} (+- {fit.alpha_stderr_s * 1e6:.2g}), beta = {fit.beta_Bps / 1e9:.4f} "
+            f"GB/s (+- {fit.beta_stderr_Bps / 1e9:.2g}); relative fit error rms "
+            f"{fit.rms_rel_error:.1%}, max {fit.max_rel_error:.1%}.")
 
 
 def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path) -> None:
@@ -99,8 +115,10 @@ def plot(pred: pd.DataFrame, measured: pd.DataFrame, base: Base, directory: Path
     ax1.set_ylabel("samples/s")
     ax2.set_ylabel("efficiency vs predicted base")
     ax2.set_ylim(0, 1.1)
+    bound = bool(pred["comm_s_is_upper_bound"].any())
     fig.suptitle(f"Predicted {base.mode} scaling of {pred.attrs.get('backend', 'ddp')} "
-                 f"(ring model, {base.grad_bytes / 2**20:.1f} MiB gradients)")
+                 f"(ring model, {base.grad_bytes / 2**20:.1f} MiB gradients)"
+                 + ("\nbandwidth not resolved: efficiencies are lower bounds" if bound else ""))
     fig.tight_layout()
     save(fig, directory, "prediction")
 
