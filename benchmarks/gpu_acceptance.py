@@ -276,7 +276,8 @@ def gpt_fsdp(device: torch.device, s: Sizes, smoke: bool) -> dict:
         summary = run(cfg, Path(tmp) / "gpt-fsdp")
     return {k: summary.get(k) for k in ("num_params", "tokens_per_s", "mfu_lm", "mfu_peak",
                                          "cuda_max_allocated_bytes", "rank0_state_bytes",
-                                         "val_perplexity")}
+                                         "val_perplexity", "joules_per_sample",
+                                         "energy_power_w", "energy_unavailable")}
 
 
 def overhead(device: torch.device, s: Sizes) -> dict:
@@ -344,6 +345,9 @@ def table(r: dict, s: Sizes) -> str:
     g_mfu = f"{g['mfu_lm']:.1%}" if g.get("mfu_lm") is not None else f"n/a ({g.get('mfu_peak')})"
     g_mem = (f", peak {g['cuda_max_allocated_bytes'] / 2**30:.1f} GiB"
              if g.get("cuda_max_allocated_bytes") else "")
+    g_energy = (f", {g['joules_per_sample']:.4g} J/sample at {g['energy_power_w']:.0f} W"
+                if g.get("joules_per_sample") is not None else
+                f", energy n/a ({g.get('energy_unavailable')})")
     lines = [
         f"GPU acceptance on {r['card']} (torch {r['torch']}, {r['date']}, "
         f"{r['total_s']:.0f} s{', SMOKE: toy sizes, figures mean nothing' if r['smoke'] else ''})",
@@ -359,7 +363,7 @@ def table(r: dict, s: Sizes) -> str:
         f"bf16, eager | {_n(tf['tokens_s'])} tokens/s | MFU {mfu} |",
         f"| scalelab train, gpt {g['num_params'] / 1e6:.0f}M, dist.backend fsdp, 1 device, "
         f"seq {s.gpt_seq}, batch {s.gpt_batch} | {_n(g['tokens_per_s'] or 0)} tokens/s | "
-        f"MFU {g_mfu}{g_mem} |",
+        f"MFU {g_mfu}{g_mem}{g_energy} |",
         f"| scalelab train vs bare loop, {ov['model']} {s.ovh_image}px, batch {s.ovh_batch} | "
         f"{_n(ov['trainer_samples_s'])} vs {_n(ov['bare_samples_s'])} samples/s | "
         f"ratio {ov['ratio_median']:.3f} (median of {ov['rounds']} interleaved rounds, "

@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-WHEELS=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
+WHEELS=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+        nvidia-ml-py==13.615.71)  # NVML: the energy counter
 
 if [ "${1:-}" = "--prepare" ]; then
   # Wheels for CPython 3.12 on x86_64 Linux, fetched here where the registry is reachable.

@@ -106,6 +106,18 @@ SCALING_COLUMNS = [
     ("test_accuracy", "test acc", ".3f"), ("sweet_spot", "sweet spot", ""),
 ]
 
+#: Shown only when some run measured it (most CPU nodes expose no readable counter).
+ENERGY_COLUMN = ("joules_per_sample", "J/sample", ".4g")
+
+
+def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The scaling table's columns: energy per sample after the throughput, where measured."""
+    if "joules_per_sample" not in table or not table["joules_per_sample"].notna().any():
+        return SCALING_COLUMNS
+    at = [c[0] for c in SCALING_COLUMNS].index("epoch_time_s")
+    return [*SCALING_COLUMNS[:at], ENERGY_COLUMN, *SCALING_COLUMNS[at:]]
+
+
 FIT_COLUMNS = [
     ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
     ("configurations", "configs", "d"),
@@ -213,7 +225,7 @@ def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
         "",
         "## Configurations (repeats aggregated)",
         "",
-        markdown_table(table, SCALING_COLUMNS),
+        markdown_table(table, scaling_columns(table)),
         "",
         "Flags:" if flags else "Flags: none.",
         "",
@@ -264,7 +276,7 @@ def html_page(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
         "<p>Inputs: " + html.escape(", ".join(map(str, inputs))) + "</p>",
         f"<p>{html.escape(_intro(table, threshold))}</p>",
         "<h2>Configurations (repeats aggregated)</h2>",
-        html_table(table, SCALING_COLUMNS),
+        html_table(table, scaling_columns(table)),
         f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
         "<h2>Memory per rank</h2>",
         f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',

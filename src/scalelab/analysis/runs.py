@@ -49,6 +49,9 @@ COLUMNS: dict[str, str] = {
     "optim_state_bytes_per_rank": "optimizer-state bytes rank 0 holds (moments, momentum)",
     "state_bytes_per_rank": "parameter + gradient + optimizer-state bytes of rank 0",
     "cuda_max_allocated_bytes": "CUDA allocator peak of rank 0 (GPU runs only)",
+    "joules_per_sample": "energy per trained sample over all ranks (NVML GPUs, RAPL CPU "
+                         "packages + DRAM; NaN where no counter could be read)",
+    "energy_power_w": "average power over the timed epochs, watts (same counters)",
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
                   "CSV: file:line",
 }
@@ -57,7 +60,8 @@ NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "glo
            "samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
            "comm_s", "final_accuracy", "test_accuracy", "time_to_target_s", "grad_bytes", "tp",
            "param_bytes_per_rank", "grad_bytes_per_rank", "optim_state_bytes_per_rank",
-           "state_bytes_per_rank", "cuda_max_allocated_bytes")
+           "state_bytes_per_rank", "cuda_max_allocated_bytes", "joules_per_sample",
+           "energy_power_w")
 
 #: Memory columns and the summary.json keys they come from (the trainer's memory_facts).
 MEMORY_KEYS = {
@@ -67,6 +71,8 @@ MEMORY_KEYS = {
     "state_bytes_per_rank": "rank0_state_bytes",
     "cuda_max_allocated_bytes": "cuda_max_allocated_bytes",
 }
+#: Energy columns and their summary.json keys (the trainer's energy_facts).
+ENERGY_KEYS = {"joules_per_sample": "joules_per_sample", "energy_power_w": "energy_power_w"}
 
 NAN = float("nan")
 
@@ -259,9 +265,11 @@ def _labels(run_dir: Path, summary: dict, sweep: dict, mode: str) -> dict[str, s
             "mode": check_label(mode, f"{sweep_path}: field 'mode'")}
 
 
-def _memory(summary: dict, s: str) -> dict[str, float]:
-    """Rank 0's measured state bytes (NaN for runs whose summary predates them)."""
-    return {col: _num(_dig(summary, key), f"{s}: {key}") for col, key in MEMORY_KEYS.items()}
+def _measured(summary: dict, s: str) -> dict[str, float]:
+    """Rank 0's measured state bytes and the job's energy (NaN where the summary has none:
+    older runs, or no readable energy counter)."""
+    keys = MEMORY_KEYS | ENERGY_KEYS
+    return {col: _num(_dig(summary, key), f"{s}: {key}") for col, key in keys.items()}
 
 
 def load_run(run_dir: str | Path, target_accuracy: float | None = None,
@@ -325,7 +333,7 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
         "grad_bytes": _grad_bytes(summary, config, s, count_params),
         "tp": _num(_dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1,
                    f"{s}: tp"),
-        **_memory(summary, s),
+        **_measured(summary, s),
         "provenance": check_label(_provenance(summary, run_dir), f"{s}: field 'provenance.id'"),
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]

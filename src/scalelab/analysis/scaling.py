@@ -63,7 +63,7 @@ FLAG_LEGEND: dict[str, str] = {
 MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
           "final_accuracy", "test_accuracy", "time_to_target_s", "param_bytes_per_rank",
           "grad_bytes_per_rank", "optim_state_bytes_per_rank", "state_bytes_per_rank",
-          "cuda_max_allocated_bytes"]
+          "cuda_max_allocated_bytes", "joules_per_sample", "energy_power_w"]
 
 
 def amdahl(p: np.ndarray, f: float) -> np.ndarray:

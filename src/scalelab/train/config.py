@@ -204,6 +204,11 @@ class MetricsConfig(Section):
     warmup_steps: NonNegInt = 3
     """Steps at the start excluded from throughput (the first epoch is excluded
     altogether from the run's samples/s when there are several epochs)."""
+    energy: bool = True
+    """Energy per sample from the hardware's cumulative counters, read at epoch
+    boundaries: NVML on NVIDIA GPUs, RAPL (CPU packages and DRAM) on the node's local
+    rank 0 where readable. The summary gives what could be read and why the rest could
+    not; false reads nothing. Counters see the whole node: meaningful on exclusive nodes."""
 
 
 class RunConfig(Section):

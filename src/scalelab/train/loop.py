@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from scalelab.backends import Backend, choose_backend, make_backend
+from scalelab.energy import open_meter
+from scalelab.energy import total as energy_total
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write, atomic_write_json
 from scalelab.layout import detect
@@ -135,6 +137,10 @@ class Trainer:
         self.process_steps = 0  # steps run by this process (warm-up exclusion restarts on resume)
         self.bar: Any = _NoBar()
         self.clock = _Clock()
+        self.energy = open_meter(job.cfg.metrics.energy, _gpu_uuid(job.device),
+                                 job.layout.local_rank)
+        self.epoch_energy: list[float] | None = None  # this rank's, until summed
+        self.epoch_samples, self.epoch_energy_s, self.energy_since = 0, 0.0, 0.0
 
     def fit(self) -> dict[str, Any]:
         """Resume if asked, run the remaining epochs, write model.pt and summary.json."""
@@ -164,6 +170,7 @@ class Trainer:
         self.bar = _progress(self._show_bar(), epoch, job.cfg.train.epochs, first,
                              job.steps_per_epoch)
         self.clock = _Clock()
+        self._energy_mark()
         for step in range(first, job.steps_per_epoch):
             job.timer.mark("start")
             t0 = time.perf_counter()
@@ -173,6 +180,7 @@ class Trainer:
             t_comm = self.train_step(x, y)
             self.after_step(step, t_data, t_comm)
         self.bar.close()
+        self._energy_mark(samples=(job.steps_per_epoch - first) * plan.global_batch)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """Forward/backward over the micro-batches (gradients averaged on the last), update.
@@ -262,6 +270,7 @@ class Trainer:
                            self.watchdog)
         st.stats.wall_s += self.clock.epoch()
         record = epoch_record(st.stats, epoch, cfg.train.epochs, st.global_step, *val)
+        record.update(self._epoch_energy())
         st.history.append(record)
         job.metrics.write(record)
         job.metrics.sync()
@@ -272,13 +281,36 @@ class Trainer:
         if is_last or (every and (epoch + 1) % every == 0):
             self.save_checkpoint()
 
+    def _energy_mark(self, samples: int | None = None) -> None:
+        """Read the energy counters: at an epoch's start (discarded) and after its last
+        step (kept with the samples trained since the start, validation excluded)."""
+        if not self.job.cfg.metrics.energy:
+            return
+        vector, now = self.energy.vector(), time.perf_counter()
+        if samples is not None:
+            self.epoch_energy, self.epoch_samples = vector, samples
+            self.epoch_energy_s = now - self.energy_since
+        self.energy_since = now
+
+    def _epoch_energy(self) -> dict[str, Any]:
+        """The epoch's joules summed over ranks (one small collective per epoch)."""
+        if self.epoch_energy is None:
+            return {}
+        dev = self.job.device
+        summed = self.job.backend.allreduce_async(
+            torch.tensor(self.epoch_energy, dtype=torch.float64, device=dev))()
+        joules, sources = energy_total(summed)
+        self.epoch_energy = None
+        return {"energy_j": joules, "energy_sources": sources,
+                "energy_samples": self.epoch_samples, "energy_s": self.epoch_energy_s}
+
     def finish(self) -> dict[str, Any]:
         """Final weights, then the summary (its presence marks the run completed)."""
         job = self.job
         final_state = job.backend.full_state(job.raw_model, None)[0]  # all ranks (gathers)
         if job.main:
             atomic_write(job.out / "model.pt", lambda fh: torch.save(final_state, fh))
-        result = summary(job, self.state)
+        result = summary(job, self.state, self.energy.reasons)
         job.metrics.write({"kind": "end", "global_step": self.state.global_step,
                            "samples_per_s": result["samples_per_s"]})
         job.metrics.close()
@@ -407,6 +439,13 @@ def evaluate(model: torch.nn.Module, dataset, backend: Backend, device: torch.de
     model.train(was_training)
     loss_sum, correct, count = backend.allreduce(sums.tolist())
     return loss_sum / count, correct / count
+
+
+def _gpu_uuid(device: torch.device) -> str | None:
+    """The UUID NVML knows this rank's GPU by (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 class _Clock:

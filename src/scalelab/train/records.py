@@ -46,7 +46,7 @@ def run_info(job: Job) -> dict[str, Any]:
     }
 
 
-def summary(job: Job, state: TrainState) -> dict[str, Any]:
+def summary(job: Job, state: TrainState, reasons: dict[str, str]) -> dict[str, Any]:
     """summary.json: the run's figures (every rank computes it; rank 0 writes it)."""
     cfg, plan, history = job.cfg, job.plan, state.history
     last = history[-1] if history else {}
@@ -78,4 +78,26 @@ def summary(job: Job, state: TrainState) -> dict[str, Any]:
                            out["samples_per_s_per_rank"], job.use_bf16))
     out.update(job.backend.memory_facts())
     out.update(lm_facts(job.raw_model, out, job.device, peak_bf16))
+    out.update(energy_facts(history, reasons))
     return out
+
+
+def energy_facts(history: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
+    """Joules per trained sample over the epochs the throughput covers (the first is
+    warm-up when there are several), from the rank-summed counters of each epoch.
+
+    ``reasons`` (this rank's, why a counter could not be opened) is reported when no
+    figure exists, so a missing number explains itself rather than reading as zero.
+    """
+    epochs = history[1:] if len(history) > 1 else history
+    joules = [e.get("energy_j") for e in epochs]
+    if not epochs or any(j is None for j in joules):
+        return {"energy_j": None, "joules_per_sample": None, "energy_sources": [],
+                "energy_unavailable": reasons or {"all": "an epoch has no energy reading"}}
+    samples = sum(e["energy_samples"] for e in epochs)
+    seconds = sum(e["energy_s"] for e in epochs)
+    return {"energy_j": sum(joules), "joules_per_sample": sum(joules) / samples,
+            "energy_power_w": sum(joules) / seconds if seconds > 0 else None,
+            "energy_sources": sorted({s for e in epochs for s in e["energy_sources"]}),
+            "energy_excludes": "first epoch and validation" if len(history) > 1 else
+            "validation", "energy_unavailable": reasons}
