@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import scalelab_main
-from train_support import TINY, TORCHRUN, TRAIN, deep_update, ok, run, write_config
+from train_support import PY, TINY, TORCHRUN, TRAIN, deep_update, ok, run, write_config
 
 from scalelab import energy
 
@@ -156,3 +156,21 @@ def test_a_run_here_reports_energy_unavailable_with_the_reason(tmp_path):
     off = json.loads((tmp_path / "off" / "summary.json").read_text())
     assert off["energy_unavailable"] == {"nvml": "metrics.energy is false",
                                          "rapl": "metrics.energy is false"}
+
+
+def test_doctor_says_which_counters_a_run_could_read(tmp_path):
+    """`scalelab doctor` probes the counters (optional for every mode): none on this VM,
+    with the reasons; the stand-in tree's two zones when pointed at it."""
+    here = json.loads(run([str(Path(PY).parent / "scalelab"), "doctor", "--json"]).stdout)
+    here_probe = {p["name"]: p for p in here["probes"]}["energy"]
+    assert "rapl:" in here_probe["detail"] and "nvml:" in here_probe["detail"], here_probe
+    StandInRapl(tmp_path, watts=10.0)
+    env = {"SCALELAB_POWERCAP": str(tmp_path)}
+    proc = ok(run([str(Path(PY).parent / "scalelab"), "doctor", "--json"], extra_env=env))
+    probe = {p["name"]: p for p in json.loads(proc.stdout)["probes"]}["energy"]
+    assert probe["ok"] and "rapl: 2 zone(s) readable" in probe["detail"], probe
+    table = ok(run([str(Path(PY).parent / "scalelab"), "doctor"], extra_env=env)).stdout
+    assert "energy" in table and "rapl: 2 zone(s)" in table
+    if "nvidia-ml-py not installed" in here_probe["detail"]:  # brackets are text, not markup
+        assert "'scalelab[gpu]'" in ok(run([str(Path(PY).parent / "scalelab"),
+                                            "doctor"])).stdout

@@ -216,6 +216,32 @@ def probe_apptainer() -> Probe:
                  "or load your site's apptainer module")
 
 
+def probe_energy() -> Probe:
+    """The energy counters a run could read here (joules per sample; optional)."""
+    from scalelab import energy
+
+    parts, ok = [], False
+    try:
+        zones = energy.Rapl().zones
+        parts.append(f"rapl: {len(zones)} zone(s) readable (packages + dram)")
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - any failure: not readable here
+        parts.append(f"rapl: {type(exc).__name__}: {exc}".splitlines()[0])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        parts.append(f"nvml: {pynvml.nvmlDeviceGetCount()} GPU(s)")
+        ok = True
+    except ImportError:
+        parts.append("nvml: nvidia-ml-py not installed (pip install 'scalelab[gpu]')")
+    except Exception as exc:  # noqa: BLE001 - NVMLError: no driver, no GPU
+        parts.append(f"nvml: {type(exc).__name__}: {exc}".splitlines()[0])
+    return Probe("energy", ok, "; ".join(parts),
+                 "" if ok else "optional: joules per sample need NVML (NVIDIA GPUs) or "
+                 "readable RAPL counters (x86, /sys/class/powercap; root-only since Linux 5.10)")
+
+
 PROBES = {
     "python": probe_python,
     "torch": probe_torch,
@@ -231,6 +257,7 @@ PROBES = {
     "slurmctld": probe_slurm_controller,
     "srun-pmix": probe_srun_mpi,
     "apptainer": probe_apptainer,
+    "energy": probe_energy,
 }
 
 
@@ -245,6 +272,7 @@ def missing_for(mode: str, probes: list[Probe]) -> list[Probe]:
 
 def _print_table(probes: list[Probe], mode: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     needed = set(MODE_REQUIRES[mode])
@@ -255,7 +283,7 @@ def _print_table(probes: list[Probe], mode: str) -> None:
     for p in probes:
         status = "ok" if p.ok else ("MISSING" if p.name in needed else "absent")
         style = "green" if p.ok else ("bold red" if p.name in needed else "yellow")
-        table.add_row(p.name, f"[{style}]{status}[/]", p.detail)
+        table.add_row(p.name, f"[{style}]{status}[/]", escape(p.detail))  # 'x[gpu]' is text
     Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
 
 
