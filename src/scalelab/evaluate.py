@@ -9,7 +9,6 @@ must not depend on how many ranks trained the model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
     import torch
 
     from scalelab.data.shards import open_split
+    from scalelab.fsio import sha256_file
     from scalelab.models import build_model
     from scalelab.train.config import load as load_config
 
@@ -66,7 +66,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "per_class_accuracy": [c / t if t else None for c, t in per_class.tolist()],
-        "model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
+        "model_sha256": sha256_file(model_file),
         "time_s": time.perf_counter() - start,
     }
 
