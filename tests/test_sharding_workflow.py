@@ -191,6 +191,9 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
         assert summary["world_size"] == int(run.split("-t")[1][0])
         assert summary.get("tp", 1) == (2 if "-tp2-" in run else 1)
         assert summary["rank0_state_bytes"] > 0
+        # a generated test split: scored per token, with perplexity
+        ev = json.loads((res / "runs" / run / "evaluation.json").read_text())
+        assert ev["source"] == "tokens" and ev["perplexity"] > 1, ev
         assert _max_diff(_weights(res / "runs" / run), ref) < ATOL, run
         # predict's model of the run: its backend, tp and the bytes the rank really holds
         comm = predict.comm_model_from_run(res / "runs" / run)
@@ -209,8 +212,10 @@ def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):
     out = wd / "results" / "analysis"
     table = pd.read_csv(out / "scaling.csv")
     for col in ("tp", "param_bytes_per_rank", "grad_bytes_per_rank",
-                "optim_state_bytes_per_rank", "state_bytes_per_rank", "memory_vs_ddp"):
+                "optim_state_bytes_per_rank", "state_bytes_per_rank", "memory_vs_ddp",
+                "test_perplexity"):
         assert col in table.columns, col
+    assert (table["test_perplexity"] > 1).all()  # every run was evaluated on its test split
     # a tp=2 point is its own series (its own baseline: efficiency 1 at its smallest point)
     series = table.groupby(["backend", "tp"])["ranks"].apply(sorted).to_dict()
     assert series == {("ddp", 1): [1, 2], ("ddp", 2): [2], ("fsdp", 1): [1, 2],
@@ -225,6 +230,7 @@ def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):
     assert at.loc[("fsdp", 1, 1), "state_bytes_per_rank"] == pytest.approx(
         at.loc[("ddp", 1, 1), "state_bytes_per_rank"], rel=0.01)
     md = (out / "scaling.md").read_text()
+    assert "test ppl" in md
     sentence = next(line for line in md.splitlines() if line.startswith("What sharding bought"))
     assert f"fsdp at 2 ranks holds {share:.2f}x of ddp's parameter + optimizer-state" in sentence
     doc = json.loads((out / "analysis.json").read_text())

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 from scalelab.errors import UsageError
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
+def evaluate(run_dir: str | Path, data_dir: str | Path | None, split: str = "test",
              batch_size: int = 256) -> dict:
-    """Loss and accuracy of RUN_DIR/model.pt on `split` of the staged data."""
-    import numpy as np
+    """Loss and accuracy of RUN_DIR/model.pt on ``split``: of the staged data in
+    ``data_dir``, or, for a generated source (tokens, synthetic), its generated test split.
+    Language models also get perplexity; accuracy is then per token."""
     import torch
 
-    from scalelab.data.shards import open_split
     from scalelab.fsio import sha256_file
     from scalelab.models import build_model
     from scalelab.train.config import load as load_config
@@ -33,10 +34,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
         if not needed.exists():
             raise UsageError(f"{needed}: missing; the run did not complete")
     cfg = load_config(run_dir / "config.yaml")
-    dataset = open_split(data_dir, split)
-    if len(dataset) == 0:
-        raise UsageError(f"--split {split}: {data_dir} holds no samples in it; an accuracy "
-                         "over zero samples means nothing")
+    dataset = _dataset(cfg, data_dir, split)
     model = build_model(cfg.model.name, dataset.num_classes, dataset.image_shape,
                         **cfg.model.options)
     try:
@@ -46,29 +44,67 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, split: str = "test",
         raise UsageError(f"{model_file}: cannot load the weights ({exc})") from None
     model.eval()
     start = time.perf_counter()
-    loss_sum, correct, n = 0.0, 0, len(dataset)
+    sums = _score(model, dataset, batch_size)
+    loss = sums["loss_sum"] / sums["targets"]
+    out = {
+        "run_dir": str(run_dir), "split": split, "samples": len(dataset),
+        "source": cfg.data.source, "loss": loss, "accuracy": sums["correct"] / sums["targets"],
+    }
+    if sums["tokens"]:
+        out.update(tokens=sums["targets"], perplexity=math.exp(loss))
+    else:
+        out["per_class_accuracy"] = [c / t if t else None for c, t in sums["per_class"]]
+    out.update(model_sha256=sha256_file(model_file), time_s=time.perf_counter() - start)
+    return out
+
+
+def _dataset(cfg, data_dir: str | Path | None, split: str):
+    """The split to score: generated for a generated source, else read from ``data_dir``."""
+    from scalelab.data.shards import open_split
+    from scalelab.train.setup import generated_test_split
+
+    generated = generated_test_split(cfg)
+    if generated is not None:
+        if data_dir is not None:
+            raise UsageError(f"--data: the run's data is generated (data.source: "
+                             f"{cfg.data.source}), and so is its test split; omit --data")
+        if split != "test":
+            raise UsageError(f"--split {split}: a generated source has only a test split here "
+                             "(validation is scored during training)")
+        return generated
+    if data_dir is None:
+        raise UsageError(f"--data: required (the run trained on data.source "
+                         f"{cfg.data.source!r}: give the staged data directory)")
+    dataset = open_split(data_dir, split)
+    if len(dataset) == 0:
+        raise UsageError(f"--split {split}: {data_dir} holds no samples in it; an accuracy "
+                         "over zero samples means nothing")
+    return dataset
+
+
+def _score(model, dataset, batch_size: int) -> dict:
+    """Summed loss, hits and targets over the split (a label, or each token of a sequence)."""
+    import numpy as np
+    import torch
+
+    sums = {"loss_sum": 0.0, "correct": 0, "targets": 0, "tokens": False}
     per_class = np.zeros((dataset.num_classes, 2), dtype=np.int64)  # [correct, total]
     with torch.inference_mode():
-        for lo in range(0, n, batch_size):
-            idx = np.arange(lo, min(lo + batch_size, n))
-            x, y = dataset.get_batch(idx)
+        for lo in range(0, len(dataset), batch_size):
+            x, y = dataset.get_batch(np.arange(lo, min(lo + batch_size, len(dataset))))
             x, y = torch.from_numpy(x), torch.from_numpy(y)
             logits = model(x)
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            sums["loss_sum"] += torch.nn.functional.cross_entropy(
+                logits.float(), y, reduction="sum").item()
             hit = (logits.argmax(1) == y).numpy()
-            correct += int(hit.sum())
-            np.add.at(per_class, (y.numpy(), 0), hit.astype(np.int64))
-            np.add.at(per_class, (y.numpy(), 1), 1)
-    return {
-        "run_dir": str(run_dir),
-        "split": split,
-        "samples": n,
-        "loss": loss_sum / max(n, 1),
-        "accuracy": correct / max(n, 1),
-        "per_class_accuracy": [c / t if t else None for c, t in per_class.tolist()],
-        "model_sha256": sha256_file(model_file),
-        "time_s": time.perf_counter() - start,
-    }
+            sums["correct"] += int(hit.sum())
+            sums["targets"] += y.numel()
+            sums["tokens"] = y.ndim > 1
+            if y.ndim == 1:
+                np.add.at(per_class, (y.numpy(), 0), hit.astype(np.int64))
+                np.add.at(per_class, (y.numpy(), 1), 1)
+    sums["per_class"] = per_class.tolist()
+    return sums
 
 
 def _is_evaluation(path: Path) -> bool:
@@ -86,13 +122,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: {args.batch_size} must be >= 1")
     if args.out:
-        check_file_target(args.out, [args.run, args.data], is_ours=_is_evaluation)
+        check_file_target(args.out, [p for p in (args.run, args.data) if p],
+                          is_ours=_is_evaluation)
     result = evaluate(args.run, args.data, args.split, args.batch_size)
     text = json.dumps(result, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
+    ppl = f" perplexity {result['perplexity']:.3f}" if "perplexity" in result else ""
     print(f"{args.run}: {args.split} accuracy {result['accuracy']:.4f} loss "
-          f"{result['loss']:.4f} on {result['samples']} samples")
+          f"{result['loss']:.4f}{ppl} on {result['samples']} samples")
     return 0
 
 
@@ -100,7 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's final weights on a held-out split",
                        description=(__doc__ or "").splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="run directory (with model.pt)")
-    p.add_argument("--data", required=True, type=Path, help="staged data directory")
+    p.add_argument("--data", type=Path,
+                   help="staged data directory (required for staged data; omitted for a "
+                        "generated source, whose test split is generated)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", type=Path,

@@ -515,7 +515,7 @@ GENERATED_SOURCES = ("tokens",)
 
 
 def stages_data(cfg: dict) -> bool:
-    """Whether the workflow stages data (and evaluates the runs on its test split)."""
+    """Whether the workflow stages data (a generated source generates its test split)."""
     return cfg["data"]["source"] not in GENERATED_SOURCES
 
 

@@ -74,7 +74,7 @@ if SKIPPED and workflow.is_main_process:
     print(
         f"scalelab workflow: {sweep.plan_summary(config)}", file=sys.stderr, flush=True
     )
-# A generated source (tokens) is neither staged nor evaluated on a test split.
+# A generated source (tokens) is not staged; its test split is generated too.
 STAGED = sweep.stages_data(config)
 
 # Under --sdm apptainer, Snakemake pastes this path unquoted into a shell command:
@@ -183,9 +183,7 @@ def staged_data():
 
 
 def evaluations():
-    """Every run's test-split evaluation (none for a generated source: no test split)."""
-    if not STAGED:
-        return []
+    """Every run's test-split evaluation (staged, or generated for a generated source)."""
     return expand(f"{RESULTS}/runs/{{run}}/evaluation.json", run=sorted(RUNS))
 
 

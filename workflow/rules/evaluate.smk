@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         summary=f"{RESULTS}/runs/{{run}}/summary.json",
-        data=DATA,
+        data=staged_data(),
     output:
         f"{RESULTS}/runs/{{run}}/evaluation.json",
     log:
@@ -16,5 +16,7 @@ rule evaluate:
     params:
         run_dir=lambda wildcards, input: os.path.dirname(input.summary),
     shell:
-        "scalelab evaluate --run {params.run_dir:q} --data {input.data:q} --split test "
-        "--out {output:q} > {log:q} 2>&1"
+        # a generated source (tokens) has a generated test split: no --data
+        "scalelab evaluate --run {params.run_dir:q} "
+        + ("--data {input.data:q} " if STAGED else "")
+        + "--split test --out {output:q} > {log:q} 2>&1"

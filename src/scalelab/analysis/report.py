@@ -106,16 +106,19 @@ SCALING_COLUMNS = [
     ("test_accuracy", "test acc", ".3f"), ("sweet_spot", "sweet spot", ""),
 ]
 
-#: Shown only when some run measured it (most CPU nodes expose no readable counter).
-ENERGY_COLUMN = ("joules_per_sample", "J/sample", ".4g")
+#: Columns shown only when some run has them, each before the column named beside it:
+#: energy (most CPU nodes expose no readable counter), test perplexity (language models).
+OPTIONAL_COLUMNS = [(("joules_per_sample", "J/sample", ".4g"), "epoch_time_s"),
+                    (("test_perplexity", "test ppl", ".4g"), "sweet_spot")]
 
 
 def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The scaling table's columns: energy per sample after the throughput, where measured."""
-    if "joules_per_sample" not in table or not table["joules_per_sample"].notna().any():
-        return SCALING_COLUMNS
-    at = [c[0] for c in SCALING_COLUMNS].index("epoch_time_s")
-    return [*SCALING_COLUMNS[:at], ENERGY_COLUMN, *SCALING_COLUMNS[at:]]
+    """The scaling table's columns, with the optional ones that some row has."""
+    cols = list(SCALING_COLUMNS)
+    for col, before in OPTIONAL_COLUMNS:
+        if col[0] in table and table[col[0]].notna().any():
+            cols.insert([c[0] for c in cols].index(before), col)
+    return cols
 
 
 FIT_COLUMNS = [

@@ -40,7 +40,10 @@ COLUMNS: dict[str, str] = {
     "compute_s": "seconds per step of forward/backward/optimizer not hidden behind comm",
     "comm_s": "seconds per step of exposed gradient communication",
     "final_accuracy": "validation accuracy after the last epoch (0..1)",
-    "test_accuracy": "accuracy of the final weights on the test split (evaluation.json, 0..1)",
+    "test_accuracy": "accuracy of the final weights on the test split (evaluation.json, 0..1; "
+                     "per token for a language model)",
+    "test_perplexity": "perplexity of a language model's final weights on the test split "
+                       "(evaluation.json; NaN for classifiers)",
     "time_to_target_s": "seconds of training until validation accuracy first reached the target",
     "grad_bytes": "bytes of gradients allreduced per step (NaN unless known)",
     "tp": "tensor-parallel ranks per model replica (1: none); a tp > 1 point is its own series",
@@ -58,7 +61,8 @@ COLUMNS: dict[str, str] = {
 
 NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "global_batch",
            "samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
-           "comm_s", "final_accuracy", "test_accuracy", "time_to_target_s", "grad_bytes", "tp",
+           "comm_s", "final_accuracy", "test_accuracy", "test_perplexity", "time_to_target_s",
+           "grad_bytes", "tp",
            "param_bytes_per_rank", "grad_bytes_per_rank", "optim_state_bytes_per_rank",
            "state_bytes_per_rank", "cuda_max_allocated_bytes", "joules_per_sample",
            "energy_power_w")
@@ -328,7 +332,7 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
         "comm_s": ep["comm_s"],
         "final_accuracy": _num(final_acc if final_acc is not None else ep["last_val_acc"],
                                f"{s}: val_acc"),
-        "test_accuracy": _test_accuracy(run_dir),
+        **_test_scores(run_dir),
         "time_to_target_s": ep["time_to_target_s"],
         "grad_bytes": _grad_bytes(summary, config, s, count_params),
         "tp": _num(_dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1,
@@ -340,12 +344,15 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     return row
 
 
-def _test_accuracy(run_dir: Path) -> float:
-    """From `scalelab evaluate`'s evaluation.json beside the run, when it ran."""
+def _test_scores(run_dir: Path) -> dict[str, float]:
+    """Accuracy and (language models) perplexity from `scalelab evaluate`'s
+    evaluation.json beside the run, when it ran."""
     path = run_dir / "evaluation.json"
     if not path.is_file():
-        return NAN
-    return _num(_read_json(path).get("accuracy"), f"{path}: accuracy")
+        return {"test_accuracy": NAN, "test_perplexity": NAN}
+    doc = _read_json(path)
+    return {"test_accuracy": _num(doc.get("accuracy"), f"{path}: accuracy"),
+            "test_perplexity": _num(doc.get("perplexity"), f"{path}: perplexity")}
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:

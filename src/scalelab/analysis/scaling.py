@@ -61,7 +61,8 @@ FLAG_LEGEND: dict[str, str] = {
              "the scaling effect is not resolved",
 }
 MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
-          "final_accuracy", "test_accuracy", "time_to_target_s", "param_bytes_per_rank",
+          "final_accuracy", "test_accuracy", "test_perplexity", "time_to_target_s",
+          "param_bytes_per_rank",
           "grad_bytes_per_rank", "optim_state_bytes_per_rank", "state_bytes_per_rank",
           "cuda_max_allocated_bytes", "joules_per_sample", "energy_power_w"]
 

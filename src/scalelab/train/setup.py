@@ -144,6 +144,24 @@ def check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     return None
 
 
+def generated_test_split(cfg: RunConfig):
+    """The test split of a generated source (None for data on disk): as many samples as
+    validation, with ids after training and validation, so neither has seen them."""
+    d = cfg.data
+    first = d.num_samples + d.val_samples
+    if d.source == "tokens":
+        from scalelab.data.tokens import TokenSequences
+
+        return TokenSequences(d.val_samples, d.vocab_size, d.seq_len, cfg.seed,
+                              first_index=first)
+    if d.source == "synthetic":
+        from scalelab.data.synthetic import SyntheticDataset
+
+        return SyntheticDataset(d.val_samples, d.num_classes, tuple(d.image_shape), cfg.seed,
+                                d.signal, first_index=first)
+    return None
+
+
 def open_datasets(cfg: RunConfig):
     """The training and validation splits (validation None when not configured)."""
     d = cfg.data
