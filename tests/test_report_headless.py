@@ -98,7 +98,8 @@ def test_every_item_has_its_own_label_and_caption(walked):
     found = items(walked)
     expected = {"table: scaling with flags", "table: scaling.csv", "plot: throughput",
                 "plot: efficiency", "plot: breakdown", "plot: fits", "plot: backends",
-                "commbench: torch", "prediction: DDP at larger scales", "effective config"}
+                "commbench: torch", "prediction: DDP at larger scales",
+                "prediction: error at measured scales", "effective config"}
     assert expected <= set(found), set(found)
     captions = {}
     for name, item in found.items():
@@ -156,3 +157,9 @@ def test_csv_item_is_the_plain_table(walked):
     assert item["download"] and item["download"].startswith("data:text/csv")
     disk = (walked["workdir"] / "results" / "analysis" / "scaling.csv").read_text()
     assert "flags" in disk.splitlines()[0]
+    # the prediction's check against the measured scales travels with the report too
+    errors = items(walked)["prediction: error at measured scales"]
+    assert errors["download"] and errors["download"].startswith("data:text/csv")
+    table = data_uri(errors["download"]).decode()
+    assert "throughput_rel_error" in table.splitlines()[0]
+    assert len(table.splitlines()) == 1 + 2  # the ddp runs measured at 1 and 2 ranks

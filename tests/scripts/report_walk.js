@@ -24,7 +24,8 @@
       const item = { labels: cells.slice(0, -1).map((c) => c.textContent.trim()) };
       const href = buttons[0].getAttribute("href");
       if (href && href.startsWith("data:")) {
-        item.download = href.slice(0, 64);  // shown as a download link only
+        // shown as a download link only; a small table whole, so its content can be read
+        item.download = href.length < 16384 ? href : href.slice(0, 64);
       } else {
         buttons[0].click();
         await sleep(300);

@@ -135,6 +135,12 @@ rule predict:
             labels={"item": "prediction: DDP at larger scales"},
         ),
         table=f"{RESULTS}/predict/ddp/prediction.csv",
+        errors=report(
+            f"{RESULTS}/predict/ddp/errors.csv",
+            caption="../report/predict_errors.rst",
+            category="Prediction",
+            labels={"item": "prediction: error at measured scales"},
+        ),
     log:
         "logs/predict.log",
     retries: retries("predict")
