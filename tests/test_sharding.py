@@ -208,7 +208,10 @@ def _resume_from(source: Path, step: int, target: Path) -> None:
 @pytest.mark.parametrize("before, after", [
     ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=fsdp"])),
     ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=fsdp"])),
-], ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2"])
+    # a sharded run continued unsharded: DCP reads full tensors into a plain module
+    ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=ddp"])),
+    ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=ddp"])),
+], ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2", "fsdp2-to-ddp1", "fsdp2xtp2-to-ddp2"])
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before, after) -> None:
     """A distributed checkpoint (each rank wrote its shards) of a run stopped after epoch 1
     at one world size continues at another with --reshard, and ends where the
@@ -242,5 +245,6 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before
     assert "resumed from ckpt-000000008.dcp at epoch 2" in proc.stdout
     s = summary(tmp_path / "resumed")
     assert (s["resumes"], s["global_steps"], s["world_size"]) == (1, 16, after[0])
+    assert s["backend"] == after[1][0].removeprefix("dist.backend=")
     # reduction order differs between the layouts: equal to float32 round-off, not bitwise
     assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "whole")) < ATOL
