@@ -1,31 +1,68 @@
-#!/usr/bin/env bash
 # Build (or reuse) a Horovod 0.28.1 wheel for the venv's torch and MPI, and install it.
 #
 # Why a build: PyPI has only the 0.28.1 sdist (2023); its CMake asks for C++14
 # while torch >= 2.1 headers need C++17, so the stock build fails. We patch the
 # two CMakeLists.txt files to C++17 and build with the PyTorch framework, the MPI
-# and Gloo controllers, and Gloo CPU operations (NCCL GPU operations when CUDA is
-# present). The wheel is cached outside the repository, keyed by the Horovod,
-# torch, MPI and Python versions (and CUDA), so a second set-up does not rebuild.
+# and Gloo controllers, and Gloo CPU operations. NCCL GPU operations are built only
+# when asked (SCALELAB_HOROVOD_GPU=1, or HOROVOD_GPU_OPERATIONS=NCCL in the environment)
+# or when this machine has a GPU (nvidia-smi lists one) and NCCL (the venv's nvidia-nccl
+# wheel or NCCL_HOME) next to a CUDA torch and nvcc: a CUDA torch alone (PyPI's build on a
+# CPU-only machine) gets the CPU build. The wheel is cached outside the repository, keyed
+# by the Horovod, torch, MPI and Python versions (and CUDA), so a second set-up does not rebuild.
 #
 # Usage: envs/build_horovod.sh VENV_DIR
-# Env:   SCALELAB_CACHE (default ~/.cache/scalelab), HOROVOD_VERSION (default 0.28.1)
+#        envs/build_horovod.sh --check VENV_DIR   print what the build lacks (C++ compiler,
+#                                                 cmake, Python headers), nothing when ready
+# Env:   SCALELAB_CACHE (default ~/.cache/scalelab), HOROVOD_VERSION (default 0.28.1),
+#        SCALELAB_HOROVOD_GPU=1 (build NCCL GPU operations)
 set -euo pipefail
 
-venv="$(cd "${1:?usage: build_horovod.sh VENV_DIR}" && pwd)"
+check_only=0
+if [ "${1:-}" = --check ]; then check_only=1; shift; fi
+venv="$(cd "${1:?usage: build_horovod.sh [--check] VENV_DIR}" && pwd)"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="$venv/bin/python"
 hvd_version="${HOROVOD_VERSION:-0.28.1}"
 cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
 
+# What the build needs from the machine; each is named with its non-root ways to get it.
+missing_prereqs() {
+  local out=()
+  local cxx="${CXX:-}"
+  if [ -z "$cxx" ]; then
+    for c in c++ g++ clang++; do command -v "$c" >/dev/null 2>&1 && { cxx="$c"; break; }; done
+  fi
+  { [ -n "$cxx" ] && command -v "$cxx" >/dev/null 2>&1; } ||
+    out+=("no C++ compiler (module load gcc, or the build-essential/gcc-c++ package)")
+  PATH="$venv/bin:$PATH" command -v cmake >/dev/null 2>&1 ||
+    out+=("no cmake (module load cmake, or $venv/bin/pip install cmake)")
+  "$py" -c 'import os, sysconfig, sys; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    out+=("no Python headers (Python.h; the python3-dev/python3-devel package, or a Python from the site's module, pyenv or uv, which carry them)")
+  local IFS=";"
+  echo "${out[*]}"
+}
+if [ "$check_only" = 1 ]; then
+  missing_prereqs
+  exit 0
+fi
+lacking="$(missing_prereqs)"
+[ -z "$lacking" ] || { echo "error: Horovod cannot be built here: $lacking" >&2; exit 1; }
+
 torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 cuda_version="$("$py" -c 'import torch; print(torch.version.cuda or "")')"
 mpi_version="$(PATH="$venv/bin:$PATH" mpirun --version | head -n1 | awk '{print $NF}')"
 py_tag="$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+# NCCL GPU operations: asked for, or a GPU and NCCL found beside a CUDA torch and nvcc.
+has_gpu_and_nccl() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || return 1
+  [ -n "${NCCL_HOME:-}" ] && return 0
+  "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("nvidia.nccl") is None)' 2>/dev/null
+}
+device="cpu"
 if [ -n "$cuda_version" ] && command -v nvcc >/dev/null 2>&1; then
-  device="cuda${cuda_version}"
-else
-  device="cpu"
+  if [ "${SCALELAB_HOROVOD_GPU:-0}" = 1 ] || [ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ] || has_gpu_and_nccl; then
+    device="cuda${cuda_version}"
+  fi
 fi
 key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-${device}"
 cache_dir="$cache_root/wheels/$key"
@@ -54,7 +91,12 @@ if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
   bash "$here/patch_horovod.sh" "$src"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
-  if [ "$device" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
+  if [ "$device" != cpu ]; then
+    export HOROVOD_GPU_OPERATIONS=NCCL
+  else
+    # A CUDA torch with nvcc on PATH would make Horovod's CMake look for CUDA and NCCL.
+    unset HOROVOD_GPU HOROVOD_GPU_OPERATIONS HOROVOD_GPU_ALLREDUCE HOROVOD_GPU_BROADCAST
+  fi
   export MAKEFLAGS="-j$(nproc)"
   mkdir -p "$work/dist"
   PATH="$venv/bin:$PATH" "$py" -m pip wheel --no-build-isolation --no-deps \

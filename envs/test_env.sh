@@ -3,11 +3,24 @@
 # Each step is idempotent: it does nothing where its tool is already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+sudo_cmd=()
+[ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+# The Slurm test cluster (slurmctld/slurmd in network namespaces, munge, PMIx for srun --mpi=pmix)
+# and what builds Horovod and the tools the tests run. Never part of a plain ./setup.sh.
+apt_packages=(build-essential cmake python3-dev git slurm-wlm munge libpmix2 libpmix-dev
+              iproute2 util-linux procps)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing system packages for the test cluster: ${missing[*]}"
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
 # Chromium (Debian's package) renders the Snakemake report headless in
 # tests/test_report_headless.py.
 if ! command -v chromium >/dev/null 2>&1; then
-  sudo_cmd=()
-  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi

@@ -1,9 +1,9 @@
 """The hashed environment locks (envs/lock-*.txt, made by envs/lock.sh with uv).
 
-What a user relies on: the CPU lock is what setup.sh installed here (every
-distribution at its locked version), every pin carries sha256 hashes, both locks
-agree with envs/requirements.txt, the CPU lock takes the CPU build of torch and the
-CUDA lock PyPI's CUDA build, and Horovod's sdist is pinned by its hash.
+What a user relies on: the venv holds the lock setup.sh chose (every distribution
+at its locked version), every pin carries sha256 hashes, both locks agree with
+envs/requirements.txt, the CPU lock takes the CPU build of torch and the universal
+PyPI lock PyPI's build, and Horovod's sdist is pinned by its hash.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def requirements() -> dict[str, str]:
     return provenance.lock_pins((ENVS / "requirements.txt").read_text())
 
 
-@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+@pytest.mark.parametrize("variant", ["cpu", "pypi"])
 def test_lock_pins_every_requirement_with_hashes(variant):
     lock = entries(ENVS / f"lock-{variant}.txt")
     assert len(lock) > len(requirements())  # transitive dependencies are locked too
@@ -50,20 +51,26 @@ def test_lock_pins_every_requirement_with_hashes(variant):
     assert "--find-links" not in text and "--index-url" not in text  # no host, no local path
 
 
-def test_cpu_lock_takes_the_cpu_torch_and_cuda_lock_the_cuda_build():
-    cpu, cuda = entries(ENVS / "lock-cpu.txt"), entries(ENVS / "lock-cuda.txt")
+def test_cpu_lock_takes_the_cpu_torch_and_pypi_lock_the_cuda_build():
+    cpu, pypi = entries(ENVS / "lock-cpu.txt"), entries(ENVS / "lock-pypi.txt")
     assert cpu["torch"][0] == "2.13.0+cpu"
     assert not any(n.startswith("nvidia-") for n in cpu)
-    assert cuda["torch"][0] == "2.13.0"
-    assert any(n.startswith("nvidia-nccl") for n in cuda)
-    assert any(n.startswith("nvidia-cudnn") for n in cuda)
+    assert pypi["torch"][0] == "2.13.0"
+    assert any(n.startswith("nvidia-nccl") for n in pypi)
+    assert any(n.startswith("nvidia-cudnn") for n in pypi)
+    # The same versions of everything the two locks share: one stack, two torch builds.
+    shared = (set(cpu) & set(pypi)) - {"torch"}
+    assert shared and all(cpu[n][0] == pypi[n][0] for n in shared)
 
 
-def test_this_venv_is_the_cpu_lock():
-    """setup.sh installed the CPU lock: every locked distribution at its locked version."""
-    lock = entries(ENVS / "lock-cpu.txt")
+def test_this_venv_is_the_lock_setup_chose():
+    """setup.sh installed the lock it chose (a copy lies in the venv): every distribution
+    that applies here at its locked version."""
+    chosen = Path(sys.prefix) / provenance.VENV_LOCK
+    assert chosen.is_file(), "setup.sh copies the lock it installed into the venv"
+    assert chosen.read_text() in {(ENVS / f"lock-{v}.txt").read_text() for v in ("cpu", "pypi")}
     wrong = []
-    for name, (version, _) in lock.items():
+    for name, version in provenance.lock_pins(chosen.read_text()).items():
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

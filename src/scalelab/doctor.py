@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from scalelab.tools import which
@@ -265,9 +266,10 @@ def run_probes() -> list[Probe]:
     return [fn() for fn in PROBES.values()]
 
 
-def missing_for(mode: str, probes: list[Probe]) -> list[Probe]:
+def missing_for(mode: str, probes: list[Probe], without: Iterable[str] = ()) -> list[Probe]:
+    """The mode's required probes that failed, less those the user chose to go without."""
     by_name = {p.name: p for p in probes}
-    return [by_name[n] for n in MODE_REQUIRES[mode] if not by_name[n].ok]
+    return [by_name[n] for n in MODE_REQUIRES[mode] if n not in without and not by_name[n].ok]
 
 
 def _print_table(probes: list[Probe], mode: str) -> None:
@@ -289,7 +291,7 @@ def _print_table(probes: list[Probe], mode: str) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     probes = run_probes()
-    missing = missing_for(args.mode, probes)
+    missing = missing_for(args.mode, probes, args.without)
     if args.json:
         print(json.dumps({"mode": args.mode, "ok": not missing,
                           "missing": [p.name for p in missing],
@@ -310,4 +312,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=sorted(MODE_REQUIRES), default="local",
                    help="what you want to run: local (default), slurm or container")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--without", action="append", default=[], metavar="COMPONENT",
+                   choices=sorted({n for need in MODE_REQUIRES.values() for n in need}),
+                   help="a component the mode may go without (repeatable); setup.sh passes "
+                        "--without horovod where it could not build Horovod")
     p.set_defaults(func=cmd_doctor)
