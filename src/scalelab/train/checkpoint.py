@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from scalelab.fsio import atomic_write, atomic_write_text, fsync_dir, sha256_file
+from scalelab.train import dcp_safe
 
 FORMAT = 1
 REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch",
@@ -43,6 +44,13 @@ REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch
 _NAME = re.compile(r"^ckpt-(\d+)\.(pt|dcp)$")
 #: Inside a sharded checkpoint directory: the non-tensor state and the checksums.
 META, SUMS = "meta.pt", "SHA256SUMS"
+#: Config fields a resume may change: where and how this execution runs, not what it
+#: computes (any other difference means the checkpoint belongs to another run).
+RESUME_MAY_CHANGE = ("data.path", "data.scratch", "data.localize", "data.prefetch",
+                     "train.threads", "train.progress", "train.val_every_epochs", "checkpoint",
+                     "metrics", "dist.timeout_s", "dist.socket_ifname", "dist.bucket_cap_mb")
+#: The layout's fields: they change only under ``--reshard`` (with the world size).
+LAYOUT_FIELDS = ("dist.backend", "dist.tp", "dist.fsdp", "dist.horovod")
 
 
 def path_for(directory: Path, global_step: int, sharded: bool = False) -> Path:
@@ -129,6 +137,7 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
     if is_sharded(path):
         if not verified:
             verify_dir(path)
+            dcp_safe.read_metadata(path)  # refuses a .metadata that could run code
         state = torch.load(path / META, map_location="cpu", weights_only=True)
         state = {**state, "model": path, "optimizer": path} if isinstance(state, dict) else state
     else:
@@ -145,11 +154,29 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
     return state
 
 
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], reshard: bool) -> list[str]:
+    """``'seed: 1 (checkpoint) != 0 (this run)'`` for each config field that must match
+    on a resume and does not; the layout's fields only without ``reshard``. A field the
+    checkpoint lacks (written before the field existed) is not compared."""
+    from scalelab.provenance import flatten
+
+    was, have = flatten(saved), flatten(now)
+    exempt = RESUME_MAY_CHANGE + (LAYOUT_FIELDS if reshard else ())
+    return [f"{key}: {was[key]!r} (checkpoint) != {have.get(key)!r} (this run)"
+            for key in sorted(was) if not _under(key, exempt) and was[key] != have.get(key)]
+
+
 def find_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads cleanly (older ones are tried after a bad one)."""
     for path in list_checkpoints(directory):
         try:
             return path, load(path)
+        except dcp_safe.UnsafeCheckpoint:
+            raise  # verified bytes that could run code: refused, not skipped
         except Exception as exc:  # any unreadable file: warn and fall back to an older one
             print(f"scalelab train: warning: skipping unreadable checkpoint {path}: "
                   f"{type(exc).__name__}: {str(exc)[:200]}; falling back to an older one",
@@ -205,7 +232,13 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    try:  # never torch's plain-pickle reader: see scalelab.train.dcp_safe
+        dcp.load(state, storage_reader=dcp_safe.SafeReader(path), planner=dcp_safe.SafePlanner())
+    except BaseException as exc:  # DCP wraps every rank's error in a CheckpointException
+        unsafe = dcp_safe.unsafe_cause(exc)
+        if unsafe is None:
+            raise
+        raise unsafe from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

@@ -388,7 +388,8 @@ class Trainer:
     def _check_position(self, name: str, saved: dict[str, Any]) -> None:
         """The position in an epoch carries over only with the same batches per epoch; the
         layout (world size, tp) changes only when asked (a different layout is a different
-        sweep point, so it must not happen by accident)."""
+        sweep point, so it must not happen by accident); and the checkpoint's config must
+        be this run's (a checkpoint copied from another run is refused, naming the field)."""
         job = self.job
         was = (saved.get("world_size"), saved["config"].get("dist", {}).get("tp", 1))
         now = (job.layout.world_size, job.cfg.dist.tp)
@@ -397,6 +398,12 @@ class Trainer:
                 f"--resume: checkpoint {name} was written by {was[0]} ranks (tp {was[1]}), "
                 f"this job has {now[0]} (tp {now[1]}); pass --reshard to continue the run at "
                 "the new layout")
+        differ = ckpt.config_differences(saved["config"], job.cfg.to_dict(), job.reshard)
+        if differ:
+            raise UsageError(
+                f"--resume: checkpoint {name} belongs to another run: {differ[0]}"
+                + (f" (and {len(differ) - 1} more field(s))" if len(differ) > 1 else "")
+                + "; resume it with its own config, or start a new run directory")
         have = (saved.get("global_batch"), saved.get("steps_per_epoch"))
         if have != (job.plan.global_batch, job.steps_per_epoch):
             raise UsageError(
