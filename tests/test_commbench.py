@@ -14,6 +14,7 @@ from conftest import VENV_BIN, mpirun, run, tool_env
 from scalelab.comm import bench
 from scalelab.comm.results import DPI, FIGSIZE
 from scalelab.errors import UsageError
+from scalelab.units import parse_size
 
 SCALELAB = str(VENV_BIN / "scalelab")
 SMALL = ["--min-bytes", "1K", "--max-bytes", "64K", "--factor", "4", "--iters", "3",
@@ -85,7 +86,7 @@ def test_blocks_split_every_timed_call():
 
 
 def test_default_sizes_span_1k_to_256m():
-    sizes = bench.message_sizes(bench.parse_size("1K"), bench.parse_size("256M"), 2)
+    sizes = bench.message_sizes(parse_size("1K"), parse_size("256M"), 2)
     assert sizes[0] == 1024 and sizes[-1] == 256 * 2**20 and len(sizes) == 19
     x4 = bench.message_sizes(1024, 256 * 2**20, 4)
     assert x4 == [1024 * 4**i for i in range(10)]
@@ -97,7 +98,7 @@ def test_default_sizes_span_1k_to_256m():
 @pytest.mark.parametrize("text", ["", "12Q", "-1K", "0"])
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError):
-        bench.parse_size(text, "--max-bytes")
+        parse_size(text, "--max-bytes")
 
 
 def test_bad_ops_is_usage_error(tmp_path):

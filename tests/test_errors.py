@@ -48,8 +48,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
     afile = root / "a-file"
     afile.write_text("x")
     tiny = write_config(root / "tiny.yaml", TINY)
+    empty_npz = root / "empty.npz"
+    empty_npz.write_bytes(b"")
+    not_a_lock = root / "notes.yaml"  # YAML, but a scalar: not a lock file
+    not_a_lock.write_text("just some notes\n")
+    not_dataset = root / "not-a-dataset"
+    not_dataset.mkdir()
+    (not_dataset / "notes.txt").write_text("x")
+    point = {"backend": "ddp", "mode": "strong", "nodes": -1, "tasks_per_node": 1,
+             "gpus_per_task": 0, "repeat": 0}
+    negative_nodes = json.dumps({"point": point, "run_config": {"data": {"source": "tokens"}},
+                                 "launch": {}})
     return {"root": root, "good": good, "bad": bad, "cfg": cfg, "afile": afile,
-            "tiny": tiny}
+            "tiny": tiny, "empty_npz": empty_npz, "not_a_lock": not_a_lock,
+            "not_dataset": not_dataset, "negative_nodes": negative_nodes}
 
 
 CASES = [
@@ -105,6 +117,47 @@ CASES = [
     ("doctor-bad-mode", ["doctor", "--mode", "cloud"], "doctor", 2, "cloud"),
     ("container-no-image", ["container", "verify"], "container", 2, "IMAGE"),
     ("testcluster-bad-action", ["testcluster", "explode"], "testcluster", 2, "explode"),
+    # issue 23, the hostile probe's CLI inputs: each was a traceback, accepted, or exit 1
+    ("data-stage-num-samples-1e12", ["data", "stage", "--source", "synthetic",
+                                     "--num-samples", "1000000000000", "--out", "{root}/d3"],
+     "data", 2, "--num-samples"),
+    ("data-stage-one-class", ["data", "stage", "--source", "synthetic", "--num-classes", "1",
+                              "--out", "{root}/d4"], "data", 2, "--num-classes"),
+    ("data-stage-image-side-huge", ["data", "stage", "--source", "synthetic", "--image-size",
+                                    "100000", "100000", "--out", "{root}/d5"], "data", 2,
+     "--image-size"),
+    ("data-stage-empty-npz", ["data", "stage", "--source", "npz", "--path", "{empty_npz}",
+                              "--out", "{root}/d6"], "data", 2, "empty.npz"),
+    ("data-verify-not-a-dataset", ["data", "verify", "{not_dataset}"], "data", 2,
+     "not a staged dataset"),
+    ("data-localize-reserve-nan", ["data", "localize", "{not_dataset}", "--reserve", "nan"],
+     "data", 2, "--reserve"),
+    ("data-localize-lock-timeout-nan", ["data", "localize", "{not_dataset}",
+                                        "--lock-timeout", "nan"], "data", 2, "--lock-timeout"),
+    ("commbench-timeout-nan", ["commbench", "--lib", "torch", "--timeout", "nan", "--out",
+                               "{root}/c2"], "commbench", 2, "--timeout"),
+    ("commbench-timeout-inf", ["commbench", "--lib", "torch", "--timeout", "inf", "--out",
+                               "{root}/c3"], "commbench", 2, "--timeout"),
+    ("commbench-max-bytes-beyond-memory", ["commbench", "--lib", "torch", "--max-bytes",
+                                           "1E", "--out", "{root}/c4"], "commbench", 2,
+     "--max-bytes"),
+    ("commbench-iters-huge", ["commbench", "--lib", "torch", "--iters", "10000000000",
+                              "--out", "{root}/c5"], "commbench", 2, "--iters"),
+    ("predict-max-fit-bytes-nan", ["predict", "--commbench", "{good}", "--compute-time", "1",
+                                   "--max-fit-bytes", "nan", "--global-batch", "8", "--out",
+                                   "{root}/p3"], "predict", 2, "--max-fit-bytes"),
+    ("container-lock-not-a-lock", ["container", "lock", "--lock", "{not_a_lock}"],
+     "container", 2, "notes.yaml"),
+    ("container-lock-not-utf8", ["container", "lock", "--lock", "{bad}"], "container", 2,
+     "latin1.csv"),
+    ("launch-spec-negative-nodes", ["launch", "--spec", "{negative_nodes}", "--out",
+                                    "{root}/r2", "--dry-run"], "launch", 2, "point.nodes"),
+    ("launch-tasks-per-node-0", ["launch", "--tasks-per-node", "0", "--dry-run", "--",
+                                 "commbench", "--lib", "torch", "--out", "{root}/c6"],
+     "launch", 2, "--tasks-per-node"),
+    ("launch-local-nodes-100000", ["launch", "--nodes", "100000", "--dry-run", "--",
+                                   "commbench", "--lib", "torch", "--out", "{root}/c7"],
+     "launch", 2, "--nodes"),
 ]
 
 
@@ -176,6 +229,37 @@ def test_full_disk_while_training_is_one_line_and_not_complete(small_disk, files
     line = assert_one_line(proc.returncode, proc.stderr, "train", 1)
     assert "No space left on device" in line
     assert not (out / "summary.json").exists()
+
+
+def _study_with_results(root: Path) -> Path:
+    """A study directory as `export` takes it, its results larger than the small disk."""
+    study = root / "study"
+    (study / "results" / "runs" / "r0").mkdir(parents=True)
+    (study / "Snakefile").write_text("# a study\n")
+    (study / "results" / "runs" / "r0" / "weights.bin").write_bytes(b"\x01" * (1 << 20))
+    return study
+
+
+def test_full_disk_during_export_is_one_line_exit_1(small_disk, tmp_path):
+    """issue 23: a full disk inside the copied results tree was shutil.Error -> exit 2."""
+    study = _study_with_results(tmp_path)
+    out = small_disk / "bundle"
+    proc = _scalelab("export", study, "--out", out)
+    line = assert_one_line(proc.returncode, proc.stderr, "export", 1)
+    assert "No space left on device" in line
+    assert not out.exists()
+
+
+def test_full_disk_during_import_is_one_line_exit_1(small_disk, tmp_path):
+    """issue 23: the same for `import` of a good bundle onto a full disk."""
+    bundle = tmp_path / "bundle"
+    proc = _scalelab("export", _study_with_results(tmp_path), "--out", bundle)
+    assert proc.returncode == 0, proc.stderr
+    out = small_disk / "study"
+    proc = _scalelab("import", bundle, "--out", out)
+    line = assert_one_line(proc.returncode, proc.stderr, "import", 1)
+    assert "No space left on device" in line
+    assert not out.exists()
 
 
 def test_empty_validation_and_test_splits_are_refused(files, tmp_path):

@@ -87,8 +87,8 @@ def test_index_inconsistent_with_shards_even_with_a_matching_manifest(data):
 
 def test_not_a_dataset(tmp_path):
     _one_line_failure([tmp_path / "absent"], "no such dataset directory", code=2)
-    (tmp_path / "empty").mkdir()
-    _one_line_failure([tmp_path / "empty"], "manifest.json: missing")
+    (tmp_path / "empty").mkdir()  # not a dataset at all: bad input, 2 (issue 23; was 1)
+    _one_line_failure([tmp_path / "empty"], "not a staged dataset", code=2)
     with pytest.raises(DataError):
         verify_dataset(tmp_path / "empty", progress=False)
 

@@ -67,12 +67,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- export
 
+class _EnvironmentFailed(Exception):
+    """Carries a full disk (or another environment OSError) out of shutil.copytree, which
+    would otherwise collect it as text into shutil.Error and lose its errno (exit 2)."""
+
+
+def _copy_file(src: str, dst: str) -> str:
+    """copytree's copy function: the first full disk ends the copy as itself (exit 1)."""
+    from scalelab.errors import environment_cause
+
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as exc:
+        if environment_cause(exc) is not None:
+            raise _EnvironmentFailed(exc) from exc
+        raise
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file or tree, following links (the bundle must stand alone)."""
     if src.is_dir():
         try:
-            shutil.copytree(src, dst, symlinks=False,
+            shutil.copytree(src, dst, symlinks=False, copy_function=_copy_file,
                             ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "*.lock"))
+        except _EnvironmentFailed as exc:
+            raise exc.args[0] from None
         except shutil.Error as exc:  # e.g. a dangling symbolic link in the study
             first = exc.args[0][0] if exc.args and exc.args[0] else ("?", "?", str(exc))
             raise UsageError(f"{first[0]}: cannot be copied ({first[2]})") from None

@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from scalelab.errors import UsageError
+from scalelab.errors import BadInputData, UsageError
 
 
 def evaluate(run_dir: str | Path, data_dir: str | Path | None, split: str = "test",
@@ -75,7 +75,10 @@ def _dataset(cfg, data_dir: str | Path | None, split: str):
     if data_dir is None:
         raise UsageError(f"--data: required (the run trained on data.source "
                          f"{cfg.data.source!r}: give the staged data directory)")
-    dataset = open_split(data_dir, split)
+    try:
+        dataset = open_split(data_dir, split)
+    except BadInputData as exc:  # no such split (or no dataset): the user's input, exit 2
+        raise BadInputData(f"--split {split}: {exc}") from None
     if len(dataset) == 0:
         raise UsageError(f"--split {split}: {data_dir} holds no samples in it; an accuracy "
                          "over zero samples means nothing")

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -183,7 +184,47 @@ def _point(d: dict) -> sweep.RunPoint:
     missing = [k for k, f in fields.items() if k not in d and f.default is MISSING]
     if missing:
         raise UsageError(f"--spec: field 'point' lacks {', '.join(missing)}")
-    return sweep.RunPoint(**{k: d[k] for k in fields if k in d})
+    point = sweep.RunPoint(**{k: d[k] for k in fields if k in d})
+    check_point(point, lambda name: f"--spec: field 'point.{name}'")
+    return point
+
+
+#: The least value of each count of a sweep point (an int, never a float or a bool).
+_POINT_MINIMUMS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_task": 0, "repeat": 0, "tp": 1}
+#: Most ranks one job may start: beyond this a typo, not a job.
+MAX_RANKS = 1 << 20
+
+
+def local_rank_limit() -> int:
+    """Most ranks one machine may start outside Slurm (oversubscribed 8x at most):
+    beyond this, mpirun would fork processes until the machine stops."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
+def check_point(point: sweep.RunPoint, name: Callable[[str], str],
+                env: dict[str, str] | None = None) -> None:
+    """Refuse a layout that cannot run, in one line naming the field (``name(field)``):
+    counts below their minimum or not integers, more than one node outside a Slurm
+    allocation (every rank would run here, under another layout's name), or more ranks
+    than this machine (outside Slurm) or any job could start."""
+    for field_name, least in _POINT_MINIMUMS.items():
+        value = getattr(point, field_name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{name(field_name)}: {value!r} is not an integer")
+        if value < least:
+            raise UsageError(f"{name(field_name)}: {value} must be >= {least}")
+    if point.ranks > MAX_RANKS:
+        raise UsageError(f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks, "
+                         f"more than {MAX_RANKS}")
+    if in_slurm_allocation(env):
+        return
+    if point.nodes != 1:
+        raise UsageError(f"{name('nodes')}: {point.nodes} nodes outside a Slurm allocation "
+                         "(a local run is this one machine); use 1, or run inside "
+                         "salloc/sbatch")
+    if point.ranks > local_rank_limit():
+        raise UsageError(f"{name('tasks_per_node')}: {point.ranks} ranks on this machine "
+                         f"({os.cpu_count()} CPUs), more than {local_rank_limit()}")
 
 
 def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
@@ -194,18 +235,21 @@ def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
     for key in ("point", "run_config", "launch"):
         if not isinstance(spec.get(key), dict):
             raise UsageError(f"--spec: field '{key}' is missing or not an object")
+    point = _point(spec["point"])
     data = spec["run_config"].get("data") or {}
     if data.get("source") in sweep.GENERATED_SOURCES:
-        return _point(spec["point"]), None
+        return point, None
     path = data.get("path")
     if not isinstance(path, str) or not path:
         raise UsageError("--spec: field 'run_config.data.path' is missing")
-    return _point(spec["point"]), Path(path)
+    return point, Path(path)
 
 
 def _generic_point(args: argparse.Namespace) -> sweep.RunPoint:
-    return sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node,
-                          args.gpus_per_task, 0)
+    point = sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node,
+                           args.gpus_per_task, 0)
+    check_point(point, lambda name: f"--{name.replace('_', '-')}")
+    return point
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -229,6 +273,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
             raise UsageError("give --spec JSON, or --config FILE and --run ID")
         spec = job_spec(sweep.load(args.config), args.run, args.data)
     point, data_dir = _spec_parts(spec)
+    try:
+        launch = sweep.validate_launch(spec["launch"])
+    except UsageError as exc:
+        raise UsageError(f"--spec: field {exc}") from None
     if data_dir is not None and not (data_dir / "index.json").exists():
         raise UsageError(f"data {data_dir}: no staged dataset (index.json missing); "
                          "run `scalelab stage` first")
@@ -237,7 +285,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_target(out_dir, "run")
     prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
-    argv = launch_argv(spec["launch"], point, train_args(out_dir / "run.yaml", out_dir),
+    argv = launch_argv(launch, point, train_args(out_dir / "run.yaml", out_dir),
                        container_prefix=prefix)
     print("scalelab launch:", " ".join(argv), flush=True)
     if args.dry_run:
@@ -248,7 +296,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         prepare_run_dir(out_dir, spec["run_config"], point)
         if image:
             atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))
-        env = {**rank_env(spec["launch"]), LOCK_ENV: token}
+        env = {**rank_env(launch), LOCK_ENV: token}
         return supervise.run(argv, env, out_dir)
 
 

@@ -16,7 +16,6 @@ GB/s means 1e9 bytes per second, as in nccl-tests.
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -28,21 +27,6 @@ from scalelab.errors import UsageError
 OPS = ("allreduce", "allgather", "broadcast")
 DEFAULT_MIN_BYTES = 1 << 10
 DEFAULT_MAX_BYTES = 256 << 20
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``'1K'``, ``'256MiB'``, ``'4096'`` -> bytes (binary units: K = 1024)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"{what}: {text!r} is not a size like 1K, 64M, 1G or a byte count")
-    value = int(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise UsageError(f"{what}: {text!r} must be > 0")
-    return value
-
 
 def message_sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
     """Geometric series min, min*factor, ... <= max (max itself always included)."""

@@ -46,16 +46,19 @@ def commbench(args: argparse.Namespace) -> int:
 
     from scalelab.comm import bench, libs, results
     from scalelab.fsio import check_target
+    from scalelab.units import check_seconds, parse_size
 
     check_target(args.out, "commbench")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in bench.OPS]
     if bad or not ops:
         raise UsageError(f"--ops: {', '.join(bad) or 'empty'} not in {', '.join(bench.OPS)}")
-    sizes = bench.message_sizes(bench.parse_size(args.min_bytes, "--min-bytes"),
-                                bench.parse_size(args.max_bytes, "--max-bytes"), args.factor)
-    if args.iters < 1 or args.warmup < 0:
-        raise UsageError("--iters must be >= 1 and --warmup >= 0")
+    sizes = bench.message_sizes(parse_size(args.min_bytes, "--min-bytes"),
+                                parse_size(args.max_bytes, "--max-bytes", maximum=_max_message()),
+                                args.factor)
+    if not (1 <= args.iters <= MAX_CALLS and 0 <= args.warmup <= MAX_CALLS):
+        raise UsageError(f"--iters must be 1..{MAX_CALLS} and --warmup 0..{MAX_CALLS}")
+    check_seconds(args.timeout, "--timeout")
     comm = libs.open_comm(args.lib, args.backend, args.timeout)
     main = comm.rank == 0
 
@@ -91,6 +94,21 @@ def commbench(args: argparse.Namespace) -> int:
         print(f"scalelab commbench: error: {wrong} wrong elements (see #wrong)", file=sys.stderr)
         return 1
     return 0
+
+
+#: Timed or warm-up calls per size: beyond this a typo that would run for days.
+MAX_CALLS = 100_000
+
+
+def _max_message() -> int:
+    """The largest --max-bytes: a quarter of this machine's memory (the benchmark holds a
+    send and a receive buffer of that size, and the result check a copy)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):
+        return 1 << 40
 
 
 def _launcher() -> str:

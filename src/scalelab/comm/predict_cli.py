@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                    help="measured base configuration: a completed training run")
     p.add_argument("--compute-time", type=float, help="seconds of compute per step at the base")
     p.add_argument("--data-time", type=float, help="seconds waiting for data per step (default 0)")
-    p.add_argument("--grad-bytes", help="bytes allreduced per step, e.g. 100M or 4*params")
+    p.add_argument("--grad-bytes",
+                   help="bytes allreduced per step, e.g. 100M (4 bytes per fp32 parameter)")
     p.add_argument("--global-batch", type=float, help="samples per step over all base ranks")
     p.add_argument("--base-ranks", type=int, help="ranks of the base configuration")
     p.add_argument("--mode", choices=("weak", "strong"),
@@ -61,18 +62,17 @@ def register(subparsers) -> None:
 def predict(args: argparse.Namespace) -> int:
     from scalelab.comm import predict as model
     from scalelab.comm import predict_report, results
-    from scalelab.comm.bench import parse_size
     from scalelab.fsio import check_target, read_text
+    from scalelab.units import parse_size
 
     check_target(args.out, "predict", predict_report.inputs_of(args))
+    min_fit = parse_size(args.min_fit_bytes, "--min-fit-bytes", minimum=0)
+    max_fit = parse_size(args.max_fit_bytes, "--max-fit-bytes") if args.max_fit_bytes \
+        else float("inf")
     for flag, path in (("--commbench", args.commbench), ("--measured-csv", args.measured_csv)):
         if path and not Path(path).is_dir():
             read_text(path, flag)  # missing or not UTF-8: one line naming the file
     records = results.read(args.commbench)
-    min_fit = parse_size(args.min_fit_bytes, "--min-fit-bytes") if args.min_fit_bytes != "0" \
-        else 0
-    max_fit = parse_size(args.max_fit_bytes, "--max-fit-bytes") if args.max_fit_bytes \
-        else float("inf")
     fit = model.fit_ring(records, min_fit, max_fit)
     base, run_row = _base(args)
     model.check_curve(records, run_row, args.allow_cpu_curve)
@@ -103,8 +103,8 @@ def _base(args: argparse.Namespace):
     """The base configuration: the run's measurements, overridden by explicit flags."""
     import math
 
-    from scalelab.comm.bench import parse_size
     from scalelab.comm.predict import Base
+    from scalelab.units import parse_size
 
     row: dict = {}
     if args.run:

@@ -176,10 +176,13 @@ def read_lock(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise UsageError(f"lock file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p}: not a lock file (not UTF-8 text, byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data.get("version") != 1 or not isinstance(data.get("images"), list):
+    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(
+            data.get("images"), list):
         raise UsageError(f"{p}: expected `version: 1` and an `images:` list")
     seen: set[str] = set()
     for i, entry in enumerate(data["images"]):

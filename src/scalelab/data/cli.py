@@ -196,31 +196,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     from scalelab.data.nodelocal import localize
+    from scalelab.units import check_seconds, parse_size
 
     _setup_logging(args)
-    path = localize(args.data_dir, args.scratch, reserve_bytes=parse_size(args.reserve),
+    reserve = parse_size(args.reserve, "--reserve", minimum=0)
+    check_seconds(args.lock_timeout, "--lock-timeout")
+    path = localize(args.data_dir, args.scratch,
+                    reserve_bytes=reserve,
                     lock_timeout=args.lock_timeout, progress=False if args.quiet else None)
     print(path)
     return 0
-
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'1GiB', '500M', '0', '2e9' -> bytes."""
-    s = str(text).strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-        if value < 0 or unit not in _UNITS:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--reserve {text}: expected a size like 0, 500MiB or 2GiB") from None
-    return int(value * _UNITS[unit])
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

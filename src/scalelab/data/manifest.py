@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.errors import DataError
+from scalelab.errors import BadInputData, DataError
 from scalelab.fsio import fsync_dir  # noqa: F401  (re-exported for stage/nodelocal)
 
 FORMAT_NAME = "scalelab-shards"
@@ -127,8 +127,15 @@ def _load_json(path: Path) -> dict[str, Any]:
 def load_manifest(data_dir: Path) -> dict[str, FileEntry]:
     """Parse manifest.json into entries keyed by relative path."""
     path = Path(data_dir) / MANIFEST_NAME
+    if not path.exists() and not (Path(data_dir) / INDEX_NAME).exists():
+        # Neither file: not a dataset at all (bad input, exit 2), not a damaged one (exit 1).
+        raise BadInputData(f"{path}: missing, and no {INDEX_NAME} either: {data_dir} is not "
+                           "a staged dataset")
     data = _load_json(path)
-    if data.get("format") != MANIFEST_FORMAT or data.get("version") != FORMAT_VERSION:
+    if data.get("format") != MANIFEST_FORMAT:
+        raise BadInputData(f"{path}: field 'format' is {data.get('format')!r}, not "
+                           f"{MANIFEST_FORMAT!r}: {data_dir} is not a staged dataset")
+    if data.get("version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: field 'format'/'version' is {data.get('format')!r}/{data.get('version')!r}, "
             f"expected {MANIFEST_FORMAT!r}/{FORMAT_VERSION}"

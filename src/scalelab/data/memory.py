@@ -7,6 +7,8 @@ the trainer: one ``.npz`` with ``<split>_images`` (N, C, H, W) and
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +71,8 @@ def open_npz(path: Path, missing: str, unreadable: Callable[[Exception], str],
             yield archive
     except DataError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # EOFError: an empty file; BadZipFile/zlib.error: a truncated or garbled archive
         raise error(unreadable(exc)) from None
 
 

@@ -25,7 +25,7 @@ from scalelab.data.manifest import (
     read_npy_header,
     sha256_file,
 )
-from scalelab.errors import DataError, UsageError
+from scalelab.errors import BadInputData, DataError, UsageError
 
 #: written by nodelocal.localize into a verified node-local copy
 LOCAL_MARKER = ".scalelab-local.json"
@@ -190,7 +190,7 @@ def open_split(data_dir: str | Path, split: str, verify: bool = True) -> Sharded
     check_file(data_dir, manifest[INDEX_NAME], hash_contents=True)  # small, always hashed
     index = load_index(data_dir)
     if split not in index["splits"]:
-        raise DataError(
+        raise BadInputData(  # a split the user named that is not there: exit 2
             f"{data_dir / INDEX_NAME}: no split {split!r} (has {', '.join(index['splits'])})"
         )
     files = split_files(index, split)

@@ -179,8 +179,9 @@ class SyntheticSource(Source):
                  seed: int):
         if num_samples < 1:
             raise UsageError(f"--num-samples {num_samples}: must be >= 1")
-        if num_classes < 1:
-            raise UsageError(f"--num-classes {num_classes}: must be >= 1")
+        if num_classes < 2:
+            raise UsageError(f"--num-classes {num_classes}: must be >= 2 (a classifier "
+                             "needs at least two classes)")
         rng = np.random.default_rng(seed)
         self._seed = seed
         self.classes = [str(c) for c in range(num_classes)]

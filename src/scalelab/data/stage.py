@@ -13,6 +13,7 @@ The format is described in docs/data-format.md.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -410,6 +411,7 @@ def open_source(cfg: StageConfig) -> Source:
         h, w = cfg.image_size or (32, 32)
         if min(h, w) < 1 or cfg.channels < 1:
             raise UsageError(f"--image-size {h} {w} / --channels {cfg.channels}: must be positive")
+        check_synthetic_fits(cfg, (cfg.channels, h, w))
         return SyntheticSource(cfg.num_samples, cfg.num_classes, (cfg.channels, h, w), cfg.seed)
     if kind == "digits":
         return digits_source()
@@ -417,6 +419,71 @@ def open_source(cfg: StageConfig) -> Source:
         return npz_source(Path(cfg.path), cfg.layout)  # type: ignore[arg-type]
     return ImageFolderSource(Path(cfg.path), cfg.image_size or (224, 224),  # type: ignore[arg-type]
                              cfg.channels, cfg.resize, cfg.max_bad, cfg.workers)
+
+
+#: Most images or classes a synthetic dataset may have: beyond these a typo, not a plan
+#: (ImageNet-21k has 14 M images in 21841 classes).
+MAX_SYNTHETIC_SAMPLES = 1 << 31
+MAX_SYNTHETIC_CLASSES = 1 << 16
+MAX_SYNTHETIC_SIDE = 1 << 14
+
+
+def synthetic_needs(num_samples: int, num_classes: int,
+                    shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(memory, disk) bytes that staging a synthetic dataset needs: the class patterns
+    (float64 while built, at 16 strength levels), labels and split ids, and the shards."""
+    pixels = shape[0] * shape[1] * shape[2]
+    memory = 160 * num_classes * pixels + 5 * pixels + (1 << 24) + 48 * num_samples
+    disk = num_samples * (pixels + 16)
+    return memory, disk
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _free_disk(out: Path) -> int | None:
+    """Free bytes of the filesystem that would hold ``out`` (its nearest existing parent)."""
+    here = Path(os.path.abspath(out)).parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return shutil.disk_usage(here).free
+    except OSError:
+        return None
+
+
+def check_synthetic_fits(cfg: StageConfig, shape: tuple[int, int, int]) -> None:
+    """Refuse, before any allocation, a synthetic dataset beyond the sane limits (exit 2)
+    or beyond this machine's memory or the output's free disk (exit 1, like a full disk):
+    ``--num-samples 1e12`` would ask for 7 TiB of labels alone. One line naming the
+    options and the bytes they would take."""
+    n, k = cfg.num_samples, cfg.num_classes
+    if not 1 <= n <= MAX_SYNTHETIC_SAMPLES:
+        raise UsageError(f"--num-samples {n}: must be 1..{MAX_SYNTHETIC_SAMPLES}")
+    if not 2 <= k <= MAX_SYNTHETIC_CLASSES:
+        raise UsageError(f"--num-classes {k}: must be 2..{MAX_SYNTHETIC_CLASSES} "
+                         "(a classifier needs at least two classes)")
+    if max(shape[1:]) > MAX_SYNTHETIC_SIDE:
+        raise UsageError(f"--image-size {shape[1]} {shape[2]}: each side must be at most "
+                         f"{MAX_SYNTHETIC_SIDE}")
+    memory, disk = synthetic_needs(n, k, shape)
+    what = f"--num-samples {n}, --num-classes {k}, --image-size {shape[1]} {shape[2]}"
+    have = _available_memory()
+    if have is not None and memory > have:  # the machine fails a sane request: exit 1
+        raise OSError(errno.ENOMEM, f"Cannot allocate memory: {what} needs about "
+                      f"{memory / 2**30:.1f} GiB to stage, {have / 2**30:.1f} GiB available")
+    free = _free_disk(cfg.out)
+    if free is not None and disk > free:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs about "
+                      f"{disk / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free", str(cfg.out))
 
 
 def _staging_dir(out: Path) -> Path:

@@ -195,7 +195,9 @@ def _open_files(cfg: RunConfig):
 
         try:
             path = str(localize(d.path, d.scratch, progress=False))
-        except (DataError, OSError) as exc:
+        except DataError as exc:  # a corrupt dataset is a failed check (exit 1)
+            raise type(exc)(f"field 'data.localize': {exc}") from None
+        except OSError as exc:
             raise UsageError(f"field 'data.localize': {exc}") from None
     if d.source == "memory-npz":
         from scalelab.data.memory import load_npz as opener
@@ -212,7 +214,9 @@ def _open_files(cfg: RunConfig):
             continue
         try:
             splits.append(opener(path, split))
-        except (DataError, OSError, KeyError, ValueError) as exc:
+        except DataError as exc:  # corrupt data stays a failed check (1), bad input 2
+            raise type(exc)(f"field '{field_name}': {split!r} in {path}: {exc}") from None
+        except (OSError, KeyError, ValueError) as exc:
             raise UsageError(f"field '{field_name}': {split!r} in {path}: {exc}") from None
     train, val = splits
     _check_splits(cfg, train, val)
