@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 from train_support import MPIRUN, PY, TINY, TRAIN, deep_update, ok, run, write_config
 
 SCALELAB = [PY, "-m", "scalelab"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def test_bundle_holds_workflow_lock_wheel_results_and_manifests(bundle):
     check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert len((bundle / "SHA256SUMS").read_text().splitlines()) == len(files)
+    # ... and covers bundle.json itself: its last line.
+    sums = (bundle / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == len(files) + 1 and sums[-1].endswith("  bundle.json")
 
 
 def test_import_then_reproduce_gives_the_same_weights(bundle, tmp_path):
@@ -99,3 +103,96 @@ def test_export_refuses_to_write_into_the_study_or_a_foreign_directory(bundle, t
     proc = run([*SCALELAB, "export", str(study), "--out", str(foreign)])
     assert proc.returncode == 2 and "refusing to replace it" in proc.stderr
     assert (foreign / "chapter1.tex").read_text() == "keep me"
+
+
+def _rewrite_inventory(bundle: Path, change) -> None:
+    """Edit bundle.json with ``change`` and recompute SHA256SUMS to match (a crafted
+    inventory that is consistent with itself)."""
+    from scalelab.bundle import sums_text
+    from scalelab.fsio import sha256_file
+
+    meta = json.loads((bundle / "bundle.json").read_text())
+    change(meta)
+    (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (bundle / "SHA256SUMS").write_text(sums_text(meta["files"],
+                                                 sha256_file(bundle / "bundle.json")))
+
+
+@pytest.mark.parametrize("study", ["/etc/ssh", "../../etc", "study/../..", "link"],
+                         ids=["absolute", "dotdot", "inner-dotdot", "symlink-out"])
+def test_import_refuses_a_study_path_outside_the_bundle(bundle, tmp_path, study):
+    """Issue 23: ``"study": "/etc/ssh"`` in bundle.json made import report "all files
+    match" and copy host files into the new study. An imported study may only hold
+    paths inside the bundle: no absolute path, no ``..``, no link leading out."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    if study == "link":
+        (copy / "link").symlink_to("/etc")
+    _rewrite_inventory(copy, lambda meta: meta.update(study=study))
+    out = tmp_path / "study"
+    for extra in (["--check"], ["--out", str(out)]):
+        proc = run([*SCALELAB, "import", str(copy), *extra], timeout=120)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("scalelab import: error: ") and "Traceback" not in proc.stderr
+        assert "all files match" not in proc.stdout
+        assert "field 'study'" in last or "link: not in the inventory" in last, last
+    assert not out.exists()
+
+
+def test_import_refuses_a_results_path_outside_the_bundle(bundle, tmp_path):
+    """``results`` is printed into a shell command for the user: it must be a directory
+    of the imported study too."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    planted = tmp_path / f"PWNED-{uuid.uuid4().hex}"
+    _rewrite_inventory(copy, lambda meta: meta.update(results=f"$(touch {planted})"))
+    proc = run([*SCALELAB, "import", str(copy), "--out", str(tmp_path / "study")], timeout=120)
+    assert proc.returncode == 1 and "field 'results'" in proc.stderr.strip().splitlines()[-1]
+    assert not planted.exists() and not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("where", ["SHA256SUMS", "bundle.json"])
+def test_a_flipped_byte_in_the_inventory_itself_is_found(bundle, tmp_path, where):
+    """Issue 23: a flipped byte in SHA256SUMS, or in bundle.json outside its file list,
+    was accepted; SHA256SUMS now ends with bundle.json's sha256 and must equal the
+    inventory line for line, so each file covers the other."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    target = copy / where
+    data = bytearray(target.read_bytes())
+    at = 3 if where == "SHA256SUMS" else data.index(b'"created_at": "') + 16
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")  # still a digest / a date
+    target.write_bytes(bytes(data))
+    out = tmp_path / "study"
+    proc = run([*SCALELAB, "import", str(copy), "--out", str(out)], timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    expected = ("SHA256SUMS: line 1 differs" if where == "SHA256SUMS"
+                else "bundle.json: sha256 mismatch")
+    assert expected in proc.stderr and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("scalelab import: error: ")
+
+
+def test_workflow_schema_is_a_generated_regular_file():
+    """workflow/schemas/config.schema.yaml is the package's workflow schema as a regular
+    file, generated (no drift), not a symbolic link into src/."""
+    from scalelab.sweep import workflow_schema_copy
+
+    path = REPO / "workflow" / "schemas" / "config.schema.yaml"
+    assert path.is_file() and not path.is_symlink()
+    assert path.read_text() == workflow_schema_copy(), (
+        "regenerate: python -m scalelab.sweep --write-schemas")
+
+
+def test_export_of_a_study_copied_as_the_readme_says(tmp_path):
+    """Issue 23: export failed on a study copied the way the README says to share one
+    (``Snakefile``, ``workflow/``, ``config/``, ``profiles/``): the schema was a link into
+    src/ that dangles in the copy."""
+    study = tmp_path / "study"
+    study.mkdir()
+    subprocess.run(["cp", "-r", *(str(REPO / n) for n in ("Snakefile", "workflow", "config",
+                                                          "profiles")), str(study)], check=True)
+    (study / "results").mkdir()
+    ok(run([*SCALELAB, "export", str(study), "--out", str(tmp_path / "bundle")], timeout=300))
+    files = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["files"]
+    assert "study/workflow/schemas/config.schema.yaml" in files
