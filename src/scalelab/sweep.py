@@ -115,13 +115,11 @@ def validate(config: dict, source: str = "config") -> dict:
 
     This is the one entry point the workflow uses (common.smk) and the tests exercise.
     """
-    import jsonschema
-
     if not isinstance(config, dict):
         raise UsageError(f"{source}: the configuration must be a mapping")
     cfg = copy.deepcopy(config)
     _check_finite(cfg, [], source)
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = _validator_class()(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.path), list(e.path)))
     if errors:
         err = errors[0]
@@ -147,6 +145,18 @@ def validate(config: dict, source: str = "config") -> dict:
         raise UsageError(f"{source}: {exc}") from None
     check_points(cfg, source)
     return cfg
+
+
+@cache
+def _validator_class():
+    """Draft 2020-12 where ``integer`` means an int: the draft also accepts 1.0, which
+    then reaches ``range()`` (a traceback) or a command line (``mpirun -n 2.0``)."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)
 
 
 # --------------------------------------------------------------------------- values
@@ -181,6 +191,32 @@ def check_path(value: str, where: str, source: str = "config") -> None:
                          f"as an option)")
 
 
+#: What a study ships (README, Snakefile and these directories): never an output.
+STUDY_DIRS = (".git", ".snakemake", ".test", "benchmarks", "config", "containers", "docs",
+              "envs", "profiles", "slurm", "src", "tests", "workflow")
+
+
+def check_results(value: str, source: str = "config", study: str | Path = ".") -> None:
+    """``results`` is a directory of outputs only: not the filesystem root, not the study
+    (or a directory above it), not one of the directories the study ships (config,
+    .test, workflow...), whose files the workflow would then treat as its outputs."""
+    target = Path(os.path.abspath(Path(study) / value))
+    root = Path(os.path.abspath(study))
+    why = None
+    if target == Path(target.anchor):
+        why = "the filesystem root"
+    elif target == root or target in root.parents:
+        why = "the study directory itself" if target == root else "a directory above the study"
+    elif root in target.parents:
+        top = target.relative_to(root).parts[0]
+        if top in STUDY_DIRS:
+            inside = "" if target == root / top else "inside "
+            why = f"{inside}{top}/, a directory the study ships"
+    if why:
+        raise UsageError(f"{source}: results: {value!r} is {why}; give a directory of its "
+                         f"own for the outputs (e.g. results)")
+
+
 def check_option(value: str, where: str, source: str = "config") -> None:
     """One extra command-line option: ``--name`` or ``--name=value`` with safe characters."""
     if not _OPTION_RE.match(value):
@@ -200,6 +236,7 @@ def _check_strings(cfg: dict, source: str) -> None:
     for where, value in paths:
         if value is not None:
             check_path(value, where, source)
+    check_results(cfg["results"], source)
     for i, opt in enumerate(cfg["launch"]["extra_srun_args"]):
         check_option(opt, f"launch.extra_srun_args[{i}]", source)
     for i, opt in enumerate(cfg["container"]["exec_flags"]):
@@ -261,7 +298,25 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if not os.path.isfile(csv):
             raise UsageError(f"{source}: analysis.from_csv[{i}]: no such file: {csv}")
     _check_owned(cfg, source)
+    _check_model_data(cfg, source)
     _check_fits_cluster(cfg, source)
+
+
+def _check_model_data(cfg: dict, source: str) -> None:
+    """A language model trains on token sequences, an image model on images: the other
+    pairing fails in the job, so it fails here (the run config refuses it too)."""
+    from scalelab.train.config import TOKEN_MODELS
+
+    model = cfg["train"].get("model")
+    name = model.get("name", "cnn") if isinstance(model, dict) else "cnn"
+    data = cfg["data"]["source"]
+    if name in TOKEN_MODELS and data not in GENERATED_SOURCES:
+        raise UsageError(f"{source}: train.model.name: model {name!r} trains on token "
+                         f"sequences, but data.source {data!r} is images (use data.source: "
+                         f"tokens)")
+    if name not in TOKEN_MODELS and data in GENERATED_SOURCES and isinstance(name, str):
+        raise UsageError(f"{source}: train.model.name: model {name!r} trains on images, but "
+                         f"data.source {data!r} is token sequences (use model gpt)")
 
 
 _SPLIT_NAMES = ("train", "validation", "test")
@@ -575,7 +630,10 @@ def check_points(cfg: dict, source: str = "config") -> None:
 
     points = expand(cfg)
     try:
-        from_dict(copy.deepcopy(cfg["train"]), prefix="train.")  # as written
+        written = copy.deepcopy(cfg["train"])
+        if not stages_data(cfg) and isinstance(written.setdefault("data", {}), dict):
+            written["data"]["source"] = cfg["data"]["source"]  # generated: the run's source
+        from_dict(written, prefix="train.")  # as written
         from_dict(run_config(cfg, points[0], "DATA"), prefix="train.")
     except UsageError as exc:
         raise UsageError(f"{source}: {exc}") from None
@@ -696,17 +754,74 @@ def commbench_point(cfg: dict) -> RunPoint:
     return RunPoint("ddp", "strong", largest.nodes, tpn, largest.gpus_per_task, 0)
 
 
-def load(path: str | Path) -> dict:
-    path = Path(path)
+def load(path: str | Path, allow_yte: bool = False) -> dict:
+    """Read a workflow config through the one document loader and validate it.
+
+    ``__use_yte__`` is refused unless ``allow_yte`` (the user trusts the config's code);
+    then it is evaluated as Snakemake would, so the plan shows what Snakemake will run."""
+    from scalelab import docload
+
+    raw = docload.load(path)
+    if docload.uses_yte(raw):
+        if not allow_yte:
+            docload.refuse_yte(raw, str(path), YTE_HINT_PLAN)
+        import yte
+
+        raw = yte.process_yaml(docload.decode(docload.read_bytes(path, str(path)), str(path)),
+                               require_use_yte=True)
+    return validate(raw, source=str(path))
+
+
+#: How to accept a YTE config, in `--plan` and in the workflow.
+YTE_HINT_PLAN = "pass --allow-yte if you trust its author"
+YTE_ENV = "SCALELAB_ALLOW_YTE"
+YTE_HINT_WORKFLOW = f"set {YTE_ENV}=1 if you trust its author"
+
+
+def check_study_dir(path: str | Path, where: str = "study directory",
+                    source: str = "workflow") -> None:
+    """The study's own path reaches job scripts like every config path (Snakemake writes
+    ``--home`` and ``--snakefile`` from it under ``--sdm apptainer``, quoted with Python's
+    repr: a ``'`` in it lets ``$(...)`` run), so it gets the same safe character set."""
+    text = str(path)
+    for ch in text:
+        if not _PATH_RE.fullmatch(ch):
+            raise UsageError(
+                f"{source}: {where} {text!r}: character {ch!r} is not allowed in a path "
+                f"(allowed: {_PATH_CHARS}); rename or move the study")
+
+
+def preflight(default_configfile: str | Path, cli_configfiles: list, snakefile_dir: str | Path,
+              workdir: str | Path | None = None) -> None:
+    """What the Snakefile runs before its ``configfile:`` line: the study's paths, and
+    every config file read by the one document loader (duplicate keys, alias bombs,
+    encodings, YTE) before Snakemake's own loader uses it. Files given with
+    ``--configfile`` were already read by Snakemake (a YTE one has run), so this stops
+    the workflow there; the default config is checked before Snakemake reads it."""
+    from scalelab import docload
+
+    check_study_dir(os.path.abspath(workdir or os.getcwd()))
+    check_study_dir(os.path.abspath(snakefile_dir), "Snakefile directory")
+    files = [Path(p) for p in cli_configfiles]
+    if Path(default_configfile).exists():
+        files.insert(0, Path(default_configfile))
+    allow = os.environ.get(YTE_ENV) == "1"
+    for path in files:
+        doc = docload.load(path)
+        if not allow:
+            docload.refuse_yte(doc, str(path), YTE_HINT_WORKFLOW)
+
+
+def workflow_preflight(workflow: Any, default_configfile: str) -> None:
+    """:func:`preflight` from the Snakefile: one line and exit 2 on a bad study or file."""
+    import sys
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such configuration file") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return validate(raw or {}, source=str(path))
+        preflight(default_configfile, list(workflow.overwrite_configfiles or []),
+                  workflow.basedir)
+    except UsageError as exc:
+        print(f"scalelab workflow: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def validate_launch(launch: dict) -> dict:
@@ -715,7 +830,7 @@ def validate_launch(launch: dict) -> dict:
 
     sch = schema()["properties"]["launch"]
     try:
-        jsonschema.validate(launch, sch)
+        jsonschema.validate(launch, sch, cls=_validator_class())
     except jsonschema.ValidationError as err:
         raise UsageError(f"launch.{_path(err.absolute_path)}: {err.message}") from None
     out = dict(launch)
@@ -735,13 +850,15 @@ def write_schemas(root: Path) -> list[Path]:
     return [out]
 
 
-def print_plan(path: str) -> int:
-    """``python -m scalelab.sweep --plan CONFIG``: the runs and the skipped combinations,
-    without Snakemake (exit 2 and one line for a bad config, like the workflow)."""
+def print_plan(path: str, allow_yte: bool = False) -> int:
+    """``python -m scalelab.sweep --plan CONFIG [--allow-yte]``: the runs and the skipped
+    combinations, without Snakemake (exit 2 and one line for a bad config or a study
+    directory outside the safe character set, like the workflow)."""
     import sys
 
     try:
-        cfg = load(path)
+        check_study_dir(os.getcwd())
+        cfg = load(path, allow_yte=allow_yte)
     except UsageError as exc:
         print(f"scalelab sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -758,7 +875,10 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write-schemas"]:
         for p in write_schemas(Path(__file__).resolve().parents[2]):
             print(p)
-    elif sys.argv[1:2] == ["--plan"] and len(sys.argv) == 3:
-        sys.exit(print_plan(sys.argv[2]))
+    elif sys.argv[1:2] == ["--plan"] and sys.argv[3:] in ([], ["--allow-yte"]) and len(
+            sys.argv) > 2:
+        sys.exit(print_plan(sys.argv[2], allow_yte=sys.argv[3:] == ["--allow-yte"]))
     else:
-        sys.exit("usage: python -m scalelab.sweep --plan CONFIG | --write-schemas")
+        print("usage: python -m scalelab.sweep --plan CONFIG [--allow-yte] | --write-schemas",
+              file=sys.stderr)
+        sys.exit(2)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from scalelab.config_types import NonNegFloat, PosFloat, PosInt, Section
+from scalelab.config_types import Megabytes, NonNegFloat, PosInt, Seconds, Section
 
 
 class HorovodConfig(Section):
@@ -43,11 +43,11 @@ class DistConfig(Section):
     tp: PosInt = 1
     """Tensor-parallel ranks per model replica (gpt only; ddp or fsdp over world_size / tp
     data-parallel groups on a 2-D device mesh)."""
-    timeout_s: PosFloat = 300.0
+    timeout_s: Seconds = 300.0
     """A collective that waits longer than this fails the job (dead or stuck peer)."""
     socket_ifname: str | None = None
     """Network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)."""
-    bucket_cap_mb: PosFloat = 25.0
+    bucket_cap_mb: Megabytes = 25.0
     """ddp: gradient bucket size."""
     horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     """Horovod options."""

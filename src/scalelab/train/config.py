@@ -30,20 +30,31 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from scalelab import docload
 from scalelab.backends.config import DistConfig, FSDPConfig, HorovodConfig
 from scalelab.config_types import (
     Finite,
+    LearningRate,
     NonNegFloat,
     NonNegInt,
     PosFloat,
     PosInt,
     Section,
+    Seed,
     SplitName,
 )
 from scalelab.errors import UsageError
 
 __all__ = ["DistConfig", "FSDPConfig", "Finite", "HorovodConfig", "NonNegFloat", "NonNegInt",
            "PosFloat", "PosInt", "RunConfig", "Section", "SplitName"]
+
+#: Models that train on token sequences (data.source tokens); every other model trains on
+#: images.
+TOKEN_MODELS = ("gpt",)
+
+#: Values in one sample (C x H x W): 16 Mi floats are 64 MB per image.
+MAX_SAMPLE_VALUES = 2**24
+
 
 class ModelConfig(Section):
     """What network to train."""
@@ -85,14 +96,15 @@ class DataConfig(Section):
     """synthetic only: validation samples."""
     num_classes: PosInt = 10
     """synthetic only: number of classes (file-backed sources carry their own)."""
-    image_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)] = Field(
+    image_shape: Annotated[list[Annotated[int, Field(ge=1, le=65536)]],
+                           Field(min_length=3, max_length=3)] = Field(
         default_factory=lambda: [3, 32, 32])
-    """synthetic only: image shape [C, H, W]."""
+    """synthetic only: image shape [C, H, W]; at most 2**24 values per image."""
     signal: NonNegFloat = 0.5
     """synthetic only: strength of the class pattern against unit noise (0: unlearnable)."""
     seq_len: PosInt = 64
     """tokens only: tokens per sample (the model's context length)."""
-    vocab_size: Annotated[int, Field(ge=5)] = 256
+    vocab_size: Annotated[int, Field(ge=5, le=10**7)] = 256
     """tokens only: vocabulary size (num_samples and val_samples count sequences)."""
     prefetch: bool | None = None
     """Load the next batch in a background thread; null: on with CUDA, off on CPU."""
@@ -107,6 +119,9 @@ class DataConfig(Section):
     def _path_needed(self) -> DataConfig:
         if self.source not in ("synthetic", "tokens") and not self.path:
             raise ValueError(f"@path:required for data.source {self.source!r}")
+        if math.prod(self.image_shape) > MAX_SAMPLE_VALUES:
+            raise ValueError(f"@image_shape:{self.image_shape} is {math.prod(self.image_shape)}"
+                             f" values per image, more than {MAX_SAMPLE_VALUES}")
         return self
 
 
@@ -115,9 +130,9 @@ class OptimConfig(Section):
 
     name: Literal["sgd", "adamw"] = "sgd"
     """Optimizer."""
-    lr: PosFloat = 0.1
+    lr: LearningRate = 0.1
     """Learning rate at ``base_batch_size`` (or as is, when base_batch_size is null);
-    a finite number > 0."""
+    a finite number, 0 < lr <= 10."""
     base_batch_size: PosInt | None = None
     """Linear scaling rule: effective lr = lr * global_batch_size / base_batch_size;
     null: no scaling."""
@@ -214,8 +229,8 @@ class MetricsConfig(Section):
 class RunConfig(Section):
     """One training run."""
 
-    seed: NonNegInt = 0
-    """Seed of model initialization and data order."""
+    seed: Seed = 0
+    """Seed of model initialization and data order (0 to 2**32 - 1)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Model."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -230,6 +245,18 @@ class RunConfig(Section):
     """Distribution."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Metrics."""
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> RunConfig:
+        """gpt on images (or an image model on tokens) fails in the job: refuse it here."""
+        tokens = self.data.source == "tokens"
+        if (self.model.name in TOKEN_MODELS) != tokens:
+            kind, given = ("images", "token sequences") if tokens else ("token sequences",
+                                                                        "images")
+            want = f"model {TOKEN_MODELS[0]}" if tokens else "data.source tokens"
+            raise ValueError(f"@model.name:model {self.model.name!r} trains on {kind}, but "
+                             f"data.source {self.data.source!r} gives {given} (use {want})")
+        return self
 
 
 # --------------------------------------------------------------------------- errors
@@ -342,11 +369,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {item!r}: expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: value is not valid YAML: "
-                             f"{str(exc).splitlines()[0]}") from None
+        value = docload.loads(raw, f"--set {key.strip()}", mapping=False) if raw.strip() else None
         _set_path(tree, key.strip(), value)
     return tree
 
@@ -373,19 +396,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
     """Load a YAML file (``None``: all defaults) and apply ``--set`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--config {path}: not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--config {path}: not valid YAML: {exc}".replace("\n", " ")) from None
-        if not isinstance(tree, dict):
-            raise UsageError(f"--config {path}: expected a mapping at the top level")
+        tree = docload.load(path, f"--config {path}")
     return from_dict(apply_overrides(tree, overrides or []))
 
 
