@@ -5,11 +5,15 @@ A bundle is a directory a collaborator can copy, tar or rsync. It holds the work
 itself as a wheel (it is not on PyPI), the results with every run's provenance.json,
 the report, the images' references with their sha256 (the .sif itself with ``--image``),
 and ``bundle.json``: the sha256 and size of every file (an inventory in the spirit of
-Ramble's archives), also written as ``SHA256SUMS`` for ``sha256sum -c``.
+Ramble's archives), also written as ``SHA256SUMS`` for ``sha256sum -c``, whose last line
+is the sha256 of ``bundle.json`` itself: the inventory covers itself, and a changed byte
+in either file is found. (This proves integrity, not origin: the bundle is not signed.)
 
 ``import`` verifies every file against the inventory before it writes anything, names
 each file that does not match (changed, missing, or not in the inventory), and then
-lays the study out in a new directory, ready to rerun (README: "Sharing a study").
+lays the study out in a new directory, ready to rerun (README: "Sharing a study"). The
+paths bundle.json names (``study``, ``results``) must lie inside the bundle: relative,
+no ``..``, no symbolic link on the way.
 
 Exit codes: 0 ok; 1 a file of the bundle does not match its checksum; 2 bad usage.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,7 +34,7 @@ from scalelab import __version__, docload, provenance
 from scalelab.errors import CheckFailed, UsageError
 
 FORMAT = "scalelab-bundle"
-VERSION = 1
+VERSION = 2  # 2: SHA256SUMS ends with the sha256 of bundle.json
 INVENTORY = "bundle.json"
 SUMS = "SHA256SUMS"
 #: What a study directory holds besides results: the workflow as a user runs it.
@@ -70,12 +75,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- export
 
+class _EnvironmentFailed(Exception):
+    """Carries a full disk (or another environment OSError) out of shutil.copytree, which
+    would otherwise collect it as text into shutil.Error and lose its errno (exit 2)."""
+
+
+def _copy_file(src: str, dst: str) -> str:
+    """copytree's copy function: the first full disk ends the copy as itself (exit 1)."""
+    from scalelab.errors import environment_cause
+
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as exc:
+        if environment_cause(exc) is not None:
+            raise _EnvironmentFailed(exc) from exc
+        raise
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file or tree, following links (the bundle must stand alone)."""
     if src.is_dir():
         try:
-            shutil.copytree(src, dst, symlinks=False,
+            shutil.copytree(src, dst, symlinks=False, copy_function=_copy_file,
                             ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "*.lock"))
+        except _EnvironmentFailed as exc:
+            raise exc.args[0] from None
         except shutil.Error as exc:  # e.g. a dangling symbolic link in the study
             first = exc.args[0][0] if exc.args and exc.args[0] else ("?", "?", str(exc))
             raise UsageError(f"{first[0]}: cannot be copied ({first[2]})") from None
@@ -196,8 +220,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "runs": runs, "algorithm": "sha256", "files": files,
         }
         atomic_write_text(tmp / INVENTORY, json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(tmp / SUMS, "".join(f"{f['sha256']}  {rel}\n"
-                                              for rel, f in files.items()))
+        atomic_write_text(tmp / SUMS, sums_text(files, provenance.sha256_file(tmp / INVENTORY)))
     total = sum(f["bytes"] for f in files.values())
     print(f"scalelab export: {args.out}: {len(files)} files, {total / 1e6:.1f} MB, "
           f"{len(runs)} run(s), {len(images)} image reference(s) "
@@ -209,6 +232,52 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def verify(bundle: Path) -> dict[str, Any]:
     """The bundle's inventory, after every file was checked; CheckFailed naming each
+def sums_text(files: dict[str, dict[str, Any]], inventory_sha256: str) -> str:
+    """SHA256SUMS: every file of the inventory, then bundle.json itself (so each of the
+    two files covers the other)."""
+    return "".join(f"{f['sha256']}  {rel}\n" for rel, f in files.items()) + (
+        f"{inventory_sha256}  {INVENTORY}\n")
+
+
+def _sums_problems(bundle: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong with SHA256SUMS against bundle.json (nothing: an empty list)."""
+    sums = bundle / SUMS
+    if not sums.is_file() or sums.is_symlink():
+        return [f"{SUMS}: missing (it holds the sha256 of {INVENTORY})"]
+    actual = provenance.sha256_file(bundle / INVENTORY)
+    lines = sums.read_bytes().decode(errors="replace").splitlines()
+    recorded = lines[-1].split("  ", 1) if lines else []
+    if recorded[1:] != [INVENTORY]:
+        return [f"{SUMS}: does not end with the sha256 of {INVENTORY} (made by an older "
+                "scalelab, or edited: export the study again)"]
+    if recorded[0] != actual:
+        return [f"{INVENTORY}: sha256 mismatch (it was changed after export)"]
+    expected = sums_text(files, actual).splitlines()
+    for number, (have, want) in enumerate(zip(lines, expected, strict=False), 1):
+        if have != want:
+            return [f"{SUMS}: line {number} differs from {INVENTORY}'s inventory"]
+    if len(lines) != len(expected):
+        return [f"{SUMS}: {len(lines)} lines, {INVENTORY} lists {len(expected)}"]
+    return []
+
+
+def inside(bundle: Path, rel: Any, field: str) -> Path:
+    """``bundle/rel`` for a directory bundle.json names; CheckFailed unless it lies inside
+    the bundle (relative, no ``..``, no symbolic link on the way): a crafted inventory
+    must not make import copy host files such as ``/etc/ssh``."""
+    where = f"{bundle / INVENTORY}: field '{field}'"
+    parts = Path(rel).parts if isinstance(rel, str) and rel else ()
+    if not parts or Path(rel).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise CheckFailed(f"{where} is {str(rel)[:80]!r}: not a relative path inside the "
+                          "bundle")
+    node = bundle
+    for part in parts:
+        node = node / part
+        if node.is_symlink() or not node.is_dir():
+            raise CheckFailed(f"{where} is {rel!r}: {node} is not a directory of the bundle")
+    return node
+
+
     file that is changed, missing, or not listed."""
     path = bundle / INVENTORY
     if not path.is_file():
@@ -229,11 +298,14 @@ def verify(bundle: Path) -> dict[str, Any]:
         elif provenance.sha256_file(file) != entry.get("sha256"):
             bad.append(f"{rel}: sha256 mismatch")
     for file in sorted(bundle.rglob("*")):
+    bad.extend(_sums_problems(bundle, meta["files"]))
         rel = file.relative_to(bundle).as_posix()
         if (file.is_file() or file.is_symlink()) and rel not in meta["files"] and rel not in SKIP:
             bad.append(f"{rel}: not in the inventory")
     if bad:
         for line in bad:
+    inside(bundle, meta.get("study"), "study")
+    inside(bundle, f"{meta.get('study')}/{meta.get('results')}", "results")
             print(f"scalelab import: {bundle}/{line}", file=sys.stderr)
         raise CheckFailed(f"{bundle}: {len(bad)} file(s) do not match the inventory "
                           f"(first: {bad[0]})")
@@ -280,7 +352,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.bundle.resolve().name}-study")
     _outside(out, args.bundle, "BUNDLE")
     with atomic_dir(out, "study", inputs=[args.bundle]) as tmp:
-        for item in (args.bundle / meta["study"]).iterdir():
+        for item in study.iterdir():
             _copy(item, tmp / item.name)
         for extra in ("envs", "dist", "images"):
             if (args.bundle / extra).is_dir():
@@ -292,6 +364,8 @@ def cmd_import(args: argparse.Namespace) -> int:
           + (", ".join(f"{i['image']} ({i['sha256'][:12]})" for i in meta.get("images", []))
              or "none"))
     print("  rerun and compare each run (bitwise on CPU in deterministic mode):")
-    print(f"    cd {out} && for run in {meta['results']}/runs/*/; do "
+    results = shlex.quote(str(meta["results"]))
+    print(f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
           "scalelab reproduce \"$run\" || break; done")
     return 0
+    study = inside(args.bundle, meta["study"], "study")  # checked by verify too
