@@ -230,8 +230,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- import
 
-def verify(bundle: Path) -> dict[str, Any]:
-    """The bundle's inventory, after every file was checked; CheckFailed naming each
 def sums_text(files: dict[str, dict[str, Any]], inventory_sha256: str) -> str:
     """SHA256SUMS: every file of the inventory, then bundle.json itself (so each of the
     two files covers the other)."""
@@ -278,6 +276,8 @@ def inside(bundle: Path, rel: Any, field: str) -> Path:
     return node
 
 
+def verify(bundle: Path) -> dict[str, Any]:
+    """The bundle's inventory, after every file was checked; CheckFailed naming each
     file that is changed, missing, or not listed."""
     path = bundle / INVENTORY
     if not path.is_file():
@@ -298,17 +298,17 @@ def inside(bundle: Path, rel: Any, field: str) -> Path:
         elif provenance.sha256_file(file) != entry.get("sha256"):
             bad.append(f"{rel}: sha256 mismatch")
     for file in sorted(bundle.rglob("*")):
-    bad.extend(_sums_problems(bundle, meta["files"]))
         rel = file.relative_to(bundle).as_posix()
         if (file.is_file() or file.is_symlink()) and rel not in meta["files"] and rel not in SKIP:
             bad.append(f"{rel}: not in the inventory")
+    bad.extend(_sums_problems(bundle, meta["files"]))
     if bad:
         for line in bad:
-    inside(bundle, meta.get("study"), "study")
-    inside(bundle, f"{meta.get('study')}/{meta.get('results')}", "results")
             print(f"scalelab import: {bundle}/{line}", file=sys.stderr)
         raise CheckFailed(f"{bundle}: {len(bad)} file(s) do not match the inventory "
                           f"(first: {bad[0]})")
+    inside(bundle, meta.get("study"), "study")
+    inside(bundle, f"{meta.get('study')}/{meta.get('results')}", "results")
     return meta
 
 
@@ -351,6 +351,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 0
     out = args.out or Path(f"{args.bundle.resolve().name}-study")
     _outside(out, args.bundle, "BUNDLE")
+    study = inside(args.bundle, meta["study"], "study")  # checked by verify too
     with atomic_dir(out, "study", inputs=[args.bundle]) as tmp:
         for item in study.iterdir():
             _copy(item, tmp / item.name)
@@ -368,4 +369,3 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
           "scalelab reproduce \"$run\" || break; done")
     return 0
-    study = inside(args.bundle, meta["study"], "study")  # checked by verify too
