@@ -168,6 +168,92 @@ def test_launch_dry_run_touches_nothing(tmp_path, victim):
     assert snapshot(victim) == before
 
 
+# ---- one guard for every output command (issue 23): a user's file is never lost --------
+
+def _with_notes(src: Path, dest: Path) -> Path:
+    """A copy of the finished run ``src`` in which a user keeps notes."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    (dest / "notes.md").write_text("the lr sweep looked odd at 4 ranks\n")
+    return dest
+
+
+def test_stage_force_keeps_a_users_file_beside_any_manifest(tmp_path):
+    fake = tmp_path / "fake"  # a manifest.json by name alone is not scalelab's marker
+    fake.mkdir()
+    (fake / "manifest.json").write_text("{}\n")
+    (fake / "notes.txt").write_text("mine\n")
+    real = tmp_path / "real"  # a real staged dataset a user then wrote into
+    ok(cli(*_stage_args(real, 200)))
+    ok(cli(*_stage_args(real, 200), "--force"))  # its own earlier output: replaced
+    (real / "notes.txt").write_text("mine too\n")
+    for target in (fake, real):
+        before = snapshot(target)
+        line = one_error_line(cli(*_stage_args(target, 200), "--force"), "data")
+        assert str(target) in line
+        assert snapshot(target) == before
+
+
+def test_container_generate_out_keeps_a_users_file(tmp_path):
+    mine = tmp_path / "my.def"
+    mine.write_text("Bootstrap: docker\nFrom: debian:12\n")
+    before = snapshot(mine)
+    one_error_line(cli("container", "generate", "--out", mine), "container")
+    assert snapshot(mine) == before
+    out = tmp_path / "gen.def"
+    ok(cli("container", "generate", "--out", out))
+    ok(cli("container", "generate", "--out", out))  # its own earlier output: replaced
+    with out.open("a") as fh:
+        fh.write("# my edit\n")  # edited by the user: no longer only scalelab's
+    before = snapshot(out)
+    one_error_line(cli("container", "generate", "--out", out), "container")
+    assert snapshot(out) == before
+
+
+def test_reproduce_out_keeps_another_run_with_a_users_notes(tmp_path, trained_run):
+    other = _with_notes(trained_run, tmp_path / "other")
+    before = snapshot(other)
+    line = one_error_line(cli("reproduce", trained_run, "--out", other, timeout=240),
+                          "reproduce")
+    assert "notes.md" in line
+    assert snapshot(other) == before
+
+
+def test_launch_out_keeps_a_train_run_with_a_users_file(tmp_path, trained_run):
+    data = tmp_path / "data"  # real data: without the guard, launch wipes and retrains
+    ok(cli(*_stage_args(data, 256)))
+    run_dir = _with_notes(trained_run, tmp_path / "run")
+    before = snapshot(run_dir)
+    line = one_error_line(cli("launch", "--spec", _spec(data), "--out", run_dir), "launch")
+    assert "notes.md" in line
+    assert snapshot(run_dir) == before
+    one_error_line(cli("train", "--config", run_dir / "config.yaml", "--out", run_dir),
+                   "train")  # train refuses it too: one rule
+    assert snapshot(run_dir) == before
+
+
+def test_workflow_rerun_of_stage_keeps_a_users_file_in_data(tmp_path):
+    from test_workflow import copy_workflow, snakemake
+
+    wd = copy_workflow(tmp_path / "wf")
+    args = ["stage", "--cores", "1", "--configfile", ".test/config.yaml"]
+    snakemake(wd, args)
+    snakemake(wd, [*args, "-R", "stage"])  # a dataset of only scalelab's files: restaged
+    data = wd / "results" / "data"
+    notes = data / "notes.txt"
+    notes.write_text("which seed did I use?\n")
+    shards = {k: v for k, v in snapshot(data).items() if k.endswith(".npy")}
+    proc = snakemake(wd, [*args, "-R", "stage"], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # Snakemake: a job failed
+    log = (wd / "logs" / "stage.log").read_text()
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("scalelab data: error: "), log
+    assert "notes.txt" in lines[0]  # scalelab data stage exited 2 and touched nothing
+    assert notes.read_text() == "which seed did I use?\n"
+    assert {k: v for k, v in snapshot(data).items() if k.endswith(".npy")} == shards
+
+
 # ---- one writer at a time --------------------------------------------------------------
 
 def _stage_args(out: Path, n: int = 4000) -> list[str]:

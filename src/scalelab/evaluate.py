@@ -9,6 +9,7 @@ must not depend on how many ranks trained the model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -120,17 +121,19 @@ def _is_evaluation(path: Path) -> bool:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from scalelab.fsio import atomic_write_text, check_file_target
+    from scalelab.fsio import atomic_write_text, guard
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: {args.batch_size} must be >= 1")
-    if args.out:
-        check_file_target(args.out, [p for p in (args.run, args.data) if p],
-                          is_ours=_is_evaluation)
-    result = evaluate(args.run, args.data, args.split, args.batch_size)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
+    with contextlib.ExitStack() as stack:
+        if args.out:  # refused before the evaluation; locked until the result is written
+            stack.enter_context(guard(args.out, "evaluation",
+                                      [p for p in (args.run, args.data) if p],
+                                      is_ours=_is_evaluation))
+        result = evaluate(args.run, args.data, args.split, args.batch_size)
+        text = json.dumps(result, indent=2)
+        if args.out:
+            atomic_write_text(args.out, text + "\n")
     ppl = f" perplexity {result['perplexity']:.3f}" if "perplexity" in result else ""
     print(f"{args.run}: {args.split} accuracy {result['accuracy']:.4f} loss "
           f"{result['loss']:.4f}{ppl} on {result['samples']} samples")

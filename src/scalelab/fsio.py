@@ -5,10 +5,14 @@ Three promises every scalelab command keeps through this module:
 * **Atomic.** A reader sees the old file (or directory) or the complete new one,
   never half: write to a temp sibling, flush, fsync, ``os.replace``, fsync the
   directory so the rename survives a crash.
-* **Nothing it did not create.** An existing output directory is replaced only
-  when it carries scalelab's marker (:data:`MARKER`) for the same kind of output,
-  or is empty. A target that is, or contains, one of the command's inputs is
-  refused. So ``analyze RUN --out RUN`` or ``--out ~/thesis`` loses nothing.
+* **Nothing it did not create.** Every output command goes through one guard,
+  :func:`guard`: an existing output directory is replaced only when it carries
+  scalelab's marker (:data:`MARKER`) for the same kind of output and holds nothing
+  but what that marker says scalelab wrote, or is empty; an existing file only when
+  the command recognises it as its own earlier output. A target that is, or
+  contains, one of the command's inputs is refused. So ``analyze RUN --out RUN``,
+  ``--out ~/thesis`` or a note left in a run directory loses nothing, ``--force``
+  included.
 * **One writer.** A writer holds an exclusive ``flock`` on ``.<name>.lock`` beside
   the target for the whole write, not a check-then-write: a second writer is
   refused at once with the holder's pid and host. The kernel drops the lock when
@@ -126,20 +130,57 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 # ---- what a command may replace ------------------------------------------------------------
 
+#: Files a workflow engine leaves in an output directory: never a user's data.
+ENGINE_FILES = frozenset({".snakemake_timestamp"})
+
+
+def _marker(directory: str | Path) -> dict[str, Any]:
+    """The marker document of ``directory`` ({} when it has none or it is unreadable)."""
+    try:
+        doc = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def marker_kind(directory: str | Path) -> str | None:
     """The kind of scalelab output ``directory`` holds, or None when it carries no marker."""
-    try:
-        return json.loads((Path(directory) / MARKER).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    kind = _marker(directory).get("kind")
+    return kind if isinstance(kind, str) else None
 
 
-def write_marker(directory: str | Path, kind: str) -> None:
-    """Mark ``directory`` as scalelab output of ``kind`` (what may be replaced later)."""
+def write_marker(directory: str | Path, kind: str, owns: Iterable[str] | None = None) -> None:
+    """Mark ``directory`` as scalelab output of ``kind`` and record what scalelab wrote.
+
+    ``owns`` lists the relative paths the command writes there (``"dir/"`` owns
+    everything below ``dir``), for a directory filled while it runs (a run); None
+    records the directory's files now, for one written whole (see :func:`atomic_dir`).
+    The guard later replaces the directory only if it holds nothing else.
+    """
     from scalelab import __version__
 
-    atomic_write_json(Path(directory) / MARKER, {
-        "kind": kind, "scalelab": __version__, "command": _command_name()})
+    directory = Path(directory)
+    names = _files(directory) if owns is None else set(owns)
+    atomic_write_json(directory / MARKER, {
+        "kind": kind, "scalelab": __version__, "command": _command_name(),
+        "owns": sorted(names - {MARKER})})
+
+
+def _files(directory: Path) -> set[str]:
+    """Relative paths of every file (and symlink) under ``directory``."""
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")
+            if p.is_symlink() or not p.is_dir()}
+
+
+def foreign_files(directory: str | Path) -> list[str]:
+    """Files under a marked ``directory`` that its marker does not say scalelab wrote."""
+    directory = Path(directory)
+    owns = _marker(directory).get("owns")
+    owned = {str(o) for o in owns} if isinstance(owns, list) else set()
+    prefixes = tuple(o for o in owned if o.endswith("/"))
+    return sorted(rel for rel in _files(directory)
+                  if rel != MARKER and rel not in owned and not rel.startswith(prefixes)
+                  and Path(rel).name not in ENGINE_FILES)
 
 
 def _command_name() -> str:
@@ -155,8 +196,10 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
     """Refuse a target this command may not replace; return it absolute.
 
     Allowed: a path that does not exist, an empty directory, or a directory marked
-    as scalelab output of the same ``kind``. Refused: a file, a foreign directory, a
-    directory of another kind, and any target that is or contains an input.
+    as scalelab output of the same ``kind`` that holds only what its marker says
+    scalelab wrote. Refused: a file, a foreign directory, a directory of another kind,
+    a marked one holding anything else (a user's notes), and any target that is or
+    contains an input. Commands call it through :func:`guard`.
     """
     path = Path(os.path.abspath(target))
     real = _resolved(path)
@@ -172,6 +215,12 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
                          "replace it")
     found = marker_kind(path)
     if found == kind:
+        foreign = foreign_files(path)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise UsageError(f"{what} {target}: holds {foreign[0]}{more}, which scalelab did "
+                             "not write; refusing to replace it: move it away or choose "
+                             "a new path")
         return path
     if found is not None:
         raise UsageError(f"{what} {target}: holds scalelab {found} output, not {kind}; "
@@ -206,10 +255,35 @@ def check_file_target(target: str | Path, inputs: Iterable[str | Path] = (),
             raise UsageError(f"{what} {target}: overlaps the input {item}")
     if path.is_dir():
         raise UsageError(f"{what} {target}: is a directory, expected a file path")
-    if path.exists() and not (is_ours and is_ours(path)):
+    if (path.exists() or path.is_symlink()) and not (
+            is_ours and not path.is_symlink() and is_ours(path)):
         raise UsageError(f"{what} {target}: exists and is not output of this command; "
                          "refusing to replace it")
     return path
+
+
+@contextlib.contextmanager
+def guard(target: str | Path, kind: str, inputs: Iterable[str | Path] = (), *,
+          is_ours: Callable[[Path], bool] | None = None, force: bool = False,
+          token: str | None = None, what: str = "--out") -> Iterator[Path]:
+    """The one rule of every output command: check ``target``, lock it, check it again.
+
+    A directory target must pass :func:`check_target` for ``kind``; a file target
+    (``is_ours`` given) :func:`check_file_target`. The first check refuses before
+    anything, even the lock file, is written; the second, under the writer lock,
+    refuses what another process changed meanwhile. Yields the absolute target:
+    the block may replace it, since it holds nothing that scalelab did not write.
+    """
+    inputs = list(inputs)
+
+    def check() -> Path:
+        if is_ours is not None:
+            return check_file_target(target, inputs, is_ours, what=what)
+        return check_target(target, kind, inputs, what=what)
+
+    path = check()
+    with writer_lock(path, force=force, token=token, what=what):
+        yield check()
 
 
 # ---- one writer at a time ------------------------------------------------------------------
@@ -348,22 +422,17 @@ def atomic_dir(target: str | Path, kind: str, inputs: Iterable[str | Path] = (),
                force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block succeeds.
 
-    ``target`` must pass :func:`check_target` for ``kind`` (it may hold only an earlier
+    ``target`` must pass :func:`guard` for ``kind`` (it may hold only an earlier
     output of the same kind), and the writer lock is held from the check to the
     rename. The temporary directory lives next to ``target`` (same filesystem, so the
     final step is a rename) and is marked with ``kind``; on any error it is removed and
     ``target`` is left as it was.
     """
-    inputs = list(inputs)
-    check_target(target, kind, inputs)
-    target = Path(os.path.abspath(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(target, force=force):
-        check_target(target, kind, inputs)  # again, now that no other writer can change it
+    with guard(target, kind, inputs, force=force) as target:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             yield tmp
-            write_marker(tmp, kind)
+            write_marker(tmp, kind)  # records every file written: all it may replace later
             os.chmod(tmp, 0o777 & ~umask())
             replace_dir(tmp, target)
         finally:

@@ -31,9 +31,9 @@ import yaml
 
 from scalelab import supervise, sweep
 from scalelab.errors import UsageError
-from scalelab.fsio import atomic_write_text, check_target, marker_kind, write_marker, writer_lock
+from scalelab.fsio import atomic_write_text, check_target, guard, marker_kind, write_marker
 from scalelab.tools import which
-from scalelab.train.cli import LOCK_ENV
+from scalelab.train.cli import LOCK_ENV, RUN_FILES
 
 
 def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
@@ -132,7 +132,7 @@ def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path
     An identical config keeps the directory so `--resume` continues from its
     newest checkpoint (a requeued or retried job); a changed config must not
     resume from checkpoints that belong to another experiment. Only a directory
-    marked as a scalelab run is ever cleared (the caller checked and locked it).
+    marked as a scalelab run is ever cleared (fsio.guard checked and locked it).
     """
     digest = config_digest(run_cfg, point)
     meta = out_dir / "sweep.json"
@@ -144,7 +144,7 @@ def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path
         if old != digest:
             shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(out_dir, "run")
+    write_marker(out_dir, "run", RUN_FILES)
     (out_dir / "summary.json").unlink(missing_ok=True)
     atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
     atomic_write_text(meta, json.dumps({**point.as_dict(), "config_sha256": digest}, indent=2))
@@ -283,7 +283,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.out:
         raise UsageError("--out: the run directory is required")
     out_dir = Path(args.out)
-    check_target(out_dir, "run")
+    check_target(out_dir, "run")  # guard's check: a dry run too refuses what it may not replace
     prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
     argv = launch_argv(launch, point, train_args(out_dir / "run.yaml", out_dir),
                        container_prefix=prefix)
@@ -291,8 +291,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0  # a dry run touches nothing: no run directory, no lock
     token = secrets.token_hex(8)
-    with writer_lock(out_dir, force=args.force, token=token):
-        check_target(out_dir, "run")
+    with guard(out_dir, "run", force=args.force, token=token):
         prepare_run_dir(out_dir, spec["run_config"], point)
         if image:
             atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))

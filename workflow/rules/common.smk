@@ -177,9 +177,16 @@ def smallest_run(backend):
     )
 
 
+# The stage rule's output is the dataset's manifest, not directory(DATA): Snakemake deletes
+# a directory output whole before a rerun (-R stage), a user's files in it too, while
+# `scalelab data stage --force` replaces DATA only if it holds nothing else (fsio.guard).
+DATA_MANIFEST = f"{DATA}/manifest.json"
+
+
 def staged_data():
-    """The training jobs' input: the staged dataset, or nothing for a generated source."""
-    return DATA if STAGED else []
+    """The training jobs' input: the staged dataset's manifest, or nothing for a generated
+    source."""
+    return DATA_MANIFEST if STAGED else []
 
 
 def evaluations():

@@ -15,8 +15,9 @@ rule evaluate:
         **slurm_site("evaluate"),
     params:
         run_dir=lambda wildcards, input: os.path.dirname(input.summary),
+        data=DATA,
     shell:
         # a generated source (tokens) has a generated test split: no --data
         "scalelab evaluate --run {params.run_dir:q} "
-        + ("--data {input.data:q} " if STAGED else "")
+        + ("--data {params.data:q} " if STAGED else "")
         + "--split test --out {output:q} > {log:q} 2>&1"

@@ -1,6 +1,6 @@
 rule stage:
     output:
-        directory(DATA),
+        DATA_MANIFEST,
     log:
         "logs/stage.log",
     benchmark:
@@ -12,5 +12,6 @@ rule stage:
         **slurm_site("stage"),
     params:
         args=stage_args(),
+        data=DATA,
     shell:
-        "scalelab data stage {params.args:q} --quiet --out {output:q} > {log:q} 2>&1"
+        "scalelab data stage {params.args:q} --quiet --force --out {params.data:q} > {log:q} 2>&1"

@@ -201,7 +201,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.out == "-":
             sys.stdout.write(text)
         else:
-            generate.write_atomic(Path(args.out), text)
+            from scalelab.fsio import guard
+
+            with guard(args.out, "definition", is_ours=generate.is_generated) as out:
+                generate.write_atomic(out, generate.stamped(text))
             print(f"wrote {args.out}")
         return 0
     if userarg:

@@ -7,6 +7,7 @@ hpccm renders the recipe exactly as ``hpccm --recipe containers/recipe.py
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +20,10 @@ DEFAULT_IMAGES: dict[str, dict[str, str]] = {
     "scalelab-gpu.def": {},
 }
 SINGULARITY_VERSION = "3.2"
+
+#: First line of a file written by ``generate --out FILE``: the sha256 of the rest shows
+#: an unedited earlier output, the only existing file --out replaces.
+STAMP = "# scalelab container generate: sha256 "
 
 
 def find_containers_dir(start: str | Path | None = None) -> Path:
@@ -50,6 +55,20 @@ def render(recipe: str | Path, userarg: Mapping[str, str] | None = None) -> str:
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return text + "\n"
+
+
+def stamped(text: str) -> str:
+    """``text`` behind the :data:`STAMP` line that lets a later --out recognise it."""
+    return f"{STAMP}{hashlib.sha256(text.encode()).hexdigest()}\n{text}"
+
+
+def is_generated(path: Path) -> bool:
+    """Whether ``path`` is an earlier ``generate --out``, unedited (its stamp matches)."""
+    try:
+        first, _, rest = path.read_text(encoding="utf-8").partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == f"{STAMP}{hashlib.sha256(rest.encode()).hexdigest()}"
 
 
 def write_atomic(path: Path, text: str) -> None:

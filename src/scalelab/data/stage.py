@@ -53,7 +53,7 @@ from scalelab.data.sources import (
     npz_source,
 )
 from scalelab.errors import DataError, UsageError
-from scalelab.fsio import check_file_target, replace_dir, writer_lock
+from scalelab.fsio import guard, replace_dir, write_marker
 from scalelab.tools import pid_alive
 
 T = TypeVar("T")
@@ -507,27 +507,11 @@ def stage(cfg: StageConfig) -> StageResult:
     replacing the first one's dataset.
     """
     out = Path(cfg.out).absolute()
-    _check_out(cfg, out)
-    with writer_lock(out, force=cfg.force):
-        _check_out(cfg, out)
+    if (out.exists() or out.is_symlink()) and not cfg.force:
+        raise UsageError(f"--out {out}: already exists; pass --force to replace it")
+    # --force replaces only a dataset staged here before that holds nothing else.
+    with guard(out, "dataset", [cfg.path] if cfg.path else [], force=cfg.force):
         return _stage(cfg, out)
-
-
-def _check_out(cfg: StageConfig, out: Path) -> None:
-    """Refuse an --out that is an input, holds one, or is not a dataset we may replace."""
-    if cfg.path:
-        check_file_target(out, [cfg.path], is_ours=lambda p: True)
-    if out.exists() or out.is_symlink():
-        if not cfg.force:
-            raise UsageError(f"--out {out}: already exists; pass --force to replace it")
-        if out.is_symlink() or not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory; refusing to "
-                             "replace it")
-        if not (out / MANIFEST_NAME).exists() and any(out.iterdir()):
-            raise UsageError(
-                f"--out {out}: exists and is not a staged dataset (no {MANIFEST_NAME}); "
-                "refusing to replace it"
-            )
 
 
 def _stage(cfg: StageConfig, out: Path) -> StageResult:
@@ -565,6 +549,7 @@ def _stage(cfg: StageConfig, out: Path) -> StageResult:
         write_bytes_synced(tmp / MANIFEST_NAME, dumps(manifest_dict(entries)))
         for split in SPLITS:
             fsync_dir(tmp / split)
+        write_marker(tmp, "dataset")  # what a later --force may replace: these files only
         fsync_dir(tmp)
         replace_dir(tmp, out)
     except BaseException:

@@ -95,6 +95,12 @@ def main(args: argparse.Namespace) -> int:
 #: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.
 LOCK_ENV = "SCALELAB_RUN_LOCK"
 
+#: What scalelab writes in a run directory (train, launch, evaluate, reproduce): the
+#: marker records it, and the guard replaces a run directory only if it holds no more.
+RUN_FILES = ("run.yaml", "sweep.json", "container.json", "config.yaml", "run_info.json",
+             "provenance.json", "metrics.jsonl", "model.pt", "summary.json", "checkpoints/",
+             "evaluation.json", "reproduce.json")
+
 
 @contextlib.contextmanager
 def run_dir_guard(out: Path, force: bool = False):
@@ -104,13 +110,12 @@ def run_dir_guard(out: Path, force: bool = False):
     `scalelab launch` already holds it on the ranks' behalf. Two trainings into one
     RUN_DIR: the second is refused before it writes anything.
     """
-    from scalelab.fsio import check_target, held_for, writer_lock
+    from scalelab.fsio import guard, held_for
 
     if process_rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
         yield  # rank 0 (or the launcher) checked and holds the directory for the job
         return
-    with writer_lock(out, force=force):
-        check_target(out, "run")
+    with guard(out, "run", force=force):
         yield  # the trainer creates and marks RUN_DIR once the config has passed
 
 

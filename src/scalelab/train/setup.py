@@ -27,6 +27,7 @@ from scalelab.errors import DataError, UsageError
 from scalelab.fsio import atomic_write_json, atomic_write_text, write_marker
 from scalelab.layout import Layout
 from scalelab.train import checkpoint as ckpt
+from scalelab.train.cli import RUN_FILES
 from scalelab.train.config import BatchPlan, RunConfig
 from scalelab.train.metrics import MetricsWriter, PhaseTimer
 
@@ -119,7 +120,7 @@ def describe_run_dir(job: Job, info: dict[str, Any]) -> None:
         return
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "run")  # a run directory: what scalelab may resume or replace
+    write_marker(out, "run", RUN_FILES)  # a run directory: what scalelab may resume or replace
     from scalelab.provenance import record_start
 
     record_start(job.cfg, out, resume=job.resume)  # RUN_DIR/provenance.json, once input passed
