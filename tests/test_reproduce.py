@@ -56,13 +56,69 @@ def test_reproduce_refuses_a_different_torch_and_names_it(reference, tmp_path):
     proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out)], timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "versions.torch: '2.12.0' (recorded) != " in proc.stderr
-    assert "world_size: 3 (recorded) != 2 (now)" not in proc.stderr  # the layout is the recorded
+    # the claimed layout is checked against what the run detected, not against itself
+    assert "world_size: 3 (recorded) != 2 (the run's run_info.json)" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("scalelab reproduce: error: ")
     assert "--force" in proc.stderr.splitlines()[-1]
     assert not out.exists()  # refused before anything was written
     forced = ok(run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out), "--force",
                      "--dry-run"], timeout=120))
     assert "mpirun -n 3" in forced.stdout and not out.exists()
+
+
+def _edit_manifest(reference: Path, target: Path, change) -> Path:
+    shutil.copytree(reference, target)
+    path = target / "provenance.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return target
+
+
+def test_reproduce_refuses_a_layout_the_run_did_not_have(reference, tmp_path):
+    """Issue 23: reproduce compared the layout fields with themselves, so a run whose
+    provenance.json claims another world size still "reproduced"."""
+    run_dir = _edit_manifest(reference, tmp_path / "run",
+                             lambda m: m["must_match"].update(world_size=3))
+    out = tmp_path / "rerun"
+    proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out)], timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("scalelab reproduce: error: ") and "1 must-match field(s)" in last
+    assert "world_size: 3 (recorded) != 2 (the run's run_info.json)" in last
+    assert not out.exists()
+
+
+def test_reproduce_checks_the_layout_the_rerun_really_had(reference, tmp_path):
+    """A claim consistent in provenance.json and run_info.json (2 ranks, started as a
+    single process) is found when the rerun detects 1 rank: the rerun's own manifest is
+    compared with the recorded layout, and reproduce fails."""
+    def single(m):
+        m["must_match"].update(launcher="single")
+
+    run_dir = _edit_manifest(reference, tmp_path / "run", single)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    info["layout"]["launcher"] = "single"
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    out = tmp_path / "rerun"
+    proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out)], timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "did not run at the recorded layout: world_size: 2 (recorded) != 1 (the rerun)" \
+        in last, last
+    assert "scalelab reproduce: reproduced" not in proc.stdout
+
+
+def test_reproduce_names_the_config_key_that_was_edited(reference, tmp_path):
+    """Issue 23: an edited config inside provenance.json was refused naming only
+    config_sha256; now the first line names the key."""
+    run_dir = _edit_manifest(reference, tmp_path / "run",
+                             lambda m: m["config"]["optim"].update(lr=0.5))
+    proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(tmp_path / "rerun")],
+               timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "first: config.optim.lr: " in last and "!= 0.5 (provenance.json)" in last
 
 
 def test_reproduce_detects_results_that_differ(reference, tmp_path):

@@ -127,6 +127,54 @@ def current_must_match(manifest: dict[str, Any], config: dict[str, Any]) -> dict
     }
 
 
+#: The layout fields of must_match: the rerun starts what the manifest records, so they
+#: are checked against what the run itself (and then the rerun) detected instead.
+LAYOUT_FIELDS = ("launcher", "world_size", "nodes", "tasks_per_node")
+
+
+def ran_layout(run_dir: Path) -> dict[str, Any] | None:
+    """The layout a run detected when it started (run_info.json, written by the trainer),
+    in must_match's terms; None when the record is missing."""
+    try:
+        layout = json.loads((run_dir / "run_info.json").read_text())["layout"]
+        world, local = int(layout["world_size"]), int(layout["local_world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"launcher": layout.get("launcher"), "world_size": world,
+            "nodes": max(1, world // max(1, local)), "tasks_per_node": local}
+
+
+def layout_differences(must: dict[str, Any], run_dir: Path, what: str) -> list[str]:
+    """Layout fields that provenance.json claims and the run in ``run_dir`` did not have."""
+    ran = ran_layout(run_dir)
+    if ran is None:
+        return [f"layout: {run_dir}/run_info.json is missing or unreadable ({what})"]
+    return [f"{key}: {must.get(key)!r} (recorded) != {ran[key]!r} ({what})"
+            for key in LAYOUT_FIELDS if must.get(key) != ran[key]]
+
+
+def config_differences(manifest: dict[str, Any], run_dir: Path, now_sha: str) -> list[str]:
+    """The keys where provenance.json's config differs from the config the run wrote
+    (config.yaml), when its hash no longer matches: the line names the key, not only
+    config_sha256. Where the files are consistent (or config.yaml is gone): none."""
+    import yaml
+
+    if now_sha == manifest["must_match"].get("config_sha256"):
+        return []
+    try:
+        ran = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    ident = [json.loads(json.dumps(c if isinstance(c, dict) else {})) for c in
+             (ran, manifest["config"])]
+    for c in ident:  # where data lies is not part of the config's identity
+        for key in ("path", "scratch"):
+            (c.get("data") if isinstance(c.get("data"), dict) else {}).pop(key, None)
+    a, b = (provenance.flatten(c) for c in ident)
+    return [f"config.{k}: {a.get(k)!r} (the run's config.yaml) != {b.get(k)!r} "
+            "(provenance.json)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def compare_results(a: Path, b: Path, exact: bool) -> dict[str, Any]:
     """Final weights (every tensor) and summary metrics of two runs."""
     import torch
@@ -166,7 +214,13 @@ def _finished(run_dir: Path) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from scalelab.fsio import atomic_write_json, check_target
+    from scalelab.fsio import (
+        atomic_write_json,
+        atomic_write_text,
+        check_target,
+        write_marker,
+        writer_lock,
+    )
 
     manifest = provenance.load(args.run_dir)
     provenance.validate(manifest, str(args.run_dir / provenance.FILE))
@@ -192,7 +246,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run_dir}: its dataset {data_path} is gone; pass --data DIR "
                          "(a copy with the same manifest)")
     now = current_must_match(manifest, config)
-    differences = provenance.must_match_differences(must, now)
+    differences = (config_differences(manifest, args.run_dir, now["config_sha256"])
+                   + layout_differences(must, args.run_dir, "the run's run_info.json")
+                   + provenance.must_match_differences(must, now))
     for line in differences:
         print(f"scalelab reproduce: must-match field differs: {line}", file=sys.stderr)
     if differences and not args.force:
@@ -219,9 +275,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print("scalelab reproduce:", " ".join(argv), flush=True)
     if args.dry_run:
         return 0
-    code = _start(argv, out, run_yaml, config, manifest, [args.run_dir])
+    if out.exists() and (out / "summary.json").exists():
+        shutil.rmtree(out)  # a marked run dir of an earlier reproduce (check_target passed)
+    code = _start(argv, out, run_yaml, config, manifest, write_marker, writer_lock,
+                  atomic_write_text)
     if code != 0:
         raise CheckFailed(f"the rerun in {out} failed (exit {code}); see its output above")
+    ran = layout_differences(must, out, "the rerun")
+    if ran and not args.force:
+        raise CheckFailed(f"{out}: the rerun did not run at the recorded layout: {ran[0]}")
     result = compare_results(args.run_dir, out, exact)
     atomic_write_json(out / "reproduce.json", {
         "of": str(args.run_dir.resolve()), "provenance_id": manifest["provenance_id"],
@@ -238,23 +300,19 @@ def _used_cuda(run_dir: Path) -> bool:
 
 
 def _start(argv: list[str], out: Path, run_yaml: Path, config: dict[str, Any],
-           manifest: dict[str, Any], inputs: list[Path]) -> int:
-    """Run the rerun into ``out`` under fsio.guard: an earlier rerun there is replaced
-    (it holds only what scalelab wrote); anything else was refused before."""
+           manifest: dict[str, Any], write_marker, writer_lock, atomic_write_text) -> int:
     import yaml
 
     from scalelab import supervise
     from scalelab.launcher import rank_env
-    from scalelab.train.cli import LOCK_ENV, RUN_FILES
+    from scalelab.train.cli import LOCK_ENV
 
     token = secrets.token_hex(8)
     threads = manifest["incidental"].get("env", {}).get("OMP_NUM_THREADS") or str(
         (config.get("train") or {}).get("threads") or 1)
-    with guard(out, "run", inputs, token=token):
-        if (out / "summary.json").exists():
-            shutil.rmtree(out)  # a finished earlier rerun: this one starts afresh
+    with writer_lock(out, token=token):
         out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "run", RUN_FILES)
+        write_marker(out, "run")
         atomic_write_text(run_yaml, yaml.safe_dump(config, sort_keys=False))
         env = {**rank_env({"cpus_per_task": threads}), LOCK_ENV: token}
         recorded = manifest["incidental"].get("env", {})
@@ -299,7 +357,6 @@ def find_runs(dirs: list[Path]) -> list[Path]:
         if (d / provenance.FILE).is_file():
             found.append(d)
         else:
-    from scalelab.fsio import atomic_write_text, guard, write_marker
             found.extend(sorted(p.parent for p in d.rglob(provenance.FILE)))
     return found
 
