@@ -838,16 +838,29 @@ def validate_launch(launch: dict) -> dict:
     return out
 
 
+def workflow_schema_copy() -> str:
+    """workflow/schemas/config.schema.yaml: the package's workflow schema as a regular
+    file (a symbolic link into src/ dangles in a study copied as the README says)."""
+    text = resources.files("scalelab").joinpath("schemas/workflow.schema.yaml").read_text()
+    return ("# Generated from src/scalelab/schemas/workflow.schema.yaml by\n"
+            "# `python -m scalelab.sweep --write-schemas`: edit that file, not this copy.\n"
+            + text)
+
+
 def write_schemas(root: Path) -> list[Path]:
-    """Write the generated run-config schema beside the workflow schema (for editors and
-    `snakemake.utils.validate`); a test checks the committed copy is current."""
+    """Write the generated run-config schema and the workflow schema's copy into
+    workflow/schemas/ (for editors, `snakemake.utils.validate` and a shared study); a
+    test checks the committed copies are current."""
     import json
 
     from scalelab.train.config import json_schema
 
     out = root / "workflow" / "schemas" / "run.schema.json"
     out.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
-    return [out]
+    mirror = root / "workflow" / "schemas" / "config.schema.yaml"
+    mirror.unlink(missing_ok=True)  # never write through a link
+    mirror.write_text(workflow_schema_copy())
+    return [out, mirror]
 
 
 def print_plan(path: str, allow_yte: bool = False) -> int:
