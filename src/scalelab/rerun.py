@@ -214,13 +214,7 @@ def _finished(run_dir: Path) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from scalelab.fsio import (
-        atomic_write_json,
-        atomic_write_text,
-        check_target,
-        write_marker,
-        writer_lock,
-    )
+    from scalelab.fsio import atomic_write_json, check_target
 
     manifest = provenance.load(args.run_dir)
     provenance.validate(manifest, str(args.run_dir / provenance.FILE))
@@ -275,10 +269,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print("scalelab reproduce:", " ".join(argv), flush=True)
     if args.dry_run:
         return 0
-    if out.exists() and (out / "summary.json").exists():
-        shutil.rmtree(out)  # a marked run dir of an earlier reproduce (check_target passed)
-    code = _start(argv, out, run_yaml, config, manifest, write_marker, writer_lock,
-                  atomic_write_text)
+    code = _start(argv, out, run_yaml, config, manifest, [args.run_dir])
     if code != 0:
         raise CheckFailed(f"the rerun in {out} failed (exit {code}); see its output above")
     ran = layout_differences(must, out, "the rerun")
@@ -300,19 +291,24 @@ def _used_cuda(run_dir: Path) -> bool:
 
 
 def _start(argv: list[str], out: Path, run_yaml: Path, config: dict[str, Any],
-           manifest: dict[str, Any], write_marker, writer_lock, atomic_write_text) -> int:
+           manifest: dict[str, Any], inputs: list[Path]) -> int:
+    """Run the rerun into ``out`` under fsio.guard: an earlier rerun there is replaced
+    (it holds only what scalelab wrote); anything else was refused before."""
     import yaml
 
     from scalelab import supervise
+    from scalelab.fsio import atomic_write_text, guard, write_marker
     from scalelab.launcher import rank_env
-    from scalelab.train.cli import LOCK_ENV
+    from scalelab.train.cli import LOCK_ENV, RUN_FILES
 
     token = secrets.token_hex(8)
     threads = manifest["incidental"].get("env", {}).get("OMP_NUM_THREADS") or str(
         (config.get("train") or {}).get("threads") or 1)
-    with writer_lock(out, token=token):
+    with guard(out, "run", inputs, token=token):
+        if (out / "summary.json").exists():
+            shutil.rmtree(out)  # a finished earlier rerun: this one starts afresh
         out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "run")
+        write_marker(out, "run", RUN_FILES)
         atomic_write_text(run_yaml, yaml.safe_dump(config, sort_keys=False))
         env = {**rank_env({"cpus_per_task": threads}), LOCK_ENV: token}
         recorded = manifest["incidental"].get("env", {})
