@@ -236,6 +236,29 @@ CASES = [
      "container.exec_flags[0]: character ';'"),
     ("container env bad name", _set("container.env", {"A;B": "1"}), "container.env.A;B"),
     ("sha256 malformed", _set("container.sha256", "abc"), "container.sha256"),
+    # -- issue 23's probe: integers that are floats, numbers past physical bounds,
+    # results over the study, a model on the wrong kind of data
+    ("repeats 1.0", _set("sweep.repeats", 1.0), "sweep.repeats: 1.0 is not of type 'integer'"),
+    ("tasks_per_node floats", _set("sweep.tasks_per_node", [1.0, 2.0]),
+     "sweep.tasks_per_node[0]: 1.0 is not of type 'integer'"),
+    ("nodes float", _set("sweep.nodes", [1.5]), "sweep.nodes[0]: 1.5 is not of type 'integer'"),
+    ("results /", _set("results", "/"), "results: '/' is the filesystem root"),
+    ("results config", _set("results", "config"), "results: 'config' is config/, a directory"),
+    ("results .test", _set("results", ".test"), "results: '.test' is .test/, a directory"),
+    ("results inside workflow", _set("results", "workflow/out"),
+     "results: 'workflow/out' is inside workflow/"),
+    ("results the study", _set("results", "."), "results: '.' is the study directory itself"),
+    ("lr 1e308", _set("train.optim.lr", 1e308), "train.optim.lr': must be <= 10"),
+    ("timeout_s 1e100", _set("launch.timeout_s", 1e100), "launch.timeout_s: 1e+100 is not of"),
+    ("timeout_s past a week", _set("launch.timeout_s", 10**9),
+     "launch.timeout_s: 1000000000 is greater than the maximum of 604800"),
+    ("gpt on image data", _set("train.model", {"name": "gpt"}),
+     "train.model.name: model 'gpt' trains on token sequences, but data.source 'synthetic'"),
+    ("cnn on token data", _set("data.source", "tokens"),
+     "train.model.name: model 'cnn' trains on images, but data.source 'tokens'"),
+    ("seed past 2**32", _set("train.seed", 2**40), "train.seed': must be <= 4294967295"),
+    ("image shape too large", _set("train.data", {"image_shape": [3, 65536, 65536]}),
+     "train.data"),
 ]
 
 
@@ -302,3 +325,92 @@ def test_real_run_stages_logs_and_submits_nothing(cluster, tmp_path, case):
     assert after == before  # nothing submitted
     for made in ("results", "logs", ".snakemake/slurm_logs"):
         assert not (wd / made).exists(), made
+
+
+# -- Documents the one loader (scalelab.docload) refuses before any value is used: the
+# probe's duplicate keys, alias bombs and encodings (issue 23), each one line naming the
+# file and, where the parser knows it, the line.
+BASE_TEXT = (REPO / ".test" / "config.yaml").read_text()
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+FILE_CASES = {
+    "duplicate results": (BASE_TEXT + "results: /tmp/elsewhere\n",
+                          "duplicate key 'results' (first at line 3)"),
+    "duplicate lr": (BASE_TEXT.replace("    lr: 0.05\n", "    lr: 0.05\n    lr: 500\n"),
+                     "duplicate key 'lr'"),
+    "alias bomb": (BASE_TEXT + _BOMB, "through its aliases (an alias bomb?)"),
+    "recursive alias": (BASE_TEXT + "extra: &x [1, *x]\n", "recursive alias"),
+    "non-UTF-8": (BASE_TEXT.encode() + b"# caf\xe9\n", "not UTF-8 text"),
+    "UTF-16": (BASE_TEXT.encode("utf-16"), "line 1: UTF-16 text"),
+    "empty": ("", "is empty"),
+    "comments only": ("# nothing\n", "is empty"),
+    "null": ("null\n", "line 1: holds null, expected a mapping"),
+    "scalar": ("results\n", "line 1: holds a string, expected a mapping"),
+    "list": ("- results\n", "line 1: holds a list, expected a mapping"),
+    "two documents": (BASE_TEXT + "---\nresults: x\n", "not valid YAML"),
+    "JSON duplicate key": ('{"results": "a", "results": "b"}', "duplicate key 'results'"),
+}
+
+
+def _write_case(directory, case: str):
+    text, expected = FILE_CASES[case]
+    path = directory / ("bad.json" if case.startswith("JSON") else "bad.yaml")
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path, expected
+
+
+@pytest.mark.parametrize("case", sorted(FILE_CASES))
+def test_malformed_file_is_refused_with_one_line(tmp_path, case):
+    import time
+
+    path, expected = _write_case(tmp_path, case)
+    started = time.monotonic()
+    with pytest.raises(UsageError) as err:
+        sweep.load(path)
+    message = str(err.value)
+    assert time.monotonic() - started < 2.0  # the alias bomb fails fast
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("case", ["duplicate results", "alias bomb", "UTF-16", "null"])
+def test_plan_refuses_a_malformed_file_with_one_line(tmp_path, case):
+    """`python -m scalelab.sweep --plan FILE`: exit 2, one line naming the file."""
+    import sys
+
+    path, expected = _write_case(tmp_path, case)
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"scalelab sweep: error: {path}: "
+                                        f"{proc.stderr.split(f'{path}: ', 1)[1].strip()}"]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["duplicate results", "alias bomb", "recursive alias",
+                                  "UTF-16", "empty", "scalar"])
+def test_snakemake_refuses_a_malformed_default_config(tmp_path, case):
+    """config/config.yaml is read by scalelab's loader before Snakemake's (Snakefile)."""
+    wd = copy_workflow(tmp_path / "wf")
+    path, expected = _write_case(tmp_path, case)
+    (wd / "config" / "config.yaml").write_bytes(path.read_bytes())
+    proc = snakemake(wd, ["-n", "--cores", "1"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [line for line in errors if line.startswith(
+        "scalelab workflow: error: config/config.yaml: ")] and len(errors) == 1, errors
+    assert expected in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["duplicate results", "duplicate lr", "alias bomb",
+                                  "recursive alias"])
+def test_snakemake_refuses_a_malformed_configfile(workdir, case):
+    """--configfile: Snakemake reads it first (it has no other hook), then the Snakefile's
+    check refuses it in one line, fast, before any value is used."""
+    path, expected = _write_case(workdir, case)
+    proc = snakemake(workdir, ["-n", "--cores", "1", "--configfile", path.name], check=False,
+                     timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert "Traceback" not in proc.stderr

@@ -6,10 +6,15 @@ apptainer or a job's shell:
 
 * in-process, through `sweep.validate` (what common.smk calls): each is refused at plan
   time with one line naming the field and the character;
-* the checkout path cannot be restricted: the slurm plugin's sbatch line is run by a
-  shell exactly as the plugin runs it, with and without `pass_command_as_script`;
-* end to end, a workflow in a directory named with payloads runs through the slurm
-  executor on the test cluster (1-rank and 2-rank jobs, both job-step paths).
+* the slurm plugin's sbatch line is run by a shell exactly as the plugin runs it, with
+  and without `pass_command_as_script`, from a directory named with payloads;
+* the study's own path is checked like every config path at plan time (Snakemake
+  writes it into `--sdm apptainer` job scripts with Python's repr: a `'` lets `$(...)`
+  run; docs/upstream/snakemake-home-quoting.md): a study directory named with
+  `'$(touch ...)` is refused in one line by `snakemake -n`, `--plan`, and end to end on
+  the test cluster before anything is submitted;
+* a config that turns on `__use_yte__` (Snakemake runs its Python) is refused by the
+  workflow, `--plan` and `import` unless the user opts in.
 
 No planted command may run.
 """
@@ -140,19 +145,131 @@ def test_profiles_pass_the_command_as_a_script():
 
 def test_checkout_path_with_payloads_end_to_end(cluster):
     """A workflow whose directory name plants commands, through --profile slurm and the real
-    sbatch: the 1-rank job (plugin's srun -n1 step) and the 2-rank job (batch script +
-    srun) complete, and nothing planted runs on the submit host or a node."""
+    sbatch: refused at plan time in one line (exit 2), nothing submitted, nothing planted
+    runs on the submit host or a node."""
     root = cluster.shared_dir / f"inj-{os.getpid()}"
-    wd = copy_workflow(root / f"wf-$(touch {MARK}-dollar)-`touch {MARK}-tick`;x")
+    wd = copy_workflow(root / f"wf-'$(touch {MARK}-dollar)'-`touch {MARK}-tick`;x")
     cfg = copy.deepcopy(BASE)
     cfg["sweep"].update(backends=["ddp"], nodes=[1], tasks_per_node=[1, 2])
-    cfg["train"]["train"]["epochs"] = 1
     (wd / "inj.yaml").write_text(yaml.safe_dump(cfg))
-    targets = [f"results/runs/ddp-strong-n1-t{t}-g0-r0/summary.json" for t in (1, 2)]
-    snakemake(wd, [*targets, "--profile", "slurm", "--configfile", "inj.yaml",
-                   "--slurm-init-seconds-before-status-checks", "2"], env=cluster.env(),
-              timeout=900)
-    for t in (1, 2):
-        assert (wd / targets[t - 1]).exists()
+    env = cluster.env()
+    before = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
+                            capture_output=True, text=True, check=True).stdout.split()
+    proc = snakemake(wd, ["--profile", "slurm", "--configfile", "inj.yaml"], env=env,
+                     check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "study directory" in proc.stderr and "Traceback" not in proc.stderr
+    after = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert after == before
     planted = [p for p in Path(root).rglob(f"{MARK}*")] + list(Path("/").glob(f"{MARK}*"))
     assert planted == []
+
+
+# -- issue 23: the study's own path, and YTE configs. Each plants
+# `touch $TMP/PWNED-<uuid>` and asserts the file never appears.
+
+def _pwned(tmp_path: Path) -> tuple[Path, str]:
+    """A marker path unique to this test, and the command that would create it (``$TMP``
+    is ``tmp_path`` in :func:`_env`)."""
+    import uuid
+
+    name = f"{MARK}-{uuid.uuid4().hex}"
+    return tmp_path / name, f"touch $TMP/{name}"
+
+
+def _env(tmp_path: Path) -> dict:
+    from conftest import tool_env
+
+    return {**tool_env(), "TMP": str(tmp_path)}
+
+
+def test_study_directory_with_quote_and_command_is_refused_by_the_workflow(tmp_path):
+    marker, command = _pwned(tmp_path)
+    wd = copy_workflow(tmp_path / f"study-'$({command})'")
+    proc = snakemake(wd, ["-n", "--cores", "1", "--configfile", str(REPO / ".test" /
+                                                                       "config.yaml")],
+                     env=_env(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("scalelab workflow: error: workflow: "
+                                                     "study directory "), errors
+    assert "character \"'\" is not allowed in a path" in errors[0], errors
+    assert not marker.exists()
+
+
+def test_study_directory_with_quote_and_command_is_refused_by_plan(tmp_path):
+    import sys
+
+    marker, command = _pwned(tmp_path)
+    study = tmp_path / f"study-'$({command})'"
+    study.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan",
+                           str(REPO / ".test" / "config.yaml")], cwd=study,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "study directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def _yte_config(tmp_path: Path, command: str) -> str:
+    """The test config as a YTE template whose `results` runs `command` when evaluated."""
+    return ("__use_yte__: true\n"
+            + (REPO / ".test" / "config.yaml").read_text().replace(
+                "results: results",
+                f"results: ?__import__('os').system({command!r}) or 'results'"))
+
+
+def test_use_yte_config_is_refused_by_the_workflow(tmp_path):
+    """As config/config.yaml, checked before Snakemake reads (and evaluates) it."""
+    marker, command = _pwned(tmp_path)
+    wd = copy_workflow(tmp_path / "wf")
+    (wd / "config" / "config.yaml").write_text(_yte_config(tmp_path, command))
+    proc = snakemake(wd, ["-n", "--cores", "1"], env=_env(tmp_path), check=False,
+                     timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "__use_yte__: true makes Snakemake run the Python" in errors[0]
+    assert "SCALELAB_ALLOW_YTE=1" in errors[0]
+    assert not marker.exists()
+
+
+def test_use_yte_config_is_refused_by_plan_unless_allowed(tmp_path):
+    import sys
+
+    marker, command = _pwned(tmp_path)
+    cfg = tmp_path / "yte.yaml"
+    cfg.write_text(_yte_config(tmp_path, command))
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(cfg)],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "pass --allow-yte if you trust its author" in proc.stderr
+    assert not marker.exists()
+    # The opt-in evaluates the template (here a harmless one) as Snakemake would.
+    cfg.write_text(_yte_config(tmp_path, "true"))
+    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(cfg),
+                           "--allow-yte"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "training run(s)" in proc.stdout, proc.stderr
+
+
+def test_use_yte_config_is_refused_by_import(tmp_path, monkeypatch):
+    """A bundle holding a YTE config: `import` refuses it in one line, exit 2, unless
+    --allow-yte; the bundle is otherwise intact (its inventory matches)."""
+    from scalelab import bundle
+    from scalelab.cli import main
+
+    marker, command = _pwned(tmp_path)
+    root = tmp_path / "b"
+    (root / "study" / "config").mkdir(parents=True)
+    (root / "study" / "config" / "config.yaml").write_text(_yte_config(tmp_path, command))
+    files = bundle.inventory(root)
+    meta = {"format": bundle.FORMAT, "version": bundle.VERSION, "study": "study",
+            "results": "results", "files": files, "runs": [], "images": []}
+    monkeypatch.setattr(bundle, "verify", lambda path: meta)  # the inventory is not tested here
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMP", str(tmp_path))
+    code = main(["import", str(root), "--out", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert not marker.exists()
