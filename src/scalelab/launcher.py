@@ -264,10 +264,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
             return 0
         return supervise.run(argv, rank_env(launch))
     if args.spec:
-        try:
-            spec = json.loads(args.spec)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--spec: not valid JSON ({exc})") from None
+        from scalelab import docload
+
+        spec = docload.loads(args.spec, "--spec", fmt="json", mapping=False)
     else:
         if not (args.config and args.run):
             raise UsageError("give --spec JSON, or --config FILE and --run ID")

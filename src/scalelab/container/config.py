@@ -13,8 +13,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scalelab.errors import UsageError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -95,10 +93,9 @@ class ContainerConfig:
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        from scalelab import docload
+
+        data = docload.load(p, mapping=False)
         if not isinstance(data, Mapping) or "container" not in data:
             raise UsageError(f"{p}: has no `container:` section")
         return cls.from_mapping(data["container"])
