@@ -40,7 +40,7 @@ def test_bundle_holds_workflow_lock_wheel_results_and_manifests(bundle):
     meta = json.loads((bundle / "bundle.json").read_text())
     files = meta["files"]
     for rel in ("study/Snakefile", "study/config/config.yaml", "study/profiles/slurm/config.yaml",
-                "envs/lock-cpu.txt", "envs/lock-cuda.txt", "envs/lock-horovod.txt",
+                "envs/lock-cpu.txt", "envs/lock-pypi.txt", "envs/lock-horovod.txt",
                 "study/results/runs/tiny/provenance.json", "study/results/runs/tiny/model.pt",
                 meta["wheel"]):
         assert rel in files, rel

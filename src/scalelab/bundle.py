@@ -40,7 +40,7 @@ SUMS = "SHA256SUMS"
 #: What a study directory holds besides results: the workflow as a user runs it.
 WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles", "slurm", ".test")
 #: Environment files (from the scalelab checkout) that let the collaborator rebuild the venv.
-ENV_FILES = ("requirements.txt", "lock-cpu.txt", "lock-cuda.txt", "lock-horovod.txt",
+ENV_FILES = ("requirements.txt", "lock-cpu.txt", "lock-pypi.txt", "lock-horovod.txt",
              "build_horovod.sh", "patch_horovod.sh")
 #: Written by fsio.atomic_dir in every output directory; not part of the inventory.
 SKIP = {INVENTORY, SUMS, ".scalelab-output.json"}

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from packaging.markers import Marker
+
 from scalelab.fsio import sha256_file
 
 FILE = "provenance.json"
@@ -282,7 +284,7 @@ def lock_file() -> Path | None:
     try:
         import torch
 
-        variant = "cuda" if torch.version.cuda else "cpu"
+        variant = "pypi" if torch.version.cuda else "cpu"
     except ImportError:
         variant = "cpu"
     path = root / "envs" / f"lock-{variant}.txt"
@@ -293,13 +295,26 @@ _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
 
 
 def lock_pins(text: str) -> dict[str, str]:
-    """name -> version of every ``name==version`` line of a pip lock."""
+    """name -> version of every ``name==version`` line of a pip lock that applies here.
+
+    A universal lock (envs/lock-pypi.txt) carries environment markers
+    (``; sys_platform == 'win32'``): a pin whose marker is false on this interpreter and
+    machine is not expected to be installed, so it is left out.
+    """
     pins = {}
     for line in text.splitlines():
         m = _PIN.match(line.strip())
-        if m:
+        if m and _marker_applies(line):
             pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
     return pins
+
+
+def _marker_applies(line: str) -> bool:
+    """Whether a lock line's environment marker (after ``;``) holds here."""
+    _, sep, rest = line.partition(";")
+    if not sep:
+        return True
+    return Marker(rest.split("\\")[0].strip()).evaluate()
 
 
 def lock_state() -> dict[str, Any] | None:
