@@ -52,6 +52,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     empty_npz.write_bytes(b"")
     not_a_lock = root / "notes.yaml"  # YAML, but a scalar: not a lock file
     not_a_lock.write_text("just some notes\n")
+    control = root / "control.yaml"  # a control character: YAML's reader refuses it
+    control.write_bytes(b"seed: 1\x03\n")
     not_dataset = root / "not-a-dataset"
     not_dataset.mkdir()
     (not_dataset / "notes.txt").write_text("x")
@@ -61,7 +63,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                  "launch": {}})
     return {"root": root, "good": good, "bad": bad, "cfg": cfg, "afile": afile,
             "tiny": tiny, "empty_npz": empty_npz, "not_a_lock": not_a_lock,
-            "not_dataset": not_dataset, "negative_nodes": negative_nodes}
+            "not_dataset": not_dataset, "negative_nodes": negative_nodes, "control": control}
 
 
 CASES = [
@@ -138,6 +140,15 @@ CASES = [
                                "{root}/c2"], "commbench", 2, "--timeout"),
     ("commbench-timeout-inf", ["commbench", "--lib", "torch", "--timeout", "inf", "--out",
                                "{root}/c3"], "commbench", 2, "--timeout"),
+    ("commbench-timeout-tiny", ["commbench", "--lib", "torch", "--timeout", "1e-320", "--out",
+                                "{root}/c8"], "commbench", 2, "--timeout"),
+    ("train-config-control-character", ["train", "--config", "{control}", "--out",
+                                        "{root}/t3"], "train", 2, "control.yaml"),
+    ("container-generate-lock-not-a-lock", ["container", "generate", "--lock", "{not_a_lock}",
+                                            "--out", "{root}/g.def"], "container", 2,
+     "notes.yaml"),
+    ("container-lint-not-a-definition", ["container", "lint", "{afile}"], "container", 1,
+     "problem"),
     ("commbench-max-bytes-beyond-memory", ["commbench", "--lib", "torch", "--max-bytes",
                                            "1E", "--out", "{root}/c4"], "commbench", 2,
      "--max-bytes"),

@@ -133,3 +133,10 @@ def test_both_clis_read_mb_as_decimal(tmp_path):
     assert rc == 2 and "--min-bytes 1048576 is larger than --max-bytes 1000000" in err
     rc, _, err = scalelab_main("data", "localize", tmp_path / "none", "--reserve", "1XB")
     assert rc == 2 and "--reserve: '1XB' is not a size" in err
+
+
+def test_check_seconds_minimum():
+    """commbench --timeout 1e-320 passed `> 0` and every collective timed out at once."""
+    with pytest.raises(UsageError, match="at least 1"):
+        check_seconds(1e-320, "--timeout", minimum=1.0)
+    assert check_seconds(1.0, "--timeout", minimum=1.0) == 1.0

@@ -166,7 +166,10 @@ def parse_yaml(
     text: str, label: str, max_nodes: int = MAX_NODES, error: type[UsageError] = UsageError
 ) -> Any:
     """One YAML document, checked on its node graph before it is built (None: empty)."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader refuses control characters here, before any node
+    except yaml.YAMLError as exc:
+        raise _fail(label, f"not valid YAML: {str(exc).splitlines()[0]}", None, error) from None
     try:
         node = loader.get_single_node()
         if node is None:

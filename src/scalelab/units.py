@@ -74,11 +74,14 @@ def format_size(n: int) -> str:
 MAX_SECONDS = 30 * 86400.0
 
 
-def check_seconds(value: float, what: str, *, allow_zero: bool = False) -> float:
-    """``value`` if it is a usable duration in seconds; else a one-line :class:`UsageError`."""
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
-        low = ">= 0" if allow_zero else "> 0"
+def check_seconds(
+    value: float, what: str, *, minimum: float = 0.0, allow_zero: bool = False
+) -> float:
+    """``value`` if it is a usable duration in seconds (finite, > 0 unless ``allow_zero``,
+    >= ``minimum``, <= :data:`MAX_SECONDS`); else a one-line :class:`UsageError`."""
+    positive = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and positive and minimum <= value <= MAX_SECONDS):
+        low = f"at least {minimum:g}" if minimum > 0 else ">= 0" if allow_zero else "> 0"
         raise UsageError(
             f"{what}: {value!r} must be a number of seconds {low} and at most "
             f"{MAX_SECONDS:.0f} (30 days)"

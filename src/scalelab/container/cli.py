@@ -231,8 +231,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
         for v in lint_file(f):
             print(v.format(f))
             bad += 1
-    print(f"{len(files)} file(s), {bad} problem(s)", file=sys.stderr)
-    return 1 if bad else 0
+    if bad:  # a failed check: the convention's one error line, exit 1
+        raise CheckFailed(f"lint: {len(files)} file(s), {bad} problem(s) (listed above)")
+    print(f"{len(files)} file(s), 0 problem(s)", file=sys.stderr)
+    return 0
 
 
 def cmd_lock(args: argparse.Namespace) -> int:

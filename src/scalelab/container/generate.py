@@ -48,6 +48,10 @@ def render(recipe: str | Path, userarg: Mapping[str, str] | None = None) -> str:
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
     args = {str(k): str(v) for k, v in (userarg or {}).items()}
+    if "lock" in args:  # the recipe reads it as a lock mapping: anything else, one line
+        from scalelab.container.lock import read_lock
+
+        read_lock(args["lock"])
     try:
         text = hpccm.recipe(str(path), ctype=container_type.SINGULARITY,
                             singularity_version=SINGULARITY_VERSION, userarg=args,
