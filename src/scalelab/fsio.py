@@ -216,6 +216,10 @@ def check_target(target: str | Path, kind: str, inputs: Iterable[str | Path] = (
     found = marker_kind(path)
     if found == kind:
         foreign = foreign_files(path)
+        if foreign and "owns" not in _marker(path):
+            raise UsageError(f"{what} {target}: its marker (an older scalelab) does not "
+                             "record what scalelab wrote there; refusing to replace it: "
+                             "delete it yourself or choose a new path")
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise UsageError(f"{what} {target}: holds {foreign[0]}{more}, which scalelab did "

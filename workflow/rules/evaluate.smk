@@ -15,7 +15,7 @@ rule evaluate:
         **slurm_site("evaluate"),
     params:
         run_dir=lambda wildcards, input: os.path.dirname(input.summary),
-        data=DATA,
+        data=lambda wildcards, input: os.path.dirname(input.data) if STAGED else None,
     shell:
         # a generated source (tokens) has a generated test split: no --data
         "scalelab evaluate --run {params.run_dir:q} "

@@ -12,6 +12,6 @@ rule stage:
         **slurm_site("stage"),
     params:
         args=stage_args(),
-        data=DATA,
+        data=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "scalelab data stage {params.args:q} --quiet --force --out {params.data:q} > {log:q} 2>&1"
