@@ -26,3 +26,5 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 # Apptainer 1.4.5 from Debian's packages with a private glibc (see the script's header).
 bash envs/install_apptainer.sh
+# A "site MPI module" in its own prefix (Debian's Open MPI 4.1.4) for tests/test_site_mpi.py.
+bash envs/install_site_mpi.sh

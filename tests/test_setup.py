@@ -23,6 +23,7 @@ import pwd
 import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -241,18 +242,21 @@ SHIMS = ("sudo", "apt-get", "apt", "dpkg", "dpkg-query", "dnf", "yum")
 
 
 @pytest.fixture
-def plain_user(tmp_path) -> Iterator[tuple[str, Path]]:
-    """A user the test creates, with a home under tmp_path."""
+def plain_user() -> Iterator[tuple[str, Path]]:
+    """A user the test creates, with a home it owns in a directory every user may enter
+    (pytest's own tmp directories are root's alone)."""
     name = f"sl{uuid.uuid4().hex[:8]}"
-    home = tmp_path / name
+    base = Path(tempfile.mkdtemp(prefix="scalelab-nonroot-"))
+    base.chmod(0o755)
+    home = base / name
     subprocess.run(["useradd", "--no-user-group", "--gid", "users", "--home-dir", str(home),
                     "--create-home", "--shell", "/bin/bash", name], check=True)
-    os.chmod(tmp_path, 0o755)
     try:
         yield name, home
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], check=False)
         subprocess.run(["userdel", name], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def horovod_cache() -> Path:
@@ -265,8 +269,9 @@ def horovod_cache() -> Path:
 
 @pytest.mark.setup
 @needs_root
-def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user, tmp_path):
+def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user):
     name, home = plain_user
+    base = home.parent
     user = pwd.getpwnam(name)
     where = checkout_copy(home / "scalelab")
     (where / "train.yaml").write_text(TRAIN_CONFIG)
@@ -277,16 +282,16 @@ def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user,
         (shims / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexit 1\n')
         (shims / tool).chmod(0o755)
     # The read-only Horovod cache: a copy nobody can write, keyed as setup.sh keys it.
-    cache = tmp_path / "ro-cache"
+    cache = base / "ro-cache"
     shutil.copytree(horovod_cache(), cache / "wheels" / horovod_cache().name)
     for p in [cache, *cache.rglob("*")]:
         p.chmod(0o555 if p.is_dir() else 0o444)
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
-    env = pypi_only_env(tmp_path, HOME=str(home), USER=name, LOGNAME=name,
+    env = pypi_only_env(base, HOME=str(home), USER=name, LOGNAME=name,
                         PYTHON="/usr/bin/python3", SCALELAB_CACHE=str(cache),
                         PATH=f"{shims}:/usr/local/bin:/usr/bin:/bin",
                         PIP_FIND_LINKS=os.environ.get("PIP_FIND_LINKS", ""))
-    (tmp_path / "pip.conf").chmod(0o644)
+    (base / "pip.conf").chmod(0o644)
     script = ("bash setup.sh --no-run && "
               ".venv/bin/scalelab train --config train.yaml --out run && "
               ".venv/bin/python -c 'import horovod.torch as hvd; print(\"horovod ok\")'")
