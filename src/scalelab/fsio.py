@@ -57,10 +57,34 @@ def umask() -> int:
     return old
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (streamed by hashlib.file_digest)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+#: read size for hashing: large enough that multi-GB shards hash at disk speed
+_HASH_CHUNK = 8 << 20
+
+
+def sized_sha256(path: str | Path,
+                 on_bytes: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """(bytes hashed, hex sha256) of a file, streamed in large chunks.
+
+    The size is the count of bytes that went into the digest, not a separate
+    ``stat``, so the pair cannot disagree. ``on_bytes`` gets each chunk's length
+    so callers can drive a progress bar while hashing multi-GB shards.
+    """
+    digest = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+            size += n
+            if on_bytes is not None:
+                on_bytes(n)
+    return size, digest.hexdigest()
+
+
+def sha256_file(path: str | Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file's bytes: the one file digest every scalelab module uses."""
+    return sized_sha256(path, on_bytes)[1]
 
 
 def fsync_dir(path: Path) -> None:

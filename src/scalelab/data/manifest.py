@@ -7,7 +7,6 @@ human-readable description is docs/data-format.md.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,10 @@ from typing import Any
 import numpy as np
 
 from scalelab.errors import BadInputData, DataError
-from scalelab.fsio import fsync_dir  # noqa: F401  (re-exported for stage/nodelocal)
+from scalelab.fsio import (
+    fsync_dir,  # noqa: F401  (re-exported for stage/nodelocal)
+    sha256_file,
+)
 
 FORMAT_NAME = "scalelab-shards"
 FORMAT_VERSION = 1
@@ -29,7 +31,6 @@ MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 #: dtypes a shard's image array may have; labels and ids are always int64.
 IMAGE_DTYPES = ("uint8", "float32")
-_HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -39,28 +40,6 @@ class FileEntry:
     path: str
     size: int
     sha256: str
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[int, str]:
-    """Return (size, sha256 hex) of ``path``, reading in large chunks.
-
-    ``on_bytes`` is called with each chunk's length so callers can drive a
-    progress bar while hashing multi-GB shards.
-    """
-    digest = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
-    return size, digest.hexdigest()
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -190,7 +169,7 @@ def check_file(
             f"{path}: size {size} bytes, manifest says {entry.size} (truncated or replaced)"
         )
     if hash_contents:
-        _, digest = sha256_file(path, on_bytes)
+        digest = sha256_file(path, on_bytes)
         if digest != entry.sha256:
             raise DataError(
                 f"{path}: sha256 mismatch (manifest {entry.sha256[:16]}..., file {digest[:16]}...);"

@@ -31,12 +31,12 @@ from scalelab.data.manifest import (
     FileEntry,
     fsync_dir,
     load_manifest,
-    sha256_file,
     write_bytes_synced,
 )
 from scalelab.data.progress import Progress
 from scalelab.data.shards import LOCAL_MARKER
 from scalelab.errors import DataError, UsageError
+from scalelab.fsio import sha256_file, sized_sha256
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def local_target(data_dir: str | Path, scratch: str | Path | None = None) -> tup
     new copy, and jobs on the same node share the same one.
     """
     data_dir = Path(data_dir)
-    _, digest = sha256_file(data_dir / MANIFEST_NAME)
+    digest = sha256_file(data_dir / MANIFEST_NAME)
     base = scratch_root(scratch) / SUBDIR
     key = f"{data_dir.resolve().name}-{digest[:16]}"
     return base / key, base / f"{key}.lock"
@@ -109,7 +109,7 @@ def localize_report(data_dir: str | Path, scratch: str | Path | None = None, *,
     except OSError as exc:
         return _fallback(data_dir, f"cannot create {root / SUBDIR} ({exc.strerror})")
     target, lock_path = local_target(data_dir, root)
-    _, manifest_sha = sha256_file(data_dir / MANIFEST_NAME)
+    manifest_sha = sha256_file(data_dir / MANIFEST_NAME)
     if _complete(target, manifest_sha):
         return _reused(target)
     with node_lock(lock_path, lock_timeout):
@@ -153,7 +153,7 @@ def _copy(data_dir: Path, target: Path, manifest: dict[str, FileEntry], manifest
                 src, dst = data_dir / entry.path, tmp / entry.path
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-                size, digest = sha256_file(dst)
+                size, digest = sized_sha256(dst)
                 if (size, digest) != (entry.size, entry.sha256):
                     raise DataError(
                         f"{src}: copy at {dst} does not match {MANIFEST_NAME} "
@@ -162,7 +162,7 @@ def _copy(data_dir: Path, target: Path, manifest: dict[str, FileEntry], manifest
                     )
                 bar.advance(size)
             shutil.copyfile(data_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)
-            if sha256_file(tmp / MANIFEST_NAME)[1] != manifest_sha:
+            if sha256_file(tmp / MANIFEST_NAME) != manifest_sha:
                 raise DataError(f"{data_dir / MANIFEST_NAME}: changed while it was being copied")
         stats = {}
         for entry in manifest.values():
@@ -197,7 +197,7 @@ def _complete(target: Path, manifest_sha: str) -> bool:
             st = (target / rel).stat()
             if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
                 return False
-        return sha256_file(target / MANIFEST_NAME)[1] == manifest_sha
+        return sha256_file(target / MANIFEST_NAME) == manifest_sha
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -23,9 +23,9 @@ from scalelab.data.manifest import (
     load_index,
     load_manifest,
     read_npy_header,
-    sha256_file,
 )
 from scalelab.errors import BadInputData, DataError, UsageError
+from scalelab.fsio import sha256_file
 
 #: written by nodelocal.localize into a verified node-local copy
 LOCAL_MARKER = ".scalelab-local.json"
@@ -163,7 +163,7 @@ def _trusted_local(data_dir: Path, manifest: dict[str, FileEntry], files: list[s
     marker = data_dir / LOCAL_MARKER
     try:
         info = json.loads(marker.read_text())
-        _, manifest_sha = sha256_file(data_dir / MANIFEST_NAME)
+        manifest_sha = sha256_file(data_dir / MANIFEST_NAME)
         if info.get("manifest_sha256") != manifest_sha:
             return False
         stats = info["files"]

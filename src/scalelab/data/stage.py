@@ -40,7 +40,6 @@ from scalelab.data.manifest import (
     fsync_dir,
     manifest_dict,
     npy_header,
-    sha256_file,
     write_bytes_synced,
 )
 from scalelab.data.progress import Progress
@@ -53,7 +52,7 @@ from scalelab.data.sources import (
     npz_source,
 )
 from scalelab.errors import DataError, UsageError
-from scalelab.fsio import guard, replace_dir, write_marker
+from scalelab.fsio import guard, replace_dir, sized_sha256, write_marker
 from scalelab.tools import pid_alive
 
 T = TypeVar("T")
@@ -367,7 +366,7 @@ class _ShardWriter:
             return []
         rel = f"{self.stem}.images.npy"
         if rows != self.planned:
-            size, digest = sha256_file(self._path)
+            size, digest = sized_sha256(self._path)
         else:
             size, digest = self._path.stat().st_size, streamed_digest.result()
         return [
