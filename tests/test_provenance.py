@@ -94,9 +94,11 @@ def test_allow_list_and_redaction_are_by_name():
     assert provenance.redact_argv(["mpirun", "-x", "HF_TOKEN=abc", "-x", "NCCL_DEBUG=INFO"]) == [
         "mpirun", "-x", "HF_TOKEN=<redacted>", "-x", "NCCL_DEBUG=INFO"]
     # The schema itself refuses a manifest that carries a credential-like name.
+    from scalelab.layout import Layout
     from scalelab.train.config import from_dict
 
-    manifest = provenance.collect(from_dict(TINY), Path("unused-run-dir"))
+    single = Layout(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+    manifest = provenance.collect(from_dict(TINY), Path("unused-run-dir"), single)
     validate(manifest)
     manifest["incidental"]["env"]["HF_TOKEN"] = "x"
     with pytest.raises(jsonschema.ValidationError):

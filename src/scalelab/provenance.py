@@ -34,11 +34,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.markers import Marker
 
 from scalelab.fsio import sha256_file
+
+if TYPE_CHECKING:
+    from scalelab.layout import Layout
 
 FILE = "provenance.json"
 FORMAT = "scalelab-provenance"
@@ -77,7 +80,6 @@ _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^/\s:@]*):(?P<pw>[^/\s
 #: Options whose next argument is ``NAME VALUE`` (Open MPI's ``--mca NAME VALUE``).
 _PAIR_OPTIONS = frozenset({"--mca", "-mca", "--gmca", "-gmca", "--prtemca", "--pmixmca"})
 REDACTED = "<redacted>"
-_RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 _LAUNCHERS = ("mpirun", "mpiexec", "prterun", "srun", "torchrun", "horovodrun")
 
 
@@ -151,10 +153,6 @@ def _run(argv: list[str], cwd: Path | None = None, timeout: float = 10) -> str |
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
-
-
-def rank() -> str:
-    return next((os.environ[v] for v in _RANK_VARS if os.environ.get(v)), "0")
 
 
 # ----------------------------------------------------------------------------- facts
@@ -335,20 +333,44 @@ def lock_state() -> dict[str, Any] | None:
 
 
 def dataset_hash(cfg: Any) -> dict[str, Any]:
-    """What identifies the training data: the staged manifest's sha256, the .npz file's,
-    or the generating fields of synthetic data."""
+    """What identifies the training data, for every ``data.source``: the staged manifest's
+    sha256, the .npz file's, or the sha256 of the fields a generated source is made from."""
+    return _IDENTITY[cfg.data.source](cfg)
+
+
+def _staged_identity(cfg: Any) -> dict[str, Any]:
+    manifest = Path(cfg.data.path) / "manifest.json"
+    return {"source": "staged", "path": str(Path(cfg.data.path).resolve()),
+            "file": "manifest.json",
+            "sha256": sha256_file(manifest) if manifest.is_file() else None}
+
+
+def _npz_identity(cfg: Any) -> dict[str, Any]:
+    path = Path(cfg.data.path)
+    return {"source": "memory-npz", "path": str(path.resolve()),
+            "sha256": sha256_file(path) if path.is_file() else None}
+
+
+def _synthetic_identity(cfg: Any) -> dict[str, Any]:
     d = cfg.data
-    if d.source == "staged" and d.path:
-        manifest = Path(d.path) / "manifest.json"
-        return {"source": "staged", "path": str(Path(d.path).resolve()), "file": "manifest.json",
-                "sha256": sha256_file(manifest) if manifest.is_file() else None}
-    if d.source == "memory-npz" and d.path:
-        return {"source": "memory-npz", "path": str(Path(d.path).resolve()),
-                "sha256": sha256_file(d.path) if Path(d.path).is_file() else None}
     gen = {"num_samples": d.num_samples, "val_samples": d.val_samples,
            "num_classes": d.num_classes, "image_shape": list(d.image_shape),
            "signal": d.signal, "seed": cfg.seed}
     return {"source": "synthetic", "path": None, "sha256": sha256_bytes(canonical(gen))}
+
+
+def _tokens_identity(cfg: Any) -> dict[str, Any]:
+    """Token sequences are a function of (seed, vocabulary, sequence length) and the split
+    sizes (validation and test ids follow the training ones)."""
+    d = cfg.data
+    gen = {"num_samples": d.num_samples, "val_samples": d.val_samples,
+           "vocab_size": d.vocab_size, "seq_len": d.seq_len, "seed": cfg.seed}
+    return {"source": "tokens", "path": None, "sha256": sha256_bytes(canonical(gen))}
+
+
+#: data.source -> its identity (a test keeps the keys equal to the config's vocabulary).
+_IDENTITY = {"staged": _staged_identity, "memory-npz": _npz_identity,
+             "synthetic": _synthetic_identity, "tokens": _tokens_identity}
 
 
 def image_state(run_dir: Path) -> dict[str, Any] | None:
@@ -390,11 +412,9 @@ def launcher_argv() -> list[str] | None:
 
 # ----------------------------------------------------------------------------- manifest
 
-def collect(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """The manifest of the run about to start in ``run_dir`` (this process = rank 0)."""
-    from scalelab.layout import detect
-
-    layout = detect(allow_mpi_query=False)
+def collect(cfg: Any, run_dir: Path, layout: Layout) -> dict[str, Any]:
+    """The manifest of the run about to start in ``run_dir`` (this process = rank 0), with
+    the layout the trainer detected (so run_info.json and the manifest agree)."""
     nodes = max(1, layout.world_size // max(1, layout.local_world_size))
     config = cfg.to_dict()
     environ = allowed_env()
@@ -513,35 +533,22 @@ def load(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def record_start(cfg: Any, run_dir: str | Path, resume: bool = False) -> dict[str, Any] | None:
+def record_start(cfg: Any, run_dir: str | Path, layout: Layout,
+                 resume: bool = False) -> dict[str, Any] | None:
     """Write RUN_DIR/provenance.json (rank 0 only; other ranks return None at once).
 
-    A completed run is left alone. A resumed run keeps its first manifest and appends
+    The trainer calls it once its input passed (config, batch plan, data opened, run
+    directory checked), with the layout it detected: nothing is checked again here, so
+    every run kind gets its manifest. A resumed run keeps its first manifest and appends
     this start to ``incidental.starts``; a must-match field that changed between starts
     is listed in ``incidental.changed_on_resume`` (the numbers then mix two setups).
     """
     from scalelab.fsio import atomic_write_json
 
-    if rank() != "0":
+    if not layout.is_main:
         return None
     out = Path(run_dir)
-    if (out / "summary.json").exists():
-        return None  # nothing will run: `scalelab train` says the run is complete
-    # Input the trainer refuses before its first write is refused here first, so a bad
-    # config leaves no manifest that looks like a run: the batch plan, the data file.
-    # The trainer reports them on every rank; rank 0 alone must not fail first.
-    from scalelab.errors import UsageError
-    from scalelab.layout import detect
-    from scalelab.train.config import resolve_batch
-
-    try:
-        layout = detect(allow_mpi_query=False)
-        resolve_batch(cfg, layout.world_size)
-    except UsageError:
-        return None
-    if cfg.data.source != "synthetic" and not (cfg.data.path and Path(cfg.data.path).exists()):
-        return None  # the trainer names the missing data.path
-    manifest = collect(cfg, out)
+    manifest = collect(cfg, out, layout)
     old = None
     if resume and (out / FILE).exists():
         with contextlib.suppress(OSError, ValueError):

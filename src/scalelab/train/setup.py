@@ -123,7 +123,7 @@ def describe_run_dir(job: Job, info: dict[str, Any]) -> None:
     write_marker(out, "run", RUN_FILES)  # a run directory: what scalelab may resume or replace
     from scalelab.provenance import record_start
 
-    record_start(job.cfg, out, resume=job.resume)  # RUN_DIR/provenance.json, once input passed
+    record_start(job.cfg, out, job.layout, resume=job.resume)  # every input check has passed
     if not job.resume:
         for stale in ("metrics.jsonl", "model.pt"):
             (out / stale).unlink(missing_ok=True)
