@@ -204,6 +204,38 @@ def test_cli_predicts_the_collectives_of_an_fsdp_run(tmp_path):
     assert (multi["reduce_scatter_s"] > 0).all() and (multi["allreduce_s"] == 0).all(), pred
 
 
+def test_predict_builds_the_model_the_run_trained(tmp_path):
+    """A 4-class staged run of 16x16 images: config.yaml's data fields say 10 classes of
+    3x32x32 (their defaults), so only the recorded data spec gives the trained model."""
+    import torch
+
+    from scalelab.data.stage import StageConfig, stage
+    from scalelab.models import build_model
+
+    data = tmp_path / "staged"
+    stage(StageConfig("synthetic", data, num_samples=200, num_classes=4, image_size=(16, 16),
+                      progress=False))
+    runs = tmp_path / "run"
+    run([SCALELAB, "train", "--set", "data.source=staged", "--set", f"data.path={data}",
+         "--set", "model.options={width: 8, hidden: 32}", "--set", "train.epochs=2",
+         "--set", "train.steps_per_epoch=3", "--set", "optim.per_rank_batch_size=16",
+         "--set", "train.threads=1", "--set", "metrics.warmup_steps=1",
+         "--out", str(runs)], timeout=120)
+    out = tmp_path / "pred"
+    run([SCALELAB, "predict", "--commbench", str(write_commbench(tmp_path / "cb",
+                                                                 synthetic_records())),
+         "--run", str(runs), "--max-nodes", "2", "--ranks-per-node", "2", "--out", str(out)])
+    doc = json.loads((out / "prediction.json").read_text())
+    trained = torch.load(runs / "model.pt", weights_only=True)
+    param_bytes = sum(t.numel() * t.element_size() for t in trained.values())
+    assert doc["collective_grad_bytes"] == param_bytes == doc["base"]["grad_bytes"]
+    guessed = build_model("cnn", 10, (3, 32, 32), width=8, hidden=32)
+    assert sum(4 * p.numel() for p in guessed.parameters()) != param_bytes
+    # evaluate builds the same model from the same record
+    assert "test accuracy" in run([SCALELAB, "evaluate", "--run", str(runs), "--data",
+                                   str(data)]).stdout
+
+
 @pytest.mark.parametrize("header,row,needle", [
     ("op,size_bytes,world_size", "allreduce,1024,2", "missing column 'time_s'"),
     ("op,size_bytes,time_s,world_size", "allreduce,1024,0,2", "column 'time_s'"),

@@ -26,7 +26,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None, split: str = "tes
     import torch
 
     from scalelab.fsio import sha256_file
-    from scalelab.models import build_model
+    from scalelab.models import build
     from scalelab.train.config import load as load_config
 
     run_dir = Path(run_dir)
@@ -36,8 +36,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None, split: str = "tes
             raise UsageError(f"{needed}: missing; the run did not complete")
     cfg = load_config(run_dir / "config.yaml")
     dataset = _dataset(cfg, data_dir, split)
-    model = build_model(cfg.model.name, dataset.num_classes, dataset.image_shape,
-                        **cfg.model.options)
+    model = build(cfg.model.name, cfg.model.options, _spec(run_dir, dataset))
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -57,6 +56,19 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None, split: str = "tes
         out["per_class_accuracy"] = [c / t if t else None for c, t in sums["per_class"]]
     out.update(model_sha256=sha256_file(model_file), time_s=time.perf_counter() - start)
     return out
+
+
+def _spec(run_dir: Path, dataset):
+    """The data spec the run trained with (recorded; an older run: the scored split's);
+    a split of other samples cannot be scored by this model."""
+    from scalelab.data.spec import DataSpec, recorded_spec
+
+    scored = DataSpec.of(dataset)
+    trained = recorded_spec(run_dir) or scored
+    if scored.input_shape != trained.input_shape:
+        raise UsageError(f"--data: its samples have shape {list(scored.input_shape)}, the run "
+                         f"trained on {list(trained.input_shape)}")
+    return trained
 
 
 def _dataset(cfg, data_dir: str | Path | None, split: str):

@@ -34,9 +34,11 @@ predictions), tree algorithms at small sizes, contention, stragglers.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +53,9 @@ from scalelab.comm.collectives import (
     tp_step,
 )
 from scalelab.errors import UsageError
+
+if TYPE_CHECKING:
+    from scalelab.data.spec import DataSpec
 
 MODEL = ("t_ar(n,S) = 2(n-1)*alpha + 2(n-1)/n * S/beta;  "
          "t_step(N) = t_data(N) + t_compute(N) + (1-overlap)*t_ar(N, grad_bytes);  "
@@ -261,29 +266,45 @@ def comm_model(model, backend: str, tp: int = 1, seq_len: int = 0, accum_steps: 
 
 def comm_model_from_run(run_dir: str | Path) -> CommModel:
     """The base run's :class:`CommModel`: its backend and tp (sweep.json, summary.json)
-    and its model rebuilt from its config.yaml (the trainer's resolved config)."""
+    and the model it trained, rebuilt from its config.yaml (the trainer's resolved config)
+    and the data spec it recorded."""
     import yaml
 
     from scalelab.analysis.runs import load_run
-    from scalelab.models import build_model
+    from scalelab.models import build
+    from scalelab.train.config import from_dict
 
     run_dir = Path(run_dir)
     row = load_run(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    data, dist = cfg.get("data") or {}, cfg.get("dist") or {}
-    model_cfg = cfg.get("model") or {}
-    tokens = data.get("source") == "tokens"
-    shape = (int(data.get("seq_len", 64)),) if tokens else tuple(data.get("image_shape")
-                                                                  or (3, 32, 32))
-    classes = int(data.get("vocab_size", 256) if tokens else data.get("num_classes") or 10)
-    model = build_model(model_cfg.get("name", "cnn"), classes, shape,
-                        **(model_cfg.get("options") or {}))
+    dist = cfg.get("dist") or {}
+    try:
+        run_cfg = from_dict(cfg)
+    except UsageError as exc:
+        raise UsageError(f"{run_dir / 'config.yaml'}: {exc}") from None
+    spec = trained_spec(run_dir, run_cfg)
+    model = build(run_cfg.model.name, run_cfg.model.options, spec)
     fsdp = dist.get("fsdp") or {}
     return comm_model(model, str(row["backend"]), int(row["tp"]),
-                      seq_len=shape[0] if tokens else 0,
+                      seq_len=spec.input_shape[0] if run_cfg.data.source == "tokens" else 0,
                       accum_steps=int((cfg.get("optim") or {}).get("grad_accum_steps", 1)),
                       reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)),
                       param_scale=0.5 if _bf16_params(fsdp, row) else 1.0)
+
+
+def trained_spec(run_dir: Path, cfg: Any) -> DataSpec:
+    """The data spec the run's model was built for: as recorded in the run directory;
+    for a run from before it was recorded, its generated source's (exact) or, for data
+    on disk, the config's data fields (a guess, said on stderr)."""
+    from scalelab.data.spec import DataSpec, generated_spec, recorded_spec
+
+    spec = recorded_spec(run_dir) or generated_spec(cfg.data)
+    if spec is None:
+        print(f"scalelab predict: warning: {run_dir} records no data spec (an older run); "
+              "its model is built for config.yaml's data.num_classes and data.image_shape",
+              file=sys.stderr)
+        spec = DataSpec(cfg.data.num_classes, tuple(cfg.data.image_shape))
+    return spec
 
 
 def _bf16_params(fsdp: dict, row: dict) -> bool:
@@ -330,6 +351,7 @@ def predict(base: Base, fit: RingFit, ranks: Iterable[int],
     last = int(n[-1])
     out.attrs["comm"] = comm.describe(last, float(batch[-1]) / max(last // comm.tp, 1))
     out.attrs["backend"] = comm.backend
+    out.attrs["grad_bytes"] = comm.grad_bytes  # of the model the collectives carry
     return out
 
 

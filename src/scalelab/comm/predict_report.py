@@ -144,6 +144,7 @@ def write(out: str | Path, pred: pd.DataFrame, errors: pd.DataFrame, measured: p
         (tmp / "prediction.md").write_text(markdown(pred, errors, base, fit))
         doc = {
             "model": MODEL, "collectives": pred.attrs.get("comm"),
+            "collective_grad_bytes": pred.attrs.get("grad_bytes"),
             "fit": {k: _clean(v) for k, v in fit_dict(fit).items()},
             "base": asdict(base), "commbench": str(args.commbench),
             "prediction": json.loads(pred.to_json(orient="records")),

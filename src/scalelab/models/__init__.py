@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scalelab.errors import UsageError
+
+if TYPE_CHECKING:
+    from scalelab.data.spec import DataSpec
 
 #: name -> "module:function"; functions take (num_classes, image_shape, **opts).
 _REGISTRY: dict[str, str] = {
@@ -65,3 +68,9 @@ def build_model(name: str, num_classes: int, image_shape: tuple[int, int, int], 
         return _builder(name)(num_classes=num_classes, image_shape=tuple(image_shape), **opts)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"field 'model.options': {name}: {exc}") from None
+
+
+def build(name: str, options: dict[str, Any], spec: DataSpec):
+    """Model ``name`` with ``options`` for the data described by ``spec``: the one way the
+    trainer, ``predict`` and ``evaluate`` build a model, so they build the same one."""
+    return build_model(name, spec.num_outputs, spec.input_shape, **options)

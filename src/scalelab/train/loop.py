@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from scalelab.backends import Backend, choose_backend, make_backend
+from scalelab.data.spec import DataSpec
 from scalelab.energy import open_meter
 from scalelab.energy import total as energy_total
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write, atomic_write_json
 from scalelab.layout import detect
-from scalelab.models import build_model
+from scalelab.models import build
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.config import Parallelism, RunConfig, from_dict, load, resolve_batch
 from scalelab.train.metrics import epoch_record, format_epoch_line
@@ -87,8 +88,7 @@ def _run(config: RunConfig | dict | str | Path, out: Path, resume: bool, reshard
     device = pick_device(cfg.train.device, layout)
     threads = configure_torch(cfg, layout, device)
     seed_everything(cfg.seed)  # same initial weights on every rank
-    raw_model = build_model(cfg.model.name, train_set.num_classes, train_set.image_shape,
-                            **cfg.model.options)
+    raw_model = build(cfg.model.name, cfg.model.options, DataSpec.of(train_set))
 
     backend = make_backend(backend_name, layout, cfg.dist, device)
     backend.setup()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from scalelab.backends import library_versions
+from scalelab.data.spec import FIELD as DATA_SPEC
 from scalelab.models.gpt import lm_facts
 from scalelab.provenance import redact_argv
 from scalelab.train.metrics import model_facts, peak_bf16, throughput
@@ -35,6 +36,7 @@ def run_info(job: Job) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(),
         "threads_per_rank": job.threads, "plan": asdict(job.plan),
+        DATA_SPEC: job.spec.to_dict(),  # what predict and evaluate build the model for
         "steps_per_epoch": job.steps_per_epoch,
         "precision": "bf16" if job.use_bf16 else "fp32", "channels_last": job.channels_last,
         "compile": cfg.train.compile, "deterministic": cfg.train.deterministic,

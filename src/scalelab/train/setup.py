@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from scalelab.backends import Backend
+from scalelab.data.spec import DataSpec
 from scalelab.errors import DataError, UsageError
 from scalelab.fsio import atomic_write_json, atomic_write_text, write_marker
 from scalelab.layout import Layout
@@ -67,6 +68,11 @@ class Job:
     @property
     def main(self) -> bool:
         return self.layout.is_main
+
+    @property
+    def spec(self) -> DataSpec:
+        """What the model was built for: the training split's outputs and input shape."""
+        return DataSpec.of(self.train_set)
 
 
 def steps_per_epoch(cfg: RunConfig, plan: BatchPlan, train_set: Any) -> int:
