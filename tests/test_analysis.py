@@ -360,3 +360,59 @@ def test_flag_rule_in_process():
     assert list(scaling.flag(table(0.02))["flags"]) == ["", "superlinear"]
     assert list(scaling.flag(table(0.20))["flags"]) == ["", "within noise"]
     assert list(scaling.flag(table(0.02), k=6.0)["flags"]) == ["", "within noise"]
+
+
+# --------------------------------------------------------------------------- exact fits
+
+def test_two_configurations_give_an_exact_fit_without_uncertainty(tmp_path):
+    """One free point for one parameter: 'exact through 2 points', no +- and no error
+    figure (issue 24: the default study printed +-4.9e-11 and 0.00%)."""
+    csv = tmp_path / "two.csv"
+    csv.write_text("gpus,throughput\n1,100\n2,190\n")
+    out = tmp_path / "out"
+    proc = analyze(["--from-csv", str(csv), "--out", str(out)])
+    assert "(exact through 2 points)" in proc.stdout
+    fit = pd.read_csv(out / "fits.csv").iloc[0]
+    assert fit["fit_points"] == 2 and fit["amdahl_exact"] and fit["gustafson_exact"]
+    for model, law in (("amdahl", scaling.amdahl), ("gustafson", scaling.gustafson)):
+        f = fit[f"{model}_parallel_fraction"]
+        assert float(law(2.0, f)) == pytest.approx(1.9, rel=1e-6)  # through the point
+        assert math.isnan(fit[f"{model}_parallel_fraction_stderr"])
+        assert math.isnan(fit[f"{model}_rms_rel_error"])
+    md = (out / "scaling.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| two |")
+               and "exact" in line)
+    assert row.count("none: exact through 2 points") == 2 and row.count("n/a (exact)") == 2
+    assert "e-1" not in row and "0.00%" not in row
+    assert "none: exact through 2 points" in (out / "scaling.html").read_text()
+    fig = plots.fits(read_scaling(out), 0.7, pd.read_csv(out / "fits.csv"))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert sum("(exact through 2 points)" in label for label in labels) == 2
+    plots.pyplot().close(fig)
+
+
+def test_three_configurations_are_a_fit_with_uncertainty(tmp_path):
+    csv = tmp_path / "three.csv"
+    csv.write_text("gpus,throughput\n1,100\n2,190\n4,330\n")
+    out = tmp_path / "out"
+    analyze(["--from-csv", str(csv), "--out", str(out)])
+    fit = pd.read_csv(out / "fits.csv").iloc[0]
+    assert fit["fit_points"] == 3 and not fit["amdahl_exact"] and not fit["gustafson_exact"]
+    assert fit["amdahl_parallel_fraction_stderr"] > 0 and fit["amdahl_rms_rel_error"] > 0
+    fits_md = (out / "scaling.md").read_text().split("## Model fits")[1]
+    rows = [line for line in fits_md.splitlines() if line.startswith("| three |")]
+    assert len(rows) == 1 and "exact" not in rows[0] and "n/a" not in rows[0]
+
+
+def test_exact_fit_rule_in_process():
+    """Exact only with one free point the model can reach; a superlinear point lies
+    outside f in [0, 1] (the fit sits at its bound, with a real misfit to report)."""
+    p = np.array([1.0, 2.0])
+    assert scaling.exact_fit(scaling.amdahl, p, np.array([1.0, 1.9]))
+    assert not scaling.exact_fit(scaling.amdahl, p, np.array([1.0, 2.3]))
+    assert not scaling.exact_fit(scaling.amdahl, np.array([1.0, 2.0, 4.0]),
+                                 np.array([1.0, 1.9, 3.3]))
+    f, err, rms = scaling.fit_fraction(scaling.amdahl, p, np.array([1.0, 1.9]))
+    assert math.isnan(err) and rms < 1e-6
+    f, err, rms = scaling.fit_fraction(scaling.amdahl, p, np.array([1.0, 2.3]))
+    assert f == pytest.approx(1.0) and math.isnan(err) and rms > 0.05

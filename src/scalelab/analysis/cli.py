@@ -57,9 +57,24 @@ def run(args: argparse.Namespace) -> int:
                        [*map(str, args.results), *map(str, args.from_csv)])
     for fit in fits.itertuples():
         spot = (f"sweet spot {fit.sweet_spot_workers:g} workers "
-                f"(efficiency {fit.sweet_spot_efficiency:.1%})")
+                f"(efficiency {fit.sweet_spot_efficiency:.1%})"
+                if fit.sweet_spot_workers == fit.sweet_spot_workers else "no sweet spot")
         print(f"{fit.source}/{fit.backend}/{fit.mode}: {fit.configurations} configurations, "
-              f"Amdahl f={fit.amdahl_parallel_fraction:.4f}, "
-              f"Gustafson f={fit.gustafson_parallel_fraction:.4f}, {spot}")
+              f"Amdahl {_fraction(fit, 'amdahl')}, Gustafson {_fraction(fit, 'gustafson')}, "
+              f"{spot}")
+    untimed = int(table["untimed_runs"].sum())
+    if untimed:
+        print(f"{untimed} run(s) without timed steps: flagged '{runs.NO_TIMED_STEPS}', left "
+              "out of the metrics and fits")
     print(f"wrote {out}")
     return 0
+
+
+def _fraction(fit, model: str) -> str:
+    """``f=0.9512``, with 'exact through N points' where the fit had no spare point."""
+    f = getattr(fit, f"{model}_parallel_fraction")
+    if f != f:  # NaN: fewer than two scales with a throughput
+        return "no fit"
+    text = f"f={f:.4f}"
+    return text + (f" (exact through {fit.fit_points} points)"
+                   if getattr(fit, f"{model}_exact") else "")

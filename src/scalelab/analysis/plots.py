@@ -181,12 +181,12 @@ def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None =
             for col, val in zip(GROUP, key, strict=True):
                 match = match[match[col] == val]
             row = match.iloc[0] if len(match) else None
-        if row is not None and np.isfinite(row["amdahl_parallel_fraction"]):
-            f = row["amdahl_parallel_fraction"]
-            ax.plot(grid, amdahl(grid, f), "-", color=colour, label=f"Amdahl f={f:.4f}")
-        if row is not None and np.isfinite(row["gustafson_parallel_fraction"]):
-            f = row["gustafson_parallel_fraction"]
-            ax.plot(grid, gustafson(grid, f), ":", color=colour, label=f"Gustafson f={f:.4f}")
+        for name, law, style in (("Amdahl", amdahl, "-"), ("Gustafson", gustafson, ":")):
+            model = name.lower()
+            if row is not None and np.isfinite(row[f"{model}_parallel_fraction"]):
+                f = row[f"{model}_parallel_fraction"]
+                ax.plot(grid, law(grid, f), style, color=colour,
+                        label=f"{name} f={f:.4f}{_exact_note(row, model)}")
     log2_x(ax, np.append(table["p"].to_numpy(), 1.0))
     ax.set_yscale("log", base=2)
     from matplotlib.ticker import FormatStrFormatter
@@ -198,6 +198,14 @@ def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None =
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
     return fig
+
+
+def _exact_note(row: pd.Series, model: str) -> str:
+    """' (exact through N points)' for a fit with no spare point: its curve goes through
+    the measurements by construction, which says nothing about the model's quality."""
+    if not bool(row.get(f"{model}_exact", False)):
+        return ""
+    return f" (exact through {row['fit_points']:g} points)"
 
 
 def backends(table: pd.DataFrame, threshold: float) -> object:

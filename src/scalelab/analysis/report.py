@@ -55,10 +55,25 @@ def _fmt(value: Any, spec: str) -> str:
     return str(value)
 
 
+def _exact_cell(row: pd.Series, column: str) -> str | None:
+    """Words instead of a figure for the uncertainty and error of an exact fit."""
+    model = column.split("_", 1)[0]
+    if column not in (f"{model}_parallel_fraction_stderr", f"{model}_rms_rel_error") \
+            or not bool(row.get(f"{model}_exact", False)):
+        return None
+    if column.endswith("_stderr"):
+        return f"none: exact through {row['fit_points']:g} points"
+    return "n/a (exact)"
+
+
 def _cell(row: pd.Series, column: str, spec: str) -> str:
-    """The text of one cell; the spread says 'n/a' where only one repeat ran."""
+    """The text of one cell; the spread says 'n/a' where only one repeat ran, an exact
+    fit says so instead of an uncertainty."""
+    exact = _exact_cell(row, column)
+    if exact is not None:
+        return exact
     if column == "throughput_spread" and row.get("repeats", 2) < 2:
-        return "n/a (1 repeat)"
+        return "n/a (1 repeat)" if row.get("repeats", 2) == 1 else "n/a (no timed steps)"
     if column == "efficiency" and row.get("flags"):
         return f"{_fmt(row[column], spec)} ({row['flags']})"
     return _fmt(row[column], spec)
@@ -123,7 +138,7 @@ def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 FIT_COLUMNS = [
     ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
-    ("configurations", "configs", "d"),
+    ("configurations", "configs", "d"), ("fit_points", "fitted", "d"),
     ("amdahl_parallel_fraction", "Amdahl f", ".5f"),
     ("amdahl_parallel_fraction_stderr", "+-", ".2g"),
     ("amdahl_rms_rel_error", "Amdahl rms rel err", ".2%"),
@@ -134,6 +149,15 @@ FIT_COLUMNS = [
     ("sweet_spot_efficiency", "its efficiency", ".1%"),
 ]
 
+
+#: What the fits table means, above it in scaling.md and scaling.html.
+FIT_NOTE = (
+    "Amdahl: S(p) = 1 / ((1 - f) + f / p); Gustafson: S(p) = (1 - f) + f p; f: fitted "
+    "parallel fraction (least squares, relative residuals) over the configurations with "
+    "a throughput ('fitted'). Both models pass through the baseline (p = 1, S = 1), so a "
+    "series of two configurations leaves one free point for one parameter: the fit goes "
+    "through it exactly, says 'exact through 2 points', and has no uncertainty and no "
+    "error figure, because nothing was left over to measure them.")
 
 MIB = 2.0 ** 20
 
@@ -242,8 +266,7 @@ def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
         "",
         "## Model fits",
         "",
-        "Amdahl: S(p) = 1 / ((1 - f) + f / p); Gustafson: S(p) = (1 - f) + f p; "
-        "f: fitted parallel fraction (least squares, relative residuals).",
+        md_escape(FIT_NOTE),
         "",
         markdown_table(fit_table, FIT_COLUMNS),
         "",
@@ -285,6 +308,7 @@ def html_page(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
         f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
         html_table(memory_table(table), MEMORY_COLUMNS),
         "<h2>Model fits</h2>",
+        f"<p>{html.escape(FIT_NOTE)}</p>",
         html_table(fit_table, FIT_COLUMNS),
         "</body></html>", ""])
 

@@ -57,6 +57,8 @@ COLUMNS: dict[str, str] = {
     "energy_power_w": "average power over the timed epochs, watts (same counters)",
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
                   "CSV: file:line",
+    "flags": "'no timed steps' when summary.json has no throughput (every step of each epoch "
+             "was warm-up): its timings are NaN and the scaling metrics leave it out",
 }
 
 NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "global_batch",
@@ -79,6 +81,10 @@ MEMORY_KEYS = {
 ENERGY_KEYS = {"joules_per_sample": "joules_per_sample", "energy_power_w": "energy_power_w"}
 
 NAN = float("nan")
+
+#: The ``flags`` code of a run whose summary.json has ``samples_per_s: null``: the warm-up
+#: steps took every step the throughput counts (e.g. one step per epoch at many ranks).
+NO_TIMED_STEPS = "no timed steps"
 
 #: A cell starting with one of these is a formula to Excel/LibreOffice/Sheets (OWASP
 #: "CSV Injection"); tab and carriage return are on the same list.
@@ -291,7 +297,9 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     (``grad_bytes``, else 4 x ``num_params``; the trainer writes both); only for
     runs whose summary predates them does ``count_params`` rebuild the model from
     config.yaml. tp: sweep.json's, else the summary's (the fsdp/tp backends write
-    it), else the run config's ``dist.tp``, else 1.
+    it), else the run config's ``dist.tp``, else 1. A summary with ``samples_per_s:
+    null`` (the warm-up took every step) gives a row flagged :data:`NO_TIMED_STEPS`,
+    not an error: one such point must not cost a study its analysis.
     """
     run_dir = Path(run_dir)
     f = _run_files(run_dir)
@@ -300,9 +308,7 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
     if not ranks > 0:
         raise UsageError(f"{s}: field 'world_size' missing or not positive")
-    samples_per_s = _num(_dig(summary, "samples_per_s"), f"{s}: samples_per_s")
-    if not samples_per_s > 0:
-        raise UsageError(f"{s}: field 'samples_per_s' missing or not positive")
+    samples_per_s = _throughput(summary, s)
     global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
     hosts = _dig(info, "hostnames") or next(
         (r["hostnames"] for r in f["records"] if r.get("kind") == "start" and r.get("hostnames")),
@@ -339,9 +345,32 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
                    f"{s}: tp"),
         **_measured(summary, s),
         "provenance": check_label(_provenance(summary, run_dir), f"{s}: field 'provenance.id'"),
+        "flags": "",
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
-    return row
+    return _untimed(row) if math.isnan(samples_per_s) else row
+
+
+def _throughput(summary: dict, s: str) -> float:
+    """summary.json's samples/s; NaN where the trainer wrote null (no step after the
+    warm-up); a missing field or a figure <= 0 is a broken file."""
+    if "samples_per_s" in summary and summary["samples_per_s"] is None:
+        return NAN
+    samples_per_s = _num(_dig(summary, "samples_per_s"), f"{s}: samples_per_s")
+    if not samples_per_s > 0:
+        raise UsageError(f"{s}: field 'samples_per_s' missing or not positive")
+    return samples_per_s
+
+
+#: Columns timed by the trainer: of a run without timed steps they would be warm-up figures.
+TIMED = ("samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
+         "comm_s")
+
+
+def _untimed(row: dict[str, Any]) -> dict[str, Any]:
+    """A run without timed steps: flagged, its timings NaN (a warm-up step's time is
+    compile and allocation, not the configuration's speed), the rest kept."""
+    return {**row, **dict.fromkeys(TIMED, NAN), "flags": NO_TIMED_STEPS}
 
 
 def _test_scores(run_dir: Path) -> dict[str, float]:
@@ -526,6 +555,7 @@ def _csv_row(t: _Table, raw: dict, lineno: int, mode: str | None) -> dict[str, A
         "tp": t.default(raw, "tp", lineno, 1.0),
         **{col: NAN for col in MEMORY_KEYS},
         "provenance": f"{t.path.resolve()}:{lineno}",
+        "flags": "",
     }
 
 

@@ -21,7 +21,13 @@ smallest configuration of a group, p = N / N_0 its relative scale):
 Flags (see :func:`flag`): efficiency above 1 + K r (K = :data:`FLAG_K`) is an
 anomaly ("superlinear"); above 100% but within that bound is noted "within noise";
 a point or baseline measured once is "single repeat" (no spread: nothing can clear
-it); a spread larger than the speedup's gain |S - 1| is "noisy".
+it); a spread larger than the speedup's gain |S - 1| is "noisy". A configuration with
+runs whose summary has no throughput is "no timed steps" (those runs are left out of
+everything computed from throughput); a group whose baseline has none is "no baseline".
+
+A fit with as many free points as parameters (two configurations: the baseline fixes
+S(1) = 1 for any f) goes through its point exactly: it is marked exact, with no
+standard error and no RMS error, rather than a least-squares uncertainty of ~1e-11.
 
 Speedup is relative to the smallest measured configuration, not to one worker,
 because multi-node studies rarely measure one GPU, and because the smallest
@@ -35,6 +41,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from scalelab.analysis.runs import NO_TIMED_STEPS
 from scalelab.errors import UsageError
 
 #: A series: one source, backend, scaling mode and tensor-parallel size (tp = 2 is not tp = 1).
@@ -59,6 +66,11 @@ FLAG_LEGEND: dict[str, str] = {
                      "can clear a figure above 100%",
     "noisy": "the spread of the repeats is larger than the speedup's gain |S - 1|: "
              "the scaling effect is not resolved",
+    NO_TIMED_STEPS: "runs of this configuration whose summary.json has no throughput (the "
+                    "warm-up took every step, e.g. one step per epoch at many ranks): left out "
+                    "of throughput, spread, efficiency and fits; the other repeats count",
+    "no baseline": "the smallest configuration of this series has no timed steps: no speedup "
+                   "or efficiency against it",
 }
 MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
           "final_accuracy", "test_accuracy", "test_perplexity", "time_to_target_s",
@@ -85,11 +97,40 @@ def karp_flatt(speedup: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.where(p > 1, e, np.nan)
 
 
+#: Free parameters of the Amdahl and Gustafson models (the parallel fraction f).
+FIT_PARAMETERS = 1
+
+
+def _free(p: np.ndarray, speedup: np.ndarray) -> np.ndarray:
+    """Mask of the points that constrain f: all but those at p = 1 with S = 1 (the
+    baseline), which both models pass through whatever f is."""
+    return ~((np.asarray(p, dtype=float) == 1.0) & np.isclose(speedup, 1.0))
+
+
+def free_points(p: np.ndarray, speedup: np.ndarray) -> int:
+    """How many points constrain the parallel fraction (see :func:`_free`)."""
+    return int(np.sum(_free(p, speedup)))
+
+
+def exact_fit(model, p: np.ndarray, speedup: np.ndarray) -> bool:
+    """True when the model has as many free points as parameters and can pass through
+    them (f in [0, 1] reaches the point): the fit is then exact by construction, and a
+    standard error or RMS error of ~0 would claim a precision no measurement gave."""
+    p, s = np.asarray(p, dtype=float), np.asarray(speedup, dtype=float)
+    free = _free(p, s)
+    if int(free.sum()) != FIT_PARAMETERS:
+        return False
+    lo, hi = sorted(float(np.asarray(model(p[free], f))[0]) for f in (0.0, 1.0))
+    return bool(lo <= s[free][0] <= hi)
+
+
 def fit_fraction(model, p: np.ndarray, speedup: np.ndarray) -> tuple[float, float, float]:
     """Least-squares parallel fraction f in [0, 1]: (f, standard error, RMS relative error).
 
     Residuals are weighted relative to the speedup (sigma = S), so the large
     configurations do not drown the small ones. NaN when fewer than two scales.
+    With no more free points than parameters there is no residual to estimate an
+    uncertainty from, so the standard error is NaN (curve_fit's would be rounding noise).
     """
     from scipy.optimize import curve_fit
 
@@ -99,8 +140,19 @@ def fit_fraction(model, p: np.ndarray, speedup: np.ndarray) -> tuple[float, floa
     popt, pcov = curve_fit(model, p, s, p0=[0.9], bounds=(0.0, 1.0), sigma=s)
     f = float(popt[0])
     err = float(np.sqrt(pcov[0, 0])) if np.isfinite(pcov[0, 0]) else math.nan
+    if free_points(p, s) <= FIT_PARAMETERS:
+        err = math.nan
     rel = (model(p, f) - s) / s
     return f, err, float(np.sqrt(np.mean(rel ** 2)))
+
+
+def _fit_columns(name: str, model, p: np.ndarray, s: np.ndarray) -> dict[str, object]:
+    """One model's fits.csv columns. ``{name}_exact``: the fit has as many free points as
+    parameters and goes through them, so it has no uncertainty and no error figure."""
+    f, err, rms = fit_fraction(model, p, s)
+    exact = exact_fit(model, p, s) and not math.isnan(f)
+    return {f"{name}_parallel_fraction": f, f"{name}_parallel_fraction_stderr": err,
+            f"{name}_rms_rel_error": math.nan if exact else rms, f"{name}_exact": exact}
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -110,7 +162,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, grp in runs.groupby(CONFIG, sort=True, dropna=False):
         row = dict(zip(CONFIG, key, strict=True))
-        row["repeats"] = len(grp)
+        untimed = grp["throughput"].isna()
+        row["repeats"] = int((~untimed).sum())  # the repeats the spread is measured over
+        row["untimed_runs"] = int(untimed.sum())
         units = sorted(set(grp["throughput_unit"]))
         row["throughput_unit"] = units[0] if len(units) == 1 else "mixed"
         for col in SPREAD:
@@ -132,8 +186,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _marginal_gain(grp: pd.DataFrame) -> pd.Series:
     out = pd.Series(math.nan, index=grp.index)
-    for idx, row in grp.iterrows():
-        smaller = grp[grp["workers"] < row["workers"]]
+    timed = grp[grp["throughput"].notna()]
+    for idx, row in timed.iterrows():
+        smaller = timed[timed["workers"] < row["workers"]]
         if smaller.empty:
             continue
         prev = smaller[smaller["workers"] == smaller["workers"].max()]
@@ -189,14 +244,18 @@ def flag(table: pd.DataFrame, k: float = FLAG_K) -> pd.DataFrame:
     """
     t = table.copy()
     r = t["efficiency_spread"]
-    single = (t["repeats"] < 2) | (t["base_repeats"] < 2)
+    single = ((t["repeats"] < 2) | (t["base_repeats"] < 2)) & t["efficiency"].notna()
     above = t["efficiency"] > 1.0
     t["flag_superlinear"] = above & (t["efficiency"] > 1.0 + k * r.fillna(0.0))
     t["flag_within_noise"] = above & ~t["flag_superlinear"]
     t["flag_single_repeat"] = single
     t["flag_noisy"] = (t["p"] > 1) & (r > (t["speedup"] - 1.0).abs())
+    untimed = t["untimed_runs"] if "untimed_runs" in t else pd.Series(0, index=t.index)
+    t["flag_no_timed_steps"] = untimed > 0
+    t["flag_no_baseline"] = (t["base_repeats"] < 1) & (t["repeats"] > 0)
     columns = {"superlinear": "flag_superlinear", "within noise": "flag_within_noise",
-               "single repeat": "flag_single_repeat", "noisy": "flag_noisy"}
+               "single repeat": "flag_single_repeat", "noisy": "flag_noisy",
+               NO_TIMED_STEPS: "flag_no_timed_steps", "no baseline": "flag_no_baseline"}
     t["flags"] = [
         "; ".join(code for code, col in columns.items() if row[col])
         for _, row in t[list(columns.values())].iterrows()
@@ -208,21 +267,17 @@ def fit_models(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Per group: Amdahl and Gustafson parallel fractions and the sweet spot."""
     rows = []
     for key, grp in table.groupby(GROUP, sort=True):
-        p, s = grp["p"].to_numpy(), grp["speedup"].to_numpy()
-        a_f, a_err, a_rms = fit_fraction(amdahl, p, s)
-        g_f, g_err, g_rms = fit_fraction(gustafson, p, s)
+        timed = grp[np.isfinite(grp["speedup"])]  # no timed steps, or no baseline: left out
+        p, s = timed["p"].to_numpy(), timed["speedup"].to_numpy()
         spot = grp[grp["sweet_spot"]]
         row = dict(zip(GROUP, key, strict=True))
         row.update({
             "configurations": len(grp),
+            "fit_points": len(timed),
             "base_workers": float(grp["base_workers"].iloc[0]),
             "max_workers": float(grp["workers"].max()),
-            "amdahl_parallel_fraction": a_f,
-            "amdahl_parallel_fraction_stderr": a_err,
-            "amdahl_rms_rel_error": a_rms,
-            "gustafson_parallel_fraction": g_f,
-            "gustafson_parallel_fraction_stderr": g_err,
-            "gustafson_rms_rel_error": g_rms,
+            **_fit_columns("amdahl", amdahl, p, s),
+            **_fit_columns("gustafson", gustafson, p, s),
             "efficiency_threshold": threshold,
             "sweet_spot_workers": float(spot["workers"].iloc[0]) if len(spot) else math.nan,
             "sweet_spot_nodes": float(spot["nodes"].iloc[0]) if len(spot) else math.nan,

@@ -112,6 +112,10 @@ def _base(args: argparse.Namespace):
 
         row = load_run(args.run, count_params=args.grad_bytes is None)
     compute = args.compute_time if args.compute_time is not None else row.get("compute_s")
+    if args.compute_time is None and row.get("flags"):
+        raise UsageError(f"--run {args.run}: {row['flags']} (its steps were all warm-up, so its "
+                         "compute time is not the configuration's); give --compute-time or "
+                         "another run")
     if compute is None or math.isnan(compute):
         raise UsageError("--compute-time: required (no --run, or the run has no compute time)")
     data = args.data_time if args.data_time is not None else row.get("data_s", 0.0)
@@ -143,6 +147,7 @@ def _measured(args: argparse.Namespace, run_row: dict, mode: str):
         rows = runs.load_runs(args.measured)
     elif run_row:
         rows = [run_row]
+    rows = _timed(rows)
     if args.measured_csv:
         rows += runs.load_csv(args.measured_csv, mode)
     cols = ["ranks", "throughput", "step_time_s"]
@@ -160,3 +165,16 @@ def _measured(args: argparse.Namespace, run_row: dict, mode: str):
                          "--backend")
     frame = frame.assign(ranks=frame["workers"])
     return frame.groupby("ranks", as_index=False)[cols[1:]].median()
+
+
+def _timed(rows: list[dict]) -> list[dict]:
+    """The runs with a throughput; the others (no timed steps: every step was warm-up)
+    are left out with one warning line, so one such point does not cost the prediction."""
+    from scalelab.analysis.runs import NO_TIMED_STEPS
+
+    skipped = [r["run_id"] for r in rows if NO_TIMED_STEPS in str(r.get("flags", ""))]
+    if skipped:
+        print(f"scalelab predict: warning: left out {len(skipped)} run(s) with {NO_TIMED_STEPS} "
+              f"(every step was warm-up, so no throughput to compare): {', '.join(skipped)}",
+              file=sys.stderr)
+    return [r for r in rows if NO_TIMED_STEPS not in str(r.get("flags", ""))]
