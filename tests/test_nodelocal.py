@@ -161,4 +161,4 @@ def test_cli_prints_only_the_path(shared, tmp_path, monkeypatch):
                            "--reserve", "1000TiB", "--quiet")
     assert rc == 0 and out == f"{shared}\n"
     rc, out, err = run_cli("data", "localize", shared, "--reserve", "lots")
-    assert rc == 2 and "--reserve lots" in err and out == ""
+    assert rc == 2 and "--reserve: 'lots'" in err and out == ""
