@@ -740,8 +740,11 @@ def test_cpu_build_patch_is_unchanged(tmp_path):
                           check=False)
     assert diff.returncode == 0, diff.stdout
     build = (REPO / "envs" / "build_horovod.sh").read_text()
-    assert 'bash "$here/patch_horovod.sh" "$src"' in build and "--libcuda" not in build.replace(
-        "no --libcuda", "")
+    # Its only option is --cpu-only, and only for a CUDA torch (a CPU torch's tree is the one
+    # above, byte for byte).
+    assert 'bash "$here/patch_horovod.sh" "${patch_args[@]}" "$src"' in build
+    assert "patch_args=(--cpu-only)" in build and '[ -n "$cuda_version" ]' in build
+    assert "--libcuda" not in build.replace("no --libcuda", "")
     assert 'key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-' \
            '${device}"' in build
 

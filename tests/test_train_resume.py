@@ -137,5 +137,6 @@ def test_resume_refuses_a_different_batch(tmp_path: Path) -> None:
     scalelab.train.run(cfg, tmp_path / "run")
     (tmp_path / "run" / "summary.json").unlink()
     other = deep_update(cfg, {"optim": {"global_batch_size": 64}})
-    with pytest.raises(UsageError, match="global batch 32 .* this config gives 64"):
+    # The stored config is compared first and names the field (issue 23).
+    with pytest.raises(UsageError, match=r"optim\.global_batch_size: 32 \(checkpoint\) != 64"):
         scalelab.train.run(other, tmp_path / "run", resume=True)
