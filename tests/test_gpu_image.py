@@ -852,3 +852,20 @@ def test_gpu_check_refuses_what_it_cannot_check(tmp_path):
     # No GPU on a CI machine: a clear refusal (exit 2), never a pass.
     proc = run_check(str(image), env={"PATH": "/usr/bin:/bin", "SCALELAB_APPTAINER": "true"})
     assert proc.returncode == 2 and "GPU" in proc.stderr and proc.stdout == ""
+
+
+def test_cpu_only_patch_lets_findpytorch_report_no_cuda(tmp_path):
+    # PyPI's torch is a CUDA build: Horovod's FindPytorch then demands a complete CUDA
+    # toolkit even for CPU operations (a Python 3.12 first contact failed there). The
+    # --cpu-only patch makes it report no CUDA when HOROVOD_TORCH_CPU_ONLY=1, and only then.
+    src = unpack_sdist(tmp_path / "src")
+    subprocess.run(["bash", str(REPO / "envs" / "patch_horovod.sh"), "--cpu-only", str(src)],
+                   check=True)
+    find = (src / "cmake" / "Modules" / "FindPytorch.cmake").read_text()
+    upper = find.index('string(TOUPPER "${Pytorch_CUDA}" Pytorch_CUDA)')
+    guard = find.index('if ("$ENV{HOROVOD_TORCH_CPU_ONLY}" STREQUAL "1")')
+    assert upper < guard < find.index("set(Pytorch_CUDA FALSE)")
+    # Patched twice is a tree this patch is not for: refused, not built.
+    again = subprocess.run(["bash", str(REPO / "envs" / "patch_horovod.sh"), "--cpu-only",
+                            str(src)], capture_output=True, text=True, check=False)
+    assert again.returncode == 1 and "C++14" in again.stderr
