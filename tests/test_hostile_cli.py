@@ -290,7 +290,7 @@ GOOD_POINT = {
         ("tasks_per_node", "2", "not an integer"),
         ("nodes", True, "not an integer"),
         ("gpus_per_task", -1, "point.gpus_per_task"),
-        ("nodes", 2, "outside a Slurm allocation"),
+        ("nodes", 100000, "ranks on this machine"),
         ("tasks_per_node", 10**6, "ranks on this machine"),
         ("tasks_per_node", 10**9, "more than"),
     ],
@@ -337,8 +337,12 @@ def test_launch_generic_layout_flags_are_checked(flags, needle):
     assert out == ""
 
 
-def test_more_than_one_node_is_fine_inside_slurm():
-    point = sweep.RunPoint("ddp", "strong", 4, 2, 0, 0)
-    launcher.check_point(point, str, env={"SLURM_JOB_ID": "1"})
-    with pytest.raises(UsageError, match="outside a Slurm allocation"):
-        launcher.check_point(point, str, env={})
+def test_local_multi_node_points_are_bounded_by_ranks_not_refused():
+    """Outside Slurm, N nodes x T tasks run N x T ranks here (a multi-node study's local
+    reference); only a rank count this machine cannot start is refused. Inside an
+    allocation Slurm bounds it."""
+    launcher.check_point(sweep.RunPoint("ddp", "strong", 2, 1, 0, 0), str, env={})
+    huge = sweep.RunPoint("ddp", "strong", 100000, 1, 0, 0)
+    with pytest.raises(UsageError, match="ranks on this machine"):
+        launcher.check_point(huge, str, env={})
+    launcher.check_point(huge, str, env={"SLURM_JOB_ID": "1"})

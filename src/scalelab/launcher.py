@@ -204,9 +204,10 @@ def local_rank_limit() -> int:
 def check_point(point: sweep.RunPoint, name: Callable[[str], str],
                 env: dict[str, str] | None = None) -> None:
     """Refuse a layout that cannot run, in one line naming the field (``name(field)``):
-    counts below their minimum or not integers, more than one node outside a Slurm
-    allocation (every rank would run here, under another layout's name), or more ranks
-    than this machine (outside Slurm) or any job could start."""
+    counts below their minimum or not integers, or more ranks than this machine (outside
+    Slurm) or any job could start. Outside Slurm a point of N nodes runs its N x T ranks
+    on this machine (the local reference of a multi-node study, compared with its Slurm
+    run in tests/test_workflow.py), so only the rank count is bounded there."""
     for field_name, least in _POINT_MINIMUMS.items():
         value = getattr(point, field_name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -218,13 +219,9 @@ def check_point(point: sweep.RunPoint, name: Callable[[str], str],
                          f"more than {MAX_RANKS}")
     if in_slurm_allocation(env):
         return
-    if point.nodes != 1:
-        raise UsageError(f"{name('nodes')}: {point.nodes} nodes outside a Slurm allocation "
-                         "(a local run is this one machine); use 1, or run inside "
-                         "salloc/sbatch")
     if point.ranks > local_rank_limit():
-        raise UsageError(f"{name('tasks_per_node')}: {point.ranks} ranks on this machine "
-                         f"({os.cpu_count()} CPUs), more than {local_rank_limit()}")
+        raise UsageError(f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks on "
+                         f"this machine ({os.cpu_count()} CPUs), more than {local_rank_limit()}")
 
 
 def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
