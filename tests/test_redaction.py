@@ -11,9 +11,13 @@ import re
 import uuid
 
 import pytest
+from reliability import tally_fixtures
 
 from scalelab import provenance
 from scalelab.provenance import REDACTED, SECRET_NAME, allowed_env, redact_argv
+
+# docs/reliability.md: credential shapes in command lines and the environment.
+tally, _count = tally_fixtures("secret-shapes", tried="cases tried", passed="redacted or dropped")
 
 
 def planted() -> str:
