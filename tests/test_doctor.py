@@ -54,3 +54,20 @@ def test_json_and_human_forms_agree_on_a_missing_mode():
     assert report["ok"] is False and report["mode"] == "slurm"
     assert {"sbatch", "srun", "squeue", "scontrol"} <= set(report["missing"])
     assert not {p["name"] for p in report["probes"] if p["ok"]} & set(report["missing"])
+
+
+def test_without_leaves_a_component_out_of_the_modes_needs():
+    """setup.sh passes --without horovod where it could not build Horovod: the local mode is
+    then ready without it, and every other need still counts."""
+    from scalelab.doctor import Probe, missing_for
+
+    probes = [Probe(n, n != "horovod", "") for n in
+              ("python", "torch", "mpirun", "mpi4py", "horovod", "snakemake")]
+    assert [p.name for p in missing_for("local", probes)] == ["horovod"]
+    assert missing_for("local", probes, without=["horovod"]) == []
+    probes[1] = Probe("torch", False, "")
+    assert [p.name for p in missing_for("local", probes, without=["horovod"])] == ["torch"]
+    # The CLI refuses a component no mode knows.
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--without", "nonsense"], check=False,
+               env=tool_env())
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
