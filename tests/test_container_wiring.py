@@ -274,13 +274,12 @@ def test_the_wheelhouse_is_for_the_images_python_whatever_the_hosts(tmp_path):
     import glob
     import subprocess
 
-    from conftest import REPO
+    from conftest import REPO, require
 
     from scalelab.container import build
 
     host = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3")))
-    if not host:
-        pytest.skip("no Python 3.13 on this machine (pyenv has one on the project's machines)")
+    require(bool(host), "no Python 3.13 on this machine (pyenv has one on the project's machines)")
     real = build.lock_requirements(REPO / "envs" / "lock-cpu.txt")
     pins = [p for p in real if p.startswith(("pyyaml==", "psutil=="))]  # two small C wheels
     plan = build.Plan(repo=REPO, cpu_dir=tmp_path, pins=pins, torch_index=None, horovod=None,

@@ -30,12 +30,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN
+from conftest import REPO, VENV_BIN, require
 
 PYTHONS = ["3.11", "3.12", "3.13", "3.14"]
 PLATFORMS = {"x86_64": "x86_64-manylinux_2_28", "aarch64": "aarch64-manylinux_2_28"}
 LOCAL_TORCH = sorted(glob.glob("/opt/wheels/torch-2.13.0+cpu-cp311-*.whl"))
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and users need root (CI is root)")
+
+
+def needs_root() -> None:
+    require(os.geteuid() == 0, "mounts and users need root (CI is root)")
+
+
+def needs_local_torch() -> None:
+    require(bool(LOCAL_TORCH), "no torch 2.13.0+cpu wheel in /opt/wheels on this machine")
 
 
 def pypi_only_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -111,8 +118,7 @@ def test_pypi_lock_installs_for_every_python_and_platform(python, machine, tmp_p
 def test_a_python_older_than_3_11_stops_before_anything(tmp_path):
     old = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")) +
                  glob.glob("/usr/bin/python3.10"))
-    if not old:
-        pytest.skip("no Python 3.10 on this machine (pyenv has one on the project's machines)")
+    require(bool(old), "no Python 3.10 on this machine (pyenv has one on the project's machines)")
     where = setup_copy(tmp_path / "co")
     proc = subprocess.run(["bash", "setup.sh", "--no-run"], cwd=where, capture_output=True,
                           text=True, env=pypi_only_env(tmp_path, PYTHON=old[0]), timeout=120)
@@ -133,8 +139,8 @@ def test_a_python_without_venv_and_no_uv_stops_and_names_the_fix(tmp_path):
     assert_stopped(proc, where, "no venv module", "-venv", "uv")
 
 
-@needs_root
 def test_a_full_file_system_stops_before_any_download(tmp_path):
+    needs_root()
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
@@ -212,9 +218,9 @@ metrics: {warmup_steps: 1}
 
 
 @pytest.mark.setup
-@needs_root
-@pytest.mark.skipif(not LOCAL_TORCH, reason="no torch 2.13.0+cpu wheel on this machine")
 def test_cpu_index_on_localhost_and_no_compiler_gives_cpu_lock_without_horovod(tmp_path):
+    needs_root()
+    needs_local_torch()
     where = checkout_copy(tmp_path / "co")
     (where / "train.yaml").write_text(TRAIN_CONFIG)
     with cpu_index(tmp_path / "index") as (url, sent):
@@ -245,6 +251,7 @@ SHIMS = ("sudo", "apt-get", "apt", "dpkg", "dpkg-query", "dnf", "yum")
 def plain_user() -> Iterator[tuple[str, Path]]:
     """A user the test creates, with a home it owns in a directory every user may enter
     (pytest's own tmp directories are root's alone)."""
+    needs_root()
     name = f"sl{uuid.uuid4().hex[:8]}"
     base = Path(tempfile.mkdtemp(prefix="scalelab-nonroot-"))
     base.chmod(0o755)
@@ -268,7 +275,6 @@ def horovod_cache() -> Path:
 
 
 @pytest.mark.setup
-@needs_root
 def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user):
     name, home = plain_user
     base = home.parent
