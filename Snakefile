@@ -7,7 +7,7 @@ min_version("9.0")
 # Before Snakemake reads config/config.yaml: the study's own path gets the safe character
 # set of every config path, and every config file goes through scalelab's one loader
 # (duplicate keys, alias bombs, encodings, __use_yte__); one line and exit 2 otherwise.
-from scalelab.sweep import workflow_preflight
+from scalelab.study.files import workflow_preflight
 
 workflow_preflight(workflow, "config/config.yaml")
 

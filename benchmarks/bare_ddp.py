@@ -37,7 +37,7 @@ for step in range(warmup + steps):
         dist.barrier()
         start = time.perf_counter()
     first = (step * world + rank) * batch
-    x, y = (torch.from_numpy(a) for a in data.get_batch(order[first:first + batch]))
+    x, y = (torch.from_numpy(a) for a in data.get_batch(order[first : first + batch]))
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()

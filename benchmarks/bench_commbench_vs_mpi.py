@@ -62,17 +62,24 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
-    parser.add_argument("--discard", type=int, default=1,
-                        help="untimed first rounds (page-in of the 256 MiB buffers)")
-    parser.add_argument("--libs", default="mpi4py",
-                        help="commbench libraries to compare: mpi4py,torch,horovod")
+    parser.add_argument(
+        "--discard",
+        type=int,
+        default=1,
+        help="untimed first rounds (page-in of the 256 MiB buffers)",
+    )
+    parser.add_argument(
+        "--libs", default="mpi4py", help="commbench libraries to compare: mpi4py,torch,horovod"
+    )
     parser.add_argument("-n", type=int, default=2, help="ranks when re-launching (default 2)")
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--strict", action="store_true", help="exit 1 outside the tolerance")
     args = parser.parse_args()
 
-    if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
-                                          "SLURM_STEP_NUM_TASKS")):
+    if not any(
+        v in os.environ
+        for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS")
+    ):
         return _relaunch(args.n)
 
     import numpy as np
@@ -90,8 +97,12 @@ def main() -> int:
     timed: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.discard + args.rounds):
         t_bare = bare_allreduce_time(comm, MPI, buf, args.iters, args.warmup)
-        t_lib = {name: bench.benchmark(c, ["allreduce"], [size], args.iters, args.warmup,
-                                       check=False)[0]["time_s"] for name, c in comms.items()}
+        t_lib = {
+            name: bench.benchmark(c, ["allreduce"], [size], args.iters, args.warmup, check=False)[
+                0
+            ]["time_s"]
+            for name, c in comms.items()
+        }
         if r >= args.discard:
             bare.append(t_bare)
             for name, t in t_lib.items():
@@ -107,11 +118,15 @@ def main() -> int:
     bare_best, bare_med = busbw(min(bare)), busbw(statistics.median(bare))
     status = 0
     if rank == 0:
-        print(f"allreduce {size} B on {n} ranks, {args.iters} iters x {args.rounds} rounds "
-              f"({args.discard} discarded); busbw = size/time x 2(n-1)/n in GB/s (1e9 B/s); "
-              "best = fastest round, med = median round")
-        print(f"  bare mpi4py Allreduce loop: best {bare_best:7.3f}  med {bare_med:7.3f} GB/s"
-              f"  (ms per call by round: {rounds(bare)})")
+        print(
+            f"allreduce {size} B on {n} ranks, {args.iters} iters x {args.rounds} rounds "
+            f"({args.discard} discarded); busbw = size/time x 2(n-1)/n in GB/s (1e9 B/s); "
+            "best = fastest round, med = median round"
+        )
+        print(
+            f"  bare mpi4py Allreduce loop: best {bare_best:7.3f}  med {bare_med:7.3f} GB/s"
+            f"  (ms per call by round: {rounds(bare)})"
+        )
     for name in names:
         best, med = busbw(min(timed[name])), busbw(statistics.median(timed[name]))
         ratio_best, ratio_med = best / bare_best, med / bare_med
@@ -119,10 +134,14 @@ def main() -> int:
         if name == "mpi4py" and not ok:
             status = 1
         if rank == 0:
-            print(f"  commbench --lib {name:8s}: best {best:7.3f}  med {med:7.3f} GB/s"
-                  f"  (ms per call by round: {rounds(timed[name])})")
-            print(f"    ratio commbench/bare: best {ratio_best:.3f}  med {ratio_med:.3f}  -> "
-                  f"{'within' if ok else 'OUTSIDE'} {args.tolerance:.0%} (best-of-rounds)")
+            print(
+                f"  commbench --lib {name:8s}: best {best:7.3f}  med {med:7.3f} GB/s"
+                f"  (ms per call by round: {rounds(timed[name])})"
+            )
+            print(
+                f"    ratio commbench/bare: best {ratio_best:.3f}  med {ratio_med:.3f}  -> "
+                f"{'within' if ok else 'OUTSIDE'} {args.tolerance:.0%} (best-of-rounds)"
+            )
     for c in comms.values():
         c.close()
     return status if args.strict else 0

@@ -57,8 +57,18 @@ def dd_write(path: Path, nbytes: int) -> float | None:
         return None
     count = max(1, round(nbytes / BLOCK))
     t0 = time.perf_counter()
-    subprocess.run([dd, "if=/dev/zero", f"of={path}", f"bs={BLOCK}", f"count={count}",
-                    "conv=fsync", "status=none"], check=True)
+    subprocess.run(
+        [
+            dd,
+            "if=/dev/zero",
+            f"of={path}",
+            f"bs={BLOCK}",
+            f"count={count}",
+            "conv=fsync",
+            "status=none",
+        ],
+        check=True,
+    )
     seconds = time.perf_counter() - t0
     path.unlink()
     return seconds * nbytes / (count * BLOCK)
@@ -69,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mb", type=float, default=300.0, help="bytes of images to stage")
     p.add_argument("--image-size", type=int, default=32, help="synthetic images are 3xSxS")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dir", type=Path, default=Path(".scratch"),
-                   help="where to write (default: .scratch/ in the current directory)")
-    p.add_argument("--min-ratio", type=float, default=None,
-                   help="exit 1 when the median ratio is below this")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".scratch"),
+        help="where to write (default: .scratch/ in the current directory)",
+    )
+    p.add_argument(
+        "--min-ratio", type=float, default=None, help="exit 1 when the median ratio is below this"
+    )
     args = p.parse_args(argv)
 
     row = 3 * args.image_size * args.image_size
@@ -81,16 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-stage-", dir=args.dir))
     stage_mbs, py_mbs, dd_mbs = [], [], []
     try:
-        print(f"{samples} synthetic images of 3x{args.image_size}x{args.image_size} "
-              f"(~{args.size_mb:.0f} MB) in {work}, {args.repeats} rounds")
-        print(f"{'round':>5} {'stage MB/s':>11} {'images/s':>10} {'stage cpu s':>12} "
-              f"{'python MB/s':>12} {'dd MB/s':>9} {'load':>5}")
+        print(
+            f"{samples} synthetic images of 3x{args.image_size}x{args.image_size} "
+            f"(~{args.size_mb:.0f} MB) in {work}, {args.repeats} rounds"
+        )
+        print(
+            f"{'round':>5} {'stage MB/s':>11} {'images/s':>10} {'stage cpu s':>12} "
+            f"{'python MB/s':>12} {'dd MB/s':>9} {'load':>5}"
+        )
         for i in range(args.repeats):
             out = work / f"staged-{i}"
             cpu0 = cpu_seconds()
-            result = stage(StageConfig("synthetic", out, num_samples=samples,
-                                       image_size=(args.image_size, args.image_size),
-                                       seed=i, progress=False))
+            result = stage(
+                StageConfig(
+                    "synthetic",
+                    out,
+                    num_samples=samples,
+                    image_size=(args.image_size, args.image_size),
+                    seed=i,
+                    progress=False,
+                )
+            )
             cpu = cpu_seconds() - cpu0
             nbytes = result.bytes
             shutil.rmtree(out)
@@ -101,17 +127,23 @@ def main(argv: list[str] | None = None) -> int:
             py_mbs.append(py)
             if dd_s:
                 dd_mbs.append(dd)
-            print(f"{i:>5} {result.mb_per_s:>11.0f} {result.images_per_s:>10.0f} {cpu:>12.2f} "
-                  f"{py:>12.0f} {dd:>9.0f} {os.getloadavg()[0]:>5.1f}")
+            print(
+                f"{i:>5} {result.mb_per_s:>11.0f} {result.images_per_s:>10.0f} {cpu:>12.2f} "
+                f"{py:>12.0f} {dd:>9.0f} {os.getloadavg()[0]:>5.1f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     s = statistics.median(stage_mbs)
     plain = max(statistics.median(py_mbs), statistics.median(dd_mbs) if dd_mbs else 0.0)
     ratio = s / plain
-    print(f"median: staging {s:.0f} MB/s, plain sequential write {plain:.0f} MB/s "
-          f"(faster of python loop and dd, fsync included); ratio {ratio:.2f} (goal >= 0.5)")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
-          "(staging needs CPU for generating and hashing; other load lowers the ratio)")
+    print(
+        f"median: staging {s:.0f} MB/s, plain sequential write {plain:.0f} MB/s "
+        f"(faster of python loop and dd, fsync included); ratio {ratio:.2f} (goal >= 0.5)"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        "(staging needs CPU for generating and hashing; other load lowers the ratio)"
+    )
     if args.min_ratio is not None and ratio < args.min_ratio:
         return 1
     return 0

@@ -29,9 +29,14 @@ def main() -> int:
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--goal", type=float, default=1.15)
-    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
-                        help="copy the study's results/analysis here before cleaning up "
-                             "(its scaling table shows the run's flags)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy the study's results/analysis here before cleaning up "
+        "(its scaling table shows the run's flags)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="scalelab-overhead-"))
@@ -43,8 +48,18 @@ def main() -> int:
     shutil.copy2(REPO / "workflow" / "schemas" / "config.schema.yaml", schema)
 
     threads = [f"{rule}={args.cores}" for rule in RULES]
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(args.cores), "--configfile",
-           str(REPO / args.config), "--set-threads", *threads, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(args.cores),
+        "--configfile",
+        str(REPO / args.config),
+        "--set-threads",
+        *threads,
+        "--quiet",
+    ]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     start = time.perf_counter()
     subprocess.run(cmd, cwd=work, env=env, check=True)
@@ -59,8 +74,10 @@ def main() -> int:
         jobs += 1
     ratio = wall / total
     print(f"jobs: {jobs}  sum of job run times: {total:.1f} s  workflow wall time: {wall:.1f} s")
-    print(f"overhead ratio wall/sum = {ratio:.3f} (goal <= {args.goal})  "
-          f"{'PASS' if ratio <= args.goal else 'FAIL'}")
+    print(
+        f"overhead ratio wall/sum = {ratio:.3f} (goal <= {args.goal})  "
+        f"{'PASS' if ratio <= args.goal else 'FAIL'}"
+    )
     if args.keep:
         shutil.copytree(work / "results" / "analysis", args.keep, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)

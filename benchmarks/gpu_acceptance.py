@@ -6,7 +6,7 @@ Prints one table headed by the card's name (and writes it as JSON with --json):
   torch.compile (Horovod's synthetic-benchmark style: random images, no loader);
 * a small GPT-style transformer's training tokens/s and MFU (nanoGPT's estimate:
   6 N + 12 L d T FLOPs per token, against the card's dense bf16 peak from
-  scalelab.train.metrics.PEAK_BF16_DENSE);
+  scalelab.train.peak.PEAK_BF16_DENSE);
 * scalelab's trainer against a bare loop on the same GPU, same model, data and
   batch, interleaved rounds, median ratio of the per-round pairs.
 
@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scalelab.models import build_model  # noqa: E402
-from scalelab.train.metrics import peak_bf16  # noqa: E402
+from scalelab.train.peak import peak_bf16  # noqa: E402
 
 
 @dataclass
@@ -65,10 +65,26 @@ class Sizes:
     ovh_rounds: int = 3
 
 
-SMOKE = Sizes(rn_batch=2, rn_image=32, rn_warmup=1, rn_steps=2, gpt_batch=2, gpt_seq=32,
-              gpt_dim=32, gpt_layers=2, gpt_heads=2, gpt_vocab=128, gpt_warmup=1,
-              gpt_steps=2, ovh_model="cnn", ovh_image=32, ovh_batch=16, ovh_steps=4,
-              ovh_warmup=1, ovh_rounds=2)
+SMOKE = Sizes(
+    rn_batch=2,
+    rn_image=32,
+    rn_warmup=1,
+    rn_steps=2,
+    gpt_batch=2,
+    gpt_seq=32,
+    gpt_dim=32,
+    gpt_layers=2,
+    gpt_heads=2,
+    gpt_vocab=128,
+    gpt_warmup=1,
+    gpt_steps=2,
+    ovh_model="cnn",
+    ovh_image=32,
+    ovh_batch=16,
+    ovh_steps=4,
+    ovh_warmup=1,
+    ovh_rounds=2,
+)
 
 
 class Clock:
@@ -94,8 +110,11 @@ class Clock:
 
 
 def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" \
+    return (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type == "cuda"
         else nullcontext()
+    )
 
 
 def resnet50_img_s(device: torch.device, s: Sizes, compile_: bool, smoke: bool) -> dict:
@@ -104,8 +123,9 @@ def resnet50_img_s(device: torch.device, s: Sizes, compile_: bool, smoke: bool) 
     model = build_model("resnet50", 1000, (3, s.rn_image, s.rn_image)).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step_model = torch.compile(model, backend="eager" if smoke else "inductor") \
-        if compile_ else model
+    step_model = (
+        torch.compile(model, backend="eager" if smoke else "inductor") if compile_ else model
+    )
     x = torch.randn(s.rn_batch, 3, s.rn_image, s.rn_image, device=device)
     x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (s.rn_batch,), device=device)
@@ -198,9 +218,13 @@ def transformer_tokens_s(device: torch.device, s: Sizes) -> dict:
     n = sum(p.numel() for p in model.parameters()) - model.pos.weight.numel()
     flops_per_token = 6 * n + 12 * s.gpt_layers * s.gpt_dim * s.gpt_seq
     peak = peak_bf16(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    return {"tokens_s": tokens_s, "params": n, "flops_per_token": flops_per_token,
-            "mfu": tokens_s * flops_per_token / peak[0] if peak else None,
-            "peak": f"{peak[0] / 1e12:g} TFLOP/s dense bf16 ({peak[1]})" if peak else None}
+    return {
+        "tokens_s": tokens_s,
+        "params": n,
+        "flops_per_token": flops_per_token,
+        "mfu": tokens_s * flops_per_token / peak[0] if peak else None,
+        "peak": f"{peak[0] / 1e12:g} TFLOP/s dense bf16 ({peak[1]})" if peak else None,
+    }
 
 
 def bare_samples_s(device: torch.device, s: Sizes) -> float:
@@ -239,10 +263,15 @@ def trainer_samples_s(device: torch.device, s: Sizes, work: Path, i: int) -> flo
     from scalelab.train import run
 
     cfg = {
-        "seed": 0, "model": {"name": s.ovh_model},
-        "data": {"source": "synthetic", "image_shape": [3, s.ovh_image, s.ovh_image],
-                 "num_classes": 10, "num_samples": s.ovh_batch * (s.ovh_steps + s.ovh_warmup),
-                 "val_split": None},
+        "seed": 0,
+        "model": {"name": s.ovh_model},
+        "data": {
+            "source": "synthetic",
+            "image_shape": [3, s.ovh_image, s.ovh_image],
+            "num_classes": 10,
+            "num_samples": s.ovh_batch * (s.ovh_steps + s.ovh_warmup),
+            "val_split": None,
+        },
         "optim": {"global_batch_size": s.ovh_batch, "lr": 0.01, "momentum": 0.9},
         "train": {"epochs": 1, "progress": False, "device": device.type, "threads": None},
         "metrics": {"warmup_steps": s.ovh_warmup},
@@ -261,9 +290,15 @@ def gpt_fsdp(device: torch.device, s: Sizes, smoke: bool) -> dict:
 
     n = s.gpt_batch * (s.gpt_steps + s.gpt_warmup)
     cfg = {
-        "seed": 0, "model": {"name": "gpt", "options": {"size": "tiny" if smoke else "small"}},
-        "data": {"source": "tokens", "num_samples": n, "val_samples": s.gpt_batch,
-                 "seq_len": s.gpt_seq, "vocab_size": s.gpt_vocab},
+        "seed": 0,
+        "model": {"name": "gpt", "options": {"size": "tiny" if smoke else "small"}},
+        "data": {
+            "source": "tokens",
+            "num_samples": n,
+            "val_samples": s.gpt_batch,
+            "seq_len": s.gpt_seq,
+            "vocab_size": s.gpt_vocab,
+        },
         "optim": {"name": "adamw", "global_batch_size": s.gpt_batch, "lr": 3e-4},
         "train": {"epochs": 1, "progress": False, "device": device.type},
         "metrics": {"warmup_steps": s.gpt_warmup},
@@ -274,10 +309,21 @@ def gpt_fsdp(device: torch.device, s: Sizes, smoke: bool) -> dict:
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="scalelab-gpu-gpt-") as tmp:
         summary = run(cfg, Path(tmp) / "gpt-fsdp")
-    return {k: summary.get(k) for k in ("num_params", "tokens_per_s", "mfu_lm", "mfu_peak",
-                                         "cuda_max_allocated_bytes", "rank0_state_bytes",
-                                         "val_perplexity", "joules_per_sample",
-                                         "energy_power_w", "energy_unavailable")}
+    return {
+        k: summary.get(k)
+        for k in (
+            "num_params",
+            "tokens_per_s",
+            "mfu_lm",
+            "mfu_peak",
+            "cuda_max_allocated_bytes",
+            "rank0_state_bytes",
+            "val_perplexity",
+            "joules_per_sample",
+            "energy_power_w",
+            "energy_unavailable",
+        )
+    }
 
 
 def overhead(device: torch.device, s: Sizes) -> dict:
@@ -289,20 +335,31 @@ def overhead(device: torch.device, s: Sizes) -> dict:
             bare.append(bare_samples_s(device, s))
             ours.append(trainer_samples_s(device, s, Path(tmp), i))
             ratios.append(ours[-1] / bare[-1])
-    return {"bare_samples_s": statistics.median(bare), "trainer_samples_s": statistics.median(ours),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios), "rounds": s.ovh_rounds, "model": s.ovh_model}
+    return {
+        "bare_samples_s": statistics.median(bare),
+        "trainer_samples_s": statistics.median(ours),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rounds": s.ovh_rounds,
+        "model": s.ovh_model,
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help="toy sizes, CPU allowed, torch.compile with the eager backend")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes, CPU allowed, torch.compile with the eager backend",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     if not args.smoke and not torch.cuda.is_available():
-        print("gpu_acceptance: error: no GPU visible (use --smoke to exercise it on the CPU)",
-              file=sys.stderr)
+        print(
+            "gpu_acceptance: error: no GPU visible (use --smoke to exercise it on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = SMOKE if args.smoke else Sizes()
@@ -313,19 +370,28 @@ def main() -> int:
     else:
         card = "CPU (smoke run)"
     t0 = time.perf_counter()
-    res = {"card": card, "torch": torch.__version__, "smoke": args.smoke,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    stages = [("resnet50_eager", lambda: resnet50_img_s(device, s, False, args.smoke)),
-              ("resnet50_compile", lambda: resnet50_img_s(device, s, True, args.smoke)),
-              ("transformer", lambda: transformer_tokens_s(device, s)),
-              ("gpt_fsdp", lambda: gpt_fsdp(device, s, args.smoke)),
-              ("overhead", lambda: overhead(device, s))]
+    res = {
+        "card": card,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    stages = [
+        ("resnet50_eager", lambda: resnet50_img_s(device, s, False, args.smoke)),
+        ("resnet50_compile", lambda: resnet50_img_s(device, s, True, args.smoke)),
+        ("transformer", lambda: transformer_tokens_s(device, s)),
+        ("gpt_fsdp", lambda: gpt_fsdp(device, s, args.smoke)),
+        ("overhead", lambda: overhead(device, s)),
+    ]
     for name, fn in stages:
         t = time.perf_counter()
         res[name] = fn()
         res[name]["wall_s"] = time.perf_counter() - t
-        print(f"gpu_acceptance: {name} done in {res[name]['wall_s']:.0f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"gpu_acceptance: {name} done in {res[name]['wall_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     res["total_s"] = time.perf_counter() - t0
     print(table(res, s))
     if args.json:
@@ -343,11 +409,16 @@ def table(r: dict, s: Sizes) -> str:
     mfu = f"{tf['mfu']:.1%}" if tf["mfu"] is not None else "n/a (no published peak)"
     g = r["gpt_fsdp"]
     g_mfu = f"{g['mfu_lm']:.1%}" if g.get("mfu_lm") is not None else f"n/a ({g.get('mfu_peak')})"
-    g_mem = (f", peak {g['cuda_max_allocated_bytes'] / 2**30:.1f} GiB"
-             if g.get("cuda_max_allocated_bytes") else "")
-    g_energy = (f", {g['joules_per_sample']:.4g} J/sample at {g['energy_power_w']:.0f} W"
-                if g.get("joules_per_sample") is not None else
-                f", energy n/a ({g.get('energy_unavailable')})")
+    g_mem = (
+        f", peak {g['cuda_max_allocated_bytes'] / 2**30:.1f} GiB"
+        if g.get("cuda_max_allocated_bytes")
+        else ""
+    )
+    g_energy = (
+        f", {g['joules_per_sample']:.4g} J/sample at {g['energy_power_w']:.0f} W"
+        if g.get("joules_per_sample") is not None
+        else f", energy n/a ({g.get('energy_unavailable')})"
+    )
     lines = [
         f"GPU acceptance on {r['card']} (torch {r['torch']}, {r['date']}, "
         f"{r['total_s']:.0f} s{', SMOKE: toy sizes, figures mean nothing' if r['smoke'] else ''})",

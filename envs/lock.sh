@@ -4,6 +4,8 @@
 #                       CPUs too) + the stack: ONE universal lock for Python 3.11 to 3.14 on
 #                       x86_64 and aarch64 (`uv pip compile --universal`); what setup.sh installs
 #                       wherever the CPU build of torch is not at hand
+#   envs/lock-cuda-build.txt  the CUDA 13.0 build tools (nvcc, crt, nvvm, cccl, nvtx, runtime) from
+#                       PyPI that compile Horovod's NCCL operations in the GPU image, x86_64
 #   envs/lock-cpu.txt   torch 2.13.0+cpu (the CPU build, ~190 MB instead of ~4 GB) + the stack,
 #                       for Python 3.11 on x86_64: the build whose wheel these machines hold, so
 #                       its hash can be taken here (PyTorch's CPU index is not reachable from them)
@@ -13,7 +15,7 @@
 #
 # The CPU build of torch is not on PyPI: give where it lies with UV_FIND_LINKS (a wheel
 # directory) or UV_EXTRA_INDEX_URL (PyTorch's CPU index); PIP_FIND_LINKS is used when set.
-# Usage: envs/lock.sh [cpu|pypi ...]   (default: both)
+# Usage: envs/lock.sh [cpu|pypi|cuda-build ...]   (default: cpu and pypi)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 uv="${UV:-$here/../.venv/bin/uv}"
@@ -29,9 +31,13 @@ for v in "${variants[@]}"; do
     # The PyPI lock must not see a local CPU wheel dir: PyPI's torch is the one it pins.
     pypi) target=(--universal --python-version 3.11); unset_links=(-u UV_FIND_LINKS -u UV_EXTRA_INDEX_URL) ;;
     cpu) target=(--python-version 3.11 --python-platform x86_64-manylinux_2_28); unset_links=() ;;
-    *) echo "envs/lock.sh: error: unknown variant $v (cpu|pypi)" >&2; exit 2 ;;
+    cuda-build) target=(--python-version 3.11 --python-platform x86_64-manylinux_2_28); unset_links=(-u UV_FIND_LINKS -u UV_EXTRA_INDEX_URL) ;;
+    *) echo "envs/lock.sh: error: unknown variant $v (cpu|pypi|cuda-build)" >&2; exit 2 ;;
   esac
   echo "==> envs/lock-$v.txt"
+  # Start from the current lock: uv keeps its versions where they still satisfy the inputs,
+  # so adding one package does not move every transitive pin.
+  [ -f "$here/lock-$v.txt" ] && cp "$here/lock-$v.txt" "$here/lock-$v.txt.tmp.$$"
   (cd "$here" && env "${unset_links[@]}" "$uv" pip compile "lock-$v.in" --generate-hashes --quiet \
      "${target[@]}" --custom-compile-command "envs/lock.sh $v" \
      --output-file "lock-$v.txt.tmp.$$")

@@ -24,13 +24,16 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: float = 120, env: dict | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=env or tool_env(), check=False)
+def run(
+    cmd: list[str], timeout: float = 120, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env or tool_env(), check=False
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
-                             f"stderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -51,10 +54,10 @@ def scalelab_main(*argv: object) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def mpirun(n: int, args: list[str], timeout: float = 120, check: bool = True,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(VENV_BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", str(n),
-           *args]
+def mpirun(
+    n: int, args: list[str], timeout: float = 120, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", str(n), *args]
     return run(cmd, timeout=timeout, env=env, check=check)
 
 
@@ -70,7 +73,7 @@ def require(ok: bool, reason: str) -> None:
 
 def require_cluster() -> None:
     """Skip only where the cluster truly cannot exist; CI sets SCALELAB_REQUIRE_CLUSTER=1."""
-    from scalelab.testcluster.cluster import missing_requirements
+    from scalelab.testcluster.spec import missing_requirements
 
     problems = missing_requirements()
     require(not problems, "test cluster unavailable: " + "; ".join(problems))
@@ -86,21 +89,28 @@ class ClusterHandle:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return self.cluster.env(tool_env(extra))
 
-    def srun(self, args: list[str], timeout: float = 180, check: bool = True,
-             extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    def srun(
+        self,
+        args: list[str],
+        timeout: float = 180,
+        check: bool = True,
+        extra_env: dict | None = None,
+    ) -> subprocess.CompletedProcess:
         return run(["srun", *args], timeout=timeout, env=self.env(extra_env), check=check)
 
 
 @pytest.fixture(scope="session")
 def cluster():
     require_cluster()
-    from scalelab.testcluster.cluster import ClusterSpec, TestCluster
+    from scalelab.testcluster.cluster import TestCluster
+    from scalelab.testcluster.spec import ClusterSpec
 
     # 3 nodes: studies with 1-, 2- and 3-node points (test_slurm_profile). 4 CPUs and 4
     # stand-in GPUs (null devices as GRES) per node: the GPU example's 4 ranks x 1 GPU per
     # node fit, and the scheduler accepts or refuses GPU geometry for real.
-    spec = ClusterSpec.from_env(nodes=3, cpus_per_node=4, gpus_per_node=4,
-                                shared=[REPO, Path(sys.prefix)])
+    spec = ClusterSpec.from_env(
+        nodes=3, cpus_per_node=4, gpus_per_node=4, shared=[REPO, Path(sys.prefix)]
+    )
     tc = TestCluster(spec)
     tc.up()
     yield ClusterHandle(tc)
@@ -121,6 +131,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # the `cluster` tier is whatever uses the cluster, marked or not
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+    # The GPU image's tier (a cold build: ~24 GB, ~13 min) runs only when a -m expression
+    # names it (`-m gpu_image`); any other run, .ci/run's included, deselects it.
+    if "gpu_image" not in (config.option.markexpr or ""):
+        chosen = [i for i in items if i.get_closest_marker("gpu_image") is None]
+        if len(chosen) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
+            items[:] = chosen
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
 
 

@@ -29,8 +29,10 @@ def require_apptainer() -> str:
     """The real apptainer; a skip only off CI (CI sets SCALELAB_REQUIRE_CLUSTER=1: a failure)."""
     path = shutil.which("apptainer")
     if path is None:
-        reason = ("apptainer not installed (the test environment installs it: "
-                  "bash envs/install_apptainer.sh, or ./setup.sh --test-env)")
+        reason = (
+            "apptainer not installed (the test environment installs it: "
+            "bash envs/install_apptainer.sh, or ./setup.sh --test-env)"
+        )
         if os.environ.get("SCALELAB_REQUIRE_CLUSTER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -58,8 +60,9 @@ def session_image() -> dict:
     out = image_dir() / "test-session" / checkout / "scalelab-cpu.sif"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    proc = run([SCALELAB, "container", "build", "--image", str(out), "--force"],
-               timeout=BUILD_TIMEOUT_S)
+    proc = run(
+        [SCALELAB, "container", "build", "--image", str(out), "--force"], timeout=BUILD_TIMEOUT_S
+    )
     record = json.loads(out.with_name(out.name + ".build.json").read_text())
     print(f"cpu image ready in {time.monotonic() - t0:.1f} s:\n{proc.stdout}")
     return {"path": out, "sha256": record["sha256"], "record": record, "log": proc.stdout}

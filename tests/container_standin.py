@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-SCRIPT = '''#!{python}
+SCRIPT = """#!{python}
 # STAND-IN for {name}, written by tests/container_standin.py: NOT the real {name}.
 # Records argv and cwd to $STANDIN_LOG; prints $STANDIN_STDOUT/$STANDIN_STDERR;
 # exits with $STANDIN_RC.
@@ -23,7 +23,7 @@ with open(os.environ["STANDIN_LOG"], "a") as f:
 sys.stdout.write(os.environ.get("STANDIN_STDOUT", ""))
 sys.stderr.write(os.environ.get("STANDIN_STDERR", ""))
 sys.exit(int(os.environ.get("STANDIN_RC", "0")))
-'''
+"""
 
 
 def make_standins(bindir: Path, names: tuple[str, ...] = ("apptainer",)) -> Path:

@@ -48,8 +48,14 @@ class Tally:
         module = self.request.module
         total = sum(1 for item in self.request.session.items if item.module is module)
         if self.tried and self.tried >= total:
-            record(self.name, **{self.labels.get("tried", "tried"): self.tried,
-                                 self.labels.get("passed", "passed"): self.passed}, **extra)
+            record(
+                self.name,
+                **{
+                    self.labels.get("tried", "tried"): self.tried,
+                    self.labels.get("passed", "passed"): self.passed,
+                },
+                **extra,
+            )
 
 
 def tally_fixtures(name: str, tried: str, passed: str, **extra):
@@ -84,8 +90,11 @@ def table() -> str:
         return "_No records: run the test suite first._"
     lines = ["| record | figures | measured |", "|---|---|---|"]
     for r in rows:
-        figures = "; ".join(f"{k.replace('_', ' ')}: {_cell(v)}" for k, v in r.items()
-                            if k not in ("name", "when", "fault"))
+        figures = "; ".join(
+            f"{k.replace('_', ' ')}: {_cell(v)}"
+            for k, v in r.items()
+            if k not in ("name", "when", "fault")
+        )
         lines.append(f"| {r.get('name') or r.get('fault')} | {figures} | {r['when']} |")
     return "\n".join(lines)
 

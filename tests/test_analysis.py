@@ -80,8 +80,15 @@ def test_speedup_karp_flatt_marginal_gain_hand_computed(published):
 
 def test_outputs_complete_and_plots_are_real_images(published):
     _, out = published
-    for name in ("runs.csv", "runs.parquet", "scaling.csv", "scaling.parquet", "fits.csv",
-                 "scaling.md", "analysis.json"):
+    for name in (
+        "runs.csv",
+        "runs.parquet",
+        "scaling.csv",
+        "scaling.parquet",
+        "fits.csv",
+        "scaling.md",
+        "analysis.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert pd.read_parquet(out / "scaling.parquet").shape == read_scaling(out).shape
     md = (out / "scaling.md").read_text()
@@ -133,7 +140,8 @@ def test_amdahl_fit_recovers_parallel_fraction(tmp_path):
     assert abs(fit["amdahl_parallel_fraction"] - f_true) / f_true < 0.01
     summary = json.loads((out / "analysis.json").read_text())
     assert summary["fits"][0]["amdahl_parallel_fraction"] == pytest.approx(
-        fit["amdahl_parallel_fraction"])
+        fit["amdahl_parallel_fraction"]
+    )
 
 
 @pytest.mark.parametrize("f_true", [0.5, 0.9, 0.99])
@@ -147,10 +155,23 @@ def test_fits_recover_synthetic_fractions(f_true):
 
 # --------------------------------------------------------------------------- real runs
 
-TRAIN = ["train", "--set", "train.epochs=2", "--set", "train.steps_per_epoch=4",
-         "--set", "data.num_samples=512", "--set", "data.val_samples=64",
-         "--set", "optim.per_rank_batch_size=16", "--set", "train.threads=1",
-         "--set", "metrics.warmup_steps=1"]
+TRAIN = [
+    "train",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.steps_per_epoch=4",
+    "--set",
+    "data.num_samples=512",
+    "--set",
+    "data.val_samples=64",
+    "--set",
+    "optim.per_rank_batch_size=16",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "metrics.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +179,28 @@ def real_runs(tmp_path_factory) -> Path:
     """Runs made by the trainer: 1 rank, 2 ranks DDP (with a workflow sweep.json), 2 Horovod."""
     root = tmp_path_factory.mktemp("runs")
     run([SCALELAB, *TRAIN, "--out", str(root / "single")], timeout=120)
-    mpirun(2, [SCALELAB, *TRAIN, "--set", "dist.backend=ddp", "--out", str(root / "ddp2")],
-           timeout=120)
-    (root / "ddp2" / "sweep.json").write_text(json.dumps({
-        "run_id": "ddp-weak-n1-t2-g0-r0", "ranks": 2, "backend": "ddp", "mode": "weak",
-        "nodes": 1, "tasks_per_node": 2, "gpus_per_task": 0, "repeat": 0}))
-    mpirun(2, [SCALELAB, *TRAIN, "--set", "dist.backend=horovod", "--out",
-               str(root / "hvd2")], timeout=120)
+    mpirun(
+        2, [SCALELAB, *TRAIN, "--set", "dist.backend=ddp", "--out", str(root / "ddp2")], timeout=120
+    )
+    (root / "ddp2" / "sweep.json").write_text(
+        json.dumps(
+            {
+                "run_id": "ddp-weak-n1-t2-g0-r0",
+                "ranks": 2,
+                "backend": "ddp",
+                "mode": "weak",
+                "nodes": 1,
+                "tasks_per_node": 2,
+                "gpus_per_task": 0,
+                "repeat": 0,
+            }
+        )
+    )
+    mpirun(
+        2,
+        [SCALELAB, *TRAIN, "--set", "dist.backend=horovod", "--out", str(root / "hvd2")],
+        timeout=120,
+    )
     return root
 
 
@@ -196,6 +232,7 @@ def test_analysis_of_real_runs(real_runs, tmp_path):
 
 # --------------------------------------------------------------------------- bad input
 
+
 def assert_usage_error(args: list[str], out: Path, *needles: str) -> None:
     proc = analyze([*args, "--out", str(out)], check=False)
     assert proc.returncode == 2, proc.stderr
@@ -217,25 +254,34 @@ def test_run_without_summary(real_runs, tmp_path):
     broken = tmp_path / "results" / "ddp2"
     shutil.copytree(real_runs / "ddp2", broken, ignore=shutil.ignore_patterns("checkpoints"))
     (broken / "summary.json").unlink()
-    shutil.copytree(real_runs / "single", tmp_path / "results" / "single",
-                    ignore=shutil.ignore_patterns("checkpoints"))
-    assert_usage_error([str(tmp_path / "results")], tmp_path / "out",
-                       str(broken / "summary.json"), "did not complete")
+    shutil.copytree(
+        real_runs / "single",
+        tmp_path / "results" / "single",
+        ignore=shutil.ignore_patterns("checkpoints"),
+    )
+    assert_usage_error(
+        [str(tmp_path / "results")],
+        tmp_path / "out",
+        str(broken / "summary.json"),
+        "did not complete",
+    )
 
 
 def test_csv_missing_column(tmp_path):
     csv = tmp_path / "bad.csv"
     csv.write_text("gpus,speed\n1,100\n2,190\n")
-    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv), "missing column",
-                       "throughput")
+    assert_usage_error(
+        ["--from-csv", str(csv)], tmp_path / "out", str(csv), "missing column", "throughput"
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "abc"])
 def test_csv_non_positive_or_non_numeric(tmp_path, value):
     csv = tmp_path / "bad.csv"
     csv.write_text(f"gpus,throughput\n1,100\n2,{value}\n")
-    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv),
-                       "column 'throughput'", "line 3")
+    assert_usage_error(
+        ["--from-csv", str(csv)], tmp_path / "out", str(csv), "column 'throughput'", "line 3"
+    )
 
 
 def test_csv_non_positive_scale(tmp_path):
@@ -258,11 +304,13 @@ def test_failure_keeps_previous_output(tmp_path):
 def test_bad_threshold(tmp_path):
     csv = tmp_path / "ok.csv"
     csv.write_text("gpus,throughput\n1,100\n2,190\n")
-    assert_usage_error(["--from-csv", str(csv), "--threshold", "1.5"], tmp_path / "out",
-                       "--threshold")
+    assert_usage_error(
+        ["--from-csv", str(csv), "--threshold", "1.5"], tmp_path / "out", "--threshold"
+    )
 
 
 # --------------------------------------------------------------------------- anomaly flags
+
 
 def _repeats_csv(path: Path, points: dict[int, list[float]]) -> Path:
     rows = ["ranks,throughput,repeat,label"]
@@ -288,8 +336,9 @@ def test_125_percent_with_small_spread_is_flagged_beside_the_figure(tmp_path):
 
 
 def test_within_noise_is_not_flagged_and_plain_scaling_carries_no_flag(tmp_path):
-    csv = _repeats_csv(tmp_path / "t.csv", {1: [100, 90, 110], 2: [210, 190, 230],
-                                            4: [340, 330, 350]})
+    csv = _repeats_csv(
+        tmp_path / "t.csv", {1: [100, 90, 110], 2: [210, 190, 230], 4: [340, 330, 350]}
+    )
     out = tmp_path / "out"
     analyze(["--from-csv", str(csv), "--out", str(out)])
     t = read_scaling(out).set_index("workers")
@@ -321,21 +370,35 @@ def test_single_repeat_and_spread_larger_than_effect_are_marked(tmp_path):
 
 # --------------------------------------------------------------------------- safe labels
 
-@pytest.mark.parametrize("label", ["=HYPERLINK(\"http://x\")", "+1+2", "@SUM(A1)", "-2+3",
-                                   "<script>alert(1)</script>", "a<b", " =1"])
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        '=HYPERLINK("http://x")',
+        "+1+2",
+        "@SUM(A1)",
+        "-2+3",
+        "<script>alert(1)</script>",
+        "a<b",
+        " =1",
+    ],
+)
 def test_formula_or_html_labels_are_refused_naming_file_and_row(tmp_path, label):
     csv = tmp_path / "t.csv"
-    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": ["ok", label]}
-                 ).to_csv(csv, index=False)
-    assert_usage_error(["--from-csv", str(csv)], tmp_path / "out", str(csv), "line 3",
-                       "column 'label'")
+    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": ["ok", label]}).to_csv(
+        csv, index=False
+    )
+    assert_usage_error(
+        ["--from-csv", str(csv)], tmp_path / "out", str(csv), "line 3", "column 'label'"
+    )
 
 
 def test_labels_are_escaped_in_markdown_and_html_but_plain_in_csv(tmp_path):
     label = "A & B | *x* [y](z) `q`"
     csv = tmp_path / "t.csv"
-    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": [label] * 2}
-                 ).to_csv(csv, index=False)
+    pd.DataFrame({"gpus": [1, 2], "throughput": [100, 190], "label": [label] * 2}).to_csv(
+        csv, index=False
+    )
     out = tmp_path / "out"
     analyze(["--from-csv", str(csv), "--out", str(out)])
     assert set(read_scaling(out)["source"]) == {label}  # pandas reads back what was given
@@ -353,16 +416,26 @@ def test_formula_run_directory_name_is_refused(real_runs, tmp_path):
 
 def test_flag_rule_in_process():
     """k x spread is the bar: the same 110% is an anomaly at 2% spread, noise at 20%."""
+
     def table(spread: float) -> pd.DataFrame:
-        return pd.DataFrame({"efficiency": [1.0, 1.10], "speedup": [1.0, 2.2], "p": [1, 2],
-                             "repeats": [3, 3], "base_repeats": [3, 3],
-                             "efficiency_spread": [spread, spread]})
+        return pd.DataFrame(
+            {
+                "efficiency": [1.0, 1.10],
+                "speedup": [1.0, 2.2],
+                "p": [1, 2],
+                "repeats": [3, 3],
+                "base_repeats": [3, 3],
+                "efficiency_spread": [spread, spread],
+            }
+        )
+
     assert list(scaling.flag(table(0.02))["flags"]) == ["", "superlinear"]
     assert list(scaling.flag(table(0.20))["flags"]) == ["", "within noise"]
     assert list(scaling.flag(table(0.02), k=6.0)["flags"]) == ["", "within noise"]
 
 
 # --------------------------------------------------------------------------- exact fits
+
 
 def test_two_configurations_give_an_exact_fit_without_uncertainty(tmp_path):
     """One free point for one parameter: 'exact through 2 points', no +- and no error
@@ -380,8 +453,7 @@ def test_two_configurations_give_an_exact_fit_without_uncertainty(tmp_path):
         assert math.isnan(fit[f"{model}_parallel_fraction_stderr"])
         assert math.isnan(fit[f"{model}_rms_rel_error"])
     md = (out / "scaling.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| two |")
-               and "exact" in line)
+    row = next(line for line in md.splitlines() if line.startswith("| two |") and "exact" in line)
     assert row.count("none: exact through 2 points") == 2 and row.count("n/a (exact)") == 2
     assert "e-1" not in row and "0.00%" not in row
     assert "none: exact through 2 points" in (out / "scaling.html").read_text()
@@ -410,8 +482,9 @@ def test_exact_fit_rule_in_process():
     p = np.array([1.0, 2.0])
     assert scaling.exact_fit(scaling.amdahl, p, np.array([1.0, 1.9]))
     assert not scaling.exact_fit(scaling.amdahl, p, np.array([1.0, 2.3]))
-    assert not scaling.exact_fit(scaling.amdahl, np.array([1.0, 2.0, 4.0]),
-                                 np.array([1.0, 1.9, 3.3]))
+    assert not scaling.exact_fit(
+        scaling.amdahl, np.array([1.0, 2.0, 4.0]), np.array([1.0, 1.9, 3.3])
+    )
     f, err, rms = scaling.fit_fraction(scaling.amdahl, p, np.array([1.0, 1.9]))
     assert math.isnan(err) and rms < 1e-6
     f, err, rms = scaling.fit_fraction(scaling.amdahl, p, np.array([1.0, 2.3]))

@@ -10,28 +10,45 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scalelab.analysis import report, runs, scaling
+from scalelab.analysis import report, runs, runs_csv, scaling
 
 
-def _run(root: Path, run_id: str, backend: str, ranks: int, tp: int,
-         state: tuple[int, int, int] | None, samples_per_s: float) -> Path:
+def _run(
+    root: Path,
+    run_id: str,
+    backend: str,
+    ranks: int,
+    tp: int,
+    state: tuple[int, int, int] | None,
+    samples_per_s: float,
+) -> Path:
     d = root / run_id
     d.mkdir(parents=True)
-    summary = {"world_size": ranks, "samples_per_s": samples_per_s, "global_batch_size": 32,
-               "steps_per_epoch": 8, "backend": backend}
+    summary = {
+        "world_size": ranks,
+        "samples_per_s": samples_per_s,
+        "global_batch_size": 32,
+        "steps_per_epoch": 8,
+        "backend": backend,
+    }
     if state:
         p, g, o = state
-        summary.update(rank0_param_bytes=p, rank0_grad_bytes=g, rank0_optim_state_bytes=o,
-                       rank0_state_bytes=p + g + o)
+        summary.update(
+            rank0_param_bytes=p,
+            rank0_grad_bytes=g,
+            rank0_optim_state_bytes=o,
+            rank0_state_bytes=p + g + o,
+        )
     (d / "summary.json").write_text(json.dumps(summary))
-    (d / "sweep.json").write_text(json.dumps({"run_id": run_id, "backend": backend,
-                                              "mode": "strong", "nodes": 1, "tp": tp}))
+    (d / "sweep.json").write_text(
+        json.dumps({"run_id": run_id, "backend": backend, "mode": "strong", "nodes": 1, "tp": tp})
+    )
     return d
 
 
 @pytest.fixture
 def study(tmp_path):
-    mib = 2 ** 20
+    mib = 2**20
     _run(tmp_path, "ddp-1", "ddp", 1, 1, (4 * mib, 4 * mib, 8 * mib), 100.0)
     _run(tmp_path, "ddp-2", "ddp", 2, 1, (4 * mib, 4 * mib, 8 * mib), 190.0)
     _run(tmp_path, "fsdp-2", "fsdp", 2, 1, (2 * mib, 2 * mib, 4 * mib), 170.0)
@@ -43,7 +60,7 @@ def study(tmp_path):
 def test_memory_columns_and_ratio_against_ddp(study):
     frame, table, _ = study
     row = frame.set_index("run_id").loc["fsdp-2"]
-    assert (row["param_bytes_per_rank"], row["optim_state_bytes_per_rank"]) == (2 ** 21, 2 ** 22)
+    assert (row["param_bytes_per_rank"], row["optim_state_bytes_per_rank"]) == (2**21, 2**22)
     assert math.isnan(row["cuda_max_allocated_bytes"])  # CPU run: none
     at = table.set_index(["backend", "tp", "ranks"])
     assert at.loc[("fsdp", 1, 2), "memory_vs_ddp"] == pytest.approx(6 / 12)
@@ -58,14 +75,19 @@ def test_tp_is_its_own_series(study):
     assert at.loc[("ddp", 2, 2), "efficiency"] == pytest.approx(1.0)
     assert at.loc[("ddp", 1, 2), "efficiency"] == pytest.approx(190 / 200)
     assert sorted(zip(fits["backend"], fits["tp"], strict=True)) == [
-        ("ddp", 1), ("ddp", 2), ("fsdp", 1)]
+        ("ddp", 1),
+        ("ddp", 2),
+        ("fsdp", 1),
+    ]
 
 
 def test_sentence_says_what_sharding_bought(study):
     _, table, _ = study
     sentence = report.sharding_sentence(table)
-    assert sentence.startswith("What sharding bought: fsdp at 2 ranks holds 0.50x of ddp's "
-                               "parameter + optimizer-state bytes per rank (6 vs 12 MiB)")
+    assert sentence.startswith(
+        "What sharding bought: fsdp at 2 ranks holds 0.50x of ddp's "
+        "parameter + optimizer-state bytes per rank (6 vs 12 MiB)"
+    )
     assert "ddp tp=2 at 2 ranks 0.75x (9 vs 12 MiB)" in sentence
     md = report.markdown(table, scaling.fit_models(table, 0.7), 0.7, ["runs"])
     assert sentence in md
@@ -83,13 +105,13 @@ def test_no_memory_figures_nothing_to_compare(tmp_path):
 def test_csv_rows_carry_tp(tmp_path):
     csv = tmp_path / "tp.csv"
     csv.write_text("gpus,throughput,tp\n2,100,1\n4,190,1\n4,120,2\n8,230,2\n")
-    table, _ = scaling.analyse(runs.to_frame(runs.load_csv(csv)))
+    table, _ = scaling.analyse(runs.to_frame(runs_csv.load_csv(csv)))
     t = table.set_index(["tp", "workers"])
     assert t.loc[(2, 8), "speedup"] == pytest.approx(230 / 120)
     assert t.loc[(1, 4), "speedup"] == pytest.approx(1.9)
     plain = tmp_path / "plain.csv"
     plain.write_text("gpus,throughput\n1,10\n2,19\n")
-    assert set(pd.DataFrame(runs.load_csv(plain))["tp"]) == {1.0}
+    assert set(pd.DataFrame(runs_csv.load_csv(plain))["tp"]) == {1.0}
 
 
 def test_no_sharded_run_says_how_to_measure_it(tmp_path):

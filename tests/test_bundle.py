@@ -28,8 +28,20 @@ def bundle(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bundle")
     study = copy_workflow(tmp / "study")
     cfg = write_config(tmp / "run.yaml", deep_update(TINY, {"train": {"deterministic": True}}))
-    ok(run([*MPIRUN, PY, *TRAIN, "--config", str(cfg), "--out",
-            str(study / "results" / "runs" / "tiny")], timeout=180))
+    ok(
+        run(
+            [
+                *MPIRUN,
+                PY,
+                *TRAIN,
+                "--config",
+                str(cfg),
+                "--out",
+                str(study / "results" / "runs" / "tiny"),
+            ],
+            timeout=180,
+        )
+    )
     out = tmp / "bundle"
     proc = ok(run([*SCALELAB, "export", str(study), "--out", str(out)], timeout=300))
     assert "1 run(s)" in proc.stdout
@@ -39,16 +51,24 @@ def bundle(tmp_path_factory) -> Path:
 def test_bundle_holds_workflow_lock_wheel_results_and_manifests(bundle):
     meta = json.loads((bundle / "bundle.json").read_text())
     files = meta["files"]
-    for rel in ("study/Snakefile", "study/config/config.yaml", "study/profiles/slurm/config.yaml",
-                "envs/lock-cpu.txt", "envs/lock-pypi.txt", "envs/lock-horovod.txt",
-                "study/results/runs/tiny/provenance.json", "study/results/runs/tiny/model.pt",
-                meta["wheel"]):
+    for rel in (
+        "study/Snakefile",
+        "study/config/config.yaml",
+        "study/profiles/slurm/config.yaml",
+        "envs/lock-cpu.txt",
+        "envs/lock-pypi.txt",
+        "envs/lock-horovod.txt",
+        "study/results/runs/tiny/provenance.json",
+        "study/results/runs/tiny/model.pt",
+        meta["wheel"],
+    ):
         assert rel in files, rel
     assert meta["wheel"].startswith("dist/scalelab-") and meta["wheel"].endswith(".whl")
     assert meta["runs"][0]["run"] == "study/results/runs/tiny"
     # The inventory checks with the standard tool too.
-    check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     # ... and covers bundle.json itself: its last line.
     sums = (bundle / "SHA256SUMS").read_text().splitlines()
@@ -114,12 +134,16 @@ def _rewrite_inventory(bundle: Path, change) -> None:
     meta = json.loads((bundle / "bundle.json").read_text())
     change(meta)
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (bundle / "SHA256SUMS").write_text(sums_text(meta["files"],
-                                                 sha256_file(bundle / "bundle.json")))
+    (bundle / "SHA256SUMS").write_text(
+        sums_text(meta["files"], sha256_file(bundle / "bundle.json"))
+    )
 
 
-@pytest.mark.parametrize("study", ["/etc/ssh", "../../etc", "study/../..", "link"],
-                         ids=["absolute", "dotdot", "inner-dotdot", "symlink-out"])
+@pytest.mark.parametrize(
+    "study",
+    ["/etc/ssh", "../../etc", "study/../..", "link"],
+    ids=["absolute", "dotdot", "inner-dotdot", "symlink-out"],
+)
 def test_import_refuses_a_study_path_outside_the_bundle(bundle, tmp_path, study):
     """Issue 23: ``"study": "/etc/ssh"`` in bundle.json made import report "all files
     match" and copy host files into the new study. An imported study may only hold
@@ -167,21 +191,21 @@ def test_a_flipped_byte_in_the_inventory_itself_is_found(bundle, tmp_path, where
     out = tmp_path / "study"
     proc = run([*SCALELAB, "import", str(copy), "--out", str(out)], timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    expected = ("SHA256SUMS: line 1 differs" if where == "SHA256SUMS"
-                else "bundle.json: sha256 mismatch")
+    expected = (
+        "SHA256SUMS: line 1 differs" if where == "SHA256SUMS" else "bundle.json: sha256 mismatch"
+    )
     assert expected in proc.stderr and not out.exists()
     assert proc.stderr.strip().splitlines()[-1].startswith("scalelab import: error: ")
 
 
 def test_workflow_schema_is_a_generated_regular_file():
-    """workflow/schemas/config.schema.yaml is the package's workflow schema as a regular
-    file, generated (no drift), not a symbolic link into src/."""
-    from scalelab.sweep import workflow_schema_copy
+    """workflow/schemas/config.schema.yaml is generated from the study config's models
+    (no drift), a regular file, not a symbolic link into src/."""
+    from scalelab.study.config import schema_text
 
     path = REPO / "workflow" / "schemas" / "config.schema.yaml"
     assert path.is_file() and not path.is_symlink()
-    assert path.read_text() == workflow_schema_copy(), (
-        "regenerate: python -m scalelab.sweep --write-schemas")
+    assert path.read_text() == schema_text(), "regenerate: scalelab plan --write-schema"
 
 
 def test_export_of_a_study_copied_as_the_readme_says(tmp_path):
@@ -190,8 +214,15 @@ def test_export_of_a_study_copied_as_the_readme_says(tmp_path):
     src/ that dangles in the copy."""
     study = tmp_path / "study"
     study.mkdir()
-    subprocess.run(["cp", "-r", *(str(REPO / n) for n in ("Snakefile", "workflow", "config",
-                                                          "profiles")), str(study)], check=True)
+    subprocess.run(
+        [
+            "cp",
+            "-r",
+            *(str(REPO / n) for n in ("Snakefile", "workflow", "config", "profiles")),
+            str(study),
+        ],
+        check=True,
+    )
     (study / "results").mkdir()
     ok(run([*SCALELAB, "export", str(study), "--out", str(tmp_path / "bundle")], timeout=300))
     files = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["files"]

@@ -25,13 +25,14 @@ from reliability import tally_fixtures
 from test_sharding import GPT_TINY
 from train_support import PY, TRAIN, ok, run, write_config
 
-from scalelab.fsio import MARKER
+from scalelab.output_guard import MARKER
 from scalelab.train import checkpoint as ckpt
 from scalelab.train import dcp_safe
 
 # docs/reliability.md: crafted checkpoints (pickles, storage paths, another run's state).
-tally, _count = tally_fixtures("checkpoint-vectors", tried="cases tried",
-                               passed="as expected (refused, or read safely)")
+tally, _count = tally_fixtures(
+    "checkpoint-vectors", tried="cases tried", passed="as expected (refused, or read safely)"
+)
 
 STEP = 8  # the checkpoint after epoch 1 (8 optimizer steps of 32 of 256 samples)
 NAME = f"ckpt-{STEP:09d}.dcp"

@@ -26,6 +26,7 @@ def test_no_command_is_usage_error():
 
 # ---- one way to register a command ------------------------------------------------------------
 
+
 def _registered(modules: list[str]) -> list[str]:
     """The top-level commands the given modules add to a fresh parser, in order."""
     import importlib
@@ -64,9 +65,19 @@ def test_every_command_has_help(command):
 # ---- data: one group, the old spellings for one release ----------------------------------------
 
 
-
-STAGE = ("--source", "synthetic", "--num-samples", "60", "--image-size", "8", "8",
-         "--num-classes", "3", "--quiet", "--out")
+STAGE = (
+    "--source",
+    "synthetic",
+    "--num-samples",
+    "60",
+    "--image-size",
+    "8",
+    "8",
+    "--num-classes",
+    "3",
+    "--quiet",
+    "--out",
+)
 
 
 def _deprecation(err: str, old: str, new: str) -> None:
@@ -90,12 +101,15 @@ def test_old_data_spellings_work_and_name_the_new_one(tmp_path):
     assert rc == 0 and out.startswith(f"OK {old}: "), err
     _deprecation(err, "stage verify", "data verify")
     scratch = tmp_path / "scratch"
-    rc, out, err = scalelab_main("stage", "localize", old, "--scratch", scratch, "--reserve", "0",
-                         "--quiet")
+    rc, out, err = scalelab_main(
+        "stage", "localize", old, "--scratch", scratch, "--reserve", "0", "--quiet"
+    )
     assert rc == 0 and out.strip().startswith(str(scratch)), err
     _deprecation(err, "stage localize", "data localize")
-    assert scalelab_main("data", "localize", old, "--scratch", scratch, "--reserve", "0",
-                 "--quiet")[1] == out
+    assert (
+        scalelab_main("data", "localize", old, "--scratch", scratch, "--reserve", "0", "--quiet")[1]
+        == out
+    )
 
 
 def test_old_spelling_keeps_the_exit_code(tmp_path):
@@ -116,6 +130,7 @@ def test_old_spelling_keeps_the_exit_code(tmp_path):
 
 
 # ---- --json: one document on stdout, the verdict, the same exit code ----------------------------
+
 
 def test_testcluster_status_json_and_human_agree(tmp_path):
     args = ("testcluster", "status", "--state-dir", tmp_path / "none")

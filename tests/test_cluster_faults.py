@@ -21,16 +21,19 @@ from conftest import VENV_BIN, run
 from reliability import record
 from train_support import TINY, deep_update, wait_for_record, weights
 
-from scalelab.testcluster.cluster import _pids_in_netns
+from scalelab.testcluster.procs import _pids_in_netns
 
 pytestmark = pytest.mark.cluster
 PY = str(VENV_BIN / "python")
-RUN_CFG = deep_update(TINY, {
-    "model": {"options": {"width": 32, "hidden": 128}},
-    "optim": {"global_batch_size": 64},
-    "train": {"epochs": 1, "deterministic": True},
-    "checkpoint": {"every_steps": 10, "keep": 3},
-})
+RUN_CFG = deep_update(
+    TINY,
+    {
+        "model": {"options": {"width": 32, "hidden": 128}},
+        "optim": {"global_batch_size": 64},
+        "train": {"epochs": 1, "deterministic": True},
+        "checkpoint": {"every_steps": 10, "keep": 3},
+    },
+)
 
 
 def job_processes(cluster, needle: str) -> list[str]:
@@ -62,22 +65,60 @@ def wait_gone(cluster, needle: str, timeout: float = 30) -> list[str]:
 def data(cluster) -> Path:
     out = cluster.shared_dir / "faults-data"
     if not (out / "index.json").exists():
-        run([PY, "-m", "scalelab", "data", "stage", "--source", "synthetic",
-             "--num-samples", "3200", "--image-size", "32", "32", "--num-classes", "4",
-             "--seed", "4", "--quiet",
-             "--out", str(out)], timeout=300)
+        run(
+            [
+                PY,
+                "-m",
+                "scalelab",
+                "data",
+                "stage",
+                "--source",
+                "synthetic",
+                "--num-samples",
+                "3200",
+                "--image-size",
+                "32",
+                "32",
+                "--num-classes",
+                "4",
+                "--seed",
+                "4",
+                "--quiet",
+                "--out",
+                str(out),
+            ],
+            timeout=300,
+        )
     return out
 
 
 def spec_file(cluster, data: Path, name: str, **dist) -> Path:
-    point = {"backend": "ddp", "mode": "strong", "nodes": 2, "tasks_per_node": 1,
-             "gpus_per_task": 0, "repeat": 0}
+    point = {
+        "backend": "ddp",
+        "mode": "strong",
+        "nodes": 2,
+        "tasks_per_node": 1,
+        "gpus_per_task": 0,
+        "repeat": 0,
+    }
     cfg = deep_update(RUN_CFG, {"dist": dist} if dist else {})
     cfg["data"] = {"source": "staged", "path": str(data)}
     path = cluster.shared_dir / f"{name}.spec.json"
-    path.write_text(json.dumps({"point": point, "run_config": cfg, "launch": {
-        "local": "mpirun", "srun_mpi": "pmix", "cpus_per_task": 1, "timeout_s": 30,
-        "extra_srun_args": []}}))
+    path.write_text(
+        json.dumps(
+            {
+                "point": point,
+                "run_config": cfg,
+                "launch": {
+                    "local": "mpirun",
+                    "srun_mpi": "pmix",
+                    "cpus_per_task": 1,
+                    "timeout_s": 30,
+                    "extra_srun_args": [],
+                },
+            }
+        )
+    )
     return path
 
 
@@ -86,8 +127,9 @@ def reference(cluster, data, tmp_path_factory) -> Path:
     """The uninterrupted run (2 ranks, mpirun on the host: same weights as srun's)."""
     out = tmp_path_factory.mktemp("faults") / "reference"
     spec = spec_file(cluster, data, "reference")
-    run([PY, "-m", "scalelab", "launch", "--spec", spec.read_text(), "--out", str(out)],
-        timeout=300)
+    run(
+        [PY, "-m", "scalelab", "launch", "--spec", spec.read_text(), "--out", str(out)], timeout=300
+    )
     return out
 
 
@@ -97,11 +139,25 @@ def sbatch_wait(cluster, name: str, spec: Path, out: Path, *extra: str) -> subpr
     script.write_text(
         "#!/bin/bash\n"
         f'{PY} -m scalelab launch --spec "$(cat {spec})" --out {out}\n'
-        'rc=$?\necho "scalelab-launch-exit $rc $(date +%s.%N)"\nexit $rc\n')
+        'rc=$?\necho "scalelab-launch-exit $rc $(date +%s.%N)"\nexit $rc\n'
+    )
     return subprocess.Popen(
-        ["sbatch", "--wait", *extra, "-N2", "-n2", "--ntasks-per-node=1", f"--job-name={name}",
-         f"--output={cluster.shared_dir / name}-%j.log", str(script)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env())
+        [
+            "sbatch",
+            "--wait",
+            *extra,
+            "-N2",
+            "-n2",
+            "--ntasks-per-node=1",
+            f"--job-name={name}",
+            f"--output={cluster.shared_dir / name}-%j.log",
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster.env(),
+    )
 
 
 def test_preemption_by_scancel_signal_then_resume(cluster, data, reference):
@@ -109,11 +165,15 @@ def test_preemption_by_scancel_signal_then_resume(cluster, data, reference):
     spec = spec_file(cluster, data, "preempt")
     job = sbatch_wait(cluster, "preempt", spec, out)
     try:
-        step = wait_for_record(out / "metrics.jsonl",
-                               lambda r: r.get("kind") == "step" and r["global_step"] >= 14,
-                               180)
-        queue = subprocess.run(["squeue", "-h", "-n", "preempt", "-o", "%i"],
-                               capture_output=True, text=True, env=cluster.env())
+        step = wait_for_record(
+            out / "metrics.jsonl", lambda r: r.get("kind") == "step" and r["global_step"] >= 14, 180
+        )
+        queue = subprocess.run(
+            ["squeue", "-h", "-n", "preempt", "-o", "%i"],
+            capture_output=True,
+            text=True,
+            env=cluster.env(),
+        )
         job_id = queue.stdout.split()[0]
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=cluster.env())
         text, _ = job.communicate(timeout=120)
@@ -123,22 +183,33 @@ def test_preemption_by_scancel_signal_then_resume(cluster, data, reference):
     log = "".join(p.read_text() for p in cluster.shared_dir.glob("preempt-*.log"))
     assert job.returncode == 75, f"sbatch --wait exit {job.returncode}\n{text}\n{log}"
     assert wait_gone(cluster, str(out)) == [], "processes outlived the preempted job"
-    stopped = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-               if '"preempted"' in x]
+    stopped = [
+        json.loads(x)
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+        if '"preempted"' in x
+    ]
     assert not (out / "summary.json").exists()
     # Requeue (what Snakemake's retry or `scontrol requeue` does): the same job again.
     again = sbatch_wait(cluster, "preempt-again", spec, out)
     text, _ = again.communicate(timeout=300)
     assert again.returncode == 0, text
-    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-               if '"resume"' in x]
+    resumed = [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in x
+    ]
     assert resumed, "the second job did not resume from the checkpoint"
     a, b = weights(reference), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
     lost = step["global_step"] - resumed[-1]["global_step"] if stopped else None
-    record("preemption", survived=True, signal="scancel --signal=USR1", exit_code=75,
-           signalled_at_step=step["global_step"], resumed_at_step=resumed[-1]["global_step"],
-           steps_lost=max(lost or 0, 0), bitwise_equal=True)
+    record(
+        "preemption",
+        survived=True,
+        signal="scancel --signal=USR1",
+        exit_code=75,
+        signalled_at_step=step["global_step"],
+        resumed_at_step=resumed[-1]["global_step"],
+        steps_lost=max(lost or 0, 0),
+        bitwise_equal=True,
+    )
 
 
 def _rank_on(cluster, node: str, needle: str, timeout: float = 120) -> int:
@@ -156,15 +227,17 @@ def _rank_on(cluster, node: str, needle: str, timeout: float = 120) -> int:
     raise AssertionError(f"no training rank on {node}")
 
 
-@pytest.mark.parametrize("fault, sig", [("dead-rank", signal.SIGKILL),
-                                        ("stuck-rank", signal.SIGSTOP)])
+@pytest.mark.parametrize(
+    "fault, sig", [("dead-rank", signal.SIGKILL), ("stuck-rank", signal.SIGSTOP)]
+)
 def test_dead_or_stuck_rank_across_nodes_fails_in_bounded_time(cluster, data, fault, sig):
     out = cluster.shared_dir / f"{fault}-run"
     spec = spec_file(cluster, data, fault, timeout_s=10)
     job = sbatch_wait(cluster, fault, spec, out)
     try:
-        wait_for_record(out / "metrics.jsonl",
-                        lambda r: r.get("kind") == "step" and r["global_step"] >= 3, 180)
+        wait_for_record(
+            out / "metrics.jsonl", lambda r: r.get("kind") == "step" and r["global_step"] >= 3, 180
+        )
         victim = _rank_on(cluster, "n2", str(out))
         os.kill(victim, sig)
         t0 = time.time()
@@ -182,8 +255,13 @@ def test_dead_or_stuck_rank_across_nodes_fails_in_bounded_time(cluster, data, fa
     bound = 15 if sig == signal.SIGKILL else 10 + 60 + 20  # timeout_s + watchdog grace + slack
     assert seconds < bound, f"{fault}: job took {seconds:.1f} s to fail (bound {bound} s)\n{log}"
     assert wait_gone(cluster, str(out)) == [], f"{fault}: processes outlived the job"
-    record(fault, survived=True, seconds_to_fail=round(seconds, 1), bound_s=bound,
-           summary_written=False)
+    record(
+        fault,
+        survived=True,
+        seconds_to_fail=round(seconds, 1),
+        bound_s=bound,
+        summary_written=False,
+    )
 
 
 @pytest.mark.disruptive
@@ -198,9 +276,9 @@ def test_lost_node_fails_the_job_and_the_retry_resumes(cluster, data, reference)
     job = sbatch_wait(cluster, "lost-node", spec, out, "--no-requeue")
     killed: list[int] = []
     try:
-        step = wait_for_record(out / "metrics.jsonl",
-                               lambda r: r.get("kind") == "step" and r["global_step"] >= 14,
-                               300)
+        step = wait_for_record(
+            out / "metrics.jsonl", lambda r: r.get("kind") == "step" and r["global_step"] >= 14, 300
+        )
         _rank_on(cluster, "n2", str(out))
         killed = cluster.cluster.kill_node("n2")
         t0 = time.time()
@@ -218,16 +296,23 @@ def test_lost_node_fails_the_job_and_the_retry_resumes(cluster, data, reference)
     again = sbatch_wait(cluster, "lost-node-retry", spec, out)
     text, _ = again.communicate(timeout=300)
     assert again.returncode == 0, text
-    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-               if '"resume"' in x]
+    resumed = [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in x
+    ]
     assert resumed, "the retry did not resume from a checkpoint"
     lost = step["global_step"] - resumed[-1]["global_step"]
     assert 0 <= lost <= RUN_CFG["checkpoint"]["every_steps"], lost
     a, b = weights(reference), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
-    record("lost-node", survived=True, seconds_to_fail=round(seconds, 1),
-           killed_processes=len(killed), steps_lost=lost,
-           checkpoint_interval_steps=RUN_CFG["checkpoint"]["every_steps"], bitwise_equal=True)
+    record(
+        "lost-node",
+        survived=True,
+        seconds_to_fail=round(seconds, 1),
+        killed_processes=len(killed),
+        steps_lost=lost,
+        checkpoint_interval_steps=RUN_CFG["checkpoint"]["every_steps"],
+        bitwise_equal=True,
+    )
 
 
 @pytest.fixture()
@@ -237,8 +322,9 @@ def small_shared_disk(cluster, tmp_path):
     image = tmp_path / "disk.img"
     subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-m", "0", "-O", "^has_journal", str(image)], check=True)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     mnt = cluster.shared_dir / "small-disk"
     mnt.mkdir(exist_ok=True)
     state = cluster.cluster._load()
@@ -250,15 +336,15 @@ def small_shared_disk(cluster, tmp_path):
         yield mnt
     finally:
         for pid in slurmds:
-            subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", "-l", str(mnt)],
-                           check=False)
+            subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", "-l", str(mnt)], check=False)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
 @pytest.mark.disruptive
-def test_full_disk_at_checkpoint_time_then_rerun_resumes(cluster, data, reference,
-                                                        small_shared_disk):
+def test_full_disk_at_checkpoint_time_then_rerun_resumes(
+    cluster, data, reference, small_shared_disk
+):
     """The disk fills while the second checkpoint is written: one clear error line, the
     first checkpoint intact, nothing marked complete; with space freed, the rerun resumes
     from that checkpoint and ends with the uninterrupted run's weights."""
@@ -288,10 +374,17 @@ def test_full_disk_at_checkpoint_time_then_rerun_resumes(cluster, data, referenc
     again = sbatch_wait(cluster, "full-disk-retry", spec, out)
     text, _ = again.communicate(timeout=300)
     assert again.returncode == 0, text
-    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-               if '"resume"' in x]
+    resumed = [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in x
+    ]
     assert resumed and resumed[-1]["checkpoint"] == kept[0].name
     a, b = weights(reference), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
-    record("full-disk-checkpoint", survived=True, error_line=errors[0][:120],
-           previous_checkpoint_intact=True, resumed_from=kept[0].name, bitwise_equal=True)
+    record(
+        "full-disk-checkpoint",
+        survived=True,
+        error_line=errors[0][:120],
+        previous_checkpoint_intact=True,
+        resumed_from=kept[0].name,
+        bitwise_equal=True,
+    )

@@ -17,15 +17,24 @@ from scalelab.errors import UsageError
 from scalelab.units import parse_size
 
 SCALELAB = str(VENV_BIN / "scalelab")
-SMALL = ["--min-bytes", "1K", "--max-bytes", "64K", "--factor", "4", "--iters", "3",
-         "--warmup", "1"]
+SMALL = [
+    "--min-bytes",
+    "1K",
+    "--max-bytes",
+    "64K",
+    "--factor",
+    "4",
+    "--iters",
+    "3",
+    "--warmup",
+    "1",
+]
 
 
 @pytest.mark.parametrize("lib", ["torch", "horovod", "mpi4py"])
 def test_commbench_two_ranks(lib, tmp_path):
     out = tmp_path / "cb"
-    proc = mpirun(2, [SCALELAB, "commbench", "--lib", lib, *SMALL, "--out", str(out)],
-                  timeout=120)
+    proc = mpirun(2, [SCALELAB, "commbench", "--lib", lib, *SMALL, "--out", str(out)], timeout=120)
     assert "busbw(GB/s)" in proc.stdout
     with open(out / "commbench.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -102,8 +111,19 @@ def test_parse_size_rejects(text):
 
 
 def test_bad_ops_is_usage_error(tmp_path):
-    proc = run([SCALELAB, "commbench", "--lib", "mpi4py", "--ops", "allreduce,alltoall",
-                "--out", str(tmp_path / "cb")], check=False)
+    proc = run(
+        [
+            SCALELAB,
+            "commbench",
+            "--lib",
+            "mpi4py",
+            "--ops",
+            "allreduce,alltoall",
+            "--out",
+            str(tmp_path / "cb"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     assert "--ops" in proc.stderr and "alltoall" in proc.stderr
     assert not (tmp_path / "cb").exists()
@@ -114,18 +134,55 @@ def test_torch_commbench_from_slurm_step_environment(tmp_path):
     out = tmp_path / "cb"
     procs = []
     for rank in range(2):
-        env = tool_env({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
-                        "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
-                        "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
-                        "SLURM_STEP_TASKS_PER_NODE": "2"})
+        env = tool_env(
+            {
+                "SLURM_JOB_ID": "4242",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NODEID": "0",
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_STEP_NODELIST": "localhost",
+                "SLURM_STEP_TASKS_PER_NODE": "2",
+            }
+        )
         for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))] + [
-                "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]:
+            "RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ]:
             env.pop(key, None)
-        procs.append(subprocess.Popen(
-            [SCALELAB, "commbench", "--lib", "torch", "--ops", "allreduce", "--min-bytes", "4K",
-             "--max-bytes", "16K", "--factor", "4", "--iters", "2", "--warmup", "1",
-             "--timeout", "60", "--out", str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    SCALELAB,
+                    "commbench",
+                    "--lib",
+                    "torch",
+                    "--ops",
+                    "allreduce",
+                    "--min-bytes",
+                    "4K",
+                    "--max-bytes",
+                    "16K",
+                    "--factor",
+                    "4",
+                    "--iters",
+                    "2",
+                    "--warmup",
+                    "1",
+                    "--timeout",
+                    "60",
+                    "--out",
+                    str(out),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     meta = json.loads((out / "meta.json").read_text())

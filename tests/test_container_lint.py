@@ -30,8 +30,7 @@ def test_committed_files_are_clean():
 
 
 def test_unpinned_base():
-    text = GPU.replace(f"From: {DEVEL}@{DEVEL_DIGEST}",
-                       f"From: {DEVEL}:12.6.3-devel-ubuntu22.04")
+    text = GPU.replace(f"From: {DEVEL}@{DEVEL_DIGEST}", f"From: {DEVEL}:12.6.3-devel-ubuntu22.04")
     violations = lint_text(text)
     assert [v.code for v in violations] == ["L002"]
     assert violations[0].line == 4 and "not pinned by digest" in violations[0].message
@@ -98,11 +97,12 @@ def test_source_commit_label():
 def test_each_bad_label_is_reported_once_with_its_value():
     text = GPU.replace("org.scalelab.torch.version 2.13.0", "org.scalelab.torch.version recent")
     assert [v.message for v in lint_text(text)] == [
-        "label org.scalelab.torch.version is 'recent', not a version"]
+        "label org.scalelab.torch.version is 'recent', not a version"
+    ]
     text = GPU.replace("{{ SOURCE_COMMIT }}", "main")
     assert [v.message for v in lint_text(text)] == [
-        "label org.scalelab.source-commit must be a commit or a build-arg placeholder, "
-        "got 'main'"]
+        "label org.scalelab.source-commit must be a commit or a build-arg placeholder, got 'main'"
+    ]
 
 
 def test_not_a_definition_file(tmp_path):
@@ -128,7 +128,8 @@ def test_lint_command_exit_status(tmp_path):
     proc = run([scalelab, "container", "lint", str(good), str(bad)], check=False)
     assert proc.returncode == 1
     assert proc.stdout.strip().splitlines() == [
-        f"{bad}:{_final_bootstrap_line(bad)}: L005 final stage has no %help section"]
+        f"{bad}:{_final_bootstrap_line(bad)}: L005 final stage has no %help section"
+    ]
 
 
 def _final_bootstrap_line(path) -> int:

@@ -11,14 +11,17 @@ import hashlib
 import json
 
 import pytest
+import yaml
 from conftest import REPO, VENV_BIN, run
 
 from scalelab.container import lock
 from scalelab.errors import UsageError
 
 FAKE_DIGEST = "sha256:" + hashlib.sha256(b"constructed test manifest").hexdigest()
-CHALLENGE = ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-             'scope="repository:nvidia/cuda:pull"')
+CHALLENGE = (
+    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+    'scope="repository:nvidia/cuda:pull"'
+)
 
 
 class FakeRegistry:
@@ -44,14 +47,21 @@ class FakeRegistry:
         return 200, head, body if method == "GET" else b""
 
 
-@pytest.mark.parametrize("ref, expected", [
-    ("ubuntu:22.04", ("docker.io", "library/ubuntu", "22.04")),
-    ("docker.io/nvidia/cuda:12.8.1-devel-ubuntu22.04",
-     ("docker.io", "nvidia/cuda", "12.8.1-devel-ubuntu22.04")),
-    ("nvcr.io/nvidia/cuda:12.8.1-runtime-ubuntu22.04",
-     ("nvcr.io", "nvidia/cuda", "12.8.1-runtime-ubuntu22.04")),
-    ("localhost:5000/lab/base:1", ("localhost:5000", "lab/base", "1")),
-])
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("ubuntu:22.04", ("docker.io", "library/ubuntu", "22.04")),
+        (
+            "docker.io/nvidia/cuda:12.8.1-devel-ubuntu22.04",
+            ("docker.io", "nvidia/cuda", "12.8.1-devel-ubuntu22.04"),
+        ),
+        (
+            "nvcr.io/nvidia/cuda:12.8.1-runtime-ubuntu22.04",
+            ("nvcr.io", "nvidia/cuda", "12.8.1-runtime-ubuntu22.04"),
+        ),
+        ("localhost:5000/lab/base:1", ("localhost:5000", "lab/base", "1")),
+    ],
+)
 def test_parse_ref(ref, expected):
     parsed = lock.parse_ref(ref)
     assert (parsed.registry, parsed.repository, parsed.tag) == expected
@@ -59,15 +69,22 @@ def test_parse_ref(ref, expected):
 
 def test_manifest_url_uses_docker_hubs_api_host():
     assert lock.parse_ref("ubuntu:22.04").manifest_url == (
-        "https://registry-1.docker.io/v2/library/ubuntu/manifests/22.04")
+        "https://registry-1.docker.io/v2/library/ubuntu/manifests/22.04"
+    )
     assert lock.parse_ref("nvcr.io/nvidia/cuda:12.8.1-base-ubuntu22.04").manifest_url == (
-        "https://nvcr.io/v2/nvidia/cuda/manifests/12.8.1-base-ubuntu22.04")
+        "https://nvcr.io/v2/nvidia/cuda/manifests/12.8.1-base-ubuntu22.04"
+    )
 
 
-@pytest.mark.parametrize("ref, message", [
-    ("ubuntu", "explicit tag"), ("ubuntu:latest", "not latest"),
-    ("ubuntu@sha256:" + "a" * 64, "not a digest"), ("Ubuntu:22.04", "not a valid repository"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("ubuntu", "explicit tag"),
+        ("ubuntu:latest", "not latest"),
+        ("ubuntu@sha256:" + "a" * 64, "not a digest"),
+        ("Ubuntu:22.04", "not a valid repository"),
+    ],
+)
 def test_parse_ref_refuses(ref, message):
     with pytest.raises(UsageError, match=message):
         lock.parse_ref(ref)
@@ -76,10 +93,15 @@ def test_parse_ref_refuses(ref, message):
 def test_challenge_and_token_url():
     scheme, params = lock.parse_challenge(CHALLENGE)
     assert scheme == "bearer"
-    assert params == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
-                      "scope": "repository:nvidia/cuda:pull"}
-    assert lock.token_url(params) == ("https://auth.docker.io/token?service=registry.docker.io"
-                                      "&scope=repository%3Anvidia%2Fcuda%3Apull")
+    assert params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:nvidia/cuda:pull",
+    }
+    assert lock.token_url(params) == (
+        "https://auth.docker.io/token?service=registry.docker.io"
+        "&scope=repository%3Anvidia%2Fcuda%3Apull"
+    )
     with pytest.raises(UsageError, match="realm"):
         lock.token_url({"realm": "http://insecure.example/token"})
 
@@ -115,15 +137,27 @@ def test_unknown_tag_is_one_error():
 def test_refresh_rewrites_the_lock_atomically(tmp_path):
     path = tmp_path / "lock.yaml"
     path.write_text((REPO / "containers" / "lock.yaml").read_text())
-    changes = lock.refresh(path, add=["docker.io/library/ubuntu:24.04"], fetch=FakeRegistry(),
-                           now=lambda: "2026-11-25T12:00Z")
+    changes = lock.refresh(
+        path,
+        add=["docker.io/library/ubuntu:24.04"],
+        fetch=FakeRegistry(),
+        now=lambda: "2026-11-25T12:00Z",
+    )
     assert {ref for ref, _, new in changes if new == FAKE_DIGEST} == {
-        e["ref"] for e in lock.read_lock(path)}
+        e["ref"] for e in lock.read_lock(path)
+    }
     entries = {e["ref"]: e for e in lock.read_lock(path)}
     assert entries["docker.io/library/ubuntu:24.04"]["resolved"] == "2026-11-25T12:00Z"
     assert entries["docker.io/library/ubuntu:24.04"]["source"].startswith(
-        "registry: HEAD https://registry-1.docker.io/v2/library/ubuntu/manifests/24.04")
-    assert path.read_text() == lock.dump_lock(list(entries.values()))
+        "registry: HEAD https://registry-1.docker.io/v2/library/ubuntu/manifests/24.04"
+    )
+    # Sections besides the images (the GPU build's `gpu_image`) are kept as they were.
+    kept = {
+        k: v
+        for k, v in yaml.safe_load((REPO / "containers" / "lock.yaml").read_text()).items()
+        if k not in ("version", "images")
+    }
+    assert path.read_text() == lock.dump_lock(list(entries.values()), kept)
     assert [p.name for p in tmp_path.iterdir()] == ["lock.yaml"]  # no temporary left behind
 
 
@@ -150,12 +184,15 @@ def test_refresh_only_one_image(tmp_path):
         lock.refresh(path, only=["docker.io/library/debian:12"], fetch=FakeRegistry())
 
 
-@pytest.mark.parametrize("text, message", [
-    ("version: 2\nimages: []\n", "version: 1"),
-    ("version: 1\nimages:\n- ref: a:1\n  digest: sha256:xyz\n", "malformed digest"),
-    ("version: 1\nimages:\n- ref: a:1\n- ref: a:1\n", "listed twice"),
-    ("version: 1\nimages:\n- ref: a:1\n  sha: x\n", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("version: 2\nimages: []\n", "version: 1"),
+        ("version: 1\nimages:\n- ref: a:1\n  digest: sha256:xyz\n", "malformed digest"),
+        ("version: 1\nimages:\n- ref: a:1\n- ref: a:1\n", "listed twice"),
+        ("version: 1\nimages:\n- ref: a:1\n  sha: x\n", "unknown key"),
+    ],
+)
 def test_bad_lock_files(tmp_path, text, message):
     path = tmp_path / "lock.yaml"
     path.write_text(text)
@@ -169,4 +206,5 @@ def test_lock_command_reports_a_bad_lock_in_one_line(tmp_path):
     proc = run([str(VENV_BIN / "scalelab"), "container", "lock", "--lock", str(path)], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"scalelab container: error: {path}: a:1 is listed twice"]
+        f"scalelab container: error: {path}: a:1 is listed twice"
+    ]

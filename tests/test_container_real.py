@@ -35,13 +35,16 @@ def cpu_image() -> dict:
     return session_image()
 
 
-def apptainer_exec(image: Path, cmd: list[str], env: dict | None = None,
-                   timeout: float = 300) -> subprocess.CompletedProcess:
-    return run([require_apptainer(), "exec", "--userns", str(image), *cmd], env=env,
-               timeout=timeout)
+def apptainer_exec(
+    image: Path, cmd: list[str], env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return run(
+        [require_apptainer(), "exec", "--userns", str(image), *cmd], env=env, timeout=timeout
+    )
 
 
 # ---- the image itself ---------------------------------------------------------------------
+
 
 def test_build_records_the_sha256_and_the_image_passes_its_test(cpu_image):
     image = cpu_image["path"]
@@ -64,23 +67,27 @@ def test_build_records_the_sha256_and_the_image_passes_its_test(cpu_image):
 
 def test_image_runs_its_own_scalelab_not_the_hosts(cpu_image):
     # The host's venv first on PATH (as Snakemake's shell has it): the image must still win.
-    probe = ("import sys, scalelab, shutil; print(sys.prefix); print(scalelab.__file__); "
-             "print(shutil.which('scalelab')); print(open('/etc/os-release').read())")
+    probe = (
+        "import sys, scalelab, shutil; print(sys.prefix); print(scalelab.__file__); "
+        "print(shutil.which('scalelab')); print(open('/etc/os-release').read())"
+    )
     out = apptainer_exec(cpu_image["path"], ["python", "-c", probe], env=tool_env()).stdout
     prefix, module, exe = out.splitlines()[:3]
     assert prefix == "/opt/venv"
     assert module.startswith("/opt/venv/lib/python3.11/site-packages/scalelab/")
     assert exe == "/opt/venv/bin/scalelab"
-    assert 'VERSION_CODENAME=bookworm' in out
+    assert "VERSION_CODENAME=bookworm" in out
 
 
 def test_cached_build_is_reused(cpu_image):
-    proc = run([SCALELAB, "container", "build", "--dry-run", "--image",
-                str(cpu_image["path"]), "--force"])
+    proc = run(
+        [SCALELAB, "container", "build", "--dry-run", "--image", str(cpu_image["path"]), "--force"]
+    )
     assert "(cached)" in proc.stdout, proc.stdout  # the deps stage is not rebuilt
 
 
 # ---- the content pin (issue 11) --------------------------------------------------------------
+
 
 def test_modified_image_with_same_size_and_mtime_is_refused_before_any_job(cpu_image, tmp_path):
     from test_workflow import copy_workflow, snakemake
@@ -90,8 +97,12 @@ def test_modified_image_with_same_size_and_mtime_is_refused_before_any_job(cpu_i
     shutil.copyfile(cpu_image["path"], image)
     wd = copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wd / ".test" / "config.yaml").read_text())
-    cfg["container"] = {"enabled": True, "image": str(image), "nv": False,
-                        "sha256": cpu_image["sha256"]}
+    cfg["container"] = {
+        "enabled": True,
+        "image": str(image),
+        "nv": False,
+        "sha256": cpu_image["sha256"],
+    }
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert snakemake(wd, ["-n", "--configfile", "c.yaml"]).returncode == 0
     # Flip one byte in the middle, keep the size and the mtime.
@@ -111,22 +122,46 @@ def test_modified_image_with_same_size_and_mtime_is_refused_before_any_job(cpu_i
 
 # ---- the hybrid model on the test cluster ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def staged(cluster) -> Path:
     data = cluster.shared_dir / "container-synthetic"
     if not (data / "index.json").exists():
-        run([PY, "-m", "scalelab", "data", "stage", "--source", "synthetic", "--num-samples", "400",
-             "--num-classes", "4", "--image-size", "8", "8", "--shards", "2", "--out",
-             str(data), "--quiet"])
+        run(
+            [
+                PY,
+                "-m",
+                "scalelab",
+                "data",
+                "stage",
+                "--source",
+                "synthetic",
+                "--num-samples",
+                "400",
+                "--num-classes",
+                "4",
+                "--image-size",
+                "8",
+                "8",
+                "--shards",
+                "2",
+                "--out",
+                str(data),
+                "--quiet",
+            ]
+        )
     return data
 
 
 def _train_config(cluster, staged: Path, backend: str, tag: str) -> Path:
-    cfg = {"seed": 5, "model": {"name": "cnn"},
-           "data": {"source": "staged", "path": str(staged)},
-           "optim": {"global_batch_size": 32, "lr": 0.05},
-           "train": {"epochs": 1, "threads": 1, "deterministic": True},
-           "dist": {"backend": backend, "timeout_s": 120}}
+    cfg = {
+        "seed": 5,
+        "model": {"name": "cnn"},
+        "data": {"source": "staged", "path": str(staged)},
+        "optim": {"global_batch_size": 32, "lr": 0.05},
+        "train": {"epochs": 1, "threads": 1, "deterministic": True},
+        "dist": {"backend": backend, "timeout_s": 120},
+    }
     path = cluster.shared_dir / f"container-{backend}-{tag}-{os.getpid()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -143,15 +178,51 @@ def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu
     env = cluster.env(tool_env({"SCALELAB_IMAGE_SHA256": cpu_image["sha256"]}))
     # srun --mpi=pmix ... apptainer exec --userns IMAGE scalelab train: the container call
     # inside srun, through scalelab's own command line.
-    proc = run([SCALELAB, "container", "exec", "--image", str(image), "--no-nv", "--srun",
-                "--bind", str(cluster.shared_dir),  # data, config and run dir: not bound by default
-                "--nodes", "2", "--ntasks-per-node", "1", "--", "scalelab", "train",
-                "--config", str(cfg), "--out", str(inside)], env=env, timeout=600)
+    proc = run(
+        [
+            SCALELAB,
+            "container",
+            "exec",
+            "--image",
+            str(image),
+            "--no-nv",
+            "--srun",
+            "--bind",
+            str(cluster.shared_dir),  # data, config and run dir: not bound by default
+            "--nodes",
+            "2",
+            "--ntasks-per-node",
+            "1",
+            "--",
+            "scalelab",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(inside),
+        ],
+        env=env,
+        timeout=600,
+    )
     assert (inside / "summary.json").exists(), proc.stdout + proc.stderr
     # The same run on the host's venv, same nodes, same launcher.
-    cluster.srun(["--mpi=pmix", "-N2", "-n2", PY, "-m", "scalelab", "train", "--config",
-                  str(cfg), "--out", str(host)], timeout=600,
-                 extra_env={"LD_LIBRARY_PATH": str(VENV_BIN.parent / "lib")})
+    cluster.srun(
+        [
+            "--mpi=pmix",
+            "-N2",
+            "-n2",
+            PY,
+            "-m",
+            "scalelab",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(host),
+        ],
+        timeout=600,
+        extra_env={"LD_LIBRARY_PATH": str(VENV_BIN.parent / "lib")},
+    )
     info = json.loads((inside / "run_info.json").read_text())
     assert two_nodes(info["hostnames"])
     proof = info["container"]
@@ -179,6 +250,7 @@ def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu
 
 # ---- the pull onto the cluster, over HTTP on the cluster's own network ------------------------
 
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest's output readable
         pass
@@ -194,7 +266,8 @@ def http_server(cluster, tmp_path):
         s.bind((host, 0))
         port = s.getsockname()[1]
     server = http.server.ThreadingHTTPServer(
-        (host, port), functools.partial(_Quiet, directory=str(served)))
+        (host, port), functools.partial(_Quiet, directory=str(served))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     deadline = threading.Timer(600, server.shutdown)
@@ -209,22 +282,43 @@ def http_server(cluster, tmp_path):
 
 
 @pytest.mark.cluster
-def test_pull_onto_a_node_verifies_sha256_and_refuses_another_image(cluster, cpu_image,
-                                                                     http_server):
+def test_pull_onto_a_node_verifies_sha256_and_refuses_another_image(
+    cluster, cpu_image, http_server
+):
     served, url = http_server
     shutil.copyfile(cpu_image["path"], served / "scalelab-cpu.sif")
     dest = cluster.shared_dir / f"pulled-{os.getpid()}" / "scalelab-cpu.sif"
     env = cluster.env(tool_env())
-    pull = [SCALELAB, "container", "pull", f"{url}/scalelab-cpu.sif", "--image", str(dest),
-            "--sha256", cpu_image["sha256"]]
+    pull = [
+        SCALELAB,
+        "container",
+        "pull",
+        f"{url}/scalelab-cpu.sif",
+        "--image",
+        str(dest),
+        "--sha256",
+        cpu_image["sha256"],
+    ]
     t0 = time.monotonic()
     proc = cluster.srun(["-N1", "-w", "n2", *pull], timeout=300)  # run on a node
     assert "matches the pin" in proc.stdout
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == cpu_image["sha256"]
     print(f"pull of {dest.stat().st_size >> 20} MiB onto n2: {time.monotonic() - t0:.1f} s")
     # A job uses it: both nodes run the pulled image.
-    out = cluster.srun(["-N2", "-n2", require_apptainer(), "exec", "--userns", str(dest),
-                        "bash", "-c", 'echo "$(hostname) $APPTAINER_CONTAINER"'], timeout=120)
+    out = cluster.srun(
+        [
+            "-N2",
+            "-n2",
+            require_apptainer(),
+            "exec",
+            "--userns",
+            str(dest),
+            "bash",
+            "-c",
+            'echo "$(hostname) $APPTAINER_CONTAINER"',
+        ],
+        timeout=120,
+    )
     lines = out.stdout.split("\n")[:-1]
     assert two_nodes(x.split()[0] for x in lines) and all(x.endswith(f" {dest}") for x in lines)
     # Someone replaces the served image by another one under the same name.
@@ -244,6 +338,7 @@ def test_pull_onto_a_node_verifies_sha256_and_refuses_another_image(cluster, cpu
 
 
 # ---- Snakemake's --sdm apptainer: the image's own scalelab, no shell injection ----------------
+
 
 def _sdm_args() -> list[str]:
     return ["--sdm", "apptainer", "--apptainer-args=--userns"]
@@ -266,8 +361,7 @@ def test_sdm_jobs_run_the_images_scalelab_even_with_the_host_venv_visible(cpu_im
 
     wd = tmp_path / "wf"
     wd.mkdir()
-    (wd / "c.yaml").write_text(yaml.safe_dump(_full_config(cpu_image["path"],
-                                                           cpu_image["sha256"])))
+    (wd / "c.yaml").write_text(yaml.safe_dump(_full_config(cpu_image["path"], cpu_image["sha256"])))
     (wd / "Snakefile").write_text(
         'configfile: "c.yaml"\n'
         f'include: "{REPO}/workflow/rules/common.smk"\n\n'
@@ -275,7 +369,8 @@ def test_sdm_jobs_run_the_images_scalelab_even_with_the_host_venv_visible(cpu_im
         '    output: "whoami.txt"\n'
         "    container: job_image\n"
         "    shell: \"{{ command -v scalelab; python -c 'import sys; print(sys.prefix)'; "
-        'echo $APPTAINER_CONTAINER; }} > {output}"\n')
+        'echo $APPTAINER_CONTAINER; }} > {output}"\n'
+    )
     # The host venv bound inside at its own path: the old prefix would have run it.
     env = tool_env({"APPTAINER_BIND": str(VENV_BIN.parent)})
     snakemake(wd, ["--cores", "1", *_sdm_args(), "whoami.txt"], env=env, timeout=300)
@@ -298,11 +393,14 @@ def test_injection_through_the_image_path_runs_nothing_end_to_end(cpu_image, tmp
     os.link(cpu_image["path"], evil)
     wd = copy_workflow(tmp_path / "wf")
     marker = wd / "PWNED"
-    cfg = _full_config(evil, cpu_image["sha256"], backends=["ddp"], nodes=[1],
-                       tasks_per_node=[1])
+    cfg = _full_config(evil, cpu_image["sha256"], backends=["ddp"], nodes=[1], tasks_per_node=[1])
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(wd, ["results/data", "--cores", "2", *_sdm_args(), "--configfile",
-                          "c.yaml"], check=False, timeout=600)
+    proc = snakemake(
+        wd,
+        ["results/data", "--cores", "2", *_sdm_args(), "--configfile", "c.yaml"],
+        check=False,
+        timeout=600,
+    )
     assert not marker.exists(), proc.stdout + proc.stderr
     if proc.returncode != 0:  # refused at plan time (sweep.validate's character check)
         assert "container.image" in proc.stderr and not (wd / "results").exists()
@@ -324,23 +422,36 @@ def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image,
     os.link(cpu_image["path"], evil)
 
     def sh(cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300, check=False)
+        return subprocess.run(
+            ["bash", "-c", cmd],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     # The test can fail: Snakemake with the raw path executes the payload.
     raw = sh(shellcmd(str(evil), "true", args="--userns", shell_executable="bash"))
     assert marker.exists(), raw.stderr
     marker.unlink()
-    alias, pin, _ = workflow_image({"image": str(evil), "sha256": cpu_image["sha256"]},
-                                   submit_host=True, state_dir=tmp_path / "state")
+    alias, pin, _ = workflow_image(
+        {"image": str(evil), "sha256": cpu_image["sha256"]},
+        submit_host=True,
+        state_dir=tmp_path / "state",
+    )
     assert pin.sha256 == cpu_image["sha256"] and Path(alias).resolve() == evil
-    proc = sh(shellcmd(alias, "echo inside $APPTAINER_CONTAINER", args="--userns",
-                       shell_executable="bash"))
+    proc = sh(
+        shellcmd(
+            alias, "echo inside $APPTAINER_CONTAINER", args="--userns", shell_executable="bash"
+        )
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"inside {alias}" in proc.stdout and not marker.exists()
 
 
 # ---- the whole workflow under the shipped profile on the test cluster -------------------------
+
 
 @pytest.mark.cluster
 @pytest.mark.horovod
@@ -352,10 +463,22 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
     cfg = _full_config(cpu_image["path"], sha, nodes=[2], tasks_per_node=[1])
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
-    snakemake(wd, ["--profile", "profiles/slurm-apptainer", "--configfile", "c.yaml",
-                   "--slurm-init-seconds-before-status-checks", "3", "--retries", "0",
-                   "--slurm-keep-successful-logs"],  # the proof below reads the job logs
-              env=cluster.env(tool_env()), timeout=1500)
+    snakemake(
+        wd,
+        [
+            "--profile",
+            "profiles/slurm-apptainer",
+            "--configfile",
+            "c.yaml",
+            "--slurm-init-seconds-before-status-checks",
+            "3",
+            "--retries",
+            "0",
+            "--slurm-keep-successful-logs",
+        ],  # the proof below reads the job logs
+        env=cluster.env(tool_env()),
+        timeout=1500,
+    )
     print(f"workflow under slurm-apptainer: {time.monotonic() - t0:.0f} s")
     for backend in ("ddp", "horovod"):
         run_dir = wd / "results" / "runs" / f"{backend}-strong-n2-t1-g0-r0"

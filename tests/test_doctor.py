@@ -28,15 +28,15 @@ def test_slurm_mode_without_slurm_clients_exits_1_and_names_them():
 def test_container_mode_reports_apptainer_missing():
     # No apptainer binary can exist on these machines (no package for it here).
     env = tool_env({"PATH": str(VENV_BIN)})
-    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "container"], env=env,
-               check=False)
+    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "container"], env=env, check=False)
     assert proc.returncode == 1
     assert "apptainer" in proc.stderr and "apptainer.org" in proc.stderr
 
 
 def test_slurm_mode_ready_on_test_cluster(cluster):
-    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--mode", "slurm", "--json"],
-               env=cluster.env())
+    proc = run(
+        [str(VENV_BIN / "scalelab"), "doctor", "--mode", "slurm", "--json"], env=cluster.env()
+    )
     report = json.loads(proc.stdout)
     probes = {p["name"]: p for p in report["probes"]}
     assert report["ok"], proc.stderr
@@ -61,13 +61,16 @@ def test_without_leaves_a_component_out_of_the_modes_needs():
     then ready without it, and every other need still counts."""
     from scalelab.doctor import Probe, missing_for
 
-    probes = [Probe(n, n != "horovod", "") for n in
-              ("python", "torch", "mpirun", "mpi4py", "horovod", "snakemake")]
+    probes = [
+        Probe(n, n != "horovod", "")
+        for n in ("python", "torch", "mpirun", "mpi4py", "horovod", "snakemake")
+    ]
     assert [p.name for p in missing_for("local", probes)] == ["horovod"]
     assert missing_for("local", probes, without=["horovod"]) == []
     probes[1] = Probe("torch", False, "")
     assert [p.name for p in missing_for("local", probes, without=["horovod"])] == ["torch"]
     # The CLI refuses a component no mode knows.
-    proc = run([str(VENV_BIN / "scalelab"), "doctor", "--without", "nonsense"], check=False,
-               env=tool_env())
+    proc = run(
+        [str(VENV_BIN / "scalelab"), "doctor", "--without", "nonsense"], check=False, env=tool_env()
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -29,13 +29,22 @@ class StandInRapl:
     counters advance at ``watts`` (package), ``dram_w`` and ``psys_w`` (overlapping: must
     not be counted), wrapping at ``range_uj`` like the hardware's."""
 
-    def __init__(self, root: Path, watts: float, dram_w: float = 0.0,
-                 range_uj: int = 262_143_328_850) -> None:
+    def __init__(
+        self, root: Path, watts: float, dram_w: float = 0.0, range_uj: int = 262_143_328_850
+    ) -> None:
         self.root, self.range = root, range_uj
-        self.rates = {"intel-rapl:0": watts, "intel-rapl:0/intel-rapl:0:0": watts / 2,
-                      "intel-rapl:0/intel-rapl:0:1": dram_w, "intel-rapl:1": 3 * watts}
-        names = {"intel-rapl:0": "package-0", "intel-rapl:0/intel-rapl:0:0": "core",
-                 "intel-rapl:0/intel-rapl:0:1": "dram", "intel-rapl:1": "psys"}
+        self.rates = {
+            "intel-rapl:0": watts,
+            "intel-rapl:0/intel-rapl:0:0": watts / 2,
+            "intel-rapl:0/intel-rapl:0:1": dram_w,
+            "intel-rapl:1": 3 * watts,
+        }
+        names = {
+            "intel-rapl:0": "package-0",
+            "intel-rapl:0/intel-rapl:0:0": "core",
+            "intel-rapl:0/intel-rapl:0:1": "dram",
+            "intel-rapl:1": "psys",
+        }
         for zone, name in names.items():
             (root / zone).mkdir(parents=True, exist_ok=True)
             (root / zone / "name").write_text(name + "\n")
@@ -100,8 +109,9 @@ def test_open_meter_on_this_machine_reads_or_says_why(tmp_path):
     if "rapl" in meter.counters:
         assert meter.vector()[3:] == [pytest.approx(meter.vector()[3]), 1.0, 0.0]
     else:
-        assert "/sys/class/powercap" in meter.reasons["rapl"] or "Permission" in \
-            meter.reasons["rapl"], meter.reasons
+        assert (
+            "/sys/class/powercap" in meter.reasons["rapl"] or "Permission" in meter.reasons["rapl"]
+        ), meter.reasons
     off = energy.open_meter(False, None, local_rank=0)
     assert not off.counters and off.reasons["rapl"] == "metrics.energy is false"
     other = energy.open_meter(True, None, local_rank=1, powercap=tmp_path)
@@ -118,8 +128,13 @@ def test_two_ranks_on_one_node_count_its_energy_once(tmp_path):
     conf = write_config(tmp_path / "run.yaml", cfg)
     out = tmp_path / "run"
     with StandInRapl(tmp_path / "powercap", watts, range_uj=400_000_000):
-        ok(run([*TORCHRUN, *TRAIN, "--config", str(conf), "--out", str(out)], timeout=240,
-               extra_env={"SCALELAB_POWERCAP": str(tmp_path / "powercap")}))
+        ok(
+            run(
+                [*TORCHRUN, *TRAIN, "--config", str(conf), "--out", str(out)],
+                timeout=240,
+                extra_env={"SCALELAB_POWERCAP": str(tmp_path / "powercap")},
+            )
+        )
     s = json.loads((out / "summary.json").read_text())
     assert s["energy_sources"] == ["rapl"] and s["energy_unavailable"] == {}, s
     assert 0.7 * watts < s["energy_power_w"] < 1.3 * watts, s["energy_power_w"]
@@ -147,17 +162,21 @@ def test_a_run_here_reports_energy_unavailable_with_the_reason(tmp_path):
     md = (tmp_path / "analysis" / "scaling.md").read_text()
     assert ("J/sample" in md) == (s["joules_per_sample"] is not None)  # no column of blanks
     if Path("/sys/class/powercap/intel-rapl:0/energy_uj").exists() and os.access(
-            "/sys/class/powercap/intel-rapl:0/energy_uj", os.R_OK):
+        "/sys/class/powercap/intel-rapl:0/energy_uj", os.R_OK
+    ):
         assert s["energy_j"] > 0 and s["energy_sources"] == ["rapl"]
     else:
         assert s["energy_j"] is None and s["joules_per_sample"] is None
         assert "rapl" in s["energy_unavailable"], s["energy_unavailable"]
-    rc, _, err = scalelab_main("train", "--config", conf, "--out", tmp_path / "off",
-                               "--set", "metrics.energy=false")
+    rc, _, err = scalelab_main(
+        "train", "--config", conf, "--out", tmp_path / "off", "--set", "metrics.energy=false"
+    )
     assert rc == 0, err
     off = json.loads((tmp_path / "off" / "summary.json").read_text())
-    assert off["energy_unavailable"] == {"nvml": "metrics.energy is false",
-                                         "rapl": "metrics.energy is false"}
+    assert off["energy_unavailable"] == {
+        "nvml": "metrics.energy is false",
+        "rapl": "metrics.energy is false",
+    }
 
 
 def test_doctor_says_which_counters_a_run_could_read(tmp_path):
@@ -174,5 +193,4 @@ def test_doctor_says_which_counters_a_run_could_read(tmp_path):
     table = ok(run([str(Path(PY).parent / "scalelab"), "doctor"], extra_env=env)).stdout
     assert "energy" in table and "rapl: 2 zone(s)" in table
     if "nvidia-ml-py not installed" in here_probe["detail"]:  # brackets are text, not markup
-        assert "'scalelab[gpu]'" in ok(run([str(Path(PY).parent / "scalelab"),
-                                            "doctor"])).stdout
+        assert "'scalelab[gpu]'" in ok(run([str(Path(PY).parent / "scalelab"), "doctor"])).stdout

@@ -13,9 +13,15 @@ from train_support import TINY, deep_update, write_config
 from scalelab.data.tokens import TokenSequences
 
 GPT = {
-    "seed": 5, "model": {"name": "gpt"},
-    "data": {"source": "tokens", "num_samples": 256, "val_samples": 64, "seq_len": 16,
-             "vocab_size": 32},
+    "seed": 5,
+    "model": {"name": "gpt"},
+    "data": {
+        "source": "tokens",
+        "num_samples": 256,
+        "val_samples": 64,
+        "seq_len": 16,
+        "vocab_size": 32,
+    },
     "optim": {"global_batch_size": 32, "lr": 0.003, "name": "adamw"},
     "train": {"epochs": 2, "threads": 1, "progress": False},
 }
@@ -24,8 +30,9 @@ GPT = {
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt")
-    rc, _, err = scalelab_main("train", "--config", write_config(root / "gpt.yaml", GPT),
-                               "--out", root / "run")
+    rc, _, err = scalelab_main(
+        "train", "--config", write_config(root / "gpt.yaml", GPT), "--out", root / "run"
+    )
     assert rc == 0, err
     return root / "run"
 
@@ -49,8 +56,9 @@ def test_a_tokens_run_is_scored_on_unseen_sequences(gpt_run, tmp_path):
 
 
 def test_data_does_not_apply_to_a_generated_source(gpt_run, tmp_path):
-    rc, _, err = scalelab_main("evaluate", "--run", gpt_run, "--data", tmp_path,
-                               "--out", tmp_path / "e.json")
+    rc, _, err = scalelab_main(
+        "evaluate", "--run", gpt_run, "--data", tmp_path, "--out", tmp_path / "e.json"
+    )
     assert rc == 2 and "--data" in err and "tokens" in err, err
     rc, _, err = scalelab_main("evaluate", "--run", gpt_run, "--split", "val")
     assert rc == 2 and "--split val" in err, err
@@ -59,11 +67,11 @@ def test_data_does_not_apply_to_a_generated_source(gpt_run, tmp_path):
 
 def test_a_synthetic_image_run_is_scored_per_class(tmp_path):
     cfg = deep_update(TINY, {"train": {"epochs": 2}})
-    rc, _, err = scalelab_main("train", "--config", write_config(tmp_path / "c.yaml", cfg),
-                               "--out", tmp_path / "run")
+    rc, _, err = scalelab_main(
+        "train", "--config", write_config(tmp_path / "c.yaml", cfg), "--out", tmp_path / "run"
+    )
     assert rc == 0, err
-    rc, _, err = scalelab_main("evaluate", "--run", tmp_path / "run", "--out",
-                               tmp_path / "e.json")
+    rc, _, err = scalelab_main("evaluate", "--run", tmp_path / "run", "--out", tmp_path / "e.json")
     assert rc == 0, err
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["samples"] == TINY["data"]["val_samples"] and "perplexity" not in ev

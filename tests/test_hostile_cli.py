@@ -19,8 +19,9 @@ import pytest
 from conftest import scalelab_main
 from train_support import TINY, env, write_config
 
-from scalelab import launcher, sweep
+from scalelab import launcher
 from scalelab.errors import UsageError
+from scalelab.study import plan as study_plan
 
 
 def one_line(rc: int, err: str, command: str, code: int) -> str:
@@ -341,8 +342,8 @@ def test_local_multi_node_points_are_bounded_by_ranks_not_refused():
     """Outside Slurm, N nodes x T tasks run N x T ranks here (a multi-node study's local
     reference); only a rank count this machine cannot start is refused. Inside an
     allocation Slurm bounds it."""
-    launcher.check_point(sweep.RunPoint("ddp", "strong", 2, 1, 0, 0), str, env={})
-    huge = sweep.RunPoint("ddp", "strong", 100000, 1, 0, 0)
+    launcher.check_point(study_plan.RunPoint("ddp", "strong", 2, 1, 0, 0), str, env={})
+    huge = study_plan.RunPoint("ddp", "strong", 100000, 1, 0, 0)
     with pytest.raises(UsageError, match="ranks on this machine"):
         launcher.check_point(huge, str, env={})
     launcher.check_point(huge, str, env={"SLURM_JOB_ID": "1"})

@@ -4,7 +4,7 @@ Payloads `$(...)`, backticks, `;` and a newline, each of which would create a ma
 file if a shell ran it, are planted in every config string that can reach sbatch, srun,
 apptainer or a job's shell:
 
-* in-process, through `sweep.validate` (what common.smk calls): each is refused at plan
+* in-process, through `study_config.validate` (what common.smk calls): each is refused at plan
   time with one line naming the field and the character;
 * the slurm plugin's sbatch line is run by a shell exactly as the plugin runs it, with
   and without `pass_command_as_script`, from a directory named with payloads;
@@ -33,8 +33,8 @@ from conftest import REPO
 from reliability import tally_fixtures
 from test_workflow import copy_workflow, snakemake
 
-from scalelab import sweep
 from scalelab.errors import UsageError
+from scalelab.study import config as study_config
 
 BASE = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
 MARK = "PWNED"
@@ -55,27 +55,29 @@ FIELDS = {
     "container.image": lambda c, v: c.setdefault("container", {}).update(image=v),
     "container.binds[0]": lambda c, v: c.setdefault("container", {}).update(binds=[v]),
     "container.exec_flags[0]": lambda c, v: c.setdefault("container", {}).update(
-        exec_flags=[f"--cleanenv={v}"]),
+        exec_flags=[f"--cleanenv={v}"]
+    ),
     "resources.slurm_partition": lambda c, v: c.setdefault("resources", {}).update(
-        slurm_partition=v),
-    "resources.slurm_account": lambda c, v: c.setdefault("resources", {}).update(
-        slurm_account=v),
+        slurm_partition=v
+    ),
+    "resources.slurm_account": lambda c, v: c.setdefault("resources", {}).update(slurm_account=v),
     "resources.constraint": lambda c, v: c.setdefault("resources", {}).update(constraint=v),
     "resources.qos": lambda c, v: c.setdefault("resources", {}).update(qos=v),
     "resources.slurm_extra[0]": lambda c, v: c.setdefault("resources", {}).update(
-        slurm_extra=[f"--comment-x={v}"]),
+        slurm_extra=[f"--comment-x={v}"]
+    ),
     "resources.rules.train.slurm_partition": lambda c, v: c.setdefault("resources", {}).update(
-        rules={"train": {"slurm_partition": v}}),
+        rules={"train": {"slurm_partition": v}}
+    ),
     "launch.extra_srun_args[0]": lambda c, v: c["launch"].update(
-        extra_srun_args=[f"--cpu-bind={v}"]),
+        extra_srun_args=[f"--cpu-bind={v}"]
+    ),
     "launch.socket_ifname": lambda c, v: c["launch"].update(socket_ifname=v),
     "launch.srun_mpi": lambda c, v: c["launch"].update(srun_mpi=v),
     "train.data.val_split": lambda c, v: c["train"].setdefault("data", {}).update(val_split=v),
 }
 
-tally, _count = tally_fixtures("injection-vectors", "cases_tried",
-                                "planted_commands_not_executed")
-
+tally, _count = tally_fixtures("injection-vectors", "cases_tried", "planted_commands_not_executed")
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
@@ -85,11 +87,11 @@ def test_planted_value_is_refused_at_plan_time(tmp_path, monkeypatch, field, pay
     cfg = copy.deepcopy(BASE)
     FIELDS[field](cfg, PAYLOADS[payload])
     with pytest.raises(UsageError) as err:
-        sweep.validate(cfg)
+        study_config.validate(cfg)
     message = str(err.value)
     assert "\n" not in message
     if field == "launch.srun_mpi":  # a schema pattern: [A-Za-z0-9_]+
-        assert "launch.srun_mpi" in message and "does not match" in message
+        assert "launch.srun_mpi" in message and "does not match ^[A-Za-z0-9_]+$" in message
     elif field == "train.data.val_split":  # the workflow owns the data section of a run
         assert "train.data" in message
     else:
@@ -105,8 +107,17 @@ def _plugin_sbatch_line(workdir: str, script: bool) -> tuple[str, str | None]:
         __getattr__ = dict.__getitem__
 
     job = SimpleNamespace(resources=Resources(tasks=1, cpus_per_task=1, runtime=5), threads=1)
-    call = get_submit_command(job, {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c",
-                                    "account": "", "partition": "", "workdir": workdir})
+    call = get_submit_command(
+        job,
+        {
+            "run_uuid": "u",
+            "slurm_logfile": "log",
+            "comment_str": "c",
+            "account": "",
+            "partition": "",
+            "workdir": workdir,
+        },
+    )
     # What the plugin does with the job's command (format_job_exec quotes the workdir
     # with shlex, as Snakemake does for --snakefile and --directory):
     exec_job = f"python -m snakemake --directory '{workdir}' --target-jobs 'x:'"
@@ -123,7 +134,7 @@ def test_checkout_path_through_the_plugin_sbatch_line(tmp_path, script):
     workdir.mkdir()
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "sbatch").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$ARGS\"\ncat >/dev/null\n")
+    (fake / "sbatch").write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGS"\ncat >/dev/null\n')
     (fake / "sbatch").chmod(0o755)
     line, stdin = _plugin_sbatch_line(str(workdir), script)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "ARGS": str(tmp_path / "a")}
@@ -153,14 +164,25 @@ def test_checkout_path_with_payloads_end_to_end(cluster):
     cfg["sweep"].update(backends=["ddp"], nodes=[1], tasks_per_node=[1, 2])
     (wd / "inj.yaml").write_text(yaml.safe_dump(cfg))
     env = cluster.env()
-    before = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
-                            capture_output=True, text=True, check=True).stdout.split()
-    proc = snakemake(wd, ["--profile", "slurm", "--configfile", "inj.yaml"], env=env,
-                     check=False, timeout=300)
+    before = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    proc = snakemake(
+        wd, ["--profile", "slurm", "--configfile", "inj.yaml"], env=env, check=False, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "study directory" in proc.stderr and "Traceback" not in proc.stderr
-    after = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
-                           capture_output=True, text=True, check=True).stdout.split()
+    after = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert after == before
     planted = [p for p in Path(root).rglob(f"{MARK}*")] + list(Path("/").glob(f"{MARK}*"))
     assert planted == []
@@ -168,6 +190,7 @@ def test_checkout_path_with_payloads_end_to_end(cluster):
 
 # -- issue 23: the study's own path, and YTE configs. Each plants
 # `touch $TMP/PWNED-<uuid>` and asserts the file never appears.
+
 
 def _pwned(tmp_path: Path) -> tuple[Path, str]:
     """A marker path unique to this test, and the command that would create it (``$TMP``
@@ -187,14 +210,19 @@ def _env(tmp_path: Path) -> dict:
 def test_study_directory_with_quote_and_command_is_refused_by_the_workflow(tmp_path):
     marker, command = _pwned(tmp_path)
     wd = copy_workflow(tmp_path / f"study-'$({command})'")
-    proc = snakemake(wd, ["-n", "--cores", "1", "--configfile", str(REPO / ".test" /
-                                                                       "config.yaml")],
-                     env=_env(tmp_path), check=False, timeout=120)
+    proc = snakemake(
+        wd,
+        ["-n", "--cores", "1", "--configfile", str(REPO / ".test" / "config.yaml")],
+        env=_env(tmp_path),
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("scalelab workflow: error: workflow: "
-                                                     "study directory "), errors
-    assert "character \"'\" is not allowed in a path" in errors[0], errors
+    assert len(errors) == 1 and errors[0].startswith(
+        "scalelab workflow: error: workflow: study directory "
+    ), errors
+    assert 'character "\'" is not allowed in a path' in errors[0], errors
     assert not marker.exists()
 
 
@@ -204,9 +232,14 @@ def test_study_directory_with_quote_and_command_is_refused_by_plan(tmp_path):
     marker, command = _pwned(tmp_path)
     study = tmp_path / f"study-'$({command})'"
     study.mkdir(parents=True)
-    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan",
-                           str(REPO / ".test" / "config.yaml")], cwd=study,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "plan", str(REPO / ".test" / "config.yaml")],
+        cwd=study,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "study directory" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
@@ -214,10 +247,9 @@ def test_study_directory_with_quote_and_command_is_refused_by_plan(tmp_path):
 
 def _yte_config(tmp_path: Path, command: str) -> str:
     """The test config as a YTE template whose `results` runs `command` when evaluated."""
-    return ("__use_yte__: true\n"
-            + (REPO / ".test" / "config.yaml").read_text().replace(
-                "results: results",
-                f"results: ?__import__('os').system({command!r}) or 'results'"))
+    return "__use_yte__: true\n" + (REPO / ".test" / "config.yaml").read_text().replace(
+        "results: results", f"results: ?__import__('os').system({command!r}) or 'results'"
+    )
 
 
 def test_use_yte_config_is_refused_by_the_workflow(tmp_path):
@@ -225,8 +257,7 @@ def test_use_yte_config_is_refused_by_the_workflow(tmp_path):
     marker, command = _pwned(tmp_path)
     wd = copy_workflow(tmp_path / "wf")
     (wd / "config" / "config.yaml").write_text(_yte_config(tmp_path, command))
-    proc = snakemake(wd, ["-n", "--cores", "1"], env=_env(tmp_path), check=False,
-                     timeout=120)
+    proc = snakemake(wd, ["-n", "--cores", "1"], env=_env(tmp_path), check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "__use_yte__: true makes Snakemake run the Python" in errors[0]
@@ -240,17 +271,26 @@ def test_use_yte_config_is_refused_by_plan_unless_allowed(tmp_path):
     marker, command = _pwned(tmp_path)
     cfg = tmp_path / "yte.yaml"
     cfg.write_text(_yte_config(tmp_path, command))
-    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(cfg)],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "plan", str(cfg)],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "pass --allow-yte if you trust its author" in proc.stderr
     assert not marker.exists()
     # The opt-in evaluates the template (here a harmless one) as Snakemake would.
     cfg.write_text(_yte_config(tmp_path, "true"))
-    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(cfg),
-                           "--allow-yte"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "plan", str(cfg), "--allow-yte"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "training run(s)" in proc.stdout, proc.stderr
 
 
@@ -265,8 +305,15 @@ def test_use_yte_config_is_refused_by_import(tmp_path, monkeypatch):
     (root / "study" / "config").mkdir(parents=True)
     (root / "study" / "config" / "config.yaml").write_text(_yte_config(tmp_path, command))
     files = bundle.inventory(root)
-    meta = {"format": bundle.FORMAT, "version": bundle.VERSION, "study": "study",
-            "results": "results", "files": files, "runs": [], "images": []}
+    meta = {
+        "format": bundle.FORMAT,
+        "version": bundle.VERSION,
+        "study": "study",
+        "results": "results",
+        "files": files,
+        "runs": [],
+        "images": [],
+    }
     monkeypatch.setattr(bundle, "verify", lambda path: meta)  # the inventory is not tested here
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TMP", str(tmp_path))

@@ -25,37 +25,76 @@ from scalelab import supervise
 SCALELAB = [sys.executable, "-m", "scalelab"]
 EXIT_REQUEUE = 75
 #: 1 epoch of 40 steps of a few tens of ms: a signal at step 3 lands well inside the run.
-RUN_CFG = deep_update(TINY, {
-    "model": {"options": {"width": 32, "hidden": 128}},
-    "optim": {"global_batch_size": 64},
-    "train": {"epochs": 1, "deterministic": True},
-    "metrics": {"warmup_steps": 1},
-})
+RUN_CFG = deep_update(
+    TINY,
+    {
+        "model": {"options": {"width": 32, "hidden": 128}},
+        "optim": {"global_batch_size": 64},
+        "train": {"epochs": 1, "deterministic": True},
+        "metrics": {"warmup_steps": 1},
+    },
+)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sig") / "data"
-    ok(run([*SCALELAB, "data", "stage", "--source", "synthetic", "--num-samples", "3200",
-            "--image-size", "32", "32", "--num-classes", "4", "--seed", "2", "--quiet",
-            "--out", str(out)], timeout=300))
+    ok(
+        run(
+            [
+                *SCALELAB,
+                "data",
+                "stage",
+                "--source",
+                "synthetic",
+                "--num-samples",
+                "3200",
+                "--image-size",
+                "32",
+                "32",
+                "--num-classes",
+                "4",
+                "--seed",
+                "2",
+                "--quiet",
+                "--out",
+                str(out),
+            ],
+            timeout=300,
+        )
+    )
     return out
 
 
 def spec(data: Path, local: str) -> str:
-    point = {"backend": "ddp", "mode": "strong", "nodes": 1, "tasks_per_node": 2,
-             "gpus_per_task": 0, "repeat": 0}
+    point = {
+        "backend": "ddp",
+        "mode": "strong",
+        "nodes": 1,
+        "tasks_per_node": 2,
+        "gpus_per_task": 0,
+        "repeat": 0,
+    }
     run_cfg = deep_update(RUN_CFG, {"data": {"source": "staged", "path": str(data)}})
     run_cfg["data"] = {"source": "staged", "path": str(data)}
-    return json.dumps({"point": point, "run_config": run_cfg,
-                       "launch": {"local": local, "srun_mpi": "pmix", "cpus_per_task": 1,
-                                  "timeout_s": 60}})
+    return json.dumps(
+        {
+            "point": point,
+            "run_config": run_cfg,
+            "launch": {"local": local, "srun_mpi": "pmix", "cpus_per_task": 1, "timeout_s": 60},
+        }
+    )
 
 
 def launch(data: Path, out: Path, local: str) -> subprocess.Popen:
-    return subprocess.Popen([*SCALELAB, "launch", "--spec", spec(data, local), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), start_new_session=True)
+    return subprocess.Popen(
+        [*SCALELAB, "launch", "--spec", spec(data, local), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        start_new_session=True,
+    )
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -93,16 +132,26 @@ def child_pid(pid: int) -> int:
     raise AssertionError(f"{pid} has no child")
 
 
-@pytest.mark.parametrize("local, sig, target", [
-    ("mpirun", signal.SIGTERM, "launch"), ("mpirun", signal.SIGUSR1, "launch"),
-    ("torchrun", signal.SIGTERM, "launch"), ("mpirun", signal.SIGUSR1, "mpirun")])
-def test_signal_to_launch_checkpoints_exits_75_and_resumes(data, reference, tmp_path, local,
-                                                           sig, target):
+@pytest.mark.parametrize(
+    "local, sig, target",
+    [
+        ("mpirun", signal.SIGTERM, "launch"),
+        ("mpirun", signal.SIGUSR1, "launch"),
+        ("torchrun", signal.SIGTERM, "launch"),
+        ("mpirun", signal.SIGUSR1, "mpirun"),
+    ],
+)
+def test_signal_to_launch_checkpoints_exits_75_and_resumes(
+    data, reference, tmp_path, local, sig, target
+):
     out = tmp_path / "run"
     proc = launch(data, out, local)
     try:
-        wait_for_record(out / "metrics.jsonl",
-                        lambda r: r.get("kind") == "step" and r.get("global_step", 0) >= 3, 120)
+        wait_for_record(
+            out / "metrics.jsonl",
+            lambda r: r.get("kind") == "step" and r.get("global_step", 0) >= 3,
+            120,
+        )
         # launch, as Slurm signals the batch script; or the launcher below it directly
         victim = proc.pid if target == "launch" else child_pid(proc.pid)
         os.kill(victim, sig)
@@ -128,5 +177,4 @@ def test_signal_to_launch_checkpoints_exits_75_and_resumes(data, reference, tmp_
 def test_stop_signal_per_launcher():
     assert supervise.stop_signal(["/x/bin/mpirun", "-n", "2"]) == signal.SIGUSR1
     assert supervise.stop_signal(["srun", "--mpi=pmix"]) == signal.SIGUSR1
-    assert supervise.stop_signal([sys.executable, "-m", "torch.distributed.run"]) == \
-        signal.SIGTERM
+    assert supervise.stop_signal([sys.executable, "-m", "torch.distributed.run"]) == signal.SIGTERM

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VENV_BIN
 
-from scalelab import provenance
+from scalelab import sysfacts
 
 ENVS = REPO / "envs"
 
@@ -35,7 +35,7 @@ def entries(path: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 def requirements() -> dict[str, str]:
-    return provenance.lock_pins((ENVS / "requirements.txt").read_text())
+    return sysfacts.lock_pins((ENVS / "requirements.txt").read_text())
 
 
 @pytest.mark.parametrize("variant", ["cpu", "pypi"])
@@ -61,20 +61,21 @@ def test_cpu_lock_takes_the_cpu_torch_and_pypi_lock_the_cuda_build():
     # On the CPU lock's target (Python 3.11 here) the two agree on everything they share:
     # one stack, two torch builds. (The universal lock may pin newer releases for newer
     # Pythons behind markers; lock_pins keeps the pins that apply to this interpreter.)
-    here = provenance.lock_pins((ENVS / "lock-pypi.txt").read_text())
+    here = sysfacts.lock_pins((ENVS / "lock-pypi.txt").read_text())
     shared = (set(cpu) & set(here)) - {"torch"}
     assert shared and all(cpu[n][0] == here[n] for n in shared), [
-        (n, cpu[n][0], here[n]) for n in shared if cpu[n][0] != here[n]]
+        (n, cpu[n][0], here[n]) for n in shared if cpu[n][0] != here[n]
+    ]
 
 
 def test_this_venv_is_the_lock_setup_chose():
     """setup.sh installed the lock it chose (a copy lies in the venv): every distribution
     that applies here at its locked version."""
-    chosen = Path(sys.prefix) / provenance.VENV_LOCK
+    chosen = Path(sys.prefix) / sysfacts.VENV_LOCK
     assert chosen.is_file(), "setup.sh copies the lock it installed into the venv"
     assert chosen.read_text() in {(ENVS / f"lock-{v}.txt").read_text() for v in ("cpu", "pypi")}
     wrong = []
-    for name, version in provenance.lock_pins(chosen.read_text()).items():
+    for name, version in sysfacts.lock_pins(chosen.read_text()).items():
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -82,19 +83,35 @@ def test_this_venv_is_the_lock_setup_chose():
         if have != version:
             wrong.append(f"{name}: locked {version}, installed {have}")
     assert not wrong, wrong
-    state = provenance.lock_state()
+    state = sysfacts.lock_state()
     assert state and state["installed_matches"], state
 
 
 def test_horovod_sdist_pin_matches_build_script_default_and_pip_checks_it(tmp_path):
     pin = entries(ENVS / "lock-horovod.txt")["horovod"]
     script = (ENVS / "build_horovod.sh").read_text()
-    assert f'HOROVOD_VERSION:-{pin[0]}' in script and "--require-hashes" in script
+    assert f"HOROVOD_VERSION:-{pin[0]}" in script and "--require-hashes" in script
     bad = tmp_path / "bad.txt"
     wrong = hashlib.sha256(b"not the sdist").hexdigest()
     bad.write_text(f"horovod=={pin[0]} --hash=sha256:{wrong}\n")
-    proc = subprocess.run([str(VENV_BIN / "python"), "-m", "pip", "download", "--no-deps",
-                           "--no-binary", ":all:", "--require-hashes", "-d", str(tmp_path / "d"),
-                           "-r", str(bad)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "python"),
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--require-hashes",
+            "-d",
+            str(tmp_path / "d"),
+            "-r",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in proc.stderr
     assert f"Got        {pin[1][0]}" in proc.stderr  # PyPI's sdist is the pinned file

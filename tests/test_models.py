@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
 from scalelab.models import build_model, model_names
 
@@ -20,12 +21,15 @@ def test_resnet_matches_reference_parameter_counts() -> None:
     assert n_params(build_model("resnet", 1000, (3, 224, 224), depth=18)) == 11_689_512
 
 
-@pytest.mark.parametrize("name, opts", [
-    ("cnn", {}),
-    ("resnet18", {"width": 16}),
-    ("resnet50", {"width": 8}),
-    ("vit", {"dim": 48, "depth": 2, "heads": 2}),
-])
+@pytest.mark.parametrize(
+    "name, opts",
+    [
+        ("cnn", {}),
+        ("resnet18", {"width": 16}),
+        ("resnet50", {"width": 8}),
+        ("vit", {"dim": 48, "depth": 2, "heads": 2}),
+    ],
+)
 def test_forward_backward(name: str, opts: dict) -> None:
     torch.manual_seed(0)
     model = build_model(name, 7, (3, 32, 32), **opts)
@@ -33,8 +37,11 @@ def test_forward_backward(name: str, opts: dict) -> None:
     logits = model(x)
     assert logits.shape == (4, 7)
     torch.nn.functional.cross_entropy(logits, y).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad
+    )
 
 
 def test_small_images_get_the_cifar_stem() -> None:
@@ -78,23 +85,27 @@ def test_bad_options() -> None:
 
 # --------------------------------------------------------------------------- FLOPs, MFU facts
 
+
 def test_flops_per_sample_match_published_counts() -> None:
-    from scalelab.train.metrics import forward_flops
+    from scalelab.models.flops import forward_flops
 
     # ResNet-50 at 224 px: 4.09 GMACs per image (2 FLOPs per multiply-add).
-    rn50 = forward_flops("resnet50", {}, 1000, (3, 224, 224))
+    rn50 = forward_flops("resnet50", {}, DataSpec(1000, (3, 224, 224)))
     assert rn50 == pytest.approx(2 * 4.089e9, rel=0.01)
     # The small CNN by hand: two 3x3 convs and two linear layers (MACs x 2).
-    cnn = forward_flops("cnn", {}, 10, (3, 32, 32))
+    cnn = forward_flops("cnn", {}, DataSpec(10, (3, 32, 32)))
     by_hand = 2 * (32 * 32 * 32 * 3 * 9 + 16 * 16 * 64 * 32 * 9 + 4096 * 128 + 128 * 10)
     assert cnn == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_model_facts_on_cpu_and_the_peak_table() -> None:
-    from scalelab.train.metrics import model_facts, peak_bf16
+    from scalelab.train.peak import peak_bf16
+    from scalelab.train.records import model_facts
 
     model = build_model("cnn", 10, (3, 32, 32))
-    facts = model_facts("cnn", {}, 10, (3, 32, 32), model, torch.device("cpu"), 500.0, False)
+    facts = model_facts(
+        "cnn", {}, DataSpec(10, (3, 32, 32)), model, torch.device("cpu"), 500.0, False
+    )
     assert facts["num_params"] == n_params(model) == 545_098
     assert facts["grad_bytes"] == 4 * 545_098
     assert facts["flops_per_sample_train"] == 3 * facts["flops_per_sample_forward"]
@@ -116,10 +127,18 @@ def test_gpu_acceptance_smoke_runs_every_path(tmp_path) -> None:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_acceptance.sh"), "--smoke"],
-                          capture_output=True, text=True, timeout=600,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
-                               "OUT": str(tmp_path), "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_acceptance.sh"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHON": sys.executable,
+            "OUT": str(tmp_path),
+            "HOME": str(tmp_path),
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU acceptance on CPU (smoke run)" in proc.stdout
     res = json.loads((tmp_path / "gpu_acceptance.json").read_text())
@@ -138,7 +157,7 @@ def test_phase_timer_splits_gpu_time_from_event_gaps() -> None:
     backward -> reduced, data start -> ready, compute the rest of ready -> end."""
     from types import SimpleNamespace
 
-    from scalelab.train.metrics import PhaseTimer
+    from scalelab.train.timing import PhaseTimer
 
     clock = {"t": 0.0}
 
@@ -158,8 +177,7 @@ def test_phase_timer_splits_gpu_time_from_event_gaps() -> None:
     timer.cuda = True
     timer._torch = SimpleNamespace(cuda=SimpleNamespace(Event=Event))
     for comm in (5.0, None):  # Horovod-like step, then a backend that does not measure comm
-        for name, advance in (("start", 2.0), ("ready", 30.0), ("backward", 5.0),
-                              ("reduced", 3.0)):
+        for name, advance in (("start", 2.0), ("ready", 30.0), ("backward", 5.0), ("reduced", 3.0)):
             timer.mark(name)
             clock["t"] += advance
         timer.end(step_s=99.0, data_s=99.0, comm_s=comm)  # host times are ignored on GPUs

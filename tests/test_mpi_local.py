@@ -6,8 +6,10 @@ from conftest import SCRIPTS, VENV_BIN, mpirun, run
 
 
 def _records(stdout: str) -> list[dict]:
-    return sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    return sorted(
+        (json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
 
 
 def test_mpi4py_allreduce_2_ranks():
@@ -23,8 +25,17 @@ def test_horovod_allreduce_2_ranks_mpirun():
 
 
 def test_horovod_allreduce_2_ranks_gloo_controller():
-    proc = run([str(VENV_BIN / "horovodrun"), "-np", "2", "--gloo",
-                str(VENV_BIN / "python"), str(SCRIPTS / "hvd_allreduce.py")], timeout=180)
+    proc = run(
+        [
+            str(VENV_BIN / "horovodrun"),
+            "-np",
+            "2",
+            "--gloo",
+            str(VENV_BIN / "python"),
+            str(SCRIPTS / "hvd_allreduce.py"),
+        ],
+        timeout=180,
+    )
     recs = _records("\n".join(line.split("]<stdout>:", 1)[-1] for line in proc.stdout.splitlines()))
     assert [r["rank"] for r in recs] == [0, 1]
     assert all(r["sum"] == 3.0 and r["gloo"] and not r["mpi"] for r in recs)

@@ -58,9 +58,15 @@ def test_concurrent_processes_copy_once(shared, tmp_path):
     target, lock = local_target(shared, scratch)
     lock.parent.mkdir(parents=True)
     with node_lock(lock, timeout=10):  # hold the node's lock until both are waiting on it
-        procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(shared), str(scratch)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(shared), str(scratch)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         try:
             for p in procs:
                 assert "waiting for" in p.stderr.readline()
@@ -157,8 +163,9 @@ def test_cli_prints_only_the_path(shared, tmp_path, monkeypatch):
     rc, out, err = run_cli("data", "localize", shared, "--reserve", "0", "--quiet")
     assert rc == 0, err
     assert out == f"{local_target(shared, tmp_path / 'env-scratch')[0]}\n"
-    rc, out, err = run_cli("data", "localize", shared, "--scratch", tmp_path / "s",
-                           "--reserve", "1000TiB", "--quiet")
+    rc, out, err = run_cli(
+        "data", "localize", shared, "--scratch", tmp_path / "s", "--reserve", "1000TiB", "--quiet"
+    )
     assert rc == 0 and out == f"{shared}\n"
     rc, out, err = run_cli("data", "localize", shared, "--reserve", "lots")
     assert rc == 2 and "--reserve: 'lots'" in err and out == ""

@@ -24,9 +24,14 @@ from scalelab.comm import predict as model
 BATCH, SEQ, VOCAB, LAYERS = 4, 16, 32, 3
 
 #: torch's op names -> ours
-OPS = {"all_reduce": "allreduce", "allreduce_": "allreduce", "_allgather_base_": "all_gather",
-       "all_gather_into_tensor": "all_gather", "_reduce_scatter_base_": "reduce_scatter",
-       "reduce_scatter_tensor": "reduce_scatter"}
+OPS = {
+    "all_reduce": "allreduce",
+    "allreduce_": "allreduce",
+    "_allgather_base_": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "_reduce_scatter_base_": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+}
 
 
 def _gpt():
@@ -57,10 +62,16 @@ def rank_main(mode: str) -> None:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = super().__torch_dispatch__(func, types, args, kwargs)
             packet = getattr(func, "_overloadpacket", None)
-            if out is not NotImplemented and packet is not None and (
-                    packet in self.comm_registry or packet in c10d_collective_ops):
-                sizes = [t.numel() * t.element_size()
-                         for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if (
+                out is not NotImplemented
+                and packet is not None
+                and (packet in self.comm_registry or packet in c10d_collective_ops)
+            ):
+                sizes = [
+                    t.numel() * t.element_size()
+                    for t in tree_leaves((args, kwargs, out))
+                    if isinstance(t, torch.Tensor)
+                ]
                 self.seen.append((str(packet).split(".")[-1], max(sizes, default=0)))
             return out
 
@@ -90,18 +101,34 @@ def rank_main(mode: str) -> None:
 def _measured(mode: str) -> dict[str, list[int]]:
     from conftest import VENV_BIN, run
 
-    proc = run([str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2", __file__], timeout=300,
-               env={**os.environ, "MODE": mode, "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": str(Path(__file__).parent)})
+    proc = run(
+        [
+            str(VENV_BIN / "python"),
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+        ],
+        timeout=300,
+        env={
+            **os.environ,
+            "MODE": mode,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(Path(__file__).parent),
+        },
+    )
     return json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
 
 
-@pytest.mark.parametrize("mode, backend, tp", [("fsdp", "fsdp", 1), ("fsdp-keep", "fsdp", 1),
-                                               ("tp", "ddp", 2)])
+@pytest.mark.parametrize(
+    "mode, backend, tp", [("fsdp", "fsdp", 1), ("fsdp-keep", "fsdp", 1), ("tp", "ddp", 2)]
+)
 def test_predicted_collectives_are_the_issued_ones(mode, backend, tp):
-    comm = model.comm_model(_gpt(), backend, tp=tp, seq_len=SEQ,
-                            reshard_after_forward=mode != "fsdp-keep")
+    comm = model.comm_model(
+        _gpt(), backend, tp=tp, seq_len=SEQ, reshard_after_forward=mode != "fsdp-keep"
+    )
     # 2 ranks: fsdp shards over both; tp=2 leaves one data-parallel rank (no allreduce)
     predicted = comm.collectives(2, BATCH)
     measured = _measured(mode)
@@ -116,41 +143,57 @@ def test_prediction_uses_the_backend_s_collectives():
     fit = model.RingFit(20e-6, 2.5e9, 0, 0, 0, 0, 10, (2,))
     net = _gpt()
     grad = sum(p.numel() * 4 for p in net.parameters())
-    base = model.Base(ranks=2, compute_s=0.01, data_s=0.0, grad_bytes=grad, global_batch=8,
-                      mode="strong")
+    base = model.Base(
+        ranks=2, compute_s=0.01, data_s=0.0, grad_bytes=grad, global_batch=8, mode="strong"
+    )
     ddp = model.predict(base, fit, [2, 4, 8])
     assert ddp["comm_s"].tolist() == pytest.approx(
-        model.ring_allreduce_time(ddp["ranks"], grad, fit.alpha_s, fit.beta_Bps).tolist())
+        model.ring_allreduce_time(ddp["ranks"], grad, fit.alpha_s, fit.beta_Bps).tolist()
+    )
     fsdp = model.predict(base, fit, [2, 4, 8], model.comm_model(net, "fsdp"))
     assert (fsdp["allreduce_s"] == 0).all() and (fsdp["all_gather_s"] > 0).all()
     # bandwidth terms: fsdp moves 1.5x ddp's bytes less half the root's (ZeRO-3)
     groups = model.fsdp_groups(net)
     beta_only = model.RingFit(0.0, 2.5e9, 0, 0, 0, 0, 10, (2,))
-    ratio = (model.predict(base, beta_only, [8], model.comm_model(net, "fsdp"))["comm_s"]
-             / model.predict(base, beta_only, [8])["comm_s"])
+    ratio = (
+        model.predict(base, beta_only, [8], model.comm_model(net, "fsdp"))["comm_s"]
+        / model.predict(base, beta_only, [8])["comm_s"]
+    )
     assert ratio.tolist() == pytest.approx([1.5 - groups[-1] / (2 * grad)] * 2)
-    tp = model.predict(base, fit, [1, 2, 3, 4, 8], model.comm_model(net, "ddp", tp=2,
-                                                                     seq_len=SEQ))
+    tp = model.predict(base, fit, [1, 2, 3, 4, 8], model.comm_model(net, "ddp", tp=2, seq_len=SEQ))
     assert tp["ranks"].tolist() == [2, 4, 8]  # only multiples of tp exist
     assert tp.loc[0, "allreduce_s"] > 0  # the activations' allreduces at dp = 1
     assert "allreduce" in tp.attrs["comm"] and "tp=2" in tp.attrs["comm"]
 
 
-@pytest.mark.parametrize("mixed, device, scale", [("bf16", "cpu", 0.5), ("auto", "cpu", 1.0),
-                                                  ("auto", "cuda:0", 0.5), ("fp32", "cuda:0", 1.0)])
+@pytest.mark.parametrize(
+    "mixed, device, scale",
+    [("bf16", "cpu", 0.5), ("auto", "cpu", 1.0), ("auto", "cuda:0", 0.5), ("fp32", "cuda:0", 1.0)],
+)
 def test_comm_model_from_run_reads_the_layout(tmp_path, mixed, device, scale):
     """A run directory as the trainer writes it: backend and tp from the summary, the model
     from config.yaml, bf16 all-gathers where the fsdp backend would have used them."""
     import yaml
 
-    cfg = {"model": {"name": "gpt", "options": {"size": "tiny", "n_layers": LAYERS}},
-           "data": {"source": "tokens", "seq_len": SEQ, "vocab_size": VOCAB},
-           "optim": {"grad_accum_steps": 2},
-           "dist": {"backend": "fsdp", "tp": 2, "fsdp": {"mixed_precision": mixed}}}
+    cfg = {
+        "model": {"name": "gpt", "options": {"size": "tiny", "n_layers": LAYERS}},
+        "data": {"source": "tokens", "seq_len": SEQ, "vocab_size": VOCAB},
+        "optim": {"grad_accum_steps": 2},
+        "dist": {"backend": "fsdp", "tp": 2, "fsdp": {"mixed_precision": mixed}},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "summary.json").write_text(json.dumps(
-        {"world_size": 4, "samples_per_s": 10.0, "global_batch_size": 8, "backend": "fsdp",
-         "tp": 2, "device": device}))
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {
+                "world_size": 4,
+                "samples_per_s": 10.0,
+                "global_batch_size": 8,
+                "backend": "fsdp",
+                "tp": 2,
+                "device": device,
+            }
+        )
+    )
     comm = model.comm_model_from_run(tmp_path)
     assert (comm.backend, comm.tp, comm.seq_len, comm.accum_steps) == ("fsdp", 2, SEQ, 2)
     assert comm.param_scale == scale

@@ -2,7 +2,7 @@
 
 For any document and any mutation of a valid workflow config, the invariants are:
 
-* the outcome is a result or exactly one error line (``scalelab sweep: error: ...``,
+* the outcome is a result or exactly one error line (``scalelab plan: error: ...``,
   naming the file or the field), with the documented exit code (0 or 2), never a
   traceback;
 * no file outside the target is touched (the shipped config/ and .test/ directories,
@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability import record
 
-from scalelab import docload, sweep
+from scalelab import cli, docload
 from scalelab.errors import UsageError
 
 BASE = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
@@ -229,13 +229,13 @@ def mutated_configs(draw) -> dict:
 
 
 def _plan(path: Path, cwd: Path) -> tuple[int, str, str]:
-    """`python -m scalelab.sweep --plan PATH` in-process: (exit code, stdout, stderr)."""
+    """`scalelab plan PATH` in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = sweep.print_plan(str(path))
+            code = cli.main(["plan", str(path)])
     finally:
         os.chdir(old)
     return code, out.getvalue(), err.getvalue()
@@ -250,7 +250,7 @@ def _check_plan(text: bytes) -> None:
         assert code in (0, 2), (code, err)
         if code == 2:
             assert err.count("\n") == 1, err
-            _one_error_line(err.rstrip("\n"), "scalelab sweep: error: ")
+            _one_error_line(err.rstrip("\n"), "scalelab plan: error: ")
         else:
             assert out.startswith("sweep: ") and not err, err
         assert sorted(p.name for p in study.iterdir()) == ["study.yaml"]  # nothing else
@@ -303,7 +303,7 @@ def test_plan_command_exit_code_and_one_line(cfg):
         config = Path(tmp) / "study.yaml"
         config.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         proc = subprocess.run(
-            [sys.executable, "-m", "scalelab.sweep", "--plan", str(config)],
+            [sys.executable, "-m", "scalelab", "plan", str(config)],
             cwd=tmp,
             capture_output=True,
             text=True,
@@ -312,7 +312,7 @@ def test_plan_command_exit_code_and_one_line(cfg):
         assert proc.returncode in (0, 2), proc.stderr
         if proc.returncode == 2:
             assert len(proc.stderr.splitlines()) == 1, proc.stderr
-            _one_error_line(proc.stderr.rstrip("\n"), "scalelab sweep: error: ")
+            _one_error_line(proc.stderr.rstrip("\n"), "scalelab plan: error: ")
     assert not MARKER.exists()
     _count("plan_command", started)
 

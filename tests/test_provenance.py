@@ -21,7 +21,8 @@ import yaml
 from reliability import record
 from train_support import MPIRUN, PY, TINY, TRAIN, deep_update, ok, run, write_config
 
-from scalelab import provenance
+from scalelab import provenance, redact
+from scalelab.fsio import sha256_file
 
 SCHEMA = json.loads(provenance.SCHEMA.read_text())
 SECRETS = {
@@ -65,8 +66,13 @@ def leaks(root: Path, values: list[str]) -> list[str]:
 def test_manifest_of_a_two_rank_run_validates_names_layout_and_keeps_no_secret(tmp_path):
     cfg = write_config(tmp_path / "run.yaml", deep_update(TINY, {"train": {"deterministic": True}}))
     out = tmp_path / "run"
-    ok(run([*MPIRUN, PY, *TRAIN, "--config", str(cfg), "--out", str(out)], timeout=180,
-           extra_env={**SECRETS, "NCCL_DEBUG": "WARN"}))
+    ok(
+        run(
+            [*MPIRUN, PY, *TRAIN, "--config", str(cfg), "--out", str(out)],
+            timeout=180,
+            extra_env={**SECRETS, "NCCL_DEBUG": "WARN"},
+        )
+    )
     manifest = json.loads((out / "provenance.json").read_text())
     validate(manifest)
     must, inc = manifest["must_match"], manifest["incidental"]
@@ -76,7 +82,8 @@ def test_manifest_of_a_two_rank_run_validates_names_layout_and_keeps_no_secret(t
     assert must["versions"]["mpi"].startswith("Open MPI")
     assert must["deterministic"] is True and must["seed"] == TINY["seed"]
     assert must["config_sha256"] == provenance.config_sha256(
-        yaml.safe_load((out / "config.yaml").read_text()))
+        yaml.safe_load((out / "config.yaml").read_text())
+    )
     assert manifest["provenance_id"] == provenance.provenance_id(must)
     # The launcher's command line is found from the rank's ancestry.
     assert inc["launcher_argv"] and Path(inc["launcher_argv"][0]).name in ("mpirun", "prterun")
@@ -87,12 +94,27 @@ def test_manifest_of_a_two_rank_run_validates_names_layout_and_keeps_no_secret(t
 
 
 def test_allow_list_and_redaction_are_by_name():
-    env = {"HF_TOKEN": "x", "NCCL_IB_HCA": "mlx5", "NCCL_X_PASSWORD": "y", "SLURM_JOB_ID": "7",
-           "SLURM_JOB_ACCOUNT": "proj", "HOME": "/root", "OMP_NUM_THREADS": "4"}
-    assert provenance.allowed_env(env) == {"NCCL_IB_HCA": "mlx5", "OMP_NUM_THREADS": "4",
-                                           "SLURM_JOB_ID": "7"}
-    assert provenance.redact_argv(["mpirun", "-x", "HF_TOKEN=abc", "-x", "NCCL_DEBUG=INFO"]) == [
-        "mpirun", "-x", "HF_TOKEN=<redacted>", "-x", "NCCL_DEBUG=INFO"]
+    env = {
+        "HF_TOKEN": "x",
+        "NCCL_IB_HCA": "mlx5",
+        "NCCL_X_PASSWORD": "y",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_ACCOUNT": "proj",
+        "HOME": "/root",
+        "OMP_NUM_THREADS": "4",
+    }
+    assert redact.allowed_env(env) == {
+        "NCCL_IB_HCA": "mlx5",
+        "OMP_NUM_THREADS": "4",
+        "SLURM_JOB_ID": "7",
+    }
+    assert redact.redact_argv(["mpirun", "-x", "HF_TOKEN=abc", "-x", "NCCL_DEBUG=INFO"]) == [
+        "mpirun",
+        "-x",
+        "HF_TOKEN=<redacted>",
+        "-x",
+        "NCCL_DEBUG=INFO",
+    ]
     # The schema itself refuses a manifest that carries a credential-like name.
     from scalelab.layout import Layout
     from scalelab.train.config import from_dict
@@ -118,8 +140,11 @@ def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_log
     env = tool_env(SECRETS)
     names = ["ddp-strong-n1-t2-g0-r0", "horovod-strong-n1-t2-g0-r0"]
     # Staging, training under mpirun, evaluation, the communication benchmark and the analysis.
-    targets = [*(f"results/runs/{n}/evaluation.json" for n in names), "results/commbench/torch",
-               "results/analysis/scaling.csv"]
+    targets = [
+        *(f"results/runs/{n}/evaluation.json" for n in names),
+        "results/commbench/torch",
+        "results/analysis/scaling.csv",
+    ]
     snakemake(wd, [*targets, "--cores", "2", "--configfile", "secret.yaml"], env=env)
     runs = sorted((wd / "results" / "runs").iterdir())
     assert [r.name for r in runs] == names
@@ -127,22 +152,42 @@ def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_log
         manifest = json.loads((run_dir / "provenance.json").read_text())
         validate(manifest)
         assert manifest["must_match"]["world_size"] == 2
-        assert manifest["must_match"]["data_sha256"] == provenance.sha256_file(
-            wd / manifest["config"]["data"]["path"] / "manifest.json")
+        assert manifest["must_match"]["data_sha256"] == sha256_file(
+            wd / manifest["config"]["data"]["path"] / "manifest.json"
+        )
         assert manifest["incidental"]["data"]["path"] == str(wd / "results" / "data")
         assert manifest["incidental"]["data"]["source"] == "staged"
     files = [p for d in ("results", "logs") for p in (wd / d).rglob("*") if p.is_file()]
     kinds = {p.suffix for p in files}
     assert {".pt", ".parquet", ".json", ".log"} <= kinds, kinds  # the binary outputs are there
-    found = leaks(wd / "results", list(SECRETS.values())) + leaks(wd / "logs",
-                                                                    list(SECRETS.values()))
+    found = leaks(wd / "results", list(SECRETS.values())) + leaks(
+        wd / "logs", list(SECRETS.values())
+    )
     assert not found, found
-    record("planted-secrets", planted=len(SECRETS), files_searched=len(files),
-           leaked=len(found), binary_outputs_searched=sorted(kinds & {".pt", ".parquet"}))
+    record(
+        "planted-secrets",
+        planted=len(SECRETS),
+        files_searched=len(files),
+        leaked=len(found),
+        binary_outputs_searched=sorted(kinds & {".pt", ".parquet"}),
+    )
     # A workflow run (scalelab launch, staged data) reruns bitwise from its manifest.
-    proc = subprocess.run([PY, "-m", "scalelab", "reproduce", f"results/runs/{names[0]}",
-                           "--out", str(tmp_path / "rerun")], cwd=wd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "scalelab",
+            "reproduce",
+            f"results/runs/{names[0]}",
+            "--out",
+            str(tmp_path / "rerun"),
+        ],
+        cwd=wd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "reproduced" in proc.stdout, proc.stdout + proc.stderr
     assert "mpirun -n 2" in proc.stdout
     assert not leaks(tmp_path / "rerun", list(SECRETS.values()))
@@ -151,7 +196,8 @@ def test_workflow_run_manifests_validate_and_no_planted_secret_in_results_or_log
 
     torch.save({"note": SECRETS["HF_TOKEN"]}, wd / "results" / "planted.pt")
     assert f"{wd / 'results' / 'planted.pt'}!planted/data.pkl: {SECRETS['HF_TOKEN']}" in leaks(
-        wd / "results", [SECRETS["HF_TOKEN"]])
+        wd / "results", [SECRETS["HF_TOKEN"]]
+    )
 
 
 @pytest.mark.cluster
@@ -161,26 +207,51 @@ def test_manifest_on_the_test_cluster_and_reproduce_inside_an_allocation(cluster
     import os
 
     tag = f"prov-{os.getpid()}"
-    cfg = write_config(cluster.shared_dir / f"{tag}.yaml",
-                       deep_update(TINY, {"train": {"deterministic": True},
-                                          "dist": {"backend": "ddp", "timeout_s": 60}}))
+    cfg = write_config(
+        cluster.shared_dir / f"{tag}.yaml",
+        deep_update(
+            TINY, {"train": {"deterministic": True}, "dist": {"backend": "ddp", "timeout_s": 60}}
+        ),
+    )
     out = cluster.shared_dir / f"{tag}-run"
-    cluster.srun(["-N2", "-n2", PY, *TRAIN, "--config", str(cfg), "--out", str(out)],
-                 timeout=300, extra_env=SECRETS)
+    cluster.srun(
+        ["-N2", "-n2", PY, *TRAIN, "--config", str(cfg), "--out", str(out)],
+        timeout=300,
+        extra_env=SECRETS,
+    )
     manifest = json.loads((out / "provenance.json").read_text())
     validate(manifest)
     must, inc = manifest["must_match"], manifest["incidental"]
     assert (must["launcher"], must["world_size"], must["nodes"], must["tasks_per_node"]) == (
-        "slurm", 2, 2, 1)
-    assert inc["slurm"]["job_id"] and re.fullmatch(r"n\[\d-\d\]|n\d,n\d|n\[\d,\d\]",
-                                                   inc["slurm"]["nodelist"])
+        "slurm",
+        2,
+        2,
+        1,
+    )
+    assert inc["slurm"]["job_id"] and re.fullmatch(
+        r"n\[\d-\d\]|n\d,n\d|n\[\d,\d\]", inc["slurm"]["nodelist"]
+    )
     assert inc["env"]["SLURM_JOB_ID"] == inc["slurm"]["job_id"]
     assert not leaks(out, list(SECRETS.values()))
     # A Slurm run is rerun with srun, so only inside an allocation.
     outside = run([PY, "-m", "scalelab", "reproduce", str(out), "--out", str(out) + "-x"])
     assert outside.returncode == 2 and "salloc -N 2" in outside.stderr
-    proc = run(["salloc", "-N2", "-n2", PY, "-m", "scalelab", "reproduce", str(out),
-                "--out", f"{out}-rerun"], timeout=300, extra_env=cluster.env())
+    proc = run(
+        [
+            "salloc",
+            "-N2",
+            "-n2",
+            PY,
+            "-m",
+            "scalelab",
+            "reproduce",
+            str(out),
+            "--out",
+            f"{out}-rerun",
+        ],
+        timeout=300,
+        extra_env=cluster.env(),
+    )
     assert proc.returncode == 0 and "reproduced" in proc.stdout, proc.stdout + proc.stderr
     assert "srun --mpi=pmix --nodes=2 --ntasks=2" in proc.stdout
 

@@ -21,24 +21,37 @@ import numpy as np
 import pytest
 from train_support import MPIRUN, PY, TINY, TORCHRUN, TRAIN, deep_update, ok, run, write_config
 
-from scalelab import provenance
+from scalelab import provenance, sysfacts
 
 SCALELAB = [PY, "-m", "scalelab"]
 SCHEMA = json.loads(provenance.SCHEMA.read_text())
-QUICK = {"train": {"steps_per_epoch": 2, "deterministic": True},
-         "checkpoint": {"every_epochs": 0}}
+QUICK = {"train": {"steps_per_epoch": 2, "deterministic": True}, "checkpoint": {"every_epochs": 0}}
 CNN = deep_update(TINY, QUICK)
-GPT = deep_update(QUICK, {
-    "seed": 11, "model": {"name": "gpt", "options": {"size": "tiny"}},
-    "data": {"source": "tokens", "num_samples": 128, "val_samples": 32, "seq_len": 16,
-             "vocab_size": 32},
-    "optim": {"name": "sgd", "global_batch_size": 16, "lr": 0.1, "momentum": 0.9},
-    "train": {"epochs": 1, "threads": 1, "progress": False},
-    "metrics": {"warmup_steps": 1}})
+GPT = deep_update(
+    QUICK,
+    {
+        "seed": 11,
+        "model": {"name": "gpt", "options": {"size": "tiny"}},
+        "data": {
+            "source": "tokens",
+            "num_samples": 128,
+            "val_samples": 32,
+            "seq_len": 16,
+            "vocab_size": 32,
+        },
+        "optim": {"name": "sgd", "global_batch_size": 16, "lr": 0.1, "momentum": 0.9},
+        "train": {"epochs": 1, "threads": 1, "progress": False},
+        "metrics": {"warmup_steps": 1},
+    },
+)
 
 #: backend -> (launcher argv before `-m scalelab train`, ranks)
-LAUNCH = {"none": ([PY], 1), "ddp": (TORCHRUN, 2), "fsdp": (TORCHRUN, 2),
-          "horovod": ([*MPIRUN, PY], 2)}
+LAUNCH = {
+    "none": ([PY], 1),
+    "ddp": (TORCHRUN, 2),
+    "fsdp": (TORCHRUN, 2),
+    "horovod": ([*MPIRUN, PY], 2),
+}
 IMAGE_SOURCES = ("synthetic", "memory-npz", "staged")
 #: name -> (data source, backend, tp): every backend on every source; tp (gpt only) with
 #: the two backends that combine with it.
@@ -55,13 +68,18 @@ def image_data(root: Path) -> dict[str, str]:
     from scalelab.data.stage import StageConfig, stage
 
     staged = root / "staged"
-    stage(StageConfig("synthetic", staged, num_samples=400, num_classes=4,
-                      image_size=(16, 16), progress=False))
+    stage(
+        StageConfig(
+            "synthetic", staged, num_samples=400, num_classes=4, image_size=(16, 16), progress=False
+        )
+    )
     rng = np.random.default_rng(0)
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return (rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8),
-                rng.integers(0, 4, n, dtype=np.int64))
+        return (
+            rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8),
+            rng.integers(0, 4, n, dtype=np.int64),
+        )
 
     npz = root / "data.npz"
     save_npz(npz, {"train": split(128), "val": split(32)}, num_classes=4)
@@ -75,8 +93,14 @@ def train_argv(root: Path, name: str, paths: dict[str, str]) -> list[str]:
         cfg = deep_update(cfg, {"data": {"path": paths[source]}})
     cfg = deep_update(cfg, {"dist": {"backend": backend, "tp": tp}})
     config = write_config(root / f"{name}.yaml", cfg)
-    return [*LAUNCH[backend][0], *TRAIN, "--config", str(config), "--out",
-            str(root / "runs" / name)]
+    return [
+        *LAUNCH[backend][0],
+        *TRAIN,
+        "--config",
+        str(config),
+        "--out",
+        str(root / "runs" / name),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +139,23 @@ def test_runs_lists_every_run(matrix: Path) -> None:
 
 def test_reproduce_dry_run_accepts_every_run(matrix: Path, tmp_path: Path) -> None:
     """Two dry runs at a time: each is a fresh process, as a user's would be."""
+
     def dry_run(name: str):
-        return run([*SCALELAB, "reproduce", str(matrix / name), "--dry-run",
-                    "--out", str(tmp_path / name)], timeout=120)
+        return run(
+            [
+                *SCALELAB,
+                "reproduce",
+                str(matrix / name),
+                "--dry-run",
+                "--out",
+                str(tmp_path / name),
+            ],
+            timeout=120,
+        )
 
     with ThreadPoolExecutor(2) as pool:
         procs = dict(zip(CASES, pool.map(dry_run, CASES), strict=True))
-    failed = {n: p.stderr.strip().splitlines()[-3:] for n, p in procs.items()
-              if p.returncode != 0}
+    failed = {n: p.stderr.strip().splitlines()[-3:] for n, p in procs.items() if p.returncode != 0}
     assert not failed, failed
     for name, proc in procs.items():
         assert proc.stdout.startswith("scalelab reproduce:"), (name, proc.stdout)
@@ -131,17 +164,23 @@ def test_reproduce_dry_run_accepts_every_run(matrix: Path, tmp_path: Path) -> No
 
 # ----------------------------------------------------------------------------- in-process
 
+
 def test_token_identity_covers_sequence_length_vocabulary_seed_and_sizes() -> None:
     from scalelab.train.config import from_dict
 
     def digest(**changes: typing.Any) -> str:
         cfg = deep_update(GPT, {"data": {k: v for k, v in changes.items() if k != "seed"}})
         cfg["seed"] = changes.get("seed", cfg["seed"])
-        return provenance.dataset_hash(from_dict(cfg))["sha256"]
+        return sysfacts.dataset_hash(from_dict(cfg))["sha256"]
 
     base = digest()
-    changed = [digest(seq_len=32), digest(vocab_size=64), digest(seed=12),
-               digest(num_samples=256), digest(val_samples=64)]
+    changed = [
+        digest(seq_len=32),
+        digest(vocab_size=64),
+        digest(seed=12),
+        digest(num_samples=256),
+        digest(val_samples=64),
+    ]
     assert base == digest() and base not in changed and len(set(changed)) == len(changed)
 
 
@@ -155,7 +194,9 @@ def test_sources_and_backends_are_one_vocabulary() -> None:
     backends = typing.get_args(DistConfig.model_fields["backend"].annotation)
     data = SCHEMA["properties"]["incidental"]["properties"]["data"]["properties"]["source"]
     must = SCHEMA["properties"]["must_match"]["properties"]["backend"]
-    assert sorted(data["enum"]) == sorted(provenance._IDENTITY) == sorted(sources)
+    from scalelab.data.registry import REGISTRY
+
+    assert sorted(data["enum"]) == sorted(REGISTRY) == sorted(sources)
     assert sorted(must["enum"]) == sorted(backends)
     assert {s for s, _, _ in CASES.values()} == set(sources)
     assert {b for _, b, _ in CASES.values()} | {"auto"} == set(backends)

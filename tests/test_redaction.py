@@ -13,8 +13,8 @@ import uuid
 import pytest
 from reliability import tally_fixtures
 
-from scalelab import provenance
-from scalelab.provenance import REDACTED, SECRET_NAME, allowed_env, redact_argv
+from scalelab import provenance, redact
+from scalelab.redact import REDACTED, SECRET_NAME, allowed_env, redact_argv
 
 # docs/reliability.md: credential shapes in command lines and the environment.
 tally, _count = tally_fixtures("secret-shapes", tried="cases tried", passed="redacted or dropped")
@@ -132,7 +132,7 @@ def test_allow_list_redacts_a_url_password_in_a_kept_value():
 
 
 def test_no_allow_listed_name_looks_like_a_credential():
-    assert [n for n in provenance.ENV_NAMES if SECRET_NAME.search(n)] == []
+    assert [n for n in redact.ENV_NAMES if SECRET_NAME.search(n)] == []
 
 
 def test_the_schema_refuses_the_same_names_as_the_allow_list():

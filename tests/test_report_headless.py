@@ -30,22 +30,42 @@ from test_workflow import copy_workflow, snakemake
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: Headless flags for a root user on a machine without a display or network
 #: (the background-networking flags stop Chromium calling home through a closed network).
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WALK = REPO / "tests" / "scripts" / "report_walk.js"
 
 CRAFTED = "ranks,throughput,repeat,label\n" + "".join(
-    f"{n},{x},{i},crafted\n" for n, xs in ((1, (100, 101, 99)), (2, (250, 252, 248)))
-    for i, x in enumerate(xs))
+    f"{n},{x},{i},crafted\n"
+    for n, xs in ((1, (100, 101, 99)), (2, (250, 252, 248)))
+    for i, x in enumerate(xs)
+)
 
 
 def render(page: Path, profile: Path, budget_ms: int = 60000) -> str:
     """The DOM of ``page`` after its scripts ran (virtual time, so no wall-clock waits)."""
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: run envs/test_env.sh (./setup.sh --test-env)")
-    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
-                           f"--virtual-time-budget={budget_ms}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0 and "</html>" in proc.stdout, proc.stderr[-2000:]
     return proc.stdout
 
@@ -77,7 +97,7 @@ def walked(tmp_path_factory) -> dict:
     tag = '<pre id="scalelab-walk">'
     start = dom.rfind(tag)
     assert start >= 0, "the walk did not finish (no result element in the DOM)"
-    seen = json.loads(html.unescape(dom[start + len(tag):dom.index("</pre>", start)]))
+    seen = json.loads(html.unescape(dom[start + len(tag) : dom.index("</pre>", start)]))
     seen["workdir"] = wd
     seen["profile"] = base / "profile"
     return seen
@@ -96,10 +116,19 @@ def test_landing_page_shows_the_study_and_its_categories(walked):
 
 def test_every_item_has_its_own_label_and_caption(walked):
     found = items(walked)
-    expected = {"table: scaling with flags", "table: scaling.csv", "plot: throughput",
-                "plot: efficiency", "plot: breakdown", "plot: fits", "plot: backends",
-                "commbench: torch", "prediction: DDP at larger scales",
-                "prediction: error at measured scales", "effective config"}
+    expected = {
+        "table: scaling with flags",
+        "table: scaling.csv",
+        "plot: throughput",
+        "plot: efficiency",
+        "plot: breakdown",
+        "plot: fits",
+        "plot: backends",
+        "commbench: torch",
+        "prediction: DDP at larger scales",
+        "prediction: error at measured scales",
+        "effective config",
+    }
     assert expected <= set(found), set(found)
     captions = {}
     for name, item in found.items():
@@ -120,8 +149,13 @@ def test_scaling_table_shows_flags_beside_the_figures(walked, tmp_path):
     dom = render(page, walked["profile"], budget_ms=2000)
     first_table = re.search(r"<table>(.*?)</table>", dom, re.S).group(1)  # the scaling table
     rows = re.findall(r"<tr>(.*?)</tr>", first_table, re.S)
-    cells = [[html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
-              for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r, re.S)] for r in rows]
+    cells = [
+        [
+            html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+            for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r, re.S)
+        ]
+        for r in rows
+    ]
     header = cells[0]
     eff = header.index("efficiency (flags)")
     crafted = [r for r in cells if r and r[0] == "crafted"]
@@ -143,8 +177,15 @@ def test_scaling_table_shows_flags_beside_the_figures(walked, tmp_path):
 
 def test_plots_and_commbench_curves_are_real_images(walked):
     found = items(walked)
-    for name in ("plot: throughput", "plot: efficiency", "plot: breakdown", "plot: fits",
-                 "plot: backends", "commbench: torch", "prediction: DDP at larger scales"):
+    for name in (
+        "plot: throughput",
+        "plot: efficiency",
+        "plot: breakdown",
+        "plot: fits",
+        "plot: backends",
+        "commbench: torch",
+        "prediction: DDP at larger scales",
+    ):
         uri = found[name]["img"]
         assert uri and uri.startswith("data:image/png"), name
         img = mpimg.imread(io.BytesIO(data_uri(uri)), format="png")

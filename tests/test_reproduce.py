@@ -61,8 +61,12 @@ def test_reproduce_refuses_a_different_torch_and_names_it(reference, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("scalelab reproduce: error: ")
     assert "--force" in proc.stderr.splitlines()[-1]
     assert not out.exists()  # refused before anything was written
-    forced = ok(run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out), "--force",
-                     "--dry-run"], timeout=120))
+    forced = ok(
+        run(
+            [*SCALELAB, "reproduce", str(run_dir), "--out", str(out), "--force", "--dry-run"],
+            timeout=120,
+        )
+    )
     assert "mpirun -n 3" in forced.stdout and not out.exists()
 
 
@@ -78,8 +82,9 @@ def _edit_manifest(reference: Path, target: Path, change) -> Path:
 def test_reproduce_refuses_a_layout_the_run_did_not_have(reference, tmp_path):
     """Issue 23: reproduce compared the layout fields with themselves, so a run whose
     provenance.json claims another world size still "reproduced"."""
-    run_dir = _edit_manifest(reference, tmp_path / "run",
-                             lambda m: m["must_match"].update(world_size=3))
+    run_dir = _edit_manifest(
+        reference, tmp_path / "run", lambda m: m["must_match"].update(world_size=3)
+    )
     out = tmp_path / "rerun"
     proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out)], timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -93,6 +98,7 @@ def test_reproduce_checks_the_layout_the_rerun_really_had(reference, tmp_path):
     """A claim consistent in provenance.json and run_info.json (2 ranks, started as a
     single process) is found when the rerun detects 1 rank: the rerun's own manifest is
     compared with the recorded layout, and reproduce fails."""
+
     def single(m):
         m["must_match"].update(launcher="single")
 
@@ -104,18 +110,21 @@ def test_reproduce_checks_the_layout_the_rerun_really_had(reference, tmp_path):
     proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(out)], timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert "did not run at the recorded layout: world_size: 2 (recorded) != 1 (the rerun)" \
-        in last, last
+    assert (
+        "did not run at the recorded layout: world_size: 2 (recorded) != 1 (the rerun)" in last
+    ), last
     assert "scalelab reproduce: reproduced" not in proc.stdout
 
 
 def test_reproduce_names_the_config_key_that_was_edited(reference, tmp_path):
     """Issue 23: an edited config inside provenance.json was refused naming only
     config_sha256; now the first line names the key."""
-    run_dir = _edit_manifest(reference, tmp_path / "run",
-                             lambda m: m["config"]["optim"].update(lr=0.5))
-    proc = run([*SCALELAB, "reproduce", str(run_dir), "--out", str(tmp_path / "rerun")],
-               timeout=120)
+    run_dir = _edit_manifest(
+        reference, tmp_path / "run", lambda m: m["config"]["optim"].update(lr=0.5)
+    )
+    proc = run(
+        [*SCALELAB, "reproduce", str(run_dir), "--out", str(tmp_path / "rerun")], timeout=120
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "first: config.optim.lr: " in last and "!= 0.5 (provenance.json)" in last
@@ -143,8 +152,9 @@ def test_runs_and_diff(reference, tmp_path):
     cfg = write_config(tmp_path / "lr.yaml", deep_update(DETERMINISTIC, {"optim": {"lr": 0.01}}))
     other = tmp_path / "runs" / "lr"
     ok(run([PY, *TRAIN, "--config", str(cfg), "--out", str(other)], timeout=120))
-    rows = json.loads(ok(run([*SCALELAB, "runs", "--json", str(reference),
-                              str(tmp_path / "runs")])).stdout)
+    rows = json.loads(
+        ok(run([*SCALELAB, "runs", "--json", str(reference), str(tmp_path / "runs")])).stdout
+    )
     assert [r["run"] for r in rows] == [str(reference), str(other)]
     assert [r["world_size"] for r in rows] == [2, 1]
     assert rows[0]["provenance_id"] != rows[1]["provenance_id"]

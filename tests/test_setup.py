@@ -49,11 +49,23 @@ def pypi_only_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a machine whose pip reads only PyPI: no local wheel directory, no
     extra index; the CA bundle stays (these machines reach PyPI through a TLS proxy)."""
     conf = tmp / "pip.conf"
-    conf.write_text("[global]\n" + (f"cert = {os.environ['PIP_CERT']}\n"
-                                    if os.environ.get("PIP_CERT") else ""))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL",
-                                "UV_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    conf.write_text(
+        "[global]\n" + (f"cert = {os.environ['PIP_CERT']}\n" if os.environ.get("PIP_CERT") else "")
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            (
+                "PIP_FIND_LINKS",
+                "PIP_EXTRA_INDEX_URL",
+                "PIP_INDEX_URL",
+                "UV_",
+                "VIRTUAL_ENV",
+                "PYTHONPATH",
+            )
+        )
+    }
     env["PIP_CONFIG_FILE"] = str(conf)
     # The test's venv must not come first: setup.sh finds its own interpreter.
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != str(VENV_BIN))
@@ -71,8 +83,11 @@ def setup_copy(dest: Path) -> Path:
 
 def checkout_copy(dest: Path) -> Path:
     """The checkout as a clone has it: tracked and not-ignored files, no .venv or results."""
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard"], capture_output=True, check=True).stdout
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
     for rel in filter(None, files.decode().split("\0")):
         src = REPO / rel
         if src.is_file() or src.is_symlink():
@@ -99,29 +114,58 @@ def test_pypi_lock_installs_for_every_python_and_platform(python, machine, tmp_p
     """uv resolves envs/lock-pypi.txt with --require-hashes against PyPI for the target (a
     second each; nothing large is downloaded). pip cannot: one Snakemake dependency is an
     sdist it would have to build."""
-    env = pypi_only_env(tmp_path, SSL_CERT_FILE=os.environ.get("PIP_CERT", "") or
-                        "/etc/ssl/certs/ca-certificates.crt", UV_CACHE_DIR=str(tmp_path / "uv"))
+    env = pypi_only_env(
+        tmp_path,
+        SSL_CERT_FILE=os.environ.get("PIP_CERT", "") or "/etc/ssl/certs/ca-certificates.crt",
+        UV_CACHE_DIR=str(tmp_path / "uv"),
+    )
     proc = subprocess.run(
-        [str(VENV_BIN / "uv"), "pip", "install", "--dry-run", "--require-hashes",
-         "--python-version", python, "--python-platform", PLATFORMS[machine],
-         "--target", str(tmp_path / "target"), "-r", str(REPO / "envs" / "lock-pypi.txt")],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            str(VENV_BIN / "uv"),
+            "pip",
+            "install",
+            "--dry-run",
+            "--require-hashes",
+            "--python-version",
+            python,
+            "--python-platform",
+            PLATFORMS[machine],
+            "--target",
+            str(tmp_path / "target"),
+            "-r",
+            str(REPO / "envs" / "lock-pypi.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        pytest.fail(f"envs/lock-pypi.txt does not install for Python {python} on {machine}: "
-                    f"{last}", pytrace=False)
+        pytest.fail(
+            f"envs/lock-pypi.txt does not install for Python {python} on {machine}: {last}",
+            pytrace=False,
+        )
     assert "torch==2.13.0" in proc.stderr + proc.stdout
     assert not list((tmp_path / "target").glob("*.dist-info"))  # a dry run installs nothing
 
 
 # -- stopping checks, each provoked for real ---------------------------------------------------
 def test_a_python_older_than_3_11_stops_before_anything(tmp_path):
-    old = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")) +
-                 glob.glob("/usr/bin/python3.10"))
+    old = sorted(
+        glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3"))
+        + glob.glob("/usr/bin/python3.10")
+    )
     require(bool(old), "no Python 3.10 on this machine (pyenv has one on the project's machines)")
     where = setup_copy(tmp_path / "co")
-    proc = subprocess.run(["bash", "setup.sh", "--no-run"], cwd=where, capture_output=True,
-                          text=True, env=pypi_only_env(tmp_path, PYTHON=old[0]), timeout=120)
+    proc = subprocess.run(
+        ["bash", "setup.sh", "--no-run"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=pypi_only_env(tmp_path, PYTHON=old[0]),
+        timeout=120,
+    )
     assert_stopped(proc, where, "Python 3.10", "3.11 to 3.14", "PYTHON=")
 
 
@@ -132,10 +176,17 @@ def test_a_python_without_venv_and_no_uv_stops_and_names_the_fix(tmp_path):
     (shadow / "__init__.py").write_text("raise ImportError('ensurepip is not installed')\n")
     where = setup_copy(tmp_path / "co")
     env = pypi_only_env(tmp_path, PYTHONPATH=str(shadow.parent))
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
-                                  if not (Path(p) / "uv").exists())
-    proc = subprocess.run(["bash", "setup.sh", "--no-run"], cwd=where, capture_output=True,
-                          text=True, env=env, timeout=120)
+    env["PATH"] = os.pathsep.join(
+        p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "uv").exists()
+    )
+    proc = subprocess.run(
+        ["bash", "setup.sh", "--no-run"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert_stopped(proc, where, "no venv module", "-venv", "uv")
 
 
@@ -146,8 +197,14 @@ def test_a_full_file_system_stops_before_any_download(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
     try:
         where = setup_copy(small / "co")
-        proc = subprocess.run(["bash", "setup.sh", "--no-run"], cwd=where, capture_output=True,
-                              text=True, env=pypi_only_env(tmp_path), timeout=120)
+        proc = subprocess.run(
+            ["bash", "setup.sh", "--no-run"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            env=pypi_only_env(tmp_path),
+            timeout=120,
+        )
         assert_stopped(proc, where, "MB free", "GB")
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
@@ -156,10 +213,17 @@ def test_a_full_file_system_stops_before_any_download(tmp_path):
 def test_torch_unreachable_stops_and_removes_the_new_venv(tmp_path):
     """pip's only index refuses connections (a login node behind a firewall)."""
     where = setup_copy(tmp_path / "co")
-    env = pypi_only_env(tmp_path, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
-                        PIP_TIMEOUT="5")
-    proc = subprocess.run(["bash", "setup.sh", "--no-run"], cwd=where, capture_output=True,
-                          text=True, env=env, timeout=300)
+    env = pypi_only_env(
+        tmp_path, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="5"
+    )
+    proc = subprocess.run(
+        ["bash", "setup.sh", "--no-run"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert_stopped(proc, where, "torch 2.13.0 cannot be found", "--torch-index")
 
 
@@ -183,11 +247,13 @@ def cpu_index(root: Path) -> Iterator[str]:
     os.symlink(wheel, torch_dir / wheel.name)
     href = wheel.name.replace("+", "%2B")
     (torch_dir / "index.html").write_text(
-        f'<!DOCTYPE html><html><body><a href="{href}">{wheel.name}</a></body></html>\n')
+        f'<!DOCTYPE html><html><body><a href="{href}">{wheel.name}</a></body></html>\n'
+    )
     (root / "simple" / "index.html").write_text('<a href="torch/">torch</a>\n')
     handler = type("Handler", (_Index,), {"sent": []})
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -224,20 +290,31 @@ def test_cpu_index_on_localhost_and_no_compiler_gives_cpu_lock_without_horovod(t
     where = checkout_copy(tmp_path / "co")
     (where / "train.yaml").write_text(TRAIN_CONFIG)
     with cpu_index(tmp_path / "index") as (url, sent):
-        script = "\n".join(["set -e", *hide_compilers(),
-                            'for c in c++ g++; do [ ! -x "$(command -v $c)" ]; done',
-                            f"bash setup.sh --no-run --torch-index {shlex.quote(url)}",
-                            ".venv/bin/scalelab train --config train.yaml --out run"])
-        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                               script], cwd=where, capture_output=True, text=True,
-                              env=pypi_only_env(tmp_path), timeout=900)
+        script = "\n".join(
+            [
+                "set -e",
+                *hide_compilers(),
+                'for c in c++ g++; do [ ! -x "$(command -v $c)" ]; done',
+                f"bash setup.sh --no-run --torch-index {shlex.quote(url)}",
+                ".venv/bin/scalelab train --config train.yaml --out run",
+            ]
+        )
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            env=pypi_only_env(tmp_path),
+            timeout=900,
+        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(p.endswith(".whl") and "torch-2.13.0" in p for p in sent), sent
     assert "torch 2.13.0+cpu found" in proc.stdout
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("setup.sh: warning:")]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0], proc.stderr
     assert (where / ".venv" / "scalelab-lock.txt").read_text() == (
-        REPO / "envs" / "lock-cpu.txt").read_text()
+        REPO / "envs" / "lock-cpu.txt"
+    ).read_text()
     assert not list((where / ".venv").glob("lib/python*/site-packages/horovod"))
     assert "mode local: ready" in proc.stdout
     assert (where / "run" / "summary.json").is_file()
@@ -256,8 +333,21 @@ def plain_user() -> Iterator[tuple[str, Path]]:
     base = Path(tempfile.mkdtemp(prefix="scalelab-nonroot-"))
     base.chmod(0o755)
     home = base / name
-    subprocess.run(["useradd", "--no-user-group", "--gid", "users", "--home-dir", str(home),
-                    "--create-home", "--shell", "/bin/bash", name], check=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--no-user-group",
+            "--gid",
+            "users",
+            "--home-dir",
+            str(home),
+            "--create-home",
+            "--shell",
+            "/bin/bash",
+            name,
+        ],
+        check=True,
+    )
     try:
         yield name, home
     finally:
@@ -293,17 +383,38 @@ def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user)
     for p in [cache, *cache.rglob("*")]:
         p.chmod(0o555 if p.is_dir() else 0o444)
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
-    env = pypi_only_env(base, HOME=str(home), USER=name, LOGNAME=name,
-                        PYTHON="/usr/bin/python3", SCALELAB_CACHE=str(cache),
-                        PATH=f"{shims}:/usr/local/bin:/usr/bin:/bin",
-                        PIP_FIND_LINKS=os.environ.get("PIP_FIND_LINKS", ""))
+    env = pypi_only_env(
+        base,
+        HOME=str(home),
+        USER=name,
+        LOGNAME=name,
+        PYTHON="/usr/bin/python3",
+        SCALELAB_CACHE=str(cache),
+        PATH=f"{shims}:/usr/local/bin:/usr/bin:/bin",
+        PIP_FIND_LINKS=os.environ.get("PIP_FIND_LINKS", ""),
+    )
     (base / "pip.conf").chmod(0o644)
-    script = ("bash setup.sh --no-run && "
-              ".venv/bin/scalelab train --config train.yaml --out run && "
-              ".venv/bin/python -c 'import horovod.torch as hvd; print(\"horovod ok\")'")
-    proc = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
-                           "--init-groups", "bash", "-c", script], cwd=where,
-                          capture_output=True, text=True, env=env, timeout=900)
+    script = (
+        "bash setup.sh --no-run && "
+        ".venv/bin/scalelab train --config train.yaml --out run && "
+        ".venv/bin/python -c 'import horovod.torch as hvd; print(\"horovod ok\")'"
+    )
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--init-groups",
+            "bash",
+            "-c",
+            script,
+        ],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not calls.exists(), f"setup called: {calls.read_text()}"
     assert "using cached Horovod wheel" in proc.stdout

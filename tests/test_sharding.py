@@ -30,8 +30,13 @@ ATOL = 1e-5
 GPT_TINY = {
     "seed": 11,
     "model": {"name": "gpt", "options": {"size": "tiny"}},
-    "data": {"source": "tokens", "num_samples": 256, "val_samples": 64, "seq_len": 16,
-             "vocab_size": 32},
+    "data": {
+        "source": "tokens",
+        "num_samples": 256,
+        "val_samples": 64,
+        "seq_len": 16,
+        "vocab_size": 32,
+    },
     "optim": {"name": "sgd", "global_batch_size": 32, "lr": 0.1, "momentum": 0.9},
     "train": {"epochs": 1, "threads": 1, "progress": False, "deterministic": True},
     "metrics": {"warmup_steps": 1},
@@ -48,8 +53,15 @@ CASES: dict[str, tuple[int, list[str]]] = {
     # 65 validation samples: shares of 32 and 33, still the same number of eval forwards
     "fsdp2": (2, ["dist.backend=fsdp", "data.val_samples=65"]),
     "tp2": (2, ["dist.backend=ddp", "dist.tp=2"]),
-    "fsdp2xtp2": (4, ["dist.backend=fsdp", "dist.tp=2", "optim.grad_accum_steps=2",
-                      "dist.fsdp.activation_checkpointing=true"]),
+    "fsdp2xtp2": (
+        4,
+        [
+            "dist.backend=fsdp",
+            "dist.tp=2",
+            "optim.grad_accum_steps=2",
+            "dist.fsdp.activation_checkpointing=true",
+        ],
+    ),
     "fsdp2-bf16": (2, ["dist.backend=fsdp", "dist.fsdp.mixed_precision=bf16"]),
 }
 
@@ -62,8 +74,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, (ranks, sets) in CASES.items():
         launcher = [PY] if ranks == 1 else torchrun(ranks)
         extra = [arg for s in sets for arg in ("--set", s)]
-        ok(run([*launcher, *TRAIN, "--config", str(config), "--out", str(root / name), *extra],
-               timeout=300))
+        ok(
+            run(
+                [*launcher, *TRAIN, "--config", str(config), "--out", str(root / name), *extra],
+                timeout=300,
+            )
+        )
         out[name] = root / name
     return out
 
@@ -126,6 +142,7 @@ def test_language_model_summary(runs: dict[str, Path]) -> None:
 
 # ----------------------------------------------------------------------------- in-process
 
+
 def test_token_source_is_seeded_and_follows_its_chain() -> None:
     data = TokenSequences(500, 40, 24, seed=3)
     x, y = data.get_batch(np.arange(500))
@@ -164,15 +181,19 @@ def _layout(world: int) -> Layout:
     return Layout(0, world, 0, world, "127.0.0.1", 29500, "torchrun")
 
 
-@pytest.mark.parametrize("backend, world, tp, model, message", [
-    ("horovod", 4, 2, "gpt", "needs the ddp or fsdp backend, not horovod"),
-    ("ddp", 2, 4, "gpt", "tp=4 needs a multiple of 4 ranks; the launcher started 2"),
-    ("fsdp", 6, 4, "gpt", "tp=4 needs a multiple of 4 ranks"),
-    ("ddp", 4, 2, "cnn", "model 'cnn' has no tensor-parallel plan"),
-    ("auto", 1, 2, "gpt", "tp=2 needs a multiple of 2 ranks; the launcher started 1"),
-])
-def test_impossible_tensor_parallel_layouts_are_refused(backend: str, world: int, tp: int,
-                                                        model: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "backend, world, tp, model, message",
+    [
+        ("horovod", 4, 2, "gpt", "needs the ddp or fsdp backend, not horovod"),
+        ("ddp", 2, 4, "gpt", "tp=4 needs a multiple of 4 ranks; the launcher started 2"),
+        ("fsdp", 6, 4, "gpt", "tp=4 needs a multiple of 4 ranks"),
+        ("ddp", 4, 2, "cnn", "model 'cnn' has no tensor-parallel plan"),
+        ("auto", 1, 2, "gpt", "tp=2 needs a multiple of 2 ranks; the launcher started 1"),
+    ],
+)
+def test_impossible_tensor_parallel_layouts_are_refused(
+    backend: str, world: int, tp: int, model: str, message: str
+) -> None:
     from scalelab.backends import choose_backend
 
     with pytest.raises(UsageError, match="field 'dist.tp'") as err:
@@ -192,12 +213,13 @@ def test_fsdp_and_tp_are_valid_config() -> None:
 
 # ----------------------------------------------------------------------------- resharding
 
+
 def _resume_from(source: Path, step: int, target: Path) -> None:
     """A run directory (marker included) holding only ``source``'s distributed checkpoint
     at ``step``: the state of a run stopped right after that checkpoint."""
     import shutil
 
-    from scalelab.fsio import MARKER
+    from scalelab.output_guard import MARKER
 
     (target / "checkpoints").mkdir(parents=True)
     shutil.copy2(source / MARKER, target / MARKER)
@@ -205,13 +227,17 @@ def _resume_from(source: Path, step: int, target: Path) -> None:
     shutil.copytree(source / "checkpoints" / name, target / "checkpoints" / name)
 
 
-@pytest.mark.parametrize("before, after", [
-    ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=fsdp"])),
-    ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=fsdp"])),
-    # a sharded run continued unsharded: DCP reads full tensors into a plain module
-    ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=ddp"])),
-    ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=ddp"])),
-], ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2", "fsdp2-to-ddp1", "fsdp2xtp2-to-ddp2"])
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=fsdp"])),
+        ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=fsdp"])),
+        # a sharded run continued unsharded: DCP reads full tensors into a plain module
+        ((2, ["dist.backend=fsdp"]), (1, ["dist.backend=ddp"])),
+        ((4, ["dist.backend=fsdp", "dist.tp=2"]), (2, ["dist.backend=ddp"])),
+    ],
+    ids=["fsdp2-to-1", "fsdp2xtp2-to-fsdp2", "fsdp2-to-ddp1", "fsdp2xtp2-to-ddp2"],
+)
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before, after) -> None:
     """A distributed checkpoint (each rank wrote its shards) of a run stopped after epoch 1
     at one world size continues at another with --reshard, and ends where the
@@ -223,8 +249,12 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before
     def train(ranks: int, sets: list[str], out: Path, *extra: str):
         launcher = [PY] if ranks == 1 else torchrun(ranks)
         args = [arg for s in sets for arg in ("--set", s)]
-        return ok(run([*launcher, *TRAIN, "--config", str(config), "--out", str(out), *args,
-                       *extra], timeout=300))
+        return ok(
+            run(
+                [*launcher, *TRAIN, "--config", str(config), "--out", str(out), *args, *extra],
+                timeout=300,
+            )
+        )
 
     train(before[0], before[1], tmp_path / "whole")
     dcp_dir = tmp_path / "whole" / "checkpoints" / "ckpt-000000008.dcp"
@@ -233,9 +263,19 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path: Path, before
     assert {".metadata", "meta.pt", "SHA256SUMS"} <= {p.name for p in dcp_dir.iterdir()}
     _resume_from(tmp_path / "whole", 8, tmp_path / "resumed")
     launcher = [PY] if after[0] == 1 else torchrun(after[0])
-    refused = run([*launcher, *TRAIN, "--config", str(config), "--out",
-                   str(tmp_path / "resumed"), *[a for s in after[1] for a in ("--set", s)],
-                   "--resume"], timeout=300)
+    refused = run(
+        [
+            *launcher,
+            *TRAIN,
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "resumed"),
+            *[a for s in after[1] for a in ("--set", s)],
+            "--resume",
+        ],
+        timeout=300,
+    )
     # exit 2 from the trainer; torchrun reports any failed worker as its own exit 1
     assert refused.returncode == (2 if after[0] == 1 else 1), refused.stderr[-2000:]
     lines = [x for x in refused.stderr.splitlines() if x.startswith("scalelab train: error")]

@@ -30,10 +30,14 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("srun_args, sets, world", [
-    (["-N2", "-n2"], ["dist.backend=fsdp"], 2),
-    (["-N2", "--ntasks-per-node=2"], ["dist.backend=fsdp", "dist.tp=2"], 4),
-], ids=["fsdp-2nodes", "fsdp2xtp2-2nodes"])
+@pytest.mark.parametrize(
+    "srun_args, sets, world",
+    [
+        (["-N2", "-n2"], ["dist.backend=fsdp"], 2),
+        (["-N2", "--ntasks-per-node=2"], ["dist.backend=fsdp", "dist.tp=2"], 4),
+    ],
+    ids=["fsdp-2nodes", "fsdp2xtp2-2nodes"],
+)
 def test_sharded_training_across_nodes_equals_one_process(cluster, srun_args, sets, world):
     tag = f"{os.getpid()}-{world}"
     cfg = json.loads(json.dumps(GPT_TINY))
@@ -42,14 +46,45 @@ def test_sharded_training_across_nodes_equals_one_process(cluster, srun_args, se
     cfg_file.write_text(yaml.safe_dump(cfg))
     extra = [arg for s in sets for arg in ("--set", s)]
     ref = cluster.shared_dir / f"gpt-ref-{tag}"
-    run([PY, "-m", "scalelab", "train", "--config", str(cfg_file), "--out", str(ref),
-         "--set", "dist.backend=none"], timeout=300, env=cluster.env({"OMP_NUM_THREADS": "1"}))
+    run(
+        [
+            PY,
+            "-m",
+            "scalelab",
+            "train",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(ref),
+            "--set",
+            "dist.backend=none",
+        ],
+        timeout=300,
+        env=cluster.env({"OMP_NUM_THREADS": "1"}),
+    )
     out = cluster.shared_dir / f"gpt-sharded-{tag}"
-    cluster.srun(["--mpi=pmix", *srun_args, PY, "-m", "scalelab", "train", "--config",
-                  str(cfg_file), "--out", str(out), *extra], timeout=400)
+    cluster.srun(
+        [
+            "--mpi=pmix",
+            *srun_args,
+            PY,
+            "-m",
+            "scalelab",
+            "train",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        timeout=400,
+    )
     summary = json.loads((out / "summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
     assert (summary["status"], summary["world_size"], summary["backend"]) == (
-        "completed", world, "fsdp")
+        "completed",
+        world,
+        "fsdp",
+    )
     assert len(set(info["hostnames"])) == 2
     assert _max_diff(_weights(out), _weights(ref)) < ATOL

@@ -19,13 +19,21 @@ from scalelab.models.gpt import gpt
 SCRIPT = Path(__file__).parent / "scripts" / "sharding_comm_counts.py"
 
 #: CommDebugMode's op names -> ours
-OPS = {"all_reduce": "allreduce", "_allgather_base_": "all_gather",
-       "_reduce_scatter_base_": "reduce_scatter"}
+OPS = {
+    "all_reduce": "allreduce",
+    "_allgather_base_": "all_gather",
+    "_reduce_scatter_base_": "reduce_scatter",
+}
 
 
 def measured(mode: str) -> dict[str, int]:
-    proc = ok(run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT)],
-                  timeout=180, extra_env={"MODE": mode}))
+    proc = ok(
+        run(
+            [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT)],
+            timeout=180,
+            extra_env={"MODE": mode},
+        )
+    )
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
     return {OPS.get(k, k): v for k, v in json.loads(line).items()}
 

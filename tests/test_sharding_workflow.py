@@ -3,7 +3,7 @@ tokens source without staging, and the memory figures of the analysis, on a real
 of ``backends: [ddp, fsdp]`` x ``tp: [1, 2]`` (.test/sharding.yaml) run locally and under
 ``--profile slurm`` on the test cluster.
 
-The plan-time checks run in-process through ``sweep.validate`` (what common.smk calls);
+The plan-time checks run in-process through ``study_config.validate`` (what common.smk calls);
 the two workflow runs share one local reference (a session fixture).
 """
 
@@ -22,9 +22,11 @@ import yaml
 from conftest import REPO, two_nodes
 from test_workflow import copy_workflow, snakemake
 
-from scalelab import launcher, sweep
+from scalelab import launcher
 from scalelab.comm import predict
 from scalelab.errors import UsageError
+from scalelab.study import config as study_config
+from scalelab.study import plan as study_plan
 
 CONFIG = yaml.safe_load((REPO / ".test" / "sharding.yaml").read_text())
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -35,8 +37,14 @@ FSDP_SHARE = 0.55
 #: Final weights of every run against the 1-rank ddp run (SGD, deterministic, CPU):
 #: reduction order differs, the computation does not.
 ATOL = 1e-5
-RUNS = ["ddp-strong-n1-t1-g0-r0", "ddp-strong-n1-t2-g0-r0", "ddp-strong-n1-t2-g0-tp2-r0",
-        "fsdp-strong-n1-t1-g0-r0", "fsdp-strong-n1-t2-g0-r0", "fsdp-strong-n1-t2-g0-tp2-r0"]
+RUNS = [
+    "ddp-strong-n1-t1-g0-r0",
+    "ddp-strong-n1-t2-g0-r0",
+    "ddp-strong-n1-t2-g0-tp2-r0",
+    "fsdp-strong-n1-t1-g0-r0",
+    "fsdp-strong-n1-t2-g0-r0",
+    "fsdp-strong-n1-t2-g0-tp2-r0",
+]
 
 
 def _cfg(**sweep_lists) -> dict:
@@ -47,39 +55,50 @@ def _cfg(**sweep_lists) -> dict:
 
 def _error(cfg: dict) -> str:
     with pytest.raises(UsageError) as err:
-        sweep.validate(cfg)
+        study_config.validate(cfg)
     assert "\n" not in str(err.value)
     return str(err.value)
 
 
 # --------------------------------------------------------------------------- plan time
 
+
 def test_tp_1_keeps_todays_run_ids():
-    plain = sweep.validate(copy.deepcopy(DEFAULT))
+    plain = study_config.validate(copy.deepcopy(DEFAULT))
     explicit = copy.deepcopy(DEFAULT)
     explicit["sweep"]["tp"] = [1]
-    ids = [p.run_id for p in sweep.expand(plain)]
-    assert ids == [p.run_id for p in sweep.expand(sweep.validate(explicit))]
+    ids = [p.run_id for p in study_plan.expand(plain)]
+    assert ids == [p.run_id for p in study_plan.expand(study_config.validate(explicit))]
     assert all("tp" not in i for i in ids) and ids[0] == "ddp-strong-n1-t1-g0-r0"
 
 
 def test_impossible_combinations_are_skipped_and_listed():
-    cfg = sweep.validate(_cfg(backends=["ddp", "horovod", "fsdp"]))
-    points, skipped = sweep.plan(cfg)
+    cfg = study_config.validate(_cfg(backends=["ddp", "horovod", "fsdp"]))
+    points, skipped = study_plan.plan(cfg)
     assert [p.run_id for p in points] == [  # the lists' order; tp before repeats
-        "ddp-strong-n1-t1-g0-r0", "ddp-strong-n1-t2-g0-r0", "ddp-strong-n1-t2-g0-tp2-r0",
-        "horovod-strong-n1-t1-g0-r0", "horovod-strong-n1-t2-g0-r0",
-        "fsdp-strong-n1-t1-g0-r0", "fsdp-strong-n1-t2-g0-r0", "fsdp-strong-n1-t2-g0-tp2-r0"]
+        "ddp-strong-n1-t1-g0-r0",
+        "ddp-strong-n1-t2-g0-r0",
+        "ddp-strong-n1-t2-g0-tp2-r0",
+        "horovod-strong-n1-t1-g0-r0",
+        "horovod-strong-n1-t2-g0-r0",
+        "fsdp-strong-n1-t1-g0-r0",
+        "fsdp-strong-n1-t2-g0-r0",
+        "fsdp-strong-n1-t2-g0-tp2-r0",
+    ]
     why = {s.point.run_id: s.reason for s in skipped}
-    assert sorted(why) == ["ddp-strong-n1-t1-g0-tp2-r0", "fsdp-strong-n1-t1-g0-tp2-r0",
-                           "horovod-strong-n1-t1-g0-tp2-r0", "horovod-strong-n1-t2-g0-tp2-r0"]
+    assert sorted(why) == [
+        "ddp-strong-n1-t1-g0-tp2-r0",
+        "fsdp-strong-n1-t1-g0-tp2-r0",
+        "horovod-strong-n1-t1-g0-tp2-r0",
+        "horovod-strong-n1-t2-g0-tp2-r0",
+    ]
     assert "multiple of 2 ranks" in why["ddp-strong-n1-t1-g0-tp2-r0"]
     assert "horovod" in why["horovod-strong-n1-t2-g0-tp2-r0"]
-    summary = sweep.plan_summary(cfg)
+    summary = study_plan.plan_summary(cfg)
     assert summary.startswith("sweep: 8 training run(s); 4 combination(s) skipped")
     assert all(f"skipped {r}:" in summary for r in why)
     # the run config of a tp point carries it; the tokens source is not staged
-    point = sweep.find(cfg, "fsdp-strong-n1-t2-g0-tp2-r0")
+    point = study_plan.find(cfg, "fsdp-strong-n1-t2-g0-tp2-r0")
     rc = launcher.run_config(cfg, point, "DATA")
     assert rc["dist"]["tp"] == 2 and rc["dist"]["backend"] == "fsdp"
     assert rc["data"]["source"] == "tokens" and "path" not in rc["data"]
@@ -89,7 +108,7 @@ def test_impossible_combinations_are_skipped_and_listed():
 def test_model_without_tensor_parallel_plan_is_skipped():
     cfg = copy.deepcopy(DEFAULT)
     cfg["sweep"].update(backends=["ddp"], tp=[1, 2])
-    points, skipped = sweep.plan(sweep.validate(cfg))
+    points, skipped = study_plan.plan(study_config.validate(cfg))
     assert [p.tp for p in points] == [1] * len(points)
     assert {s.point.tasks_per_node for s in skipped} == {1, 2}
     assert "model 'cnn' has no tensor-parallel plan" in skipped[-1].reason
@@ -101,7 +120,7 @@ def test_heads_that_do_not_split_are_skipped_at_plan_time():
     cfg = copy.deepcopy(CONFIG)
     cfg["train"]["model"].setdefault("options", {})["n_heads"] = 1
     cfg["train"]["model"]["options"]["d_model"] = 32
-    points, skipped = sweep.plan(sweep.validate(cfg))
+    points, skipped = study_plan.plan(study_config.validate(cfg))
     assert points and all(p.tp == 1 for p in points)
     two_ranks = [s for s in skipped if s.point.tasks_per_node == 2]
     assert two_ranks and all("1 heads do not split over tp=2" in s.reason for s in two_ranks)
@@ -114,18 +133,29 @@ def _explicit_tp(cfg: dict, backend: str) -> None:
     cfg["train"].setdefault("dist", {})["tp"] = 2
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    # the explicit single point: nothing left to run
-    (lambda c: c["sweep"].update(backends=["horovod"], tp=[2]),
-     "config: sweep.tp: no point of the sweep can run; horovod-strong-n1-t1-g0-tp2-r0"),
-    # written in the run config (no sweep.tp): an error naming the field, not a skip
-    (lambda c: _explicit_tp(c, "horovod"),
-     "sweep point horovod-strong-n1-t2-g0-r0: field 'train.dist.tp': tensor parallelism"),
-    (lambda c: c["train"].setdefault("dist", {}).update(tp=2),
-     "config: train.dist.tp: set by the workflow from sweep.tp"),
-    (lambda c: c["data"].update(node_local=True), "config: data.node_local: not used by "
-                                                  "source 'tokens'"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        # the explicit single point: nothing left to run
+        (
+            lambda c: c["sweep"].update(backends=["horovod"], tp=[2]),
+            "config: sweep.tp: no point of the sweep can run; horovod-strong-n1-t1-g0-tp2-r0",
+        ),
+        # written in the run config (no sweep.tp): an error naming the field, not a skip
+        (
+            lambda c: _explicit_tp(c, "horovod"),
+            "sweep point horovod-strong-n1-t2-g0-r0: field 'train.dist.tp': tensor parallelism",
+        ),
+        (
+            lambda c: c["train"].setdefault("dist", {}).update(tp=2),
+            "config: train.dist.tp: set by the workflow from sweep.tp",
+        ),
+        (
+            lambda c: c["data"].update(node_local=True),
+            "config: data.node_local: not used by source 'tokens'",
+        ),
+    ],
+)
 def test_impossible_point_written_explicitly_is_an_error(mutate, expected):
     cfg = copy.deepcopy(CONFIG)
     mutate(cfg)
@@ -133,28 +163,39 @@ def test_impossible_point_written_explicitly_is_an_error(mutate, expected):
 
 
 def test_plan_printed_without_snakemake(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan",
-                           str(REPO / ".test" / "sharding.yaml")], capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "plan", str(REPO / ".test" / "sharding.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     lines = proc.stdout.splitlines()
     assert lines[0] == "sweep: 6 training run(s); 2 combination(s) skipped, they cannot exist:"
-    assert "  skipped ddp-strong-n1-t1-g0-tp2-r0: tp=2 needs a multiple of 2 ranks; this " \
-           "point has 1" in lines
+    assert (
+        "  skipped ddp-strong-n1-t1-g0-tp2-r0: tp=2 needs a multiple of 2 ranks; this "
+        "point has 1" in lines
+    )
     assert "  run fsdp-strong-n1-t2-g0-tp2-r0: 2 rank(s), tp=2" in lines
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_cfg(backends=["horovod"], tp=[2])))
-    proc = subprocess.run([sys.executable, "-m", "scalelab.sweep", "--plan", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "plan", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "sweep.tp: no point of the sweep can run" in proc.stderr
 
 
 def test_a_skipped_run_id_asked_for_by_name_is_an_error():
-    cfg = sweep.validate(copy.deepcopy(CONFIG))
+    cfg = study_config.validate(copy.deepcopy(CONFIG))
     with pytest.raises(UsageError, match="sweep.tp: this combination cannot exist"):
-        sweep.find(cfg, "ddp-strong-n1-t1-g0-tp2-r0")
+        study_plan.find(cfg, "ddp-strong-n1-t1-g0-tp2-r0")
 
 
 # --------------------------------------------------------------------------- workflow runs
+
 
 def _weights(run_dir) -> dict:
     return torch.load(run_dir / "model.pt", weights_only=True)
@@ -182,7 +223,9 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
     assert "2 combination(s) skipped" in proc.stderr
     plan = json.loads((res / "sweep.json").read_text())
     assert sorted(s["run_id"] for s in plan["skipped"]) == [
-        "ddp-strong-n1-t1-g0-tp2-r0", "fsdp-strong-n1-t1-g0-tp2-r0"]
+        "ddp-strong-n1-t1-g0-tp2-r0",
+        "fsdp-strong-n1-t1-g0-tp2-r0",
+    ]
     assert sorted(r["run_id"] for r in plan["runs"]) == RUNS
     ref = _weights(res / "runs" / RUNS[0])
     for run in RUNS:
@@ -204,31 +247,39 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
         if run.startswith("fsdp") and "-t2-" in run:
             dp = summary["world_size"] // comm.tp
             assert sum(comm.group_bytes) / dp == pytest.approx(
-                summary["rank0_param_bytes"], rel=0.01)  # shards: padding aside
+                summary["rank0_param_bytes"], rel=0.01
+            )  # shards: padding aside
 
 
 def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):
     wd, _ = local_study
     out = wd / "results" / "analysis"
     table = pd.read_csv(out / "scaling.csv")
-    for col in ("tp", "param_bytes_per_rank", "grad_bytes_per_rank",
-                "optim_state_bytes_per_rank", "state_bytes_per_rank", "memory_vs_ddp",
-                "test_perplexity"):
+    for col in (
+        "tp",
+        "param_bytes_per_rank",
+        "grad_bytes_per_rank",
+        "optim_state_bytes_per_rank",
+        "state_bytes_per_rank",
+        "memory_vs_ddp",
+        "test_perplexity",
+    ):
         assert col in table.columns, col
     assert (table["test_perplexity"] > 1).all()  # every run was evaluated on its test split
     # a tp=2 point is its own series (its own baseline: efficiency 1 at its smallest point)
     series = table.groupby(["backend", "tp"])["ranks"].apply(sorted).to_dict()
-    assert series == {("ddp", 1): [1, 2], ("ddp", 2): [2], ("fsdp", 1): [1, 2],
-                      ("fsdp", 2): [2]}
+    assert series == {("ddp", 1): [1, 2], ("ddp", 2): [2], ("fsdp", 1): [1, 2], ("fsdp", 2): [2]}
     at = table.set_index(["backend", "tp", "ranks"])
     ddp, fsdp = at.loc[("ddp", 1, 2)], at.loc[("fsdp", 1, 2)]
-    share = ((fsdp["param_bytes_per_rank"] + fsdp["optim_state_bytes_per_rank"])
-             / (ddp["param_bytes_per_rank"] + ddp["optim_state_bytes_per_rank"]))
+    share = (fsdp["param_bytes_per_rank"] + fsdp["optim_state_bytes_per_rank"]) / (
+        ddp["param_bytes_per_rank"] + ddp["optim_state_bytes_per_rank"]
+    )
     assert share <= FSDP_SHARE, share  # the issue's acceptance line
     assert fsdp["memory_vs_ddp"] == pytest.approx(share)
     # at 1 rank fsdp shards nothing: the same bytes as ddp (the ratio is measured, not assumed)
     assert at.loc[("fsdp", 1, 1), "state_bytes_per_rank"] == pytest.approx(
-        at.loc[("ddp", 1, 1), "state_bytes_per_rank"], rel=0.01)
+        at.loc[("ddp", 1, 1), "state_bytes_per_rank"], rel=0.01
+    )
     md = (out / "scaling.md").read_text()
     assert "test ppl" in md
     sentence = next(line for line in md.splitlines() if line.startswith("What sharding bought"))
@@ -247,11 +298,28 @@ def test_slurm_profile_sweep_matches_local(cluster, local_study):
     wd = copy_workflow(cluster.shared_dir / f"wf-sharding-{local.parent.name}")
     (wd / "two.yaml").write_text(yaml.safe_dump(cfg))
     env = cluster.env()
-    before = set(subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
-                                capture_output=True, text=True, check=True).stdout.split())
-    proc = snakemake(wd, ["--profile", "slurm", "--configfile", "two.yaml",
-                          "--slurm-init-seconds-before-status-checks", "3"], env=env,
-                     timeout=1500)
+    before = set(
+        subprocess.run(
+            ["squeue", "--states=all", "-h", "-o", "%i"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    )
+    proc = snakemake(
+        wd,
+        [
+            "--profile",
+            "slurm",
+            "--configfile",
+            "two.yaml",
+            "--slurm-init-seconds-before-status-checks",
+            "3",
+        ],
+        env=env,
+        timeout=1500,
+    )
     assert "2 combination(s) skipped" in proc.stderr
     srun = shutil.which("srun", path=env["PATH"]) or "srun"
     for run in RUNS:
@@ -265,12 +333,18 @@ def test_slurm_profile_sweep_matches_local(cluster, local_study):
             log = (wd / "logs" / "train" / f"{there}.log").read_text().replace(srun, "srun")
             assert "srun --mpi=pmix --nodes=2 --ntasks=2" in log
         assert _max_diff(_weights(run_dir), _weights(local / "results" / "runs" / run)) < ATOL
-    jobs = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%k"], env=env,
-                          capture_output=True, text=True, check=True).stdout.split()
+    jobs = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%k"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     rows = [j.split("|") for j in jobs if j.split("|")[0] not in before]
     train = [r for r in rows if r[3].startswith("rule_train")]
     assert sorted(int(r[2]) for r in train) == [1, 1, 2, 2, 2, 2], rows
     assert all(state == "COMPLETED" for _, state, _, _ in rows), rows
     table = pd.read_csv(wd / "results" / "analysis" / "scaling.csv").set_index(
-        ["backend", "tp", "ranks"])
+        ["backend", "tp", "ranks"]
+    )
     assert table.loc[("fsdp", 1, 2), "memory_vs_ddp"] <= FSDP_SHARE

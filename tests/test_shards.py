@@ -19,8 +19,17 @@ from scalelab.errors import DataError, UsageError
 def multi(tmp_path_factory):
     """Synthetic data in several shards per split."""
     out = tmp_path_factory.mktemp("multi") / "syn"
-    stage(StageConfig("synthetic", out, num_samples=400, num_classes=5, image_size=(4, 4),
-                      shards=8, progress=False))
+    stage(
+        StageConfig(
+            "synthetic",
+            out,
+            num_samples=400,
+            num_classes=5,
+            image_size=(4, 4),
+            shards=8,
+            progress=False,
+        )
+    )
     return out
 
 

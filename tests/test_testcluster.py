@@ -12,21 +12,31 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SCRIPTS, VENV_BIN, require_cluster, two_nodes
 
-from scalelab.testcluster.cluster import ClusterError, ClusterSpec, TestCluster
+from scalelab.testcluster.cluster import TestCluster
+from scalelab.testcluster.spec import ClusterError, ClusterSpec
 
 PY = str(VENV_BIN / "python")
 
 
 def _records(stdout: str) -> list[dict]:
-    return sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    return sorted(
+        (json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
 
 
 def test_nodes_have_own_hostname_and_private_tmp(cluster):
     marker = f"scalelab-marker-{os.getpid()}"
-    out = cluster.srun(["-N2", "-n2", "bash", "-c",
-                        f'touch /tmp/{marker}; echo "$(hostname) $(getent hosts n1 n2 | wc -l) '
-                        f'$(ls /tmp | grep -c {marker})"']).stdout.split("\n")
+    out = cluster.srun(
+        [
+            "-N2",
+            "-n2",
+            "bash",
+            "-c",
+            f'touch /tmp/{marker}; echo "$(hostname) $(getent hosts n1 n2 | wc -l) '
+            f'$(ls /tmp | grep -c {marker})"',
+        ]
+    ).stdout.split("\n")
     rows = sorted(line.split() for line in out if line.strip())
     assert rows == [["n1", "2", "1"], ["n2", "2", "1"]]
     # The host's /tmp is not the nodes' /tmp.
@@ -54,8 +64,10 @@ def test_horovod_allreduce_across_nodes_srun_pmix(cluster):
 
 
 def test_torch_gloo_allreduce_across_nodes_rendezvous_from_nodelist(cluster):
-    proc = cluster.srun(["-N2", "-n2", PY, str(SCRIPTS / "gloo_allreduce.py")],
-                        extra_env={"MASTER_ADDR": "", "MASTER_PORT": ""})
+    proc = cluster.srun(
+        ["-N2", "-n2", PY, str(SCRIPTS / "gloo_allreduce.py")],
+        extra_env={"MASTER_ADDR": "", "MASTER_PORT": ""},
+    )
     recs = _records(proc.stdout)
     assert [r["rank"] for r in recs] == [0, 1] and two_nodes(r["host"] for r in recs)
     assert all(r["sum"] == 3.0 and r["master_addr"] == "n1" for r in recs)
@@ -66,25 +78,44 @@ def test_sbatch_job_runs_on_both_nodes(cluster):
     script = cluster.shared_dir / f"job-{os.getpid()}.sh"
     script.write_text("#!/bin/bash\nsrun hostname\n")
     env = cluster.env()
-    subprocess.run(["sbatch", "--wait", "-N2", "-n2", "-o", str(out_file), str(script)],
-                   env=env, check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        ["sbatch", "--wait", "-N2", "-n2", "-o", str(out_file), str(script)],
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     assert two_nodes(out_file.read_text().split())
 
 
 # A second, separate cluster so lifecycle tests never disturb the session's one.
 def _lifecycle_spec(state_dir: Path, **kw) -> ClusterSpec:
-    return ClusterSpec(nodes=1, cpus_per_node=1, state_dir=state_dir, prefix="slt",
-                       subnet="10.202.0", ctld_port=6827, slurmd_port=6828,
-                       shared=[REPO, Path(sys.prefix)], **kw)
+    return ClusterSpec(
+        nodes=1,
+        cpus_per_node=1,
+        state_dir=state_dir,
+        prefix="slt",
+        subnet="10.202.0",
+        ctld_port=6827,
+        slurmd_port=6828,
+        shared=[REPO, Path(sys.prefix)],
+        **kw,
+    )
 
 
 def _leftovers(spec: ClusterSpec, pids: list[int]) -> list[str]:
     found = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [f"netns {line.split()[0]}" for line in netns.splitlines()
-              if line.startswith(f"{spec.prefix}-")]
-    found += [f"link {name}" for name in os.listdir("/sys/class/net")
-              if name.startswith(spec.prefix + "br") or name.startswith(spec.prefix + "v")]
+    found += [
+        f"netns {line.split()[0]}"
+        for line in netns.splitlines()
+        if line.startswith(f"{spec.prefix}-")
+    ]
+    found += [
+        f"link {name}"
+        for name in os.listdir("/sys/class/net")
+        if name.startswith(spec.prefix + "br") or name.startswith(spec.prefix + "v")
+    ]
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -108,8 +139,14 @@ def test_up_twice_then_down_leaves_nothing():
         second = tc.status()["daemons"]
         assert {k: v["pid"] for k, v in first.items()} == {k: v["pid"] for k, v in second.items()}
         assert all(v["alive"] for v in second.values())
-        host = subprocess.run(["srun", "-N1", "hostname"], env=tc.env(), capture_output=True,
-                              text=True, timeout=60, check=True).stdout.strip()
+        host = subprocess.run(
+            ["srun", "-N1", "hostname"],
+            env=tc.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
         assert host == "n1"
     finally:
         pids = [v["pid"] for v in tc.status()["daemons"].values()]

@@ -24,18 +24,23 @@ def assert_usage_error(rc: int, err: str, field: str, out_dir: Path) -> None:
     assert not (out_dir / "checkpoints").exists() and not (out_dir / "model.pt").exists()
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["model.name=resnet51"], "field 'model.name'"),
-    (["dist.backend=gloo"], "field 'dist.backend'"),
-    (["optim.global_batch_size=30", "optim.grad_accum_steps=4"],
-     "field 'optim.global_batch_size'"),
-    (["optim.global_batch_size=512"], "field 'optim.global_batch_size'"),  # > dataset
-    (["data.source=memory-npz", "data.path=/nonexistent/d.npz"], "field 'data.path'"),
-    (["data.source=staged", "data.path=/nonexistent/staged"], "field 'data.path'"),
-    (["data.source=memory-npz"], "field 'data.path'"),
-    (["train.epochs=two"], "field 'train.epochs'"),
-    (["model.options.depth=50"], "field 'model.options.depth'"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["model.name=resnet51"], "field 'model.name'"),
+        (["dist.backend=gloo"], "field 'dist.backend'"),
+        (
+            ["optim.global_batch_size=30", "optim.grad_accum_steps=4"],
+            "field 'optim.global_batch_size'",
+        ),
+        (["optim.global_batch_size=512"], "field 'optim.global_batch_size'"),  # > dataset
+        (["data.source=memory-npz", "data.path=/nonexistent/d.npz"], "field 'data.path'"),
+        (["data.source=staged", "data.path=/nonexistent/staged"], "field 'data.path'"),
+        (["data.source=memory-npz"], "field 'data.path'"),
+        (["train.epochs=two"], "field 'train.epochs'"),
+        (["model.options.depth=50"], "field 'model.options.depth'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, overrides: list[str], field: str) -> None:
     config = write_config(tmp_path / "run.yaml", TINY)
     out_dir = tmp_path / "run"
@@ -56,11 +61,29 @@ def test_reshard_without_resume_is_refused(tmp_path: Path) -> None:
 
 def test_missing_split_in_staged_data(tmp_path: Path) -> None:
     data = tmp_path / "staged"
-    rc, _, err = cli("data", "stage", "--source", "synthetic", "--num-samples", "120",
-                     "--num-classes", "3", "--image-size", "8", "8", "--out", data, "--quiet")
+    rc, _, err = cli(
+        "data",
+        "stage",
+        "--source",
+        "synthetic",
+        "--num-samples",
+        "120",
+        "--num-classes",
+        "3",
+        "--image-size",
+        "8",
+        "8",
+        "--out",
+        data,
+        "--quiet",
+    )
     assert rc == 0, err
-    config = write_config(tmp_path / "run.yaml", deep_update(TINY, {
-        "data": {"source": "staged", "path": str(data), "val_split": "validation"}}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        deep_update(
+            TINY, {"data": {"source": "staged", "path": str(data), "val_split": "validation"}}
+        ),
+    )
     rc, _, err = cli("train", "--config", config, "--out", tmp_path / "run")
     assert_usage_error(rc, err, "field 'data.val_split'", tmp_path / "run")
 
@@ -75,8 +98,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_non_divisible_batch_on_two_ranks(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "run.yaml",
-                          deep_update(TINY, {"optim": {"global_batch_size": 33}}))
+    config = write_config(
+        tmp_path / "run.yaml", deep_update(TINY, {"optim": {"global_batch_size": 33}})
+    )
     out_dir = tmp_path / "run"
     proc = run([*MPIRUN, PY, *TRAIN, "--config", str(config), "--out", str(out_dir)], timeout=60)
     assert proc.returncode != 0
@@ -88,8 +112,10 @@ def test_non_divisible_batch_on_two_ranks(tmp_path: Path) -> None:
 
 
 def test_horovod_under_torchrun_is_refused(tmp_path: Path) -> None:
-    proc = run([*TORCHRUN, *TRAIN, "--out", str(tmp_path / "run"),
-                "--set", "dist.backend=horovod"], timeout=60)
+    proc = run(
+        [*TORCHRUN, *TRAIN, "--out", str(tmp_path / "run"), "--set", "dist.backend=horovod"],
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "field 'dist.backend': horovod needs an MPI launch" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -12,20 +12,31 @@ import torch
 
 from scalelab.fsio import atomic_write_json
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.metrics import EPOCH_LINE_RE, MetricsWriter, format_epoch_line, throughput
+from scalelab.train.records import EPOCH_LINE_RE, MetricsWriter, format_epoch_line
+from scalelab.train.timing import throughput
 
 
 def _state(step: int) -> dict:
-    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {},
-            "epoch": 1, "step_in_epoch": step, "global_step": step, "rng": [ckpt.rng_state()],
-            "config": {"seed": 1}}
+    return {
+        "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+        "scheduler": {},
+        "epoch": 1,
+        "step_in_epoch": step,
+        "global_step": step,
+        "rng": [ckpt.rng_state()],
+        "config": {"seed": 1},
+    }
 
 
 def test_save_load_prune_and_skip_corrupt(tmp_path: Path, capsys) -> None:
     for step in (5, 10, 15):
         ckpt.save(ckpt.path_for(tmp_path, step), _state(step))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt-000000015.pt", "ckpt-000000010.pt", "ckpt-000000005.pt"]
+        "ckpt-000000015.pt",
+        "ckpt-000000010.pt",
+        "ckpt-000000005.pt",
+    ]
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
     ckpt.prune(tmp_path, keep=2)
     assert len(ckpt.list_checkpoints(tmp_path)) == 2
@@ -82,13 +93,26 @@ def test_rng_state_roundtrip(tmp_path: Path) -> None:
 
 
 def test_epoch_line_roundtrip() -> None:
-    rec = {"epoch": 2, "epochs": 10, "train_loss": 1.23456, "train_acc": 0.5, "val_loss": None,
-           "val_acc": None, "samples_per_s": 1234.56, "time_s": 9.5}
+    rec = {
+        "epoch": 2,
+        "epochs": 10,
+        "train_loss": 1.23456,
+        "train_acc": 0.5,
+        "val_loss": None,
+        "val_acc": None,
+        "samples_per_s": 1234.56,
+        "time_s": 9.5,
+    }
     line = format_epoch_line(rec)
     m = EPOCH_LINE_RE.match(line)
     assert m, line
     assert (m["epoch"], m["epochs"], m["train_loss"], m["val_acc"], m["samples_per_s"]) == (
-        "3", "10", "1.2346", "nan", "1234.6")
+        "3",
+        "10",
+        "1.2346",
+        "nan",
+        "1234.6",
+    )
 
 
 def test_metrics_writer_and_throughput(tmp_path: Path) -> None:
@@ -100,8 +124,11 @@ def test_metrics_writer_and_throughput(tmp_path: Path) -> None:
     assert [json.loads(x)["kind"] for x in lines] == ["step", "step"]
     MetricsWriter(tmp_path / "off.jsonl", enabled=False).write({"kind": "x"})
     assert not (tmp_path / "off.jsonl").exists()
-    epochs = [{"timed_samples": 100, "timed_s": 10.0}, {"timed_samples": 300, "timed_s": 1.0},
-              {"timed_samples": 300, "timed_s": 2.0}]
+    epochs = [
+        {"timed_samples": 100, "timed_s": 10.0},
+        {"timed_samples": 300, "timed_s": 1.0},
+        {"timed_samples": 300, "timed_s": 2.0},
+    ]
     assert throughput(epochs) == pytest.approx(200.0)  # first (warm-up) epoch excluded
     assert throughput(epochs[:1]) == pytest.approx(10.0)
     atomic_write_json(tmp_path / "s.json", {"a": 1})
@@ -130,10 +157,13 @@ def test_sharded_checkpoint_atomic_checksummed_and_loads(tmp_path: Path, capsys)
     assert path.name == "ckpt-000000010.dcp" and path.is_dir()
     names = {p.name for p in path.iterdir()}
     assert {".metadata", "meta.pt", "SHA256SUMS"} <= names and any(
-        n.endswith(".distcp") for n in names)
+        n.endswith(".distcp") for n in names
+    )
     assert not list(tmp_path.glob(".*"))  # the hidden .partial directory was renamed away
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt-000000010.dcp", "ckpt-000000005.pt"]
+        "ckpt-000000010.dcp",
+        "ckpt-000000005.pt",
+    ]
 
     state = ckpt.load(path)  # verifies every file, returns the non-tensor state
     assert state["global_step"] == 10 and state["model"] == path

@@ -31,47 +31,57 @@ def test_json_schema_is_generated_from_the_models_and_committed() -> None:
     assert schema["properties"]["optim"]["$ref"] == "#/$defs/OptimConfig"
     lr = schema["$defs"]["OptimConfig"]["properties"]["lr"]
     assert lr["exclusiveMinimum"] == 0 and "finite" in lr["description"]
-    committed = json.loads((Path(__file__).parents[1] / "workflow" / "schemas" /
-                            "run.schema.json").read_text())
-    assert committed == schema, "regenerate: python -m scalelab.sweep --write-schemas"
+    committed = json.loads(
+        (Path(__file__).parents[1] / "workflow" / "schemas" / "run.schema.json").read_text()
+    )
+    assert committed == schema, "regenerate: scalelab plan --write-schema"
 
 
 def test_explain_lists_every_leaf() -> None:
     text = "\n".join(C.explain())
-    for path in ("optim.global_batch_size:", "dist.horovod.compression: none",
-                 "train.deterministic: false", "checkpoint.keep: 2"):
+    for path in (
+        "optim.global_batch_size:",
+        "dist.horovod.compression: none",
+        "train.deterministic: false",
+        "checkpoint.keep: 2",
+    ):
         assert path in text
 
 
-@pytest.mark.parametrize("tree, field", [
-    ({"optim": {"lr": "fast"}}, "optim.lr"),
-    ({"optim": {"global_batch_size": 32.5}}, "optim.global_batch_size"),
-    ({"optim": {"global_btach_size": 32}}, "optim.global_btach_size"),
-    ({"trian": {}}, "trian"),
-    ({"train": {"deterministic": "yes"}}, "train.deterministic"),
-    ({"dist": {"backend": "nccl"}}, "dist.backend"),
-    ({"dist": {"horovod": {"compression": "int8"}}}, "dist.horovod.compression"),
-    ({"data": {"image_shape": [3, 32]}}, "data.image_shape"),
-    ({"data": {"image_shape": [3, "32", 32]}}, "data.image_shape[1]"),
-    ({"data": {"source": "memory-npz"}}, "data.path"),
-    ({"model": {"name": "alexnet"}}, "model.name"),
-    ({"model": {"options": {"depht": 50}, "name": "resnet"}}, "model.options.depht"),
-    ({"optim": {"global_batch_size": 64, "per_rank_batch_size": 32}},
-     "optim.per_rank_batch_size"),
-    ({"train": {"epochs": 0}}, "train.epochs"),
-    ({"dist": {"timeout_s": -1}}, "dist.timeout_s"),
-    ({"optim": 5}, "optim"),
-    ({"optim": {"lr": float("nan")}}, "optim.lr"),
-    ({"optim": {"lr": float("inf")}}, "optim.lr"),
-    ({"optim": {"momentum": -0.1}}, "optim.momentum"),
-    ({"optim": {"momentum": 1.5}}, "optim.momentum"),
-    ({"optim": {"momentum": float("nan")}}, "optim.momentum"),
-    ({"optim": {"gamma": 0}}, "optim.gamma"),
-    ({"optim": {"gamma": float("inf")}}, "optim.gamma"),
-    ({"optim": {"weight_decay": float("nan")}}, "optim.weight_decay"),
-    ({"optim": {"milestones": [5, 2]}}, "optim.milestones"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "tree, field",
+    [
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"optim": {"global_batch_size": 32.5}}, "optim.global_batch_size"),
+        ({"optim": {"global_btach_size": 32}}, "optim.global_btach_size"),
+        ({"trian": {}}, "trian"),
+        ({"train": {"deterministic": "yes"}}, "train.deterministic"),
+        ({"dist": {"backend": "nccl"}}, "dist.backend"),
+        ({"dist": {"horovod": {"compression": "int8"}}}, "dist.horovod.compression"),
+        ({"data": {"image_shape": [3, 32]}}, "data.image_shape"),
+        ({"data": {"image_shape": [3, "32", 32]}}, "data.image_shape[1]"),
+        ({"data": {"source": "memory-npz"}}, "data.path"),
+        ({"model": {"name": "alexnet"}}, "model.name"),
+        ({"model": {"options": {"depht": 50}, "name": "resnet"}}, "model.options.depht"),
+        (
+            {"optim": {"global_batch_size": 64, "per_rank_batch_size": 32}},
+            "optim.per_rank_batch_size",
+        ),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"dist": {"timeout_s": -1}}, "dist.timeout_s"),
+        ({"optim": 5}, "optim"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr"),
+        ({"optim": {"momentum": -0.1}}, "optim.momentum"),
+        ({"optim": {"momentum": 1.5}}, "optim.momentum"),
+        ({"optim": {"momentum": float("nan")}}, "optim.momentum"),
+        ({"optim": {"gamma": 0}}, "optim.gamma"),
+        ({"optim": {"gamma": float("inf")}}, "optim.gamma"),
+        ({"optim": {"weight_decay": float("nan")}}, "optim.weight_decay"),
+        ({"optim": {"milestones": [5, 2]}}, "optim.milestones"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_fields_are_named(tree: dict, field: str) -> None:
     with pytest.raises(UsageError) as err:
         C.from_dict(tree)
@@ -91,8 +101,16 @@ def test_typos_get_a_suggestion() -> None:
 def test_yaml_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("model: {name: resnet, options: {depth: 18}}\noptim:\n  lr: 0.2\n")
-    cfg = C.load(path, ["optim.lr=0.4", "train.epochs=3", "data.val_split=null",
-                        "dist.horovod.fusion_threshold_mb=64", "data.image_shape=[1, 28, 28]"])
+    cfg = C.load(
+        path,
+        [
+            "optim.lr=0.4",
+            "train.epochs=3",
+            "data.val_split=null",
+            "dist.horovod.fusion_threshold_mb=64",
+            "data.image_shape=[1, 28, 28]",
+        ],
+    )
     assert cfg.model.options == {"depth": 18}
     assert (cfg.optim.lr, cfg.train.epochs, cfg.data.val_split) == (0.4, 3, None)
     assert cfg.dist.horovod.fusion_threshold_mb == 64.0
@@ -109,8 +127,16 @@ def test_yaml_file_and_overrides(tmp_path: Path) -> None:
 
 
 def test_batch_plan_and_linear_scaling() -> None:
-    cfg = C.from_dict({"optim": {"global_batch_size": 512, "grad_accum_steps": 2,
-                                 "lr": 0.1, "base_batch_size": 256}})
+    cfg = C.from_dict(
+        {
+            "optim": {
+                "global_batch_size": 512,
+                "grad_accum_steps": 2,
+                "lr": 0.1,
+                "base_batch_size": 256,
+            }
+        }
+    )
     plan = C.resolve_batch(cfg, 4)
     assert (plan.global_batch, plan.per_rank_batch, plan.micro_batch) == (512, 128, 64)
     assert plan.lr == pytest.approx(0.2)
@@ -127,3 +153,15 @@ def test_batch_not_divisible() -> None:
     cfg = C.from_dict({"optim": {"per_rank_batch_size": 30, "grad_accum_steps": 4}})
     with pytest.raises(UsageError, match="field 'optim.per_rank_batch_size'"):
         C.resolve_batch(cfg, 2)
+
+
+def test_explain_lists_every_registered_model():
+    """model.name's text (what --explain and the schema show) names exactly the registry's
+    models: a new model that is not documented fails here."""
+    import re
+
+    from scalelab.models import model_names
+    from scalelab.train.config import ModelConfig, field_docs
+
+    listed = set(re.findall(r"[a-z][a-z0-9]*", field_docs(ModelConfig)["name"].split(":")[1]))
+    assert listed - {"or"} == set(model_names())

@@ -35,12 +35,15 @@ def test_in_memory_dataset(tmp_path: Path) -> None:
         load_npz(tmp_path / "missing.npz", "train")
 
 
-@pytest.mark.parametrize("images, labels, message", [
-    (np.zeros((3, 4, 4), np.float32), np.zeros(3, np.int64), "N, C, H, W"),
-    (np.zeros((3, 1, 4, 4), np.float32), np.zeros(2, np.int64), "labels must have shape"),
-    (np.zeros((3, 1, 4, 4), np.float32), np.array([0, 1, 5]), r"\[0, 2\)"),
-    (np.zeros((3, 1, 4, 4), np.int32), np.zeros(3, np.int64), "uint8 or float"),
-])
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (np.zeros((3, 4, 4), np.float32), np.zeros(3, np.int64), "N, C, H, W"),
+        (np.zeros((3, 1, 4, 4), np.float32), np.zeros(2, np.int64), "labels must have shape"),
+        (np.zeros((3, 1, 4, 4), np.float32), np.array([0, 1, 5]), r"\[0, 2\)"),
+        (np.zeros((3, 1, 4, 4), np.int32), np.zeros(3, np.int64), "uint8 or float"),
+    ],
+)
 def test_in_memory_rejects_bad_arrays(images, labels, message) -> None:
     with pytest.raises(DataError, match=message):
         InMemoryDataset(images, labels, num_classes=2 if "0, 2" in message else None)
@@ -87,6 +90,7 @@ def test_eval_shards_cover_everything_once() -> None:
 
 # --------------------------------------------------------------------------- default task
 
+
 def test_class_patterns_are_deterministic_bounded_and_confused_at_the_stated_rate():
     from scalelab.data.synthetic import ClassPatterns
 
@@ -116,18 +120,52 @@ def test_default_task_learnable_but_not_trivial(tmp_path: Path) -> None:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     d = cfg["data"]
     scalelab = str(VENV_BIN / "scalelab")
-    run([scalelab, "data", "stage", "--source", d["source"], "--seed", str(d["seed"]),
-         "--split", ",".join(map(str, d["split"])), "--shards", str(d["shards"]),
-         "--image-size", str(d["image_size"]), str(d["image_size"]),
-         "--num-samples", str(d["num_samples"]), "--num-classes", str(d["num_classes"]),
-         "--quiet", "--out", str(tmp_path / "data")], timeout=300)
+    run(
+        [
+            scalelab,
+            "data",
+            "stage",
+            "--source",
+            d["source"],
+            "--seed",
+            str(d["seed"]),
+            "--split",
+            ",".join(map(str, d["split"])),
+            "--shards",
+            str(d["shards"]),
+            "--image-size",
+            str(d["image_size"]),
+            str(d["image_size"]),
+            "--num-samples",
+            str(d["num_samples"]),
+            "--num-classes",
+            str(d["num_classes"]),
+            "--quiet",
+            "--out",
+            str(tmp_path / "data"),
+        ],
+        timeout=300,
+    )
     t = cfg["train"]
-    sets = [f"seed={t['seed']}", "data.source=staged", f"data.path={tmp_path / 'data'}",
-            "train.threads=1", *(f"optim.{k}={v}" for k, v in t["optim"].items()),
-            *(f"train.{k}={str(v).lower()}" for k, v in t["train"].items()),
-            f"model.name={t['model']['name']}"]
-    run([scalelab, "train", *(a for s in sets for a in ("--set", s)), "--out",
-         str(tmp_path / "run")], timeout=600)
+    sets = [
+        f"seed={t['seed']}",
+        "data.source=staged",
+        f"data.path={tmp_path / 'data'}",
+        "train.threads=1",
+        *(f"optim.{k}={v}" for k, v in t["optim"].items()),
+        *(f"train.{k}={str(v).lower()}" for k, v in t["train"].items()),
+        f"model.name={t['model']['name']}",
+    ]
+    run(
+        [
+            scalelab,
+            "train",
+            *(a for s in sets for a in ("--set", s)),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        timeout=600,
+    )
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     acc = [e["val_acc"] for e in epochs if e["kind"] == "epoch"]
     assert len(acc) == t["train"]["epochs"] >= 3

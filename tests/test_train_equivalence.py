@@ -28,7 +28,7 @@ from train_support import (
 )
 
 from scalelab.models import build_model
-from scalelab.train.metrics import EPOCH_LINE_RE
+from scalelab.train.records import EPOCH_LINE_RE
 
 ATOL = 1e-5
 
@@ -42,15 +42,27 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "single": ([PY], ["--set", "dist.backend=none"]),
         "ddp-torchrun-accum2": (TORCHRUN, ["--set", "optim.grad_accum_steps=2"]),
         "ddp-mpirun": ([*MPIRUN, PY], ["--set", "dist.backend=ddp"]),
-        "horovod-mpirun-accum2": ([*MPIRUN, PY], [
-            "--set", "dist.backend=horovod", "--set", "optim.grad_accum_steps=2",
-            "--set", "dist.horovod.fusion_threshold_mb=1"]),
+        "horovod-mpirun-accum2": (
+            [*MPIRUN, PY],
+            [
+                "--set",
+                "dist.backend=horovod",
+                "--set",
+                "optim.grad_accum_steps=2",
+                "--set",
+                "dist.horovod.fusion_threshold_mb=1",
+            ],
+        ),
     }
     out = {}
     for name, (launcher, extra) in cases.items():
         run_dir = root / name
-        proc = ok(run([*launcher, *TRAIN, "--config", str(config), "--out", str(run_dir),
-                       *extra], timeout=120))
+        proc = ok(
+            run(
+                [*launcher, *TRAIN, "--config", str(config), "--out", str(run_dir), *extra],
+                timeout=120,
+            )
+        )
         (run_dir / "stdout.txt").write_text(proc.stdout)
         out[name] = run_dir
     return out
@@ -59,8 +71,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_training_moved_the_weights(runs: dict[str, Path]) -> None:
     torch.manual_seed(TINY["seed"])
     cfg = TINY["data"]
-    initial = build_model("cnn", cfg["num_classes"], tuple(cfg["image_shape"]),
-                          **TINY["model"]["options"]).state_dict()
+    initial = build_model(
+        "cnn", cfg["num_classes"], tuple(cfg["image_shape"]), **TINY["model"]["options"]
+    ).state_dict()
     assert max_diff(weights(runs["single"]), initial) > 1e-3  # else equality proves nothing
 
 
@@ -74,21 +87,28 @@ def test_ddp_and_horovod_agree(runs: dict[str, Path]) -> None:
         assert max_diff(weights(runs[ddp]), weights(runs["horovod-mpirun-accum2"])) < ATOL
 
 
-@pytest.mark.parametrize("name, backend, launcher", [
-    ("single", "none", "single"),
-    ("ddp-torchrun-accum2", "ddp", "torchrun"),
-    ("ddp-mpirun", "ddp", "openmpi"),
-    ("horovod-mpirun-accum2", "horovod", "openmpi"),
-])
-def test_run_directory_describes_the_run(runs: dict[str, Path], name: str, backend: str,
-                                         launcher: str) -> None:
+@pytest.mark.parametrize(
+    "name, backend, launcher",
+    [
+        ("single", "none", "single"),
+        ("ddp-torchrun-accum2", "ddp", "torchrun"),
+        ("ddp-mpirun", "ddp", "openmpi"),
+        ("horovod-mpirun-accum2", "horovod", "openmpi"),
+    ],
+)
+def test_run_directory_describes_the_run(
+    runs: dict[str, Path], name: str, backend: str, launcher: str
+) -> None:
     import json
 
     run_dir = runs[name]
     summary = json.loads((run_dir / "summary.json").read_text())
     world = 1 if name == "single" else 2
     assert (summary["status"], summary["backend"], summary["launcher"]) == (
-        "completed", backend, launcher)
+        "completed",
+        backend,
+        launcher,
+    )
     assert (summary["world_size"], summary["global_batch_size"]) == (world, 32)
     assert summary["per_rank_batch_size"] == 32 // world
     assert summary["global_steps"] == 8 and summary["samples_per_s"] > 0
@@ -101,16 +121,21 @@ def test_run_directory_describes_the_run(runs: dict[str, Path], name: str, backe
     assert (steps[-1]["comm_s"] is not None) == (backend == "horovod")
     (epoch,) = records(run_dir, "epoch")
     assert 0 <= epoch["val_acc"] <= 1 and epoch["train_loss"] > 0
-    lines = [m for line in (run_dir / "stdout.txt").read_text().splitlines()
-             if (m := EPOCH_LINE_RE.match(line))]
+    lines = [
+        m
+        for line in (run_dir / "stdout.txt").read_text().splitlines()
+        if (m := EPOCH_LINE_RE.match(line))
+    ]
     assert len(lines) == 1 and lines[0]["epoch"] == "1"  # rank 0 only: other ranks are quiet
 
 
 def test_every_backend_measures_its_state_bytes(runs: dict[str, Path]) -> None:
     """Per-rank parameter/gradient/optimizer bytes come from each rank's tensors under every
     backend; unsharded, ddp and horovod hold the same (SGD with momentum: one buffer)."""
-    found = {name: json.loads((runs[name] / "summary.json").read_text())
-             for name in ("single", "ddp-mpirun", "horovod-mpirun-accum2")}
+    found = {
+        name: json.loads((runs[name] / "summary.json").read_text())
+        for name in ("single", "ddp-mpirun", "horovod-mpirun-accum2")
+    }
     params = {name: s["rank0_param_bytes"] for name, s in found.items()}
     assert len(set(params.values())) == 1 and params["single"] > 0, params
     for name, s in found.items():

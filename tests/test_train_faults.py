@@ -36,8 +36,9 @@ from train_support import (
 TIMEOUT_S = 5
 GRACE_S = 20
 #: Long enough that nobody finishes while we watch.
-CFG = deep_update(TINY, {"train": {"epochs": 50}, "dist": {"timeout_s": TIMEOUT_S},
-                         "data": {"num_samples": 2048}})
+CFG = deep_update(
+    TINY, {"train": {"epochs": 50}, "dist": {"timeout_s": TIMEOUT_S}, "data": {"num_samples": 2048}}
+)
 
 
 def _after_step(n: int):
@@ -48,8 +49,9 @@ def _after_step(n: int):
 def test_ddp_survivor_exits_nonzero_within_timeout(tmp_path: Path, sig: signal.Signals) -> None:
     config = write_config(tmp_path / "run.yaml", CFG)
     out = tmp_path / "run"
-    ranks = Ranks([*TRAIN, "--config", str(config), "--out", str(out)],
-                  torchrun_env(free_port()), tmp_path)
+    ranks = Ranks(
+        [*TRAIN, "--config", str(config), "--out", str(out)], torchrun_env(free_port()), tmp_path
+    )
     try:
         wait_for_record(out / "metrics.jsonl", _after_step(3), timeout=90, procs=ranks)
         ranks.procs[1].send_signal(sig)
@@ -67,14 +69,17 @@ def test_ddp_survivor_exits_nonzero_within_timeout(tmp_path: Path, sig: signal.S
 
 
 def test_horovod_stuck_peer_under_mpirun(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "run.yaml",
-                          deep_update(CFG, {"dist": {"backend": "horovod"}}))
+    config = write_config(tmp_path / "run.yaml", deep_update(CFG, {"dist": {"backend": "horovod"}}))
     out = tmp_path / "run"
     log_path = tmp_path / "mpirun.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([*MPIRUN, PY, *TRAIN, "--config", str(config), "--out", str(out)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*MPIRUN, PY, *TRAIN, "--config", str(config), "--out", str(out)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env(),
+            start_new_session=True,
+        )
     code = None
     try:
         wait_for_record(out / "metrics.jsonl", _after_step(3), timeout=90)

@@ -33,20 +33,22 @@ from scalelab.train import checkpoint as ckpt
 
 #: 40 steps per epoch, 2 epochs, steps slow enough (tens of ms) that a signal sent at
 #: step 4 of the second epoch lands well inside it even on a loaded machine.
-CFG = deep_update(TINY, {
-    "model": {"options": {"width": 32, "hidden": 128}},
-    "data": {"num_samples": 2560, "image_shape": [3, 32, 32], "val_samples": 128},
-    "optim": {"global_batch_size": 64},
-    "train": {"epochs": 2, "deterministic": True},
-})
+CFG = deep_update(
+    TINY,
+    {
+        "model": {"options": {"width": 32, "hidden": 128}},
+        "data": {"num_samples": 2560, "image_shape": [3, 32, 32], "val_samples": 128},
+        "optim": {"global_batch_size": 64},
+        "train": {"epochs": 2, "deterministic": True},
+    },
+)
 STEPS = 40
 EXIT_PREEMPTED = 75
 
 
 def _srun(config: Path, out: Path, job: int, logs: Path, *extra: str) -> Ranks:
     logs.mkdir(parents=True, exist_ok=True)
-    return Ranks([*TRAIN, "--config", str(config), "--out", str(out), *extra],
-                 slurm_env(job), logs)
+    return Ranks([*TRAIN, "--config", str(config), "--out", str(out), *extra], slurm_env(job), logs)
 
 
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
@@ -61,15 +63,20 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
 
     ranks = _srun(config, cut, 102, tmp_path / "logs-cut")
     try:
-        wait_for_record(cut / "metrics.jsonl",
-                        lambda r: r["kind"] == "step" and r["epoch"] == 1 and r["step"] >= 4,
-                        timeout=90, procs=ranks)
+        wait_for_record(
+            cut / "metrics.jsonl",
+            lambda r: r["kind"] == "step" and r["epoch"] == 1 and r["step"] >= 4,
+            timeout=90,
+            procs=ranks,
+        )
         ranks.procs[1].send_signal(signal.SIGTERM)  # rank 1 only
         t0 = time.monotonic()
         codes = ranks.wait(60)
         assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], (
-            ranks.log(0) + ranks.log(1) + "\n".join(
-                (cut / "metrics.jsonl").read_text().splitlines()[-4:]))
+            ranks.log(0)
+            + ranks.log(1)
+            + "\n".join((cut / "metrics.jsonl").read_text().splitlines()[-4:])
+        )
         assert time.monotonic() - t0 < 30
     finally:
         ranks.kill_all()
@@ -109,8 +116,14 @@ def _flip_one_bit(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_one_bit], ids=["truncated", "bit-flip"])
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, capsys, damage) -> None:
-    cfg = deep_update(TINY, {"train": {"epochs": 2}, "checkpoint": {"every_steps": 3, "keep": 2},
-                             "dist": {"backend": "none"}})
+    cfg = deep_update(
+        TINY,
+        {
+            "train": {"epochs": 2},
+            "checkpoint": {"every_steps": 3, "keep": 2},
+            "dist": {"backend": "none"},
+        },
+    )
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     scalelab.train.run(cfg, full)
     scalelab.train.run(cfg, crashed)

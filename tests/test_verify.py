@@ -111,5 +111,6 @@ def test_json_verdict_intact_and_corrupt(data):
     assert verdict["ok"] is False and len(verdict["problems"]) == 2
     assert any(str(shards[0]) in p and "missing" in p for p in verdict["problems"])
     assert any(str(shards[1]) in p and "sha256 mismatch" in p for p in verdict["problems"])
-    assert [ln for ln in err.splitlines() if ": error: " in ln] == \
-        [f"scalelab data: error: {verdict['error']}"]
+    assert [ln for ln in err.splitlines() if ": error: " in ln] == [
+        f"scalelab data: error: {verdict['error']}"
+    ]

@@ -37,14 +37,22 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(wd: Path, args: list[str], env: dict | None = None, timeout: float = 900,
-              check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PY, "-m", "snakemake", *args], cwd=wd, capture_output=True, text=True,
-                          timeout=timeout, env=env or tool_env())
+def snakemake(
+    wd: Path, args: list[str], env: dict | None = None, timeout: float = 900, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [PY, "-m", "snakemake", *args],
+        cwd=wd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or tool_env(),
+    )
     if check and proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in (wd / "logs").rglob("*.log"))
-        raise AssertionError(f"snakemake {args} exited {proc.returncode}\n{proc.stderr[-5000:]}\n"
-                             f"{logs}")
+        raise AssertionError(
+            f"snakemake {args} exited {proc.returncode}\n{proc.stderr[-5000:]}\n{logs}"
+        )
     return proc
 
 
@@ -63,24 +71,40 @@ def planned_jobs(wd: Path, args: list[str]) -> dict[str, int]:
 
 
 def test_lint_and_format_clean():
-    lint = subprocess.run([PY, "-m", "snakemake", "--lint", "--configfile", ".test/config.yaml"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=tool_env())
+    lint = subprocess.run(
+        [PY, "-m", "snakemake", "--lint", "--configfile", ".test/config.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=tool_env(),
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert "Lints for" not in lint.stdout + lint.stderr
     files = ["Snakefile", *map(str, sorted((REPO / "workflow" / "rules").glob("*.smk")))]
-    fmt = subprocess.run([str(VENV_BIN / "snakefmt"), "--check", *files], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    fmt = subprocess.run(
+        [str(VENV_BIN / "snakefmt"), "--check", *files],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"sweep": {"nodes": [0]}}, "sweep.nodes[0]"),
-    ({"sweep": {"backends": ["mpich"]}}, "sweep.backends[0]"),
-    ({"sweep": {"tasks_per_node": [3]}, "cluster": {"cpus_per_node": 2}},
-     "sweep.tasks_per_node[0]"),
-    ({"sweep": {"nodes": ["two"]}}, "sweep.nodes[0]"),
-    ({"colour": "blue"}, "colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"sweep": {"nodes": [0]}}, "sweep.nodes[0]"),
+        ({"sweep": {"backends": ["mpich"]}}, "sweep.backends[0]"),
+        (
+            {"sweep": {"tasks_per_node": [3]}, "cluster": {"cpus_per_node": 2}},
+            "sweep.tasks_per_node[0]",
+        ),
+        ({"sweep": {"nodes": ["two"]}}, "sweep.nodes[0]"),
+        ({"colour": "blue"}, "colour: unknown key"),
+    ],
+)
 def test_invalid_config_stops_before_any_job(tmp_path, change, field):
     wd = copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((wd / ".test" / "config.yaml").read_text())
@@ -137,11 +161,15 @@ def assert_timed_jobs_ran_alone(log: str) -> int:
 
 def test_exclusivity_check_catches_overlap():
     """The checker used on the real run below fails on a timed job beside another job."""
-    ok = ("rule stage:\n    jobid: 2\nFinished jobid: 2 (Rule: stage)\n"
-          "rule train:\n    jobid: 3\nFinished jobid: 3 (Rule: train)\n")
+    ok = (
+        "rule stage:\n    jobid: 2\nFinished jobid: 2 (Rule: stage)\n"
+        "rule train:\n    jobid: 3\nFinished jobid: 3 (Rule: train)\n"
+    )
     assert assert_timed_jobs_ran_alone(ok) == 1
-    overlap = ("rule evaluate:\n    jobid: 5\nrule train:\n    jobid: 3\n"
-               "Finished jobid: 5 (Rule: evaluate)\nFinished jobid: 3 (Rule: train)\n")
+    overlap = (
+        "rule evaluate:\n    jobid: 5\nrule train:\n    jobid: 3\n"
+        "Finished jobid: 5 (Rule: evaluate)\nFinished jobid: 3 (Rule: train)\n"
+    )
     with pytest.raises(AssertionError, match="started beside"):
         assert_timed_jobs_ran_alone(overlap)
 
@@ -152,8 +180,12 @@ def test_local_run_end_to_end_then_rerun_nothing_then_one_change(tmp_path):
     assert assert_timed_jobs_ran_alone(proc.stderr) == 5  # 4 training jobs + commbench
     res = wd / "results"
     runs = sorted(p.name for p in (res / "runs").iterdir())
-    assert runs == ["ddp-strong-n1-t1-g0-r0", "ddp-strong-n1-t2-g0-r0",
-                    "horovod-strong-n1-t1-g0-r0", "horovod-strong-n1-t2-g0-r0"]
+    assert runs == [
+        "ddp-strong-n1-t1-g0-r0",
+        "ddp-strong-n1-t2-g0-r0",
+        "horovod-strong-n1-t1-g0-r0",
+        "horovod-strong-n1-t2-g0-r0",
+    ]
     for run in runs:
         summary = json.loads((res / "runs" / run / "summary.json").read_text())
         assert summary["status"] == "completed"
@@ -163,8 +195,7 @@ def test_local_run_end_to_end_then_rerun_nothing_then_one_change(tmp_path):
         assert (wd / "logs" / "train" / f"{run}.log").stat().st_size > 0
         assert (res / "benchmarks" / "train" / f"{run}.tsv").exists()
     # N ranks compute what 1 rank computes, and both backends agree (deterministic, CPU).
-    weights = {run: torch.load(res / "runs" / run / "model.pt", weights_only=True)
-               for run in runs}
+    weights = {run: torch.load(res / "runs" / run / "model.pt", weights_only=True) for run in runs}
     ref = weights["ddp-strong-n1-t1-g0-r0"]
     for run, state in weights.items():
         for name, tensor in ref.items():
@@ -185,8 +216,7 @@ def test_local_run_end_to_end_then_rerun_nothing_then_one_change(tmp_path):
     assert plan == {"train": 4, "evaluate": 4, "analyze": 1, "predict": 1, "effective_config": 1}
 
     # The report bundles the analysis.
-    snakemake(wd, ["--cores", "1", "--configfile", ".test/config.yaml", "--report",
-                   "report.html"])
+    snakemake(wd, ["--cores", "1", "--configfile", ".test/config.yaml", "--report", "report.html"])
     html = (wd / "report.html").read_text(errors="replace")
     assert "throughput.png" in html and "scaling.csv" in html and "config.yaml" in html
     effective = yaml.safe_load((res / "config.yaml").read_text())
@@ -230,11 +260,26 @@ def test_slurm_profile_on_test_cluster_matches_local(cluster, tmp_path):
     wd = copy_workflow(cluster.shared_dir / f"wf-{tmp_path.name}")
     (wd / "two.yaml").write_text(yaml.safe_dump(cfg))
     env = cluster.env()
-    before = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i"], env=env,
-                            capture_output=True, text=True, check=True).stdout.split()
-    snakemake(wd, ["--profile", "slurm", "--configfile", "two.yaml",
-                   "--slurm-init-seconds-before-status-checks", "3"],
-              env=env, timeout=900)
+    before = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    snakemake(
+        wd,
+        [
+            "--profile",
+            "slurm",
+            "--configfile",
+            "two.yaml",
+            "--slurm-init-seconds-before-status-checks",
+            "3",
+        ],
+        env=env,
+        timeout=900,
+    )
     for backend in ("ddp", "horovod"):
         run = f"{backend}-strong-n2-t1-g0-r0"
         info = json.loads((wd / "results" / "runs" / run / "run_info.json").read_text())
@@ -242,18 +287,25 @@ def test_slurm_profile_on_test_cluster_matches_local(cluster, tmp_path):
         assert info["layout"]["launcher"] == "slurm"
         log = (wd / "logs" / "train" / f"{run}.log").read_text()
         assert "srun --mpi=pmix --nodes=2 --ntasks=2" in log.replace(
-            shutil.which("srun", path=env["PATH"]) or "srun", "srun")
+            shutil.which("srun", path=env["PATH"]) or "srun", "srun"
+        )
         got = _final_metrics(wd / "results" / "runs" / run)
         want = _final_metrics(local / "results" / "runs" / run)
         assert got["global_steps"] == want["global_steps"]
         for key in ("train_loss", "val_loss", "val_acc"):
             assert abs(got[key] - want[key]) <= 1e-4 * max(1.0, abs(want[key])), (key, got, want)
     # Slurm really ran every job: the controller still lists them (MinJobAge=3600 s).
-    jobs = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%N"], env=env,
-                          capture_output=True, text=True, check=True).stdout.split()
+    jobs = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%T|%D|%N"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     rows = [job.split("|") for job in jobs if job.split("|")[0] not in before]
     assert len(rows) >= 6 and all(state == "COMPLETED" for _, state, _, _ in rows), rows
     assert sum(nodes == "2" for _, _, nodes, _ in rows) == 2, rows  # the 2 training jobs
+
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))

@@ -86,8 +86,7 @@ def test_STANDIN_gpu_ranks_enter_the_image_with_nv_inside_srun(tmp_path):
     env = tool_env({"STANDIN_LOG": str(log), "SLURM_JOB_ID": "4242"})  # as in the batch job
     env["PATH"] = f"{bindir}{os.pathsep}{path_without_apptainer(env['PATH'], tmp_path / 'shadow')}"
     target = "results/runs/ddp-strong-n2-t1-g0-r0/summary.json"
-    proc = snakemake(wd, [target, "--cores", "2", "--configfile", "c.yaml"], env=env,
-                     check=False)
+    proc = snakemake(wd, [target, "--cores", "2", "--configfile", "c.yaml"], env=env, check=False)
     assert proc.returncode != 0  # the stand-in srun trained nothing: no summary
     srun = [c for c in read_log(log) if c["prog"] == "srun"]
     # One call per attempt (the workflow retries a failed training job): all the same.
@@ -99,8 +98,8 @@ def test_STANDIN_gpu_ranks_enter_the_image_with_nv_inside_srun(tmp_path):
     assert inner[:2] == ["apptainer", "exec"] and "--nv" in inner
     assert f"SCALELAB_IMAGE_SHA256={digest}" in inner
     j = inner.index(str(image))
-    assert inner[j + 1:j + 3] == ["scalelab", "train"] and inner[-1] == "--resume"
+    assert inner[j + 1 : j + 3] == ["scalelab", "train"] and inner[-1] == "--resume"
     # The submit host hashed the image once; the job checked it is that same file.
-    recorded = (wd / "results" / "runs" / "ddp-strong-n2-t1-g0-r0" / "container.json")
+    recorded = wd / "results" / "runs" / "ddp-strong-n2-t1-g0-r0" / "container.json"
     assert digest in recorded.read_text()
     assert "submit host" in recorded.read_text()

@@ -31,10 +31,20 @@ TRAIN = ["-m", "scalelab", "train"]
 TINY: dict[str, Any] = {
     "seed": 7,
     "model": {"name": "cnn", "options": {"width": 8, "hidden": 32}},
-    "data": {"source": "synthetic", "num_samples": 256, "val_samples": 64,
-             "image_shape": [3, 16, 16], "num_classes": 4},
-    "optim": {"global_batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
-              "warmup_epochs": 0.5},
+    "data": {
+        "source": "synthetic",
+        "num_samples": 256,
+        "val_samples": 64,
+        "image_shape": [3, 16, 16],
+        "num_classes": 4,
+    },
+    "optim": {
+        "global_batch_size": 32,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "warmup_epochs": 0.5,
+    },
     "train": {"epochs": 1, "threads": 1, "progress": False},
     "metrics": {"warmup_steps": 1},
 }
@@ -42,9 +52,12 @@ TINY: dict[str, Any] = {
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test environment: venv first on PATH, one thread, no inherited launcher vars."""
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("OMPI_", "PMIX_", "SLURM_", "PMI_", "HOROVOD_"))
-         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMPI_", "PMIX_", "SLURM_", "PMI_", "HOROVOD_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
@@ -67,11 +80,18 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def run(cmd: list[str], timeout: float = 120, extra_env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], timeout: float = 120, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; kill the whole group on timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(extra_env), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(extra_env),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -83,7 +103,8 @@ def run(cmd: list[str], timeout: float = 120, extra_env: dict[str, str] | None =
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -94,15 +115,22 @@ class Ranks:
     exactly what the test observes.
     """
 
-    def __init__(self, args: list[str], rank_env: Callable[[int], dict[str, str]],
-                 log_dir: Path) -> None:
+    def __init__(
+        self, args: list[str], rank_env: Callable[[int], dict[str, str]], log_dir: Path
+    ) -> None:
         self.procs: list[subprocess.Popen] = []
         self.logs = [log_dir / f"rank{r}.log" for r in range(2)]
         for r in range(2):
             with open(self.logs[r], "w") as fh:
-                self.procs.append(subprocess.Popen(
-                    [PY, *args], stdout=fh, stderr=subprocess.STDOUT, env=env(rank_env(r)),
-                    start_new_session=True))
+                self.procs.append(
+                    subprocess.Popen(
+                        [PY, *args],
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        env=env(rank_env(r)),
+                        start_new_session=True,
+                    )
+                )
 
     def wait(self, timeout: float) -> list[int | None]:
         """Exit codes (None: still running at the deadline)."""
@@ -135,24 +163,46 @@ class Ranks:
 
 def slurm_env(job_id: int) -> Callable[[int], dict[str, str]]:
     """What ``srun -n 2`` on one node sets (the variables scalelab.layout reads)."""
+
     def rank_env(r: int) -> dict[str, str]:
-        return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r),
-                "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "2",
-                "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "localhost",
-                "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2"}
+        return {
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": str(r),
+            "SLURM_LOCALID": str(r),
+            "SLURM_NODEID": "0",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_STEP_TASKS_PER_NODE": "2",
+        }
+
     return rank_env
 
 
 def torchrun_env(port: int) -> Callable[[int], dict[str, str]]:
     """torchrun's worker variables, without the torchrun agent."""
+
     def rank_env(r: int) -> dict[str, str]:
-        return {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        return {
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(r),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+
     return rank_env
 
 
-def wait_for_record(metrics: Path, match: Callable[[dict[str, Any]], bool], timeout: float,
-                    procs: Ranks | None = None) -> dict[str, Any]:
+def wait_for_record(
+    metrics: Path,
+    match: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    procs: Ranks | None = None,
+) -> dict[str, Any]:
     """Poll metrics.jsonl until a record satisfies ``match``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,8 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scalelab import __version__, docload, provenance
-from scalelab.errors import CheckFailed, UsageError
+from scalelab import __version__, docload, sysfacts
+from scalelab.errors import CheckFailed, UsageError, environment_cause
+from scalelab.fsio import atomic_write_text, sha256_file
+from scalelab.output_guard import atomic_dir
+from scalelab.rundir import RunDir
 
 FORMAT = "scalelab-bundle"
 VERSION = 2  # 2: SHA256SUMS ends with the sha256 of bundle.json
@@ -40,40 +43,74 @@ SUMS = "SHA256SUMS"
 #: What a study directory holds besides results: the workflow as a user runs it.
 WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles", "slurm", ".test")
 #: Environment files (from the scalelab checkout) that let the collaborator rebuild the venv.
-ENV_FILES = ("requirements.txt", "lock-cpu.txt", "lock-pypi.txt", "lock-horovod.txt",
-             "build_horovod.sh", "patch_horovod.sh")
-#: Written by fsio.atomic_dir in every output directory; not part of the inventory.
+ENV_FILES = (
+    "requirements.txt",
+    "lock-cpu.txt",
+    "lock-pypi.txt",
+    "lock-horovod.txt",
+    "build_horovod.sh",
+    "patch_horovod.sh",
+)
+#: Written by output_guard.atomic_dir in every output directory; not part of the inventory.
 SKIP = {INVENTORY, SUMS, ".scalelab-output.json"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     doc = (__doc__ or "").split("\n\n")
-    e = sub.add_parser("export", help="bundle a study (workflow, lock, scalelab, results, "
-                                      "manifests) under a sha256 inventory",
-                       description=" ".join(doc[1:3]).replace("\n", " "), epilog=doc[-1])
-    e.add_argument("study", type=Path, metavar="STUDY",
-                   help="the study's working directory (where Snakefile and results/ are)")
-    e.add_argument("--out", type=Path, required=True, metavar="BUNDLE",
-                   help="bundle directory to create")
-    e.add_argument("--results", default="results", metavar="DIR",
-                   help="results directory inside STUDY (default: results)")
-    e.add_argument("--image", action="store_true",
-                   help="also copy the images the runs used (.sif, checked by sha256)")
+    e = sub.add_parser(
+        "export",
+        help="bundle a study (workflow, lock, scalelab, results, "
+        "manifests) under a sha256 inventory",
+        description=" ".join(doc[1:3]).replace("\n", " "),
+        epilog=doc[-1],
+    )
+    e.add_argument(
+        "study",
+        type=Path,
+        metavar="STUDY",
+        help="the study's working directory (where Snakefile and results/ are)",
+    )
+    e.add_argument(
+        "--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to create"
+    )
+    e.add_argument(
+        "--results",
+        default="results",
+        metavar="DIR",
+        help="results directory inside STUDY (default: results)",
+    )
+    e.add_argument(
+        "--image",
+        action="store_true",
+        help="also copy the images the runs used (.sif, checked by sha256)",
+    )
     e.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("import", help="verify a bundle file by file and lay out the study",
-                       description=doc[2].replace("\n", " "), epilog=doc[-1])
+    i = sub.add_parser(
+        "import",
+        help="verify a bundle file by file and lay out the study",
+        description=doc[2].replace("\n", " "),
+        epilog=doc[-1],
+    )
     i.add_argument("bundle", type=Path, metavar="BUNDLE")
-    i.add_argument("--out", type=Path, metavar="DIR",
-                   help="new study directory (default: ./<bundle name>-study)")
+    i.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="new study directory (default: ./<bundle name>-study)",
+    )
     i.add_argument("--check", action="store_true", help="verify only, write nothing")
-    i.add_argument("--allow-yte", action="store_true",
-                   help="accept config files that turn on __use_yte__ (Snakemake runs the "
-                        "Python in them); refused without it")
+    i.add_argument(
+        "--allow-yte",
+        action="store_true",
+        help="accept config files that turn on __use_yte__ (Snakemake runs the "
+        "Python in them); refused without it",
+    )
     i.set_defaults(func=cmd_import)
 
 
 # ----------------------------------------------------------------------------- export
+
 
 class _EnvironmentFailed(Exception):
     """Carries a full disk (or another environment OSError) out of shutil.copytree, which
@@ -82,7 +119,6 @@ class _EnvironmentFailed(Exception):
 
 def _copy_file(src: str, dst: str) -> str:
     """copytree's copy function: the first full disk ends the copy as itself (exit 1)."""
-    from scalelab.errors import environment_cause
 
     try:
         return shutil.copy2(src, dst)
@@ -96,8 +132,13 @@ def _copy(src: Path, dst: Path) -> None:
     """Copy a file or tree, following links (the bundle must stand alone)."""
     if src.is_dir():
         try:
-            shutil.copytree(src, dst, symlinks=False, copy_function=_copy_file,
-                            ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "*.lock"))
+            shutil.copytree(
+                src,
+                dst,
+                symlinks=False,
+                copy_function=_copy_file,
+                ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "*.lock"),
+            )
         except _EnvironmentFailed as exc:
             raise exc.args[0] from None
         except shutil.Error as exc:  # e.g. a dangling symbolic link in the study
@@ -111,8 +152,10 @@ def _copy(src: Path, dst: Path) -> None:
 def _scalelab_source() -> Path:
     root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
-        raise UsageError("export: scalelab is not imported from a source checkout; "
-                         "cannot build its wheel for the bundle")
+        raise UsageError(
+            "export: scalelab is not imported from a source checkout; "
+            "cannot build its wheel for the bundle"
+        )
     return root
 
 
@@ -120,28 +163,49 @@ def _build_wheel(dest: Path) -> Path:
     """scalelab as a wheel (it is not on PyPI): pip wheel of the checkout it runs from."""
     dest.mkdir(parents=True, exist_ok=True)
     src = _scalelab_source()
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                           "--no-build-isolation", "--wheel-dir", str(dest), str(src)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(dest),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wheels = sorted(dest.glob("scalelab-*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise CheckFailed(f"export: building the scalelab wheel failed: "
-                          f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        raise CheckFailed(
+            f"export: building the scalelab wheel failed: "
+            f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+        )
     return wheels[0]
 
 
 def _images(results: Path) -> list[dict[str, Any]]:
     """The images named by the runs' container.json / provenance.json, one entry each."""
     seen: dict[str, dict[str, Any]] = {}
-    for rec in results.rglob("container.json"):
+    for rec in results.rglob(RunDir.CONTAINER):
         try:
             data = json.loads(rec.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("sha256"):
-            seen.setdefault(data["sha256"], {"image": data.get("image"),
-                                             "sha256": data["sha256"],
-                                             "size_bytes": data.get("size_bytes")})
+            seen.setdefault(
+                data["sha256"],
+                {
+                    "image": data.get("image"),
+                    "sha256": data["sha256"],
+                    "size_bytes": data.get("size_bytes"),
+                },
+            )
     return list(seen.values())
 
 
@@ -149,8 +213,10 @@ def _outside(out: Path, source: Path, what: str) -> None:
     """--out may not lie inside what is being copied (it would copy itself)."""
     real, src = out.resolve(), source.resolve()
     if src == real or src in real.parents:
-        raise UsageError(f"--out {out}: lies inside {what} {source}; the copy would include "
-                         "itself: write it somewhere else")
+        raise UsageError(
+            f"--out {out}: lies inside {what} {source}; the copy would include "
+            "itself: write it somewhere else"
+        )
 
 
 def inventory(root: Path) -> dict[str, dict[str, Any]]:
@@ -161,13 +227,11 @@ def inventory(root: Path) -> dict[str, dict[str, Any]]:
         if path.is_symlink():
             raise UsageError(f"{path}: a symbolic link; bundles hold plain files only")
         if path.is_file() and rel not in SKIP:
-            files[rel] = {"bytes": path.stat().st_size,
-                          "sha256": provenance.sha256_file(path)}
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return files
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from scalelab.fsio import atomic_dir, atomic_write_text
 
     study = args.study
     if not (study / "Snakefile").is_file():
@@ -197,44 +261,63 @@ def cmd_export(args: argparse.Namespace) -> int:
             for img in images:
                 path = Path(img["image"] or "")
                 if not path.is_file():
-                    raise UsageError(f"--image: {path} (sha256 {img['sha256'][:16]}...) is not "
-                                     "a file here")
-                if provenance.sha256_file(path) != img["sha256"]:
-                    raise CheckFailed(f"--image: {path} no longer has the sha256 the runs "
-                                      f"recorded ({img['sha256'][:16]}...)")
+                    raise UsageError(
+                        f"--image: {path} (sha256 {img['sha256'][:16]}...) is not a file here"
+                    )
+                if sha256_file(path) != img["sha256"]:
+                    raise CheckFailed(
+                        f"--image: {path} no longer has the sha256 the runs "
+                        f"recorded ({img['sha256'][:16]}...)"
+                    )
                 _copy(path, tmp / "images" / path.name)
                 copied.append(f"images/{path.name}")
         runs = []
-        for man in sorted((tmp / "study" / args.results).rglob(provenance.FILE)):
+        for man in sorted((tmp / "study" / args.results).rglob(RunDir.PROVENANCE)):
             data = docload.load(man, fmt="json")
-            runs.append({"run": man.parent.relative_to(tmp).as_posix(),
-                         "provenance_id": data.get("provenance_id")})
+            runs.append(
+                {
+                    "run": man.parent.relative_to(tmp).as_posix(),
+                    "provenance_id": data.get("provenance_id"),
+                }
+            )
         files = inventory(tmp)
         meta = {
-            "format": FORMAT, "version": VERSION, "scalelab": __version__,
+            "format": FORMAT,
+            "version": VERSION,
+            "scalelab": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "git": provenance.git_state(),
-            "study": "study", "results": args.results, "wheel": wheel.relative_to(tmp).as_posix(),
-            "images": [{**img, "included": f"images/{Path(img['image'] or '').name}" in copied}
-                       for img in images],
-            "runs": runs, "algorithm": "sha256", "files": files,
+            "git": sysfacts.git_state(),
+            "study": "study",
+            "results": args.results,
+            "wheel": wheel.relative_to(tmp).as_posix(),
+            "images": [
+                {**img, "included": f"images/{Path(img['image'] or '').name}" in copied}
+                for img in images
+            ],
+            "runs": runs,
+            "algorithm": "sha256",
+            "files": files,
         }
         atomic_write_text(tmp / INVENTORY, json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(tmp / SUMS, sums_text(files, provenance.sha256_file(tmp / INVENTORY)))
+        atomic_write_text(tmp / SUMS, sums_text(files, sha256_file(tmp / INVENTORY)))
     total = sum(f["bytes"] for f in files.values())
-    print(f"scalelab export: {args.out}: {len(files)} files, {total / 1e6:.1f} MB, "
-          f"{len(runs)} run(s), {len(images)} image reference(s) "
-          f"({time.monotonic() - started:.1f} s)")
+    print(
+        f"scalelab export: {args.out}: {len(files)} files, {total / 1e6:.1f} MB, "
+        f"{len(runs)} run(s), {len(images)} image reference(s) "
+        f"({time.monotonic() - started:.1f} s)"
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- import
 
+
 def sums_text(files: dict[str, dict[str, Any]], inventory_sha256: str) -> str:
     """SHA256SUMS: every file of the inventory, then bundle.json itself (so each of the
     two files covers the other)."""
     return "".join(f"{f['sha256']}  {rel}\n" for rel, f in files.items()) + (
-        f"{inventory_sha256}  {INVENTORY}\n")
+        f"{inventory_sha256}  {INVENTORY}\n"
+    )
 
 
 def _sums_problems(bundle: Path, files: dict[str, dict[str, Any]]) -> list[str]:
@@ -242,12 +325,14 @@ def _sums_problems(bundle: Path, files: dict[str, dict[str, Any]]) -> list[str]:
     sums = bundle / SUMS
     if not sums.is_file() or sums.is_symlink():
         return [f"{SUMS}: missing (it holds the sha256 of {INVENTORY})"]
-    actual = provenance.sha256_file(bundle / INVENTORY)
+    actual = sha256_file(bundle / INVENTORY)
     lines = sums.read_bytes().decode(errors="replace").splitlines()
     recorded = lines[-1].split("  ", 1) if lines else []
     if recorded[1:] != [INVENTORY]:
-        return [f"{SUMS}: does not end with the sha256 of {INVENTORY} (made by an older "
-                "scalelab, or edited: export the study again)"]
+        return [
+            f"{SUMS}: does not end with the sha256 of {INVENTORY} (made by an older "
+            "scalelab, or edited: export the study again)"
+        ]
     if recorded[0] != actual:
         return [f"{INVENTORY}: sha256 mismatch (it was changed after export)"]
     expected = sums_text(files, actual).splitlines()
@@ -266,8 +351,7 @@ def inside(bundle: Path, rel: Any, field: str) -> Path:
     where = f"{bundle / INVENTORY}: field '{field}'"
     parts = Path(rel).parts if isinstance(rel, str) and rel else ()
     if not parts or Path(rel).is_absolute() or any(p in ("..", ".") for p in parts):
-        raise CheckFailed(f"{where} is {str(rel)[:80]!r}: not a relative path inside the "
-                          "bundle")
+        raise CheckFailed(f"{where} is {str(rel)[:80]!r}: not a relative path inside the bundle")
     node = bundle
     for part in parts:
         node = node / part
@@ -283,8 +367,11 @@ def verify(bundle: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{bundle}: not a scalelab bundle ({INVENTORY} missing)")
     meta = docload.load(path, fmt="json", mapping=False, error=CheckFailed)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(
-            meta.get("files"), dict):
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("files"), dict)
+    ):
         raise CheckFailed(f"{path}: not a {FORMAT} inventory")
     bad: list[str] = []
     for rel, entry in sorted(meta["files"].items()):
@@ -295,7 +382,7 @@ def verify(bundle: Path) -> dict[str, Any]:
             bad.append(f"{rel}: missing")
         elif file.stat().st_size != entry.get("bytes"):
             bad.append(f"{rel}: size {file.stat().st_size}, inventory {entry.get('bytes')}")
-        elif provenance.sha256_file(file) != entry.get("sha256"):
+        elif sha256_file(file) != entry.get("sha256"):
             bad.append(f"{rel}: sha256 mismatch")
     for file in sorted(bundle.rglob("*")):
         rel = file.relative_to(bundle).as_posix()
@@ -305,8 +392,9 @@ def verify(bundle: Path) -> dict[str, Any]:
     if bad:
         for line in bad:
             print(f"scalelab import: {bundle}/{line}", file=sys.stderr)
-        raise CheckFailed(f"{bundle}: {len(bad)} file(s) do not match the inventory "
-                          f"(first: {bad[0]})")
+        raise CheckFailed(
+            f"{bundle}: {len(bad)} file(s) do not match the inventory (first: {bad[0]})"
+        )
     inside(bundle, meta.get("study"), "study")
     inside(bundle, f"{meta.get('study')}/{meta.get('results')}", "results")
     return meta
@@ -340,7 +428,6 @@ def refuse_yte_configs(bundle: Path, meta: dict[str, Any]) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from scalelab.fsio import atomic_dir
 
     meta = verify(args.bundle)
     n = len(meta["files"])
@@ -359,13 +446,18 @@ def cmd_import(args: argparse.Namespace) -> int:
             if (args.bundle / extra).is_dir():
                 _copy(args.bundle / extra, tmp / extra)
         shutil.copy2(args.bundle / INVENTORY, tmp / "bundle.json")
-    print(f"scalelab import: {args.bundle}: all {n} files match the inventory; "
-          f"study in {out}")
-    print(f"  runs: {len(meta.get('runs', []))}; images referenced: "
-          + (", ".join(f"{i['image']} ({i['sha256'][:12]})" for i in meta.get("images", []))
-             or "none"))
+    print(f"scalelab import: {args.bundle}: all {n} files match the inventory; study in {out}")
+    print(
+        f"  runs: {len(meta.get('runs', []))}; images referenced: "
+        + (
+            ", ".join(f"{i['image']} ({i['sha256'][:12]})" for i in meta.get("images", []))
+            or "none"
+        )
+    )
     print("  rerun and compare each run (bitwise on CPU in deterministic mode):")
     results = shlex.quote(str(meta["results"]))
-    print(f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
-          "scalelab reproduce \"$run\" || break; done")
+    print(
+        f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
+        'scalelab reproduce "$run" || break; done'
+    )
     return 0

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "scalelab.doctor",
     "data": "scalelab.data.cli",
     "train": "scalelab.train.cli",
+    "plan": "scalelab.study.cli",
     "launch": "scalelab.launcher",
     "evaluate": "scalelab.evaluate",
     "analyze": "scalelab.analysis.cli",
@@ -39,8 +40,8 @@ COMMANDS: dict[str, str] = {
     "container": "scalelab.container.cli",
     "testcluster": "scalelab.testcluster.cli",
     "reproduce": "scalelab.rerun",
-    "runs": "scalelab.rerun",
-    "diff": "scalelab.rerun",
+    "runs": "scalelab.runs",
+    "diff": "scalelab.runs",
     "export": "scalelab.bundle",
     "import": "scalelab.bundle",
 }
@@ -99,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_failed_verdict(command: str, exc: BaseException, code: int) -> None:
     """The --json form of a failed command: one document on stdout (see the module doc)."""
     found = describe(exc)
-    verdict = {"ok": False, "command": command, "error": found[0] if found else str(exc),
-               "exit_code": code, **getattr(exc, "details", {})}
+    verdict = {
+        "ok": False,
+        "command": command,
+        "error": found[0] if found else str(exc),
+        "exit_code": code,
+        **getattr(exc, "details", {}),
+    }
     print(json.dumps(verdict), flush=True)
 
 

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from scalelab import energy
+from scalelab.container import root_lacks_capabilities
 from scalelab.tools import which
 
 PROBE_TIMEOUT_S = 60
@@ -37,8 +39,19 @@ class Probe:
 MODE_REQUIRES: dict[str, list[str]] = {
     "local": ["python", "torch", "mpirun", "mpi4py", "horovod", "snakemake"],
     "slurm": [
-        "python", "torch", "mpirun", "mpi4py", "horovod", "snakemake",
-        "snakemake-slurm-plugin", "sbatch", "srun", "squeue", "scontrol", "slurmctld", "srun-pmix",
+        "python",
+        "torch",
+        "mpirun",
+        "mpi4py",
+        "horovod",
+        "snakemake",
+        "snakemake-slurm-plugin",
+        "sbatch",
+        "srun",
+        "squeue",
+        "scontrol",
+        "slurmctld",
+        "srun-pmix",
     ],
     "container": ["python", "snakemake", "apptainer"],
 }
@@ -74,8 +87,12 @@ def _python_probe(code: str) -> tuple[bool, dict | str]:
 
 def probe_python() -> Probe:
     v = sys.version_info
-    return Probe("python", v >= (3, 11), f"{v.major}.{v.minor}.{v.micro} ({sys.executable})",
-                 "use Python >= 3.11 (the Snakemake slurm executor plugin needs it)")
+    return Probe(
+        "python",
+        v >= (3, 11),
+        f"{v.major}.{v.minor}.{v.micro} ({sys.executable})",
+        "use Python >= 3.11 (the Snakemake slurm executor plugin needs it)",
+    )
 
 
 def probe_torch() -> Probe:
@@ -129,8 +146,10 @@ def probe_horovod() -> Probe:
         return Probe("horovod", False, str(info), "run envs/build_horovod.sh .venv (or ./setup.sh)")
     ops = ["gloo-cpu"] + info["ops"]
     controllers = ",".join(info["controllers"])
-    detail = (f"{info['version']}, frameworks: pytorch, controllers: {controllers}"
-              f", tensor ops: {','.join(ops)}")
+    detail = (
+        f"{info['version']}, frameworks: pytorch, controllers: {controllers}"
+        f", tensor ops: {','.join(ops)}"
+    )
     return Probe("horovod", bool(info["controllers"]), detail, "rebuild with envs/build_horovod.sh")
 
 
@@ -175,9 +194,13 @@ def probe_slurm_controller() -> Probe:
     detail = out.splitlines()[-1] if out else f"exit {rc}"
     if "resolve_ctls" in out or "Could not establish a configuration" in out:
         detail = NO_CONF
-    return Probe("slurmctld", ok, detail,
-                 "point SLURM_CONF at your cluster's slurm.conf, or start the test cluster: "
-                 "scalelab testcluster up")
+    return Probe(
+        "slurmctld",
+        ok,
+        detail,
+        "point SLURM_CONF at your cluster's slurm.conf, or start the test cluster: "
+        "scalelab testcluster up",
+    )
 
 
 def probe_srun_mpi() -> Probe:
@@ -188,14 +211,20 @@ def probe_srun_mpi() -> Probe:
     rc, out = _run([path, "--mpi=list"])
     if rc != 0:
         return Probe("srun-pmix", False, NO_CONF, SLURM_HINT)
-    types = sorted({
-        line.split()[-1].removeprefix("mpi/")
-        for line in out.splitlines()
-        if line.strip() and "MPI plugin types" not in line and "specific" not in line
-    })
+    types = sorted(
+        {
+            line.split()[-1].removeprefix("mpi/")
+            for line in out.splitlines()
+            if line.strip() and "MPI plugin types" not in line and "specific" not in line
+        }
+    )
     ok = rc == 0 and any(t.startswith("pmix") for t in types)
-    return Probe("srun-pmix", ok, "types: " + (", ".join(types) or out[-120:]),
-                 "install libpmix2 + libpmix-dev before slurmd starts (Debian), or ask your admins")
+    return Probe(
+        "srun-pmix",
+        ok,
+        "types: " + (", ".join(types) or out[-120:]),
+        "install libpmix2 + libpmix-dev before slurmd starts (Debian), or ask your admins",
+    )
 
 
 def probe_apptainer() -> Probe:
@@ -203,23 +232,65 @@ def probe_apptainer() -> Probe:
         path = shutil.which(name)
         if path:
             rc, out = _run([path, "--version"])
-            from scalelab.container.runtime import root_lacks_capabilities
 
-            mode = ("exec needs --userns here: root's capability set is not full "
-                    "(container.userns auto passes it)" if root_lacks_capabilities()
-                    else "exec runs without --userns")
-            return Probe("apptainer", rc == 0,
-                         f"{out.splitlines()[0] if out else ''} ({path}); {mode}",
-                         "" if rc == 0 else "the binary does not run: reinstall it "
-                         "(test environment: bash envs/install_apptainer.sh)")
-    return Probe("apptainer", False, "neither apptainer nor singularity on PATH",
-                 "install Apptainer (https://apptainer.org/docs/admin/main/installation.html) "
-                 "or load your site's apptainer module")
+            mode = (
+                "exec needs --userns here: root's capability set is not full "
+                "(container.userns auto passes it)"
+                if root_lacks_capabilities()
+                else "exec runs without --userns"
+            )
+            return Probe(
+                "apptainer",
+                rc == 0,
+                f"{out.splitlines()[0] if out else ''} ({path}); {mode}; {gpu_driver_note()}",
+                ""
+                if rc == 0
+                else "the binary does not run: reinstall it "
+                "(test environment: bash envs/install_apptainer.sh)",
+            )
+    return Probe(
+        "apptainer",
+        False,
+        "neither apptainer nor singularity on PATH",
+        "install Apptainer (https://apptainer.org/docs/admin/main/installation.html) "
+        "or load your site's apptainer module",
+    )
+
+
+#: The GPU image is torch's CUDA 13.0 build (containers/gpu/): the host driver must be R580+.
+GPU_IMAGE_DRIVER_MIN = 580
+
+
+def gpu_driver_note(smi_output: str | None = None) -> str:
+    """What the host's NVIDIA driver means for the GPU image (CUDA 13.0 needs R580+)."""
+    if smi_output is None:
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return (
+                f"GPU image: CUDA 13.0, needs NVIDIA driver R{GPU_IMAGE_DRIVER_MIN}+ "
+                "(no nvidia-smi here)"
+            )
+        rc, smi_output = _run([smi, "--query-gpu=driver_version", "--format=csv,noheader"])
+        if rc != 0:
+            return (
+                f"GPU image: CUDA 13.0, needs NVIDIA driver R{GPU_IMAGE_DRIVER_MIN}+ "
+                f"(nvidia-smi: {smi_output.splitlines()[0] if smi_output else rc})"
+            )
+    version = (smi_output.strip().splitlines() or [""])[0].strip()
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return f"GPU image: CUDA 13.0, needs NVIDIA driver R{GPU_IMAGE_DRIVER_MIN}+ (driver ?)"
+    if major >= GPU_IMAGE_DRIVER_MIN:
+        return f"GPU image: CUDA 13.0 runs on this driver {version}"
+    return (
+        f"GPU image: CUDA 13.0 needs driver R{GPU_IMAGE_DRIVER_MIN}+, this host has "
+        f"{version}: use the cu126 variant (containers/recipe.py) or update the driver"
+    )
 
 
 def probe_energy() -> Probe:
     """The energy counters a run could read here (joules per sample; optional)."""
-    from scalelab import energy
 
     parts, ok = [], False
     try:
@@ -238,9 +309,15 @@ def probe_energy() -> Probe:
         parts.append("nvml: nvidia-ml-py not installed (pip install 'scalelab[gpu]')")
     except Exception as exc:  # noqa: BLE001 - NVMLError: no driver, no GPU
         parts.append(f"nvml: {type(exc).__name__}: {exc}".splitlines()[0])
-    return Probe("energy", ok, "; ".join(parts),
-                 "" if ok else "optional: joules per sample need NVML (NVIDIA GPUs) or "
-                 "readable RAPL counters (x86, /sys/class/powercap; root-only since Linux 5.10)")
+    return Probe(
+        "energy",
+        ok,
+        "; ".join(parts),
+        ""
+        if ok
+        else "optional: joules per sample need NVML (NVIDIA GPUs) or "
+        "readable RAPL counters (x86, /sys/class/powercap; root-only since Linux 5.10)",
+    )
 
 
 PROBES = {
@@ -293,27 +370,48 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     probes = run_probes()
     missing = missing_for(args.mode, probes, args.without)
     if args.json:
-        print(json.dumps({"mode": args.mode, "ok": not missing,
-                          "missing": [p.name for p in missing],
-                          "probes": [asdict(p) for p in probes]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "mode": args.mode,
+                    "ok": not missing,
+                    "missing": [p.name for p in missing],
+                    "probes": [asdict(p) for p in probes],
+                },
+                indent=2,
+            )
+        )
     else:
         _print_table(probes, args.mode)
     for p in missing:
-        print(f"missing for --mode {args.mode}: {p.name} ({p.detail}); fix: {p.fix}",
-              file=sys.stderr)
+        print(
+            f"missing for --mode {args.mode}: {p.name} ({p.detail}); fix: {p.fix}", file=sys.stderr
+        )
     if not missing and not args.json:
         print(f"mode {args.mode}: ready")
     return 1 if missing else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="check what this machine offers the pipeline",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=sorted(MODE_REQUIRES), default="local",
-                   help="what you want to run: local (default), slurm or container")
+    p = sub.add_parser(
+        "doctor",
+        help="check what this machine offers the pipeline",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--mode",
+        choices=sorted(MODE_REQUIRES),
+        default="local",
+        help="what you want to run: local (default), slurm or container",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--without", action="append", default=[], metavar="COMPONENT",
-                   choices=sorted({n for need in MODE_REQUIRES.values() for n in need}),
-                   help="a component the mode may go without (repeatable); setup.sh passes "
-                        "--without horovod where it could not build Horovod")
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="COMPONENT",
+        choices=sorted({n for need in MODE_REQUIRES.values() for n in need}),
+        help="a component the mode may go without (repeatable); setup.sh passes "
+        "--without horovod where it could not build Horovod",
+    )
     p.set_defaults(func=cmd_doctor)

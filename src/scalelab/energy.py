@@ -59,8 +59,9 @@ class Rapl:
             if not _PACKAGE_ZONE.search(top.name) or not _name(top).startswith("package"):
                 continue
             self.zones.append(_zone(top))
-            self.zones += [_zone(sub) for sub in sorted(top.glob(f"{top.name}:*"))
-                           if _name(sub) == "dram"]
+            self.zones += [
+                _zone(sub) for sub in sorted(top.glob(f"{top.name}:*")) if _name(sub) == "dram"
+            ]
         if not self.zones:
             raise OSError(f"no RAPL package zones under {root}")
 
@@ -83,8 +84,9 @@ def _name(zone: Path) -> str:
 
 def _zone(path: Path) -> _Zone:
     # PermissionError here (root-only since Linux 5.10) makes the counter unavailable
-    return _Zone(path, int((path / "max_energy_range_uj").read_text()),
-                 int((path / "energy_uj").read_text()))
+    return _Zone(
+        path, int((path / "max_energy_range_uj").read_text()), int((path / "energy_uj").read_text())
+    )
 
 
 class Nvml:
@@ -97,10 +99,10 @@ class Nvml:
         import pynvml  # nvidia-ml-py: the gpu extra
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-")
-                                                  else f"GPU-{uuid}")
-        self._read: Callable[[], int] = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(
-            handle)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(
+            uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        )
+        self._read: Callable[[], int] = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         self._last = self._read()  # raises NVMLError_NotSupported before Volta
 
     def joules(self) -> float:
@@ -131,8 +133,11 @@ class EnergyMeter:
         out: list[float] = []
         for name in SOURCES:
             c = self.counters.get(name)
-            out += [c.joules() if c else 0.0, float(c is not None),
-                    float(name in self.expected and c is None)]
+            out += [
+                c.joules() if c else 0.0,
+                float(c is not None),
+                float(name in self.expected and c is None),
+            ]
         return out
 
 
@@ -144,15 +149,16 @@ def total(summed: list[float]) -> tuple[float | None, list[str]]:
     """
     joules, used = 0.0, []
     for i, name in enumerate(SOURCES):
-        j, readers, missing = summed[3 * i:3 * i + 3]
+        j, readers, missing = summed[3 * i : 3 * i + 3]
         if readers > 0 and missing == 0:
             joules += j
             used.append(name)
     return (joules if used else None), used
 
 
-def open_meter(enabled: bool, gpu_uuid: str | None, local_rank: int,
-               powercap: Path = POWERCAP) -> EnergyMeter:
+def open_meter(
+    enabled: bool, gpu_uuid: str | None, local_rank: int, powercap: Path = POWERCAP
+) -> EnergyMeter:
     """The counters this rank reads (none unless ``metrics.energy`` is ``enabled``).
 
     A GPU rank reads its board; the node's local rank 0 also reads the CPU packages.

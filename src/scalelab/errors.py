@@ -15,9 +15,10 @@ and its code, never a traceback; a traceback means a bug in scalelab.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 import time
+
+from scalelab import rank as rank_rule
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -26,8 +27,15 @@ EXIT_REQUEUE = 75
 
 #: OSErrors that are the environment failing a correct request (exit 1); any other
 #: OSError is a path the user gave that cannot be used (exit 2).
-_RUN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EFBIG,
-               errno.ESTALE, errno.ETIMEDOUT}
+_RUN_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.ENOMEM,
+    errno.EFBIG,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+}
 
 EXIT_CODES_HELP = (
     "exit codes: 0 ok; 1 a check or a run failed (corrupt data, mismatched hash, "
@@ -36,7 +44,18 @@ EXIT_CODES_HELP = (
 )
 
 
-class UsageError(Exception):
+class ScalelabError(Exception):
+    """The base of every error scalelab reports in one line: it carries its exit code.
+
+    :func:`describe` (and so ``scalelab.cli.main``) maps any of them to
+    ``scalelab CMD: error: MESSAGE`` and :attr:`exit_code`, in one place; a subclass
+    states its code instead of a caller choosing one.
+    """
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(ScalelabError):
     """Bad user input (config field, file, argument).
 
     The CLI reports it as one line ``scalelab CMD: error: MESSAGE`` and exits
@@ -79,11 +98,13 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
 
     None for anything else: an unexpected exception is a bug and keeps its traceback.
     """
-    if isinstance(exc, UsageError):
+    if isinstance(exc, ScalelabError):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code
     if isinstance(exc, UnicodeDecodeError):
-        return (f"input is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "give a UTF-8 file", EXIT_USAGE)
+        return (
+            f"input is not UTF-8 text ({exc.reason} at byte {exc.start}); give a UTF-8 file",
+            EXIT_USAGE,
+        )
     if not isinstance(exc, OSError):
         # Libraries re-raise a full disk as their own error (torch.save: RuntimeError
         # "unexpected pos" while handling the ENOSPC); the disk is still the cause.
@@ -104,13 +125,9 @@ USAGE_GRACE_S = 3.0
 
 
 def process_rank() -> str:
-    """This process's rank under any launcher ("0" for a single process)."""
-    for var in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(var):
-            return os.environ[var]
-    if os.environ.get("SLURM_STEP_ID") is not None and os.environ.get("SLURM_PROCID"):
-        return os.environ["SLURM_PROCID"]
-    return "0"
+    """This process's rank under any launcher ("0" for a single process):
+    :func:`scalelab.rank.process_rank`, the rule :func:`scalelab.layout.detect` follows."""
+    return rank_rule.process_rank()
 
 
 def report_error(command: str, exc: BaseException) -> int | None:

@@ -11,7 +11,9 @@ ranks with an explicit argument list:
 * elsewhere: ``mpirun -n R`` or ``torchrun --nproc-per-node R`` on this machine.
 
 With a container configured, the container call goes inside srun/mpirun
-(``srun ... apptainer exec IMAGE scalelab train ...``), the hybrid model.
+(``srun ... apptainer exec IMAGE scalelab train ...``), the hybrid model. The command
+lines themselves are built in :mod:`scalelab.launch.commands`; this module decides
+which one a sweep point gets and prepares and runs it.
 """
 
 from __future__ import annotations
@@ -21,27 +23,30 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
 
-import yaml
-
-from scalelab import supervise, sweep
+from scalelab import docload, supervise
+from scalelab.backends import DEFAULT, SINGLE
+from scalelab.container import job_container
 from scalelab.errors import UsageError
-from scalelab.fsio import atomic_write_text, check_target, guard, marker_kind, write_marker
-from scalelab.tools import which
-from scalelab.train.cli import LOCK_ENV, RUN_FILES
+from scalelab.launch import commands
+from scalelab.rundir import LOCK_ENV, RunDir
+from scalelab.study import config as study_config
+from scalelab.study import plan as study_plan
+from scalelab.study.checks import GENERATED_SOURCES
+from scalelab.study.plan import RunPoint
+from scalelab.study.slurm import gpu_gres
 
 
-def run_config(cfg: dict, point: sweep.RunPoint, data_dir: str | Path) -> dict:
-    """The `scalelab train` config of one sweep point (see :func:`scalelab.sweep.run_config`)."""
-    return sweep.run_config(cfg, point, data_dir)
+def run_config(cfg: dict, point: RunPoint, data_dir: str | Path) -> dict:
+    """The `scalelab train` config of one sweep point (:func:`scalelab.study.plan.run_config`)."""
+    return study_plan.run_config(cfg, point, data_dir)
 
 
-def config_digest(run_cfg: dict, point: sweep.RunPoint) -> str:
+def config_digest(run_cfg: dict, point: RunPoint) -> str:
     blob = json.dumps({"config": run_cfg, "point": point.as_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -50,62 +55,54 @@ def in_slurm_allocation(env: dict[str, str] | None = None) -> bool:
     return bool((env if env is not None else os.environ).get("SLURM_JOB_ID"))
 
 
-def scalelab_command(args: list[str], container_prefix: list[str] | None = None) -> list[str]:
-    """A per-rank `scalelab ARGS` command: the venv's interpreter, or `scalelab` in the image."""
-    head = [*container_prefix, "scalelab"] if container_prefix else [sys.executable, "-m",
-                                                                      "scalelab"]
-    return [*head, *args]
-
-
 def train_args(run_yaml: Path, out_dir: Path) -> list[str]:
     return ["train", "--config", str(run_yaml), "--out", str(out_dir), "--resume"]
 
 
-def srun_argv(launch: dict, point: sweep.RunPoint) -> list[str]:
-    argv = [which("srun") or "srun", f"--mpi={launch['srun_mpi']}",
-            f"--nodes={point.nodes}", f"--ntasks={point.ranks}",
-            f"--ntasks-per-node={point.tasks_per_node}",
-            f"--cpus-per-task={launch['cpus_per_task']}", "--kill-on-bad-exit=1"]
-    gres = sweep.gpu_gres(point)
-    if gres:
-        argv.append(f"--gres={gres}")
-    return argv + list(launch["extra_srun_args"])
+def srun_argv(launch: dict, point: RunPoint) -> list[str]:
+    """srun for every rank of ``point`` inside an allocation, with the site's extra flags."""
+    return commands.srun(
+        mpi=launch["srun_mpi"],
+        nodes=point.nodes,
+        ntasks=point.ranks,
+        tasks_per_node=point.tasks_per_node,
+        cpus_per_task=launch["cpus_per_task"],
+        gres=gpu_gres(point),
+        flags=launch["extra_srun_args"],
+    )
 
 
-def local_argv(launch: dict, point: sweep.RunPoint) -> list[str]:
+def local_argv(launch: dict, point: RunPoint) -> list[str]:
+    """The launcher of ``point``'s ranks on this machine: launch.local (mpirun or torchrun)."""
     ranks = point.ranks
     if launch["local"] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={ranks}"]
-    mpirun = which("mpirun")
-    if not mpirun:
-        raise UsageError("launch.local: mpirun not found (run ./setup.sh, or use torchrun)")
-    argv = [mpirun, "-n", str(ranks), "--bind-to", "none"]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    if ranks * launch["cpus_per_task"] > (os.cpu_count() or 1):
-        argv.append("--oversubscribe")
-    return argv
+        return commands.torchrun(ranks)
+    return commands.mpirun(
+        ranks,
+        ranks * launch["cpus_per_task"],
+        "launch.local: mpirun not found (run ./setup.sh, or use torchrun)",
+    )
 
 
-def launch_argv(launch: dict, point: sweep.RunPoint, args: list[str],
-                env: dict[str, str] | None = None,
-                container_prefix: list[str] | None = None) -> list[str]:
+def launch_argv(
+    launch: dict,
+    point: RunPoint,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    container_prefix: list[str] | None = None,
+) -> list[str]:
     """The whole command line that starts `scalelab ARGS` on every rank of `point`."""
-    per_rank = scalelab_command(args, container_prefix)
+    per_rank = commands.scalelab_command(args, container_prefix)
     if in_slurm_allocation(env):
         if point.ranks == 1:
             # A 1-rank job is submitted without the `mpi` resource: the slurm plugin's job
             # step already runs this command under `srun -n1` on the allocated node. A
             # second srun inside it would wait for resources the step holds; run directly.
             return per_rank
-        return srun_argv(launch, point) + per_rank
-    if point.ranks == 1 and point.backend == "none":
+        return commands.compose(srun_argv(launch, point), per_rank)
+    if point.ranks == 1 and point.backend == SINGLE:
         return per_rank
-    if launch["local"] == "torchrun" and not container_prefix:
-        # torchrun runs a module or a script, not an arbitrary program.
-        return local_argv(launch, point) + ["-m", "scalelab", *per_rank[3:]]
-    return local_argv(launch, point) + per_rank
+    return commands.compose(local_argv(launch, point), per_rank)
 
 
 def rank_env(launch: dict) -> dict[str, str]:
@@ -121,34 +118,24 @@ def rank_env(launch: dict) -> dict[str, str]:
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     # Horovod's MPI library is the venv's libmpi: keep it findable on every node.
     libdir = str(Path(sys.executable).parent.parent / "lib")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH"))
-                                             if p)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
     return env
 
 
-def prepare_run_dir(out_dir: Path, run_cfg: dict, point: sweep.RunPoint) -> Path:
+def prepare_run_dir(out_dir: Path, run_cfg: dict, point: RunPoint) -> Path:
     """Write run.yaml and sweep.json; a run dir left by a different config is cleared.
 
     An identical config keeps the directory so `--resume` continues from its
     newest checkpoint (a requeued or retried job); a changed config must not
     resume from checkpoints that belong to another experiment. Only a directory
-    marked as a scalelab run is ever cleared (fsio.guard checked and locked it).
+    marked as a scalelab run is ever cleared (output_guard.guard checked and locked it).
     """
     digest = config_digest(run_cfg, point)
-    meta = out_dir / "sweep.json"
-    if out_dir.exists() and marker_kind(out_dir) == "run":
-        try:
-            old = json.loads(meta.read_text()).get("config_sha256")
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != digest:
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(out_dir, "run", RUN_FILES)
-    (out_dir / "summary.json").unlink(missing_ok=True)
-    atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(run_cfg, sort_keys=False))
-    atomic_write_text(meta, json.dumps({**point.as_dict(), "config_sha256": digest}, indent=2))
-    return out_dir / "run.yaml"
+    run_dir = RunDir(out_dir)
+    run_dir.prepare_launch(digest)
+    run_dir.write_run_config(run_cfg)
+    run_dir.write_sweep({**point.as_dict(), "config_sha256": digest})
+    return run_dir.run_config_path
 
 
 def job_spec(cfg: dict, run_id: str, data_dir: str | Path) -> dict:
@@ -157,13 +144,18 @@ def job_spec(cfg: dict, run_id: str, data_dir: str | Path) -> dict:
     The workflow passes it as a rule parameter, so Snakemake re-runs a job
     exactly when its own spec changes, not when another sweep point does.
     """
-    point = sweep.find(cfg, run_id)
-    return {"point": point.as_dict(), "run_config": run_config(cfg, point, data_dir),
-            "launch": cfg["launch"], "container": cfg.get("container", {})}
+    point = study_plan.find(cfg, run_id)
+    return {
+        "point": point.as_dict(),
+        "run_config": run_config(cfg, point, data_dir),
+        "launch": cfg["launch"],
+        "container": cfg.get("container", {}),
+    }
 
 
-def container_setup(container: dict,
-                    run_config: dict | None = None) -> tuple[list[str], dict | None]:
+def container_setup(
+    container: dict, run_config: dict | None = None
+) -> tuple[list[str], dict | None]:
     """The `apptainer exec ... IMAGE` prefix and the image's provenance, or ([], None).
 
     The image is checked (present, sha256 equal to the pin) before any rank
@@ -171,7 +163,6 @@ def container_setup(container: dict,
     """
     if not container.get("enabled"):
         return [], None
-    from scalelab.container.wiring import job_container
 
     # The dataset and node-local scratch must be seen inside the image at the same paths.
     data = (run_config or {}).get("data", {})
@@ -179,12 +170,12 @@ def container_setup(container: dict,
     return job_container(container, binds=binds, pwd=os.getcwd())
 
 
-def _point(d: dict) -> sweep.RunPoint:
-    fields = sweep.RunPoint.__dataclass_fields__
+def _point(d: dict) -> RunPoint:
+    fields = RunPoint.__dataclass_fields__
     missing = [k for k, f in fields.items() if k not in d and f.default is MISSING]
     if missing:
         raise UsageError(f"--spec: field 'point' lacks {', '.join(missing)}")
-    point = sweep.RunPoint(**{k: d[k] for k in fields if k in d})
+    point = RunPoint(**{k: d[k] for k in fields if k in d})
     check_point(point, lambda name: f"--spec: field 'point.{name}'")
     return point
 
@@ -201,8 +192,9 @@ def local_rank_limit() -> int:
     return max(64, 8 * (os.cpu_count() or 1))
 
 
-def check_point(point: sweep.RunPoint, name: Callable[[str], str],
-                env: dict[str, str] | None = None) -> None:
+def check_point(
+    point: RunPoint, name: Callable[[str], str], env: dict[str, str] | None = None
+) -> None:
     """Refuse a layout that cannot run, in one line naming the field (``name(field)``):
     counts below their minimum or not integers, or more ranks than this machine (outside
     Slurm) or any job could start. Outside Slurm a point of N nodes runs its N x T ranks
@@ -215,16 +207,20 @@ def check_point(point: sweep.RunPoint, name: Callable[[str], str],
         if value < least:
             raise UsageError(f"{name(field_name)}: {value} must be >= {least}")
     if point.ranks > MAX_RANKS:
-        raise UsageError(f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks, "
-                         f"more than {MAX_RANKS}")
+        raise UsageError(
+            f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks, "
+            f"more than {MAX_RANKS}"
+        )
     if in_slurm_allocation(env):
         return
     if point.ranks > local_rank_limit():
-        raise UsageError(f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks on "
-                         f"this machine ({os.cpu_count()} CPUs), more than {local_rank_limit()}")
+        raise UsageError(
+            f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks on "
+            f"this machine ({os.cpu_count()} CPUs), more than {local_rank_limit()}"
+        )
 
 
-def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
+def _spec_parts(spec: object) -> tuple[RunPoint, Path | None]:
     """The sweep point and data directory of a job spec (None: a source every rank
     generates, nothing staged); one line naming a missing field."""
     if not isinstance(spec, dict):
@@ -234,7 +230,7 @@ def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
             raise UsageError(f"--spec: field '{key}' is missing or not an object")
     point = _point(spec["point"])
     data = spec["run_config"].get("data") or {}
-    if data.get("source") in sweep.GENERATED_SOURCES:
+    if data.get("source") in GENERATED_SOURCES:
         return point, None
     path = data.get("path")
     if not isinstance(path, str) or not path:
@@ -242,9 +238,8 @@ def _spec_parts(spec: object) -> tuple[sweep.RunPoint, Path | None]:
     return point, Path(path)
 
 
-def _generic_point(args: argparse.Namespace) -> sweep.RunPoint:
-    point = sweep.RunPoint("ddp", "strong", args.nodes, args.tasks_per_node,
-                           args.gpus_per_task, 0)
+def _generic_point(args: argparse.Namespace) -> RunPoint:
+    point = RunPoint(DEFAULT, "strong", args.nodes, args.tasks_per_node, args.gpus_per_task, 0)
     check_point(point, lambda name: f"--{name.replace('_', '-')}")
     return point
 
@@ -253,71 +248,86 @@ def cmd_launch(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if command:
         # Any scalelab sub-command on every rank (e.g. commbench), same launcher logic.
-        launch = sweep.validate_launch({"local": args.local, "srun_mpi": args.mpi,
-                                        "cpus_per_task": args.cpus_per_task})
+        launch = study_config.validate_launch(
+            {"local": args.local, "srun_mpi": args.mpi, "cpus_per_task": args.cpus_per_task}
+        )
         argv = launch_argv(launch, _generic_point(args), command)
         print("scalelab launch:", " ".join(argv), flush=True)
         if args.dry_run:
             return 0
         return supervise.run(argv, rank_env(launch))
     if args.spec:
-        from scalelab import docload
-
         spec = docload.loads(args.spec, "--spec", fmt="json", mapping=False)
     else:
         if not (args.config and args.run):
             raise UsageError("give --spec JSON, or --config FILE and --run ID")
-        spec = job_spec(sweep.load(args.config), args.run, args.data)
+        spec = job_spec(study_config.load(args.config), args.run, args.data)
     point, data_dir = _spec_parts(spec)
     try:
-        launch = sweep.validate_launch(spec["launch"])
+        launch = study_config.validate_launch(spec["launch"])
     except UsageError as exc:
         raise UsageError(f"--spec: field {exc}") from None
     if data_dir is not None and not (data_dir / "index.json").exists():
-        raise UsageError(f"data {data_dir}: no staged dataset (index.json missing); "
-                         "run `scalelab stage` first")
+        raise UsageError(
+            f"data {data_dir}: no staged dataset (index.json missing); run `scalelab stage` first"
+        )
     if not args.out:
         raise UsageError("--out: the run directory is required")
     out_dir = Path(args.out)
-    check_target(out_dir, "run")  # guard's check: a dry run too refuses what it may not replace
+    run_dir = RunDir(out_dir)
+    run_dir.check()  # guard's check: a dry run too refuses what it may not replace
     prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
-    argv = launch_argv(launch, point, train_args(out_dir / "run.yaml", out_dir),
-                       container_prefix=prefix)
+    argv = launch_argv(
+        launch, point, train_args(run_dir.run_config_path, out_dir), container_prefix=prefix
+    )
     print("scalelab launch:", " ".join(argv), flush=True)
     if args.dry_run:
         return 0  # a dry run touches nothing: no run directory, no lock
     token = secrets.token_hex(8)
-    with guard(out_dir, "run", force=args.force, token=token):
+    with run_dir.guard(force=args.force, token=token):
         prepare_run_dir(out_dir, spec["run_config"], point)
         if image:
-            atomic_write_text(out_dir / "container.json", json.dumps(image, indent=2))
+            run_dir.write_container(image)
         env = {**rank_env(launch), LOCK_ENV: token}
         return supervise.run(argv, env, out_dir)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "launch", help="start every rank of one training job of the sweep",
-        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "))
+        "launch",
+        help="start every rank of one training job of the sweep",
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
     p.add_argument("--spec", help="job spec as JSON (what the workflow passes)")
     p.add_argument("--config", help="workflow config (config/config.yaml), with --run and --data")
     p.add_argument("--run", help="run id of the sweep point, e.g. ddp-strong-n1-t2-g0-r0")
     p.add_argument("--data", help="staged data directory")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the command; start, write and delete nothing")
-    p.add_argument("--force", action="store_true",
-                   help="take over a stale lock of the run directory whose writer cannot be "
-                        "proven dead")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the command; start, write and delete nothing"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take over a stale lock of the run directory whose writer cannot be proven dead",
+    )
     g = p.add_argument_group("any other scalelab command: scalelab launch [flags] -- ARGS")
     g.add_argument("--nodes", type=int, default=1, help="nodes (inside a Slurm allocation)")
     g.add_argument("--tasks-per-node", type=int, default=2, help="ranks per node")
     g.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank")
-    g.add_argument("--gpus-per-task", type=int, default=0,
-                   help="GPUs per rank (the node's ranks share --gres=gpu:N of the node)")
-    g.add_argument("--local", choices=["mpirun", "torchrun"], default="mpirun",
-                   help="launcher outside Slurm")
+    g.add_argument(
+        "--gpus-per-task",
+        type=int,
+        default=0,
+        help="GPUs per rank (the node's ranks share --gres=gpu:N of the node)",
+    )
+    g.add_argument(
+        "--local", choices=["mpirun", "torchrun"], default="mpirun", help="launcher outside Slurm"
+    )
     g.add_argument("--mpi", default="pmix", help="srun --mpi type inside Slurm")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="-- scalelab sub-command and its arguments, run on every rank")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- scalelab sub-command and its arguments, run on every rank",
+    )
     p.set_defaults(func=cmd_launch)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from scalelab.errors import UsageError
+from scalelab.rank import HOROVODRUN, MPICH, OPENMPI, SLURM, TORCHRUN, Names, launcher_names
 
 #: Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
 PORT_BASE = 20000
@@ -162,18 +163,26 @@ def detect(env: Mapping[str, str] | None = None, *, allow_mpi_query: bool = True
     when MPI ranks span several nodes and ``MASTER_ADDR`` is not set.
     """
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
+    names = launcher_names(env)
+    if names is TORCHRUN:
         return _from_torchrun(env)
-    if "HOROVOD_RANK" in env and "HOROVOD_SIZE" in env:
+    if names is HOROVODRUN:
         return _from_horovodrun(env)
-    if "OMPI_COMM_WORLD_RANK" in env:
+    if names is OPENMPI:
         return _from_openmpi(env, allow_mpi_query)
-    if "PMI_RANK" in env and "PMI_SIZE" in env and "SLURM_STEP_NUM_TASKS" not in env:
+    if names is MPICH:
         return _from_mpich(env, allow_mpi_query)
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+    if names is SLURM:
         return _from_slurm(env)
-    return Layout(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                  _master_port(env, f"single-{os.getpid()}"), "single")
+    return Layout(
+        0,
+        1,
+        0,
+        1,
+        env.get("MASTER_ADDR", "127.0.0.1"),
+        _master_port(env, f"single-{os.getpid()}"),
+        "single",
+    )
 
 
 def _checked(layout: Layout) -> Layout:
@@ -189,49 +198,34 @@ def _checked(layout: Layout) -> Layout:
     return layout
 
 
-@dataclass(frozen=True)
-class _Names:
-    """Where one launcher puts the rank layout in the environment."""
-
-    launcher: str
-    rank: str
-    size: str
-    local_rank: str
-    local_size: str
-
-
-_TORCHRUN = _Names("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-_HOROVODRUN = _Names("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
-                     "HOROVOD_LOCAL_SIZE")
-_OPENMPI = _Names("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                  "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
-_MPICH = _Names("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
-
-
-def _read(env: Mapping[str, str], names: _Names, master_addr: Callable[[bool], str],
-          port_key: str) -> Layout:
+def _read(
+    env: Mapping[str, str], names: Names, master_addr: Callable[[bool], str], port_key: str
+) -> Layout:
     """The layout from ``names``' variables; ``master_addr(all_local)`` finds rank 0's host."""
     world = _int(env, names.size)
     local_world = _int(env, names.local_size, world)
-    return _checked(Layout(
-        rank=_int(env, names.rank),
-        world_size=world,
-        local_rank=_int(env, names.local_rank, 0),
-        local_world_size=local_world,
-        master_addr=master_addr(local_world == world),
-        master_port=_master_port(env, port_key),
-        launcher=names.launcher,
-    ))
+    return _checked(
+        Layout(
+            rank=_int(env, names.rank),
+            world_size=world,
+            local_rank=_int(env, names.local_rank, 0),
+            local_world_size=local_world,
+            master_addr=master_addr(local_world == world),
+            master_port=_master_port(env, port_key),
+            launcher=names.launcher,
+        )
+    )
 
 
 def _from_torchrun(env: Mapping[str, str]) -> Layout:
-    return _read(env, _TORCHRUN, lambda _: env.get("MASTER_ADDR", "127.0.0.1"), "torchrun")
+    return _read(env, TORCHRUN, lambda _: env.get("MASTER_ADDR", "127.0.0.1"), "torchrun")
 
 
 def _from_horovodrun(env: Mapping[str, str]) -> Layout:
     addr = env.get("MASTER_ADDR", env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR", "127.0.0.1"))
-    return _read(env, _HOROVODRUN, lambda _: addr,
-                 "horovodrun-" + env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", ""))
+    return _read(
+        env, HOROVODRUN, lambda _: addr, "horovodrun-" + env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", "")
+    )
 
 
 def _mpi_master_addr(env: Mapping[str, str], all_local: bool, allow_query: bool) -> str:
@@ -240,9 +234,7 @@ def _mpi_master_addr(env: Mapping[str, str], all_local: bool, allow_query: bool)
     if all_local:
         return "127.0.0.1"
     if not allow_query:
-        raise UsageError(
-            "MPI ranks span several nodes: set MASTER_ADDR to rank 0's host name"
-        )
+        raise UsageError("MPI ranks span several nodes: set MASTER_ADDR to rank 0's host name")
     from mpi4py import MPI  # noqa: PLC0415 - only needed for multi-node MPI launches
 
     return MPI.COMM_WORLD.bcast(socket.gethostname(), root=0)
@@ -250,16 +242,20 @@ def _mpi_master_addr(env: Mapping[str, str], all_local: bool, allow_query: bool)
 
 def _from_openmpi(env: Mapping[str, str], allow_query: bool) -> Layout:
     job_key = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri") or "openmpi"
-    return _read(env, _OPENMPI, lambda local: _mpi_master_addr(env, local, allow_query), job_key)
+    return _read(env, OPENMPI, lambda local: _mpi_master_addr(env, local, allow_query), job_key)
 
 
 def _from_mpich(env: Mapping[str, str], allow_query: bool) -> Layout:
-    return _read(env, _MPICH, lambda local: _mpi_master_addr(env, local, allow_query),
-                 "mpich-" + env.get("PMI_FD", env.get("PMI_PORT", "")))
+    return _read(
+        env,
+        MPICH,
+        lambda local: _mpi_master_addr(env, local, allow_query),
+        "mpich-" + env.get("PMI_FD", env.get("PMI_PORT", "")),
+    )
 
 
 def _from_slurm(env: Mapping[str, str]) -> Layout:
-    world = _int(env, "SLURM_STEP_NUM_TASKS")
+    world = _int(env, SLURM.size)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
     try:
         hosts = expand_hostlist(nodelist)
@@ -277,15 +273,17 @@ def _from_slurm(env: Mapping[str, str]) -> Layout:
         raise UsageError("slurm layout: no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST to find rank 0")
     job = env.get("SLURM_JOB_ID", "0")
     step = env.get("SLURM_STEP_ID", "0")
-    return _checked(Layout(
-        rank=_int(env, "SLURM_PROCID"),
-        world_size=world,
-        local_rank=_int(env, "SLURM_LOCALID", 0),
-        local_world_size=local_world,
-        master_addr=master,
-        master_port=_master_port(env, f"slurm-{job}.{step}"),
-        launcher="slurm",
-    ))
+    return _checked(
+        Layout(
+            rank=_int(env, SLURM.rank),
+            world_size=world,
+            local_rank=_int(env, SLURM.local_rank, 0),
+            local_world_size=local_world,
+            master_addr=master,
+            master_port=_master_port(env, f"slurm-{job}.{step}"),
+            launcher="slurm",
+        )
+    )
 
 
 if __name__ == "__main__":  # `python -m scalelab.layout`: what does this process see?

@@ -22,13 +22,13 @@ kernel (``PR_SET_PDEATHSIG``), so no launcher outlives its supervisor.
 from __future__ import annotations
 
 import ctypes
-import json
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scalelab.errors import EXIT_REQUEUE
+from scalelab.rundir import RunDir
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -51,25 +51,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def stopped_after_checkpoint(run_dir: Path | None) -> bool:
-    """Whether the run's last metrics record says it stopped on a signal after a
-    checkpoint that is still there (then the job is to be requeued: exit 75)."""
-    if run_dir is None:
-        return False
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return False
-    if last.get("kind") != "preempted" or (run_dir / "summary.json").exists():
-        return False
-    return (run_dir / "checkpoints" / str(last.get("checkpoint", ""))).is_file()
+    """Whether the run in ``run_dir`` stopped on a signal after a checkpoint that is still
+    there (then the job is to be requeued: exit 75); see :class:`RunDir`."""
+    return run_dir is not None and RunDir(run_dir).stopped_after_checkpoint()
 
 
-def run(argv: Sequence[str], env: Mapping[str, str] | None = None,
-        run_dir: Path | None = None) -> int:
+def run(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, run_dir: Path | None = None
+) -> int:
     """Run ``argv`` to the end, forwarding stop signals; return the job's exit code."""
-    proc = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
-                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl
+    proc = subprocess.Popen(
+        list(argv), env=dict(env) if env is not None else None, preexec_fn=_die_with_parent
+    )  # noqa: PLW1509 - only prctl
     forward = stop_signal(argv)
     received: list[int] = []
 

@@ -26,26 +26,6 @@ def which(name: str) -> str | None:
     return str(candidate) if os.access(candidate, os.X_OK) else None
 
 
-def mpirun_argv(ranks: int, cpus: int, not_found: str) -> list[str]:
-    """``mpirun -n RANKS`` as scalelab starts local ranks: no core binding (each rank's
-    data loading and threads share the node), root allowed, and oversubscribed when the
-    ranks ask for more than the machine's ``cpus``-worth of cores.
-
-    ``not_found``: the one-line UsageError when there is no mpirun.
-    """
-    from scalelab.errors import UsageError
-
-    mpirun = which("mpirun")
-    if not mpirun:
-        raise UsageError(not_found)
-    argv = [mpirun, "-n", str(ranks), "--bind-to", "none"]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    if cpus > (os.cpu_count() or 1):
-        argv.append("--oversubscribe")
-    return argv
-
-
 def pid_alive(pid: int) -> bool:
     """Whether a process exists (signal 0; one owned by another user counts as alive)."""
     try:

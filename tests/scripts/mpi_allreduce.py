@@ -7,5 +7,7 @@ from mpi4py import MPI
 
 comm = MPI.COMM_WORLD
 total = comm.allreduce(comm.rank + 1, op=MPI.SUM)
-print(json.dumps({"rank": comm.rank, "size": comm.size, "host": socket.gethostname(),
-                  "sum": total}), flush=True)
+print(
+    json.dumps({"rank": comm.rank, "size": comm.size, "host": socket.gethostname(), "sum": total}),
+    flush=True,
+)

@@ -5,9 +5,9 @@ LARGEST = max(RUNS.values(), key=lambda p: (p.ranks, p.nodes))
 
 # commbench measures the collectives on the layout of the sweep's largest training
 # point, placed like it: same nodes, ranks per node, GPUs (per-node gres), partition,
-# account, constraint and qos (sweep.point_resources), so `predict` extrapolates from
+# account, constraint and qos (study.slurm.point_resources), so `predict` extrapolates from
 # the network and library the training used (NCCL when GPUs are allocated).
-COMMBENCH = sweep.commbench_point(config)
+COMMBENCH = study_plan.commbench_point(config)
 
 
 rule commbench:
@@ -24,7 +24,9 @@ rule commbench:
     resources:
         **{
             k: v
-            for k, v in sweep.point_resources(COMMBENCH, config, "commbench").items()
+            for k, v in study_slurm.point_resources(
+                COMMBENCH, config, "commbench"
+            ).items()
             if v is not None
         },
     params:

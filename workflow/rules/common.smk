@@ -1,5 +1,7 @@
-# Validate the config (JSON schema in workflow/schemas/, plus checks a schema cannot
-# express) before any job is planned, and expand the sweep into runs.
+# Validate the config (one pydantic definition, scalelab.study.config, from which
+# workflow/schemas/ is generated, plus checks a model cannot express) before any job is
+# planned, and plan the sweep once (scalelab.study.plan): the same plan serves the runs,
+# the skipped combinations, commbench's layout and every job spec.
 import json
 import os
 import shlex
@@ -8,7 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from scalelab import launcher, sweep
+from scalelab import launcher
+from scalelab.data import kinds
+from scalelab.study import config as study_config
+from scalelab.study import slurm as study_slurm
+from scalelab.study.checks import stages_data
+from scalelab.study import plan as study_plan
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
@@ -21,12 +28,12 @@ shell.prefix(
     f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 )
 
-# sweep.validate checks everything that can be checked without running a job, every
+# study_config.validate checks everything that can be checked without running a job, every
 # sweep point's resolved run config included (see its docstring); it is cheap, because
 # Snakemake re-parses this file inside every job. A bad config is one line and exit 2
 # (scalelab's convention for bad usage), before anything is staged, logged or submitted.
 try:
-    _validated = sweep.validate(config, source="config")
+    _validated = study_config.validate(config, source="config")
 except UsageError as _err:
     print(f"scalelab workflow: error: {_err}", file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -38,12 +45,12 @@ if config["container"]["enabled"]:
     # checked once per invocation on the submit host, before any job is submitted.
     # Jobs (which re-parse this file) read the submit host's record instead of hashing
     # again; they get the digest (container.sha256) and the record in their spec.
-    from scalelab.container.runtime import detect as _detect_runtime
-    from scalelab.container.wiring import (
+    from scalelab.container import (
         PIN_RECORD_KEY,
         export_sdm_binds,
         workflow_image,
     )
+    from scalelab.container import detect as _detect_runtime
 
     try:
         if _detect_runtime(config["container"]["runtime"]) is None:
@@ -66,16 +73,19 @@ if config["container"]["enabled"]:
 
 RESULTS = config["results"]
 DATA = f"{RESULTS}/data"
-_POINTS, SKIPPED = sweep.plan(config)
+PLAN = study_plan.plan(config)
+_POINTS, SKIPPED = PLAN
 RUNS = {point.run_id: point for point in _POINTS}
 # Combinations of the sweep lists that cannot exist (e.g. horovod with tp > 1) are
 # skipped, and said so once, when the workflow starts (RESULTS/sweep.json lists them too).
 if SKIPPED and workflow.is_main_process:
     print(
-        f"scalelab workflow: {sweep.plan_summary(config)}", file=sys.stderr, flush=True
+        f"scalelab workflow: {study_plan.plan_summary(config)}",
+        file=sys.stderr,
+        flush=True,
     )
 # A generated source (tokens) is not staged; its test split is generated too.
-STAGED = sweep.stages_data(config)
+STAGED = stages_data(config)
 
 # Under --sdm apptainer, Snakemake pastes this path unquoted into a shell command:
 # it is the digest-named alias of workflow_image, never the configured path.
@@ -108,7 +118,7 @@ def stage_args():
         args += ["--path", d["path"]]
     if d.get("image_size"):
         args += ["--image-size", str(d["image_size"]), str(d["image_size"])]
-    if d["source"] == "synthetic":
+    if d["source"] == kinds.STAGE_SYNTHETIC:
         # Only synthetic data has these knobs (a --configfile merged onto the default
         # config inherits them for other sources too).
         if d.get("num_samples"):
@@ -144,19 +154,19 @@ def point_resource(key):
     """One Slurm resource of a training job, from its sweep point (None: not set)."""
 
     def get(wildcards):
-        return sweep.point_resources(RUNS[wildcards.run], config, "train")[key]
+        return study_slurm.point_resources(RUNS[wildcards.run], config, "train")[key]
 
     return get
 
 
 def slurm_site(rule):
     """Partition, account, constraint, qos, extra options, runtime and memory of `rule`."""
-    return sweep.slurm_resources(config, rule)
+    return study_slurm.slurm_resources(config, rule)
 
 
 def retries(rule):
-    """Retry policy (see sweep.RETRYABLE_RULES): only where a retry can help."""
-    return sweep.rule_settings(config, rule)["retries"]
+    """Retry policy (see study.slurm.RETRYABLE_RULES): only where a retry can help."""
+    return study_slurm.rule_settings(config, rule)["retries"]
 
 
 def analysis_args():
@@ -179,7 +189,7 @@ def smallest_run(backend):
 
 # The stage rule's output is the dataset's manifest, not directory(DATA): Snakemake deletes
 # a directory output whole before a rerun (-R stage), a user's files in it too, while
-# `scalelab data stage --force` replaces DATA only if it holds nothing else (fsio.guard).
+# `scalelab data stage --force` replaces DATA only if it holds nothing else (output_guard.guard).
 DATA_MANIFEST = f"{DATA}/manifest.json"
 
 
@@ -196,11 +206,7 @@ def evaluations():
 
 def sweep_plan_json():
     """RESULTS/sweep.json: the runs and the skipped combinations, machine-readable."""
-    doc = {
-        "runs": [p.as_dict() for p in RUNS.values()],
-        "skipped": [s.as_dict() for s in SKIPPED],
-    }
-    return json.dumps(doc, indent=2) + "\n"
+    return json.dumps(PLAN.as_dict(), indent=2) + "\n"
 
 
 def final_targets():

@@ -4,7 +4,7 @@
 # script rather than under its own srun), mpirun or torchrun elsewhere.
 # A 1-rank point has no `mpi` resource: the executor's own `srun -n1` step runs it,
 # and `scalelab launch` starts the single rank directly (no second srun inside).
-# Resources come from sweep.point_resources (nodes, tasks, GPUs as a per-node gres,
+# Resources come from study.slurm.point_resources (nodes, tasks, GPUs as a per-node gres,
 # site settings); see README "Running on a Slurm cluster".
 # Node-local staging, when enabled, happens at the start of each training job
 # on its own nodes: scratch space only exists for the job's allocation.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from scalelab.analysis import runs, runs_csv
 from scalelab.errors import UsageError
+from scalelab.fsio import read_text
+from scalelab.output_guard import check_target
 
 
 def register(subparsers) -> None:
@@ -17,27 +20,50 @@ def register(subparsers) -> None:
             "Markdown and PNG/SVG plots into --out (atomically: all outputs or none)."
         ),
     )
-    p.add_argument("results", nargs="*", metavar="RUN_DIR",
-                   help="run directories, or directories holding them (searched recursively)")
-    p.add_argument("--out", required=True,
-                   help="output directory: new, empty, or an earlier `analyze` output (then "
-                        "replaced as a whole); never one of the inputs or a directory holding one")
-    p.add_argument("--from-csv", action="append", default=[], metavar="FILE",
-                   help="a table with columns gpus|ranks and throughput|time (optional: nodes, "
-                        "mode, backend, label, global_batch, accuracy, epoch_samples, repeat); "
-                        "repeatable")
-    p.add_argument("--threshold", type=float, default=0.7,
-                   help="efficiency threshold of the sweet spot (default 0.7)")
-    p.add_argument("--mode", choices=("strong", "weak"), default=None,
-                   help="scaling mode of CSV rows without a mode column (default strong)")
-    p.add_argument("--target-accuracy", type=float, default=None,
-                   help="validation accuracy (0..1) for time-to-target; default: the trainer's")
+    p.add_argument(
+        "results",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="run directories, or directories holding them (searched recursively)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty, or an earlier `analyze` output (then "
+        "replaced as a whole); never one of the inputs or a directory holding one",
+    )
+    p.add_argument(
+        "--from-csv",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a table with columns gpus|ranks and throughput|time (optional: nodes, "
+        "mode, backend, label, global_batch, accuracy, epoch_samples, repeat); "
+        "repeatable",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.7,
+        help="efficiency threshold of the sweet spot (default 0.7)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("strong", "weak"),
+        default=None,
+        help="scaling mode of CSV rows without a mode column (default strong)",
+    )
+    p.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        help="validation accuracy (0..1) for time-to-target; default: the trainer's",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from scalelab.analysis import report, runs, scaling
-    from scalelab.fsio import check_target, read_text
+    from scalelab.analysis import report, scaling
 
     if not args.results and not args.from_csv:
         raise UsageError("give at least one RUN_DIR or --from-csv FILE")
@@ -50,22 +76,35 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--target-accuracy: {args.target_accuracy} must be in (0, 1]")
     rows = runs.load_runs(args.results, args.target_accuracy) if args.results else []
     for path in args.from_csv:
-        rows.extend(runs.load_csv(path, args.mode))
+        rows.extend(runs_csv.load_csv(path, args.mode))
     frame = runs.to_frame(rows)
     table, fits = scaling.analyse(frame, args.threshold)
-    out = report.write(args.out, frame, table, fits, args.threshold,
-                       [*map(str, args.results), *map(str, args.from_csv)])
+    out = report.write(
+        args.out,
+        frame,
+        table,
+        fits,
+        args.threshold,
+        [*map(str, args.results), *map(str, args.from_csv)],
+    )
     for fit in fits.itertuples():
-        spot = (f"sweet spot {fit.sweet_spot_workers:g} workers "
-                f"(efficiency {fit.sweet_spot_efficiency:.1%})"
-                if fit.sweet_spot_workers == fit.sweet_spot_workers else "no sweet spot")
-        print(f"{fit.source}/{fit.backend}/{fit.mode}: {fit.configurations} configurations, "
-              f"Amdahl {_fraction(fit, 'amdahl')}, Gustafson {_fraction(fit, 'gustafson')}, "
-              f"{spot}")
+        spot = (
+            f"sweet spot {fit.sweet_spot_workers:g} workers "
+            f"(efficiency {fit.sweet_spot_efficiency:.1%})"
+            if fit.sweet_spot_workers == fit.sweet_spot_workers
+            else "no sweet spot"
+        )
+        print(
+            f"{fit.source}/{fit.backend}/{fit.mode}: {fit.configurations} configurations, "
+            f"Amdahl {_fraction(fit, 'amdahl')}, Gustafson {_fraction(fit, 'gustafson')}, "
+            f"{spot}"
+        )
     untimed = int(table["untimed_runs"].sum())
     if untimed:
-        print(f"{untimed} run(s) without timed steps: flagged '{runs.NO_TIMED_STEPS}', left "
-              "out of the metrics and fits")
+        print(
+            f"{untimed} run(s) without timed steps: flagged '{runs.NO_TIMED_STEPS}', left "
+            "out of the metrics and fits"
+        )
     print(f"wrote {out}")
     return 0
 
@@ -76,5 +115,6 @@ def _fraction(fit, model: str) -> str:
     if f != f:  # NaN: fewer than two scales with a throughput
         return "no fit"
     text = f"f={f:.4f}"
-    return text + (f" (exact through {fit.fit_points} points)"
-                   if getattr(fit, f"{model}_exact") else "")
+    return text + (
+        f" (exact through {fit.fit_points} points)" if getattr(fit, f"{model}_exact") else ""
+    )

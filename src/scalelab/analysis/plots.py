@@ -54,9 +54,6 @@ def log2_x(ax, values, label=None, **tick_style) -> None:
     ax.minorticks_off()
 
 
-
-
-
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
@@ -70,20 +67,35 @@ def throughput(table: pd.DataFrame, threshold: float) -> object:
     labels = _labels(table)
     for key, grp in table.groupby(GROUP, sort=True):
         grp = grp.sort_values("workers")
-        err = np.vstack([grp["throughput"] - grp["throughput_min"],
-                         grp["throughput_max"] - grp["throughput"]])
-        line = ax.errorbar(grp["workers"], grp["throughput"], yerr=err, marker="o",
-                           capsize=3, label=labels[key])
+        err = np.vstack(
+            [grp["throughput"] - grp["throughput_min"], grp["throughput_max"] - grp["throughput"]]
+        )
+        line = ax.errorbar(
+            grp["workers"], grp["throughput"], yerr=err, marker="o", capsize=3, label=labels[key]
+        )
         base = grp.iloc[0]
-        ax.plot(grp["workers"], base["throughput"] * grp["workers"] / base["workers"], "--",
-                color=line[0].get_color(), alpha=0.6, label=f"{labels[key]} (ideal)")
-    _throughput_axes(ax, table, "workers", "workers (GPUs, or ranks on CPU)",
-                     "Throughput vs scale (dashed: ideal linear scaling)", "small")
+        ax.plot(
+            grp["workers"],
+            base["throughput"] * grp["workers"] / base["workers"],
+            "--",
+            color=line[0].get_color(),
+            alpha=0.6,
+            label=f"{labels[key]} (ideal)",
+        )
+    _throughput_axes(
+        ax,
+        table,
+        "workers",
+        "workers (GPUs, or ranks on CPU)",
+        "Throughput vs scale (dashed: ideal linear scaling)",
+        "small",
+    )
     return fig
 
 
-def _throughput_axes(ax: Any, table: pd.DataFrame, x: str, xlabel: str, title: str,
-                     legend: str) -> None:
+def _throughput_axes(
+    ax: Any, table: pd.DataFrame, x: str, xlabel: str, title: str, legend: str
+) -> None:
     """Log-2 scale axis, log throughput in the table's units, grid and legend."""
     log2_x(ax, table[x].to_numpy())
     ax.set_yscale("log")
@@ -107,19 +119,33 @@ def efficiency(table: pd.DataFrame, threshold: float) -> object:
         if "efficiency_spread" in grp:  # the spread's full width, centred, clipped at 0
             half = grp["efficiency"] * grp["efficiency_spread"].fillna(0) / 2
             err = np.vstack([np.minimum(half, grp["efficiency"]), half])
-        ax.errorbar(grp["workers"], grp["efficiency"], yerr=err, marker="o", capsize=3,
-                    label=labels[key])
+        ax.errorbar(
+            grp["workers"], grp["efficiency"], yerr=err, marker="o", capsize=3, label=labels[key]
+        )
         if "flag_superlinear" in grp:
             bad = grp[grp["flag_superlinear"].astype(bool)]
-            ax.plot(bad["workers"], bad["efficiency"], "x", color="red", markersize=12,
-                    mew=2, label=None)
+            ax.plot(
+                bad["workers"],
+                bad["efficiency"],
+                "x",
+                color="red",
+                markersize=12,
+                mew=2,
+                label=None,
+            )
             for row in bad.itertuples():
-                ax.annotate("superlinear: anomaly", (row.workers, row.efficiency),
-                            textcoords="offset points", xytext=(6, 6), color="red",
-                            fontsize="small")
+                ax.annotate(
+                    "superlinear: anomaly",
+                    (row.workers, row.efficiency),
+                    textcoords="offset points",
+                    xytext=(6, 6),
+                    color="red",
+                    fontsize="small",
+                )
         spot = grp[grp["sweet_spot"]]
-        ax.plot(spot["workers"], spot["efficiency"], "o", markersize=14, fillstyle="none",
-                color="black")
+        ax.plot(
+            spot["workers"], spot["efficiency"], "o", markersize=14, fillstyle="none", color="black"
+        )
     ax.axhline(threshold, color="red", linestyle=":", label=f"threshold {threshold:g}")
     log2_x(ax, table["workers"].to_numpy())
     ax.set_ylim(0, max(1.1, float(table["efficiency"].max()) * 1.1))
@@ -138,13 +164,18 @@ def breakdown(table: pd.DataFrame, threshold: float) -> object:
     parts = ["data_s", "compute_s", "comm_s"]
     rows = table[table[parts].notna().any(axis=1)].sort_values([*GROUP, "workers", "nodes"])
     if rows.empty:
-        _empty(ax, "no data / compute / communication time split in the input\n"
-                   "(published tables rarely have one)")
+        _empty(
+            ax,
+            "no data / compute / communication time split in the input\n"
+            "(published tables rarely have one)",
+        )
         ax.set_title("Time per step breakdown")
         return fig
-    names = [f"{r.backend}/{r.mode} {r.nodes:g}n x {r.ranks / r.nodes:g}r"
-             + (" (comm in compute)" if np.isnan(r.comm_s) and r.ranks > 1 else "")
-             for r in rows.itertuples()]
+    names = [
+        f"{r.backend}/{r.mode} {r.nodes:g}n x {r.ranks / r.nodes:g}r"
+        + (" (comm in compute)" if np.isnan(r.comm_s) and r.ranks > 1 else "")
+        for r in rows.itertuples()
+    ]
     y = np.arange(len(rows))
     left = np.zeros(len(rows))
     for col, colour in zip(parts, ("tab:orange", "tab:blue", "tab:red"), strict=True):
@@ -185,8 +216,13 @@ def fits(table: pd.DataFrame, threshold: float, fit_table: pd.DataFrame | None =
             model = name.lower()
             if row is not None and np.isfinite(row[f"{model}_parallel_fraction"]):
                 f = row[f"{model}_parallel_fraction"]
-                ax.plot(grid, law(grid, f), style, color=colour,
-                        label=f"{name} f={f:.4f}{_exact_note(row, model)}")
+                ax.plot(
+                    grid,
+                    law(grid, f),
+                    style,
+                    color=colour,
+                    label=f"{name} f={f:.4f}{_exact_note(row, model)}",
+                )
     log2_x(ax, np.append(table["p"].to_numpy(), 1.0))
     ax.set_yscale("log", base=2)
     from matplotlib.ticker import FormatStrFormatter
@@ -252,15 +288,26 @@ def memory(table: pd.DataFrame, threshold: float) -> object:
         ax1.plot(grp["ranks"], grp["throughput"], "o-", label=labels[key])
         held = grp[grp["state_bytes_per_rank"].notna()]
         if len(held):
-            ax2.plot(held["ranks"], held["state_bytes_per_rank"] / 2**20, "o-",
-                     label=f"{labels[key]} total")
-            ax2.plot(held["ranks"], (held["param_bytes_per_rank"]
-                                     + held["optim_state_bytes_per_rank"]) / 2**20, "x:",
-                     color=ax2.lines[-1].get_color(), label=f"{labels[key]} params+optimizer")
+            ax2.plot(
+                held["ranks"],
+                held["state_bytes_per_rank"] / 2**20,
+                "o-",
+                label=f"{labels[key]} total",
+            )
+            ax2.plot(
+                held["ranks"],
+                (held["param_bytes_per_rank"] + held["optim_state_bytes_per_rank"]) / 2**20,
+                "x:",
+                color=ax2.lines[-1].get_color(),
+                label=f"{labels[key]} params+optimizer",
+            )
     _throughput_axes(ax1, table, "ranks", "world size (ranks)", "throughput", "x-small")
     if mem.empty:
-        _empty(ax2, "no per-rank state bytes in the input\n(runs made before they were "
-                    "measured, or published tables)")
+        _empty(
+            ax2,
+            "no per-rank state bytes in the input\n(runs made before they were "
+            "measured, or published tables)",
+        )
     else:
         log2_x(ax2, mem["ranks"].to_numpy())
         ax2.set_xlabel("world size (ranks)")
@@ -296,8 +343,9 @@ def save(fig, directory: Path, name: str) -> list[Path]:
     return paths
 
 
-def write_all(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
-              directory: Path) -> list[Path]:
+def write_all(
+    table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float, directory: Path
+) -> list[Path]:
     """All scaling plots into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from scalelab.analysis import plots
-from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND
-from scalelab.fsio import atomic_dir
+from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND, MEMORY_BASELINE
+from scalelab.backends.registry import with_capability
+from scalelab.output_guard import atomic_dir
 
 #: Characters with a meaning inside a Markdown table cell (links and images need '[').
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -58,8 +59,9 @@ def _fmt(value: Any, spec: str) -> str:
 def _exact_cell(row: pd.Series, column: str) -> str | None:
     """Words instead of a figure for the uncertainty and error of an exact fit."""
     model = column.split("_", 1)[0]
-    if column not in (f"{model}_parallel_fraction_stderr", f"{model}_rms_rel_error") \
-            or not bool(row.get(f"{model}_exact", False)):
+    if column not in (f"{model}_parallel_fraction_stderr", f"{model}_rms_rel_error") or not bool(
+        row.get(f"{model}_exact", False)
+    ):
         return None
     if column.endswith("_stderr"):
         return f"none: exact through {row['fit_points']:g} points"
@@ -82,11 +84,12 @@ def _cell(row: pd.Series, column: str, spec: str) -> str:
 def markdown_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
     """A GitHub Markdown table of ``(column, header, format spec)`` triples; every cell
     escaped, so a label can neither break the table nor inject HTML."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---:" if s else "---" for _, _, s in columns) + "|"]
+    lines = [
+        "| " + " | ".join(h for _, h, _ in columns) + " |",
+        "|" + "|".join("---:" if s else "---" for _, _, s in columns) + "|",
+    ]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(md_escape(_cell(row, c, s)) for c, _, s in columns)
-                     + " |")
+        lines.append("| " + " | ".join(md_escape(_cell(row, c, s)) for c, _, s in columns) + " |")
     return "\n".join(lines)
 
 
@@ -102,29 +105,47 @@ def html_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> 
             cls = ' class="anomaly"' if anomaly else (' class="num"' if spec else "")
             cells.append(f"<td{cls}>{'&#9888; ' if anomaly else ''}{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
-            + "\n</tbody>\n</table>")
+    return (
+        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+        + "\n".join(rows)
+        + "\n</tbody>\n</table>"
+    )
 
 
 SCALING_COLUMNS = [
-    ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""),
-    ("tp", "tp", "g"), ("nodes", "nodes", "g"), ("ranks", "ranks", "g"), ("gpus", "GPUs", "g"),
-    ("repeats", "repeats", "d"), ("global_batch", "global batch", "g"),
-    ("throughput", "throughput (median)", "num"), ("throughput_min", "min", "num"),
-    ("throughput_max", "max", "num"), ("throughput_spread", "spread", ".1%"),
-    ("epoch_time_s", "epoch time s", "num"), ("speedup", "speedup", ".3f"),
-    ("efficiency", "efficiency (flags)", ".1%"), ("efficiency_spread", "+- spread", ".1%"),
+    ("source", "source", ""),
+    ("backend", "backend", ""),
+    ("mode", "mode", ""),
+    ("tp", "tp", "g"),
+    ("nodes", "nodes", "g"),
+    ("ranks", "ranks", "g"),
+    ("gpus", "GPUs", "g"),
+    ("repeats", "repeats", "d"),
+    ("global_batch", "global batch", "g"),
+    ("throughput", "throughput (median)", "num"),
+    ("throughput_min", "min", "num"),
+    ("throughput_max", "max", "num"),
+    ("throughput_spread", "spread", ".1%"),
+    ("epoch_time_s", "epoch time s", "num"),
+    ("speedup", "speedup", ".3f"),
+    ("efficiency", "efficiency (flags)", ".1%"),
+    ("efficiency_spread", "+- spread", ".1%"),
     ("karp_flatt", "Karp-Flatt", ".4f"),
     ("marginal_gain_per_doubling", "gain/doubling", ".1%"),
-    ("cost_per_epoch_h", "cost/epoch", ".3g"), ("cost_unit", "cost unit", ""),
-    ("time_to_target_s", "time to target s", "num"), ("final_accuracy", "final acc", ".3f"),
-    ("test_accuracy", "test acc", ".3f"), ("sweet_spot", "sweet spot", ""),
+    ("cost_per_epoch_h", "cost/epoch", ".3g"),
+    ("cost_unit", "cost unit", ""),
+    ("time_to_target_s", "time to target s", "num"),
+    ("final_accuracy", "final acc", ".3f"),
+    ("test_accuracy", "test acc", ".3f"),
+    ("sweet_spot", "sweet spot", ""),
 ]
 
 #: Columns shown only when some run has them, each before the column named beside it:
 #: energy (most CPU nodes expose no readable counter), test perplexity (language models).
-OPTIONAL_COLUMNS = [(("joules_per_sample", "J/sample", ".4g"), "epoch_time_s"),
-                    (("test_perplexity", "test ppl", ".4g"), "sweet_spot")]
+OPTIONAL_COLUMNS = [
+    (("joules_per_sample", "J/sample", ".4g"), "epoch_time_s"),
+    (("test_perplexity", "test ppl", ".4g"), "sweet_spot"),
+]
 
 
 def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -137,8 +158,12 @@ def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 
 FIT_COLUMNS = [
-    ("source", "source", ""), ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
-    ("configurations", "configs", "d"), ("fit_points", "fitted", "d"),
+    ("source", "source", ""),
+    ("backend", "backend", ""),
+    ("mode", "mode", ""),
+    ("tp", "tp", "g"),
+    ("configurations", "configs", "d"),
+    ("fit_points", "fitted", "d"),
     ("amdahl_parallel_fraction", "Amdahl f", ".5f"),
     ("amdahl_parallel_fraction_stderr", "+-", ".2g"),
     ("amdahl_rms_rel_error", "Amdahl rms rel err", ".2%"),
@@ -157,15 +182,21 @@ FIT_NOTE = (
     "a throughput ('fitted'). Both models pass through the baseline (p = 1, S = 1), so a "
     "series of two configurations leaves one free point for one parameter: the fit goes "
     "through it exactly, says 'exact through 2 points', and has no uncertainty and no "
-    "error figure, because nothing was left over to measure them.")
+    "error figure, because nothing was left over to measure them."
+)
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 MEMORY_COLUMNS = [
-    ("backend", "backend", ""), ("mode", "mode", ""), ("tp", "tp", "g"),
-    ("ranks", "ranks", "g"), ("param_mib", "params MiB/rank", ".4g"),
-    ("grad_mib", "grads MiB/rank", ".4g"), ("optim_mib", "optimizer MiB/rank", ".4g"),
-    ("state_mib", "total MiB/rank", ".4g"), ("cuda_mib", "CUDA peak MiB", ".4g"),
+    ("backend", "backend", ""),
+    ("mode", "mode", ""),
+    ("tp", "tp", "g"),
+    ("ranks", "ranks", "g"),
+    ("param_mib", "params MiB/rank", ".4g"),
+    ("grad_mib", "grads MiB/rank", ".4g"),
+    ("optim_mib", "optimizer MiB/rank", ".4g"),
+    ("state_mib", "total MiB/rank", ".4g"),
+    ("cuda_mib", "CUDA peak MiB", ".4g"),
     ("memory_vs_ddp", "params+optimizer vs ddp", ".2f"),
 ]
 
@@ -173,25 +204,41 @@ MEMORY_COLUMNS = [
 def memory_table(table: pd.DataFrame) -> pd.DataFrame:
     """The rows with measured per-rank state bytes, in MiB (rank 0's local tensors)."""
     rows = table[table["state_bytes_per_rank"].notna()].sort_values(
-        ["source", "mode", "ranks", "backend", "tp"])
-    return rows.assign(param_mib=rows["param_bytes_per_rank"] / MIB,
-                       grad_mib=rows["grad_bytes_per_rank"] / MIB,
-                       optim_mib=rows["optim_state_bytes_per_rank"] / MIB,
-                       state_mib=rows["state_bytes_per_rank"] / MIB,
-                       cuda_mib=rows["cuda_max_allocated_bytes"] / MIB)
+        ["source", "mode", "ranks", "backend", "tp"]
+    )
+    return rows.assign(
+        param_mib=rows["param_bytes_per_rank"] / MIB,
+        grad_mib=rows["grad_bytes_per_rank"] / MIB,
+        optim_mib=rows["optim_state_bytes_per_rank"] / MIB,
+        state_mib=rows["state_bytes_per_rank"] / MIB,
+        cuda_mib=rows["cuda_max_allocated_bytes"] / MIB,
+    )
 
 
 def memory_comparisons(table: pd.DataFrame) -> list[dict[str, Any]]:
     """Every measured point against DDP at the same ranks (``memory_vs_ddp``), >1 rank."""
-    rows = table[table["memory_vs_ddp"].notna() & (table["ranks"] > 1)
-                 & ~((table["backend"] == "ddp") & (table["tp"] == 1))]
+    rows = table[
+        table["memory_vs_ddp"].notna()
+        & (table["ranks"] > 1)
+        & ~(
+            (table["backend"] == MEMORY_BASELINE["backend"])
+            & (table["tp"] == MEMORY_BASELINE["tp"])
+        )
+    ]
     rows = rows.sort_values(["source", "mode", "ranks", "backend", "tp"])
-    return [{"source": r.source, "backend": r.backend, "mode": r.mode, "tp": float(r.tp),
-             "ranks": float(r.ranks), "param_optim_bytes_per_rank": float(
-                 r.param_optim_bytes_per_rank),
-             "ddp_param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank
-                                                     / r.memory_vs_ddp),
-             "ratio": float(r.memory_vs_ddp)} for r in rows.itertuples()]
+    return [
+        {
+            "source": r.source,
+            "backend": r.backend,
+            "mode": r.mode,
+            "tp": float(r.tp),
+            "ranks": float(r.ranks),
+            "param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank),
+            "ddp_param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank / r.memory_vs_ddp),
+            "ratio": float(r.memory_vs_ddp),
+        }
+        for r in rows.itertuples()
+    ]
 
 
 def _layout(c: dict[str, Any]) -> str:
@@ -202,19 +249,35 @@ def sharding_sentence(table: pd.DataFrame) -> str:
     """What sharding bought, in one sentence computed from the measured bytes."""
     found = memory_comparisons(table)
     if not found:
-        sharded = bool(((table["backend"] == "fsdp") | (table["tp"] > 1)).any())
-        why = ("no run with measured per-rank state bytes beside a ddp run at the same ranks"
-               if sharded else "no sharded run in this study; sweep `backends: [ddp, fsdp]` "
-               "or `tp: [1, 2]` to measure it")
+        sharded = bool(
+            (table["backend"].isin(with_capability("shards_state")) | (table["tp"] > 1)).any()
+        )
+        why = (
+            "no run with measured per-rank state bytes beside a ddp run at the same ranks"
+            if sharded
+            else "no sharded run in this study; sweep `backends: [ddp, fsdp]` "
+            "or `tp: [1, 2]` to measure it"
+        )
         return f"What sharding bought: nothing to compare ({why})."
-    found.sort(key=lambda c: (c["backend"] != "fsdp", c["tp"], c["ranks"]))
-    parts = [f"{_layout(c)} at {c['ranks']:g} ranks {c['ratio']:.2f}x "
-             f"({c['param_optim_bytes_per_rank'] / MIB:.3g} vs "
-             f"{c['ddp_param_optim_bytes_per_rank'] / MIB:.3g} MiB)" for c in found]
-    parts[0] = parts[0].replace(" ranks ", " ranks holds ", 1).replace(
-        "x (", "x of ddp's parameter + optimizer-state bytes per rank (", 1)
-    return ("What sharding bought: " + "; ".join(parts)
-            + " (rank 0's measured local tensors, against ddp at the same ranks).")
+    found.sort(
+        key=lambda c: (c["backend"] not in with_capability("shards_state"), c["tp"], c["ranks"])
+    )
+    parts = [
+        f"{_layout(c)} at {c['ranks']:g} ranks {c['ratio']:.2f}x "
+        f"({c['param_optim_bytes_per_rank'] / MIB:.3g} vs "
+        f"{c['ddp_param_optim_bytes_per_rank'] / MIB:.3g} MiB)"
+        for c in found
+    ]
+    parts[0] = (
+        parts[0]
+        .replace(" ranks ", " ranks holds ", 1)
+        .replace("x (", "x of ddp's parameter + optimizer-state bytes per rank (", 1)
+    )
+    return (
+        "What sharding bought: "
+        + "; ".join(parts)
+        + " (rank 0's measured local tensors, against ddp at the same ranks)."
+    )
 
 
 def flag_summary(table: pd.DataFrame) -> list[str]:
@@ -239,8 +302,9 @@ def _intro(table: pd.DataFrame, threshold: float) -> str:
     )
 
 
-def markdown(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
-             inputs: Sequence[str]) -> str:
+def markdown(
+    table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float, inputs: Sequence[str]
+) -> str:
     """The human-readable report; every label and path escaped."""
     flags = flag_summary(table)
     parts = [
@@ -289,36 +353,49 @@ th,td{border:1px solid #ccc;padding:2px 6px}td.num{text-align:right}
 td.anomaly{background:#fdd;color:#900;font-weight:bold;text-align:right}"""
 
 
-def html_page(table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float,
-              inputs: Sequence[str]) -> str:
+def html_page(
+    table: pd.DataFrame, fit_table: pd.DataFrame, threshold: float, inputs: Sequence[str]
+) -> str:
     """scaling.md's content as one self-contained HTML page (no scripts, no remote
     resources): what the Snakemake report shows for the scaling table."""
     flags = flag_summary(table)
     legend = "".join(f"<li>{html.escape(line)}</li>" for line in flags) or "<li>none</li>"
-    return "\n".join([
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
-        "<title>Scaling analysis</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>Scaling analysis</h1>",
-        "<p>Inputs: " + html.escape(", ".join(map(str, inputs))) + "</p>",
-        f"<p>{html.escape(_intro(table, threshold))}</p>",
-        "<h2>Configurations (repeats aggregated)</h2>",
-        html_table(table, scaling_columns(table)),
-        f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
-        "<h2>Memory per rank</h2>",
-        f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
-        html_table(memory_table(table), MEMORY_COLUMNS),
-        "<h2>Model fits</h2>",
-        f"<p>{html.escape(FIT_NOTE)}</p>",
-        html_table(fit_table, FIT_COLUMNS),
-        "</body></html>", ""])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html><head><meta charset="utf-8">',
+            "<title>Scaling analysis</title>",
+            f"<style>{_CSS}</style></head><body>",
+            "<h1>Scaling analysis</h1>",
+            "<p>Inputs: " + html.escape(", ".join(map(str, inputs))) + "</p>",
+            f"<p>{html.escape(_intro(table, threshold))}</p>",
+            "<h2>Configurations (repeats aggregated)</h2>",
+            html_table(table, scaling_columns(table)),
+            f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
+            "<h2>Memory per rank</h2>",
+            f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
+            html_table(memory_table(table), MEMORY_COLUMNS),
+            "<h2>Model fits</h2>",
+            f"<p>{html.escape(FIT_NOTE)}</p>",
+            html_table(fit_table, FIT_COLUMNS),
+            "</body></html>",
+            "",
+        ]
+    )
 
 
 def _jsonable(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(frame.to_json(orient="records"))
 
 
-def write(out: str | Path, runs: pd.DataFrame, table: pd.DataFrame, fit_table: pd.DataFrame,
-          threshold: float, inputs: Sequence[str]) -> Path:
+def write(
+    out: str | Path,
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    fit_table: pd.DataFrame,
+    threshold: float,
+    inputs: Sequence[str],
+) -> Path:
     """Write every output into ``out`` atomically; return ``out``."""
     out = Path(out)
     with atomic_dir(out, "analysis", inputs) as tmp:
@@ -329,10 +406,15 @@ def write(out: str | Path, runs: pd.DataFrame, table: pd.DataFrame, fit_table: p
         fit_table.to_csv(tmp / "fits.csv", index=False)
         (tmp / "scaling.md").write_text(markdown(table, fit_table, threshold, inputs))
         (tmp / "scaling.html").write_text(html_page(table, fit_table, threshold, inputs))
-        summary = {"threshold": threshold, "inputs": list(inputs), "fits": _jsonable(fit_table),
-                   "flag_k": FLAG_K, "flags": flag_summary(table),
-                   "memory_vs_ddp": memory_comparisons(table),
-                   "sharding": sharding_sentence(table)}
+        summary = {
+            "threshold": threshold,
+            "inputs": list(inputs),
+            "fits": _jsonable(fit_table),
+            "flag_k": FLAG_K,
+            "flags": flag_summary(table),
+            "memory_vs_ddp": memory_comparisons(table),
+            "sharding": sharding_sentence(table),
+        }
         (tmp / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots.write_all(table, fit_table, threshold, tmp / "plots")
     return out

@@ -3,20 +3,20 @@
 :func:`load_run` is the ONLY place that knows the trainer's and the workflow's
 file formats (``summary.json``, ``config.yaml``, ``metrics.jsonl``,
 ``sweep.json``); everything downstream sees the columns of :data:`COLUMNS`.
-:func:`load_csv` maps a published-style table onto the same columns, so runs
-and published numbers can be analysed side by side.
+:func:`~scalelab.analysis.runs_csv.load_csv` maps a published-style table onto the same
+columns, so runs and published numbers can be analysed side by side.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from scalelab.errors import UsageError
+from scalelab.models import build_model
+from scalelab.rundir import RunDir
 
 #: The tidy per-run columns (one row per run or per CSV row). NaN: not known.
 COLUMNS: dict[str, str] = {
@@ -41,9 +41,9 @@ COLUMNS: dict[str, str] = {
     "comm_s": "seconds per step of exposed gradient communication",
     "final_accuracy": "validation accuracy after the last epoch (0..1)",
     "test_accuracy": "accuracy of the final weights on the test split (evaluation.json, 0..1; "
-                     "per token for a language model)",
+    "per token for a language model)",
     "test_perplexity": "perplexity of a language model's final weights on the test split "
-                       "(evaluation.json; NaN for classifiers)",
+    "(evaluation.json; NaN for classifiers)",
     "time_to_target_s": "seconds of training until validation accuracy first reached the target",
     "grad_bytes": "bytes of gradients allreduced per step (NaN unless known)",
     "tp": "tensor-parallel ranks per model replica (1: none); a tp > 1 point is its own series",
@@ -53,21 +53,43 @@ COLUMNS: dict[str, str] = {
     "state_bytes_per_rank": "parameter + gradient + optimizer-state bytes of rank 0",
     "cuda_max_allocated_bytes": "CUDA allocator peak of rank 0 (GPU runs only)",
     "joules_per_sample": "energy per trained sample over all ranks (NVML GPUs, RAPL CPU "
-                         "packages + DRAM; NaN where no counter could be read)",
+    "packages + DRAM; NaN where no counter could be read)",
     "energy_power_w": "average power over the timed epochs, watts (same counters)",
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
-                  "CSV: file:line",
+    "CSV: file:line",
     "flags": "'no timed steps' when summary.json has no throughput (every step of each epoch "
-             "was warm-up): its timings are NaN and the scaling metrics leave it out",
+    "was warm-up): its timings are NaN and the scaling metrics leave it out",
 }
 
-NUMERIC = ("nodes", "ranks", "gpus", "workers", "cores_per_rank", "repeat", "global_batch",
-           "samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
-           "comm_s", "final_accuracy", "test_accuracy", "test_perplexity", "time_to_target_s",
-           "grad_bytes", "tp",
-           "param_bytes_per_rank", "grad_bytes_per_rank", "optim_state_bytes_per_rank",
-           "state_bytes_per_rank", "cuda_max_allocated_bytes", "joules_per_sample",
-           "energy_power_w")
+NUMERIC = (
+    "nodes",
+    "ranks",
+    "gpus",
+    "workers",
+    "cores_per_rank",
+    "repeat",
+    "global_batch",
+    "samples_per_s",
+    "throughput",
+    "epoch_time_s",
+    "step_time_s",
+    "data_s",
+    "compute_s",
+    "comm_s",
+    "final_accuracy",
+    "test_accuracy",
+    "test_perplexity",
+    "time_to_target_s",
+    "grad_bytes",
+    "tp",
+    "param_bytes_per_rank",
+    "grad_bytes_per_rank",
+    "optim_state_bytes_per_rank",
+    "state_bytes_per_rank",
+    "cuda_max_allocated_bytes",
+    "joules_per_sample",
+    "energy_power_w",
+)
 
 #: Memory columns and the summary.json keys they come from (the trainer's memory_facts).
 MEMORY_KEYS = {
@@ -109,23 +131,14 @@ def check_label(value: str, where: str) -> str:
     elif any(ord(c) < 32 or ord(c) == 127 for c in text):
         bad = "contains a control character"
     if bad:
-        raise UsageError(f"{where}: label {text!r} {bad}; use letters, digits and "
-                         "punctuation other than = + - @ < > at the start")
+        raise UsageError(
+            f"{where}: label {text!r} {bad}; use letters, digits and "
+            "punctuation other than = + - @ < > at the start"
+        )
     return text
 
 
 # --------------------------------------------------------------------------- run directories
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
 
 
 def _dig(tree: Mapping[str, Any], *paths: str) -> Any:
@@ -151,45 +164,16 @@ def _num(value: Any, where: str) -> float:
     return float(value)
 
 
-def _metrics_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path}: line {lineno} is not valid JSON") from None
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {exc}") from None
-
-
 def _run_files(run_dir: Path) -> dict[str, Any]:
     """Every file of a run directory that :func:`load_run` reads, parsed."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UsageError(f"{summary_path}: missing: the run did not complete (no summary.json)")
-
-    def optional(name: str) -> dict[str, Any]:
-        return _read_json(run_dir / name) if (run_dir / name).is_file() else {}
-
-    return {"summary": _read_json(summary_path), "info": optional("run_info.json"),
-            "sweep": optional("sweep.json"), "config": _read_yaml(run_dir / "config.yaml"),
-            "records": _metrics_records(run_dir / "metrics.jsonl")}
+    rd = RunDir(run_dir)
+    return {
+        "summary": rd.summary(),
+        "info": rd.run_info(),
+        "sweep": rd.sweep(),
+        "config": rd.config(),
+        "records": list(rd.metrics()),
+    }
 
 
 def _gpus(summary: dict, sweep: dict, ranks: float, where: Path) -> float:
@@ -199,8 +183,9 @@ def _gpus(summary: dict, sweep: dict, ranks: float, where: Path) -> float:
     return ranks * (per_task if per_task > 0 else 1.0)
 
 
-def _epoch_columns(records: list[dict], steps_per_epoch: float,
-                   target_accuracy: float | None) -> dict[str, float]:
+def _epoch_columns(
+    records: list[dict], steps_per_epoch: float, target_accuracy: float | None
+) -> dict[str, float]:
     """Per-step times, median epoch time and time-to-target from the epoch records
     (the first epoch left out of the timings when there are several, as the trainer does)."""
     epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -215,10 +200,14 @@ def _epoch_columns(records: list[dict], steps_per_epoch: float,
 
     epoch_times = sorted(float(r["time_s"]) for r in timed if r.get("time_s") is not None)
     val = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
-    return {"epoch_time_s": epoch_times[len(epoch_times) // 2] if epoch_times else NAN,
-            "data_s": per_step("data_s"), "compute_s": per_step("compute_s"),
-            "comm_s": per_step("comm_s"), "last_val_acc": val[-1] if val else None,
-            "time_to_target_s": _time_to_target(epochs, target_accuracy)}
+    return {
+        "epoch_time_s": epoch_times[len(epoch_times) // 2] if epoch_times else NAN,
+        "data_s": per_step("data_s"),
+        "compute_s": per_step("compute_s"),
+        "comm_s": per_step("comm_s"),
+        "last_val_acc": val[-1] if val else None,
+        "time_to_target_s": _time_to_target(epochs, target_accuracy),
+    }
 
 
 def _time_to_target(epochs: list[dict], target_accuracy: float | None) -> float:
@@ -239,12 +228,12 @@ def _grad_bytes(summary: dict, config: dict, s: str, count_params: bool) -> floa
     if math.isnan(grad_bytes) and _dig(summary, "num_params") is not None:
         grad_bytes = 4.0 * _num(_dig(summary, "num_params"), f"{s}: num_params")
     if math.isnan(grad_bytes) and count_params and config:
-        from scalelab.models import build_model
-
-        model = build_model(_dig(config, "model.name") or "cnn",
-                            int(_dig(config, "data.num_classes") or 10),
-                            tuple(_dig(config, "data.image_shape") or (3, 32, 32)),
-                            **(_dig(config, "model.options") or {}))
+        model = build_model(
+            _dig(config, "model.name") or "cnn",
+            int(_dig(config, "data.num_classes") or 10),
+            tuple(_dig(config, "data.image_shape") or (3, 32, 32)),
+            **(_dig(config, "model.options") or {}),
+        )
         grad_bytes = 4.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     return grad_bytes
 
@@ -256,23 +245,33 @@ def _provenance(summary: dict, run_dir: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name in ("config.yaml", "run_info.json", "summary.json"):
-        if (run_dir / name).is_file():
-            digest.update((run_dir / name).read_bytes())
+    rd = RunDir(run_dir)
+    for path in (rd.config_path, rd.run_info_path, rd.summary_path):
+        if path.is_file():
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def _labels(run_dir: Path, summary: dict, sweep: dict, mode: str) -> dict[str, str]:
     """run_id, backend and mode: from sweep.json, else the directory and the summary."""
-    s, sweep_path = str(run_dir / "summary.json"), run_dir / "sweep.json"
+    s, sweep_path = str(RunDir(run_dir).summary_path), RunDir(run_dir).sweep_path
     run_id = _dig(sweep, "run_id")
-    run_id = check_label(run_id, f"{sweep_path}: field 'run_id'") if run_id is not None \
+    run_id = (
+        check_label(run_id, f"{sweep_path}: field 'run_id'")
+        if run_id is not None
         else check_label(run_dir.name, f"{run_dir}: directory name")
+    )
     backend = _dig(sweep, "backend")
-    backend = check_label(backend, f"{sweep_path}: field 'backend'") if backend is not None \
+    backend = (
+        check_label(backend, f"{sweep_path}: field 'backend'")
+        if backend is not None
         else check_label(_dig(summary, "backend") or "unknown", f"{s}: field 'backend'")
-    return {"run_id": run_id, "backend": backend,
-            "mode": check_label(mode, f"{sweep_path}: field 'mode'")}
+    )
+    return {
+        "run_id": run_id,
+        "backend": backend,
+        "mode": check_label(mode, f"{sweep_path}: field 'mode'"),
+    }
 
 
 def _measured(summary: dict, s: str) -> dict[str, float]:
@@ -282,8 +281,9 @@ def _measured(summary: dict, s: str) -> dict[str, float]:
     return {col: _num(_dig(summary, key), f"{s}: {key}") for col, key in keys.items()}
 
 
-def load_run(run_dir: str | Path, target_accuracy: float | None = None,
-             count_params: bool = False) -> dict[str, Any]:
+def load_run(
+    run_dir: str | Path, target_accuracy: float | None = None, count_params: bool = False
+) -> dict[str, Any]:
     """One completed run as a dict of the :data:`COLUMNS`.
 
     Every file-format field name of the trainer and the workflow is in this
@@ -302,9 +302,10 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     not an error: one such point must not cost a study its analysis.
     """
     run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     f = _run_files(run_dir)
     summary, info, sweep, config = f["summary"], f["info"], f["sweep"], f["config"]
-    s = str(run_dir / "summary.json")
+    s = str(rd.summary_path)
     ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
     if not ranks > 0:
         raise UsageError(f"{s}: field 'world_size' missing or not positive")
@@ -312,21 +313,28 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
     global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
     hosts = _dig(info, "hostnames") or next(
         (r["hostnames"] for r in f["records"] if r.get("kind") == "start" and r.get("hostnames")),
-        [])
-    mode = _dig(sweep, "mode") or ("weak" if _dig(config, "optim.per_rank_batch_size")
-                                   is not None else "strong")
-    ep = _epoch_columns(f["records"], _num(_dig(summary, "steps_per_epoch"),
-                                           f"{s}: steps_per_epoch"), target_accuracy)
+        [],
+    )
+    mode = _dig(sweep, "mode") or (
+        "weak" if _dig(config, "optim.per_rank_batch_size") is not None else "strong"
+    )
+    ep = _epoch_columns(
+        f["records"],
+        _num(_dig(summary, "steps_per_epoch"), f"{s}: steps_per_epoch"),
+        target_accuracy,
+    )
     final_acc = _dig(summary, "val_acc")
     row = {
         "source": "runs",
         **_labels(run_dir, summary, sweep, mode),
         "nodes": _num(_dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1), f"{s}: nodes"),
         "ranks": ranks,
-        "gpus": _gpus(summary, sweep, ranks, run_dir / "sweep.json"),
-        "cores_per_rank": _num(_dig(info, "threads_per_rank") or _dig(config, "train.threads")
-                               or 1, f"{run_dir / 'run_info.json'}: threads_per_rank"),
-        "repeat": _num(_dig(sweep, "repeat") or 0, f"{run_dir / 'sweep.json'}: repeat"),
+        "gpus": _gpus(summary, sweep, ranks, rd.sweep_path),
+        "cores_per_rank": _num(
+            _dig(info, "threads_per_rank") or _dig(config, "train.threads") or 1,
+            f"{rd.run_info_path}: threads_per_rank",
+        ),
+        "repeat": _num(_dig(sweep, "repeat") or 0, f"{rd.sweep_path}: repeat"),
         "global_batch": global_batch,
         "samples_per_s": samples_per_s,
         "throughput": samples_per_s,
@@ -336,13 +344,15 @@ def load_run(run_dir: str | Path, target_accuracy: float | None = None,
         "data_s": ep["data_s"],
         "compute_s": ep["compute_s"],
         "comm_s": ep["comm_s"],
-        "final_accuracy": _num(final_acc if final_acc is not None else ep["last_val_acc"],
-                               f"{s}: val_acc"),
+        "final_accuracy": _num(
+            final_acc if final_acc is not None else ep["last_val_acc"], f"{s}: val_acc"
+        ),
         **_test_scores(run_dir),
         "time_to_target_s": ep["time_to_target_s"],
         "grad_bytes": _grad_bytes(summary, config, s, count_params),
-        "tp": _num(_dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1,
-                   f"{s}: tp"),
+        "tp": _num(
+            _dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1, f"{s}: tp"
+        ),
         **_measured(summary, s),
         "provenance": check_label(_provenance(summary, run_dir), f"{s}: field 'provenance.id'"),
         "flags": "",
@@ -363,8 +373,15 @@ def _throughput(summary: dict, s: str) -> float:
 
 
 #: Columns timed by the trainer: of a run without timed steps they would be warm-up figures.
-TIMED = ("samples_per_s", "throughput", "epoch_time_s", "step_time_s", "data_s", "compute_s",
-         "comm_s")
+TIMED = (
+    "samples_per_s",
+    "throughput",
+    "epoch_time_s",
+    "step_time_s",
+    "data_s",
+    "compute_s",
+    "comm_s",
+)
 
 
 def _untimed(row: dict[str, Any]) -> dict[str, Any]:
@@ -376,12 +393,14 @@ def _untimed(row: dict[str, Any]) -> dict[str, Any]:
 def _test_scores(run_dir: Path) -> dict[str, float]:
     """Accuracy and (language models) perplexity from `scalelab evaluate`'s
     evaluation.json beside the run, when it ran."""
-    path = run_dir / "evaluation.json"
-    if not path.is_file():
+    rd = RunDir(run_dir)
+    path, doc = rd.evaluation_path, rd.evaluation()
+    if doc is None:
         return {"test_accuracy": NAN, "test_perplexity": NAN}
-    doc = _read_json(path)
-    return {"test_accuracy": _num(doc.get("accuracy"), f"{path}: accuracy"),
-            "test_perplexity": _num(doc.get("perplexity"), f"{path}: perplexity")}
+    return {
+        "test_accuracy": _num(doc.get("accuracy"), f"{path}: accuracy"),
+        "test_perplexity": _num(doc.get("perplexity"), f"{path}: perplexity"),
+    }
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
@@ -395,13 +414,21 @@ def find_run_dirs(path: str | Path) -> list[Path]:
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise UsageError(f"{path}: not a directory (give run directories or their parent; "
-                         "tables go to --from-csv)")
-    markers = ("summary.json", "sweep.json", "config.yaml", "run.yaml", "metrics.jsonl")
+        raise UsageError(
+            f"{path}: not a directory (give run directories or their parent; "
+            "tables go to --from-csv)"
+        )
+    markers = (RunDir.SUMMARY, RunDir.SWEEP, RunDir.CONFIG, RunDir.RUN_CONFIG, RunDir.METRICS)
     if any((path / m).is_file() for m in markers):
         return [path]
-    found = sorted({p.parent for m in markers for p in path.rglob(m)
-                    if not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    found = sorted(
+        {
+            p.parent
+            for m in markers
+            for p in path.rglob(m)
+            if not any(part.startswith(".") for part in p.relative_to(path).parts)
+        }
+    )
     # A nested marker file (e.g. checkpoints/config.yaml) belongs to the outer run.
     return [d for d in found if not any(o != d and o in d.parents for o in found)]
 
@@ -412,173 +439,10 @@ def load_runs(paths: Iterable[str | Path], target_accuracy: float | None = None)
     for path in paths:
         dirs = find_run_dirs(path)
         if not dirs:
-            raise UsageError(f"{path}: no run directories (no summary.json/sweep.json below it)")
+            raise UsageError(
+                f"{path}: no run directories (no {RunDir.SUMMARY}/{RunDir.SWEEP} below it)"
+            )
         rows.extend(load_run(d, target_accuracy) for d in dirs)
-    return rows
-
-
-# --------------------------------------------------------------------------- CSV tables
-
-#: Accepted CSV headers (case-insensitive; spaces and dashes read as underscores).
-CSV_ALIASES: dict[str, tuple[str, ...]] = {
-    "gpus": ("gpus", "gpu", "num_gpus"),
-    "ranks": ("ranks", "processes", "world_size", "workers"),
-    "throughput": ("throughput", "samples_per_s", "images_per_s", "samples/s", "images/s"),
-    "time": ("time", "time_s", "seconds", "epoch_time_s"),
-    "nodes": ("nodes",),
-    "mode": ("mode",),
-    "backend": ("backend",),
-    "label": ("label", "source"),
-    "global_batch": ("global_batch", "batch", "global_batch_size"),
-    "final_accuracy": ("accuracy", "final_accuracy"),
-    "epoch_samples": ("epoch_samples",),
-    "cores_per_rank": ("cores_per_rank",),
-    "repeat": ("repeat",),
-    "tp": ("tp", "tensor_parallel"),
-}
-
-
-def _norm(header: str) -> str:
-    return header.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-class _Table:
-    """A published-style CSV: its path and which of its headers maps to which column."""
-
-    def __init__(self, path: Path, cols: dict[str, str]) -> None:
-        self.path, self.cols = path, cols
-
-    def text(self, raw: dict, key: str) -> str:
-        return (raw.get(self.cols[key]) or "").strip() if key in self.cols else ""
-
-    def number(self, raw: dict, key: str, lineno: int, required: bool,
-               positive: bool = True) -> float:
-        """The cell as a finite number (> 0, or >= 0); NaN when absent and not required."""
-        if key not in self.cols:
-            return NAN
-        col = self.cols[key]
-        value = (raw.get(col) or "").strip()
-        if not value:
-            if required:
-                raise UsageError(f"{self.path}: line {lineno}: column '{col}' is empty")
-            return NAN
-        try:
-            x = float(value)
-        except ValueError:
-            raise UsageError(f"{self.path}: line {lineno}: column '{col}': "
-                             f"{value!r} is not a number") from None
-        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
-            raise UsageError(f"{self.path}: line {lineno}: column '{col}': {value} must be "
-                             f"{'> 0' if positive else '>= 0'}")
-        return x
-
-    def default(self, raw: dict, key: str, lineno: int, value: float,
-                positive: bool = True) -> float:
-        x = self.number(raw, key, lineno, False, positive)
-        return value if math.isnan(x) else x
-
-
-def _csv_columns(path: Path, fieldnames: list[str] | None) -> dict[str, str]:
-    headers = {_norm(h): h for h in (fieldnames or []) if h is not None}
-    cols: dict[str, str] = {}
-    for key, aliases in CSV_ALIASES.items():
-        found = next((headers[a] for a in aliases if a in headers), None)
-        if found is not None:
-            cols[key] = found
-    if "gpus" not in cols and "ranks" not in cols:
-        raise UsageError(f"{path}: missing column: need 'gpus' or 'ranks' "
-                         f"(found: {', '.join(headers.values()) or 'no header'})")
-    if "throughput" not in cols and "time" not in cols:
-        raise UsageError(f"{path}: missing column: need 'throughput' (samples/s) or 'time' "
-                         f"(seconds) (found: {', '.join(headers.values())})")
-    return cols
-
-
-def _csv_times(t: _Table, raw: dict, lineno: int) -> tuple[float, float, float]:
-    """(throughput, time, epoch samples) cells of one row, NaN where absent."""
-    tput = t.number(raw, "throughput", lineno, "time" not in t.cols)
-    time_s = t.number(raw, "time", lineno, "throughput" not in t.cols or math.isnan(tput))
-    return tput, time_s, t.number(raw, "epoch_samples", lineno, False)
-
-
-def _csv_throughput(cells: tuple[float, float, float], mode: str,
-                    workers: float) -> tuple[float, str, float]:
-    """(throughput, unit, epoch time) of one row: given, or derived from a time column."""
-    tput, time_s, epoch_samples = cells
-    epoch_time = time_s
-    if math.isnan(epoch_time) and not math.isnan(epoch_samples):
-        epoch_time = epoch_samples / tput
-    if not math.isnan(tput):
-        return tput, "samples/s", epoch_time
-    work = workers if mode == "weak" else 1.0
-    if not math.isnan(epoch_samples):
-        return work * epoch_samples / time_s, "samples/s", epoch_time
-    return work / time_s, "work/s", epoch_time
-
-
-def _csv_row(t: _Table, raw: dict, lineno: int, mode: str | None) -> dict[str, Any]:
-    gpus = t.number(raw, "gpus", lineno, True)
-    ranks = t.number(raw, "ranks", lineno, True)
-    cells = _csv_times(t, raw, lineno)
-    row_mode = t.text(raw, "mode").lower() or mode or "strong"
-    if row_mode not in ("strong", "weak"):
-        raise UsageError(f"{t.path}: line {lineno}: column '{t.cols.get('mode', 'mode')}': "
-                         f"{row_mode!r} is not 'strong' or 'weak'")
-    workers = gpus if not math.isnan(gpus) else ranks
-    throughput, unit, epoch_time = _csv_throughput(cells, row_mode, workers)
-    label, backend = t.text(raw, "label"), t.text(raw, "backend")
-    for key, value in (("label", label), ("backend", backend)):
-        check_label(value, f"{t.path}: line {lineno}: column '{t.cols.get(key, key)}'")
-    return {
-        "source": label or t.path.stem,
-        "run_id": f"{t.path.name}:{lineno}",
-        "backend": backend or "external",
-        "mode": row_mode,
-        "nodes": t.default(raw, "nodes", lineno, 1.0),
-        "ranks": ranks if not math.isnan(ranks) else gpus,
-        "gpus": 0.0 if math.isnan(gpus) else gpus,
-        "workers": workers,
-        "cores_per_rank": t.default(raw, "cores_per_rank", lineno, 1.0),
-        "repeat": t.default(raw, "repeat", lineno, 0.0, positive=False),
-        "global_batch": t.number(raw, "global_batch", lineno, False),
-        "samples_per_s": throughput if unit == "samples/s" else NAN,
-        "throughput": throughput,
-        "throughput_unit": unit,
-        "epoch_time_s": epoch_time,
-        "step_time_s": NAN,
-        "data_s": NAN,
-        "compute_s": NAN,
-        "comm_s": NAN,
-        "final_accuracy": t.number(raw, "final_accuracy", lineno, False, positive=False),
-        "time_to_target_s": NAN,
-        "grad_bytes": NAN,
-        "tp": t.default(raw, "tp", lineno, 1.0),
-        **{col: NAN for col in MEMORY_KEYS},
-        "provenance": f"{t.path.resolve()}:{lineno}",
-        "flags": "",
-    }
-
-
-def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a published-style table: (GPUs or ranks, throughput or time) plus optional columns.
-
-    ``mode`` (strong/weak) applies where the table has no mode column. With a
-    time column only, throughput is work per second: 1/time for strong scaling
-    (fixed total work), workers/time for weak scaling (work grows with N);
-    ``epoch_samples`` turns either into samples/s.
-    """
-    path = Path(path)
-    check_label(path.name, f"{path}: file name (it labels the rows: source, run_id)")
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    reader = csv.DictReader(text.splitlines())
-    table = _Table(path, _csv_columns(path, reader.fieldnames))
-    rows = [_csv_row(table, raw, lineno, mode) for lineno, raw in enumerate(reader, 2)
-            if any((v or "").strip() for v in raw.values() if isinstance(v, str))]
-    if not rows:
-        raise UsageError(f"{path}: no data rows")
     return rows
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from scalelab.analysis.runs import NO_TIMED_STEPS
+from scalelab.backends.registry import DEFAULT, SINGLE
 from scalelab.errors import UsageError
 
 #: A series: one source, backend, scaling mode and tensor-parallel size (tp = 2 is not tp = 1).
@@ -59,24 +60,38 @@ FLAG_K = 1.0
 #: Flag codes in the order the tables print them, with their meaning (the legend).
 FLAG_LEGEND: dict[str, str] = {
     "superlinear": "efficiency above 100% by more than K x the measured spread: an anomaly "
-                   "(a slowed baseline, e.g. jobs sharing cores, or cache effects), not a result",
+    "(a slowed baseline, e.g. jobs sharing cores, or cache effects), not a result",
     "within noise": "efficiency above 100%, but within K x the measured spread: "
-                    "consistent with 100%",
+    "consistent with 100%",
     "single repeat": "this point or its baseline ran once: no spread was measured, so nothing "
-                     "can clear a figure above 100%",
+    "can clear a figure above 100%",
     "noisy": "the spread of the repeats is larger than the speedup's gain |S - 1|: "
-             "the scaling effect is not resolved",
+    "the scaling effect is not resolved",
     NO_TIMED_STEPS: "runs of this configuration whose summary.json has no throughput (the "
-                    "warm-up took every step, e.g. one step per epoch at many ranks): left out "
-                    "of throughput, spread, efficiency and fits; the other repeats count",
+    "warm-up took every step, e.g. one step per epoch at many ranks): left out "
+    "of throughput, spread, efficiency and fits; the other repeats count",
     "no baseline": "the smallest configuration of this series has no timed steps: no speedup "
-                   "or efficiency against it",
+    "or efficiency against it",
 }
-MEDIAN = ["global_batch", "cores_per_rank", "step_time_s", "data_s", "compute_s", "comm_s",
-          "final_accuracy", "test_accuracy", "test_perplexity", "time_to_target_s",
-          "param_bytes_per_rank",
-          "grad_bytes_per_rank", "optim_state_bytes_per_rank", "state_bytes_per_rank",
-          "cuda_max_allocated_bytes", "joules_per_sample", "energy_power_w"]
+MEDIAN = [
+    "global_batch",
+    "cores_per_rank",
+    "step_time_s",
+    "data_s",
+    "compute_s",
+    "comm_s",
+    "final_accuracy",
+    "test_accuracy",
+    "test_perplexity",
+    "time_to_target_s",
+    "param_bytes_per_rank",
+    "grad_bytes_per_rank",
+    "optim_state_bytes_per_rank",
+    "state_bytes_per_rank",
+    "cuda_max_allocated_bytes",
+    "joules_per_sample",
+    "energy_power_w",
+]
 
 
 def amdahl(p: np.ndarray, f: float) -> np.ndarray:
@@ -143,7 +158,7 @@ def fit_fraction(model, p: np.ndarray, speedup: np.ndarray) -> tuple[float, floa
     if free_points(p, s) <= FIT_PARAMETERS:
         err = math.nan
     rel = (model(p, f) - s) / s
-    return f, err, float(np.sqrt(np.mean(rel ** 2)))
+    return f, err, float(np.sqrt(np.mean(rel**2)))
 
 
 def _fit_columns(name: str, model, p: np.ndarray, s: np.ndarray) -> dict[str, object]:
@@ -151,8 +166,12 @@ def _fit_columns(name: str, model, p: np.ndarray, s: np.ndarray) -> dict[str, ob
     parameters and goes through them, so it has no uncertainty and no error figure."""
     f, err, rms = fit_fraction(model, p, s)
     exact = exact_fit(model, p, s) and not math.isnan(f)
-    return {f"{name}_parallel_fraction": f, f"{name}_parallel_fraction_stderr": err,
-            f"{name}_rms_rel_error": math.nan if exact else rms, f"{name}_exact": exact}
+    return {
+        f"{name}_parallel_fraction": f,
+        f"{name}_parallel_fraction_stderr": err,
+        f"{name}_rms_rel_error": math.nan if exact else rms,
+        f"{name}_exact": exact,
+    }
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -173,8 +192,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             row[col] = med
             row[f"{col}_min"] = float(vals.min()) if len(vals) else math.nan
             row[f"{col}_max"] = float(vals.max()) if len(vals) else math.nan
-            row[f"{col}_spread"] = (row[f"{col}_max"] - row[f"{col}_min"]) / med \
-                if len(vals) else math.nan
+            row[f"{col}_spread"] = (
+                (row[f"{col}_max"] - row[f"{col}_min"]) / med if len(vals) else math.nan
+            )
         for col in MEDIAN:
             vals = grp[col].dropna()
             row[col] = float(vals.median()) if len(vals) else math.nan
@@ -207,15 +227,17 @@ def add_metrics(table: pd.DataFrame, threshold: float = 0.7) -> pd.DataFrame:
         grp = grp.sort_values(["workers", "nodes"]).copy()
         if (grp["throughput_unit"] == "mixed").any() or grp["throughput_unit"].nunique() > 1:
             where = dict(zip(GROUP, key, strict=True))
-            raise UsageError(f"group {where}: throughput given in different units "
-                             "(samples/s and time-derived work/s); give one kind per source")
+            raise UsageError(
+                f"group {where}: throughput given in different units "
+                "(samples/s and time-derived work/s); give one kind per source"
+            )
         base = grp.iloc[0]
         grp["base_workers"] = base["workers"]
         grp["p"] = grp["workers"] / base["workers"]
         grp["speedup"] = grp["throughput"] / base["throughput"]
         grp["efficiency"] = grp["speedup"] / grp["p"]
         spread = grp["throughput_spread"].where(grp["repeats"] > 1)
-        grp["efficiency_spread"] = np.sqrt(spread ** 2 + spread.iloc[0] ** 2)
+        grp["efficiency_spread"] = np.sqrt(spread**2 + spread.iloc[0] ** 2)
         grp.loc[grp.index[0], "efficiency_spread"] = spread.iloc[0]
         grp["base_repeats"] = base["repeats"]
         grp["karp_flatt"] = karp_flatt(grp["speedup"].to_numpy(), grp["p"].to_numpy())
@@ -253,9 +275,14 @@ def flag(table: pd.DataFrame, k: float = FLAG_K) -> pd.DataFrame:
     untimed = t["untimed_runs"] if "untimed_runs" in t else pd.Series(0, index=t.index)
     t["flag_no_timed_steps"] = untimed > 0
     t["flag_no_baseline"] = (t["base_repeats"] < 1) & (t["repeats"] > 0)
-    columns = {"superlinear": "flag_superlinear", "within noise": "flag_within_noise",
-               "single repeat": "flag_single_repeat", "noisy": "flag_noisy",
-               NO_TIMED_STEPS: "flag_no_timed_steps", "no baseline": "flag_no_baseline"}
+    columns = {
+        "superlinear": "flag_superlinear",
+        "within noise": "flag_within_noise",
+        "single repeat": "flag_single_repeat",
+        "noisy": "flag_noisy",
+        NO_TIMED_STEPS: "flag_no_timed_steps",
+        "no baseline": "flag_no_baseline",
+    }
     t["flags"] = [
         "; ".join(code for code, col in columns.items() if row[col])
         for _, row in t[list(columns.values())].iterrows()
@@ -271,18 +298,22 @@ def fit_models(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
         p, s = timed["p"].to_numpy(), timed["speedup"].to_numpy()
         spot = grp[grp["sweet_spot"]]
         row = dict(zip(GROUP, key, strict=True))
-        row.update({
-            "configurations": len(grp),
-            "fit_points": len(timed),
-            "base_workers": float(grp["base_workers"].iloc[0]),
-            "max_workers": float(grp["workers"].max()),
-            **_fit_columns("amdahl", amdahl, p, s),
-            **_fit_columns("gustafson", gustafson, p, s),
-            "efficiency_threshold": threshold,
-            "sweet_spot_workers": float(spot["workers"].iloc[0]) if len(spot) else math.nan,
-            "sweet_spot_nodes": float(spot["nodes"].iloc[0]) if len(spot) else math.nan,
-            "sweet_spot_efficiency": float(spot["efficiency"].iloc[0]) if len(spot) else math.nan,
-        })
+        row.update(
+            {
+                "configurations": len(grp),
+                "fit_points": len(timed),
+                "base_workers": float(grp["base_workers"].iloc[0]),
+                "max_workers": float(grp["workers"].max()),
+                **_fit_columns("amdahl", amdahl, p, s),
+                **_fit_columns("gustafson", gustafson, p, s),
+                "efficiency_threshold": threshold,
+                "sweet_spot_workers": float(spot["workers"].iloc[0]) if len(spot) else math.nan,
+                "sweet_spot_nodes": float(spot["nodes"].iloc[0]) if len(spot) else math.nan,
+                "sweet_spot_efficiency": float(spot["efficiency"].iloc[0])
+                if len(spot)
+                else math.nan,
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -295,23 +326,23 @@ def share_single_process_baseline(runs: pd.DataFrame) -> pd.DataFrame:
     (1 rank with backend none, 2+ ranks with ddp) would have no baseline. The
     'none' group is kept only where it is the sole backend.
     """
-    single = runs[(runs["backend"] == "none") & (runs["ranks"] == 1)]
+    single = runs[(runs["backend"] == SINGLE) & (runs["ranks"] == 1)]
     if single.empty:
         return runs
-    parts = [runs[runs["backend"] != "none"]]
+    parts = [runs[runs["backend"] != SINGLE]]
     for (source, mode), grp in runs.groupby(["source", "mode"], sort=False):
-        others = sorted(set(grp["backend"]) - {"none"})
+        others = sorted(set(grp["backend"]) - {SINGLE})
         base = single[(single["source"] == source) & (single["mode"] == mode)]
         if not others:
-            parts.append(grp[grp["backend"] == "none"])
+            parts.append(grp[grp["backend"] == SINGLE])
             continue
-        parts.append(grp[(grp["backend"] == "none") & (grp["ranks"] > 1)])
+        parts.append(grp[(grp["backend"] == SINGLE) & (grp["ranks"] > 1)])
         parts.extend(base.assign(backend=b) for b in others)
     return pd.concat(parts, ignore_index=True)
 
 
 #: The reference of the memory comparison: data parallelism without sharding.
-MEMORY_BASELINE = {"backend": "ddp", "tp": 1.0}
+MEMORY_BASELINE = {"backend": DEFAULT, "tp": 1.0}
 
 
 def add_memory(table: pd.DataFrame) -> pd.DataFrame:

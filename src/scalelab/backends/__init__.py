@@ -1,7 +1,9 @@
 """Parallelism applied to a model and optimizer from outside the training loop.
 
-The loop is written once against :class:`Backend`; ``ddp``, ``horovod`` and
-``none`` differ only in how gradients are averaged and how ranks talk. Every
+The loop is written once against :class:`Backend`; the backends differ only in how
+gradients are averaged and how ranks talk (:mod:`scalelab.backends.registry` lists them,
+with their capabilities; :class:`~scalelab.backends.parallel_dims.ParallelDims` is the
+layout). Every
 backend offers the same operations: ``setup``, ``prepare`` (before the
 optimizer exists), ``wrap``, ``sync_state`` (after a checkpoint load),
 ``no_sync`` for accumulation, ``step``, metric ``allreduce``, object
@@ -14,6 +16,21 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from scalelab.backends.parallel_dims import ParallelDims
+from scalelab.backends.registry import (
+    AUTO,
+    BACKENDS,
+    CHOICES,
+    DEFAULT,
+    MPI,
+    REGISTRY,
+    SINGLE,
+    BackendSpec,
+    load_class,
+    name_of,
+    spec,
+    with_capability,
+)
 from scalelab.errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,13 +39,33 @@ if TYPE_CHECKING:
     from scalelab.backends.config import DistConfig
     from scalelab.layout import Layout
 
-BACKENDS = ("ddp", "horovod", "none", "fsdp")
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "CHOICES",
+    "DEFAULT",
+    "MPI",
+    "REGISTRY",
+    "SINGLE",
+    "Backend",
+    "BackendSpec",
+    "ParallelDims",
+    "choose_backend",
+    "load_class",
+    "make_backend",
+    "name_of",
+    "spec",
+    "with_capability",
+]
 
 
 class Backend:
     """One rank's handle on the job; this base class is the single-process behaviour."""
 
-    name = "none"
+    @property
+    def name(self) -> str:
+        """The backend's registered name (:func:`scalelab.backends.registry.name_of`)."""
+        return name_of(type(self))
 
     def __init__(self, layout: Layout, cfg: DistConfig, device: torch.device) -> None:
         self.layout = layout
@@ -54,6 +91,7 @@ class Backend:
     def watchdog_limit_s(self) -> float:
         """Seconds without progress after which the watchdog ends this rank."""
         return self.cfg.timeout_s + self.watchdog_grace_s
+
     #: Whether each rank holds only a shard of the state: checkpoints are then written by
     #: every rank (torch.distributed.checkpoint), not gathered to rank 0.
     shards_state = False
@@ -61,23 +99,34 @@ class Backend:
     state_bytes: dict[str, int] | None = None
 
     @property
+    def dims(self) -> ParallelDims:
+        """The job's parallel layout (data parallelism only, unless a subclass says more)."""
+        return ParallelDims.of(self.world_size)
+
+    @property
     def dp_rank(self) -> int:
         """Which share of each global batch this rank reads (tensor-parallel peers share one)."""
-        return self.rank
+        return self.dims.dp_rank(self.rank)
 
     @property
     def dp_size(self) -> int:
         """Number of data-parallel shares of each global batch."""
-        return self.world_size
+        return self.dims.replicas
 
-    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def full_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Unsharded model and optimizer state dicts; every rank calls it (gathers when
         sharded), so checkpoints and model.pt do not depend on the world size."""
         return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
 
-    def load_full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
+    def load_full_state(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, Any],
+        optim_state: dict[str, Any],
+    ) -> None:
         """Inverse of :meth:`full_state` (each rank keeps its own shard)."""
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
@@ -100,8 +149,9 @@ class Backend:
             raise UsageError("field 'model.sync_batchnorm': needs the ddp or horovod backend")
         return model
 
-    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             accum_steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def wrap(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accum_steps: int
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Return the (model, optimizer) whose step averages gradients over ranks."""
         return model, optimizer
 
@@ -112,8 +162,9 @@ class Backend:
         """Context for accumulation micro-batches whose gradients are not yet averaged."""
         return contextlib.nullcontext()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-             grad_clip: float | None) -> float | None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float | None
+    ) -> float | None:
         """Average gradients (if not done during backward), clip, apply the update.
 
         Returns the seconds spent waiting for gradient communication when
@@ -127,8 +178,7 @@ class Backend:
         self.measure_state(params, optimizer)
         return None
 
-    def measure_state(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer
-                      ) -> None:
+    def measure_state(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         """Record this rank's state bytes once, after the first step (optimizer state exists)."""
         if self.state_bytes is None:
             from scalelab.backends.memory import state_bytes
@@ -172,51 +222,41 @@ def library_versions() -> dict[str, str | None]:
         return {"horovod": None}
 
 
-def choose_backend(requested: str, layout: Layout, tp: int = 1, model: str | None = None,
-                   options: dict[str, Any] | None = None) -> str:
+def choose_backend(
+    requested: str,
+    layout: Layout,
+    tp: int = 1,
+    model: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> str:
     """Resolve ``dist.backend: auto`` and reject combinations that cannot work."""
     name = requested
-    if tp > 1:
-        from scalelab.backends.fsdp import check_tp
-
-        check_tp(requested, layout.world_size, tp, model, options)
-    if name == "auto":
+    ParallelDims.of(layout.world_size, tp).check(requested, model, options)
+    if name == AUTO:
         if layout.launcher == "horovodrun":
-            name = "horovod"
+            name = MPI
         else:
-            name = "ddp" if layout.world_size > 1 else "none"
-    if name == "none" and layout.world_size > 1:
+            name = DEFAULT if layout.world_size > 1 else SINGLE
+    if name in REGISTRY and REGISTRY[name].single_process and layout.world_size > 1:
         raise UsageError(
-            f"field 'dist.backend': 'none' runs one process but the {layout.launcher} launcher "
-            f"started {layout.world_size}; use ddp or horovod"
+            f"field 'dist.backend': {name!r} runs one process but the {layout.launcher} "
+            f"launcher started {layout.world_size}; use {DEFAULT} or {MPI}"
         )
-    if name == "horovod" and layout.launcher in ("torchrun", "single") and layout.world_size > 1:
+    if (
+        name in REGISTRY
+        and REGISTRY[name].needs_mpi
+        and layout.launcher in ("torchrun", "single")
+        and layout.world_size > 1
+    ):
         raise UsageError(
-            "field 'dist.backend': horovod needs an MPI launch (mpirun, srun --mpi=pmix) "
+            f"field 'dist.backend': {name} needs an MPI launch (mpirun, srun --mpi=pmix) "
             f"or horovodrun, not {layout.launcher}"
         )
-    if name not in BACKENDS:
-        raise UsageError(f"field 'dist.backend': unknown backend {name!r}; "
-                         f"valid: auto, {', '.join(BACKENDS)}")
+    spec(name)  # unknown: one line with the valid names
     return name
 
 
 def make_backend(name: str, layout: Layout, cfg: DistConfig, device: torch.device) -> Backend:
-    """Instantiate backend ``name`` (see :func:`choose_backend`)."""
-    if name == "fsdp" or (name == "ddp" and cfg.tp > 1):
-        from scalelab.backends.fsdp import FSDPBackend, TPDataParallel
-
-        return (FSDPBackend if name == "fsdp" else TPDataParallel)(layout, cfg, device)
-    if name == "ddp":
-        from scalelab.backends.ddp import DDPBackend
-
-        return DDPBackend(layout, cfg, device)
-    if name == "horovod":
-        from scalelab.backends.horovod import HorovodBackend
-
-        return HorovodBackend(layout, cfg, device)
-    if name == "none":
-        from scalelab.backends.none import NoneBackend
-
-        return NoneBackend(layout, cfg, device)
-    raise UsageError(f"field 'dist.backend': unknown backend {name!r}")
+    """Instantiate backend ``name`` (see :func:`choose_backend`) from the registry: the
+    class for ``cfg.tp`` tensor-parallel ranks (ddp's replicas are then tensor-parallel)."""
+    return load_class(name, cfg.tp)(layout, cfg, device)

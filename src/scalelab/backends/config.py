@@ -11,7 +11,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from scalelab.backends.registry import AUTO, CHOICES
 from scalelab.config_types import Megabytes, NonNegFloat, PosInt, Seconds, Section
+
+#: ``dist.backend``'s values: ``auto`` and every registered backend.
+BackendName = Literal[CHOICES]
 
 
 class HorovodConfig(Section):
@@ -37,7 +41,7 @@ class FSDPConfig(Section):
 class DistConfig(Section):
     """How ranks talk to each other."""
 
-    backend: Literal["auto", "ddp", "horovod", "none", "fsdp"] = "auto"
+    backend: BackendName = AUTO
     """auto: horovod under horovodrun, ddp for several ranks, none for one; fsdp: sharded
     parameters, gradients and optimizer state (FSDP2)."""
     tp: PosInt = 1

@@ -22,12 +22,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from scalelab.backends import Backend
+from scalelab.errors import UsageError
 
 
 class DDPBackend(Backend):
     """torch.distributed + DistributedDataParallel."""
-
-    name = "ddp"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,14 +55,13 @@ class DDPBackend(Backend):
     def prepare(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
         if sync_batchnorm:
             if self.device.type != "cuda":
-                from scalelab.errors import UsageError
-
                 raise UsageError("field 'model.sync_batchnorm': torch's SyncBatchNorm needs CUDA")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-             accum_steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, accum_steps: int
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         self._ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

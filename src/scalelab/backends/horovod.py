@@ -54,7 +54,6 @@ def _compression(kind: str):
 class HorovodBackend(Backend):
     """horovod.torch."""
 
-    name = "horovod"
     measures_comm = True
     watchdog_grace_s = 0.0  # MPI collectives have no timeout: the watchdog is the only bound
 
@@ -103,8 +102,9 @@ class HorovodBackend(Backend):
             raise UsageError("field 'model.sync_batchnorm': needs CUDA")
         return _convert_sync_bn(model, self.hvd.SyncBatchNorm)
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-             accum_steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, accum_steps: int
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         hvd = self.hvd
         dist_opt = hvd.DistributedOptimizer(
             optimizer,
@@ -123,8 +123,9 @@ class HorovodBackend(Backend):
         if optimizer.state_dict()["state"]:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-             grad_clip: float | None) -> float | None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float | None
+    ) -> float | None:
         import time
 
         start = time.perf_counter()
@@ -147,8 +148,9 @@ class HorovodBackend(Backend):
     def allreduce_async(self, tensor: torch.Tensor) -> Callable[[], list[float]]:
         # Two reductions may be in flight; Horovod matches them by name across ranks.
         self._metric_seq = getattr(self, "_metric_seq", 0) + 1
-        handle = self.hvd.allreduce_async(tensor.cpu(), op=self.hvd.Sum,
-                                          name=f"scalelab.metrics.{self._metric_seq % 2}")
+        handle = self.hvd.allreduce_async(
+            tensor.cpu(), op=self.hvd.Sum, name=f"scalelab.metrics.{self._metric_seq % 2}"
+        )
         return lambda: self.hvd.synchronize(handle).tolist()
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
@@ -167,8 +169,13 @@ class HorovodBackend(Backend):
 def _convert_sync_bn(module: nn.Module, sync_cls) -> nn.Module:
     """Replace BatchNorm layers by Horovod's SyncBatchNorm, keeping their state."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        new = sync_cls(module.num_features, module.eps, module.momentum, module.affine,
-                       module.track_running_stats)
+        new = sync_cls(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         new.load_state_dict(module.state_dict())
         return new
     for name, child in module.named_children():

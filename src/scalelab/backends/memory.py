@@ -24,15 +24,15 @@ def local_bytes(tensor: Any) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer
-                ) -> dict[str, int]:
+def state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Parameter, gradient and optimizer-state bytes on this rank, and their total."""
     params = list(params)
     out = {
         "param_bytes": sum(local_bytes(p) for p in params),
         "grad_bytes": sum(local_bytes(p.grad) for p in params),
-        "optim_state_bytes": sum(local_bytes(v) for state in optimizer.state.values()
-                                 for v in state.values()),
+        "optim_state_bytes": sum(
+            local_bytes(v) for state in optimizer.state.values() for v in state.values()
+        ),
     }
     out["state_bytes"] = sum(out.values())
     return out

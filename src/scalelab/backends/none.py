@@ -7,5 +7,3 @@ from scalelab.backends import Backend
 
 class NoneBackend(Backend):
     """Single-process backend (all behaviour is the base class's)."""
-
-    name = "none"

@@ -28,6 +28,7 @@ OPS = ("allreduce", "allgather", "broadcast")
 DEFAULT_MIN_BYTES = 1 << 10
 DEFAULT_MAX_BYTES = 256 << 20
 
+
 def message_sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
     """Geometric series min, min*factor, ... <= max (max itself always included)."""
     if factor < 2:
@@ -86,13 +87,19 @@ def time_op(comm: Comm, run: Callable[[], Any], iters: int, warmup: int) -> floa
     return statistics.median(per_call)
 
 
-def benchmark(comm: Comm, ops: Iterable[str], sizes: list[int], iters: int, warmup: int,
-              check: bool = True, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+def benchmark(
+    comm: Comm,
+    ops: Iterable[str],
+    sizes: list[int],
+    iters: int,
+    warmup: int,
+    check: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Run every (op, size); return one record per pair (identical on every rank)."""
     ops = list(ops)
     n = comm.size
-    gather = max((elements(op, s, n) for op in ops for s in sizes if op == "allgather"),
-                 default=0)
+    gather = max((elements(op, s, n) for op in ops for s in sizes if op == "allgather"), default=0)
     comm.reserve(max(elements(op, s, n) for op in ops for s in sizes), gather)
     nodes = len(set(comm.gather(_host())))
     records = []
@@ -107,10 +114,21 @@ def benchmark(comm: Comm, ops: Iterable[str], sizes: list[int], iters: int, warm
             wrong = int(comm.reduce(float(verify()), "sum")) if check else -1
             algbw = nbytes / t_mean / 1e9
             rec = {
-                "lib": comm.lib, "backend": comm.backend, "op": op, "size_bytes": nbytes,
-                "count": count, "dtype": "float32", "world_size": n, "nodes": nodes,
-                "iters": iters, "warmup": warmup, "time_s": t_mean, "time_max_s": t_max,
-                "algbw_GBps": algbw, "busbw_GBps": algbw * bus_factor(op, n), "wrong": wrong,
+                "lib": comm.lib,
+                "backend": comm.backend,
+                "op": op,
+                "size_bytes": nbytes,
+                "count": count,
+                "dtype": "float32",
+                "world_size": n,
+                "nodes": nodes,
+                "iters": iters,
+                "warmup": warmup,
+                "time_s": t_mean,
+                "time_max_s": t_max,
+                "algbw_GBps": algbw,
+                "busbw_GBps": algbw * bus_factor(op, n),
+                "wrong": wrong,
             }
             records.append(rec)
             if on_record:
@@ -124,14 +142,17 @@ def _host() -> str:
     return socket.gethostname()
 
 
-HEADER = (f"{'op':>10} {'size(B)':>12} {'count':>10} {'time(us)':>12} {'algbw(GB/s)':>12} "
-          f"{'busbw(GB/s)':>12} {'#wrong':>7}")
+HEADER = (
+    f"{'op':>10} {'size(B)':>12} {'count':>10} {'time(us)':>12} {'algbw(GB/s)':>12} "
+    f"{'busbw(GB/s)':>12} {'#wrong':>7}"
+)
 
 
 def format_record(rec: dict) -> str:
     """One table line in the spirit of nccl-tests' output."""
     wrong = "N/A" if rec["wrong"] < 0 else str(rec["wrong"])
-    return (f"{rec['op']:>10} {rec['size_bytes']:>12d} {rec['count']:>10d} "
-            f"{rec['time_s'] * 1e6:>12.1f} {rec['algbw_GBps']:>12.4f} "
-            f"{rec['busbw_GBps']:>12.4f} {wrong:>7}")
-
+    return (
+        f"{rec['op']:>10} {rec['size_bytes']:>12d} {rec['count']:>10d} "
+        f"{rec['time_s'] * 1e6:>12.1f} {rec['algbw_GBps']:>12.4f} "
+        f"{rec['busbw_GBps']:>12.4f} {wrong:>7}"
+    )

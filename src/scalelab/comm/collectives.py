@@ -10,7 +10,7 @@ parallelism issue other collectives, in other numbers:
   reduce-scatter of each group's gradients per synchronized micro-batch.
   So 2G - 1 all-gathers and G reduce-scatters (G groups) per step without
   accumulation; ZeRO-3's 1.5x DDP's bytes.
-- **tp** (Megatron split of a GPT block over t ranks, as scalelab.models.gpt.TP_PLAN):
+- **tp** (Megatron split of a GPT block over t ranks, as scalelab.models.gpt_shapes.TP_PLAN):
   forward allreduces the outputs of the two row-wise linears (attention out, MLP
   proj); backward allreduces the input gradients of the four column-wise linears
   (q, k, v, fc: separate linears, each input gradient reduced on its own): 6
@@ -27,6 +27,8 @@ byte volume in tests/test_predict_collectives.py; ``scalelab predict`` times the
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from scalelab.models.gpt_shapes import TP_PLAN
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,13 @@ def ddp_step(grad_bytes: float, dp: int) -> list[Collective]:
     return [Collective("allreduce", 1, grad_bytes, dp)]
 
 
-def fsdp_step(group_bytes: list[float], dp: int, reshard_after_forward: bool = True,
-              accum_steps: int = 1, param_scale: float = 1.0) -> list[Collective]:
+def fsdp_step(
+    group_bytes: list[float],
+    dp: int,
+    reshard_after_forward: bool = True,
+    accum_steps: int = 1,
+    param_scale: float = 1.0,
+) -> list[Collective]:
     """FSDP2 per optimizer step; ``group_bytes``: fp32 bytes per shard group, root LAST.
 
     Every micro-batch gathers the parameters (``param_scale`` 0.5: bf16 mixed
@@ -68,8 +75,14 @@ def fsdp_step(group_bytes: list[float], dp: int, reshard_after_forward: bool = T
     return out
 
 
-def tp_step(n_layers: int, tokens_per_rank: int, d_model: int, tp: int,
-            act_bytes: int = 4, accum_steps: int = 1) -> list[Collective]:
+def tp_step(
+    n_layers: int,
+    tokens_per_rank: int,
+    d_model: int,
+    tp: int,
+    act_bytes: int = 4,
+    accum_steps: int = 1,
+) -> list[Collective]:
     """Tensor parallelism per optimizer step: 2 forward + 4 backward allreduces of the
     block's activations (``tokens_per_rank`` = per-rank batch x seq_len, whole step)."""
     size = tokens_per_rank / accum_steps * d_model * act_bytes
@@ -91,11 +104,9 @@ def step_seconds(collectives: list[Collective], alpha_s: float, beta_Bps: float)
 
 def tp_local_bytes(module, tp: int = 1, prefix: str = "") -> float:
     """Bytes of ``module``'s parameters one tensor-parallel rank holds: the weights (and
-    column-wise biases) that :data:`scalelab.models.gpt.TP_PLAN` splits count 1/tp, the
+    column-wise biases) that :data:`scalelab.models.gpt_shapes.TP_PLAN` splits count 1/tp, the
     rest (embeddings, norms, row-wise biases) in full. ``prefix``: the module's path
     inside a block (TP_PLAN's names are relative to a block)."""
-    from scalelab.models.gpt import TP_PLAN
-
     total = 0.0
     for name, p in module.named_parameters():
         full = f"{prefix}{name}"

@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from scalelab.errors import UsageError
+from scalelab.layout import detect
 
 LIBS = ("torch", "horovod", "mpi4py")
 #: Bytes per element; all benchmarks use float32, as nccl-tests' default.
@@ -53,8 +54,7 @@ class Comm(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def barrier(self) -> None:
-        ...
+    def barrier(self) -> None: ...
 
     def sync(self) -> None:  # noqa: B027 (a no-op by default, on purpose)
         """Wait for queued device work (a no-op on host buffers)."""
@@ -69,8 +69,15 @@ class Comm(abc.ABC):
         """A small Python object from every rank, to every rank."""
         ...
 
-    def check(self, op: str, count: int, fill: Callable[[float], Any], run: Callable[[], Any],
-              result: Callable[[], Any], to_numpy: Callable[[Any], Any]) -> int:
+    def check(
+        self,
+        op: str,
+        count: int,
+        fill: Callable[[float], Any],
+        run: Callable[[], Any],
+        result: Callable[[], Any],
+        to_numpy: Callable[[Any], Any],
+    ) -> int:
         """Refill the input with the verification pattern, run once, count wrong elements.
 
         Pattern: rank r contributes r + 1 (allreduce, allgather); broadcast sends 42
@@ -93,6 +100,7 @@ class Comm(abc.ABC):
 
 # --------------------------------------------------------------------------- torch.distributed
 
+
 class TorchComm(Comm):
     """torch.distributed: gloo on CPU, NCCL on GPU (``backend='auto'``)."""
 
@@ -101,8 +109,6 @@ class TorchComm(Comm):
     def __init__(self, backend: str = "auto", timeout_s: float = 300.0) -> None:
         import torch
         import torch.distributed as dist
-
-        from scalelab.layout import detect
 
         layout = detect()
         cuda = torch.cuda.is_available()
@@ -113,16 +119,21 @@ class TorchComm(Comm):
         if backend == "nccl" and not cuda:
             raise UsageError("--backend nccl: no CUDA device visible")
         self.torch, self.dist = torch, dist
-        self.device = f"cuda:{layout.local_rank % torch.cuda.device_count()}" \
-            if backend == "nccl" else "cpu"
+        self.device = (
+            f"cuda:{layout.local_rank % torch.cuda.device_count()}" if backend == "nccl" else "cpu"
+        )
         if self.device != "cpu":
             torch.cuda.set_device(self.device)
         kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
         if backend == "nccl":
             kwargs["device_id"] = torch.device(self.device)
         dist.init_process_group(
-            backend, init_method=f"tcp://{layout.master_addr}:{layout.master_port}",
-            rank=layout.rank, world_size=layout.world_size, **kwargs)
+            backend,
+            init_method=f"tcp://{layout.master_addr}:{layout.master_port}",
+            rank=layout.rank,
+            world_size=layout.world_size,
+            **kwargs,
+        )
         self.backend = backend
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.launcher = layout.launcher
@@ -133,7 +144,7 @@ class TorchComm(Comm):
         self.out = t.zeros(gather_count * self.size, dtype=t.float32, device=self.device)
 
     def prepare(self, op: str, count: int):
-        dist, buf, out = self.dist, self.buf[:count], self.out[:count * self.size]
+        dist, buf, out = self.dist, self.buf[:count], self.out[: count * self.size]
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         run = {
             "allreduce": lambda: dist.all_reduce(buf),
@@ -142,9 +153,14 @@ class TorchComm(Comm):
         }[op]
 
         def verify() -> int:
-            return self.check(op, count, buf.fill_, run,
-                              lambda: buf if op != "allgather" else out,
-                              lambda x: x.cpu().numpy())
+            return self.check(
+                op,
+                count,
+                buf.fill_,
+                run,
+                lambda: buf if op != "allgather" else out,
+                lambda x: x.cpu().numpy(),
+            )
 
         return run, verify
 
@@ -160,8 +176,9 @@ class TorchComm(Comm):
 
     def reduce(self, value: float, op: str) -> float:
         t = self.torch.tensor([value], dtype=self.torch.float64, device=self.device)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM if op == "sum" else
-                             self.dist.ReduceOp.MAX)
+        self.dist.all_reduce(
+            t, op=self.dist.ReduceOp.SUM if op == "sum" else self.dist.ReduceOp.MAX
+        )
         return float(t.item())
 
     def gather(self, obj: Any) -> list[Any]:
@@ -180,6 +197,7 @@ class TorchComm(Comm):
 
 
 # --------------------------------------------------------------------------- Horovod
+
 
 class HorovodComm(Comm):
     """Horovod's torch API; controller (MPI or Gloo) and CPU ops as Horovod was built."""
@@ -218,9 +236,14 @@ class HorovodComm(Comm):
         }[op]
 
         def verify() -> int:
-            return self.check(op, count, buf.fill_, run,
-                              lambda: last["out"] if op == "allgather" else buf,
-                              lambda x: x.cpu().numpy())
+            return self.check(
+                op,
+                count,
+                buf.fill_,
+                run,
+                lambda: last["out"] if op == "allgather" else buf,
+                lambda x: x.cpu().numpy(),
+            )
 
         return run, verify
 
@@ -233,8 +256,11 @@ class HorovodComm(Comm):
 
     def reduce(self, value: float, op: str) -> float:
         t = self.torch.tensor([value], dtype=self.torch.float64)
-        return float(self.hvd.allreduce(t, op=self.hvd.Sum if op == "sum" else self.hvd.Max,
-                                        name=f"commbench.reduce.{op}").item())
+        return float(
+            self.hvd.allreduce(
+                t, op=self.hvd.Sum if op == "sum" else self.hvd.Max, name=f"commbench.reduce.{op}"
+            ).item()
+        )
 
     def gather(self, obj: Any) -> list[Any]:
         return list(self.hvd.allgather_object(obj, name="commbench.gather"))
@@ -249,6 +275,7 @@ class HorovodComm(Comm):
 
 
 # --------------------------------------------------------------------------- mpi4py
+
 
 class MpiComm(Comm):
     """mpi4py buffer-interface collectives (upper-case methods) on numpy arrays."""
@@ -272,7 +299,7 @@ class MpiComm(Comm):
 
     def prepare(self, op: str, count: int):
         MPI, comm = self.MPI, self.comm
-        buf, out = self.buf[:count], self.out[:count * self.size]
+        buf, out = self.buf[:count], self.out[: count * self.size]
         run = {
             "allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
             "allgather": lambda: comm.Allgather(buf, out),
@@ -280,8 +307,9 @@ class MpiComm(Comm):
         }[op]
 
         def verify() -> int:
-            return self.check(op, count, buf.fill, run,
-                              lambda: buf if op != "allgather" else out, lambda x: x)
+            return self.check(
+                op, count, buf.fill, run, lambda: buf if op != "allgather" else out, lambda x: x
+            )
 
         return run, verify
 
@@ -297,8 +325,10 @@ class MpiComm(Comm):
     def versions(self) -> dict[str, str]:
         import mpi4py
 
-        return {"mpi4py": mpi4py.__version__,
-                "mpi": self.MPI.Get_library_version().strip().splitlines()[0]}
+        return {
+            "mpi4py": mpi4py.__version__,
+            "mpi": self.MPI.Get_library_version().strip().splitlines()[0],
+        }
 
 
 def _wrong(op: str, result: Any, count: int, size: int, to_numpy: Callable[[Any], Any]) -> int:
@@ -312,7 +342,7 @@ def _wrong(op: str, result: Any, count: int, size: int, to_numpy: Callable[[Any]
     if op == "broadcast":
         return int(np.count_nonzero(arr[:count] != np.float32(42.0)))
     expected = np.repeat(np.arange(1, size + 1, dtype=np.float32), count)
-    return int(np.count_nonzero(arr[:count * size] != expected))
+    return int(np.count_nonzero(arr[: count * size] != expected))
 
 
 def open_comm(lib: str, backend: str = "auto", timeout_s: float = 300.0) -> Comm:

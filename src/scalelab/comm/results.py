@@ -1,6 +1,6 @@
 """Commbench outputs: JSON lines, CSV, Markdown table, plot and run metadata.
 
-Written by rank 0 only, atomically (see :func:`scalelab.fsio.atomic_dir`)::
+Written by rank 0 only, atomically (see :func:`scalelab.output_guard.atomic_dir`)::
 
     commbench.jsonl   one record per (op, size): the columns of :data:`FIELDS`
     commbench.csv     the same records
@@ -18,25 +18,46 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.errors import UsageError
-from scalelab.fsio import atomic_dir
+from scalelab.output_guard import atomic_dir
 
-FIELDS = ["lib", "backend", "op", "size_bytes", "count", "dtype", "world_size", "nodes",
-          "iters", "warmup", "time_s", "time_max_s", "algbw_GBps", "busbw_GBps", "wrong"]
+FIELDS = [
+    "lib",
+    "backend",
+    "op",
+    "size_bytes",
+    "count",
+    "dtype",
+    "world_size",
+    "nodes",
+    "iters",
+    "warmup",
+    "time_s",
+    "time_max_s",
+    "algbw_GBps",
+    "busbw_GBps",
+    "wrong",
+]
 FIGSIZE = (10.0, 4.5)
 DPI = 100
 
 
 def markdown(records: list[dict], meta: dict) -> str:
-    lines = [f"# commbench: {meta['lib']} ({meta['backend']}), {meta['world_size']} ranks on "
-             f"{meta['nodes']} node(s)", "",
-             "time: mean over ranks of the mean over iterations; GB/s = 1e9 B/s; busbw by the "
-             "nccl-tests definitions (allreduce x 2(n-1)/n, allgather x (n-1)/n, broadcast x 1).",
-             "", "| op | size (B) | time (us) | algbw (GB/s) | busbw (GB/s) | #wrong |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# commbench: {meta['lib']} ({meta['backend']}), {meta['world_size']} ranks on "
+        f"{meta['nodes']} node(s)",
+        "",
+        "time: mean over ranks of the mean over iterations; GB/s = 1e9 B/s; busbw by the "
+        "nccl-tests definitions (allreduce x 2(n-1)/n, allgather x (n-1)/n, broadcast x 1).",
+        "",
+        "| op | size (B) | time (us) | algbw (GB/s) | busbw (GB/s) | #wrong |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in records:
         wrong = "N/A" if r["wrong"] < 0 else r["wrong"]
-        lines.append(f"| {r['op']} | {r['size_bytes']} | {r['time_s'] * 1e6:.1f} | "
-                     f"{r['algbw_GBps']:.4f} | {r['busbw_GBps']:.4f} | {wrong} |")
+        lines.append(
+            f"| {r['op']} | {r['size_bytes']} | {r['time_s'] * 1e6:.1f} | "
+            f"{r['algbw_GBps']:.4f} | {r['busbw_GBps']:.4f} | {wrong} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -69,8 +90,10 @@ def plot(records: list[dict], meta: dict, directory: Path) -> None:
     ax1.set_ylabel("busbw (GB/s)")
     ax2.set_ylabel("time per call (us)")
     ax2.set_yscale("log")
-    fig.suptitle(f"commbench {meta['lib']} ({meta['backend']}), {meta['world_size']} ranks, "
-                 f"{meta['nodes']} node(s)")
+    fig.suptitle(
+        f"commbench {meta['lib']} ({meta['backend']}), {meta['world_size']} ranks, "
+        f"{meta['nodes']} node(s)"
+    )
     fig.tight_layout()
     save(fig, directory, "commbench")
 
@@ -127,8 +150,9 @@ def read(path: str | Path) -> list[dict[str, Any]]:
             try:
                 out[col] = float(rec[col])
             except (TypeError, ValueError):
-                raise UsageError(f"{path}: line {i}: column '{col}': {rec[col]!r} is not a "
-                                 "number") from None
+                raise UsageError(
+                    f"{path}: line {i}: column '{col}': {rec[col]!r} is not a number"
+                ) from None
             if not (math.isfinite(out[col]) and out[col] > 0):
                 raise UsageError(f"{path}: line {i}: column '{col}': {rec[col]} must be > 0")
         records.append(out)

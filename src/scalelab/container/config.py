@@ -1,109 +1,220 @@
-"""The ``container:`` section of a workflow config, validated once.
+"""The ``container:`` section of a workflow config: one pydantic model, validated once.
 
-Every consumer (the CLI, the Snakemake wiring, provenance) reads the same
-dataclass, so a typo in a key fails the same way everywhere: one UsageError
-naming ``container.<key>``.
+The study config (:class:`scalelab.study.config.StudyConfig`) embeds this model, so the
+workflow schema and the container commands (``scalelab container exec/pull/verify
+--config``) accept the same keys and refuse the same typos: one UsageError naming
+``container.<key>`` (the shared formatter of :mod:`scalelab.config_types`).
+
+The srun side of a containerized job (``--mpi``, extra srun flags) is not here: it is
+``launch.srun_mpi`` and ``launch.extra_srun_args``, which the workflow's ranks use with
+or without a container, so one setting means one thing.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from scalelab import docload
+from scalelab.config_types import Section, first_error, show
+from scalelab.container.nccl_net import SETS as NCCL_NET_SETS
+from scalelab.container.nccl_net import NcclNetPlugin
 from scalelab.errors import UsageError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 RUNTIMES = ("auto", "apptainer", "singularity")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
-@dataclass(frozen=True)
-class ContainerConfig:
-    """How jobs run inside the image."""
+def _userns_schema(schema: dict[str, Any]) -> None:
+    """userns in the schema: YAML's true/false are booleans."""
+    schema.pop("type", None)
+    schema["enum"] = ["auto", True, False, "true", "false"]
 
-    image: str
-    """Path of the .sif on a filesystem every node sees (or an oras://, docker:// URI)."""
-    enabled: bool = True
-    """False: jobs run on the host; the other keys are ignored."""
+
+class NcclNetSection(Section):
+    """A site's NCCL network plugin directory (see :mod:`scalelab.container.nccl_net`)."""
+
+    dir: NonEmpty
+    """Absolute host directory holding libnccl-net-<name>.so."""
+    name: NonEmpty
+    """The plugin's name: NCCL_NET_PLUGIN, NCCL opens libnccl-net-<name>.so."""
+    lib_dirs: list[NonEmpty] = Field(default_factory=list)
+    """Further absolute host directories its libraries need (the site's libfabric)."""
+
+
+class ContainerConfig(Section):
+    """Run every training rank inside an Apptainer image (see docs/containers.md):
+    ``srun ... apptainer exec [--nv] IMAGE scalelab train ...``, the container call inside
+    srun. The srun side comes from ``launch``."""
+
+    enabled: bool = False
+    """false runs on the host and ignores the other keys."""
+    image: str | None = None
+    """.sif path on a filesystem every node sees (or an oras://, docker:// URI)."""
     sha256: str | None = None
-    """Pinned sha256 (64 hex) of the .sif; `verify` and provenance compare against it."""
-    runtime: str = "auto"
-    """auto (apptainer, else singularity), apptainer or singularity."""
+    """Pinned sha256 (64 hex) of the .sif, checked before any job starts and recorded in
+    provenance (a ``sha256:`` prefix is dropped)."""
+    runtime: Literal["auto", "apptainer", "singularity"] = "auto"
+    """Which binary runs the image (auto prefers apptainer)."""
     nv: bool = True
     """Pass --nv (bind the host's NVIDIA driver); false for the CPU image."""
-    binds: tuple[str, ...] = ()
-    """Bind specs SRC[:DST[:OPTS]] for data, scratch and results."""
-    env: tuple[tuple[str, str], ...] = ()
+    userns: Literal["auto", "true", "false"] = Field("auto", json_schema_extra=_userns_schema)
+    """Pass --userns to ``apptainer exec``: auto does so where root lacks the capabilities
+    a setuid-free exec needs (as on the test machines)."""
+    binds: list[NonEmpty] = Field(default_factory=list)
+    """Extra --bind specs SRC[:DST[:OPTS]] for data, scratch and results."""
+    env: dict[str, str] = Field(default_factory=dict)
     """Environment variables set inside the container (--env KEY=VALUE)."""
-    exec_flags: tuple[str, ...] = ()
-    """Extra `apptainer exec` flags, e.g. --cleanenv or --contain."""
-    srun_mpi: str = "pmix"
-    """srun --mpi plugin: pmix for Open MPI + PMIx images, pmi2 (or cray_shasta) for MPICH."""
-    srun_flags: tuple[str, ...] = ()
-    """Extra srun flags, e.g. --cpu-bind=cores or --gpus-per-task=1."""
-    userns: str = "auto"
-    """Pass --userns to `apptainer exec`: true, false, or auto (where root lacks capabilities,
-    e.g. in containers and CI; see runtime.root_lacks_capabilities)."""
+    exec_flags: list[NonEmpty] = Field(default_factory=list)
+    """Extra ``apptainer exec`` flags, e.g. --cleanenv."""
+
+    nccl_net_plugin: NcclNetSection | None = None
+    """A site's NCCL network plugin (aws-ofi-nccl and its libfabric): {dir, name, lib_dirs};
+    bound into the container read-only, NCCL_NET_PLUGIN set, its directories first on
+    LD_LIBRARY_PATH (scalelab.container.nccl_net). Not in ``binds``/``env``: the runtime
+    adds them (:attr:`bind_specs`, :attr:`env_pairs`)."""
+
+    @field_validator("nccl_net_plugin", mode="before")
+    @classmethod
+    def _nccl_net(cls, value: Any) -> Any:
+        """The plugin's own checks first: one line naming its key (absolute paths, a name
+        NCCL can open, no ':' or ',' in a bind path)."""
+        if value is not None:
+            NcclNetPlugin.from_mapping(value, "container.nccl_net_plugin")
+        return value
+
+    @field_validator("userns", mode="before")
+    @classmethod
+    def _userns(cls, value: Any) -> Any:
+        """YAML true/false read as booleans."""
+        return ("true" if value else "false") if isinstance(value, bool) else value
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256(cls, value: Any) -> Any:
+        """64 lower-case hex digits (a ``sha256:`` prefix is dropped), or None."""
+        if value is None:
+            return None
+        if not isinstance(value, str):  # YAML reads an all-digit value as a number
+            raise ValueError(f"expected 64 hex digits as a quoted string, got {show(value)}")
+        digest = value.lower().removeprefix("sha256:")
+        if not SHA256_RE.match(digest):
+            raise ValueError(f"expected 64 hex digits, got {show(value)}")
+        return digest
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not _VAR_RE.match(key):
+                raise ValueError(f"@{key}:not a valid variable name")
+        return env
+
+    @model_validator(mode="after")
+    def _plugin_owns_its_variables(self) -> ContainerConfig:
+        if self.nccl_net_plugin is not None:
+            clash = sorted(set(NCCL_NET_SETS) & set(self.env))
+            if clash:
+                raise UsageError(
+                    f"container.env.{clash[0]}: set by "
+                    "container.nccl_net_plugin; remove it from env"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _image_when_enabled(self) -> ContainerConfig:
+        if self.enabled and not (self.image or "").strip():
+            raise ValueError("@image:give the path of the .sif image (or a URI)")
+        return self
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None,
-                     where: str = "container") -> ContainerConfig:
-        """Validate a mapping; accepts the whole config (with a `container` key) or the section."""
+    def from_mapping(
+        cls, data: Mapping[str, Any] | None, where: str = "container"
+    ) -> ContainerConfig:
+        """Validate a mapping; accepts the whole config (with a `container` key) or the
+        section. A section given on its own means "run in this image": ``enabled``
+        defaults to true and ``image`` is required."""
         data = _section(data, where)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"{where}.{unknown[0]}: unknown key "
-                             f"(known: {', '.join(sorted(known))})")
-        image = data.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise UsageError(f"{where}.image: give the path of the .sif image (or a URI)")
-        sha = _sha256(data.get("sha256"), where)
-        runtime = data.get("runtime", "auto")
-        if runtime not in RUNTIMES:
-            raise UsageError(f"{where}.runtime: choose one of {', '.join(RUNTIMES)}, "
-                             f"got {runtime!r}")
-        env = _env(data.get("env") or {}, where)
-        srun_mpi = str(data.get("srun_mpi", "pmix"))
-        if not re.match(r"^[a-z0-9_]+$", srun_mpi):
-            raise UsageError(f"{where}.srun_mpi: {srun_mpi!r} is not an srun --mpi plugin name")
-        userns = _userns(data.get("userns", "auto"), where)
-        for key in ("enabled", "nv"):
-            if key in data and not isinstance(data[key], bool):
-                raise UsageError(f"{where}.{key}: must be true or false")
-        return cls(
-            image=image.strip(),
-            enabled=bool(data.get("enabled", True)),
-            sha256=sha,
-            runtime=runtime,
-            nv=bool(data.get("nv", True)),
-            binds=_str_list(data, "binds", where),
-            env=tuple((str(k), str(v)) for k, v in env.items()),
-            exec_flags=_str_list(data, "exec_flags", where),
-            srun_mpi=srun_mpi,
-            srun_flags=_str_list(data, "srun_flags", where),
-            userns=userns,
-        )
+        try:
+            return cls.model_validate({"enabled": True, **data})
+        except ValidationError as exc:
+            path, reason = first_error(exc, cls)
+            raise UsageError(
+                f"{where}.{path}: {reason}" if path else f"{where}: {reason}"
+            ) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ContainerConfig:
         """Load the `container:` section of a YAML config file."""
-        p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"config file not found: {p}")
-        from scalelab import docload
-
-        data = docload.load(p, mapping=False)
-        if not isinstance(data, Mapping) or "container" not in data:
-            raise UsageError(f"{p}: has no `container:` section")
-        return cls.from_mapping(data["container"])
+        return cls.from_mapping(_file_section(path, "container"))
 
     @property
     def is_uri(self) -> bool:
         """True for oras://, docker://, library:// ... images (not a local file)."""
-        return "://" in self.image
+        return "://" in (self.image or "")
+
+    @property
+    def env_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``env`` as (KEY, VALUE) pairs, in the order written, then the NCCL plugin's."""
+        plugin = self.nccl_plugin
+        return (*self.env.items(), *(plugin.env() if plugin else ()))
+
+    @property
+    def nccl_plugin(self) -> NcclNetPlugin | None:
+        """The bound NCCL network plugin, or None."""
+        p = self.nccl_net_plugin
+        return (
+            None
+            if p is None
+            else NcclNetPlugin.from_mapping(p.model_dump(), "container.nccl_net_plugin")
+        )
+
+    @property
+    def bind_specs(self) -> list[str]:
+        """``binds``, then the NCCL plugin's read-only binds (each once)."""
+        plugin = self.nccl_plugin
+        extra = [b for b in (plugin.binds() if plugin else []) if b not in self.binds]
+        return [*self.binds, *extra]
+
+
+def _file_section(path: str | Path, key: str) -> Mapping[str, Any]:
+    """The ``key`` section of a YAML config file (read by the one document loader)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file not found: {p}")
+
+    data = docload.load(p, mapping=False)
+    if not isinstance(data, Mapping) or key not in data:
+        raise UsageError(f"{p}: has no `{key}:` section")
+    return data[key]
+
+
+def launch_srun(path: str | Path) -> tuple[str, tuple[str, ...]]:
+    """(srun --mpi plugin, extra srun flags) of a workflow config file: its ``launch``
+    section's ``srun_mpi`` and ``extra_srun_args`` (pmix and none when absent), for
+    ``scalelab container exec --srun --config FILE``."""
+    p = Path(path)
+
+    data = docload.load(p, mapping=False) if p.is_file() else None
+    launch = data.get("launch") if isinstance(data, Mapping) else None
+    if launch is None:
+        return "pmix", ()
+    if not isinstance(launch, Mapping):
+        raise UsageError(f"{p}: launch: expected a mapping")
+    mpi = launch.get("srun_mpi", "pmix")
+    if not isinstance(mpi, str) or not re.fullmatch(r"[A-Za-z0-9_]+", mpi):
+        raise UsageError(f"{p}: launch.srun_mpi: {mpi!r} is not an srun --mpi plugin name")
+    flags = launch.get("extra_srun_args") or []
+    if isinstance(flags, str) or not all(isinstance(f, str) and f for f in flags):
+        raise UsageError(f"{p}: launch.extra_srun_args: must be a list of non-empty strings")
+    return mpi, tuple(flags)
 
 
 def _section(data: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
@@ -115,41 +226,3 @@ def _section(data: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise UsageError(f"{where}: must be a mapping, got {type(data).__name__}")
     return data
-
-
-def _sha256(sha: Any, where: str) -> str | None:
-    """64 lower-case hex digits (a `sha256:` prefix is dropped), or None when unpinned."""
-    if sha is None:
-        return None
-    if not isinstance(sha, str):  # YAML reads an all-digit value as a number
-        raise UsageError(f"{where}.sha256: expected 64 hex digits as a quoted string, "
-                         f"got {sha!r}")
-    digest = sha.lower().removeprefix("sha256:")
-    if not SHA256_RE.match(digest):
-        raise UsageError(f"{where}.sha256: expected 64 hex digits, got {sha!r}")
-    return digest
-
-
-def _env(env: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(env, Mapping):
-        raise UsageError(f"{where}.env: must be a mapping of NAME: value")
-    for key in env:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
-            raise UsageError(f"{where}.env: {key!r} is not a variable name")
-    return env
-
-
-def _userns(userns: Any, where: str) -> str:
-    """true, false or auto (YAML booleans accepted)."""
-    if isinstance(userns, bool):
-        userns = "true" if userns else "false"
-    if userns not in ("auto", "true", "false"):
-        raise UsageError(f"{where}.userns: choose true, false or auto, got {userns!r}")
-    return userns
-
-
-def _str_list(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = data.get(key) or []
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise UsageError(f"{where}.{key}: must be a list of non-empty strings")
-    return tuple(value)

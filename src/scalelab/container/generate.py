@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from scalelab.container.lock import read_lock
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
@@ -35,8 +36,9 @@ def find_containers_dir(start: str | Path | None = None) -> Path:
     pkg_root = Path(__file__).resolve().parents[3]
     if (pkg_root / "containers" / "recipe.py").is_file():
         return pkg_root / "containers"
-    raise UsageError("containers/recipe.py not found: run from the scalelab repository "
-                     "or pass --recipe")
+    raise UsageError(
+        "containers/recipe.py not found: run from the scalelab repository or pass --recipe"
+    )
 
 
 def render(recipe: str | Path, userarg: Mapping[str, str] | None = None) -> str:
@@ -49,13 +51,15 @@ def render(recipe: str | Path, userarg: Mapping[str, str] | None = None) -> str:
         raise UsageError(f"recipe not found: {path}")
     args = {str(k): str(v) for k, v in (userarg or {}).items()}
     if "lock" in args:  # the recipe reads it as a lock mapping: anything else, one line
-        from scalelab.container.lock import read_lock
-
         read_lock(args["lock"])
     try:
-        text = hpccm.recipe(str(path), ctype=container_type.SINGULARITY,
-                            singularity_version=SINGULARITY_VERSION, userarg=args,
-                            raise_exceptions=True)
+        text = hpccm.recipe(
+            str(path),
+            ctype=container_type.SINGULARITY,
+            singularity_version=SINGULARITY_VERSION,
+            userarg=args,
+            raise_exceptions=True,
+        )
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return text + "\n"

@@ -125,15 +125,23 @@ def _parser_disagrees(stages: list[_Stage], path: Path | None) -> list[Violation
     if error:
         return [Violation("L001", 1, f"spython cannot parse it: {error}")]
     if bases != [s.base for s in stages]:
-        return [Violation("L001", 1, f"spython reads the bases as {bases}, the scanner as "
-                                     f"{[s.base for s in stages]}")]
+        return [
+            Violation(
+                "L001",
+                1,
+                f"spython reads the bases as {bases}, the scanner as {[s.base for s in stages]}",
+            )
+        ]
     return []
 
 
 def _latest_tags(text: str) -> list[Violation]:
     """L003: any line naming a `latest` tag."""
-    return [Violation("L003", number, "uses a `latest` tag: pin a version and a digest")
-            for number, line in enumerate(text.splitlines(), start=1) if LATEST_RE.search(line)]
+    return [
+        Violation("L003", number, "uses a `latest` tag: pin a version and a digest")
+        for number, line in enumerate(text.splitlines(), start=1)
+        if LATEST_RE.search(line)
+    ]
 
 
 def _unpinned_base(stage: _Stage) -> list[Violation]:
@@ -144,11 +152,20 @@ def _unpinned_base(stage: _Stage) -> list[Violation]:
     if not base:
         return [Violation("L002", line, "stage has no `From:` base")]
     if not DIGEST_RE.search(base):
-        return [Violation("L002", line, f"base {base} is not pinned by digest "
-                                        "(From: name@sha256:<64 hex>)")]
+        return [
+            Violation(
+                "L002", line, f"base {base} is not pinned by digest (From: name@sha256:<64 hex>)"
+            )
+        ]
     if ":" in base.split("@", 1)[0].rsplit("/", 1)[-1]:
-        return [Violation("L004", line, f"base {base} has a tag and a digest: Apptainer's "
-                                        "docker transport rejects that; keep the digest")]
+        return [
+            Violation(
+                "L004",
+                line,
+                f"base {base} has a tag and a digest: Apptainer's "
+                "docker transport rejects that; keep the digest",
+            )
+        ]
     return []
 
 
@@ -174,18 +191,28 @@ def _bad_labels(final: _Stage) -> list[Violation]:
         value, where = labels.get(key, ("", header))
         if not value:
             out.append(Violation("L006", where, f"label {key} is missing"))
-        elif not VERSION_RE.match(value) and not (value == "none"
-                                                  and component in OPTIONAL_COMPONENTS):
+        elif not VERSION_RE.match(value) and not (
+            value == "none" and component in OPTIONAL_COMPONENTS
+        ):
             out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
     required = {f"{LABEL_PREFIX}{c}.version" for c in VERSION_LABELS}
     for key, (value, where) in labels.items():
-        if key.startswith(LABEL_PREFIX) and key.endswith(".version") and key not in required \
-                and not (VERSION_RE.match(value) or value == "none"):
+        if (
+            key.startswith(LABEL_PREFIX)
+            and key.endswith(".version")
+            and key not in required
+            and not (VERSION_RE.match(value) or value == "none")
+        ):
             out.append(Violation("L006", where, f"label {key} is {value!r}, not a version"))
     commit, where = labels.get(COMMIT_LABEL, ("", header))
     if not COMMIT_RE.match(commit):
-        out.append(Violation("L007", where, f"label {COMMIT_LABEL} must be a commit or a "
-                                            f"build-arg placeholder, got {commit!r}"))
+        out.append(
+            Violation(
+                "L007",
+                where,
+                f"label {COMMIT_LABEL} must be a commit or a build-arg placeholder, got {commit!r}",
+            )
+        )
     return out
 
 

@@ -28,12 +28,14 @@ import yaml
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 HEADER = """\
 # Base images of the scalelab Apptainer images, pinned by digest.
@@ -118,8 +120,9 @@ def digest_from_headers(headers: Mapping[str, str], body: bytes | None = None) -
 Fetch = Callable[[str, str, Mapping[str, str]], tuple[int, Mapping[str, str], bytes]]
 
 
-def urllib_fetch(method: str, url: str, headers: Mapping[str, str],
-                 timeout: float = 30) -> tuple[int, Mapping[str, str], bytes]:
+def urllib_fetch(
+    method: str, url: str, headers: Mapping[str, str], timeout: float = 30
+) -> tuple[int, Mapping[str, str], bytes]:
     """One HTTP request with urllib; HTTP errors are answers, not exceptions."""
     req = urllib.request.Request(url, method=method, headers=dict(headers))
     try:
@@ -128,8 +131,9 @@ def urllib_fetch(method: str, url: str, headers: Mapping[str, str],
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers.items()), exc.read() or b""
     except (urllib.error.URLError, OSError) as exc:
-        raise UsageError(f"cannot reach {urllib.parse.urlsplit(url).netloc}: "
-                         f"{getattr(exc, 'reason', exc)}") from None
+        raise UsageError(
+            f"cannot reach {urllib.parse.urlsplit(url).netloc}: {getattr(exc, 'reason', exc)}"
+        ) from None
 
 
 def resolve_digest(ref: str, fetch: Fetch = urllib_fetch) -> str:
@@ -141,8 +145,10 @@ def resolve_digest(ref: str, fetch: Fetch = urllib_fetch) -> str:
         challenge = {k.lower(): v for k, v in resp_headers.items()}.get("www-authenticate", "")
         scheme, params = parse_challenge(challenge)
         if scheme != "bearer":
-            raise UsageError(f"{ref}: registry wants {scheme or 'unknown'} auth; only anonymous "
-                             "Bearer tokens are supported (use `skopeo inspect --raw` instead)")
+            raise UsageError(
+                f"{ref}: registry wants {scheme or 'unknown'} auth; only anonymous "
+                "Bearer tokens are supported (use `skopeo inspect --raw` instead)"
+            )
         t_status, _, t_body = fetch("GET", token_url(params), {})
         if t_status != 200:
             raise UsageError(f"{ref}: token request failed with HTTP {t_status}")
@@ -170,6 +176,7 @@ def resolve_digest(ref: str, fetch: Fetch = urllib_fetch) -> str:
 
 # ---- the lock file ---------------------------------------------------------------------
 
+
 def read_lock(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a lock file, validated."""
     p = Path(path)
@@ -181,8 +188,11 @@ def read_lock(path: str | Path) -> list[dict[str, Any]]:
         raise UsageError(f"{p}: not a lock file (not UTF-8 text, byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(
-            data.get("images"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != 1
+        or not isinstance(data.get("images"), list)
+    ):
         raise UsageError(f"{p}: expected `version: 1` and an `images:` list")
     seen: set[str] = set()
     for i, entry in enumerate(data["images"]):
@@ -200,21 +210,37 @@ def read_lock(path: str | Path) -> list[dict[str, Any]]:
     return data["images"]
 
 
-def dump_lock(entries: list[Mapping[str, Any]]) -> str:
-    """The canonical text of a lock file (header, keys in a fixed order)."""
+def dump_lock(entries: list[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
+    """The canonical text of a lock file (header, keys in a fixed order); `extra`: further
+    top-level sections kept as they are (``gpu_image``: what the Debian GPU build installs)."""
     ordered = [{k: e.get(k) for k in ENTRY_KEYS} for e in sorted(entries, key=lambda e: e["ref"])]
-    body = yaml.safe_dump({"version": 1, "images": ordered}, sort_keys=False, width=90)
+    body = yaml.safe_dump(
+        {"version": 1, "images": ordered, **(extra or {})}, sort_keys=False, width=90
+    )
     return HEADER + body
 
 
 def write_lock(path: str | Path, entries: list[Mapping[str, Any]]) -> None:
-    """Replace the lock file atomically (write a temporary file, then rename)."""
-    atomic_write_text(path, dump_lock(entries))
+    """Replace the lock file atomically (write a temporary file, then rename); sections other
+    than `version` and `images` of the file it replaces are kept."""
+    extra: dict[str, Any] = {}
+    try:
+        old = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if isinstance(old, dict):
+            extra = {k: v for k, v in old.items() if k not in ("version", "images")}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, dump_lock(entries, extra))
 
 
-def refresh(path: str | Path, *, add: list[str] = (), only: list[str] = (),
-            fetch: Fetch = urllib_fetch, now: Callable[[], str] | None = None
-            ) -> list[tuple[str, str | None, str]]:
+def refresh(
+    path: str | Path,
+    *,
+    add: list[str] = (),
+    only: list[str] = (),
+    fetch: Fetch = urllib_fetch,
+    now: Callable[[], str] | None = None,
+) -> list[tuple[str, str | None, str]]:
     """Resolve the digests of the lock's images (or `only` those), add `add`; write the file.
 
     Returns (ref, old digest, new digest) for every image resolved. Nothing is
@@ -237,7 +263,11 @@ def refresh(path: str | Path, *, add: list[str] = (), only: list[str] = (),
             continue
         digest = resolve_digest(entry["ref"], fetch)
         changes.append((entry["ref"], entry.get("digest"), digest))
-        entry.update(digest=digest, resolved=stamp, note=None,
-                     source=f"registry: HEAD {parse_ref(entry['ref']).manifest_url}")
+        entry.update(
+            digest=digest,
+            resolved=stamp,
+            note=None,
+            source=f"registry: HEAD {parse_ref(entry['ref']).manifest_url}",
+        )
     write_lock(path, entries)
     return changes

@@ -60,8 +60,9 @@ def require(preferred: str = "auto", path: str | None = None) -> Runtime:
 def runtime_version(rt: Runtime, timeout: float = 30) -> str | None:
     """`apptainer --version` output, e.g. 'apptainer version 1.3.4'; None if it fails."""
     try:
-        proc = subprocess.run([rt.path, "--version"], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            [rt.path, "--version"], capture_output=True, text=True, timeout=timeout, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     out = proc.stdout.strip().splitlines()
@@ -99,9 +100,17 @@ def use_userns(setting: str | bool) -> bool:
 
 # ---- argument lists ---------------------------------------------------------------------
 
-def build_argv(rt: str, image: str, definition: str, *, fakeroot: bool = True,
-               build_args: Mapping[str, str] | None = None, force: bool = False,
-               notest: bool = False) -> list[str]:
+
+def build_argv(
+    rt: str,
+    image: str,
+    definition: str,
+    *,
+    fakeroot: bool = True,
+    build_args: Mapping[str, str] | None = None,
+    force: bool = False,
+    notest: bool = False,
+) -> list[str]:
     """`apptainer build [--fakeroot] [--force] [--notest] [--build-arg K=V]... IMAGE DEF`."""
     argv = [rt, "build"]
     if fakeroot:
@@ -130,9 +139,17 @@ def verify_argv(rt: str, image: str) -> list[str]:
     return [rt, "verify", image]
 
 
-def exec_argv(rt: str, image: str, command: Sequence[str], *, nv: bool = True,
-              binds: Iterable[str] = (), env: Iterable[tuple[str, str]] = (),
-              flags: Iterable[str] = (), pwd: str | None = None) -> list[str]:
+def exec_argv(
+    rt: str,
+    image: str,
+    command: Sequence[str],
+    *,
+    nv: bool = True,
+    binds: Iterable[str] = (),
+    env: Iterable[tuple[str, str]] = (),
+    flags: Iterable[str] = (),
+    pwd: str | None = None,
+) -> list[str]:
     """`apptainer exec [--nv] [--bind B]... [--env K=V]... [flags] IMAGE COMMAND...`."""
     argv = [rt, "exec"]
     if nv:
@@ -145,19 +162,6 @@ def exec_argv(rt: str, image: str, command: Sequence[str], *, nv: bool = True,
     if pwd:
         argv += ["--pwd", pwd]
     return [*argv, image, *command]
-
-
-def srun_argv(*, nodes: int, tasks_per_node: int, mpi: str = "pmix",
-              cpus_per_task: int | None = None, flags: Iterable[str] = ()) -> list[str]:
-    """`srun --mpi=X --nodes=N --ntasks-per-node=T [...]`: explicit, because a Snakemake
-    job step does not pass the allocation's SLURM_* variables on to the rule's shell."""
-    if nodes < 1 or tasks_per_node < 1:
-        raise UsageError(f"nodes and tasks_per_node must be >= 1, got {nodes} and {tasks_per_node}")
-    argv = ["srun", f"--mpi={mpi}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--ntasks={nodes * tasks_per_node}"]
-    if cpus_per_task:
-        argv.append(f"--cpus-per-task={cpus_per_task}")
-    return [*argv, *flags]
 
 
 def run(argv: Sequence[str], cwd: str | Path | None = None) -> int:

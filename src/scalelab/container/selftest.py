@@ -28,8 +28,9 @@ def run_step() -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     model.to(device)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
+    )
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(8, 16, device=device)
@@ -84,8 +85,9 @@ def problems(r: dict, args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scalelab.container.selftest",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scalelab.container.selftest", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--expect-torch", help="torch version (without +local tag)")
     parser.add_argument("--expect-horovod", help="horovod version")
     parser.add_argument("--expect-cuda", help="CUDA major.minor torch was built for")

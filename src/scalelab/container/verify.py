@@ -15,8 +15,7 @@ from pathlib import Path
 
 from scalelab.container import runtime
 from scalelab.errors import CheckFailed, UsageError
-from scalelab.fsio import atomic_write_text
-from scalelab.provenance import sha256_file
+from scalelab.fsio import atomic_write_text, sha256_file
 
 #: Output of `apptainer verify` on an image that simply carries no signature.
 UNSIGNED_MARKERS = ("signature not found", "no signatures found", "no signature found")
@@ -53,15 +52,25 @@ def pin_image(image: str | Path, pinned: str | None = None) -> ImagePin:
     before = p.stat()
     digest = sha256_file(p)
     after = p.stat()
-    if (before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino) != \
-            (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino):
+    if (before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino) != (
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+        after.st_size,
+        after.st_ino,
+    ):
         raise UsageError(f"{image}: the image changed while it was being hashed")
     if pinned and digest != pinned.lower().removeprefix("sha256:"):
         raise UsageError(f"sha256 mismatch for {image}: pinned {pinned}, file has {digest}")
-    return ImagePin(image=str(p.resolve()), sha256=digest, size=after.st_size,
-                    mtime_ns=after.st_mtime_ns, ctime_ns=after.st_ctime_ns, inode=after.st_ino,
-                    device=after.st_dev,
-                    hashed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return ImagePin(
+        image=str(p.resolve()),
+        sha256=digest,
+        size=after.st_size,
+        mtime_ns=after.st_mtime_ns,
+        ctime_ns=after.st_ctime_ns,
+        inode=after.st_ino,
+        device=after.st_dev,
+        hashed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
 def check_pinned_file(pin: ImagePin, image: str | Path) -> None:
@@ -71,8 +80,10 @@ def check_pinned_file(pin: ImagePin, image: str | Path) -> None:
     now = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     then = (pin.image, pin.device, pin.inode, pin.size, pin.mtime_ns, pin.ctime_ns)
     if now != then:
-        raise UsageError(f"{image}: changed since the submit host hashed it at {pin.hashed_at} "
-                         f"(sha256 {pin.sha256}); rerun the workflow to hash it again")
+        raise UsageError(
+            f"{image}: changed since the submit host hashed it at {pin.hashed_at} "
+            f"(sha256 {pin.sha256}); rerun the workflow to hash it again"
+        )
 
 
 def write_pin(path: str | Path, pin: ImagePin) -> None:
@@ -105,8 +116,10 @@ def check_sha256(image: str, pinned: str | None) -> str:
     p = runtime.check_image_file(image)
     actual = sha256_file(p)
     if not pinned:
-        raise UsageError(f"no pinned sha256 for {image}: set container.sha256: {actual} "
-                         "(or pass --sha256) after checking the image")
+        raise UsageError(
+            f"no pinned sha256 for {image}: set container.sha256: {actual} "
+            "(or pass --sha256) after checking the image"
+        )
     pinned = pinned.lower().removeprefix("sha256:")
     if actual != pinned:
         error = CheckFailed(f"sha256 mismatch for {image}: pinned {pinned}, file has {actual}")
@@ -119,8 +132,9 @@ def check_signature(rt: runtime.Runtime, image: str, require: bool) -> str:
     """Run `apptainer verify`; an unsigned image passes unless a signature is required."""
     argv = runtime.verify_argv(rt.name, image)
     try:
-        proc = subprocess.run([rt.path, *argv[1:]], capture_output=True, text=True,
-                              timeout=600, check=False)
+        proc = subprocess.run(
+            [rt.path, *argv[1:]], capture_output=True, text=True, timeout=600, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UsageError(f"{' '.join(argv)} failed: {exc}") from None
     if proc.returncode == 0:
@@ -132,8 +146,9 @@ def check_signature(rt: runtime.Runtime, image: str, require: bool) -> str:
     raise CheckFailed(f"signature check failed for {image}: {last}")
 
 
-def verify(image: str, pinned: str | None, *, rt: runtime.Runtime | None,
-           signature: str = "auto") -> VerifyResult:
+def verify(
+    image: str, pinned: str | None, *, rt: runtime.Runtime | None, signature: str = "auto"
+) -> VerifyResult:
     """sha256 against the pin, then signatures: auto (if signed), require, or skip."""
     if signature not in ("auto", "require", "skip"):
         raise UsageError(f"signature mode must be auto, require or skip, got {signature!r}")
@@ -142,7 +157,9 @@ def verify(image: str, pinned: str | None, *, rt: runtime.Runtime | None,
         state = "skipped"
     else:
         if rt is None:
-            raise UsageError(runtime.NOT_FOUND + " (needed to check signatures; "
-                             "--signature skip checks the sha256 alone)")
+            raise UsageError(
+                runtime.NOT_FOUND + " (needed to check signatures; "
+                "--signature skip checks the sha256 alone)"
+            )
         state = check_signature(rt, image, require=signature == "require")
     return VerifyResult(image=image, sha256=digest, signature=state)

@@ -3,7 +3,7 @@
 The hybrid model: Slurm's ``srun`` starts every rank on the host and each rank
 runs ``apptainer exec ... IMAGE scalelab train ...``; MPI inside the container
 talks to the host's PMIx server. So the container call goes inside srun,
-never around it.
+never around it (:func:`scalelab.launch.commands.compose` puts it there).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import scalelab
 from scalelab.container import runtime, verify
 from scalelab.container.config import ContainerConfig
 from scalelab.errors import UsageError
@@ -33,55 +34,19 @@ def runtime_name(cfg: ContainerConfig, path: str | None = None) -> str:
     return runtime.require(cfg.runtime, path).name
 
 
-def exec_prefix(cfg: ContainerConfig | Mapping[str, Any], *, extra_binds: Iterable[str] = (),
-                pwd: str | None = None, path: str | None = None) -> list[str]:
-    """`apptainer exec --nv --bind ... IMAGE` (the command follows)."""
-    c = _config(cfg)
-    return runtime.exec_argv(runtime_name(c, path), c.image, [], nv=c.nv,
-                             binds=[*c.binds, *extra_binds], env=c.env, flags=exec_flags(c),
-                             pwd=pwd)
-
-
 def exec_flags(c: ContainerConfig) -> list[str]:
     """container.exec_flags, with --userns first when container.userns asks for it."""
     userns = runtime.use_userns(c.userns) and not {"--userns", "-u"} & set(c.exec_flags)
     return [*(["--userns"] if userns else []), *c.exec_flags]
 
 
-def container_prefix(cfg: ContainerConfig | Mapping[str, Any], nodes: int = 1,
-                     tasks_per_node: int = 1, *, launcher: str = "srun",
-                     cpus_per_task: int | None = None, srun_flags: Iterable[str] = (),
-                     extra_binds: Iterable[str] = (), pwd: str | None = None,
-                     path: str | None = None) -> list[str]:
-    """The argv to put before ``scalelab train ...`` in a job.
-
-    launcher ``srun``:  ``srun --mpi=pmix --nodes=N --ntasks-per-node=T [...]
-    apptainer exec --nv [--bind ...] IMAGE``; ``none``: the exec part alone (one
-    process, e.g. torchrun inside the container). An empty list when the
-    container is disabled. UsageError when no runtime is installed or the
-    arguments are wrong.
-    """
-    c = _config(cfg)
-    if not c.enabled:
-        return []
-    if launcher not in ("srun", "none"):
-        raise UsageError(f"launcher must be srun or none, got {launcher!r}")
-    inner = exec_prefix(c, extra_binds=extra_binds, pwd=pwd, path=path)
-    if launcher == "none":
-        if nodes * tasks_per_node != 1:
-            raise UsageError(f"launcher none runs one process, not {nodes}x{tasks_per_node}")
-        return inner
-    outer = runtime.srun_argv(nodes=nodes, tasks_per_node=tasks_per_node, mpi=c.srun_mpi,
-                              cpus_per_task=cpus_per_task, flags=[*c.srun_flags, *srun_flags])
-    return [*outer, *inner]
-
-
 def inspect_labels(rt: runtime.Runtime, image: str, timeout: float = 120) -> dict[str, str]:
     """The image's labels from `apptainer inspect --json` ({} when it cannot say)."""
     argv = runtime.inspect_argv(rt.name, image)
     try:
-        proc = subprocess.run([rt.path, *argv[1:]], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            [rt.path, *argv[1:]], capture_output=True, text=True, timeout=timeout, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {}
     if proc.returncode != 0:
@@ -102,9 +67,13 @@ def parse_inspect_labels(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
-def image_provenance(cfg: ContainerConfig | Mapping[str, Any], *, labels: bool = True,
-                     path: str | None = None,
-                     pin: verify.ImagePin | None = None) -> dict[str, Any]:
+def image_provenance(
+    cfg: ContainerConfig | Mapping[str, Any],
+    *,
+    labels: bool = True,
+    path: str | None = None,
+    pin: verify.ImagePin | None = None,
+) -> dict[str, Any]:
     """The image's identity for a run's provenance record.
 
     Returns {"image", "sha256", "pinned_sha256", "size_bytes", "hashed_at", "hashed_by",
@@ -116,13 +85,17 @@ def image_provenance(cfg: ContainerConfig | Mapping[str, Any], *, labels: bool =
     """
     c = _config(cfg)
     if c.is_uri:
-        raise UsageError(f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
-                         "path first (scalelab container pull) so every job runs the same bytes")
+        raise UsageError(
+            f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
+            "path first (scalelab container pull) so every job runs the same bytes"
+        )
     if pin is not None:
         verify.check_pinned_file(pin, c.image)
         if c.sha256 and pin.sha256 != c.sha256:
-            raise UsageError(f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
-                             f"host hashed {pin.sha256}")
+            raise UsageError(
+                f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
+                f"host hashed {pin.sha256}"
+            )
         hashed_by = "submit host (once per workflow invocation)"
     else:
         pin = verify.pin_image(c.image, c.sha256)
@@ -145,8 +118,9 @@ def image_provenance(cfg: ContainerConfig | Mapping[str, Any], *, labels: bool =
 PIN_RECORD_KEY = "pin_record"
 
 
-def job_container(section: Mapping[str, Any], *, binds: Iterable[str] = (),
-                  pwd: str | None = None) -> tuple[list[str], dict[str, Any]]:
+def job_container(
+    section: Mapping[str, Any], *, binds: Iterable[str] = (), pwd: str | None = None
+) -> tuple[list[str], dict[str, Any]]:
     """(`apptainer exec ... IMAGE` prefix, provenance) for one training job.
 
     The submit host's pin record (if the workflow wrote one) spares the job a re-hash;
@@ -158,12 +132,23 @@ def job_container(section: Mapping[str, Any], *, binds: Iterable[str] = (),
     pin = verify.read_pin(record) if record else None
     provenance = image_provenance(section, pin=pin)
     c = _config(section)
-    env = (*c.env, ("SCALELAB_IMAGE_SHA256", provenance["sha256"]))
+    env = (*c.env_pairs, ("SCALELAB_IMAGE_SHA256", provenance["sha256"]))
     already = {b.split(":", 1)[0] for b in os.environ.get("APPTAINER_BIND", "").split(",") if b}
-    binds = [b for b in dict.fromkeys(binds)
-             if Path(b.split(":", 1)[0]).exists() and b.split(":", 1)[0] not in already]
-    prefix = runtime.exec_argv(runtime_name(c), c.image, [], nv=c.nv, binds=[*c.binds, *binds],
-                               env=env, flags=exec_flags(c), pwd=pwd)
+    binds = [
+        b
+        for b in dict.fromkeys(binds)
+        if Path(b.split(":", 1)[0]).exists() and b.split(":", 1)[0] not in already
+    ]
+    prefix = runtime.exec_argv(
+        runtime_name(c),
+        c.image,
+        [],
+        nv=c.nv,
+        binds=[*c.bind_specs, *binds],
+        env=env,
+        flags=exec_flags(c),
+        pwd=pwd,
+    )
     return prefix, provenance
 
 
@@ -179,28 +164,37 @@ def inside_image_info() -> dict[str, Any] | None:
     image = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
     if not image:
         return None
-    import scalelab
 
     try:
         os_release = dict(
-            line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines()
-            if "=" in line)
-        os_release = {k: v.strip('"') for k, v in os_release.items()
-                      if k in ("PRETTY_NAME", "ID", "VERSION_ID", "VERSION_CODENAME")}
+            line.split("=", 1)
+            for line in Path("/etc/os-release").read_text().splitlines()
+            if "=" in line
+        )
+        os_release = {
+            k: v.strip('"')
+            for k, v in os_release.items()
+            if k in ("PRETTY_NAME", "ID", "VERSION_ID", "VERSION_CODENAME")
+        }
     except OSError:
         os_release = {}
-    return {"image": image, "image_sha256": os.environ.get("SCALELAB_IMAGE_SHA256"),
-            "image_name": os.environ.get("APPTAINER_NAME"),
-            "os_release": os_release, "sys_prefix": sys.prefix,
-            "scalelab_path": str(Path(scalelab.__file__).resolve().parent)}
+    return {
+        "image": image,
+        "image_sha256": os.environ.get("SCALELAB_IMAGE_SHA256"),
+        "image_name": os.environ.get("APPTAINER_NAME"),
+        "os_release": os_release,
+        "sys_prefix": sys.prefix,
+        "scalelab_path": str(Path(scalelab.__file__).resolve().parent),
+    }
 
 
 #: Where the workflow keeps its image pins and shell-safe image aliases (under the workdir).
 WORKFLOW_STATE = Path(".snakemake") / "scalelab" / "images"
 
 
-def workflow_image(section: Mapping[str, Any], *, submit_host: bool,
-                   state_dir: str | Path = WORKFLOW_STATE) -> tuple[str, verify.ImagePin, str]:
+def workflow_image(
+    section: Mapping[str, Any], *, submit_host: bool, state_dir: str | Path = WORKFLOW_STATE
+) -> tuple[str, verify.ImagePin, str]:
     """Pin the workflow's image once per invocation: (alias for --sdm, pin, pin record path).
 
     On the submit host (Snakemake's main process) the image is hashed by content,
@@ -213,8 +207,10 @@ def workflow_image(section: Mapping[str, Any], *, submit_host: bool,
     """
     c = _config(section)
     if c.is_uri:
-        raise UsageError(f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
-                         "path first (scalelab container pull) so every job runs the same bytes")
+        raise UsageError(
+            f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
+            "path first (scalelab container pull) so every job runs the same bytes"
+        )
     state = Path(state_dir)
     target = Path(c.image).resolve()
     record = state / f"path-{hashlib.sha256(str(target).encode()).hexdigest()[:16]}.json"
@@ -225,8 +221,10 @@ def workflow_image(section: Mapping[str, Any], *, submit_host: bool,
     else:
         verify.check_pinned_file(pin, c.image)
         if c.sha256 and pin.sha256 != c.sha256:
-            raise UsageError(f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
-                             f"host hashed {pin.sha256}")
+            raise UsageError(
+                f"sha256 mismatch for {c.image}: pinned {c.sha256}, the submit "
+                f"host hashed {pin.sha256}"
+            )
     alias = state / f"sha256-{pin.sha256}.sif"
     if submit_host or not alias.is_symlink():
         tmp = alias.with_name(f".{alias.name}.{os.getpid()}")
@@ -257,5 +255,6 @@ def export_sdm_binds(cfg: Mapping[str, Any], environ: Any = None) -> list[str]:
     binds = sdm_binds(cfg)
     if binds:
         environ["APPTAINER_BIND"] = ",".join(
-            b for b in [environ.get("APPTAINER_BIND", ""), *binds] if b)
+            b for b in [environ.get("APPTAINER_BIND", ""), *binds] if b
+        )
     return binds

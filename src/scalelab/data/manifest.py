@@ -108,12 +108,15 @@ def load_manifest(data_dir: Path) -> dict[str, FileEntry]:
     path = Path(data_dir) / MANIFEST_NAME
     if not path.exists() and not (Path(data_dir) / INDEX_NAME).exists():
         # Neither file: not a dataset at all (bad input, exit 2), not a damaged one (exit 1).
-        raise BadInputData(f"{path}: missing, and no {INDEX_NAME} either: {data_dir} is not "
-                           "a staged dataset")
+        raise BadInputData(
+            f"{path}: missing, and no {INDEX_NAME} either: {data_dir} is not a staged dataset"
+        )
     data = _load_json(path)
     if data.get("format") != MANIFEST_FORMAT:
-        raise BadInputData(f"{path}: field 'format' is {data.get('format')!r}, not "
-                           f"{MANIFEST_FORMAT!r}: {data_dir} is not a staged dataset")
+        raise BadInputData(
+            f"{path}: field 'format' is {data.get('format')!r}, not "
+            f"{MANIFEST_FORMAT!r}: {data_dir} is not a staged dataset"
+        )
     if data.get("version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: field 'format'/'version' is {data.get('format')!r}/{data.get('version')!r}, "
@@ -196,8 +199,9 @@ def load_index(data_dir: Path) -> dict[str, Any]:
     need(isinstance(classes, list) and len(classes) > 0, "classes", "must be a non-empty list")
     shape = index.get("image_shape")
     need(
-        isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0
-                                                           for s in shape),
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(s, int) and s > 0 for s in shape),
         "image_shape",
         "must be [channels, height, width]",
     )
@@ -207,7 +211,8 @@ def load_index(data_dir: Path) -> dict[str, Any]:
     for key in ("mean", "std"):
         vals = norm.get(key) if isinstance(norm, dict) else None
         need(
-            isinstance(vals, list) and len(vals) == shape[0]
+            isinstance(vals, list)
+            and len(vals) == shape[0]
             and all(isinstance(v, (int, float)) for v in vals),
             f"normalization.{key}",
             "must list one number per channel",

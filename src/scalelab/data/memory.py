@@ -30,9 +30,7 @@ class InMemoryDataset:
         if images.ndim != 4:
             raise DataError(f"images must have shape (N, C, H, W), got {images.shape}")
         if labels.shape != (images.shape[0],):
-            raise DataError(
-                f"labels must have shape ({images.shape[0]},), got {labels.shape}"
-            )
+            raise DataError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
             raise DataError(f"images must be uint8 or float, got {images.dtype}")
         if not np.issubdtype(labels.dtype, np.integer):
@@ -60,8 +58,12 @@ class InMemoryDataset:
 
 
 @contextmanager
-def open_npz(path: Path, missing: str, unreadable: Callable[[Exception], str],
-             error: type[DataError] = DataError) -> Iterator[Any]:
+def open_npz(
+    path: Path,
+    missing: str,
+    unreadable: Callable[[Exception], str],
+    error: type[DataError] = DataError,
+) -> Iterator[Any]:
     """An ``.npz`` archive opened without pickles. No file: BadInputData(``missing``); a
     file numpy cannot read (also while the body reads it): ``error(unreadable(exc))``."""
     if not path.is_file():
@@ -79,8 +81,9 @@ def open_npz(path: Path, missing: str, unreadable: Callable[[Exception], str],
 def load_npz(path: str | Path, split: str) -> InMemoryDataset:
     """Load split ``split`` from an ``.npz`` with ``<split>_images`` and ``<split>_labels``."""
     path = Path(path)
-    with open_npz(path, f"no such file: {path}",
-                  lambda exc: f"{path}: cannot read: {exc}") as archive:
+    with open_npz(
+        path, f"no such file: {path}", lambda exc: f"{path}: cannot read: {exc}"
+    ) as archive:
         keys = set(archive.files)
         want = (f"{split}_images", f"{split}_labels")
         missing = [k for k in want if k not in keys]
@@ -90,8 +93,9 @@ def load_npz(path: str | Path, split: str) -> InMemoryDataset:
         return InMemoryDataset(archive[want[0]], archive[want[1]], num_classes)
 
 
-def save_npz(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-             num_classes: int) -> None:
+def save_npz(
+    path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int
+) -> None:
     """Write ``{split: (images, labels)}`` in the layout :func:`load_npz` reads."""
     arrays: dict[str, np.ndarray] = {"num_classes": np.asarray(num_classes)}
     for split, (images, labels) in splits.items():

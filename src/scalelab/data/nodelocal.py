@@ -81,19 +81,28 @@ def local_target(data_dir: str | Path, scratch: str | Path | None = None) -> tup
     return base / key, base / f"{key}.lock"
 
 
-def localize(data_dir: str | Path, scratch: str | Path | None = None, *,
-             reserve_bytes: int = DEFAULT_RESERVE_BYTES,
-             lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
-             progress: bool | None = None) -> Path:
+def localize(
+    data_dir: str | Path,
+    scratch: str | Path | None = None,
+    *,
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    progress: bool | None = None,
+) -> Path:
     """Return the directory to read ``data_dir`` from on this node (see module doc)."""
-    return localize_report(data_dir, scratch, reserve_bytes=reserve_bytes,
-                           lock_timeout=lock_timeout, progress=progress).path
+    return localize_report(
+        data_dir, scratch, reserve_bytes=reserve_bytes, lock_timeout=lock_timeout, progress=progress
+    ).path
 
 
-def localize_report(data_dir: str | Path, scratch: str | Path | None = None, *,
-                    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
-                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
-                    progress: bool | None = None) -> LocalizeResult:
+def localize_report(
+    data_dir: str | Path,
+    scratch: str | Path | None = None,
+    *,
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    progress: bool | None = None,
+) -> LocalizeResult:
     """``localize`` with the action taken, for logs and tests."""
     data_dir = Path(data_dir).absolute()
     if not data_dir.is_dir():
@@ -134,21 +143,30 @@ def localize_report(data_dir: str | Path, scratch: str | Path | None = None, *,
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return _fallback(data_dir, f"scratch {root} filled up during the copy")
             raise
-    msg = (f"copied {len(manifest) + 1} files ({need / 1e6:.1f} MB) from {data_dir} to {target} "
-           f"in {seconds:.2f} s ({need / 1e6 / max(seconds, 1e-9):.0f} MB/s), checksums verified")
+    msg = (
+        f"copied {len(manifest) + 1} files ({need / 1e6:.1f} MB) from {data_dir} to {target} "
+        f"in {seconds:.2f} s ({need / 1e6 / max(seconds, 1e-9):.0f} MB/s), checksums verified"
+    )
     log.info(msg)
     return LocalizeResult(target, "copied", msg)
 
 
-def _copy(data_dir: Path, target: Path, manifest: dict[str, FileEntry], manifest_sha: str,
-          need: int, progress: bool | None) -> float:
+def _copy(
+    data_dir: Path,
+    target: Path,
+    manifest: dict[str, FileEntry],
+    manifest_sha: str,
+    need: int,
+    progress: bool | None,
+) -> float:
     """Copy into a temporary sibling, verify every file, add the marker, rename."""
     t0 = time.perf_counter()
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
-        with Progress(f"copying {data_dir.name} to node-local scratch", need, "bytes",
-                      progress) as bar:
+        with Progress(
+            f"copying {data_dir.name} to node-local scratch", need, "bytes", progress
+        ) as bar:
             for entry in sorted(manifest.values(), key=lambda e: e.path):
                 src, dst = data_dir / entry.path, tmp / entry.path
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +233,7 @@ def node_lock(lock_path: Path, timeout: float) -> Iterator[None]:
             except BlockingIOError:
                 if not waiting:
                     waiting = True
-                    log.info("waiting for %s: another process on this node is copying",
-                             lock_path)
+                    log.info("waiting for %s: another process on this node is copying", lock_path)
                 if time.monotonic() > deadline:
                     raise DataError(
                         f"{lock_path}: still locked after {timeout:.0f} s by another copy "

@@ -15,8 +15,14 @@ from types import TracebackType
 class Progress:
     """A counter with a display; ``advance(n)`` as work is done."""
 
-    def __init__(self, description: str, total: float, unit: str, enabled: bool | None = None,
-                 initial: float = 0.0):
+    def __init__(
+        self,
+        description: str,
+        total: float,
+        unit: str,
+        enabled: bool | None = None,
+        initial: float = 0.0,
+    ):
         self.description = description
         self.total = max(float(total), 1.0)
         self.unit = unit
@@ -54,8 +60,7 @@ class Progress:
                 transient=True,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total,
-                                            completed=self.done)
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done)
         return self
 
     # The trainer's loop speaks this small part of tqdm's API: one progress library.

@@ -62,8 +62,10 @@ class ShardedSplit:
         return self._len
 
     def __repr__(self) -> str:
-        return (f"ShardedSplit({str(self.data_dir)!r}, {self.split!r}: {self._len} images "
-                f"{self.image_shape}, {self.num_classes} classes, {len(self._shards)} shards)")
+        return (
+            f"ShardedSplit({str(self.data_dir)!r}, {self.split!r}: {self._len} images "
+            f"{self.image_shape}, {self.num_classes} classes, {len(self._shards)} shards)"
+        )
 
     def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalized float32 images (N, C, H, W) and int64 labels, in the order given."""

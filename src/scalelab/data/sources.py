@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.data import kinds
+from scalelab.data.memory import open_npz
+from scalelab.data.synthetic import ClassPatterns
 from scalelab.errors import BadInputData, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SOURCE_KINDS = ("synthetic", "digits", "imagefolder", "npz")
+SOURCE_KINDS = kinds.STAGE_KINDS
 
 
 class Source:
@@ -61,8 +64,15 @@ class Source:
 class ArraySource(Source):
     """Images already in memory (digits, npz): loading is a gather."""
 
-    def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                 scale: float, info: dict[str, Any]):
+    def __init__(
+        self,
+        kind: str,
+        images: np.ndarray,
+        labels: np.ndarray,
+        classes: list[str],
+        scale: float,
+        info: dict[str, Any],
+    ):
         self.kind = kind
         self._images = images
         self.labels = labels.astype(np.int64, copy=False)
@@ -87,7 +97,7 @@ def digits_source() -> ArraySource:
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None, :, :]
     return ArraySource(
-        "digits",
+        kinds.DIGITS,
         images,
         bunch.target,
         [str(c) for c in range(10)],
@@ -99,18 +109,22 @@ def digits_source() -> ArraySource:
 def npz_source(path: Path, layout: str = "auto") -> ArraySource:
     """Arrays a user already has: keys ``images`` (or ``x``), ``labels`` (or ``y``),
     optional ``classes`` (names). Images are N,H,W or N,H,W,C or N,C,H,W."""
-    from scalelab.data.memory import open_npz
 
     path = Path(path)
-    with open_npz(path, f"--path {path}: no such file (expected an .npz archive)",
-                  lambda exc: f"{path}: not a readable .npz archive ({exc})",
-                  BadInputData) as archive:
+    with open_npz(
+        path,
+        f"--path {path}: no such file (expected an .npz archive)",
+        lambda exc: f"{path}: not a readable .npz archive ({exc})",
+        BadInputData,
+    ) as archive:
         keys = set(archive.files)
         ikey = next((k for k in ("images", "x") if k in keys), None)
         lkey = next((k for k in ("labels", "y") if k in keys), None)
         if ikey is None or lkey is None:
-            raise BadInputData(f"{path}: needs arrays 'images' (or 'x') and 'labels' (or 'y'); "
-                               f"found {sorted(keys)}")
+            raise BadInputData(
+                f"{path}: needs arrays 'images' (or 'x') and 'labels' (or 'y'); "
+                f"found {sorted(keys)}"
+            )
         images = archive[ikey]
         labels = archive[lkey]
         names = archive["classes"] if "classes" in keys else None
@@ -141,7 +155,7 @@ def npz_source(path: Path, layout: str = "auto") -> ArraySource:
             )
     else:
         classes = [str(c) for c in range(num_classes)]
-    return ArraySource("npz", images, labels, classes, scale, {"path": str(path.resolve())})
+    return ArraySource(kinds.NPZ, images, labels, classes, scale, {"path": str(path.resolve())})
 
 
 def _to_nchw(images: np.ndarray, layout: str, what: str) -> np.ndarray:
@@ -173,15 +187,18 @@ class SyntheticSource(Source):
     measures the writer.
     """
 
-    kind = "synthetic"
+    kind = kinds.STAGE_SYNTHETIC
 
-    def __init__(self, num_samples: int, num_classes: int, image_shape: tuple[int, int, int],
-                 seed: int):
+    def __init__(
+        self, num_samples: int, num_classes: int, image_shape: tuple[int, int, int], seed: int
+    ):
         if num_samples < 1:
             raise UsageError(f"--num-samples {num_samples}: must be >= 1")
         if num_classes < 2:
-            raise UsageError(f"--num-classes {num_classes}: must be >= 2 (a classifier "
-                             "needs at least two classes)")
+            raise UsageError(
+                f"--num-classes {num_classes}: must be >= 2 (a classifier "
+                "needs at least two classes)"
+            )
         rng = np.random.default_rng(seed)
         self._seed = seed
         self.classes = [str(c) for c in range(num_classes)]
@@ -190,7 +207,6 @@ class SyntheticSource(Source):
         self.scale = 1.0 / 255.0
         self.skipped = []
         self.labels = rng.integers(0, num_classes, num_samples, dtype=np.int64)
-        from scalelab.data.synthetic import ClassPatterns  # the images: faint patterns + noise
 
         self._patterns = ClassPatterns(num_classes, image_shape, seed)
 
@@ -210,12 +226,18 @@ class ImageFolderSource(Source):
     resized to ``image_size`` (center crop to the aspect ratio, or stretch).
     """
 
-    kind = "imagefolder"
+    kind = kinds.IMAGEFOLDER
     max_chunk_rows = 32
 
-    def __init__(self, root: Path, image_size: tuple[int, int], channels: int = 3,
-                 resize: str = "crop", max_bad: str | int | float = "0.1%",
-                 workers: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        image_size: tuple[int, int],
+        channels: int = 3,
+        resize: str = "crop",
+        max_bad: str | int | float = "0.1%",
+        workers: int | None = None,
+    ):
         root = Path(root)
         if channels not in (1, 3):
             raise UsageError(f"--channels {channels}: must be 1 (grayscale) or 3 (RGB)")
@@ -262,8 +284,7 @@ class ImageFolderSource(Source):
                 if isinstance(r, str):
                     self._bad(self._files[i], r)
             kept = [r for r in results if not isinstance(r, str)]
-            images = (np.stack(kept) if kept
-                      else np.empty((0, *self.image_shape), dtype=np.uint8))
+            images = np.stack(kept) if kept else np.empty((0, *self.image_shape), dtype=np.uint8)
             yield images, ids[keep]
 
     def _bad(self, name: str, reason: str) -> None:
@@ -300,8 +321,9 @@ def parse_max_bad(value: str | int | float, total: int) -> int:
             raise ValueError
         return count
     except ValueError:
-        raise UsageError(f"--max-bad {value}: expected a count >= 0 or a percentage like 0.1%") \
-            from None
+        raise UsageError(
+            f"--max-bad {value}: expected a count >= 0 or a percentage like 0.1%"
+        ) from None
 
 
 def scan_imagefolder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -329,16 +351,15 @@ def scan_imagefolder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
             and p.is_file()
         )
         if not found:
-            raise BadInputData(
-                f"{cdir}: class folder has no images ({'/'.join(IMAGE_SUFFIXES)})"
-            )
+            raise BadInputData(f"{cdir}: class folder has no images ({'/'.join(IMAGE_SUFFIXES)})")
         files.extend(found)
         labels.extend([label] * len(found))
     return [p.name for p in class_dirs], files, np.asarray(labels, dtype=np.int64)
 
 
-def decode_many(paths: list[str], size: tuple[int, int], mode: str,
-                resize: str) -> list[np.ndarray | str]:
+def decode_many(
+    paths: list[str], size: tuple[int, int], mode: str, resize: str
+) -> list[np.ndarray | str]:
     """Decode a chunk of files in a worker: a C,H,W uint8 array, or the error text."""
     return [decode_image(p, size, mode, resize) for p in paths]
 

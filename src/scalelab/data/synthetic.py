@@ -33,8 +33,15 @@ class SyntheticDataset:
     generator (same class templates) at ids the training split does not use.
     """
 
-    def __init__(self, num_samples: int, num_classes: int, image_shape: tuple[int, int, int],
-                 seed: int = 0, signal: float = 0.5, first_index: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        seed: int = 0,
+        signal: float = 0.5,
+        first_index: int = 0,
+    ) -> None:
         if num_samples < 1 or num_classes < 1:
             raise ValueError("num_samples and num_classes must be >= 1")
         self.num_samples = int(num_samples)
@@ -46,8 +53,9 @@ class SyntheticDataset:
         image_bytes = 4 * int(np.prod(self.image_shape))
         pool_size = int(max(1, min(64, POOL_BYTES // image_bytes)))
         self._pool = rng.standard_normal((pool_size, *self.image_shape), dtype=np.float32)
-        self._templates = (signal * rng.standard_normal(
-            (self.num_classes, *self.image_shape), dtype=np.float32))
+        self._templates = signal * rng.standard_normal(
+            (self.num_classes, *self.image_shape), dtype=np.float32
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -86,12 +94,20 @@ class ClassPatterns:
     generating stays much faster than writing the shards.
     """
 
-    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], seed: int,
-                 amplitude: int = 96, levels: int = 16, block: int = 4,
-                 confusion: float = 0.15) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        seed: int,
+        amplitude: int = 96,
+        levels: int = 16,
+        block: int = 4,
+        confusion: float = 0.15,
+    ) -> None:
         if not 0 < amplitude < 255 or levels < 1 or block < 1 or not 0 <= confusion < 1:
-            raise ValueError("need 0 < amplitude < 255, levels >= 1, block >= 1, "
-                             "0 <= confusion < 1")
+            raise ValueError(
+                "need 0 < amplitude < 255, levels >= 1, block >= 1, 0 <= confusion < 1"
+            )
         rng = np.random.default_rng([seed, 0x5CA1E])
         channels, height, width = image_shape
         self.num_classes, self.image_shape, self.seed = num_classes, tuple(image_shape), seed
@@ -101,8 +117,9 @@ class ClassPatterns:
         size = channels * height * width
         strengths = np.arange(1, levels + 1, dtype=np.float32)[:, None, None] / levels
         #: (levels, classes, pixels) uint8: pattern of class c at strength l
-        self._patterns = (strengths * amplitude * smooth.reshape(1, num_classes, size)
-                          ).astype(np.uint8)
+        self._patterns = (strengths * amplitude * smooth.reshape(1, num_classes, size)).astype(
+            np.uint8
+        )
         self._span = max(1 << 23, 4 * size)
         pool = rng.integers(0, 256 - amplitude, self._span + size, dtype=np.uint8)
         self._windows = np.lib.stride_tricks.sliding_window_view(pool, size)
@@ -112,8 +129,9 @@ class ClassPatterns:
         ids = np.asarray(ids, dtype=np.int64)
         h = _mix(ids, self.seed)
         level = (h % np.uint64(self.levels)).astype(np.int64)
-        confused = ((h >> np.uint64(16)) % np.uint64(1 << 20)).astype(np.float64) \
-            < self.confusion * (1 << 20)
+        confused = ((h >> np.uint64(16)) % np.uint64(1 << 20)).astype(
+            np.float64
+        ) < self.confusion * (1 << 20)
         other = ((h >> np.uint64(40)) % np.uint64(self.num_classes)).astype(np.int64)
         shown = np.where(confused, other, np.asarray(labels, dtype=np.int64))
         offsets = (_mix(ids, self.seed + 1) % np.uint64(self._span)).astype(np.int64)

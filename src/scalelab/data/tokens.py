@@ -30,8 +30,9 @@ class TokenSequences:
     ``first_index`` shifts the sample ids (validation = same chain, unseen ids).
     """
 
-    def __init__(self, num_samples: int, vocab_size: int, seq_len: int, seed: int = 0,
-                 first_index: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, vocab_size: int, seq_len: int, seed: int = 0, first_index: int = 0
+    ) -> None:
         if num_samples < 1 or seq_len < 1 or vocab_size < len(PROBS):
             raise ValueError(f"need num_samples >= 1, seq_len >= 1, vocab_size >= {len(PROBS)}")
         self.num_samples, self.seq_len = int(num_samples), int(seq_len)
@@ -40,7 +41,7 @@ class TokenSequences:
         self.seed, self.first_index = int(seed), int(first_index)
         rng = np.random.default_rng([self.seed, 0x70C5])
         # distinct successors per token: the first len(PROBS) of a random permutation
-        self._succ = np.argsort(rng.random((vocab_size, vocab_size)), axis=1)[:, :len(PROBS)]
+        self._succ = np.argsort(rng.random((vocab_size, vocab_size)), axis=1)[:, : len(PROBS)]
         self._cdf = np.cumsum(PROBS)
 
     @property
@@ -78,10 +79,14 @@ class TokenSequences:
         return seq[:, :-1], seq[:, 1:]
 
 
-def token_splits(num_samples: int, val_samples: int | None, vocab_size: int, seq_len: int,
-                 seed: int) -> tuple[TokenSequences, TokenSequences | None]:
+def token_splits(
+    num_samples: int, val_samples: int | None, vocab_size: int, seq_len: int, seed: int
+) -> tuple[TokenSequences, TokenSequences | None]:
     """Training split and (optionally) a validation split of the same chain."""
     train = TokenSequences(num_samples, vocab_size, seq_len, seed)
-    val = (TokenSequences(val_samples, vocab_size, seq_len, seed, first_index=num_samples)
-           if val_samples else None)
+    val = (
+        TokenSequences(val_samples, vocab_size, seq_len, seed, first_index=num_samples)
+        if val_samples
+        else None
+    )
     return train, val

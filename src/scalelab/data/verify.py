@@ -42,18 +42,26 @@ class VerifyReport:
     def summary(self) -> str:
         what = "sha256 and size" if self.hashed else "size only"
         splits = ", ".join(f"{s} {n}" for s, n in self.counts.items())
-        return (f"OK {self.data_dir}: {self.files} files, {self.bytes / 1e6:.1f} MB "
-                f"({what}); {splits}")
+        return (
+            f"OK {self.data_dir}: {self.files} files, {self.bytes / 1e6:.1f} MB ({what}); {splits}"
+        )
 
     def as_verdict(self) -> dict[str, Any]:
         """The passed verdict as ``scalelab data verify --json`` prints it."""
-        return {"ok": True, "data_dir": str(self.data_dir), "files": self.files,
-                "bytes": self.bytes, "hashed": self.hashed, "counts": self.counts,
-                "problems": []}
+        return {
+            "ok": True,
+            "data_dir": str(self.data_dir),
+            "files": self.files,
+            "bytes": self.bytes,
+            "hashed": self.hashed,
+            "counts": self.counts,
+            "problems": [],
+        }
 
 
-def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
-                   progress: bool | None = None) -> VerifyReport:
+def verify_dataset(
+    data_dir: str | Path, *, hash_contents: bool = True, progress: bool | None = None
+) -> VerifyReport:
     """Raise ``DataError`` (naming the file) unless ``data_dir`` is intact."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -73,8 +81,9 @@ def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
     if INDEX_NAME not in bad:
         try:
             index = load_index(data_dir)
-            counts = {s: index["splits"][s]["count"]
-                      for s in sorted(index["splits"], key=_split_order)}
+            counts = {
+                s: index["splits"][s]["count"] for s in sorted(index["splits"], key=_split_order)
+            }
             problems.extend(_check_index(data_dir, index, manifest, bad))
         except DataError as exc:
             problems.append(str(exc))
@@ -86,15 +95,15 @@ def verify_dataset(data_dir: str | Path, *, hash_contents: bool = True,
             log.warning("also: %s", p)
         error = DataError(problems[0] + more)
         # the whole list, for a failed verdict printed as JSON (scalelab.cli)
-        error.details = {"data_dir": str(data_dir), "hashed": hash_contents,
-                         "problems": problems}
+        error.details = {"data_dir": str(data_dir), "hashed": hash_contents, "problems": problems}
         raise error
     total += (data_dir / MANIFEST_NAME).stat().st_size
     return VerifyReport(data_dir, len(manifest) + 1, total, counts, hash_contents)
 
 
-def _check_index(data_dir: Path, index: dict[str, Any], manifest: dict[str, Any],
-                 bad: set[str]) -> list[str]:
+def _check_index(
+    data_dir: Path, index: dict[str, Any], manifest: dict[str, Any], bad: set[str]
+) -> list[str]:
     """Cross-check the index against the manifest and the shards' headers and labels
     (files in ``bad`` already failed their checksum and are not read again)."""
     problems = []
@@ -106,8 +115,11 @@ def _check_index(data_dir: Path, index: dict[str, Any], manifest: dict[str, Any]
         complete = True
         for shard in info["shards"]:
             rows = shard["stop"] - shard["start"]
-            expect = {"images": ((rows, *shape), dtype), "labels": ((rows,), np.dtype(np.int64)),
-                      "ids": ((rows,), np.dtype(np.int64))}
+            expect = {
+                "images": ((rows, *shape), dtype),
+                "labels": ((rows,), np.dtype(np.int64)),
+                "ids": ((rows,), np.dtype(np.int64)),
+            }
             for kind, (want_shape, want_dtype) in expect.items():
                 rel = shard[kind]
                 path = data_dir / rel
@@ -121,8 +133,10 @@ def _check_index(data_dir: Path, index: dict[str, Any], manifest: dict[str, Any]
                 try:
                     got_shape, got_dtype = read_npy_header(path)
                     if got_shape != want_shape or got_dtype != want_dtype:
-                        raise DataError(f"{path}: holds {got_dtype} {got_shape}, "
-                                        f"{INDEX_NAME} says {want_dtype} {want_shape}")
+                        raise DataError(
+                            f"{path}: holds {got_dtype} {got_shape}, "
+                            f"{INDEX_NAME} says {want_dtype} {want_shape}"
+                        )
                     if kind == "labels":
                         class_counts += _label_counts(path, num_classes)
                 except DataError as exc:
@@ -130,8 +144,10 @@ def _check_index(data_dir: Path, index: dict[str, Any], manifest: dict[str, Any]
                     complete = False
         listed = info.get("class_counts")
         if listed is not None and complete and class_counts.tolist() != listed:
-            problems.append(f"{data_dir / INDEX_NAME}: field 'splits.{split}.class_counts' "
-                            "does not match the labels in the shards")
+            problems.append(
+                f"{data_dir / INDEX_NAME}: field 'splits.{split}.class_counts' "
+                "does not match the labels in the shards"
+            )
     return problems
 
 
@@ -155,7 +171,6 @@ def _unlisted(data_dir: Path, manifest: dict[str, Any]) -> list[str]:
     for path in sorted(data_dir.rglob("*")):
         rel = path.relative_to(data_dir)
         hidden = any(p.startswith(".") for p in rel.parts)
-        if (path.is_file() and not hidden and str(rel) not in manifest
-                and str(rel) != MANIFEST_NAME):
+        if path.is_file() and not hidden and str(rel) not in manifest and str(rel) != MANIFEST_NAME:
             found.append(str(rel))
     return found

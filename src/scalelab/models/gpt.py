@@ -24,22 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: size -> (d_model, n_layers, n_heads). gpt2 sizes from Radford et al. 2019; "1b" keeps
-#: GPT-3 XL's width (2048) at 18 layers: 0.91B in blocks + embeddings ~ 1.0B at vocab 50257.
-SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (32, 2, 4),
-    "mini": (128, 4, 4),
-    "small": (768, 12, 12),     # GPT-2 124M
-    "medium": (1024, 24, 16),   # GPT-2 350M
-    "large": (1280, 36, 20),    # GPT-2 774M
-    "1b": (2048, 18, 16),
-}
-
-#: Tensor-parallel plan of one block: submodule name -> "colwise" | "rowwise".
-TP_PLAN: dict[str, str] = {
-    "attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.o": "rowwise",
-    "mlp.fc": "colwise", "mlp.proj": "rowwise",
-}
+from scalelab.models.flops import mfu
+from scalelab.models.gpt_shapes import SIZES
 
 
 class Attention(nn.Module):
@@ -57,10 +43,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism this rank holds n_heads / tp of them
-        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (
+            proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -94,8 +83,15 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token + position embeddings, ``n_layers`` blocks, final norm, untied LM head."""
 
-    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_layers: int,
-                 n_heads: int, dropout: float) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -147,9 +143,15 @@ class GPT(nn.Module):
         return 6.0 * n + 12.0 * self.n_layers * self.seq_len * self.d_model
 
 
-def gpt(num_classes: int, image_shape: tuple[int, ...], size: str = "tiny",
-        d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
-        dropout: float = 0.0) -> GPT:
+def gpt(
+    num_classes: int,
+    image_shape: tuple[int, ...],
+    size: str = "tiny",
+    d_model: int | None = None,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+    dropout: float = 0.0,
+) -> GPT:
     """GPT decoder over a vocabulary of ``num_classes`` tokens and sequences of
     ``image_shape[-1]`` tokens; ``size`` picks (d_model, n_layers, n_heads) from
     :data:`SIZES`, each of which may be overridden."""
@@ -158,26 +160,28 @@ def gpt(num_classes: int, image_shape: tuple[int, ...], size: str = "tiny",
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     d, layers, heads = SIZES[size]
-    return GPT(num_classes, int(image_shape[-1]), d_model or d, n_layers or layers,
-               n_heads or heads, dropout)
+    return GPT(
+        num_classes,
+        int(image_shape[-1]),
+        d_model or d,
+        n_layers or layers,
+        n_heads or heads,
+        dropout,
+    )
 
 
-def gpt_heads(options: dict[str, Any]) -> int | None:
-    """Attention heads of the GPT that ``options`` (the model options of the config) build,
-    or None when the options name no known size (the model build says why)."""
-    size = options.get("size", "tiny")
-    if options.get("n_heads") is not None:
-        return int(options["n_heads"])
-    return SIZES[size][2] if size in SIZES else None
-
-
-def lm_facts(model: nn.Module, summary: dict[str, Any], device: Any,
-             peak: Callable[[str], tuple[float, str] | None]) -> dict[str, Any]:
+def lm_facts(
+    model: nn.Module,
+    summary: dict[str, Any],
+    device: Any,
+    peak: Callable[[str], tuple[float, str] | None],
+) -> dict[str, Any]:
     """Language-model figures for the summary: perplexity, tokens/s, FLOPs/token, MFU.
 
     ``model`` may be sharded: the counts come from the GPT attributes, not from the
-    (local) parameters. MFU = 6N+12LTd FLOPs/token x tokens/s per rank / the card's dense
-    bf16 peak (``peak``: card name -> (FLOP/s, source) or None).
+    (local) parameters. MFU (:func:`scalelab.models.flops.mfu`) = 6N+12LTd FLOPs/token x
+    tokens/s per rank / the card's dense bf16 peak (``peak``: card name -> (FLOP/s, source)
+    or None).
     """
     gpt_model = model if isinstance(model, GPT) else getattr(model, "module", None)
     if not isinstance(gpt_model, GPT):
@@ -193,7 +197,7 @@ def lm_facts(model: nn.Module, summary: dict[str, Any], device: Any,
     }
     card = peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if card and tokens:
-        facts["mfu_lm"] = per_token * tokens / card[0]
+        facts["mfu_lm"] = mfu(per_token, tokens, card[0])
     return facts
 
 

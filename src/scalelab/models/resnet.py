@@ -147,13 +147,23 @@ def resnet(
     return ResNet(depth, num_classes, image_shape[0], small_input, width, zero_init_residual)
 
 
-def resnet18(num_classes: int, image_shape: tuple[int, int, int], width: int = 64,
-             small_input: bool | None = None, zero_init_residual: bool = False) -> ResNet:
+def resnet18(
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    width: int = 64,
+    small_input: bool | None = None,
+    zero_init_residual: bool = False,
+) -> ResNet:
     """ResNet-18."""
     return resnet(num_classes, image_shape, 18, width, small_input, zero_init_residual)
 
 
-def resnet50(num_classes: int, image_shape: tuple[int, int, int], width: int = 64,
-             small_input: bool | None = None, zero_init_residual: bool = False) -> ResNet:
+def resnet50(
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    width: int = 64,
+    small_input: bool | None = None,
+    zero_init_residual: bool = False,
+) -> ResNet:
     """ResNet-50."""
     return resnet(num_classes, image_shape, 50, width, small_input, zero_init_residual)

@@ -13,8 +13,17 @@ from torch import nn
 class ViT(nn.Module):
     """Patch embedding + class token + learned positions + transformer encoder + linear head."""
 
-    def __init__(self, num_classes: int, image_shape: tuple[int, int, int], patch_size: int,
-                 dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+    ) -> None:
         super().__init__()
         channels, height, width = image_shape
         if height % patch_size or width % patch_size:
@@ -27,8 +36,13 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, patches + 1, dim) * 0.02)
         self.drop = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, int(dim * mlp_ratio), dropout, activation="gelu",
-            batch_first=True, norm_first=True,
+            dim,
+            heads,
+            int(dim * mlp_ratio),
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -41,7 +55,15 @@ class ViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def vit(num_classes: int, image_shape: tuple[int, int, int], patch_size: int = 4, dim: int = 192,
-        depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0, dropout: float = 0.0) -> ViT:
+def vit(
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    patch_size: int = 4,
+    dim: int = 192,
+    depth: int = 6,
+    heads: int = 3,
+    mlp_ratio: float = 4.0,
+    dropout: float = 0.0,
+) -> ViT:
     """Small ViT; see :class:`ViT`."""
     return ViT(num_classes, image_shape, patch_size, dim, depth, heads, mlp_ratio, dropout)

@@ -7,19 +7,23 @@ import json
 import sys
 from pathlib import Path
 
+from scalelab.testcluster.cluster import TestCluster
+from scalelab.testcluster.spec import DEFAULT_STATE_DIR, ClusterError, ClusterSpec
+
 
 def _cluster(args: argparse.Namespace):
-    from scalelab.testcluster.cluster import ClusterSpec, TestCluster
 
-    spec = ClusterSpec.from_env(nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                                gpus_per_node=args.gpus_per_node,
-                                state_dir=args.state_dir,
-                                shared=[p.resolve() for p in args.share])
+    spec = ClusterSpec.from_env(
+        nodes=args.nodes,
+        cpus_per_node=args.cpus_per_node,
+        gpus_per_node=args.gpus_per_node,
+        state_dir=args.state_dir,
+        shared=[p.resolve() for p in args.share],
+    )
     return TestCluster(spec)
 
 
 def cmd_testcluster(args: argparse.Namespace) -> int:
-    from scalelab.testcluster.cluster import ClusterError
 
     cluster = _cluster(args)
     try:
@@ -31,8 +35,11 @@ def cmd_testcluster(args: argparse.Namespace) -> int:
             print(f"export SLURM_CONF={cluster.conf}")
         else:
             status = cluster.status()
-            print(json.dumps({"ok": status["up"], **status}, indent=2) if args.json
-                  else format_status(status))
+            print(
+                json.dumps({"ok": status["up"], **status}, indent=2)
+                if args.json
+                else format_status(status)
+            )
             return 0 if status["up"] else 1
     except ClusterError as exc:
         print(f"scalelab testcluster {args.action}: error: {exc}", file=sys.stderr)
@@ -42,8 +49,10 @@ def cmd_testcluster(args: argparse.Namespace) -> int:
 
 def format_status(status: dict) -> str:
     """`testcluster status` for a person: the verdict, then one line per daemon and node."""
-    lines = [f"test cluster: {'up' if status['up'] else 'not up'}"
-             + (f" (SLURM_CONF={status['conf']})" if status.get("conf") else "")]
+    lines = [
+        f"test cluster: {'up' if status['up'] else 'not up'}"
+        + (f" (SLURM_CONF={status['conf']})" if status.get("conf") else "")
+    ]
     for name, daemon in sorted(status.get("daemons", {}).items()):
         state = "running" if daemon["alive"] else "NOT RUNNING"
         lines.append(f"  {name:<12} pid {daemon['pid']}: {state}")
@@ -53,27 +62,41 @@ def format_status(status: dict) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from scalelab.testcluster.cluster import DEFAULT_STATE_DIR
 
     p = sub.add_parser(
-        "testcluster", help="a real multi-node Slurm cluster in network namespaces (root)",
+        "testcluster",
+        help="a real multi-node Slurm cluster in network namespaces (root)",
         description=(
             "Start munge, slurmctld and N slurmd nodes on this machine, each node in its own "
             "network namespace with its own address, hostname and private /tmp. Needs root and "
             "the Debian packages slurm-wlm munge libpmix2 libpmix-dev iproute2. Clients use it "
-            "through SLURM_CONF (eval \"$(scalelab testcluster env)\")."),
+            'through SLURM_CONF (eval "$(scalelab testcluster env)").'
+        ),
     )
     p.add_argument("action", choices=["up", "status", "down", "env"])
     p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     p.add_argument("--cpus-per-node", type=int, default=2, help="CPUs declared per node")
-    p.add_argument("--gpus-per-node", type=int, default=2,
-                   help="count-only GPUs per node (GRES without devices; 0: none)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                   help="configuration, logs, spool and node /tmp dirs "
-                   f"(default {DEFAULT_STATE_DIR})")
-    p.add_argument("--share", type=Path, action="append", default=[Path.cwd()],
-                   help="path every node must see (default: the current directory); repeatable")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=2,
+        help="count-only GPUs per node (GRES without devices; 0: none)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"configuration, logs, spool and node /tmp dirs (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument(
+        "--share",
+        type=Path,
+        action="append",
+        default=[Path.cwd()],
+        help="path every node must see (default: the current directory); repeatable",
+    )
     p.add_argument("--timeout", type=float, default=90, help="seconds to wait for the daemons")
-    p.add_argument("--json", action="store_true",
-                   help="status: print the state as one JSON document on stdout")
+    p.add_argument(
+        "--json", action="store_true", help="status: print the state as one JSON document on stdout"
+    )
     p.set_defaults(func=cmd_testcluster)

@@ -27,116 +27,12 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from scalelab.fsio import atomic_write_text
-from scalelab.tools import pid_alive
-
-DEFAULT_STATE_DIR = Path(
-    os.environ.get("SCALELAB_TESTCLUSTER_DIR", "/var/lib/scalelab/testcluster"))
-REQUIRED_PROGRAMS = ["munged", "mungekey", "slurmctld", "slurmd", "ip", "unshare", "nsenter",
-                     "mount", "srun", "sbatch", "scontrol", "sinfo", "squeue", "scancel"]
-APT_PACKAGES = "slurm-wlm munge libpmix2 libpmix-dev iproute2 util-linux"
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be brought up or torn down; the message says which daemon."""
-
-
-@dataclass
-class ClusterSpec:
-    """Shape of the test cluster. Two clusters can coexist if prefix, subnet and ports differ."""
-
-    nodes: int = 2
-    cpus_per_node: int = 2
-    #: Stand-in GPUs per node: the scheduler accepts or rejects the geometry of GPU jobs
-    #: for real and sets CUDA_VISIBLE_DEVICES, while their ranks run on the CPU.
-    gpus_per_node: int = 2
-    mem_mb_per_node: int = 4096
-    state_dir: Path = DEFAULT_STATE_DIR
-    prefix: str = "sl"
-    subnet: str = "10.201.0"
-    ctld_port: int = 6817
-    slurmd_port: int = 6818
-    #: Paths every node must see at the same path (project, venv, data).
-    shared: list[Path] = field(default_factory=list)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **kw) -> ClusterSpec:
-        """A spec whose identity (state dir, name prefix, subnet, ports) may come from
-        SCALELAB_TESTCLUSTER_{DIR,PREFIX,SUBNET,PORT}: two suites on one machine then each
-        get a cluster of their own (PORT is slurmctld's; slurmd takes PORT+1)."""
-        env = os.environ if env is None else env
-        if env.get("SCALELAB_TESTCLUSTER_DIR"):
-            kw.setdefault("state_dir", Path(env["SCALELAB_TESTCLUSTER_DIR"]))
-        if env.get("SCALELAB_TESTCLUSTER_PREFIX"):
-            kw.setdefault("prefix", env["SCALELAB_TESTCLUSTER_PREFIX"])
-        if env.get("SCALELAB_TESTCLUSTER_SUBNET"):
-            kw.setdefault("subnet", env["SCALELAB_TESTCLUSTER_SUBNET"])
-        if env.get("SCALELAB_TESTCLUSTER_PORT"):
-            port = int(env["SCALELAB_TESTCLUSTER_PORT"])
-            kw.setdefault("ctld_port", port)
-            kw.setdefault("slurmd_port", port + 1)
-        return cls(**kw)
-
-    def node_names(self) -> list[str]:
-        return [f"n{i}" for i in range(1, self.nodes + 1)]
-
-    def node_addr(self, i: int) -> str:
-        return f"{self.subnet}.{10 + i}"
-
-    @property
-    def host_addr(self) -> str:
-        return f"{self.subnet}.1"
-
-    @property
-    def bridge(self) -> str:
-        return f"{self.prefix}br0"
-
-    def netns(self, node: str) -> str:
-        return f"{self.prefix}-{node}"
-
-    def veth(self, i: int) -> str:
-        return f"{self.prefix}v{i}"
-
-
-def missing_requirements() -> list[str]:
-    """Why this machine cannot run the test cluster (empty when it can)."""
-    problems = [f"{p} not found (apt-get install {APT_PACKAGES})"
-                for p in REQUIRED_PROGRAMS if not shutil.which(p)]
-    if os.geteuid() != 0:
-        problems.append("needs root (network namespaces, mounts, slurmd)")
-    return problems
-
-
-def _run(cmd: list[str], check: bool = True, env: dict | None = None,
-         timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                          check=False)
-    if check and proc.returncode != 0:
-        raise ClusterError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid or not pid_alive(pid):
-        return False
-    # A zombie child of ours is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text[-lines:]) or f"(empty log {path})"
+from scalelab.testcluster.procs import _alive, _pids_in_netns, _run, _tail, _terminate
+from scalelab.testcluster.spec import ClusterError, ClusterSpec, missing_requirements
 
 
 class TestCluster:
@@ -200,8 +96,12 @@ class TestCluster:
             self.down(quiet=True)
         try:
             self._make_dirs()
-            self.state = {"spec": {k: str(v) if isinstance(v, Path) else v
-                                   for k, v in asdict(self.spec).items()}, "pids": {}}
+            self.state = {
+                "spec": {
+                    k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.spec).items()
+                },
+                "pids": {},
+            }
             self.state["spec"]["shared"] = [str(p) for p in self.spec.shared]
             self._save()
             self._make_network()
@@ -324,9 +224,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _spawn(self, name: str, cmd: list[str], log: Path) -> int:
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env=self.env())
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self.env(),
+            )
         self.state["pids"][name] = proc.pid
         self._save()
         return proc.pid
@@ -334,11 +239,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def _start_munged(self) -> None:
         d = self.dir
         log = d / "log" / "munged.log"
-        pid = self._spawn("munged", [
-            "munged", "--foreground", "--force", f"--socket={d}/run/munge.socket",
-            f"--key-file={d}/etc/munge.key", f"--pid-file={d}/run/munged.pid",
-            f"--seed-file={d}/run/munged.seed", f"--log-file={log}",
-        ], d / "log" / "munged.out")
+        pid = self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={d}/run/munge.socket",
+                f"--key-file={d}/etc/munge.key",
+                f"--pid-file={d}/run/munged.pid",
+                f"--seed-file={d}/run/munged.seed",
+                f"--log-file={log}",
+            ],
+            d / "log" / "munged.out",
+        )
         deadline = time.time() + 15
         while time.time() < deadline:
             if not _alive(pid):
@@ -350,19 +264,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _start_slurmctld(self, timeout: float) -> None:
         log = self.dir / "log" / "slurmctld.log"
-        pid = self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)],
-                          self.dir / "log" / "slurmctld.out")
+        pid = self._spawn(
+            "slurmctld",
+            ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+            self.dir / "log" / "slurmctld.out",
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if not _alive(pid):
-                raise ClusterError(f"slurmctld exited at start; last lines of {log}:\n"
-                                   f"{_tail(log)}\n{_tail(self.dir / 'log' / 'slurmctld.out')}")
+                raise ClusterError(
+                    f"slurmctld exited at start; last lines of {log}:\n"
+                    f"{_tail(log)}\n{_tail(self.dir / 'log' / 'slurmctld.out')}"
+                )
             ping = _run(["scontrol", "ping"], check=False, env=self.env(), timeout=20)
             if ping.returncode == 0 and " UP" in ping.stdout:
                 return
             time.sleep(0.5)
-        raise ClusterError(f"slurmctld not answering after {timeout:.0f}s; last lines of {log}:\n"
-                           f"{_tail(log)}")
+        raise ClusterError(
+            f"slurmctld not answering after {timeout:.0f}s; last lines of {log}:\n{_tail(log)}"
+        )
 
     def _start_slurmds(self) -> None:
         for node in self.spec.node_names():
@@ -398,21 +318,40 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             if state in ("idle", "mixed", "allocated"):
                 return
             if state in ("down", "drained", "draining", "idle*", "unknown"):
-                _run(["scontrol", "update", f"nodename={node}", "state=resume"], check=False,
-                     env=self.env())
+                _run(
+                    ["scontrol", "update", f"nodename={node}", "state=resume"],
+                    check=False,
+                    env=self.env(),
+                )
             time.sleep(1)
-        raise ClusterError(f"{node} not back in service after {timeout:.0f}s "
-                           f"(state {self._node_states().get(node)})")
+        raise ClusterError(
+            f"{node} not back in service after {timeout:.0f}s "
+            f"(state {self._node_states().get(node)})"
+        )
 
     def _start_slurmd(self, node: str) -> None:
         s = self.spec
         cmd = [
-            "unshare", "--mount", "--uts", "--propagation", "private", "--",
-            "nsenter", f"--net=/run/netns/{s.netns(node)}", "--",
-            sys.executable, "-m", "scalelab.testcluster.nodeinit",
-            "--hostname", node, "--hosts-file", str(self.dir / "etc" / "hosts"),
-            "--tmp-dir", str(self.dir / "nodes" / node / "tmp"),
-            "--etc-slurm", str(self.conf.parent),
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+            "nsenter",
+            f"--net=/run/netns/{s.netns(node)}",
+            "--",
+            sys.executable,
+            "-m",
+            "scalelab.testcluster.nodeinit",
+            "--hostname",
+            node,
+            "--hosts-file",
+            str(self.dir / "etc" / "hosts"),
+            "--tmp-dir",
+            str(self.dir / "nodes" / node / "tmp"),
+            "--etc-slurm",
+            str(self.conf.parent),
         ]
         for path in [*s.shared, self.dir]:
             cmd += ["--share", str(path)]
@@ -430,8 +369,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _nodes_ready(self) -> bool:
         states = self._node_states()
-        return all(states.get(n) in ("idle", "mixed", "allocated", "completing")
-                   for n in self.spec.node_names())
+        return all(
+            states.get(n) in ("idle", "mixed", "allocated", "completing")
+            for n in self.spec.node_names()
+        )
 
     def _wait_nodes(self, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -443,20 +384,31 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                     log = self.dir / "log" / f"slurmd-{node}.log"
                     raise ClusterError(
                         f"slurmd on {node} exited at start; last lines of {log}:\n{_tail(log)}\n"
-                        f"{_tail(self.dir / 'log' / f'slurmd-{node}.out')}")
+                        f"{_tail(self.dir / 'log' / f'slurmd-{node}.out')}"
+                    )
             if self._nodes_ready():
                 return
             states = self._node_states()
-            if not resumed and any(st in ("down", "drained", "draining")
-                                   for st in states.values()):
-                _run(["scontrol", "update", f"nodename={','.join(self.spec.node_names())}",
-                      "state=resume"], check=False, env=self.env())
+            if not resumed and any(st in ("down", "drained", "draining") for st in states.values()):
+                _run(
+                    [
+                        "scontrol",
+                        "update",
+                        f"nodename={','.join(self.spec.node_names())}",
+                        "state=resume",
+                    ],
+                    check=False,
+                    env=self.env(),
+                )
                 resumed = True
             time.sleep(0.5)
-        logs = "\n".join(f"--- slurmd-{n}.log\n{_tail(self.dir / 'log' / f'slurmd-{n}.log')}"
-                         for n in self.spec.node_names())
-        raise ClusterError(f"nodes not ready after {timeout:.0f}s (states: {self._node_states()})"
-                           f"\n{logs}")
+        logs = "\n".join(
+            f"--- slurmd-{n}.log\n{_tail(self.dir / 'log' / f'slurmd-{n}.log')}"
+            for n in self.spec.node_names()
+        )
+        raise ClusterError(
+            f"nodes not ready after {timeout:.0f}s (states: {self._node_states()})\n{logs}"
+        )
 
     # ---- status ------------------------------------------------------------------------
     def status(self) -> dict:
@@ -465,8 +417,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             return {"up": False, "daemons": {}, "nodes": {}}
         daemons = {k: {"pid": v, "alive": _alive(v)} for k, v in state.get("pids", {}).items()}
         nodes = self._node_states() if daemons.get("slurmctld", {}).get("alive") else {}
-        return {"up": self.is_up(), "conf": str(self.conf), "daemons": daemons, "nodes": nodes,
-                "netns": state.get("netns", []), "links": state.get("links", [])}
+        return {
+            "up": self.is_up(),
+            "conf": str(self.conf),
+            "daemons": daemons,
+            "nodes": nodes,
+            "netns": state.get("netns", []),
+            "links": state.get("links", []),
+        }
 
     # ---- down --------------------------------------------------------------------------
     def down(self, quiet: bool = False, keep_logs: bool = False) -> None:
@@ -504,40 +462,3 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         self.state = {}
         if not quiet:
             print("test cluster down")
-
-
-def _pids_in_netns(ns: str) -> list[int]:
-    try:
-        target = os.stat(f"/run/netns/{ns}").st_ino
-    except OSError:
-        return []
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino == target:
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def _terminate(pids: list[int | None], grace: float = 10) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left; reap our children."""
-    pids = [p for p in dict.fromkeys(pids) if p and p != os.getpid()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + (grace if sig == signal.SIGTERM else 5)
-        while time.time() < deadline:
-            for pid in pids:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            pids = [p for p in pids if _alive(p)]
-            if not pids:
-                return
-            time.sleep(0.1)
-    if pids:
-        raise ClusterError(f"processes {pids} survived SIGKILL")

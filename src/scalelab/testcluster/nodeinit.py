@@ -27,8 +27,13 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True)
 
 
-def prepare_node(hostname: str, hosts_file: Path, tmp_dir: Path, shared: list[Path],
-                 etc_slurm: Path | None = None) -> None:
+def prepare_node(
+    hostname: str,
+    hosts_file: Path,
+    tmp_dir: Path,
+    shared: list[Path],
+    etc_slurm: Path | None = None,
+) -> None:
     socket.sethostname(hostname)
     _mount("--bind", str(hosts_file), "/etc/hosts")
     if etc_slurm:

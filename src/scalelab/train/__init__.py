@@ -14,8 +14,14 @@ from scalelab.train.signals import EXIT_PREEMPTED, Preempted
 __all__ = ["EXIT_PREEMPTED", "Preempted", "RunConfig", "load", "run"]
 
 
-def run(config: RunConfig | dict | str | Path, out_dir: str | Path, *, resume: bool = False,
-        overrides: list[str] | None = None, reshard: bool = False) -> dict[str, Any]:
+def run(
+    config: RunConfig | dict | str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    reshard: bool = False,
+) -> dict[str, Any]:
     """Train (every rank of the job calls this) and return the summary dict.
 
     ``config``: a RunConfig, a nested dict or a YAML path; ``overrides``:

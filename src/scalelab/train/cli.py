@@ -9,13 +9,16 @@ SIGTERM/SIGUSR1 after saving a checkpoint (requeue and rerun with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from scalelab.errors import UsageError, process_rank, report_error
+from scalelab.layout import detect
+from scalelab.rundir import RunDir
+from scalelab.train import config, run
+from scalelab.train.signals import Preempted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,30 +28,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, metavar="RUN.yaml",
-                   help="run configuration (YAML); omitted: all defaults")
-    p.add_argument("--out", type=Path, metavar="RUN_DIR",
-                   help="run directory (config, metrics, checkpoints, summary)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest valid checkpoint in RUN_DIR "
-                        "(fresh start if there is none)")
-    p.add_argument("--reshard", action="store_true",
-                   help="with --resume: accept a checkpoint written at another world size or "
-                        "tp (sharded checkpoints are resharded to this job's layout); without "
-                        "it such a resume is refused")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY.PATH=VALUE", help="override a config field (value parsed as YAML)")
-    p.add_argument("--force", action="store_true",
-                   help="take over a stale lock of RUN_DIR whose writer cannot be proven dead")
-    p.add_argument("--explain", action="store_true",
-                   help="print every config field with its default and meaning, then exit")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RUN.yaml",
+        help="run configuration (YAML); omitted: all defaults",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directory (config, metrics, checkpoints, summary)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in RUN_DIR (fresh start if there is none)",
+    )
+    p.add_argument(
+        "--reshard",
+        action="store_true",
+        help="with --resume: accept a checkpoint written at another world size or "
+        "tp (sharded checkpoints are resharded to this job's layout); without "
+        "it such a resume is refused",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field (value parsed as YAML)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take over a stale lock of RUN_DIR whose writer cannot be proven dead",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every config field with its default and meaning, then exit",
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the trainer; see the module docstring for exit codes."""
-    from scalelab.train import config
-    from scalelab.train.signals import EXIT_PREEMPTED, Preempted
 
     if args.explain:
         print("\n".join(config.explain()))
@@ -57,13 +83,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--out RUN_DIR is required")
     cfg = config.load(args.config, args.overrides)
     try:
-        from scalelab.train import run
-
-        with run_dir_guard(args.out, force=args.force):
+        with RunDir(args.out).lock(force=args.force):
             run(cfg, args.out, resume=args.resume, reshard=args.reshard)
     except Preempted as exc:
         print(f"scalelab train: {exc}", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        return exc.exit_code
     except BaseException as exc:
         if not _has_peers():
             raise  # scalelab.cli reports user errors in one line, bugs with a traceback
@@ -72,13 +96,20 @@ def main(args: argparse.Namespace) -> int:
         code = 130 if isinstance(exc, KeyboardInterrupt) else report_error("train", exc)
         if code is None and _peer_lost(exc):
             # A consequence, not a cause: the rank that failed first reports why.
-            print(f"scalelab train: rank {process_rank()} stopped: a peer failed "
-                  f"({str(exc).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+            print(
+                f"scalelab train: rank {process_rank()} stopped: a peer failed "
+                f"({str(exc).splitlines()[0][:160]})",
+                file=sys.stderr,
+                flush=True,
+            )
             code = 1
         if code is None:
             traceback.print_exc()
-            print(f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
-                  file=sys.stderr, flush=True)
+            print(
+                f"scalelab train: error: {type(exc).__name__}: {exc}".splitlines()[0],
+                file=sys.stderr,
+                flush=True,
+            )
             code = 1
         sys.stdout.flush()
         sys.stderr.flush()
@@ -92,37 +123,17 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Set by `scalelab launch` for its ranks: the token of the RUN_DIR lock it holds for them.
-LOCK_ENV = "SCALELAB_RUN_LOCK"
-
-#: What scalelab writes in a run directory (train, launch, evaluate, reproduce): the
-#: marker records it, and the guard replaces a run directory only if it holds no more.
-RUN_FILES = ("run.yaml", "sweep.json", "container.json", "config.yaml", "run_info.json",
-             "provenance.json", "metrics.jsonl", "model.pt", "summary.json", "checkpoints/",
-             "evaluation.json", "reproduce.json")
-
-
-@contextlib.contextmanager
-def run_dir_guard(out: Path, force: bool = False):
-    """Refuse a RUN_DIR that is not a run directory, and hold its writer lock.
-
-    Rank 0 alone checks and locks the directory (its failure ends the job), unless
-    `scalelab launch` already holds it on the ranks' behalf. Two trainings into one
-    RUN_DIR: the second is refused before it writes anything.
-    """
-    from scalelab.fsio import guard, held_for
-
-    if process_rank() != "0" or held_for(out, os.environ.get(LOCK_ENV)):
-        yield  # rank 0 (or the launcher) checked and holds the directory for the job
-        return
-    with guard(out, "run", force=force):
-        yield  # the trainer creates and marks RUN_DIR once the config has passed
-
-
 #: What gloo, NCCL and MPI say when the other side of a collective went away.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-              "Timed out waiting", "timed out", "Socket Timeout", "NCCL communicator was "
-              "aborted", "HorovodInternalError")
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "timed out",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+    "HorovodInternalError",
+)
 
 
 def _peer_lost(exc: BaseException) -> bool:
@@ -131,9 +142,7 @@ def _peer_lost(exc: BaseException) -> bool:
     return any(marker in text for marker in _PEER_LOST)
 
 
-
 def _has_peers() -> bool:
-    from scalelab.layout import detect
 
     try:
         return detect(allow_mpi_query=False).world_size > 1

@@ -13,14 +13,13 @@ finite number > 0, got nan``, raised as :class:`~scalelab.errors.UsageError`
 every sweep point at plan time, the trainer again at start.
 
 Extension points: backends own their options (``dist``: :mod:`scalelab.backends.config`),
-so a new backend adds its section there; the world-size arithmetic takes a
-:class:`Parallelism` so a tensor-parallel size joins data parallelism without changing
-the callers.
+so a new backend adds its section there; the world-size arithmetic takes the
+job's :class:`~scalelab.backends.parallel_dims.ParallelDims` (the batch splits over its
+data-parallel replicas).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -32,6 +31,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from scalelab import docload
 from scalelab.backends.config import DistConfig, FSDPConfig, HorovodConfig
+from scalelab.backends.parallel_dims import ParallelDims
 from scalelab.config_types import (
     Finite,
     LearningRate,
@@ -42,11 +42,27 @@ from scalelab.config_types import (
     Section,
     Seed,
     SplitName,
+    did_you_mean,
+    show,
 )
+from scalelab.config_types import format_error as _format_error
+from scalelab.data.kinds import GENERATED_RUN_SOURCES, RUN_SOURCES, RUN_SYNTHETIC, TOKENS
 from scalelab.errors import UsageError
+from scalelab.models import _REGISTRY, model_names
 
-__all__ = ["DistConfig", "FSDPConfig", "Finite", "HorovodConfig", "NonNegFloat", "NonNegInt",
-           "PosFloat", "PosInt", "RunConfig", "Section", "SplitName"]
+__all__ = [
+    "DistConfig",
+    "FSDPConfig",
+    "Finite",
+    "HorovodConfig",
+    "NonNegFloat",
+    "NonNegInt",
+    "PosFloat",
+    "PosInt",
+    "RunConfig",
+    "Section",
+    "SplitName",
+]
 
 #: Models that train on token sequences (data.source tokens); every other model trains on
 #: images.
@@ -60,7 +76,7 @@ class ModelConfig(Section):
     """What network to train."""
 
     name: str = "cnn"
-    """Registry name: cnn, resnet, resnet18, resnet50 or vit."""
+    """Registry name (scalelab.models): cnn, gpt, resnet, resnet18, resnet50 or vit."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options of the model builder, e.g. ``{depth: 50, width: 64}`` for resnet."""
     sync_batchnorm: bool = False
@@ -68,19 +84,19 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _known_model(self) -> ModelConfig:
-        from scalelab.models import model_names
 
         if self.name not in model_names():
             hint = _did_you_mean(self.name, model_names())
-            raise ValueError(f"@name:unknown model {self.name!r}{hint}; "
-                             f"valid: {', '.join(model_names())}")
+            raise ValueError(
+                f"@name:unknown model {self.name!r}{hint}; valid: {', '.join(model_names())}"
+            )
         return self
 
 
 class DataConfig(Section):
     """Where samples come from."""
 
-    source: Literal["synthetic", "memory-npz", "staged", "tokens"] = "synthetic"
+    source: Literal[*RUN_SOURCES] = RUN_SYNTHETIC
     """synthetic: seeded on-the-fly images; memory-npz: one .npz loaded into memory;
     staged: sharded data written by ``scalelab data stage``; tokens: seeded learnable token
     sequences for language models (model gpt)."""
@@ -96,9 +112,9 @@ class DataConfig(Section):
     """synthetic only: validation samples."""
     num_classes: PosInt = 10
     """synthetic only: number of classes (file-backed sources carry their own)."""
-    image_shape: Annotated[list[Annotated[int, Field(ge=1, le=65536)]],
-                           Field(min_length=3, max_length=3)] = Field(
-        default_factory=lambda: [3, 32, 32])
+    image_shape: Annotated[
+        list[Annotated[int, Field(ge=1, le=65536)]], Field(min_length=3, max_length=3)
+    ] = Field(default_factory=lambda: [3, 32, 32])
     """synthetic only: image shape [C, H, W]; at most 2**24 values per image."""
     signal: NonNegFloat = 0.5
     """synthetic only: strength of the class pattern against unit noise (0: unlearnable)."""
@@ -117,11 +133,13 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.source not in ("synthetic", "tokens") and not self.path:
+        if self.source not in GENERATED_RUN_SOURCES and not self.path:
             raise ValueError(f"@path:required for data.source {self.source!r}")
         if math.prod(self.image_shape) > MAX_SAMPLE_VALUES:
-            raise ValueError(f"@image_shape:{self.image_shape} is {math.prod(self.image_shape)}"
-                             f" values per image, more than {MAX_SAMPLE_VALUES}")
+            raise ValueError(
+                f"@image_shape:{self.image_shape} is {math.prod(self.image_shape)}"
+                f" values per image, more than {MAX_SAMPLE_VALUES}"
+            )
         return self
 
 
@@ -164,8 +182,10 @@ class OptimConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> OptimConfig:
         if self.global_batch_size is not None and self.per_rank_batch_size is not None:
-            raise ValueError("@per_rank_batch_size:give either optim.global_batch_size or "
-                             "optim.per_rank_batch_size, not both")
+            raise ValueError(
+                "@per_rank_batch_size:give either optim.global_batch_size or "
+                "optim.per_rank_batch_size, not both"
+            )
         if self.nesterov and self.momentum == 0:
             raise ValueError("@nesterov:Nesterov momentum needs optim.momentum > 0")
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
@@ -249,106 +269,30 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _model_fits_data(self) -> RunConfig:
         """gpt on images (or an image model on tokens) fails in the job: refuse it here."""
-        tokens = self.data.source == "tokens"
+        tokens = self.data.source == TOKENS
         if (self.model.name in TOKEN_MODELS) != tokens:
-            kind, given = ("images", "token sequences") if tokens else ("token sequences",
-                                                                        "images")
+            kind, given = ("images", "token sequences") if tokens else ("token sequences", "images")
             want = f"model {TOKEN_MODELS[0]}" if tokens else "data.source tokens"
-            raise ValueError(f"@model.name:model {self.model.name!r} trains on {kind}, but "
-                             f"data.source {self.data.source!r} gives {given} (use {want})")
+            raise ValueError(
+                f"@model.name:model {self.model.name!r} trains on {kind}, but "
+                f"data.source {self.data.source!r} gives {given} (use {want})"
+            )
         return self
 
 
 # --------------------------------------------------------------------------- errors
-
-def _did_you_mean(word: str, choices: list[str] | Any) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _section_at(loc: tuple) -> type[Section] | None:
-    """The section model that holds the field at ``loc`` (None: not a section)."""
-    cls: Any = RunConfig
-    for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, Section)):
-            return None
-        cls = ann
-    return cls
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _message(err: dict) -> tuple[str, str]:
-    """(field path, one-line reason) of one pydantic error."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        owner = _section_at(loc[:-1])
-        names = list(owner.model_fields) if owner else []
-        return _dotted(loc), (f"unknown key{_did_you_mean(loc[-1], names)}; "
-                              f"valid: {', '.join(names)}")
-    if kind == "value_error":
-        text = str(ctx.get("error", err["msg"]))
-        if text.startswith("@"):
-            name, _, text = text[1:].partition(":")
-            loc = (*loc, name)
-        return _dotted(loc), text
-    value = err.get("input")
-    if kind == "finite_number":
-        return _dotted(loc), f"must be a finite number, got {value}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}[kind]
-        bound = next(iter(ctx.values()), "?")
-        return _dotted(loc), f"must be {op} {bound}, got {_show(value)}"
-    if kind == "string_pattern_mismatch":
-        return _dotted(loc), (f"{_show(value)} is not a plain name (letters, digits and "
-                              f". _ - only)")
-    if kind in ("too_short", "too_long"):
-        return _dotted(loc), f"expected {ctx.get('min_length', ctx.get('max_length'))} " \
-                             f"items, got {_show(value)}"
-    if kind == "literal_error":
-        return _dotted(loc), f"expected one of {ctx.get('expected')}, got {_show(value)}"
-    if kind == "model_type" or kind == "dict_type":
-        return _dotted(loc), f"expected a mapping, got {_show(value)}"
-    if kind == "float_type" and isinstance(value, str):
-        hint = ""
-        try:
-            float(value)
-            hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
-        except ValueError:
-            pass
-        return _dotted(loc), f"expected a number, got {_show(value)}{hint}"
-    names = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-             "string_type": "a string", "list_type": "a list"}
-    if kind in names:
-        return _dotted(loc), f"expected {names[kind]}, got {_show(value)}"
-    return _dotted(loc), f"{err['msg']}, got {_show(value)}"
+# One formatter for every config (scalelab.config_types): field path, "did you mean".
+_did_you_mean = did_you_mean
+_show = show
 
 
 def format_error(exc: ValidationError, prefix: str = "") -> str:
     """The first error of ``exc`` as ``field 'PREFIXpath': reason`` (one line)."""
-    errors = exc.errors(include_url=False)
-    # Unknown keys first: a typo explains the other errors of its section.
-    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
-    path, reason = _message(errors[0])
-    where = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
-    return f"field '{where}': {reason}".replace("\n", " ")
+    return _format_error(exc, RunConfig, prefix)
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
@@ -382,8 +326,9 @@ def from_dict(data: dict[str, Any] | None, prefix: str = "") -> RunConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UsageError(f"field '{prefix.rstrip('.') or 'config'}': expected a mapping, "
-                         f"got {_show(data)}")
+        raise UsageError(
+            f"field '{prefix.rstrip('.') or 'config'}': expected a mapping, got {_show(data)}"
+        )
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -408,7 +353,8 @@ def validate(cfg: RunConfig, prefix: str = "") -> None:
             raise UsageError(
                 f"field '{prefix}model.options.{key}': not an option of model "
                 f"{cfg.model.name!r}{_did_you_mean(key, allowed)}; "
-                f"valid: {', '.join(allowed) or '(none)'}")
+                f"valid: {', '.join(allowed) or '(none)'}"
+            )
 
 
 @cache
@@ -417,8 +363,6 @@ def model_option_names(name: str) -> list[str]:
     cheap enough for the workflow's plan-time check of every sweep point."""
     import ast
     import importlib.util
-
-    from scalelab.models import _REGISTRY
 
     module, func = _REGISTRY[name].split(":")
     spec = importlib.util.find_spec(module)
@@ -432,17 +376,9 @@ def model_option_names(name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- batch plan
 
-@dataclass(frozen=True)
-class Parallelism:
-    """How the world is split. Data parallelism only today; a tensor-parallel size joins as
-    ``tp`` (data-parallel ranks = world_size / tp) without changing the callers."""
-
-    world_size: int
-    tp: int = 1
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // self.tp
+#: The old name of :meth:`ParallelDims.of` (``Parallelism(world_size, tp)``), for callers
+#: not yet moved to it.
+Parallelism = ParallelDims.of
 
 
 @dataclass(frozen=True)
@@ -456,10 +392,11 @@ class BatchPlan:
     lr: float
 
 
-def resolve_batch(cfg: RunConfig, world_size: int | Parallelism, prefix: str = "") -> BatchPlan:
-    """Derive per-rank and micro-batch sizes and the scaled lr; check divisibility."""
-    par = world_size if isinstance(world_size, Parallelism) else Parallelism(world_size)
-    dp = par.dp
+def resolve_batch(cfg: RunConfig, world_size: int | ParallelDims, prefix: str = "") -> BatchPlan:
+    """Derive per-rank and micro-batch sizes and the scaled lr; check divisibility. The
+    batch splits over the layout's data-parallel replicas (a world size alone: all ranks)."""
+    par = world_size if isinstance(world_size, ParallelDims) else ParallelDims.of(world_size)
+    dp = par.replicas
     o = cfg.optim
     accum = o.grad_accum_steps
     if o.per_rank_batch_size is not None:
@@ -474,7 +411,7 @@ def resolve_batch(cfg: RunConfig, world_size: int | Parallelism, prefix: str = "
         if global_batch % (dp * accum):
             raise UsageError(
                 f"field '{prefix}optim.global_batch_size': {global_batch} is not divisible by "
-                f"world_size * grad_accum_steps = {dp} * {accum}"
+                f"{par.replicas_words()} * grad_accum_steps = {dp} * {accum}"
             )
     per_rank = global_batch // dp
     lr = o.lr * global_batch / o.base_batch_size if o.base_batch_size else o.lr
@@ -484,6 +421,7 @@ def resolve_batch(cfg: RunConfig, world_size: int | Parallelism, prefix: str = "
 
 
 # --------------------------------------------------------------------------- documentation
+
 
 def field_docs(cls: type[Section]) -> dict[str, str]:
     """Field name -> its attribute docstring (what --explain and the JSON schema show)."""

@@ -17,14 +17,15 @@ from typing import Any
 import torch
 
 from scalelab.backends import Backend
-from scalelab.train.metrics import EpochStats, MetricsWriter
+from scalelab.train.records import EpochStats, MetricsWriter
 
 
 class MetricsReducer:
     """Owns the in-flight reductions of one rank: what was summed, what is on the wire."""
 
-    def __init__(self, backend: Backend, device: torch.device, metrics: MetricsWriter,
-                 global_batch: int) -> None:
+    def __init__(
+        self, backend: Backend, device: torch.device, metrics: MetricsWriter, global_batch: int
+    ) -> None:
         self.backend, self.device, self.metrics = backend, device, metrics
         self.global_batch = global_batch
         self.inflight: list[tuple[Callable[[], list[float]], dict[str, Any]]] = []
@@ -38,8 +39,13 @@ class MetricsReducer:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Count one micro-batch (targets: a sample's label, or the tokens of a sequence)."""
         n = torch.tensor(float(targets.numel()), device=self.device, dtype=torch.float64)
-        self.pending += torch.stack([loss.detach().double() * targets.numel(),
-                                     (logits.argmax(1) == targets).sum().double(), n])
+        self.pending += torch.stack(
+            [
+                loss.detach().double() * targets.numel(),
+                (logits.argmax(1) == targets).sum().double(),
+                n,
+            ]
+        )
 
     def step_done(self, step_s: float) -> None:
         self.interval["steps"] += 1
@@ -62,20 +68,28 @@ class MetricsReducer:
             stop |= self._book(*self.inflight.pop(0), stats, bar)
         return stop
 
-    def _book(self, result: Callable[[], list[float]], info: dict[str, Any], stats: EpochStats,
-              bar: Any) -> bool:
+    def _book(
+        self, result: Callable[[], list[float]], info: dict[str, Any], stats: EpochStats, bar: Any
+    ) -> bool:
         flag, loss_sum, correct, count = result()
         stats.loss_sum += loss_sum
         stats.correct += correct
         stats.count += count
         n = info["steps"]
-        self.metrics.write({
-            "kind": "step", "epoch": info["epoch"], "step": info["step"],
-            "global_step": info["global_step"], "loss": loss_sum / count, "acc": correct / count,
-            "lr": info["lr"], "step_time": info["time"] / n,
-            "samples_per_s": self.global_batch * n / info["time"],
-            "data_s": info["data"] / n,
-            "comm_s": info["comm"] / n if self.backend.measures_comm else None,
-        })
+        self.metrics.write(
+            {
+                "kind": "step",
+                "epoch": info["epoch"],
+                "step": info["step"],
+                "global_step": info["global_step"],
+                "loss": loss_sum / count,
+                "acc": correct / count,
+                "lr": info["lr"],
+                "step_time": info["time"] / n,
+                "samples_per_s": self.global_batch * n / info["time"],
+                "data_s": info["data"] / n,
+                "comm_s": info["comm"] / n if self.backend.measures_comm else None,
+            }
+        )
         bar.set_postfix(loss=f"{loss_sum / count:.4f}")
         return flag > 0

@@ -23,12 +23,13 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def rank_batches(order: np.ndarray, first_step: int, steps: int, global_batch: int,
-                 rank: int, per_rank: int) -> Iterator[np.ndarray]:
+def rank_batches(
+    order: np.ndarray, first_step: int, steps: int, global_batch: int, rank: int, per_rank: int
+) -> Iterator[np.ndarray]:
     """Index arrays of this rank for steps ``first_step .. steps-1``."""
     for step in range(first_step, steps):
         start = step * global_batch + rank * per_rank
-        yield order[start:start + per_rank]
+        yield order[start : start + per_rank]
 
 
 def eval_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
@@ -45,8 +46,14 @@ class Batches:
     and the host-to-device copy from pinned memory with compute.
     """
 
-    def __init__(self, dataset, index_batches: Iterator[np.ndarray], device: torch.device,
-                 channels_last: bool, prefetch: bool) -> None:
+    def __init__(
+        self,
+        dataset,
+        index_batches: Iterator[np.ndarray],
+        device: torch.device,
+        channels_last: bool,
+        prefetch: bool,
+    ) -> None:
         self.dataset = dataset
         self.indices = index_batches
         self.device = device

@@ -9,7 +9,6 @@ or wrap it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -20,17 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from scalelab.backends import Backend
+from scalelab.data.registry import data_source
 from scalelab.data.spec import DataSpec
-from scalelab.errors import DataError, UsageError
-from scalelab.fsio import atomic_write_json, atomic_write_text, write_marker
+from scalelab.errors import UsageError
 from scalelab.layout import Layout
+from scalelab.provenance import record_start
+from scalelab.rundir import RunDir
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.cli import RUN_FILES
 from scalelab.train.config import BatchPlan, RunConfig
-from scalelab.train.metrics import MetricsWriter, PhaseTimer
+from scalelab.train.records import MetricsWriter
+from scalelab.train.timing import PhaseTimer, epoch_steps
 
 
 @dataclass
@@ -70,6 +70,11 @@ class Job:
         return self.layout.is_main
 
     @property
+    def run_dir(self) -> RunDir:
+        """RUN_DIR = ``out``: its files, preparation and records."""
+        return RunDir(self.out)
+
+    @property
     def spec(self) -> DataSpec:
         """What the model was built for: the training split's outputs and input shape."""
         return DataSpec.of(self.train_set)
@@ -77,20 +82,33 @@ class Job:
 
 def steps_per_epoch(cfg: RunConfig, plan: BatchPlan, train_set: Any) -> int:
     """Optimizer steps per epoch: whole global batches of the split, capped by the config."""
-    steps = len(train_set) // plan.global_batch
-    if steps == 0:
-        raise UsageError(f"field 'optim.global_batch_size': {plan.global_batch} is larger than "
-                         f"the training split ({len(train_set)} samples)")
-    return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+    if len(train_set) // plan.global_batch == 0:
+        raise UsageError(
+            f"field 'optim.global_batch_size': {plan.global_batch} is larger than "
+            f"the training split ({len(train_set)} samples)"
+        )
+    return epoch_steps(len(train_set), plan.global_batch, cfg.train.steps_per_epoch)
 
 
-def build_job(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
-              raw_model: torch.nn.Module, data: tuple[Any, Any, int], device: torch.device,
-              threads: int | None, out: Path, resume: bool, *, reshard: bool = False) -> Job:
+def build_job(
+    cfg: RunConfig,
+    layout: Layout,
+    plan: BatchPlan,
+    backend: Backend,
+    raw_model: torch.nn.Module,
+    data: tuple[Any, Any, int],
+    device: torch.device,
+    threads: int | None,
+    out: Path,
+    resume: bool,
+    *,
+    reshard: bool = False,
+) -> Job:
     """Apply the backend to the model, make optimizer and schedule, describe the run dir."""
     train_set, val_set, steps = data
     use_bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     channels_last = cfg.train.channels_last
     if channels_last is None:
         channels_last = device.type == "cuda"
@@ -108,139 +126,56 @@ def build_job(cfg: RunConfig, layout: Layout, plan: BatchPlan, backend: Backend,
     timer = PhaseTimer(device)  # CUDA events on GPUs, the host clock on the CPU
     timer.attach(optimizer)
     hostnames = backend.gather_object(socket.gethostname())
-    return Job(cfg=cfg, layout=layout, plan=plan, backend=backend, device=device,
-               threads=threads, out=out, resume=resume, reshard=reshard,
-               train_set=train_set, val_set=val_set,
-               steps_per_epoch=steps, raw_model=raw_model, model=model, optimizer=optimizer,
-               scheduler=scheduler, params=[p for p in raw_model.parameters() if p.requires_grad],
-               timer=timer,
-               autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
-               use_bf16=use_bf16, channels_last=channels_last, prefetch=prefetch,
-               hostnames=hostnames, metrics=MetricsWriter(out / "metrics.jsonl",
-                                                          enabled=layout.is_main))
+    return Job(
+        cfg=cfg,
+        layout=layout,
+        plan=plan,
+        backend=backend,
+        device=device,
+        threads=threads,
+        out=out,
+        resume=resume,
+        reshard=reshard,
+        train_set=train_set,
+        val_set=val_set,
+        steps_per_epoch=steps,
+        raw_model=raw_model,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=[p for p in raw_model.parameters() if p.requires_grad],
+        timer=timer,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+        use_bf16=use_bf16,
+        channels_last=channels_last,
+        prefetch=prefetch,
+        hostnames=hostnames,
+        metrics=MetricsWriter(RunDir(out).metrics_path, enabled=layout.is_main),
+    )
 
 
 def describe_run_dir(job: Job, info: dict[str, Any]) -> None:
     """Rank 0 marks RUN_DIR as a run and writes what it is (config, provenance, run_info)."""
     if not job.main:
         return
-    out = job.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "run", RUN_FILES)  # a run directory: what scalelab may resume or replace
-    from scalelab.provenance import record_start
+    # A run directory (what scalelab may resume or replace); a fresh run drops an earlier
+    # attempt's metrics and weights.
+    run_dir = job.run_dir
+    run_dir.prepare(job.resume)
 
-    record_start(job.cfg, out, job.layout, resume=job.resume)  # every input check has passed
-    if not job.resume:
-        for stale in ("metrics.jsonl", "model.pt"):
-            (out / stale).unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
-    atomic_write_json(out / "run_info.json", info)
+    record_start(job.cfg, job.out, job.layout, resume=job.resume)  # every input check has passed
+    run_dir.write_config(job.cfg.to_dict())
+    run_dir.write_run_info(info)
 
 
 def check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     """Refuse to overwrite a run; return the summary of a completed one on --resume."""
-    summary = out / "summary.json"
-    if summary.exists():
-        if resume:
-            return json.loads(summary.read_text())
-        raise UsageError(f"--out {out}: holds a completed run (summary.json); "
-                         "choose a new directory")
-    if not resume and ckpt.list_checkpoints(out / "checkpoints"):
-        raise UsageError(f"--out {out}: holds checkpoints of an unfinished run; pass --resume "
-                         "to continue it or choose a new directory")
-    return None
-
-
-def generated_test_split(cfg: RunConfig):
-    """The test split of a generated source (None for data on disk): as many samples as
-    validation, with ids after training and validation, so neither has seen them."""
-    d = cfg.data
-    first = d.num_samples + d.val_samples
-    if d.source == "tokens":
-        from scalelab.data.tokens import TokenSequences
-
-        return TokenSequences(d.val_samples, d.vocab_size, d.seq_len, cfg.seed,
-                              first_index=first)
-    if d.source == "synthetic":
-        from scalelab.data.synthetic import SyntheticDataset
-
-        return SyntheticDataset(d.val_samples, d.num_classes, tuple(d.image_shape), cfg.seed,
-                                d.signal, first_index=first)
-    return None
+    return RunDir(out).check_start(resume, ckpt.list_checkpoints)
 
 
 def open_datasets(cfg: RunConfig):
     """The training and validation splits (validation None when not configured)."""
-    d = cfg.data
-    if d.source == "tokens":
-        from scalelab.data.tokens import token_splits
-
-        return token_splits(d.num_samples, d.val_samples if d.val_split else None,
-                            d.vocab_size, d.seq_len, cfg.seed)
-    if d.source == "synthetic":
-        from scalelab.data.synthetic import SyntheticDataset
-
-        shape = tuple(d.image_shape)
-        train = SyntheticDataset(d.num_samples, d.num_classes, shape, cfg.seed, d.signal)
-        val = None
-        if d.val_split:
-            val = SyntheticDataset(d.val_samples, d.num_classes, shape, cfg.seed, d.signal,
-                                   first_index=d.num_samples)
-        return train, val
-    return _open_files(cfg)
-
-
-def _open_files(cfg: RunConfig):
-    """Staged shards or an in-memory .npz: open both splits and check they agree."""
-    d = cfg.data
-    if not Path(d.path).exists():
-        raise UsageError(f"field 'data.path': no such file or directory: {d.path}")
-    path = d.path
-    if d.localize and d.source == "staged":
-        # Every rank asks; the first on each node copies, the others wait for it.
-        from scalelab.data.nodelocal import localize
-
-        try:
-            path = str(localize(d.path, d.scratch, progress=False))
-        except DataError as exc:  # a corrupt dataset is a failed check (exit 1)
-            raise type(exc)(f"field 'data.localize': {exc}") from None
-        except OSError as exc:
-            raise UsageError(f"field 'data.localize': {exc}") from None
-    if d.source == "memory-npz":
-        from scalelab.data.memory import load_npz as opener
-    else:
-        try:
-            from scalelab.data.shards import open_split as opener
-        except ImportError as exc:
-            raise UsageError(f"field 'data.source': 'staged' needs scalelab.data.shards, which "
-                             f"does not import here ({exc})") from None
-    splits = []
-    for field_name, split in (("data.train_split", d.train_split), ("data.val_split", d.val_split)):
-        if split is None:
-            splits.append(None)
-            continue
-        try:
-            splits.append(opener(path, split))
-        except DataError as exc:  # corrupt data stays a failed check (1), bad input 2
-            raise type(exc)(f"field '{field_name}': {split!r} in {path}: {exc}") from None
-        except (OSError, KeyError, ValueError) as exc:
-            raise UsageError(f"field '{field_name}': {split!r} in {path}: {exc}") from None
-    train, val = splits
-    _check_splits(cfg, train, val)
-    return train, val
-
-
-def _check_splits(cfg: RunConfig, train: Any, val: Any) -> None:
-    d = cfg.data
-    if len(train) == 0:
-        raise UsageError(f"field 'data.train_split': {d.train_split!r} in {d.path} is empty")
-    if val is not None and len(val) == 0:
-        raise UsageError(f"field 'data.val_split': {d.val_split!r} in {d.path} is empty; "
-                         "stage with a validation fraction > 0, or set data.val_split: null")
-    if val is not None and (val.image_shape != train.image_shape
-                            or val.num_classes != train.num_classes):
-        raise UsageError(f"field 'data.val_split': {d.val_split!r} has shape {val.image_shape} "
-                         f"and {val.num_classes} classes, unlike the training split")
+    return data_source(cfg.data.source).open(cfg)
 
 
 def pick_device(want: str, layout: Layout) -> torch.device:
@@ -260,8 +195,11 @@ def configure_torch(cfg: RunConfig, layout: Layout, device: torch.device) -> int
         if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = int(os.environ["OMP_NUM_THREADS"])
         if threads is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-                os.cpu_count() or 1)
+            cores = (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else (os.cpu_count() or 1)
+            )
             threads = max(1, cores // layout.local_world_size)
         torch.set_num_threads(threads)
     if cfg.train.deterministic:
@@ -286,8 +224,9 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module, lr: float) -> torch.o
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
 
 
 def lr_factor(cfg: RunConfig, steps_per_epoch: int):

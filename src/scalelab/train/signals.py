@@ -16,14 +16,16 @@ import sys
 import threading
 from types import FrameType
 
-from scalelab.errors import EXIT_REQUEUE
+from scalelab.errors import EXIT_REQUEUE, ScalelabError
 
 EXIT_PREEMPTED = EXIT_REQUEUE
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
+class Preempted(ScalelabError):
     """The run stopped on a signal after saving a checkpoint; resume with ``--resume``."""
+
+    exit_code = EXIT_REQUEUE
 
 
 class StopRequest:
@@ -48,8 +50,10 @@ class StopRequest:
     def install(self) -> StopRequest:
         """Install handlers (main thread only; elsewhere signals keep their old meaning)."""
         if threading.current_thread() is not threading.main_thread():
-            print("scalelab train: not in the main thread; stop signals are not handled",
-                  file=sys.stderr)
+            print(
+                "scalelab train: not in the main thread; stop signals are not handled",
+                file=sys.stderr,
+            )
             return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)

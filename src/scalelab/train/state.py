@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalelab.train.metrics import EpochStats
+from scalelab.train.records import EpochStats
 
 
 @dataclass
@@ -32,9 +32,14 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "resumes": self.resumes,
-                "stats": self.stats.to_dict(), "history": list(self.history)}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "resumes": self.resumes,
+            "stats": self.stats.to_dict(),
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]

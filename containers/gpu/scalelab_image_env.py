@@ -1,8 +1,21 @@
-"""Start-up of every Python process in the scalelab GPU image (the venv's sitecustomize).
+"""Start-up of every Python process in the scalelab GPU image (a ``.pth`` hook of the venv).
 
-containers/recipe.py installs this file as ``sitecustomize.py`` in the image's venv;
-Python imports it before any user code. It acts only inside the image
-(``SCALELAB_IMAGE`` is set by the image's %environment).
+containers/recipe.py installs this module in the image's venv site-packages, with
+``scalelab-image-env.pth`` beside it; that file's one line (``import scalelab_image_env``)
+runs when ``site`` processes site-packages, before any user code. It acts only inside the
+image (``SCALELAB_IMAGE`` is set by the image's %environment).
+
+Why a ``.pth`` hook and not the venv's ``sitecustomize.py``: Debian's and Ubuntu's
+python3.11 packages ship ``/usr/lib/python3.11/sitecustomize.py`` (a link to
+/etc/python3.11/sitecustomize.py), which comes before the venv's site-packages on
+``sys.path``; ``import sitecustomize`` finds that one and a venv's file is never run
+(measured with Debian's ``/usr/bin/python3.11 -m venv``; tests/test_image_env_hook.py).
+Every ``.pth`` file of every site directory is read, whatever other ``sitecustomize``
+exists. Why not ``apptainer exec --cleanenv`` with an explicit ``--env`` list instead:
+``--cleanenv`` also drops what the launcher and Slurm hand each rank (SLURM_*, PMIX_*,
+the user's NCCL_*/GLOO_* choices, CUDA_VISIBLE_DEVICES), so every site would have to
+re-list them; the hook drops only what is known to break the image's MPI. ``python -S``
+or ``-I`` skips the hook (as it would skip sitecustomize).
 
 Why here and not in %environment: Apptainer evaluates %environment before it merges
 the host's variables in; the script cannot see them, and a host variable the image
@@ -24,10 +37,10 @@ the cleaned environment on to the mpirun it starts).
    becomes ``OMPI_MCA_<name>=<value>`` (likewise ``SCALELAB_PRTE_MCA_*`` and
    ``SCALELAB_PMIX_MCA_*``, e.g. ``SCALELAB_PMIX_MCA_gds=ds21``).
 3. Interfaces as exclusions. SCALELAB_IFACE_EXCLUDE (default ``lo,docker``) lists
-   interface-name prefixes to avoid. NCCL takes exclusions itself: the image's
-   /etc/nccl.conf says ``NCCL_SOCKET_IFNAME=^lo,docker``, and a different list
-   here becomes ``NCCL_SOCKET_IFNAME=^<list>``. Gloo takes names only: when
-   GLOO_SOCKET_IFNAME is unset and exactly one interface is up and not excluded,
+   interface-name prefixes to avoid. NCCL is left to choose its own interface (it prefers
+   ``ib*`` and the subnet of ``NCCL_COMM_ID``; the image writes no NCCL_SOCKET_IFNAME):
+   only a list the user sets here becomes ``NCCL_SOCKET_IFNAME=^<list>``. Gloo takes
+   names only: when GLOO_SOCKET_IFNAME is unset and exactly one interface is up and not excluded,
    it is set to that one; otherwise Gloo keeps its own hostname lookup. A value
    the user or the launcher set always wins; nothing here touches GPU or CPU
    binding (CUDA_VISIBLE_DEVICES and the like belong to Slurm).

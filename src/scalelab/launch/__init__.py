@@ -1,0 +1,1 @@
+"""Starting ranks: the launcher command lines (:mod:`scalelab.launch.commands`)."""
