@@ -27,14 +27,25 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run(
     cmd: list[str], timeout: float = 120, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env or tool_env(), check=False
-    )
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env or tool_env(), check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        # What each process printed before it hung is the only clue to which one did.
+        raise AssertionError(
+            f"{cmd} still running after {timeout} s\nstdout:\n{_text(exc.stdout)}\n"
+            f"stderr:\n{_text(exc.stderr)}"
+        ) from None
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
 
 
 def scalelab_main(*argv: object) -> tuple[int, str, str]:

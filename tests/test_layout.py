@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from train_support import MPIRUN, PY, TORCHRUN, ok, run
@@ -253,3 +254,12 @@ def test_one_rank_rule(monkeypatch, what, env, launcher, rank) -> None:
 
 
 _ALL_RANK_VARS = {k for _, env, _, _ in RANK_ENVS for k in env}
+
+
+def test_derived_ports_stay_below_this_machines_ephemeral_range() -> None:
+    """A derived store port inside the kernel's ephemeral range can be handed to a dialling
+    rank as its own source port (TCP self-connect), which hangs the rendezvous."""
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert PORT_BASE + PORT_SPAN <= low
+    ports = {detect({**SRUN_PMIX, "SLURM_JOB_ID": str(j)}).master_port for j in range(2000)}
+    assert max(ports) < low and min(ports) >= PORT_BASE

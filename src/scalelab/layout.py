@@ -41,9 +41,12 @@ from dataclasses import dataclass
 from scalelab.errors import UsageError
 from scalelab.rank import HOROVODRUN, MPICH, OPENMPI, SLURM, TORCHRUN, Names, launcher_names
 
-#: Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
+#: Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): below Linux's
+#: ephemeral range (32768-60999 by default). Inside it, a rank that dials rank 0's store
+#: before the store listens can be given the store's own port as its source port and
+#: connect to itself (TCP self-connect), then wait for ever: the rare two-rank hang.
 PORT_BASE = 20000
-PORT_SPAN = 20000
+PORT_SPAN = 12000
 
 
 @dataclass(frozen=True)
