@@ -71,7 +71,7 @@ def test_rules_matrix(schedule: str) -> None:
                     for model, n_layers in (("gpt", 2), ("gpt", 4), ("gpt", 12), ("cnn", None)):
                         got = pipeline_problems(pp, v, m, schedule, n_layers, backend, model)
                         want = expected(pp, v, m, schedule, n_layers, backend, model)
-                        assert [line.split("'")[1] for line in got] == want, (
+                        assert [p.field for p in got] == want, (
                             pp,
                             v,
                             m,
@@ -80,43 +80,45 @@ def test_rules_matrix(schedule: str) -> None:
                             n_layers,
                             got,
                         )
-                        assert all(line.startswith("field 'dist.") for line in got)
-                        assert all("\n" not in line for line in got)
+                        assert all(p.line().startswith("field 'dist.") for p in got)
+                        assert all("\n" not in p.line() for p in got)
                         checked += 1
     assert checked == 4 * 3 * 9 * len(CHOICES) * 4
+
+
+def lines(*args, **kwargs) -> list[str]:
+    return [p.line() for p in pipeline_problems(*args, **kwargs)]
 
 
 def test_rules_lines_for_the_issue_cases() -> None:
     """The cases issue 27 names, word for word."""
     ddp = BACKENDS[0]
-    assert pipeline_problems(2, 2, 4, "interleaved-1f1b", 2, ddp, "gpt") == [
+    assert lines(2, 2, 4, "interleaved-1f1b", 2, ddp, "gpt") == [
         "field 'dist.virtual_stages': the model's 2 layers do not split over pp x v "
         "= 2 x 2 = 4 stages"
     ]
-    assert pipeline_problems(4, 1, 2, "1f1b", 4, ddp, "gpt") == [
+    assert lines(4, 1, 2, "1f1b", 4, ddp, "gpt") == [
         "field 'dist.microbatches': schedule 1f1b needs m >= pp = 4 micro-batches, not 2"
     ]
-    assert pipeline_problems(4, 1, 2, "gpipe", 4, ddp, "gpt") == []
-    assert pipeline_problems(2, 2, 5, "interleaved-1f1b", 4, ddp, "gpt") == [
+    assert lines(4, 1, 2, "gpipe", 4, ddp, "gpt") == []
+    assert lines(2, 2, 5, "interleaved-1f1b", 4, ddp, "gpt") == [
         "field 'dist.microbatches': schedule interleaved-1f1b needs m divisible by its "
         "rounds max(1, m // pp) = 2; m = 5"
     ]
-    assert pipeline_problems(2, 1, 2, "1f1b", 2, MPI, "gpt") == [
+    assert lines(2, 1, 2, "1f1b", 2, MPI, "gpt") == [
         f"field 'dist.pp': pipeline parallelism (pp=2) needs a torch.distributed backend, not {MPI}"
     ]
-    assert pipeline_problems(2, 1, 2, "1f1b", None, ddp, "cnn") == [
+    assert lines(2, 1, 2, "1f1b", None, ddp, "cnn") == [
         "field 'dist.pp': model 'cnn' does not split into pipeline stages (pp > 1 supports: gpt)"
     ]
-    assert pipeline_problems(2, 1, 2, "dualpipe", 2, ddp, "gpt") == [
+    assert lines(2, 1, 2, "dualpipe", 2, ddp, "gpt") == [
         "field 'dist.schedule': unknown schedule 'dualpipe'; valid: " + ", ".join(SCHEDULES)
     ]
-    assert pipeline_problems(2, 1, 3, "gpipe", 2, ddp, "gpt", batch=8) == [
+    assert lines(2, 1, 3, "gpipe", 2, ddp, "gpt", batch=8) == [
         "field 'dist.microbatches': 3 micro-batches do not split the pipeline's batch of 8 evenly"
     ]
-    assert pipeline_problems(0, 1, 1, "gpipe", 2, ddp, "gpt") == [
-        "field 'dist.pp': 0 must be an integer >= 1"
-    ]
-    assert pipeline_problems(1, 1, 1, "gpipe", 3, MPI, "cnn") == []
+    assert lines(0, 1, 1, "gpipe", 2, ddp, "gpt") == ["field 'dist.pp': 0 must be an integer >= 1"]
+    assert lines(1, 1, 1, "gpipe", 3, MPI, "cnn") == []
 
 
 def test_rules_import_no_torch() -> None:
@@ -189,19 +191,21 @@ RANK_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
     from test_pipeline import _model_and_batch
-    from scalelab.backends.pipeline import build_pipeline
+    from scalelab.backends.pipeline import build_pipeline, split_for_rank
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for schedule, v, m in json.loads(sys.argv[2]):
         model, x, y = _model_and_batch()
-        pipe = build_pipeline(model, rank, 2, v, m, schedule, torch.device("cpu"))
-        loss = pipe.step(x, y)
-        grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
-        torch.optim.SGD(pipe.parameters(), lr=0.5).step()
-        params = {n: p.detach().clone() for n, p in pipe.named_parameters()}
-        torch.save({"loss": loss, "grads": grads, "params": params},
-                   f"{sys.argv[1]}/{schedule}-{rank}.pt")
+        local, modules = split_for_rank(model, rank, 2, v, schedule)
+        pipe = build_pipeline(modules, rank, 2, v, m, schedule, torch.device("cpu"))
+        logits = pipe.forward(x)  # evaluation's path: the stages in order, no schedule
+        out = pipe.step(x, y)
+        grads = {n: p.grad.clone() for n, p in local.named_parameters()}
+        torch.optim.SGD(local.parameters(), lr=0.5).step()
+        params = {n: p.detach().clone() for n, p in local.named_parameters()}
+        torch.save({"loss": out and out[0], "step_logits": out and out[1], "logits": logits,
+                    "grads": grads, "params": params}, f"{sys.argv[1]}/{schedule}-{rank}.pt")
         dist.barrier()
     try:
         pipe.step(x[:6], y[:6])
@@ -240,7 +244,8 @@ def test_two_rank_pipeline_equals_one_process(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     model, x, y = _model_and_batch()
-    loss = lm_loss(model(x), y)
+    ref_logits = model(x)
+    loss = lm_loss(ref_logits, y)
     loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.optim.SGD(model.parameters(), lr=0.5).step()
@@ -254,8 +259,12 @@ def test_two_rank_pipeline_equals_one_process(tmp_path: Path) -> None:
         grads = {n: g for r in ranks for n, g in r["grads"].items()}
         params = {n: p for r in ranks for n, p in r["params"].items()}
         assert set(grads) == set(ref_grads) == set(params), schedule
+        last = next(r for r in ranks if r["loss"] is not None)
+        assert [r["logits"] is None for r in ranks] == [r is not last for r in ranks]
         diffs = {
             "loss": float((losses[0] - loss.detach()).abs()),
+            "logits": float((last["logits"] - ref_logits.detach()).abs().max()),
+            "step_logits": float((last["step_logits"] - ref_logits.detach()).abs().max()),
             "grad": max(float((grads[n] - ref_grads[n]).abs().max()) for n in ref_grads),
             "param": max(float((params[n] - ref_params[n]).abs().max()) for n in ref_params),
         }

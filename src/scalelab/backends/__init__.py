@@ -97,6 +97,9 @@ class Backend:
     shards_state = False
     #: Parameter/gradient/optimizer-state bytes of this rank, measured at the first step.
     state_bytes: dict[str, int] | None = None
+    #: The pipeline this rank runs (:class:`scalelab.backends.pipeline.Pipeline`) when
+    #: ``dist.pp > 1``: the loop then steps through it instead of calling the model.
+    pipeline: Any = None
 
     @property
     def dims(self) -> ParallelDims:
@@ -228,10 +231,13 @@ def choose_backend(
     tp: int = 1,
     model: str | None = None,
     options: dict[str, Any] | None = None,
+    *,
+    dims: ParallelDims | None = None,
 ) -> str:
-    """Resolve ``dist.backend: auto`` and reject combinations that cannot work."""
+    """Resolve ``dist.backend: auto`` and reject combinations that cannot work (``dims``:
+    the run's whole layout, else ``tp`` alone)."""
     name = requested
-    ParallelDims.of(layout.world_size, tp).check(requested, model, options)
+    (dims or ParallelDims.of(layout.world_size, tp)).check(requested, model, options)
     if name == AUTO:
         if layout.launcher == "horovodrun":
             name = MPI
@@ -258,5 +264,6 @@ def choose_backend(
 
 def make_backend(name: str, layout: Layout, cfg: DistConfig, device: torch.device) -> Backend:
     """Instantiate backend ``name`` (see :func:`choose_backend`) from the registry: the
-    class for ``cfg.tp`` tensor-parallel ranks (ddp's replicas are then tensor-parallel)."""
-    return load_class(name, cfg.tp)(layout, cfg, device)
+    class for ``cfg.tp`` tensor-parallel ranks and ``cfg.pp`` stages (ddp's replicas are
+    then tensor-parallel or pipelined)."""
+    return load_class(name, cfg.tp, cfg.pp)(layout, cfg, device)

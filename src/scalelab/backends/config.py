@@ -11,11 +11,14 @@ from typing import Literal
 
 from pydantic import Field
 
+from scalelab.backends.pipeline_rules import SCHEDULES
 from scalelab.backends.registry import AUTO, CHOICES
 from scalelab.config_types import Megabytes, NonNegFloat, PosInt, Seconds, Section
 
 #: ``dist.backend``'s values: ``auto`` and every registered backend.
 BackendName = Literal[CHOICES]
+#: ``dist.schedule``'s values: the pipeline schedules by name.
+ScheduleName = Literal[tuple(SCHEDULES)]
 
 
 class HorovodConfig(Section):
@@ -33,7 +36,8 @@ class FSDPConfig(Section):
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Parameters and compute in bf16, gradient reduction in fp32; auto: bf16 on GPUs."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute); the
+    same as dist.activation_checkpointing."""
     reshard_after_forward: bool = True
     """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
 
@@ -46,7 +50,21 @@ class DistConfig(Section):
     parameters, gradients and optimizer state (FSDP2)."""
     tp: PosInt = 1
     """Tensor-parallel ranks per model replica (gpt only; ddp or fsdp over world_size / tp
-    data-parallel groups on a 2-D device mesh)."""
+    data-parallel groups on a 2-D device mesh, or / (tp * pp) on the 3-D one)."""
+    pp: PosInt = 1
+    """Pipeline stages (gpt only): the blocks split by layer over pp ranks, the embedding on
+    the first stage, the head and loss on the last; dp = world_size / (tp * pp)."""
+    microbatches: PosInt | None = None
+    """Micro-batches each pipeline step splits its batch into (m); null: pp. The bubble is
+    (pp - 1) / (virtual_stages * m)."""
+    schedule: ScheduleName = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining): gpipe, 1f1b, interleaved-1f1b
+    (virtual_stages per rank), interleaved-zero-bubble, zbv-zero-bubble (2 per rank)."""
+    virtual_stages: PosInt = 1
+    """Pipeline stages each rank holds (v; the interleaved schedules take v >= 1)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (Megatron's full recomputation):
+    activation memory per block falls to its input, for about one more forward."""
     timeout_s: Seconds = 300.0
     """A collective that waits longer than this fails the job (dead or stuck peer)."""
     socket_ifname: str | None = None
@@ -57,3 +75,8 @@ class DistConfig(Section):
     """Horovod options."""
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     """fsdp options."""
+
+    @property
+    def m(self) -> int:
+        """The micro-batch count m the pipeline runs (``microbatches``, or pp)."""
+        return self.microbatches if self.microbatches is not None else self.pp

@@ -1,5 +1,5 @@
-"""The parallel layout of a job: how the world splits into dp x tp (pp next), its rules
-and its device mesh, in one object (torchtitan's ``ParallelDims`` is the model).
+"""The parallel layout of a job: how the world splits into pp x dp x tp, its rules and its
+device mesh, in one object (torchtitan's ``ParallelDims`` is the model).
 
 Ranks are laid out ``rank = (pp_index * dp + dp_index) * tp + tp_index``: tensor-parallel
 peers are neighbours (on one node when tp divides the ranks per node), pipeline stages
@@ -8,17 +8,23 @@ sweep point), the backends, checkpoint resharding and the communication model al
 this object, so the arithmetic and its error messages exist once.
 
 Torch-free at import: the plan asks :meth:`ParallelDims.problems` for every sweep point
-(only a GPT with tp > 1 imports the model module, for its head count).
+(only a GPT with tp > 1 imports the model module, for its head count). The pipeline's
+own rules (schedule, virtual stages, micro-batches) are
+:func:`scalelab.backends.pipeline_rules.pipeline_problems`, asked from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from scalelab.backends.pipeline_rules import pipeline_problems
+from scalelab.backends.problem import Problem
 from scalelab.backends.registry import AUTO, REGISTRY, with_capability
 from scalelab.errors import UsageError
-from scalelab.models.gpt_shapes import gpt_heads
+from scalelab.models.gpt_shapes import gpt_heads, gpt_layers
+
+__all__ = ["MESH_DIMS", "TP_MODELS", "ParallelDims", "Pipe", "Problem"]
 
 #: Models with a tensor-parallel plan (:data:`scalelab.models.gpt_shapes.TP_PLAN`).
 TP_MODELS = ("gpt",)
@@ -28,18 +34,14 @@ MESH_DIMS = ("pp", "dp", "tp")
 
 
 @dataclass(frozen=True)
-class Problem:
-    """Why a layout cannot exist: the config field and the reason (one line)."""
+class Pipe:
+    """How a pipeline runs: its schedule, the stages each rank holds (v), the
+    micro-batches per step (m) and whether blocks recompute their activations."""
 
-    field: str
-    reason: str
-
-    def line(self, prefix: str = "") -> str:
-        """``field 'PREFIXFIELD': REASON`` (the workflow passes ``train.``)."""
-        return f"field '{prefix}{self.field}': {self.reason}"
-
-    def __str__(self) -> str:
-        return self.line()
+    schedule: str = "1f1b"
+    v: int = 1
+    m: int = 1
+    recompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ParallelDims:
     dp: int
     tp: int = 1
     pp: int = 1
+    #: How the pipeline runs (only read when pp > 1).
+    pipe: Pipe = field(default_factory=lambda: Pipe())
 
     def __post_init__(self) -> None:
         for name in ("world_size", "dp", "tp", "pp"):
@@ -61,10 +65,18 @@ class ParallelDims:
                 raise ValueError(f"ParallelDims.{name} = {value!r}: must be an integer >= 1")
 
     @classmethod
-    def of(cls, world_size: int, tp: int = 1, pp: int = 1) -> ParallelDims:
+    def of(
+        cls, world_size: int, tp: int = 1, pp: int = 1, pipe: Pipe | None = None
+    ) -> ParallelDims:
         """The layout of ``world_size`` ranks with ``tp`` tensor-parallel ranks per replica
         and ``pp`` stages; dp is what is left (at least 1: see :attr:`fits`)."""
-        return cls(world_size, max(world_size // (tp * pp), 1), tp, pp)
+        return cls(world_size, max(world_size // (tp * pp), 1), tp, pp, pipe or Pipe())
+
+    @classmethod
+    def from_dist(cls, world_size: int, dist: Any) -> ParallelDims:
+        """The layout a run config's ``dist`` section asks of ``world_size`` ranks."""
+        pipe = Pipe(dist.schedule, dist.virtual_stages, dist.m, dist.activation_checkpointing)
+        return cls.of(world_size, dist.tp, dist.pp, pipe)
 
     # ----------------------------------------------------------------- arithmetic
 
@@ -78,6 +90,13 @@ class ParallelDims:
         """How many shares each global batch splits into: the data-parallel degree
         (tensor-parallel peers and pipeline stages of one replica read the same samples)."""
         return self.dp
+
+    def describe_pipe(self) -> str:
+        """``pp 2, 1f1b, m 4`` (empty without a pipeline): what the bubble depends on."""
+        if self.pp == 1:
+            return ""
+        v = f" x v {self.pipe.v}" if self.pipe.v > 1 else ""
+        return f"pp {self.pp}{v}, {self.pipe.schedule}, m {self.pipe.m}"
 
     def replicas_words(self) -> str:
         """What the batch rule divides by, in words that name the real world size."""
@@ -129,16 +148,13 @@ class ParallelDims:
         found: list[Problem] = []
         has = "this point has" if planned else "the launcher started"
         if self.pp > 1:
-            found.append(
-                Problem(
-                    "dist.pp",
-                    f"pipeline parallelism (pp={self.pp}) is not available yet; only pp=1",
-                )
-            )
-        if self.tp == 1:
-            return found
+            layers = gpt_layers(options or {}) if model == "gpt" else None
+            p = self.pipe
+            found += pipeline_problems(self.pp, p.v, p.m, p.schedule, layers, backend, model)
+            if found:
+                return found
         tp_backends = with_capability("supports_tp")
-        if backend != AUTO and backend in REGISTRY and backend not in tp_backends:
+        if self.tp > 1 and backend != AUTO and backend in REGISTRY and backend not in tp_backends:
             found.append(
                 Problem(
                     "dist.tp",
@@ -148,13 +164,14 @@ class ParallelDims:
             )
             return found
         step = self.tp * self.pp
-        if self.world_size % step:
+        if step > 1 and self.world_size % step:
+            field = "dist.tp" if self.pp == 1 else "dist.pp"
+            split = f"tp={self.tp}" if self.pp == 1 else f"tp x pp = {self.tp} x {self.pp}"
             found.append(
-                Problem(
-                    "dist.tp",
-                    f"tp={self.tp} needs a multiple of {step} ranks; {has} {self.world_size}",
-                )
+                Problem(field, f"{split} needs a multiple of {step} ranks; {has} {self.world_size}")
             )
+            return found
+        if self.tp == 1:
             return found
         if model is not None and model not in TP_MODELS:
             found.append(
@@ -194,7 +211,7 @@ class ParallelDims:
         """The job's DeviceMesh (``init_device_mesh``) with dims named :meth:`names`;
         every rank calls it after the default process group exists."""
         self.check()
-        if not self.fits:  # pp > 1 is reported by check(); this is a caller's bug
+        if not self.fits:  # check() reports what a config can cause; this is a caller's bug
             raise ValueError(f"{self.describe()} is not the world size {self.world_size}")
         from torch.distributed.device_mesh import init_device_mesh
 

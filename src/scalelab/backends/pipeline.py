@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scalelab.backends.pipeline_rules import SCHEDULES, pipeline_problems, stage_ranks
+from scalelab.backends.problem import Problem
 from scalelab.backends.registry import AUTO
 from scalelab.errors import UsageError
 from scalelab.models.gpt import GPT
@@ -31,9 +34,10 @@ class GPTStage(nn.Module):
     """Blocks ``first..last-1`` of a GPT, with the embeddings when it is the first stage
     and the final norm and head when it is the last. Shares the GPT's modules."""
 
-    def __init__(self, model: GPT, first: int, last: int) -> None:
+    def __init__(self, model: GPT, first: int, last: int, recompute: bool = False) -> None:
         super().__init__()
         self.is_first, self.is_last = first == 0, last == model.n_layers
+        self.recompute, self.width = recompute, model.d_model
         if self.is_first:
             self.tok, self.pos, self.drop = model.tok, model.pos, model.drop
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, last)})
@@ -47,13 +51,16 @@ class GPTStage(nn.Module):
             pos = torch.arange(x.shape[1], device=x.device)
             x = self.drop(self.tok(x) + self.pos(pos))
         for block in self.blocks.values():
-            x = block(x)
+            if self.recompute and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         if self.is_last:
             return torch.matmul(self.head.weight, self.ln(x).transpose(1, 2))
         return x
 
 
-def split_gpt(model: nn.Module, stage: int, n_stages: int) -> GPTStage:
+def split_gpt(model: nn.Module, stage: int, n_stages: int, recompute: bool = False) -> GPTStage:
     """Stage ``stage`` of ``n_stages`` of ``model`` (a GPT whose layers split evenly)."""
     if not isinstance(model, GPT):
         raise UsageError(f"field 'dist.pp': {type(model).__name__} does not split into stages")
@@ -65,7 +72,25 @@ def split_gpt(model: nn.Module, stage: int, n_stages: int) -> GPTStage:
     if not 0 <= stage < n_stages:
         raise ValueError(f"stage {stage} is not one of {n_stages} stages")
     per = model.n_layers // n_stages
-    return GPTStage(model, stage * per, (stage + 1) * per)
+    return GPTStage(model, stage * per, (stage + 1) * per, recompute)
+
+
+class LocalGPT(nn.Module):
+    """The parts of a GPT that one pipeline rank holds, under the GPT's own parameter names
+    (its state dict is a piece of the whole model's): what the optimizer, checkpoints
+    and ``model.pt`` see. The rank's :class:`GPTStage` modules share its submodules."""
+
+    def __init__(self, stages: list[GPTStage], n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        for stage in stages:
+            for name in ("tok", "pos", "drop", "ln", "head"):
+                if hasattr(stage, name):
+                    setattr(self, name, getattr(stage, name))
+        self.blocks = nn.ModuleDict({k: b for s in stages for k, b in s.blocks.items()})
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("a pipeline rank's parts run through its Pipeline, not forward()")
 
 
 def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,6 +106,10 @@ class Pipeline:
     stages: list[Any]
     schedule: Any
     microbatches: int
+    #: Stage index -> the pipeline rank holding it, and this rank's index.
+    owner: list[int]
+    pp_rank: int
+    group: Any = None
 
     @property
     def has_first(self) -> bool:
@@ -97,12 +126,15 @@ class Pipeline:
         """This rank's parameters under the whole GPT's names."""
         return [(n, p) for m in self.modules for n, p in m.named_parameters()]
 
-    def step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    def step(
+        self, x: torch.Tensor | None, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One forward and backward of the whole batch, split into the schedule's m
         micro-batches; gradients accumulate in the stages' parameters (averaged over the
         micro-batches). The rank holding the first stage reads the tokens ``x``, the one
         holding the last the targets ``y`` (other ranks may pass None); that rank gets the
-        mean loss, others None. A batch that m does not split evenly is refused."""
+        mean loss and the logits, others None. A batch that m does not split evenly is
+        refused."""
         m = self.microbatches
         for batch in (x, y):  # every rank that passes the batch refuses it alike
             if batch is not None and batch.shape[0] % m:
@@ -113,14 +145,58 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         args = (x,) if self.has_first else ()
         target = y if self.has_last else None
-        self.schedule.step(*args, target=target, losses=losses)
+        logits = self.schedule.step(*args, target=target, losses=losses)
         if not self.has_last:
             return None
-        return torch.stack([loss.detach() for loss in losses]).mean()
+        return torch.stack([loss.detach() for loss in losses]).mean(), logits
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the tokens ``x`` on the rank holding the last stage (None elsewhere):
+        the stages in order, activations sent point to point. For evaluation, whose
+        chunks need not split into the schedule's micro-batches."""
+        mine = {s: m for s, m in zip(self._indices(), self.modules, strict=True)}
+        act: torch.Tensor = x
+        last = len(self.owner) - 1
+        for s, holder in enumerate(self.owner):
+            if holder != self.pp_rank:
+                continue
+            if s > 0 and self.owner[s - 1] != self.pp_rank:
+                d = self.modules[0].width
+                act = torch.empty(x.shape[0], x.shape[1], d, device=x.device)
+                dist.recv(act, group=self.group, group_src=self.owner[s - 1])
+            act = mine[s](act)
+            if s < last and self.owner[s + 1] != self.pp_rank:
+                dist.send(act.float().contiguous(), group=self.group, group_dst=self.owner[s + 1])
+        return act if self.has_last else None
+
+    def _indices(self) -> list[int]:
+        return [s for s, r in enumerate(self.owner) if r == self.pp_rank]
+
+
+def split_for_rank(
+    model: nn.Module, pp_rank: int, pp: int, v: int, schedule: str, recompute: bool = False
+) -> tuple[LocalGPT, list[GPTStage]]:
+    """The stages ``pp_rank`` of ``pp`` holds (``v`` each, :func:`stage_ranks`), and the
+    :class:`LocalGPT` that names their parameters. Every rank calls it with the same model
+    (built from the same seed), so the pieces are the 1-process model's."""
+    n_layers = model.n_layers if isinstance(model, GPT) else None
+    found = pipeline_problems(
+        pp, v, 1 if schedule != "1f1b" else pp, schedule, n_layers, AUTO, "gpt"
+    )
+    if not isinstance(model, GPT):
+        found.insert(0, Problem("dist.pp", f"{type(model).__name__} does not split into stages"))
+    if found:
+        raise UsageError(found[0].line())
+    n_stages = pp * v
+    modules = [
+        split_gpt(model, s, n_stages, recompute) for s in stage_ranks(pp, v, schedule)[pp_rank]
+    ]
+    return LocalGPT(modules, model.n_heads), modules
 
 
 def build_pipeline(
-    model: nn.Module,
+    modules: list[GPTStage],
     pp_rank: int,
     pp: int,
     v: int,
@@ -129,28 +205,26 @@ def build_pipeline(
     device: torch.device,
     group: Any = None,
 ) -> Pipeline:
-    """The stages ``pp_rank`` of ``pp`` holds (``v`` each, :func:`stage_ranks`) and the
-    schedule ``schedule`` over ``m`` micro-batches, on the process ``group`` of the
-    pipeline (the world when None). Every rank of the group calls it with the same model
-    (built from the same seed)."""
+    """Torch's pipeline stages for this rank's ``modules`` (from :func:`split_for_rank`,
+    already split over tp or sharded where the backend does that) and the schedule
+    ``schedule`` over ``m`` micro-batches, on the process ``group`` of the pipeline (the
+    world when None)."""
     from torch.distributed import pipelining
 
-    n_layers = model.n_layers if isinstance(model, GPT) else None
-    found = pipeline_problems(pp, v, m, schedule, n_layers, AUTO, "gpt")
-    if not isinstance(model, GPT):
-        found.insert(0, f"field 'dist.pp': {type(model).__name__} does not split into stages")
+    found = pipeline_problems(pp, v, m, schedule, None, AUTO, "gpt")
     if found:
-        raise UsageError(found[0])
+        raise UsageError(found[0].line())
     spec = SCHEDULES[schedule]
     n_stages = pp * v
-    modules = [split_gpt(model, s, n_stages) for s in stage_ranks(pp, v, schedule)[pp_rank]]
+    held = stage_ranks(pp, v, schedule)
+    owner = [next(r for r, ss in enumerate(held) if s in ss) for s in range(n_stages)]
     stages = [
         pipelining.PipelineStage(mod.to(device), s, n_stages, device, group=group)
-        for mod, s in zip(modules, stage_ranks(pp, v, schedule)[pp_rank], strict=True)
+        for mod, s in zip(modules, held[pp_rank], strict=True)
     ]
     cls = getattr(pipelining, spec.torch_class)
     if spec.virtual_stages == 1:
         sched = cls(stages[0], n_microbatches=m, loss_fn=lm_loss)
     else:
         sched = cls(stages, n_microbatches=m, loss_fn=lm_loss)
-    return Pipeline(modules, stages, sched, m)
+    return Pipeline(modules, stages, sched, m, owner, pp_rank, group)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scalelab.backends.parallel_dims import Problem
+from scalelab.backends.problem import Problem
 from scalelab.backends.registry import REGISTRY, with_capability
 
 __all__ = [
@@ -73,23 +73,23 @@ def pipeline_problems(
     backend: str,
     model: str | None,
     batch: int | None = None,
-) -> list[str]:
+) -> list[Problem]:
     """Why ``pp`` stages x ``v`` virtual stages per rank with ``m`` micro-batches under
     ``schedule`` cannot run ``model`` (``n_layers`` blocks; None when it has none) on
-    ``backend``; one line per reason, each naming its field. ``batch`` (optional): the
+    ``backend``; one Problem per reason, each naming its field. ``batch`` (optional): the
     samples one pipeline reads per step, which the m micro-batches split evenly. Empty
     when the layout can run; pp = 1 is no pipeline and has no problems of its own."""
-    found: list[str] = []
+    found: list[Problem] = []
     for field, value in (("dist.pp", pp), ("dist.virtual_stages", v), ("dist.microbatches", m)):
         if not _positive(value):
-            found.append(Problem(field, f"{value!r} must be an integer >= 1").line())
+            found.append(Problem(field, f"{value!r} must be an integer >= 1"))
     if found or pp == 1:
         return found
     if schedule not in SCHEDULES:
         return [
             Problem(
                 "dist.schedule", f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}"
-            ).line()
+            )
         ]
     spec = SCHEDULES[schedule]
     refused = with_capability("needs_mpi") + with_capability("single_process")
@@ -98,7 +98,7 @@ def pipeline_problems(
             Problem(
                 "dist.pp",
                 f"pipeline parallelism (pp={pp}) needs a torch.distributed backend, not {backend}",
-            ).line()
+            )
         )
     if model is not None and model not in PP_MODELS:
         found.append(
@@ -106,14 +106,14 @@ def pipeline_problems(
                 "dist.pp",
                 f"model {model!r} does not split into pipeline stages "
                 f"(pp > 1 supports: {', '.join(PP_MODELS)})",
-            ).line()
+            )
         )
     if spec.virtual_stages is not None and v != spec.virtual_stages:
         found.append(
             Problem(
                 "dist.virtual_stages",
                 f"schedule {schedule} runs {spec.virtual_stages} stage(s) per rank, not {v}",
-            ).line()
+            )
         )
     stages = pp * v
     if n_layers is not None and n_layers % stages:
@@ -122,14 +122,14 @@ def pipeline_problems(
                 "dist.virtual_stages" if v > 1 else "dist.pp",
                 f"the model's {n_layers} layers do not split over pp x v = {pp} x {v} "
                 f"= {stages} stages",
-            ).line()
+            )
         )
     if spec.needs_m_ge_pp and m < pp:
         found.append(
             Problem(
                 "dist.microbatches",
                 f"schedule {schedule} needs m >= pp = {pp} micro-batches, not {m}",
-            ).line()
+            )
         )
     rounds = max(1, m // pp)
     if spec.needs_rounds and m % rounds:
@@ -138,14 +138,14 @@ def pipeline_problems(
                 "dist.microbatches",
                 f"schedule {schedule} needs m divisible by its rounds max(1, m // pp) = "
                 f"{rounds}; m = {m}",
-            ).line()
+            )
         )
     if batch is not None and batch % m:
         found.append(
             Problem(
                 "dist.microbatches",
                 f"{m} micro-batches do not split the pipeline's batch of {batch} evenly",
-            ).line()
+            )
         )
     return found
 

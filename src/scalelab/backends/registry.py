@@ -28,9 +28,10 @@ class BackendSpec:
     name: str
     target: str
     summary: str
-    #: Runs tensor-parallel replicas (``dist.tp > 1``) on a dp x tp mesh.
+    #: Runs tensor-parallel replicas (``dist.tp > 1``) and pipeline stages (``dist.pp > 1``)
+    #: on a pp x dp x tp mesh.
     supports_tp: bool = False
-    #: The class that runs ``dist.tp > 1`` when it is not :attr:`target`.
+    #: The class that runs ``dist.tp > 1`` or ``dist.pp > 1`` when it is not :attr:`target`.
     tp_target: str | None = None
     #: Parameters, gradients and optimizer state are sharded over the data-parallel ranks.
     shards_state: bool = False
@@ -39,9 +40,10 @@ class BackendSpec:
     #: Runs exactly one process, without communication (the reference every run matches).
     single_process: bool = False
 
-    def class_target(self, tp: int = 1) -> str:
-        """``module:Class`` of the backend for a layout with ``tp`` tensor-parallel ranks."""
-        return self.tp_target if tp > 1 and self.tp_target else self.target
+    def class_target(self, tp: int = 1, pp: int = 1) -> str:
+        """``module:Class`` of the backend for a layout with ``tp`` tensor-parallel ranks
+        and ``pp`` pipeline stages."""
+        return self.tp_target if (tp > 1 or pp > 1) and self.tp_target else self.target
 
 
 REGISTRY: dict[str, BackendSpec] = {
@@ -50,7 +52,7 @@ REGISTRY: dict[str, BackendSpec] = {
         BackendSpec(
             "ddp",
             "scalelab.backends.ddp:DDPBackend",
-            "DistributedDataParallel; tensor-parallel replicas when dist.tp > 1",
+            "DistributedDataParallel; tensor-parallel or pipelined replicas when dist.tp or pp > 1",
             supports_tp=True,
             tp_target="scalelab.backends.tp:TPDataParallel",
         ),
@@ -110,9 +112,10 @@ def spec(name: str, field: str = "dist.backend") -> BackendSpec:
     return REGISTRY[name]
 
 
-def load_class(name: str, tp: int = 1) -> type:
-    """The backend class that runs ``name`` with ``tp`` tensor-parallel ranks (imports it)."""
-    module, cls = spec(name).class_target(tp).split(":")
+def load_class(name: str, tp: int = 1, pp: int = 1) -> type:
+    """The backend class that runs ``name`` with ``tp`` tensor-parallel ranks and ``pp``
+    pipeline stages (imports it)."""
+    module, cls = spec(name).class_target(tp, pp).split(":")
     return getattr(importlib.import_module(module), cls)
 
 

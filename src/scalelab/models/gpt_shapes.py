@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SIZES", "TP_PLAN", "gpt_heads"]
+__all__ = ["SIZES", "TP_PLAN", "gpt_heads", "gpt_layers"]
 
 #: size -> (d_model, n_layers, n_heads). gpt2 sizes from Radford et al. 2019; "1b" keeps
 #: GPT-3 XL's width (2048) at 18 layers: 0.91B in blocks + embeddings ~ 1.0B at vocab 50257.
@@ -40,3 +40,12 @@ def gpt_heads(options: dict[str, Any]) -> int | None:
     if options.get("n_heads") is not None:
         return int(options["n_heads"])
     return SIZES[size][2] if size in SIZES else None
+
+
+def gpt_layers(options: dict[str, Any]) -> int | None:
+    """Blocks of the GPT that ``options`` build (what pipeline stages split), or None when
+    the options name no known size."""
+    size = options.get("size", "tiny")
+    if options.get("n_layers") is not None:
+        return int(options["n_layers"])
+    return SIZES[size][1] if size in SIZES else None
