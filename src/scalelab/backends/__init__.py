@@ -97,6 +97,9 @@ class Backend:
     shards_state = False
     #: Parameter/gradient/optimizer-state bytes of this rank, measured at the first step.
     state_bytes: dict[str, int] | None = None
+    #: Peak bytes autograd saved for backward in the first step (measured, see
+    #: :meth:`activation_meter`); None until then.
+    activation_peak_bytes: int | None = None
     #: The pipeline this rank runs (:class:`scalelab.backends.pipeline.Pipeline`) when
     #: ``dist.pp > 1``: the loop then steps through it instead of calling the model.
     pipeline: Any = None
@@ -134,9 +137,32 @@ class Backend:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
 
+    def activation_meter(self) -> contextlib.AbstractContextManager:
+        """Around the first step: measures what autograd keeps for backward into
+        :attr:`activation_peak_bytes` (later steps run unhooked: the hooks cost time)."""
+        if self.activation_peak_bytes is not None:
+            return contextlib.nullcontext()
+        from scalelab.backends.memory import ActivationMeter
+
+        @contextlib.contextmanager
+        def first_step():
+            meter = ActivationMeter()
+            with meter.measure():
+                yield
+            self.activation_peak_bytes = meter.peak
+
+        return first_step()
+
+    def activation_facts(self) -> dict[str, int]:
+        """This rank's measured activation peak, when the first step has run."""
+        if self.activation_peak_bytes is None:
+            return {}
+        return {"activation_peak_bytes": self.activation_peak_bytes}
+
     def memory_facts(self) -> dict[str, Any]:
         """Per-rank memory figures for the summary (measured, see scalelab.backends.memory)."""
         facts: dict[str, Any] = {f"rank0_{k}": v for k, v in (self.state_bytes or {}).items()}
+        facts.update({f"rank0_{k}": v for k, v in self.activation_facts().items()})
         if self.device.type == "cuda":
             import torch
 

@@ -79,6 +79,8 @@ class FSDPBackend(MeshBackend):
     def prepare(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
         if sync_batchnorm:
             raise UsageError("field 'model.sync_batchnorm': not with the fsdp backend")
+        if self.dims.pp > 1:
+            return self.split_pipeline(model, self._shard_stages)
         if self.tp > 1:
             apply_tp(model, self.mesh["tp"])
         shard_model(
@@ -89,6 +91,17 @@ class FSDPBackend(MeshBackend):
             self.cfg.fsdp.activation_checkpointing,
         )
         return model
+
+    def _shard_stages(self, local: nn.Module, stages: list[nn.Module]) -> None:
+        """A pipeline rank's blocks, then each stage as a root (its embeddings or head),
+        sharded over ``dp``: the stage is what the schedule calls, so its hooks gather."""
+        from torch.distributed.fsdp import fully_shard
+
+        opts = {"mesh": self.mesh["dp"], "mp_policy": self._mp_policy()}
+        for block in local.blocks.values():
+            fully_shard(block, reshard_after_forward=self.cfg.fsdp.reshard_after_forward, **opts)
+        for stage in stages:
+            fully_shard(stage, reshard_after_forward=False, **opts)
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         @contextlib.contextmanager
@@ -105,7 +118,7 @@ class FSDPBackend(MeshBackend):
         self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float | None
     ) -> float | None:
         if grad_clip:
-            clip_grad_norm(params, grad_clip)
+            clip_grad_norm(params, grad_clip, self.pp_group)
         optimizer.step()
         self.measure_state(params, optimizer)
         return None

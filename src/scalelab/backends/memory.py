@@ -8,7 +8,8 @@ holds, so "FSDP halves the memory" is a measurement, with DDP measured the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,3 +37,42 @@ def state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer
     }
     out["state_bytes"] = sum(out.values())
     return out
+
+
+class ActivationMeter:
+    """The peak bytes of tensors autograd saves for backward during one step, measured
+    with ``saved_tensors_hooks``: each saved tensor is counted when packed and uncounted
+    when autograd frees it, so the peak is what the step really kept alive (a pipeline's
+    in-flight micro-batches included; activation recomputation shows as a lower peak).
+    A tensor saved twice counts twice: an upper bound by that much."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor) -> tuple[_Held, torch.Tensor]:
+        return _Held(self, local_bytes(tensor)), tensor
+
+    @staticmethod
+    def _unpack(packed: tuple[_Held, torch.Tensor]) -> torch.Tensor:
+        return packed[1]
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[ActivationMeter]:
+        """Count what autograd saves inside the block."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+
+class _Held:
+    """One saved tensor's bytes, returned to the meter when autograd drops it."""
+
+    __slots__ = ("meter", "nbytes")
+
+    def __init__(self, meter: ActivationMeter, nbytes: int) -> None:
+        self.meter, self.nbytes = meter, nbytes
+        meter.live += nbytes
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self) -> None:
+        self.meter.live -= self.nbytes

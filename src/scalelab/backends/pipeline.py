@@ -80,14 +80,25 @@ class LocalGPT(nn.Module):
     (its state dict is a piece of the whole model's): what the optimizer, checkpoints
     and ``model.pt`` see. The rank's :class:`GPTStage` modules share its submodules."""
 
-    def __init__(self, stages: list[GPTStage], n_heads: int) -> None:
+    def __init__(self, stages: list[GPTStage], whole: GPT) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.seq_len = whole.n_heads, whole.seq_len
+        # The whole model's figures, for the summary (this rank holds a piece of it).
+        weights = [p for p in whole.parameters() if p.requires_grad]
+        self.whole_counts = (
+            sum(p.numel() for p in weights),
+            sum(p.numel() * p.element_size() for p in weights),
+        )
+        self._flops_per_token = whole.flops_per_token()
         for stage in stages:
             for name in ("tok", "pos", "drop", "ln", "head"):
                 if hasattr(stage, name):
                     setattr(self, name, getattr(stage, name))
         self.blocks = nn.ModuleDict({k: b for s in stages for k, b in s.blocks.items()})
+
+    def flops_per_token(self) -> float:
+        """The whole GPT's training FLOPs per token (what MFU divides by)."""
+        return self._flops_per_token
 
     def forward(self, *args: Any) -> Any:
         raise RuntimeError("a pipeline rank's parts run through its Pipeline, not forward()")
@@ -192,7 +203,7 @@ def split_for_rank(
     modules = [
         split_gpt(model, s, n_stages, recompute) for s in stage_ranks(pp, v, schedule)[pp_rank]
     ]
-    return LocalGPT(modules, model.n_heads), modules
+    return LocalGPT(modules, model), modules
 
 
 def build_pipeline(

@@ -183,8 +183,10 @@ def lm_facts(
     tokens/s per rank / the card's dense bf16 peak (``peak``: card name -> (FLOP/s, source)
     or None).
     """
-    gpt_model = model if isinstance(model, GPT) else getattr(model, "module", None)
-    if not isinstance(gpt_model, GPT):
+    # A GPT, a wrapped one (DDP's .module), or a pipeline rank's piece, which answers
+    # for the whole model (scalelab.backends.pipeline.LocalGPT).
+    gpt_model = model if hasattr(model, "flops_per_token") else getattr(model, "module", None)
+    if not hasattr(gpt_model, "flops_per_token"):
         return {}
     per_token = gpt_model.flops_per_token()
     tokens = (summary.get("samples_per_s_per_rank") or 0) * gpt_model.seq_len

@@ -80,9 +80,19 @@ RESUME_MAY_CHANGE = (
     "dist.timeout_s",
     "dist.socket_ifname",
     "dist.bucket_cap_mb",
+    "dist.activation_checkpointing",
 )
 #: The layout's fields: they change only under ``--reshard`` (with the world size).
-LAYOUT_FIELDS = ("dist.backend", "dist.tp", "dist.fsdp", "dist.horovod")
+LAYOUT_FIELDS = (
+    "dist.backend",
+    "dist.tp",
+    "dist.pp",
+    "dist.microbatches",
+    "dist.schedule",
+    "dist.virtual_stages",
+    "dist.fsdp",
+    "dist.horovod",
+)
 
 
 def path_for(directory: Path, global_step: int, sharded: bool = False) -> Path:
@@ -440,14 +450,15 @@ class Checkpointer:
         sweep point, so it must not happen by accident); and the checkpoint's config must
         be this run's (a checkpoint copied from another run is refused, naming the field)."""
         job = self.job
-        ranks, tp = saved.get("world_size"), saved["config"].get("dist", {}).get("tp", 1)
-        was = ParallelDims.of(ranks, tp) if ranks else None
-        now = ParallelDims.of(job.layout.world_size, job.cfg.dist.tp)
+        ranks, dist_was = saved.get("world_size"), saved["config"].get("dist", {})
+        tp, pp = dist_was.get("tp", 1), dist_was.get("pp", 1)
+        was = ParallelDims.of(ranks, tp, pp) if ranks else None
+        now = ParallelDims.of(job.layout.world_size, job.cfg.dist.tp, job.cfg.dist.pp)
         if was != now and not job.reshard:
             raise UsageError(
-                f"--resume: checkpoint {name} was written by {ranks} ranks (tp {tp}), "
-                f"this job has {now.world_size} (tp {now.tp}); pass --reshard to continue the "
-                "run at the new layout"
+                f"--resume: checkpoint {name} was written by {ranks} ranks (tp {tp}, pp {pp}), "
+                f"this job has {now.world_size} (tp {now.tp}, pp {now.pp}); pass --reshard to "
+                "continue the run at the new layout"
             )
         differ = config_differences(saved["config"], job.cfg.to_dict(), job.reshard)
         if differ:

@@ -86,10 +86,11 @@ def _run(
 ) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
+    dims = ParallelDims.from_dist(layout.world_size, cfg.dist)
     backend_name = choose_backend(
-        cfg.dist.backend, layout, cfg.dist.tp, cfg.model.name, cfg.model.options
+        cfg.dist.backend, layout, model=cfg.model.name, options=cfg.model.options, dims=dims
     )
-    plan = resolve_batch(cfg, ParallelDims.of(layout.world_size, cfg.dist.tp))
+    plan = resolve_batch(cfg, dims)
     done = check_run_dir(out, resume)
     if done is not None:
         if layout.is_main:
@@ -225,6 +226,20 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """Forward/backward over the micro-batches (gradients averaged on the last), update.
         Returns the seconds the backend waited for gradient communication, if it knows."""
+        job = self.job
+        with job.backend.activation_meter():
+            if job.backend.pipeline is not None:
+                self.pipeline_step(x, y)
+            else:
+                self.accumulate(x, y)
+        job.timer.mark("backward")
+        t_comm = job.backend.step(job.optimizer, job.params, job.cfg.optim.grad_clip)
+        job.optimizer.zero_grad()  # set_to_none (the default) frees grads early
+        job.scheduler.step()
+        return t_comm
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward and backward of each micro-batch; gradients averaged on the last."""
         job, plan = self.job, self.job.plan
         mb = plan.micro_batch
         for micro in range(plan.accum_steps):
@@ -236,11 +251,14 @@ class Trainer:
                     loss = F.cross_entropy(logits, ys)
                 (loss / plan.accum_steps).backward()
             self.reducer.add(loss, logits, ys)
-        job.timer.mark("backward")
-        t_comm = job.backend.step(job.optimizer, job.params, job.cfg.optim.grad_clip)
-        job.optimizer.zero_grad()  # set_to_none (the default) frees grads early
-        job.scheduler.step()
-        return t_comm
+
+    def pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The batch through the pipeline's schedule (its m micro-batches); the rank
+        holding the last stage counts the loss."""
+        with self.job.autocast:
+            out = self.job.backend.pipeline.step(x, y)
+        if out is not None:
+            self.reducer.add(out[0], out[1], y)
 
     def after_step(self, step: int, t_data: float, t_comm: float | None) -> None:
         """Count the step; at a sync point reduce metrics and the stop flag; checkpoint."""
@@ -388,11 +406,13 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in Batches(dataset, chunks, device, channels_last, prefetch=False):
         with autocast:
-            logits = model(x)
+            logits = model(x) if backend.pipeline is None else backend.pipeline.forward(x)
+        watchdog.beat()
+        if logits is None:  # a pipeline rank without the last stage
+            continue
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         sums[1] += (logits.argmax(1) == y).sum().double()
         sums[2] += y.numel()  # targets: labels, or tokens of sequences
-        watchdog.beat()
     model.train(was_training)
     loss_sum, correct, count = backend.allreduce(sums.tolist())
     return loss_sum / count, correct / count

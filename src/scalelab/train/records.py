@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from scalelab.backends import library_versions
+from scalelab.backends import ParallelDims, library_versions
+from scalelab.backends.pipeline_rules import bubble_fraction
 from scalelab.container import inside_image_info
 from scalelab.data.spec import FIELD as DATA_SPEC
 from scalelab.data.spec import DataSpec
@@ -239,6 +240,7 @@ def summary(job: Job, state: TrainState, reasons: dict[str, str]) -> dict[str, A
         )
     )
     out.update(job.backend.memory_facts())
+    out.update(pipeline_facts(job.backend.dims))
     out.update(lm_facts(job.raw_model, out, job.device, peak_bf16))
     out.update(energy_facts(history, reasons))
     return out
@@ -259,12 +261,11 @@ def model_facts(
     achieved training FLOP/s per GPU / the card's published dense bf16 peak): on the CPU,
     on an unknown card or without a FLOP count MFU is None, and ``mfu_peak`` says why.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_params = sum(p.numel() for p in params)
+    num_params, grad_bytes = whole_counts(model)
     fwd = forward_flops(name, options, spec)
     facts: dict[str, Any] = {
         "num_params": num_params,
-        "grad_bytes": sum(p.numel() * p.element_size() for p in params),
+        "grad_bytes": grad_bytes,
         "flops_per_sample_forward": fwd,
         "flops_per_sample_train": train_flops(fwd),
         "mfu": None,
@@ -283,6 +284,31 @@ def model_facts(
             "" if bf16 else "; this run was not bf16"
         )
     return facts
+
+
+def pipeline_facts(dims: ParallelDims) -> dict[str, Any]:
+    """The layout a run had, and its pipeline's bubble (pp - 1) / (v m)."""
+    facts: dict[str, Any] = {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
+    if dims.pp > 1:
+        pipe = dims.pipe
+        facts.update(
+            microbatches=pipe.m,
+            schedule=pipe.schedule,
+            virtual_stages=pipe.v,
+            bubble=bubble_fraction(dims.pp, pipe.v, pipe.m),
+            activation_checkpointing=pipe.recompute,
+        )
+    return facts
+
+
+def whole_counts(model: Any) -> tuple[int, int]:
+    """Trainable parameters of the whole model and their gradient bytes: a pipeline rank's
+    piece knows the whole model's (``whole_counts``); sharded parameters count whole."""
+    known = getattr(model, "whole_counts", None)
+    if known is not None:
+        return known
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
 def energy_facts(history: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
