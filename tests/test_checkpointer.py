@@ -132,8 +132,8 @@ def test_resume_refuses_another_layout_unless_resharding(tmp_path):
     wider = make_job(tmp_path / "b", resume=True, world_size=2)
     with pytest.raises(
         UsageError,
-        match=r"written by 1 ranks \(tp 1\), this job has 2 "
-        r"\(tp 1\); pass --reshard",
+        match=r"written by 1 ranks \(tp 1, pp 1\), this job has 2 "
+        r"\(tp 1, pp 1\); pass --reshard",
     ):
         keeper(wider).check("ckpt-000000004.pt", saved)
     resharding = make_job(tmp_path / "c", resume=True, reshard=True, world_size=2)

@@ -26,7 +26,7 @@ from scalelab.backends import (
     load_class,
     name_of,
 )
-from scalelab.backends.parallel_dims import Problem
+from scalelab.backends.parallel_dims import Pipe, Problem
 from scalelab.errors import UsageError
 from scalelab.layout import Layout
 from scalelab.train.config import RunConfig, from_dict, resolve_batch
@@ -123,8 +123,11 @@ def test_problems_are_what_a_started_job_and_a_planned_point_report() -> None:
     )
 
 
-def test_pipeline_dimension_exists_but_is_refused_for_now() -> None:
-    dims = ParallelDims.of(8, 2, pp=2)
+def test_pipeline_dimension_and_its_rules() -> None:
+    """pp is the outermost mesh dimension; the pipeline's own rules (schedule, layers,
+    micro-batches) come from pipeline_rules, the rank arithmetic from here."""
+    pipe = Pipe("1f1b", 1, 4)
+    dims = ParallelDims.of(8, 2, pp=2, pipe=pipe)
     assert (dims.dp, dims.tp, dims.pp, dims.fits) == (2, 2, 2, True)
     assert dims.names() == ("pp", "dp", "tp") and dims.shape() == (2, 2, 2)
     assert [dims.coords(r) for r in (0, 3, 5)] == [
@@ -132,12 +135,31 @@ def test_pipeline_dimension_exists_but_is_refused_for_now() -> None:
         {"pp": 0, "dp": 1, "tp": 1},
         {"pp": 1, "dp": 0, "tp": 1},
     ]
-    assert [str(p) for p in dims.problems("ddp", "gpt")] == [
-        "field 'dist.pp': pipeline parallelism (pp=2) is not available yet; only pp=1"
+    assert dims.problems("ddp", "gpt", {"n_layers": 4}) == []
+    assert dims.describe_pipe() == "pp 2, 1f1b, m 4"
+    assert dims.problems("ddp", "gpt", {"size": "tiny"}) == []  # 2 layers, 2 stages
+    assert [str(p) for p in dims.problems("ddp", "gpt", {"n_layers": 3})] == [
+        "field 'dist.pp': the model's 3 layers do not split over pp x v = 2 x 1 = 2 stages"
     ]
-    with pytest.raises(UsageError, match="dist.pp"):
-        dims.build_mesh("cpu")
+    small = ParallelDims.of(8, 2, pp=2, pipe=Pipe("1f1b", 1, 1))
+    assert [str(p) for p in small.problems("ddp", "gpt")] == [
+        "field 'dist.microbatches': schedule 1f1b needs m >= pp = 2 micro-batches, not 1"
+    ]
+    odd = ParallelDims.of(6, 2, pp=2, pipe=pipe)
+    assert [str(p) for p in odd.problems("ddp", "gpt", planned=True)] == [
+        "field 'dist.pp': tp x pp = 2 x 2 needs a multiple of 4 ranks; this point has 6"
+    ]
     assert ParallelDims.of(8, 2).names() == ("dp", "tp")
+
+
+def test_dims_from_the_run_config() -> None:
+    from scalelab.backends.config import DistConfig
+
+    dist = DistConfig(tp=2, pp=2, schedule="interleaved-1f1b", virtual_stages=2)
+    dims = ParallelDims.from_dist(8, dist)
+    assert (dims.dp, dims.tp, dims.pp) == (2, 2, 2)
+    assert dims.pipe == Pipe("interleaved-1f1b", 2, 2, False)  # m defaults to pp
+    assert ParallelDims.from_dist(4, DistConfig()).pipe.m == 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
