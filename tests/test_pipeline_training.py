@@ -1,8 +1,8 @@
 """Pipeline parallelism trains what one process trains.
 
 One GPT config (4 blocks, dropout 0, deterministic, 8 SGD steps with momentum) trains as
-one process and through pipelines: pp=2 under each of gpipe, 1f1b and interleaved-1f1b
-(v=2), pp=2 x tp=2, dp=2 x pp=2 (ddp and fsdp), and pp=2 with activation recomputation.
+one process and through pipelines: pp=2 under each of gpipe, 1f1b, interleaved-1f1b
+(v=2) and torch's two zero-bubble schedules, pp=2 x tp=2, dp=2 x pp=2 (ddp and fsdp), and pp=2 with activation recomputation.
 All are real torchrun jobs on gloo; the final weights (model.pt, gathered from the
 stages) agree with the one-process run within 1e-5. The per-rank bytes each rank
 measured show what the pipeline and the recomputation buy. A pp=2 checkpoint continues
@@ -43,6 +43,11 @@ CASES: dict[str, tuple[int, list[str]]] = {
     "pp2-gpipe": (2, [*PP2, "dist.schedule=gpipe"]),
     "pp2-1f1b": (2, [*PP2, "dist.schedule=1f1b"]),
     "pp2-interleaved": (2, [*PP2, "dist.schedule=interleaved-1f1b", "dist.virtual_stages=2"]),
+    "pp2-interleaved-zb": (
+        2,
+        [*PP2, "dist.schedule=interleaved-zero-bubble", "dist.virtual_stages=2"],
+    ),
+    "pp2-zbv": (2, [*PP2, "dist.schedule=zbv-zero-bubble", "dist.virtual_stages=2"]),
     "pp2-recompute": (2, [*PP2, "dist.activation_checkpointing=true"]),
     "pp2xtp2": (4, [*PP2, "dist.tp=2"]),
     "dp2xpp2": (4, ["dist.pp=2", "dist.microbatches=2"]),
@@ -76,8 +81,9 @@ def test_pipeline_equals_one_process(runs: dict[str, Path], name: str) -> None:
     tp = 2 if "tp2" in name else 1
     assert (s["global_steps"], s["world_size"]) == (8, ranks)
     assert (s["pp"], s["tp"], s["dp"]) == (2, tp, ranks // (2 * tp))
-    v = 2 if "interleaved" in name else 1
+    v = 2 if ("interleaved" in name or "zb" in name) else 1
     assert s["bubble"] == pytest.approx((2 - 1) / (v * s["microbatches"]))
+    assert s["bubble_is_upper_bound"] == ("zb" in name)
     assert s["num_params"] == summary(runs["single"])["num_params"]  # the whole model's
     assert s["val_loss"] == pytest.approx(summary(runs["single"])["val_loss"], abs=1e-5)
     assert len(s["per_stage"]) == 2

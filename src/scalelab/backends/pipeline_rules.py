@@ -44,6 +44,9 @@ class ScheduleSpec:
     needs_m_ge_pp: bool = False
     #: m divisible by its rounds, max(1, m // pp) (the interleaved schedules' check).
     needs_rounds: bool = False
+    #: Splits backward into input- and weight-gradient work and fills idle slots with
+    #: the latter (Qi et al. 2023): (pp - 1) / (v m) is then an upper bound of its bubble.
+    zero_bubble: bool = False
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
@@ -53,9 +56,13 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec("1f1b", "Schedule1F1B", 1, needs_m_ge_pp=True),
         ScheduleSpec("interleaved-1f1b", "ScheduleInterleaved1F1B", None, needs_rounds=True),
         ScheduleSpec(
-            "interleaved-zero-bubble", "ScheduleInterleavedZeroBubble", None, needs_rounds=True
+            "interleaved-zero-bubble",
+            "ScheduleInterleavedZeroBubble",
+            None,
+            needs_rounds=True,
+            zero_bubble=True,
         ),
-        ScheduleSpec("zbv-zero-bubble", "ScheduleZBVZeroBubble", 2, style="v"),
+        ScheduleSpec("zbv-zero-bubble", "ScheduleZBVZeroBubble", 2, style="v", zero_bubble=True),
     )
 }
 

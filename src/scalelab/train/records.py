@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from scalelab.backends import ParallelDims, library_versions
-from scalelab.backends.pipeline_rules import bubble_fraction
+from scalelab.backends.pipeline_rules import SCHEDULES, bubble_fraction
 from scalelab.container import inside_image_info
 from scalelab.data.spec import FIELD as DATA_SPEC
 from scalelab.data.spec import DataSpec
@@ -296,6 +296,7 @@ def pipeline_facts(dims: ParallelDims) -> dict[str, Any]:
             schedule=pipe.schedule,
             virtual_stages=pipe.v,
             bubble=bubble_fraction(dims.pp, pipe.v, pipe.m),
+            bubble_is_upper_bound=SCHEDULES[pipe.schedule].zero_bubble,
             activation_checkpointing=pipe.recompute,
         )
     return facts
