@@ -2,7 +2,8 @@
 
 One GPT config (4 blocks, dropout 0, deterministic, 8 SGD steps with momentum) trains as
 one process and through pipelines: pp=2 under each of gpipe, 1f1b, interleaved-1f1b
-(v=2) and torch's two zero-bubble schedules, pp=2 x tp=2, dp=2 x pp=2 (ddp and fsdp), and pp=2 with activation recomputation.
+(v=2) and torch's two zero-bubble schedules, pp=2 x tp=2, dp=2 x pp=2 (ddp and fsdp),
+and pp=2 with activation recomputation.
 All are real torchrun jobs on gloo; the final weights (model.pt, gathered from the
 stages) agree with the one-process run within 1e-5. The per-rank bytes each rank
 measured show what the pipeline and the recomputation buy. A pp=2 checkpoint continues
