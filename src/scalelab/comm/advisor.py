@@ -307,6 +307,7 @@ COLUMNS = (
     ("step s", lambda p: f"{p.step_s:.4g}"),
     ("samples/s", lambda p: f"{p.samples_per_s:.4g}"),
     ("TFLOP/s/dev", lambda p: f"{p.model_tflops_per_device:.4g}"),
+    ("hw TFLOP/s/dev", lambda p: f"{p.hardware_tflops_per_device:.4g}"),
     ("memory", lambda p: format_size(int(p.memory_bytes))),
     ("bubble", lambda p: f"{p.bubble_fraction:.1%}"),
     ("tp s", lambda p: f"{p.tp_s:.3g}"),
