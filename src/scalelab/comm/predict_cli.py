@@ -7,7 +7,9 @@ S/beta; t_step = t_data + t_compute + (1-overlap) t_ar. Writes CSV, Markdown, JS
 plot into --out.
 
 The model and its report live in :mod:`scalelab.comm.predict` and
-:mod:`scalelab.comm.predict_report`; this module is the command around them.
+:mod:`scalelab.comm.predict_report`; this module is the command around them. With
+--advise, predict is the layout advisor instead (:mod:`scalelab.comm.advise_cli`): the
+best (dp, tp, pp, m, v) of a GPT on a declared hardware profile, no measurement needed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from scalelab.analysis import runs, runs_csv
 from scalelab.analysis.runs import NO_TIMED_STEPS, load_run
 from scalelab.backends.registry import SINGLE
-from scalelab.comm import results
+from scalelab.comm import advise_cli, results
 from scalelab.errors import UsageError
 from scalelab.fsio import read_text
 from scalelab.output_guard import check_target
@@ -35,9 +37,8 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--commbench",
-        required=True,
         metavar="DIR|CSV",
-        help="commbench output (directory, commbench.csv or .jsonl)",
+        help="commbench output (directory, commbench.csv or .jsonl); required without --advise",
     )
     p.add_argument(
         "--run", metavar="RUN_DIR", help="measured base configuration: a completed training run"
@@ -89,14 +90,20 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--out",
-        required=True,
         help="output directory: new, empty, or an earlier `predict` output (then "
-        "replaced as a whole); never one of the inputs",
+        "replaced as a whole); never one of the inputs; required without --advise",
     )
+    advise_cli.add_arguments(p)
     p.set_defaults(func=predict)
 
 
 def predict(args: argparse.Namespace) -> int:
+    if args.advise:
+        return advise_cli.run(args)
+    advise_cli.check_not_advising(args)
+    for flag in ("commbench", "out"):
+        if getattr(args, flag) is None:
+            raise UsageError(f"--{flag}: required (or --advise for the layout advisor)")
     from scalelab.comm import predict as model
     from scalelab.comm import predict_report
 

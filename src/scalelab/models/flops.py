@@ -7,8 +7,11 @@ forward is counted by torch's FlopCounterMode on a copy of the model on the meta
 on, so a sharded or wrapped training model is never touched.
 
 A model class may also know its FLOPs in closed form: :class:`~scalelab.models.gpt.GPT`
-has ``flops_per_token()`` (6 N + 12 L T d, nanoGPT's formula), which the language-model
-figures use (:func:`scalelab.models.gpt.lm_facts`). Both end in :func:`mfu`.
+has ``flops_per_token()`` (6 N + 12 L T d, nanoGPT's formula, written once here as
+:func:`lm_train_flops_per_token`), which the language-model figures use
+(:func:`scalelab.models.gpt.lm_facts`) and the layout model of ``predict --advise``
+(:mod:`scalelab.comm.layout_model`) evaluates for a GPT it never builds. Both end in
+:func:`mfu`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ def forward_flops(name: str, options: dict[str, Any], spec: DataSpec) -> float |
 def train_flops(forward: float | None) -> float | None:
     """Training FLOPs per sample from the forward's (None stays None)."""
     return TRAIN_PER_FORWARD * forward if forward else None
+
+
+def lm_train_flops_per_token(
+    matmul_params: float, n_layers: int, seq_len: int, d_model: int
+) -> float:
+    """Training FLOPs per token of a decoder: 6 N + 12 L T d (PaLM appendix B, nanoGPT's
+    ``estimate_mfu``). N counts the weights that multiply (blocks and LM head, not the
+    embedding lookups); 12 L T d is the attention's scores and weighted sum, forward and
+    backward. For a Megatron GPT (N = 12 L h^2 + V h) it is Narayanan et al. 2021's
+    72 B s L h^2 (1 + s/(6h) + V/(12 L h)) per B s tokens, without recomputation."""
+    return 6.0 * matmul_params + 12.0 * n_layers * seq_len * d_model
 
 
 def mfu(flops_per_unit: float, units_per_s_per_gpu: float, peak_flops_per_s: float) -> float:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalelab.models.flops import mfu
+from scalelab.models.flops import lm_train_flops_per_token, mfu
 from scalelab.models.gpt_shapes import SIZES
 
 
@@ -140,7 +140,7 @@ class GPT(nn.Module):
         estimate_mfu); N counts the weights that multiply (blocks and LM head), not the
         embedding lookups."""
         n = self.num_params(embeddings=False)
-        return 6.0 * n + 12.0 * self.n_layers * self.seq_len * self.d_model
+        return lm_train_flops_per_token(n, self.n_layers, self.seq_len, self.d_model)
 
 
 def gpt(
