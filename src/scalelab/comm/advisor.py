@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from scalelab.backends.parallel_dims import ParallelDims
-from scalelab.backends.pipeline_rules import pipeline_problems
+from scalelab.backends.parallel_dims import ParallelDims, Pipe
 from scalelab.comm.hardware import Profile
 from scalelab.comm.layout_model import (
     GPTShape,
@@ -91,44 +90,31 @@ def check_inputs(shape: GPTShape, batch: int, world: int) -> None:
 
 
 def layout_problems(shape: GPTShape, batch: int, layout: Layout) -> list[str]:
-    """Why ``layout`` cannot run this GPT (empty when it can), from the owners' rules.
-
-    ParallelDims' own ``dist.pp`` line (pipelines are not trained yet) is the trainer's
-    availability, not existence: the pipeline's rules are pipeline_problems'."""
-    found = _replica_problems(shape, batch, layout.dp, layout.tp, layout.pp)
-    return found or _pipeline_part(shape, batch, layout)
-
-
-def _pipeline_part(shape: GPTShape, batch: int, layout: Layout) -> list[str]:
-    """The micro-batches' and the pipeline's problems of a (dp, tp, pp) split that exists."""
-    per_pipeline = batch // layout.dp
-    found = []
-    if layout.pp == 1 and per_pipeline % layout.microbatches:
+    """Why ``layout`` cannot run this GPT (empty when it can), from the owners' rules:
+    ParallelDims (heads over tp, ranks over tp x pp, the pipeline's schedule, layers and
+    m), the batch over dp, and each replica's batch over the m micro-batches."""
+    pipe = Pipe(layout.schedule or "1f1b", layout.virtual_stages, layout.microbatches)
+    dims = ParallelDims(layout.dp * layout.tp * layout.pp, layout.dp, layout.tp, layout.pp, pipe)
+    options = {"n_heads": shape.heads, "n_layers": shape.layers}
+    found = [p.line() for p in dims.problems(BACKEND, "gpt", options)]
+    if batch % layout.dp:
+        found.append(f"field 'batch': {batch} sequences do not split over dp={layout.dp}")
+    if found:
+        return found
+    per_replica = batch // layout.dp
+    if per_replica % layout.microbatches:
         found.append(
             f"field 'dist.microbatches': {layout.microbatches} micro-batches do not split "
-            f"the replica's batch of {per_pipeline} evenly"
+            f"the replica's batch of {per_replica} evenly"
         )
-    return found + pipeline_problems(
-        layout.pp,
-        layout.virtual_stages,
-        layout.microbatches,
-        layout.schedule or "1f1b",
-        shape.layers,
-        BACKEND,
-        "gpt",
-        per_pipeline,
-    )
+    return found
 
 
-def _replica_problems(shape: GPTShape, batch: int, dp: int, tp: int, pp: int) -> list[str]:
-    """The (dp, tp, pp) split's own problems: ParallelDims' (heads over tp) and the batch
-    over dp."""
-    dims = ParallelDims(dp * tp * pp, dp, tp, pp)
-    found = [
-        p.line()
-        for p in dims.problems(BACKEND, "gpt", {"n_heads": shape.heads})
-        if p.field != "dist.pp"
-    ]
+def _replica_problems(shape: GPTShape, batch: int, dp: int, tp: int) -> list[str]:
+    """What rules out every (m, v) of a (dp, tp) split at once: the heads over tp and the
+    batch over dp (the pipeline's rules need m and v: :func:`layout_problems`)."""
+    dims = ParallelDims(dp * tp, dp, tp)
+    found = [p.line() for p in dims.problems(BACKEND, "gpt", {"n_heads": shape.heads})]
     if batch % dp:
         found.append(f"field 'batch': {batch} sequences do not split over dp={dp}")
     return found
@@ -161,7 +147,7 @@ def _schedules(
 ) -> tuple[list[Layout], str]:
     """The (m, v, schedule, recomputation) choices of one (dp, tp, pp) that exist, and
     the first reason one did not."""
-    split = _replica_problems(shape, batch, dp, tp, pp)
+    split = _replica_problems(shape, batch, dp, tp)
     if split:
         return [], split[0]
     out: list[Layout] = []
@@ -170,7 +156,7 @@ def _schedules(
     for m in divisors(batch // dp):
         for v in stages:
             layout = Layout(dp, tp, pp, m, v, schedule_for(pp, v, m))
-            problems = _pipeline_part(shape, batch, layout)
+            problems = layout_problems(shape, batch, layout)
             reason = reason or (problems[0] if problems else "")
             if not problems:
                 out += [
