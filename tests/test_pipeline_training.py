@@ -13,30 +13,20 @@ cluster's nodes in tests/test_cluster_pipeline.py.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 from conftest import scalelab_main
-from test_sharding import _resume_from, summary, torchrun
+from test_sharding import GPT_TINY, _resume_from, summary, torchrun
 from train_support import PY, TRAIN, max_diff, ok, run, weights, write_config
 
 ATOL = 1e-5
 
-GPT4 = {
-    "seed": 11,
-    "model": {"name": "gpt", "options": {"size": "tiny", "n_layers": 4}},
-    "data": {
-        "source": "tokens",
-        "num_samples": 256,
-        "val_samples": 64,
-        "seq_len": 16,
-        "vocab_size": 32,
-    },
-    "optim": {"name": "sgd", "global_batch_size": 32, "lr": 0.1, "momentum": 0.9},
-    "train": {"epochs": 1, "threads": 1, "progress": False, "deterministic": True},
-    "metrics": {"warmup_steps": 1},
-}
+#: test_sharding's tiny GPT with 4 blocks: enough for 2 stages of 2, or 4 of 1 (v=2).
+GPT4 = copy.deepcopy(GPT_TINY)
+GPT4["model"]["options"]["n_layers"] = 4
 
 PP2 = ["dist.pp=2", "dist.microbatches=4"]
 CASES: dict[str, tuple[int, list[str]]] = {
