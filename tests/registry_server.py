@@ -183,3 +183,17 @@ def client_env(reg: Registry, home: Path, base: dict[str, str]) -> dict[str, str
     )
     os.makedirs(home / "apptainer", exist_ok=True)
     return env
+
+
+def login(env: dict[str, str], reg: Registry) -> None:
+    """`apptainer registry login` into the login store ``env`` names (password on stdin)."""
+    subprocess.run(
+        ["apptainer", "registry", "login", "--username", str(reg.user), "--password-stdin"]
+        + [f"oras://{reg.host}"],
+        input=reg.password,
+        text=True,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )

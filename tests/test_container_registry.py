@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import VENV_BIN, tool_env
 from container_image import require_apptainer
-from registry_server import client_env, make_key_pair, start_registry
+from registry_server import client_env, login, make_key_pair, start_registry
 
 from scalelab.container import registry
 from scalelab.container.config import ContainerConfig
@@ -78,19 +78,6 @@ def env(reg, tmp_path) -> dict[str, str]:
     if reg.user:
         login(e, reg)
     return e
-
-
-def login(env: dict[str, str], reg) -> None:
-    subprocess.run(
-        [require_apptainer(), "registry", "login", "--username", reg.user, "--password-stdin"]
-        + [f"oras://{reg.host}"],
-        input=reg.password,
-        text=True,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 def container(args: list, env: dict[str, str], cwd: Path | None = None):
