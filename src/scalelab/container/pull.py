@@ -13,10 +13,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from scalelab.container import registry, runtime, verify
 from scalelab.errors import CheckFailed, UsageError
 from scalelab.fsio import sha256_file
+from scalelab.redact import redact_text
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def pull_verified(
     ``keys`` (when given), before the rename; CheckFailed in one line otherwise."""
     dest = Path(image).resolve()
     source = runtime_uri(uri)
+    shown = redact_text(uri)  # an https://user:password@ URI keeps its password to itself
+    secrets = [*registry.secrets_for(uri, environ), *filter(None, [urlsplit(uri).password])]
     if keys:
         verify.trusted_key_files(keys)  # a bad key list fails before any download
     check_destination(dest, pinned, force)
@@ -77,16 +81,16 @@ def pull_verified(
     tmp = temp_name(dest)
     argv = runtime.pull_argv(rt.name, str(tmp), source, force=True)
     try:
-        status, out = runtime.run_redacted([rt.path, *argv[1:]], registry.secrets_for(uri, environ))
+        status, out = runtime.run_redacted([rt.path, *argv[1:]], secrets)
         if status != 0:
-            raise UsageError(f"apptainer pull {uri} failed: {runtime.last_line(out, status)}")
+            raise UsageError(f"apptainer pull {shown} failed: {runtime.last_line(out, status)}")
         got = sha256_file(tmp)
         if got != pinned:
             raise CheckFailed(
-                f"{uri}: pulled image has sha256 {got}, pinned {pinned}: "
+                f"{shown}: pulled image has sha256 {got}, pinned {pinned}: "
                 f"refused ({dest} left as it was)"
             )
-        signed_by = verify.check_trusted_signature(rt, tmp, keys, name=uri) if keys else None
+        signed_by = verify.check_trusted_signature(rt, tmp, keys, name=shown) if keys else None
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
