@@ -59,7 +59,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             "no pin: give --sha256 (the digest the image's builder recorded in "
             "IMAGE.sha256) or --config with container.sha256"
         )
-    keys = args.key or (cfg.trusted_keys if cfg else [])
+    keys = verify.trusted_key_files(args.key, "--key") or (cfg.trusted_keys if cfg else [])
     name, rt = _runtime_name(args)
     if args.dry_run or rt is None:
         print(shlex.join(runtime.pull_argv(name, str(pull.temp_name(image)), source, force=True)))
@@ -111,7 +111,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not image:
         raise UsageError("give IMAGE or --config with container.image")
     pinned = args.sha256 or (cfg.sha256 if cfg else None)
-    keys = args.key or (cfg.trusted_keys if cfg else [])
+    keys = verify.trusted_key_files(args.key, "--key") or (cfg.trusted_keys if cfg else [])
     rt = None if args.signature == "skip" else runtime.require(args.runtime)
     result = verify.verify(image, pinned, rt=rt, signature=args.signature, keys=keys)
     if args.json:

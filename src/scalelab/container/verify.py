@@ -161,8 +161,10 @@ def trusted_key_files(keys: Sequence[str], where: str = "container.trusted_keys"
     for i, key in enumerate(keys):
         try:
             text = Path(key).read_text(errors="replace")
-        except OSError as exc:
-            raise UsageError(f"{where}[{i}]: {key}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise UsageError(
+                f"{where}[{i}]: {key!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         if "PRIVATE KEY" in text:
             raise UsageError(
                 f"{where}[{i}]: {key} is a private key: list public keys "
