@@ -180,11 +180,13 @@ def secrets_for(uri: str, environ: Mapping[str, str] | None = None) -> list[str]
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """An Authorization header must not follow a redirect to another host."""
 
-    def redirect_request(self, *args, **kwargs):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None
 
 
-def https_fetch(method: str, url: str, headers: Mapping[str, str], timeout: float = 30):
+def https_fetch(
+    method: str, url: str, headers: Mapping[str, str], timeout: float = 30
+) -> tuple[int, Mapping[str, str], bytes]:
     """One HTTPS request (no redirects followed); HTTP errors are answers, not exceptions."""
     opener = urllib.request.build_opener(_NoRedirect)
     req = urllib.request.Request(url, method=method, headers=dict(headers))
