@@ -7,8 +7,10 @@ sudo_cmd=()
 [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
 # The Slurm test cluster (slurmctld/slurmd in network namespaces, munge, PMIx for srun --mpi=pmix)
 # and what builds Horovod and the tools the tests run. Never part of a plain ./setup.sh.
+# docker-registry (the CNCF distribution 2.8), openssl (its test CA and the signing keys) and
+# apache2-utils (htpasswd, bcrypt) serve tests/test_container_registry.py's real registry.
 apt_packages=(build-essential cmake python3-dev git slurm-wlm munge libpmix2 libpmix-dev
-              iproute2 util-linux procps)
+              iproute2 util-linux procps docker-registry openssl apache2-utils ca-certificates)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

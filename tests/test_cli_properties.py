@@ -76,6 +76,8 @@ LEFT_OUT = {
     "testcluster": "starts and stops the Slurm test cluster as root",
     "container build": "builds an image",
     "container pull": "pulls an image",
+    "container push": "pushes an image to a registry",
+    "container sign": "rewrites an image with a signature",
     "container exec": "runs a command in an image",
 }
 

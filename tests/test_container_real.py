@@ -8,6 +8,7 @@ envs/install_apptainer.sh. CI (SCALELAB_REQUIRE_CLUSTER=1) fails, never skips, w
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import http.server
@@ -453,17 +454,102 @@ def test_sdm_image_alias_defeats_the_shell_even_without_the_validator(cpu_image,
 # ---- the whole workflow under the shipped profile on the test cluster -------------------------
 
 
-@pytest.mark.cluster
-@pytest.mark.horovod
-def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu_image, tmp_path):
+@pytest.fixture
+def cluster_registry(cluster):
+    """A real registry (Debian's docker-registry, TLS from a CA made here, htpasswd) on the
+    test cluster's host address, its files and trust bundle on the shared directory."""
+    from registry_server import start_registry
+
+    d = cluster.shared_dir / f"registry-{os.getpid()}"
+    reg = start_registry(
+        d, addr=cluster.cluster.spec.host_addr, user="lab", password="Cluster-s3cret-pw"
+    )
+    try:
+        yield reg
+    finally:
+        reg.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _signed_pushed(image: Path, key: Path, ref: str, env: dict) -> tuple[str, str]:
+    """Sign ``image`` in place, push it to ``ref``: (the file's sha256, manifest digest)."""
+    run([SCALELAB, "container", "sign", str(image), "--key", str(key)], env=env, timeout=600)
+    out = run([SCALELAB, "container", "push", str(image), ref], env=env, timeout=900).stdout
+    digest = next(x for x in out.splitlines() if "container.registry:" in x).split("@", 1)[1]
+    return _sha256_of(image), digest.strip()
+
+
+def _refused_before_any_job(wd: Path, cfg: dict, env: dict, *words: str) -> None:
+    """The study under the profile stops at the submit host's check: one line, no job."""
     from test_workflow import copy_workflow, snakemake
 
-    sha = cpu_image["sha256"]
-    wd = copy_workflow(cluster.shared_dir / f"wf-container-{os.getpid()}")
-    cfg = _full_config(cpu_image["path"], sha, nodes=[2], tasks_per_node=[1])
+    wd = copy_workflow(wd)
+    (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(
+        wd, ["--profile", "profiles/slurm-apptainer", "--configfile", "c.yaml"], env=env,
+        check=False, timeout=900,
+    )  # fmt: skip
+    said = proc.stdout + proc.stderr
+    lines = [line for line in said.splitlines() if line.startswith("container: ")]
+    assert proc.returncode != 0 and len(lines) == 1, said[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (wd / "results").exists() and not (wd / ".snakemake" / "slurm_logs").exists()
+    assert not Path(cfg["container"]["image"]).exists()  # nothing landed on the shared path
+
+
+@pytest.mark.cluster
+@pytest.mark.horovod
+def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(
+    cluster, cpu_image, cluster_registry, tmp_path
+):
+    """The container study, its image from a registry (issue 28): the CPU image signed with
+    a key made here, pushed to a TLS registry with credentials on the cluster's network,
+    named in the config by reference, pin and public key; the submit host pulls and
+    verifies it once onto the shared filesystem, the nodes train in it. Then a tampered
+    re-push is refused at the digest and another key's image at the signature, each in
+    one line before any job."""
+    from registry_server import client_env, login, make_key_pair
+    from test_workflow import copy_workflow, snakemake
+
+    reg, pid = cluster_registry, os.getpid()
+    keys = cluster.shared_dir / f"keys-{pid}"
+    lab_key, lab_pub = make_key_pair(keys, "lab")
+    other_key, _ = make_key_pair(keys, "other")
+    client = cluster.shared_dir / f"client-{pid}"
+    env = client_env(reg, client, cluster.env(tool_env()))
+    login(env, reg)  # Apptainer's login store, on the shared path the nodes see too
+    signed = client / "scalelab-cpu.sif"
+    shutil.copyfile(cpu_image["path"], signed)
+    ref = reg.ref("lab/scalelab-cpu:ci")
+    sha, digest = _signed_pushed(signed, lab_key, ref, env)
+    assert sha != cpu_image["sha256"]  # signing changed the bytes: this is the pin
+    images = cluster.shared_dir / f"images-{pid}"
+    # A node pulls it with the stored credentials, checks the pin and the signature.
+    pulled = images / "node-pull.sif"
+    out = cluster.srun(
+        ["-N1", "-w", "n2", SCALELAB, "container", "pull", f"{ref}@{digest}", "--image",
+         str(pulled), "--sha256", sha, "--key", str(lab_pub)],
+        timeout=900, extra_env={k: env[k] for k in ("SSL_CERT_FILE", "APPTAINER_CONFIGDIR",
+                                                    "APPTAINER_CACHEDIR")},
+    ).stdout  # fmt: skip
+    assert f"signed by {lab_pub}" in out and _sha256_of(pulled) == sha
+    pulled.unlink()
+
+    image = images / "scalelab-cpu.sif"  # not there yet: the workflow pulls it
+    wd = copy_workflow(cluster.shared_dir / f"wf-container-{pid}")
+    cfg = _full_config(image, sha, nodes=[2], tasks_per_node=[1])
+    cfg["container"].update(registry=f"{ref}@{digest}", trusted_keys=[str(lab_pub)])
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
-    snakemake(
+    proc = snakemake(
         wd,
         [
             "--profile",
@@ -476,10 +562,11 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
             "0",
             "--slurm-keep-successful-logs",
         ],  # the proof below reads the job logs
-        env=cluster.env(tool_env()),
+        env=env,
         timeout=1500,
     )
-    print(f"workflow under slurm-apptainer: {time.monotonic() - t0:.0f} s")
+    print(f"workflow under slurm-apptainer, image from the registry: {time.monotonic() - t0:.0f} s")
+    assert _sha256_of(image) == sha
     for backend in ("ddp", "horovod"):
         run_dir = wd / "results" / "runs" / f"{backend}-strong-n2-t1-g0-r0"
         info = json.loads((run_dir / "run_info.json").read_text())
@@ -489,6 +576,7 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
         assert proof["os_release"]["VERSION_CODENAME"] == "bookworm"
         record = json.loads((run_dir / "container.json").read_text())
         assert record["sha256"] == sha and record["hashed_by"].startswith("submit host")
+        assert record["signed_by"] == str(lab_pub) and record["registry"] == f"{ref}@{digest}"
         from scalelab.provenance import FILE, validate
 
         manifest = json.loads((run_dir / FILE).read_text())
@@ -506,3 +594,37 @@ def test_workflow_under_slurm_apptainer_profile_on_the_test_cluster(cluster, cpu
         logs = list((wd / ".snakemake" / "slurm_logs").glob(f"rule_{rule}/**/*.log"))
         assert logs, rule
         assert any(alias in p.read_text() for p in logs), (rule, logs[0].read_text()[-2000:])
+    # The registry password is in no output and no log of the study.
+    said = proc.stdout + proc.stderr + reg.log.read_text()
+    said += "".join(p.read_text(errors="replace") for p in wd.rglob("*.log"))
+    auth = base64.b64encode(f"{reg.user}:{reg.password}".encode()).decode()
+    assert reg.password not in said and auth.rstrip("=") not in said
+
+    # The same SIF with one data object added, re-pushed under the same tag: refused at
+    # the digest (the config names the tag and the file's pin).
+    tampered = client / "tampered.sif"
+    shutil.copyfile(signed, tampered)
+    (client / "payload.txt").write_text("not what the lab signed\n")
+    run([require_apptainer(), "sif", "add", "--datatype", "7", str(tampered),
+         str(client / "payload.txt")], env=env)  # fmt: skip
+    run([SCALELAB, "container", "push", str(tampered), ref], env=env, timeout=900)
+    bad = dict(cfg, container=dict(cfg["container"], registry=ref, image=str(images / "t.sif")))
+    _refused_before_any_job(
+        cluster.shared_dir / f"wf-tampered-{pid}", bad, env,
+        f"has sha256 {_sha256_of(tampered)}", f"pinned {sha}",
+    )  # fmt: skip
+    # An image signed by another key, pinned correctly: refused at the signature.
+    other = client / "other.sif"
+    shutil.copyfile(cpu_image["path"], other)
+    other_ref = reg.ref("lab/scalelab-cpu:other")
+    other_sha, _ = _signed_pushed(other, other_key, other_ref, env)
+    bad = dict(
+        cfg,
+        container=dict(
+            cfg["container"], registry=other_ref, sha256=other_sha, image=str(images / "o.sif")
+        ),
+    )
+    _refused_before_any_job(
+        cluster.shared_dir / f"wf-otherkey-{pid}", bad, env,
+        f"signature refused for {other_ref}", "by none of the trusted keys", str(lab_pub),
+    )  # fmt: skip

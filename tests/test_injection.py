@@ -54,6 +54,9 @@ FIELDS = {
     "analysis.from_csv[0]": lambda c, v: c.setdefault("analysis", {}).update(from_csv=[v]),
     "container.image": lambda c, v: c.setdefault("container", {}).update(image=v),
     "container.binds[0]": lambda c, v: c.setdefault("container", {}).update(binds=[v]),
+    "container.trusted_keys[0]": lambda c, v: c.setdefault("container", {}).update(
+        trusted_keys=[v]
+    ),
     "container.exec_flags[0]": lambda c, v: c.setdefault("container", {}).update(
         exec_flags=[f"--cleanenv={v}"]
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -110,3 +111,24 @@ def redact_argv(argv: list[str]) -> list[str]:
         pair = i > 0 and argv[i - 1] in _PAIR_OPTIONS and SECRET_NAME.search(arg)
         hide_next = bool(pair) or _secret_option(arg)
     return out
+
+
+def secret_forms(secrets: list[str]) -> list[str]:
+    """Each secret as it may be printed: in clear and base64-encoded (a Docker config's
+    ``auth`` is base64 of ``user:password``), longest first so no part is left over."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if len(secret) < 4:  # too short to tell from ordinary text; still never printed by us
+            continue
+        forms.add(secret)
+        forms.add(base64.b64encode(secret.encode()).decode())
+        forms.add(base64.b64encode(secret.encode()).decode().rstrip("="))
+    return sorted(forms, key=len, reverse=True)
+
+
+def redact_secrets(text: str, secrets: list[str]) -> str:
+    """``text`` without the given secrets (clear or base64) and without what
+    :func:`redact_text` removes: for output of a tool that was handed credentials."""
+    for form in secret_forms(secrets):
+        text = text.replace(form, REDACTED)
+    return redact_text(text)

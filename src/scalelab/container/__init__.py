@@ -1,4 +1,4 @@
-"""Apptainer images: generate, lint, lock, build, pull, verify, inspect and run them.
+"""Apptainer images: generate, lint, lock, build, sign, push, pull, verify, inspect and run them.
 
 What the rest of scalelab calls (the workflow's ``common.smk``, ``scalelab launch``, the
 trainer's run record, ``scalelab doctor``); the ``scalelab container`` command lives in

@@ -275,6 +275,11 @@ def _prune(images: Path, keep: Path, spare: int = 1) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def sha256_record(image: Path) -> Path:
+    """IMAGE.sha256 beside the image, in `sha256sum` format (also rewritten by `sign`)."""
+    return image.with_name(image.name + ".sha256")
+
+
 def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
     """Copy the image to its destination (atomically) and record its sha256 beside it."""
     image.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +303,7 @@ def publish(cached: Path, image: Path, p: Plan, commit: str) -> dict:
         "torch_source": p.torch_index or "local file via pip find-links (tested)",
         "stage_seconds": p.times,
     }
-    atomic_write_text(image.with_name(image.name + ".sha256"), f"{digest}  {image.name}\n")
+    atomic_write_text(sha256_record(image), f"{digest}  {image.name}\n")
     atomic_write_text(
         image.with_name(image.name + ".build.json"), json.dumps(record, indent=2) + "\n"
     )

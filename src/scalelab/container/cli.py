@@ -1,4 +1,4 @@
-"""`scalelab container ...`: generate, lint, lock, build, pull, verify, inspect, exec.
+"""`scalelab container ...`: generate, lint, lock, build, sign, push, pull, verify, inspect, exec.
 
 Commands that run the container runtime (build, pull, verify with signatures,
 inspect, exec) stop with one error line when neither apptainer nor singularity
@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 
 from scalelab.container.cli_build import cmd_build
-from scalelab.container.cli_image import cmd_exec, cmd_inspect, cmd_pull, cmd_verify
+from scalelab.container.cli_image import (
+    cmd_exec,
+    cmd_inspect,
+    cmd_pull,
+    cmd_push,
+    cmd_sign,
+    cmd_verify,
+)
 from scalelab.container.cli_recipe import RECIPE_OPTIONS, cmd_generate, cmd_lint, cmd_lock
 
 
@@ -18,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """`scalelab container ACTION`: one function per action below."""
     p = subparsers.add_parser(
         "container",
-        help="Apptainer images: generate, lint, lock, build, pull, verify, inspect, exec",
+        help="Apptainer images: generate, lint, lock, build, sign, push, pull, verify, "
+        "inspect, exec",
         description=__doc__.splitlines()[0],
     )
     sub = p.add_subparsers(dest="container_command", metavar="ACTION", required=True)
@@ -27,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _add_lint,
         _add_lock,
         _add_build,
+        _add_sign,
+        _add_push,
         _add_pull,
         _add_verify,
         _add_inspect,
@@ -144,20 +154,59 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_build)
 
 
+def _add_sign(sub: argparse._SubParsersAction) -> None:
+    sg = sub.add_parser(
+        "sign",
+        help="sign an image with a PEM private key (apptainer sign --key); prints the new sha256",
+        description="Adds a signature object to the SIF, which changes its bytes: pin the "
+        "sha256 printed here (IMAGE.sha256 beside it is rewritten), not the one of the "
+        "unsigned build. Users list the matching public key in container.trusted_keys.",
+    )
+    sg.add_argument("image")
+    sg.add_argument("--key", required=True, help="PEM private key (openssl genpkey)")
+    sg.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    sg.set_defaults(func=cmd_sign)
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    ps = sub.add_parser(
+        "push",
+        help="apptainer push an image to oras://HOST/NAME:TAG; prints the manifest digest",
+        description="Credentials come from `apptainer registry login` (Apptainer's login "
+        "store), never from a command line or a config. Prints the manifest digest the "
+        "registry holds (the @sha256: of container.registry) and the file's sha256 "
+        "(container.sha256); the manifest's layer must be that file.",
+    )
+    ps.add_argument("image")
+    ps.add_argument("uri", metavar="oras://HOST/NAME:TAG")
+    ps.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+    ps.set_defaults(func=cmd_push)
+
+
 def _add_pull(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser(
         "pull",
         help="apptainer pull an image (http(s)://, oras://, docker://, "
-        "library://) and check its sha256 before anything uses it",
-        description="Pulls into a temporary file beside IMAGE, hashes it, and "
-        "moves it into place only when the sha256 equals the pin; an existing "
-        "IMAGE with other bytes is refused unless --force.",
+        "library://) and check its sha256, then its signature, before anything uses it",
+        description="Pulls into a temporary file beside IMAGE, hashes it, checks its "
+        "signature by a trusted key (--key or container.trusted_keys), and moves it into "
+        "place only when both pass; an existing IMAGE with other bytes is refused unless "
+        "--force. oras://HOST/NAME:TAG@sha256:M pulls manifest M; --sha256 is the file's.",
     )
-    pl.add_argument("uri")
+    pl.add_argument("uri", nargs="?", help="default: container.registry of --config")
     pl.add_argument("--image", help="output .sif (default: the URI's last path part + .sif)")
-    pl.add_argument("--sha256", help="pinned sha256 the pulled bytes must have")
+    pl.add_argument("--sha256", help="pinned sha256 the pulled file must have")
     pl.add_argument(
-        "--config", help="workflow config: take the pin (and --image) from its container: section"
+        "--config",
+        help="workflow config: take the pin, the trusted keys, the URI (container.registry) "
+        "and --image from its container: section",
+    )
+    pl.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUBLIC.pem",
+        help="trusted public key (repeatable; default: container.trusted_keys)",
     )
     pl.add_argument(
         "--force",
@@ -174,11 +223,20 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--sha256", help="pinned sha256 (default: container.sha256 of --config)")
     v.add_argument("--config", help="workflow config with a container: section")
     v.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUBLIC.pem",
+        help="accept only signatures by this public key (repeatable; default: "
+        "container.trusted_keys of --config)",
+    )
+    v.add_argument(
         "--signature",
         choices=("auto", "require", "skip"),
         default="auto",
         help="auto: check signatures when the image has any (default); "
-        "skip: sha256 only, needs no apptainer",
+        "skip: sha256 only, needs no apptainer. With trusted keys a signature by one "
+        "of them is always required",
     )
     v.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
     v.add_argument(

@@ -1,4 +1,5 @@
-"""`scalelab container pull`, `verify`, `inspect` and `exec`: running the runtime on an image."""
+"""`scalelab container pull`, `push`, `sign`, `verify`, `inspect` and `exec`: running the runtime
+on an image."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scalelab.container import runtime, verify
+from scalelab.container import pull, registry, runtime, verify
+from scalelab.container.build import sha256_record
 from scalelab.container.config import ContainerConfig, launch_srun
 from scalelab.container.wiring import exec_flags, parse_inspect_labels
-from scalelab.errors import CheckFailed, UsageError
-from scalelab.fsio import sha256_file
+from scalelab.errors import UsageError
+from scalelab.fsio import atomic_write_text, sha256_file
 from scalelab.launch import commands
 
 
@@ -38,20 +40,18 @@ def _run_or_print(args: argparse.Namespace, argv: list[str], rt, cwd: Path | Non
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    import os
-
-    if "://" not in args.uri:
-        raise UsageError(
-            f"{args.uri} is not a URI (https://, oras://, docker://, library://); "
-            "for an image on a shared path, point container.image at the file"
-        )
+    """Pull, check the sha256 pin, then the signature, then rename into place."""
     cfg = ContainerConfig.from_file(args.config) if args.config else None
+    uri = args.uri or (cfg.registry if cfg else None)
+    if not uri:
+        raise UsageError("give URI or --config with container.registry")
+    source = pull.runtime_uri(uri)
     pinned = args.sha256 or (cfg.sha256 if cfg else None)
     if pinned:
         pinned = ContainerConfig.from_mapping(
             {"image": "x", "sha256": pinned}, where="--sha256"
         ).sha256
-    default = args.uri.rstrip("/").rsplit("/", 1)[-1].replace(":", "_")
+    default = uri.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1].replace(":", "_")
     default = default if default.endswith(".sif") else default + ".sif"
     image = Path(args.image or (cfg.image if cfg else default)).resolve()
     if not pinned:
@@ -59,32 +59,48 @@ def cmd_pull(args: argparse.Namespace) -> int:
             "no pin: give --sha256 (the digest the image's builder recorded in "
             "IMAGE.sha256) or --config with container.sha256"
         )
+    keys = verify.trusted_key_files(args.key, "--key") or (cfg.trusted_keys if cfg else [])
     name, rt = _runtime_name(args)
-    tmp = image.with_name(f".{image.name}.pull.{os.getpid()}")
-    argv = runtime.pull_argv(name, str(tmp), args.uri, force=True)
     if args.dry_run or rt is None:
-        print(shlex.join(argv))
+        print(shlex.join(runtime.pull_argv(name, str(pull.temp_name(image)), source, force=True)))
         return 0
-    if image.exists() and not args.force and sha256_file(image) != pinned:
-        raise UsageError(
-            f"{image} exists and holds a different image than sha256 {pinned}: "
-            "refusing to replace it (pass --force, or choose another --image)"
-        )
-    image.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        rc = runtime.run([rt.path, *argv[1:]])
-        if rc != 0:
-            raise UsageError(f"{shlex.join(argv)} failed with exit {rc}")
-        got = sha256_file(tmp)
-        if got != pinned:
-            raise CheckFailed(
-                f"{args.uri}: pulled image has sha256 {got}, pinned {pinned}: "
-                f"refused ({image} left as it was)"
-            )
-        tmp.replace(image)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"{image}: sha256 {pinned} matches the pin")
+    got = pull.pull_verified(rt, uri, image, pinned=pinned, keys=keys, force=args.force)
+    signed = f"; signed by {got.signed_by}" if got.signed_by else ""
+    print(f"{got.image}: sha256 {got.sha256} matches the pin{signed}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push, then print the manifest digest the registry holds for what was pushed."""
+    rt = runtime.require(args.runtime)
+    pushed = registry.push(rt, args.image, args.uri)
+    print(
+        f"{args.image}: pushed to {pushed.ref}; manifest digest {pushed.manifest_digest}, "
+        f"file sha256 {pushed.sha256}"
+    )
+    print(f"  container.registry: {pushed.pinned_ref}")
+    print(f'  container.sha256: "{pushed.sha256}"')
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Sign with the user's private key; the file's bytes change, so print the new pin."""
+    rt = runtime.require(args.runtime)
+    image = runtime.check_image_file(args.image)
+    key = Path(args.key)
+    if not key.is_file():
+        raise UsageError(f"--key: {key}: no such file (a PEM private key)")
+    argv = runtime.sign_argv(rt.name, str(image), str(key))
+    rc = runtime.run([rt.path, *argv[1:]])
+    if rc != 0:
+        raise UsageError(f"{shlex.join(argv)} failed with exit {rc}")
+    digest = sha256_file(image)
+    record = sha256_record(image)
+    note = ""
+    if record.exists():  # a build's record would name the unsigned bytes
+        atomic_write_text(record, f"{digest}  {image.name}\n")
+        note = f" (rewrote {record.name})"
+    print(f"{image}: signed with {key}; its sha256 is now {digest}: pin this one{note}")
     return 0
 
 
@@ -95,8 +111,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not image:
         raise UsageError("give IMAGE or --config with container.image")
     pinned = args.sha256 or (cfg.sha256 if cfg else None)
+    keys = verify.trusted_key_files(args.key, "--key") or (cfg.trusted_keys if cfg else [])
     rt = None if args.signature == "skip" else runtime.require(args.runtime)
-    result = verify.verify(image, pinned, rt=rt, signature=args.signature)
+    result = verify.verify(image, pinned, rt=rt, signature=args.signature, keys=keys)
     if args.json:
         print(json.dumps({"ok": True, **dataclasses.asdict(result)}))
     else:

@@ -23,6 +23,7 @@ from scalelab import docload
 from scalelab.config_types import Section, first_error, show
 from scalelab.container.nccl_net import SETS as NCCL_NET_SETS
 from scalelab.container.nccl_net import NcclNetPlugin
+from scalelab.container.registry import parse_ref
 from scalelab.errors import UsageError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -57,10 +58,22 @@ class ContainerConfig(Section):
     enabled: bool = False
     """false runs on the host and ignores the other keys."""
     image: str | None = None
-    """.sif path on a filesystem every node sees (or an oras://, docker:// URI)."""
+    """.sif path on a filesystem every node sees (or an oras://, docker:// URI); with
+    ``registry``, the path the image is pulled onto."""
     sha256: str | None = None
-    """Pinned sha256 (64 hex) of the .sif, checked before any job starts and recorded in
-    provenance (a ``sha256:`` prefix is dropped)."""
+    """Pinned sha256 (64 hex) of the .sif file (``sha256sum IMAGE``, taken after signing,
+    which changes the file), checked before any job starts and recorded in provenance (a
+    ``sha256:`` prefix is dropped). Not the registry's manifest digest."""
+    registry: str | None = None
+    """Where the workflow pulls ``image`` from: ``oras://HOST[:PORT]/NAME:TAG``, optionally
+    ``@sha256:<manifest digest>`` (what ``scalelab container push`` prints; the manifest's,
+    not the file's). The submit host pulls it once per study when ``image`` is missing,
+    and checks ``sha256`` (required) then ``trusted_keys`` before the file is renamed
+    into place. Credentials never go here: ``apptainer registry login`` keeps them."""
+    trusted_keys: list[NonEmpty] = Field(default_factory=list)
+    """PEM public key files: when set, an image is accepted only signed by one of them
+    (``apptainer sign --key``), by ``container verify``, ``container pull`` and the
+    workflow before any job; an unsigned or otherwise signed image is refused."""
     runtime: Literal["auto", "apptainer", "singularity"] = "auto"
     """Which binary runs the image (auto prefers apptainer)."""
     nv: bool = True
@@ -109,6 +122,17 @@ class ContainerConfig(Section):
             raise ValueError(f"expected 64 hex digits, got {show(value)}")
         return digest
 
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str | None) -> str | None:
+        """An ``oras://`` reference with a tag or a manifest digest, and no credentials."""
+        if value is not None:
+            try:
+                parse_ref(value, "registry")
+            except UsageError as exc:
+                raise ValueError(str(exc).removeprefix("registry: ")) from None
+        return value
+
     @field_validator("env")
     @classmethod
     def _env(cls, env: dict[str, str]) -> dict[str, str]:
@@ -126,6 +150,17 @@ class ContainerConfig(Section):
                     f"container.env.{clash[0]}: set by "
                     "container.nccl_net_plugin; remove it from env"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _registry_needs_a_path_and_a_pin(self) -> ContainerConfig:
+        if self.registry and self.is_uri:
+            raise ValueError("@image:with registry, give the .sif path to pull it onto")
+        if self.registry and not self.sha256:
+            raise ValueError(
+                "@sha256:pin the file's sha256 of the image in the registry (`scalelab "
+                "container push` prints it)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalelab.errors import UsageError
+from scalelab.redact import redact_secrets
 
 NOT_FOUND = (
     "no apptainer or singularity on PATH: install Apptainer "
@@ -134,9 +135,20 @@ def inspect_argv(rt: str, image: str) -> list[str]:
     return [rt, "inspect", "--json", image]
 
 
-def verify_argv(rt: str, image: str) -> list[str]:
-    """`apptainer verify IMAGE`: checks the SIF's PGP signatures."""
-    return [rt, "verify", image]
+def verify_argv(rt: str, image: str, key: str | None = None) -> list[str]:
+    """`apptainer verify [--key PUBLIC.pem] IMAGE`: the SIF's PGP signatures, or with
+    ``key`` its signatures by that PEM public key (every signature must verify)."""
+    return [rt, "verify", *(["--key", key] if key else []), image]
+
+
+def sign_argv(rt: str, image: str, key: str) -> list[str]:
+    """`apptainer sign --key PRIVATE.pem IMAGE`: a DSSE signature added inside the SIF."""
+    return [rt, "sign", "--key", key, image]
+
+
+def push_argv(rt: str, image: str, uri: str) -> list[str]:
+    """`apptainer push IMAGE oras://HOST/NAME:TAG` (credentials: Apptainer's login store)."""
+    return [rt, "push", image, uri]
 
 
 def exec_argv(
@@ -170,6 +182,30 @@ def run(argv: Sequence[str], cwd: str | Path | None = None) -> int:
         return subprocess.run(list(argv), cwd=cwd, check=False).returncode
     except FileNotFoundError:
         raise UsageError(f"{argv[0]}: not found") from None
+
+
+def run_redacted(argv: Sequence[str], secrets: Sequence[str] = ()) -> tuple[int, str]:
+    """Run a command that may be handed registry credentials, its output captured and
+    returned without them (in clear or base64): (status, output). Nothing is printed,
+    so a refusal stays one line (callers quote :func:`last_line`)."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+    except FileNotFoundError:
+        raise UsageError(f"{argv[0]}: not found") from None
+    return proc.returncode, redact_secrets(proc.stdout, list(secrets))
+
+
+def last_line(output: str, status: int) -> str:
+    """The last non-empty line a failed command printed (its reason), or its status."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {status}"
 
 
 def check_image_file(image: str) -> Path:

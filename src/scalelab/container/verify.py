@@ -2,7 +2,11 @@
 
 The sha256 is of the file as it lies on disk (what `sha256sum IMAGE` prints),
 so a pin taken on a workstation holds on the cluster after a copy. Signatures
-are checked with `apptainer verify` (PGP signatures inside the SIF).
+are checked with `apptainer verify`: with trusted keys (``container.trusted_keys``, PEM
+public keys) the image must carry signatures by one of them, and this module is the one
+place that rule is written (``container verify``, ``container pull`` and the workflow's
+check before any job all ask :func:`check_trusted_signature`); without keys, the PGP
+signatures an image may carry.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,8 @@ class ImagePin:
     inode: int
     device: int
     hashed_at: str
+    signed_by: str | None = None
+    """The trusted public key whose signature the image carries (None: none asked for)."""
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -95,7 +102,8 @@ def read_pin(path: str | Path) -> ImagePin | None:
     """The record a submit host wrote, or None when it is missing or unreadable."""
     try:
         data = json.loads(Path(path).read_text())
-        return ImagePin(**{k: data[k] for k in ImagePin.__dataclass_fields__})
+        fields = [k for k in ImagePin.__dataclass_fields__ if k != "signed_by"]
+        return ImagePin(**{k: data[k] for k in fields}, signed_by=data.get("signed_by"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -146,12 +154,86 @@ def check_signature(rt: runtime.Runtime, image: str, require: bool) -> str:
     raise CheckFailed(f"signature check failed for {image}: {last}")
 
 
+def trusted_key_files(keys: Sequence[str], where: str = "container.trusted_keys") -> list[str]:
+    """Each trusted key, checked to be a readable PEM public key; a private key is refused
+    by name (it must never be handed out)."""
+    out = []
+    for i, key in enumerate(keys):
+        try:
+            text = Path(key).read_text(errors="replace")
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise UsageError(
+                f"{where}[{i}]: {key!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        if "PRIVATE KEY" in text:
+            raise UsageError(
+                f"{where}[{i}]: {key} is a private key: list public keys "
+                "(openssl pkey -in PRIVATE.pem -pubout -out PUBLIC.pem)"
+            )
+        if "-----BEGIN PUBLIC KEY-----" not in text:
+            raise UsageError(f"{where}[{i}]: {key} is not a PEM public key")
+        out.append(key)
+    return out
+
+
+def _refusal(reasons: list[str]) -> str:
+    """Why no trusted key verified the image, from `apptainer verify --key`'s last lines."""
+    low = [r.lower() for r in reasons]
+    if all(any(m in r for m in UNSIGNED_MARKERS) for r in low):
+        return "it is not signed"
+    if all("verify envelope failed" in r for r in low):
+        return "it is signed, but by none of the trusted keys"
+    return f"apptainer verify: {reasons[-1]}"
+
+
+def check_trusted_signature(
+    rt: runtime.Runtime,
+    image: str | Path,
+    keys: Sequence[str],
+    *,
+    name: str | None = None,
+    where: str = "container.trusted_keys",
+) -> str:
+    """The trusted key that signed ``image`` (the first whose `apptainer verify --key`
+    passes); CheckFailed in one line naming the image (or ``name``) and the keys."""
+    files = trusted_key_files(keys, where)
+    if not files:
+        raise UsageError(f"{where}: no trusted public key given")
+    reasons = []
+    for key in files:
+        argv = runtime.verify_argv(rt.name, str(image), key)
+        try:
+            proc = subprocess.run(
+                [rt.path, *argv[1:]], capture_output=True, text=True, timeout=600, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UsageError(f"{' '.join(argv)} failed: {exc}") from None
+        if proc.returncode == 0:
+            return key
+        reasons.append(runtime.last_line(proc.stdout + proc.stderr, proc.returncode))
+    raise CheckFailed(
+        f"signature refused for {name or image}: {_refusal(reasons)} "
+        f"(trusted keys: {', '.join(files)})"
+    )
+
+
 def verify(
-    image: str, pinned: str | None, *, rt: runtime.Runtime | None, signature: str = "auto"
+    image: str,
+    pinned: str | None,
+    *,
+    rt: runtime.Runtime | None,
+    signature: str = "auto",
+    keys: Sequence[str] = (),
 ) -> VerifyResult:
-    """sha256 against the pin, then signatures: auto (if signed), require, or skip."""
+    """sha256 against the pin, then signatures: by one of ``keys`` when given, else auto
+    (if signed), require, or skip."""
     if signature not in ("auto", "require", "skip"):
         raise UsageError(f"signature mode must be auto, require or skip, got {signature!r}")
+    if keys and signature == "skip":
+        raise UsageError(
+            "--signature skip: trusted keys are set (container.trusted_keys or --key), "
+            "and an image is accepted only signed by one of them"
+        )
     digest = check_sha256(image, pinned)
     if signature == "skip":
         state = "skipped"
@@ -161,5 +243,8 @@ def verify(
                 runtime.NOT_FOUND + " (needed to check signatures; "
                 "--signature skip checks the sha256 alone)"
             )
-        state = check_signature(rt, image, require=signature == "require")
+        if keys:
+            state = f"verified by {check_trusted_signature(rt, image, keys)}"
+        else:
+            state = check_signature(rt, image, require=signature == "require")
     return VerifyResult(image=image, sha256=digest, signature=state)

@@ -8,6 +8,7 @@ never around it (:func:`scalelab.launch.commands.compose` puts it there).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import scalelab
-from scalelab.container import runtime, verify
+from scalelab.container import pull, runtime, verify
 from scalelab.container.config import ContainerConfig
 from scalelab.errors import UsageError
 
@@ -77,9 +78,10 @@ def image_provenance(
     """The image's identity for a run's provenance record.
 
     Returns {"image", "sha256", "pinned_sha256", "size_bytes", "hashed_at", "hashed_by",
-    "runtime", "runtime_version", "labels"}. With ``pin`` (the record the submit host
-    wrote after hashing the image by content) the file is only checked to be that same
-    file; without it the image is hashed here. UsageError when the image is missing,
+    "registry", "signed_by", "runtime", "runtime_version", "labels"}. With ``pin`` (the
+    record the submit host wrote after hashing the image by content and checking its
+    signature) the file is only checked to be that same file; without it the image is
+    hashed (and its signature checked) here. UsageError when the image is missing,
     changed, or its sha256 differs from ``container.sha256`` (an unpinned config is
     recorded, not refused). URI images are not hashed: pull them to a file first.
     """
@@ -89,6 +91,8 @@ def image_provenance(
             f"container.image is a URI ({c.image}): pull it to a .sif on a shared "
             "path first (scalelab container pull) so every job runs the same bytes"
         )
+    if pin is not None and c.trusted_keys and not pin.signed_by:
+        pin = None  # a record without the signature check the config asks for
     if pin is not None:
         verify.check_pinned_file(pin, c.image)
         if c.sha256 and pin.sha256 != c.sha256:
@@ -98,7 +102,7 @@ def image_provenance(
             )
         hashed_by = "submit host (once per workflow invocation)"
     else:
-        pin = verify.pin_image(c.image, c.sha256)
+        pin = checked_image(c)
         hashed_by = "this job"
     rt = runtime.detect(c.runtime, path)
     return {
@@ -108,6 +112,8 @@ def image_provenance(
         "size_bytes": pin.size,
         "hashed_at": pin.hashed_at,
         "hashed_by": hashed_by,
+        "registry": c.registry,
+        "signed_by": pin.signed_by,
         "runtime": rt.name if rt else None,
         "runtime_version": runtime.runtime_version(rt) if rt else None,
         "labels": inspect_labels(rt, c.image) if (rt and labels) else {},
@@ -188,6 +194,22 @@ def inside_image_info() -> dict[str, Any] | None:
     }
 
 
+def checked_image(c: ContainerConfig) -> verify.ImagePin:
+    """The image pulled from ``container.registry`` if it is not there yet (checked before
+    it lands), hashed against ``container.sha256``, then its signature by a trusted key
+    (when ``container.trusted_keys`` lists any): the check before any job."""
+    signed_by = None
+    if c.registry and not Path(c.image).exists():
+        rt = runtime.require(c.runtime)
+        pulled = pull.pull_verified(rt, c.registry, c.image, pinned=c.sha256, keys=c.trusted_keys)
+        signed_by = pulled.signed_by
+    pin = verify.pin_image(c.image, c.sha256)
+    if c.trusted_keys and signed_by is None:
+        rt = runtime.require(c.runtime)
+        signed_by = verify.check_trusted_signature(rt, c.image, c.trusted_keys)
+    return dataclasses.replace(pin, signed_by=signed_by)
+
+
 #: Where the workflow keeps its image pins and shell-safe image aliases (under the workdir).
 WORKFLOW_STATE = Path(".snakemake") / "scalelab" / "images"
 
@@ -215,8 +237,8 @@ def workflow_image(
     target = Path(c.image).resolve()
     record = state / f"path-{hashlib.sha256(str(target).encode()).hexdigest()[:16]}.json"
     pin = None if submit_host else verify.read_pin(record)
-    if pin is None:
-        pin = verify.pin_image(c.image, c.sha256)
+    if pin is None or (c.trusted_keys and not pin.signed_by):
+        pin = checked_image(c)
         verify.write_pin(record, pin)
     else:
         verify.check_pinned_file(pin, c.image)

@@ -165,6 +165,8 @@ def _check_strings(cfg: dict, source: str) -> None:
     ]
     paths += [(f"analysis.from_csv[{i}]", p) for i, p in enumerate(cfg["analysis"]["from_csv"])]
     paths += [(f"container.binds[{i}]", p) for i, p in enumerate(cfg["container"]["binds"])]
+    keys = cfg["container"].get("trusted_keys") or []
+    paths += [(f"container.trusted_keys[{i}]", p) for i, p in enumerate(keys)]
     for where, value in paths:
         if value is not None:
             check_path(value, where, source)
