@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from scalelab.analysis import plots
-from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND, MEMORY_BASELINE
+from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND, is_memory_baseline
 from scalelab.backends.registry import with_capability
 from scalelab.output_guard import atomic_dir
 
@@ -148,9 +148,30 @@ OPTIONAL_COLUMNS = [
 ]
 
 
+#: The pipeline's columns, after tp, in the tables of a study where some configuration
+#: has pipeline stages (each where the table has it: the fits have no bubble).
+PIPELINE_COLUMNS = [
+    ("pp", "pp", "g"),
+    ("microbatches", "m", "g"),
+    ("schedule", "schedule", ""),
+    ("bubble", "bubble", ".3g"),
+]
+
+
+def with_pipeline(
+    table: pd.DataFrame, columns: list[tuple[str, str, str]]
+) -> list[tuple[str, str, str]]:
+    """``columns`` with :data:`PIPELINE_COLUMNS` after tp where some row has pp > 1, so a
+    study without pipelines reads as it always did."""
+    if "pp" not in table or not (table["pp"] > 1).any():
+        return list(columns)
+    at = [c[0] for c in columns].index("tp") + 1
+    return [*columns[:at], *(c for c in PIPELINE_COLUMNS if c[0] in table), *columns[at:]]
+
+
 def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     """The scaling table's columns, with the optional ones that some row has."""
-    cols = list(SCALING_COLUMNS)
+    cols = with_pipeline(table, SCALING_COLUMNS)
     for col, before in OPTIONAL_COLUMNS:
         if col[0] in table and table[col[0]].notna().any():
             cols.insert([c[0] for c in cols].index(before), col)
@@ -204,7 +225,7 @@ MEMORY_COLUMNS = [
 def memory_table(table: pd.DataFrame) -> pd.DataFrame:
     """The rows with measured per-rank state bytes, in MiB (rank 0's local tensors)."""
     rows = table[table["state_bytes_per_rank"].notna()].sort_values(
-        ["source", "mode", "ranks", "backend", "tp"]
+        ["source", "mode", "ranks", "backend", "tp", "pp", "microbatches"]
     )
     return rows.assign(
         param_mib=rows["param_bytes_per_rank"] / MIB,
@@ -217,21 +238,16 @@ def memory_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def memory_comparisons(table: pd.DataFrame) -> list[dict[str, Any]]:
     """Every measured point against DDP at the same ranks (``memory_vs_ddp``), >1 rank."""
-    rows = table[
-        table["memory_vs_ddp"].notna()
-        & (table["ranks"] > 1)
-        & ~(
-            (table["backend"] == MEMORY_BASELINE["backend"])
-            & (table["tp"] == MEMORY_BASELINE["tp"])
-        )
-    ]
-    rows = rows.sort_values(["source", "mode", "ranks", "backend", "tp"])
+    rows = table[table["memory_vs_ddp"].notna() & (table["ranks"] > 1) & ~is_memory_baseline(table)]
+    rows = rows.sort_values(["source", "mode", "ranks", "backend", "tp", "pp", "microbatches"])
     return [
         {
             "source": r.source,
             "backend": r.backend,
             "mode": r.mode,
             "tp": float(r.tp),
+            "pp": float(r.pp),
+            "microbatches": float(r.microbatches),
             "ranks": float(r.ranks),
             "param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank),
             "ddp_param_optim_bytes_per_rank": float(r.param_optim_bytes_per_rank / r.memory_vs_ddp),
@@ -242,7 +258,11 @@ def memory_comparisons(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _layout(c: dict[str, Any]) -> str:
-    return c["backend"] + (f" tp={c['tp']:g}" if c["tp"] != 1 else "")
+    return (
+        c["backend"]
+        + (f" tp={c['tp']:g}" if c["tp"] != 1 else "")
+        + (f" pp={c['pp']:g} m={c['microbatches']:g}" if c["pp"] != 1 else "")
+    )
 
 
 def sharding_sentence(table: pd.DataFrame) -> str:
@@ -250,7 +270,11 @@ def sharding_sentence(table: pd.DataFrame) -> str:
     found = memory_comparisons(table)
     if not found:
         sharded = bool(
-            (table["backend"].isin(with_capability("shards_state")) | (table["tp"] > 1)).any()
+            (
+                table["backend"].isin(with_capability("shards_state"))
+                | (table["tp"] > 1)
+                | (table["pp"] > 1)
+            ).any()
         )
         why = (
             "no run with measured per-rank state bytes beside a ddp run at the same ranks"
@@ -260,7 +284,12 @@ def sharding_sentence(table: pd.DataFrame) -> str:
         )
         return f"What sharding bought: nothing to compare ({why})."
     found.sort(
-        key=lambda c: (c["backend"] not in with_capability("shards_state"), c["tp"], c["ranks"])
+        key=lambda c: (
+            c["backend"] not in with_capability("shards_state"),
+            c["tp"],
+            c["pp"],
+            c["ranks"],
+        )
     )
     parts = [
         f"{_layout(c)} at {c['ranks']:g} ranks {c['ratio']:.2f}x "
@@ -332,7 +361,7 @@ def markdown(
         "",
         md_escape(FIT_NOTE),
         "",
-        markdown_table(fit_table, FIT_COLUMNS),
+        markdown_table(fit_table, with_pipeline(fit_table, FIT_COLUMNS)),
         "",
         "## Plots",
         "",
@@ -345,7 +374,7 @@ def _memory_markdown(table: pd.DataFrame) -> str:
     rows = memory_table(table)
     if rows.empty:
         return "(no run reports per-rank state bytes)"
-    return markdown_table(rows, MEMORY_COLUMNS)
+    return markdown_table(rows, with_pipeline(rows, MEMORY_COLUMNS))
 
 
 _CSS = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:90%}
@@ -374,10 +403,10 @@ def html_page(
             f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
             "<h2>Memory per rank</h2>",
             f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
-            html_table(memory_table(table), MEMORY_COLUMNS),
+            html_table(memory_table(table), with_pipeline(table, MEMORY_COLUMNS)),
             "<h2>Model fits</h2>",
             f"<p>{html.escape(FIT_NOTE)}</p>",
-            html_table(fit_table, FIT_COLUMNS),
+            html_table(fit_table, with_pipeline(fit_table, FIT_COLUMNS)),
             "</body></html>",
             "",
         ]

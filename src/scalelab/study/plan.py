@@ -224,7 +224,7 @@ def _batch_problems(cfg: dict, point: RunPoint, dims: ParallelDims) -> list[Prob
     try:
         rc = from_dict(run_config(cfg, point, "DATA"), prefix="train.")
         split = ParallelDims.of(point.ranks, dims.tp, dims.pp)  # one micro-batch: no split rule
-        batch = resolve_batch(rc, split, prefix="train.").per_rank
+        batch = resolve_batch(rc, split, prefix="train.").per_rank_batch
     except UsageError:
         return []
     return dims.batch_problems(rc.optim.grad_accum_steps, batch)
