@@ -51,7 +51,7 @@ COLUMNS: dict[str, str] = {
     "tp": "tensor-parallel ranks per model replica (1: none); a tp > 1 point is its own series",
     "pp": "pipeline stages per model replica (1: none); each pp, m and schedule is its own series",
     "microbatches": "micro-batches per pipeline step, m (1 without a pipeline)",
-    "schedule": "pipeline schedule ('none' without a pipeline)",
+    "schedule": "pipeline schedule ('no pipeline' without one)",
     "bubble": "pipeline bubble, idle over ideal compute time: (pp - 1) / (v m) (0 without a "
     "pipeline; the trainer's figure where its summary has one)",
     "param_bytes_per_rank": "parameter bytes rank 0 holds (its local shards), measured",
@@ -116,7 +116,7 @@ NAN = float("nan")
 
 #: The ``schedule`` of a row without a pipeline: a word, not an empty cell, so a CSV read
 #: back keeps the row in its series (pandas reads an empty cell as NaN, and groups drop it).
-NO_SCHEDULE = "none"
+NO_SCHEDULE = "no pipeline"
 
 #: The ``flags`` code of a run whose summary.json has ``samples_per_s: null``: the warm-up
 #: steps took every step the throughput counts (e.g. one step per epoch at many ranks).
