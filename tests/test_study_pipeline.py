@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -415,3 +417,24 @@ def test_csv_rows_carry_the_pipeline(tmp_path):
     bad.write_text("gpus,throughput,pp\n2,100,1.5\n")
     with pytest.raises(UsageError, match="pp: expected a whole number"):
         runs_csv.load_csv(bad)
+
+
+def test_a_pipeline_plan_imports_no_torch(tmp_path):
+    """Snakemake plans inside every job: the pipeline rules and the batch rule are torch-free."""
+    config = tmp_path / "pp.yaml"
+    config.write_text(yaml.safe_dump(_gpt(pp=[1, 2], microbatches=[2, 3], tp=[1, 2])))
+    code = (
+        "import sys, yaml\n"
+        "from scalelab.study import config, plan\n"
+        "cfg = config.validate(yaml.safe_load(open(sys.argv[1])))\n"
+        "assert plan.plan(cfg).skipped\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
