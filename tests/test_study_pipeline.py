@@ -269,6 +269,26 @@ def test_shipped_configs_plan_as_before(path, tmp_path):
     assert all(p.pp == 1 and p.microbatches is None and "-pp" not in p.run_id for p in points)
 
 
+def test_a_point_without_a_pipeline_keeps_its_job_spec():
+    """The job spec (and so the run directory's config digest) of a pp = 1 point carries
+    no pipeline field: a finished run of an earlier version is not trained again."""
+    cfg = study_config.validate(yaml.safe_load((REPO / ".test" / "config.yaml").read_text()))
+    point = study_plan.expand(cfg)[0]
+    assert set(launcher.job_spec(cfg, point.run_id, "DATA")["point"]) == {
+        "run_id",
+        "ranks",
+        "backend",
+        "mode",
+        "nodes",
+        "tasks_per_node",
+        "gpus_per_task",
+        "repeat",
+        "tp",
+    }
+    listed = study_plan.plan(cfg).as_dict()["runs"][0]  # the plan lists every field
+    assert (listed["pp"], listed["microbatches"], listed["schedule"]) == (1, None, None)
+
+
 # --------------------------------------------------------------------------- scalelab plan
 
 

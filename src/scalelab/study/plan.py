@@ -4,7 +4,8 @@ every check that needs a point (batch per point, samples per batch, a timed step
 :func:`plan` is computed once per validated config and process (cached on the config's
 sweep and train sections): the Snakefile, ``scalelab plan``, ``scalelab launch`` and the
 Slurm resources all ask it, and Snakemake re-parses the workflow inside every job. It
-imports no torch for a sweep without tensor parallelism.
+imports no torch: each point's layout (tensor and pipeline parallelism included) is
+:class:`~scalelab.backends.parallel_dims.ParallelDims`, whose rules are torch-free.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def _check_size(cfg: dict, source: str) -> None:
         )
 
 
+#: RunPoint's pipeline fields, left out of its job spec where they hold their defaults.
+PIPELINE_FIELDS = ("pp", "microbatches", "schedule")
+
+
 @dataclass(frozen=True)
 class RunPoint:
     """One point of the sweep: one training job."""
@@ -109,8 +114,17 @@ class RunPoint:
         """Whether a replica spans several ranks (tp or pp > 1): not a data-parallel point."""
         return self.tp > 1 or self.pp > 1
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "ranks": self.ranks, **asdict(self)}
+    def as_dict(self, full: bool = False) -> dict[str, Any]:
+        """The point as a job spec and a run's sweep.json carry it: the pipeline's fields
+        only where they differ from no pipeline, so the spec and config digest of a point
+        without one stay what they were (its finished run is not trained again); ``full``:
+        every field (the plan's listing)."""
+        out = {"run_id": self.run_id, "ranks": self.ranks, **asdict(self)}
+        if not full:
+            for name in PIPELINE_FIELDS:
+                if out[name] == RunPoint.__dataclass_fields__[name].default:
+                    del out[name]
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,7 @@ def _combinations(cfg: dict) -> list[RunPoint]:
     """Every combination of the sweep lists, once: a point without a pipeline takes no
     micro-batch count or schedule, so those lists do not multiply it."""
     s = cfg["sweep"]
-    points = []
+    points: dict[RunPoint, None] = {}  # ordered and unique
     for b, m, n, t, g, tp, pp, mb, sched, r in itertools.product(
         s["backends"],
         s["modes"],
@@ -154,10 +168,9 @@ def _combinations(cfg: dict) -> list[RunPoint]:
         s.get("schedule") or [None],
         range(s["repeats"]),
     ):
-        point = RunPoint(b, m, n, t, g, r, tp, pp, *((mb, sched) if pp > 1 else (None, None)))
-        if point not in points:
-            points.append(point)
-    return points
+        pipe = (mb, sched) if pp > 1 else (None, None)
+        points[RunPoint(b, m, n, t, g, r, tp, pp, *pipe)] = None
+    return list(points)
 
 
 def _written_dist(cfg: dict) -> DistConfig:
@@ -263,7 +276,7 @@ class Plan(NamedTuple):
     def as_dict(self) -> dict[str, Any]:
         """RESULTS/sweep.json and ``scalelab plan --json``: ``{"runs", "skipped"}``."""
         return {
-            "runs": [p.as_dict() for p in self.points],
+            "runs": [p.as_dict(full=True) for p in self.points],
             "skipped": [s.as_dict() for s in self.skipped],
         }
 
