@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
@@ -325,8 +326,11 @@ def test_plan_text_and_json_show_the_pipeline(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- the analysis
 
 
-def _run(root: Path, run_id: str, ranks: int, tput: float, **pipe) -> None:
-    """A hand-written run directory; ``pipe``: the run config's dist fields."""
+def _run(
+    root: Path, run_id: str, ranks: int, tput: float, summary_extra: dict | None = None, **pipe
+) -> None:
+    """A hand-written run directory; ``pipe``: the run config's dist fields; a pipeline's
+    stage holds 1/pp of the state and keeps 48 activation bytes (64 without stages)."""
     d = root / run_id
     d.mkdir(parents=True)
     summary = {
@@ -339,6 +343,8 @@ def _run(root: Path, run_id: str, ranks: int, tput: float, **pipe) -> None:
         "rank0_grad_bytes": 8 // pipe.get("pp", 1),
         "rank0_optim_state_bytes": 16 // pipe.get("pp", 1),
         "rank0_state_bytes": 32 // pipe.get("pp", 1),
+        "rank0_activation_peak_bytes": 48 if pipe.get("pp", 1) > 1 else 64,
+        **(summary_extra or {}),
     }
     (d / "summary.json").write_text(json.dumps(summary))
     dist = {"pp": 1, "microbatches": None, "virtual_stages": 1, "schedule": "1f1b", **pipe}
@@ -356,6 +362,15 @@ def pipeline_study(tmp_path):
     _run(tmp_path, "pp2-m2-4", 4, 230.0, pp=2, microbatches=2)
     _run(tmp_path, "pp2-m4-4", 4, 300.0, pp=2, microbatches=4)
     _run(tmp_path, "pp2-default-4", 4, 210.0, pp=2, schedule="gpipe")  # m: the default, pp
+    _run(  # the 1f1b m=2 point at 4 ranks again, recomputing: its own series
+        tmp_path,
+        "pp2-m2-4-rc",
+        4,
+        184.0,
+        {"activation_checkpointing": True, "rank0_activation_peak_bytes": 16},
+        pp=2,
+        microbatches=2,
+    )
     _run(
         tmp_path,
         "pp2-v2-4",
@@ -399,13 +414,15 @@ def test_the_trainers_bubble_and_pipeline_win_over_the_config(tmp_path):
 
 def test_each_pipeline_is_its_own_series(pipeline_study):
     _, table, fits = pipeline_study
-    at = table.set_index(["pp", "microbatches", "schedule", "ranks"])
-    assert at.loc[(2, 2, "1f1b", 4), "speedup"] == pytest.approx(230 / 120)
-    assert at.loc[(1, 1, runs.NO_SCHEDULE, 4), "speedup"] == pytest.approx(380 / 200)
-    assert at.loc[(2, 2, "1f1b", 4), "bubble"] == pytest.approx(bubble_fraction(2, 1, 2))
-    assert at.loc[(2, 4, "interleaved-1f1b", 4), "bubble"] == pytest.approx(
+    at = table.set_index(["pp", "microbatches", "schedule", "recompute", "ranks"])
+    assert at.loc[(2, 2, "1f1b", False, 4), "speedup"] == pytest.approx(230 / 120)
+    assert at.loc[(1, 1, runs.NO_SCHEDULE, False, 4), "speedup"] == pytest.approx(380 / 200)
+    assert at.loc[(2, 2, "1f1b", False, 4), "bubble"] == pytest.approx(bubble_fraction(2, 1, 2))
+    assert at.loc[(2, 4, "interleaved-1f1b", False, 4), "bubble"] == pytest.approx(
         bubble_fraction(2, 2, 4)
     )
+    # recomputing at 4 ranks only: its own series, its own baseline
+    assert at.loc[(2, 2, "1f1b", True, 4), "speedup"] == pytest.approx(1.0)
     assert len(fits) == len(table.groupby(scaling.GROUP))
 
 
@@ -413,7 +430,7 @@ def test_report_shows_pipeline_columns_and_memory(pipeline_study):
     _, table, fits = pipeline_study
     md = report.markdown(table, fits, 0.7, ["runs"])
     header = next(line for line in md.splitlines() if line.startswith("| source |"))
-    assert "| tp | pp | m | schedule | bubble | nodes |" in header
+    assert "| tp | pp | m | schedule | bubble | recompute | nodes |" in header
     memory = report.memory_comparisons(table)
     assert any(  # each stage holds half the layers' state
         c["pp"] == 2 and c["microbatches"] == 4 and c["ratio"] == pytest.approx(0.5) for c in memory
@@ -458,3 +475,37 @@ def test_a_pipeline_plan_imports_no_torch(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_memory_falls_with_pp_and_recomputation_is_measured(pipeline_study, tmp_path):
+    frame, table, fits = pipeline_study
+    row = frame.set_index("run_id")
+    assert row.loc["pp2-m2-4-rc", "recompute"] and not row.loc["pp2-m2-4", "recompute"]
+    assert row.loc["pp2-m2-4-rc", "activation_bytes_per_rank"] == 16
+    at = table.set_index(["pp", "microbatches", "schedule", "recompute", "ranks"])
+    assert (
+        at.loc[(2, 2, "1f1b", False, 4), "state_bytes_per_rank"]
+        < at.loc[(1, 1, runs.NO_SCHEDULE, False, 4), "state_bytes_per_rank"]
+    )
+    (saved,) = report.recompute_comparisons(table)
+    assert (saved["pp"], saved["ranks"], saved["without_bytes_per_rank"]) == (2, 4, 48)
+    assert saved["throughput_ratio"] == pytest.approx(184 / 230)
+    md = report.markdown(table, fits, 0.7, ["runs"])
+    assert (
+        "What activation recomputation saved: ddp pp=2 m=2 at 4 ranks keeps 0.33x "
+        "(1.53e-05 vs 4.58e-05 MiB) at 0.80x the throughput" in md
+    )
+    memory_header = next(line for line in md.splitlines() if "params MiB/rank" in line)
+    assert "| recompute |" in memory_header and "activations MiB/rank" in memory_header
+    out = report.write(tmp_path / "analysis", frame, table, fits, 0.7, ["runs"])
+    written = json.loads((out / "analysis.json").read_text())
+    assert written["recompute"] == [saved] and written["recompute_sentence"] in md
+    back = pd.read_csv(out / "runs.csv").set_index("run_id")  # a CSV keeps the pipeline
+    assert back.loc["dp-2", "schedule"] == runs.NO_SCHEDULE and back.loc["pp2-m2-4-rc", "recompute"]
+
+
+def test_a_pipelines_recomputation_is_read_from_its_run_config(tmp_path):
+    _run(tmp_path, "r", 2, 100.0, pp=2, activation_checkpointing=True)
+    _run(tmp_path, "dp", 2, 100.0, activation_checkpointing=True)  # no pipeline: not applied
+    rows = {r["run_id"]: r for r in runs.load_runs([tmp_path])}
+    assert rows["r"]["recompute"] is True and rows["dp"]["recompute"] is False

@@ -39,6 +39,8 @@ _PREFIX = {"tp": "tp", "pp": "pp", "microbatches": "m"}
 
 
 def _field(name: str, value) -> str:
+    if name == "recompute":
+        return "recompute" if value else "no recompute"
     return f"{_PREFIX[name]}={value:g}" if name in _PREFIX else str(value)
 
 
@@ -261,7 +263,7 @@ def backends(table: pd.DataFrame, threshold: float) -> object:
         name = (
             where["backend"] if table["mode"].nunique() == 1 else "{backend}/{mode}".format(**where)
         )
-        for col in ("tp", "pp", "microbatches", "schedule"):
+        for col in ("tp", "pp", "microbatches", "schedule", "recompute"):
             if table[col].nunique() > 1 and where[col] != NO_SCHEDULE:
                 name = f"{name} {_field(col, where[col])}"
         if table["source"].nunique() > 1:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from scalelab.analysis import plots
-from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND, is_memory_baseline
+from scalelab.analysis.scaling import FLAG_K, FLAG_LEGEND, GROUP, is_memory_baseline
 from scalelab.backends.registry import with_capability
 from scalelab.output_guard import atomic_dir
 
@@ -158,15 +158,23 @@ PIPELINE_COLUMNS = [
 ]
 
 
+#: After the pipeline's, where some configuration recomputed its activations.
+RECOMPUTE_COLUMN = ("recompute", "recompute", "")
+
+
 def with_pipeline(
     table: pd.DataFrame, columns: list[tuple[str, str, str]]
 ) -> list[tuple[str, str, str]]:
-    """``columns`` with :data:`PIPELINE_COLUMNS` after tp where some row has pp > 1, so a
-    study without pipelines reads as it always did."""
-    if "pp" not in table or not (table["pp"] > 1).any():
-        return list(columns)
+    """``columns`` with :data:`PIPELINE_COLUMNS` after tp where some row has pp > 1, and
+    :data:`RECOMPUTE_COLUMN` where some row recomputed, so a study without either reads
+    as it always did."""
+    extra = []
+    if "pp" in table and (table["pp"] > 1).any():
+        extra += [c for c in PIPELINE_COLUMNS if c[0] in table]
+    if "recompute" in table and table["recompute"].astype(bool).any():
+        extra.append(RECOMPUTE_COLUMN)
     at = [c[0] for c in columns].index("tp") + 1
-    return [*columns[:at], *(c for c in PIPELINE_COLUMNS if c[0] in table), *columns[at:]]
+    return [*columns[:at], *extra, *columns[at:]]
 
 
 def scaling_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -220,6 +228,16 @@ MEMORY_COLUMNS = [
     ("cuda_mib", "CUDA peak MiB", ".4g"),
     ("memory_vs_ddp", "params+optimizer vs ddp", ".2f"),
 ]
+#: The measured activation peak, before the CUDA peak, where some run measured it.
+ACTIVATION_COLUMN = ("act_mib", "activations MiB/rank", ".4g")
+
+
+def memory_columns(rows: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The memory table's columns: the pipeline's and the activation peak where present."""
+    cols = with_pipeline(rows, MEMORY_COLUMNS)
+    if "act_mib" in rows and rows["act_mib"].notna().any():
+        cols.insert([c[0] for c in cols].index("cuda_mib"), ACTIVATION_COLUMN)
+    return cols
 
 
 def memory_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -233,6 +251,7 @@ def memory_table(table: pd.DataFrame) -> pd.DataFrame:
         optim_mib=rows["optim_state_bytes_per_rank"] / MIB,
         state_mib=rows["state_bytes_per_rank"] / MIB,
         cuda_mib=rows["cuda_max_allocated_bytes"] / MIB,
+        act_mib=rows["activation_bytes_per_rank"] / MIB,
     )
 
 
@@ -309,6 +328,54 @@ def sharding_sentence(table: pd.DataFrame) -> str:
     )
 
 
+def recompute_comparisons(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each configuration that recomputed its activations against the same one without
+    (same series but recompute, same ranks), both with a measured activation peak."""
+    keys = [c for c in GROUP if c != "recompute"] + ["ranks"]
+    measured = table[table["activation_bytes_per_rank"].notna()]
+    plain = measured[~measured["recompute"].astype(bool)].set_index(keys)
+    found = []
+    for _, r in measured[measured["recompute"].astype(bool)].iterrows():
+        key = tuple(r[k] for k in keys)
+        if key not in plain.index:
+            continue
+        base = plain.loc[[key]].iloc[0]
+        found.append(
+            {
+                **{k: r[k] if isinstance(r[k], str) else float(r[k]) for k in keys},
+                "activation_bytes_per_rank": float(r["activation_bytes_per_rank"]),
+                "without_bytes_per_rank": float(base["activation_bytes_per_rank"]),
+                "throughput_ratio": float(r["throughput"] / base["throughput"]),
+            }
+        )
+    return found
+
+
+def recompute_sentence(table: pd.DataFrame) -> str | None:
+    """What activation recomputation saved, from the measured peaks, and what it cost in
+    throughput; None where no run recomputed (nothing to say)."""
+    if not table["recompute"].astype(bool).any():
+        return None
+    found = recompute_comparisons(table)
+    if not found:
+        return (
+            "What activation recomputation saved: nothing to compare (no run that "
+            "recomputed beside the same configuration without, both measured)."
+        )
+    parts = [
+        f"{_layout(c)} at {c['ranks']:g} ranks keeps "
+        f"{c['activation_bytes_per_rank'] / c['without_bytes_per_rank']:.2f}x "
+        f"({c['activation_bytes_per_rank'] / MIB:.3g} vs {c['without_bytes_per_rank'] / MIB:.3g}"
+        f" MiB) at {c['throughput_ratio']:.2f}x the throughput"
+        for c in found
+    ]
+    return (
+        "What activation recomputation saved: "
+        + "; ".join(parts)
+        + " (rank 0's measured activation peak, against the same configuration without)."
+    )
+
+
 def flag_summary(table: pd.DataFrame) -> list[str]:
     """One line per flag that occurs: how many rows carry it, and what it means."""
     lines = []
@@ -355,6 +422,7 @@ def markdown(
         "",
         md_escape(sharding_sentence(table)),
         "",
+        *([md_escape(sentence), ""] if (sentence := recompute_sentence(table)) else []),
         _memory_markdown(table),
         "",
         "## Model fits",
@@ -374,7 +442,7 @@ def _memory_markdown(table: pd.DataFrame) -> str:
     rows = memory_table(table)
     if rows.empty:
         return "(no run reports per-rank state bytes)"
-    return markdown_table(rows, with_pipeline(rows, MEMORY_COLUMNS))
+    return markdown_table(rows, memory_columns(rows))
 
 
 _CSS = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:90%}
@@ -403,7 +471,12 @@ def html_page(
             f'<h2>Flags</h2><ul id="flags">{legend}</ul>',
             "<h2>Memory per rank</h2>",
             f'<p id="sharding">{html.escape(sharding_sentence(table))}</p>',
-            html_table(memory_table(table), with_pipeline(table, MEMORY_COLUMNS)),
+            *(
+                [f'<p id="recompute">{html.escape(sentence)}</p>']
+                if (sentence := recompute_sentence(table))
+                else []
+            ),
+            html_table(memory_table(table), memory_columns(memory_table(table))),
             "<h2>Model fits</h2>",
             f"<p>{html.escape(FIT_NOTE)}</p>",
             html_table(fit_table, with_pipeline(fit_table, FIT_COLUMNS)),
@@ -443,6 +516,8 @@ def write(
             "flags": flag_summary(table),
             "memory_vs_ddp": memory_comparisons(table),
             "sharding": sharding_sentence(table),
+            "recompute": recompute_comparisons(table),
+            "recompute_sentence": recompute_sentence(table),
         }
         (tmp / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots.write_all(table, fit_table, threshold, tmp / "plots")

@@ -59,6 +59,10 @@ COLUMNS: dict[str, str] = {
     "optim_state_bytes_per_rank": "optimizer-state bytes rank 0 holds (moments, momentum)",
     "state_bytes_per_rank": "parameter + gradient + optimizer-state bytes of rank 0",
     "cuda_max_allocated_bytes": "CUDA allocator peak of rank 0 (GPU runs only)",
+    "activation_bytes_per_rank": "peak bytes autograd kept for backward on rank 0 in the first "
+    "step (measured; a pipeline's in-flight micro-batches included)",
+    "recompute": "whether blocks recomputed their activations in backward (the summary's "
+    "activation_checkpointing, else the run config's for a pipeline); its own series",
     "joules_per_sample": "energy per trained sample over all ranks (NVML GPUs, RAPL CPU "
     "packages + DRAM; NaN where no counter could be read)",
     "energy_power_w": "average power over the timed epochs, watts (same counters)",
@@ -97,6 +101,7 @@ NUMERIC = (
     "optim_state_bytes_per_rank",
     "state_bytes_per_rank",
     "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank",
     "joules_per_sample",
     "energy_power_w",
 )
@@ -108,6 +113,7 @@ MEMORY_KEYS = {
     "optim_state_bytes_per_rank": "rank0_optim_state_bytes",
     "state_bytes_per_rank": "rank0_state_bytes",
     "cuda_max_allocated_bytes": "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank": "rank0_activation_peak_bytes",
 }
 #: Energy columns and their summary.json keys (the trainer's energy_facts).
 ENERGY_KEYS = {"joules_per_sample": "joules_per_sample", "energy_power_w": "energy_power_w"}
@@ -422,6 +428,10 @@ def _run_pipeline(summary: dict, config: dict, sweep: dict, s: str) -> dict[str,
     )
     if cols["pp"] > 1 and _dig(summary, "bubble") is not None:
         cols["bubble"] = _num(_dig(summary, "bubble"), f"{s}: bubble")
+    recompute = _dig(summary, "activation_checkpointing")
+    if recompute is None and cols["pp"] > 1:  # the pipeline's blocks read the run config's
+        recompute = _dig(config, "dist.activation_checkpointing")
+    cols["recompute"] = bool(recompute)
     return cols
 
 

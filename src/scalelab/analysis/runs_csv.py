@@ -174,13 +174,14 @@ def _csv_pipeline(t: _Table, raw: dict, lineno: int) -> dict[str, Any]:
         for key in ("pp", "microbatches", "virtual_stages")
     }
     where = f"{t.path}: line {lineno}"
-    return pipeline_columns(
+    cols = pipeline_columns(
         counts["pp"],
         counts["microbatches"],
         counts["virtual_stages"],
         t.text(raw, "schedule") or None,
         where,
     )
+    return {**cols, "recompute": False}
 
 
 def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:

@@ -45,9 +45,10 @@ from scalelab.analysis.runs import NO_TIMED_STEPS
 from scalelab.backends.registry import DEFAULT, SINGLE
 from scalelab.errors import UsageError
 
-#: A series: one source, backend, scaling mode, tensor-parallel size and pipeline (pp,
-#: micro-batches, schedule): tp = 2 is not tp = 1, and pp = 2 with m = 4 is not m = 2.
-GROUP = ["source", "backend", "mode", "tp", "pp", "microbatches", "schedule"]
+#: A series: one source, backend, scaling mode, tensor-parallel size, pipeline (pp,
+#: micro-batches, schedule) and recomputation: tp = 2 is not tp = 1, and pp = 2 with m = 4
+#: is not m = 2.
+GROUP = ["source", "backend", "mode", "tp", "pp", "microbatches", "schedule", "recompute"]
 CONFIG = [*GROUP, "nodes", "ranks", "gpus", "workers"]
 #: Columns aggregated over repeats with median, min, max and spread.
 SPREAD = ["throughput", "samples_per_s", "epoch_time_s"]
@@ -91,6 +92,7 @@ MEDIAN = [
     "optim_state_bytes_per_rank",
     "state_bytes_per_rank",
     "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank",
     "joules_per_sample",
     "energy_power_w",
 ]
