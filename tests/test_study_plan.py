@@ -99,7 +99,8 @@ def test_a_bad_config_is_one_line_and_one_json_document(tmp_path, capsys, monkey
     code, out, err = _main(capsys, "plan", bad, "--json")
     assert code == 2 and err.splitlines() == [
         f"scalelab plan: error: {bad}: sweep.nodez: unknown key (did you mean 'nodes'?); "
-        f"valid: backends, nodes, tasks_per_node, gpus_per_task, tp, modes, repeats, "
+        f"valid: backends, nodes, tasks_per_node, gpus_per_task, tp, pp, microbatches, schedule, "
+        f"modes, repeats, "
         f"max_points"
     ]
     assert json.loads(out)["ok"] is False

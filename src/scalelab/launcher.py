@@ -30,6 +30,7 @@ from pathlib import Path
 
 from scalelab import docload, supervise
 from scalelab.backends import DEFAULT, SINGLE
+from scalelab.backends.pipeline_rules import SCHEDULES
 from scalelab.container import job_container
 from scalelab.errors import UsageError
 from scalelab.launch import commands
@@ -181,7 +182,17 @@ def _point(d: dict) -> RunPoint:
 
 
 #: The least value of each count of a sweep point (an int, never a float or a bool).
-_POINT_MINIMUMS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_task": 0, "repeat": 0, "tp": 1}
+_POINT_MINIMUMS = {
+    "nodes": 1,
+    "tasks_per_node": 1,
+    "gpus_per_task": 0,
+    "repeat": 0,
+    "tp": 1,
+    "pp": 1,
+    "microbatches": 1,
+}
+#: Counts a point may leave out (None: not swept).
+_POINT_OPTIONAL = ("microbatches",)
 #: Most ranks one job may start: beyond this a typo, not a job.
 MAX_RANKS = 1 << 20
 
@@ -202,10 +213,17 @@ def check_point(
     run in tests/test_workflow.py), so only the rank count is bounded there."""
     for field_name, least in _POINT_MINIMUMS.items():
         value = getattr(point, field_name)
+        if value is None and field_name in _POINT_OPTIONAL:
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{name(field_name)}: {value!r} is not an integer")
         if value < least:
             raise UsageError(f"{name(field_name)}: {value} must be >= {least}")
+    if point.schedule is not None and point.schedule not in SCHEDULES:
+        raise UsageError(
+            f"{name('schedule')}: unknown schedule {point.schedule!r}; "
+            f"valid: {', '.join(SCHEDULES)}"
+        )
     if point.ranks > MAX_RANKS:
         raise UsageError(
             f"{name('nodes')} x {name('tasks_per_node')}: {point.ranks} ranks, "

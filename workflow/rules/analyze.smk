@@ -155,7 +155,7 @@ rule predict:
         measured=lambda wildcards: [
             f"{RESULTS}/runs/{p.run_id}"
             for p in RUNS.values()
-            if p.backend == "ddp" and p.tp == 1
+            if p.backend == "ddp" and not p.model_parallel
         ],
         out=lambda wildcards, output: os.path.dirname(output.table),
         scale=[

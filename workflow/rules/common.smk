@@ -76,7 +76,7 @@ DATA = f"{RESULTS}/data"
 PLAN = study_plan.plan(config)
 _POINTS, SKIPPED = PLAN
 RUNS = {point.run_id: point for point in _POINTS}
-# Combinations of the sweep lists that cannot exist (e.g. horovod with tp > 1) are
+# Combinations of the sweep lists that cannot exist (e.g. horovod with tp or pp > 1) are
 # skipped, and said so once, when the workflow starts (RESULTS/sweep.json lists them too).
 if SKIPPED and workflow.is_main_process:
     print(
@@ -180,9 +180,9 @@ def analysis_args():
 
 
 def smallest_run(backend):
-    """The base of a prediction: the backend's smallest point without tensor parallelism."""
+    """The base of a prediction: the backend's smallest data-parallel point (no tp, no pp)."""
     return min(
-        (p for p in RUNS.values() if p.backend == backend and p.tp == 1),
+        (p for p in RUNS.values() if p.backend == backend and not p.model_parallel),
         key=lambda p: (p.ranks, p.repeat),
     )
 
@@ -218,7 +218,7 @@ def final_targets():
     if cb["enabled"]:
         targets += expand(f"{RESULTS}/commbench/{{lib}}", lib=cb["libs"])
         if "torch" in cb["libs"] and any(
-            p.backend == "ddp" and p.tp == 1 for p in RUNS.values()
+            p.backend == "ddp" and not p.model_parallel for p in RUNS.values()
         ):
             targets.append(f"{RESULTS}/predict/ddp/prediction.csv")
     return targets

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scalelab.analysis.runs import NO_SCHEDULE
 from scalelab.analysis.scaling import GROUP, amdahl, gustafson
 
 FIGSIZE = (8.0, 5.0)
@@ -33,15 +34,23 @@ def pyplot():
     return plt
 
 
+#: Legend prefixes of the numeric group fields (``tp=2``, ``pp=2``, ``m=4``).
+_PREFIX = {"tp": "tp", "pp": "pp", "microbatches": "m"}
+
+
 def _field(name: str, value) -> str:
-    return f"tp={value:g}" if name == "tp" else str(value)
+    if name == "recompute":
+        return "recompute" if value else "no recompute"
+    return f"{_PREFIX[name]}={value:g}" if name in _PREFIX else str(value)
 
 
 def _labels(table: pd.DataFrame) -> dict[tuple, str]:
     """Short legend labels: only the group fields that differ between groups."""
     keys = list(table.groupby(GROUP, sort=True).groups)
     varying = [i for i in range(len(GROUP)) if len({k[i] for k in keys}) > 1] or [1, 2]
-    return {k: " / ".join(_field(GROUP[i], k[i]) for i in varying) for k in keys}
+    return {
+        k: " / ".join(_field(GROUP[i], k[i]) for i in varying if k[i] != NO_SCHEDULE) for k in keys
+    }
 
 
 def log2_x(ax, values, label=None, **tick_style) -> None:
@@ -249,12 +258,16 @@ def backends(table: pd.DataFrame, threshold: float) -> object:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     series = {}
-    for (source, backend, mode, tp), grp in table.groupby(GROUP, sort=True):
-        name = backend if table["mode"].nunique() == 1 else f"{backend}/{mode}"
-        if table["tp"].nunique() > 1:
-            name = f"{name} tp={tp:g}"
+    for key, grp in table.groupby(GROUP, sort=True):
+        where = dict(zip(GROUP, key, strict=True))
+        name = (
+            where["backend"] if table["mode"].nunique() == 1 else "{backend}/{mode}".format(**where)
+        )
+        for col in ("tp", "pp", "microbatches", "schedule", "recompute"):
+            if table[col].nunique() > 1 and where[col] != NO_SCHEDULE:
+                name = f"{name} {_field(col, where[col])}"
         if table["source"].nunique() > 1:
-            name = f"{source}: {name}"
+            name = f"{where['source']}: {name}"
         series[name] = grp.groupby("workers")[["throughput", "efficiency"]].max()
     scales = sorted({w for s in series.values() for w in s.index})
     x = np.arange(len(scales))

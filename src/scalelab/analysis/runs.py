@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from scalelab.backends.config import DistConfig
+from scalelab.backends.pipeline_rules import bubble_fraction
 from scalelab.errors import UsageError
 from scalelab.models import build_model
 from scalelab.rundir import RunDir
@@ -47,11 +49,20 @@ COLUMNS: dict[str, str] = {
     "time_to_target_s": "seconds of training until validation accuracy first reached the target",
     "grad_bytes": "bytes of gradients allreduced per step (NaN unless known)",
     "tp": "tensor-parallel ranks per model replica (1: none); a tp > 1 point is its own series",
+    "pp": "pipeline stages per model replica (1: none); each pp, m and schedule is its own series",
+    "microbatches": "micro-batches per pipeline step, m (1 without a pipeline)",
+    "schedule": "pipeline schedule ('no pipeline' without one)",
+    "bubble": "pipeline bubble, idle over ideal compute time: (pp - 1) / (v m) (0 without a "
+    "pipeline; the trainer's figure where its summary has one)",
     "param_bytes_per_rank": "parameter bytes rank 0 holds (its local shards), measured",
     "grad_bytes_per_rank": "gradient bytes rank 0 holds, measured",
     "optim_state_bytes_per_rank": "optimizer-state bytes rank 0 holds (moments, momentum)",
     "state_bytes_per_rank": "parameter + gradient + optimizer-state bytes of rank 0",
     "cuda_max_allocated_bytes": "CUDA allocator peak of rank 0 (GPU runs only)",
+    "activation_bytes_per_rank": "peak bytes autograd kept for backward on rank 0 in the first "
+    "step (measured; a pipeline's in-flight micro-batches included)",
+    "recompute": "whether blocks recomputed their activations in backward (the summary's "
+    "activation_checkpointing, else the run config's for a pipeline); its own series",
     "joules_per_sample": "energy per trained sample over all ranks (NVML GPUs, RAPL CPU "
     "packages + DRAM; NaN where no counter could be read)",
     "energy_power_w": "average power over the timed epochs, watts (same counters)",
@@ -82,11 +93,15 @@ NUMERIC = (
     "time_to_target_s",
     "grad_bytes",
     "tp",
+    "pp",
+    "microbatches",
+    "bubble",
     "param_bytes_per_rank",
     "grad_bytes_per_rank",
     "optim_state_bytes_per_rank",
     "state_bytes_per_rank",
     "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank",
     "joules_per_sample",
     "energy_power_w",
 )
@@ -98,11 +113,16 @@ MEMORY_KEYS = {
     "optim_state_bytes_per_rank": "rank0_optim_state_bytes",
     "state_bytes_per_rank": "rank0_state_bytes",
     "cuda_max_allocated_bytes": "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank": "rank0_activation_peak_bytes",
 }
 #: Energy columns and their summary.json keys (the trainer's energy_facts).
 ENERGY_KEYS = {"joules_per_sample": "joules_per_sample", "energy_power_w": "energy_power_w"}
 
 NAN = float("nan")
+
+#: The ``schedule`` of a row without a pipeline: a word, not an empty cell, so a CSV read
+#: back keeps the row in its series (pandas reads an empty cell as NaN, and groups drop it).
+NO_SCHEDULE = "no pipeline"
 
 #: The ``flags`` code of a run whose summary.json has ``samples_per_s: null``: the warm-up
 #: steps took every step the throughput counts (e.g. one step per epoch at many ranks).
@@ -297,7 +317,8 @@ def load_run(
     (``grad_bytes``, else 4 x ``num_params``; the trainer writes both); only for
     runs whose summary predates them does ``count_params`` rebuild the model from
     config.yaml. tp: sweep.json's, else the summary's (the fsdp/tp backends write
-    it), else the run config's ``dist.tp``, else 1. A summary with ``samples_per_s:
+    it), else the run config's ``dist.tp``, else 1. pp, m, schedule and bubble:
+    :func:`_run_pipeline`. A summary with ``samples_per_s:
     null`` (the warm-up took every step) gives a row flagged :data:`NO_TIMED_STEPS`,
     not an error: one such point must not cost a study its analysis.
     """
@@ -353,12 +374,65 @@ def load_run(
         "tp": _num(
             _dig(sweep, "tp") or _dig(summary, "tp") or _dig(config, "dist.tp") or 1, f"{s}: tp"
         ),
+        **_run_pipeline(summary, config, sweep, s),
         **_measured(summary, s),
         "provenance": check_label(_provenance(summary, run_dir), f"{s}: field 'provenance.id'"),
         "flags": "",
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
     return _untimed(row) if math.isnan(samples_per_s) else row
+
+
+def _count(value: Any, where: str) -> int:
+    """A whole count >= 1 from a file (a float such as 2.0 from a CSV cell is one)."""
+    x = _num(value, where)
+    if not (x >= 1 and float(x).is_integer()):
+        raise UsageError(f"{where}: expected a whole number >= 1, got {value!r}")
+    return int(x)
+
+
+def pipeline_columns(
+    pp: Any, microbatches: Any, virtual_stages: Any, schedule: Any, where: str
+) -> dict[str, Any]:
+    """pp, microbatches, schedule and bubble of one row. Without a pipeline (pp = 1): one
+    micro-batch, schedule :data:`NO_SCHEDULE`, no bubble. m absent: the run config's default
+    (:attr:`DistConfig.m`); the bubble is :func:`bubble_fraction`'s."""
+    stages = _count(pp if pp is not None else 1, f"{where}: pp")
+    if stages == 1:
+        return {"pp": 1.0, "microbatches": 1.0, "schedule": NO_SCHEDULE, "bubble": 0.0}
+    m = DistConfig.model_construct(
+        pp=stages,
+        microbatches=None
+        if microbatches is None
+        else _count(microbatches, f"{where}: microbatches"),
+    ).m
+    v = _count(virtual_stages if virtual_stages is not None else 1, f"{where}: virtual_stages")
+    name = schedule if schedule is not None else DistConfig.model_fields["schedule"].default
+    return {
+        "pp": float(stages),
+        "microbatches": float(m),
+        "schedule": check_label(str(name), f"{where}: field 'schedule'"),
+        "bubble": bubble_fraction(stages, v, m),
+    }
+
+
+def _run_pipeline(summary: dict, config: dict, sweep: dict, s: str) -> dict[str, Any]:
+    """A run's pipeline: the trainer's summary, else its resolved run config, else its
+    sweep point; the summary's bubble where it wrote one."""
+
+    def first(key: str) -> Any:
+        return _dig(summary, key) or _dig(config, f"dist.{key}") or _dig(sweep, key)
+
+    cols = pipeline_columns(
+        first("pp"), first("microbatches"), first("virtual_stages"), first("schedule"), s
+    )
+    if cols["pp"] > 1 and _dig(summary, "bubble") is not None:
+        cols["bubble"] = _num(_dig(summary, "bubble"), f"{s}: bubble")
+    recompute = _dig(summary, "activation_checkpointing")
+    if recompute is None and cols["pp"] > 1:  # the pipeline's blocks read the run config's
+        recompute = _dig(config, "dist.activation_checkpointing")
+    cols["recompute"] = bool(recompute)
+    return cols
 
 
 def _throughput(summary: dict, s: str) -> float:

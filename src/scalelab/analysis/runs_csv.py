@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scalelab.analysis.runs import MEMORY_KEYS, NAN, check_label
+from scalelab.analysis.runs import MEMORY_KEYS, NAN, check_label, pipeline_columns
 from scalelab.errors import UsageError
 
 #: Accepted CSV headers (case-insensitive; spaces and dashes read as underscores).
@@ -26,6 +26,10 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
     "cores_per_rank": ("cores_per_rank",),
     "repeat": ("repeat",),
     "tp": ("tp", "tensor_parallel"),
+    "pp": ("pp", "pipeline_parallel"),
+    "microbatches": ("microbatches", "micro_batches"),
+    "virtual_stages": ("virtual_stages",),
+    "schedule": ("schedule",),
 }
 
 
@@ -156,10 +160,28 @@ def _csv_row(t: _Table, raw: dict, lineno: int, mode: str | None) -> dict[str, A
         "time_to_target_s": NAN,
         "grad_bytes": NAN,
         "tp": t.default(raw, "tp", lineno, 1.0),
+        **_csv_pipeline(t, raw, lineno),
         **{col: NAN for col in MEMORY_KEYS},
         "provenance": f"{t.path.resolve()}:{lineno}",
         "flags": "",
     }
+
+
+def _csv_pipeline(t: _Table, raw: dict, lineno: int) -> dict[str, Any]:
+    """pp, microbatches, schedule and bubble of one row (no pipeline where it has no pp)."""
+    counts = {
+        key: None if math.isnan(x := t.number(raw, key, lineno, False)) else x
+        for key in ("pp", "microbatches", "virtual_stages")
+    }
+    where = f"{t.path}: line {lineno}"
+    cols = pipeline_columns(
+        counts["pp"],
+        counts["microbatches"],
+        counts["virtual_stages"],
+        t.text(raw, "schedule") or None,
+        where,
+    )
+    return {**cols, "recompute": False}
 
 
 def load_csv(path: str | Path, mode: str | None = None) -> list[dict[str, Any]]:

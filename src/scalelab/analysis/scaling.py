@@ -45,8 +45,10 @@ from scalelab.analysis.runs import NO_TIMED_STEPS
 from scalelab.backends.registry import DEFAULT, SINGLE
 from scalelab.errors import UsageError
 
-#: A series: one source, backend, scaling mode and tensor-parallel size (tp = 2 is not tp = 1).
-GROUP = ["source", "backend", "mode", "tp"]
+#: A series: one source, backend, scaling mode, tensor-parallel size, pipeline (pp,
+#: micro-batches, schedule) and recomputation: tp = 2 is not tp = 1, and pp = 2 with m = 4
+#: is not m = 2.
+GROUP = ["source", "backend", "mode", "tp", "pp", "microbatches", "schedule", "recompute"]
 CONFIG = [*GROUP, "nodes", "ranks", "gpus", "workers"]
 #: Columns aggregated over repeats with median, min, max and spread.
 SPREAD = ["throughput", "samples_per_s", "epoch_time_s"]
@@ -75,6 +77,7 @@ FLAG_LEGEND: dict[str, str] = {
 }
 MEDIAN = [
     "global_batch",
+    "bubble",
     "cores_per_rank",
     "step_time_s",
     "data_s",
@@ -89,6 +92,7 @@ MEDIAN = [
     "optim_state_bytes_per_rank",
     "state_bytes_per_rank",
     "cuda_max_allocated_bytes",
+    "activation_bytes_per_rank",
     "joules_per_sample",
     "energy_power_w",
 ]
@@ -341,17 +345,25 @@ def share_single_process_baseline(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-#: The reference of the memory comparison: data parallelism without sharding.
-MEMORY_BASELINE = {"backend": DEFAULT, "tp": 1.0}
+#: The reference of the memory comparison: data parallelism without sharding or stages.
+MEMORY_BASELINE = {"backend": DEFAULT, "tp": 1.0, "pp": 1.0}
+
+
+def is_memory_baseline(table: pd.DataFrame) -> pd.Series:
+    """Rows of the memory comparison's reference (:data:`MEMORY_BASELINE`)."""
+    mask = pd.Series(True, index=table.index)
+    for col, value in MEMORY_BASELINE.items():
+        mask &= table[col] == value
+    return mask
 
 
 def add_memory(table: pd.DataFrame) -> pd.DataFrame:
     """``param_optim_bytes_per_rank`` (parameters + optimizer state, what sharding divides)
-    and ``memory_vs_ddp``: that figure over DDP's (tp = 1) at the same source, mode and
-    ranks, from the measured bytes; NaN where either side was not measured."""
+    and ``memory_vs_ddp``: that figure over DDP's (tp = pp = 1) at the same source, mode
+    and ranks, from the measured bytes; NaN where either side was not measured."""
     t = table.copy()
     t["param_optim_bytes_per_rank"] = t["param_bytes_per_rank"] + t["optim_state_bytes_per_rank"]
-    ref = t[(t["backend"] == MEMORY_BASELINE["backend"]) & (t["tp"] == MEMORY_BASELINE["tp"])]
+    ref = t[is_memory_baseline(t)]
     ref = ref.groupby(["source", "mode", "ranks"])["param_optim_bytes_per_rank"].median()
     keys = list(zip(t["source"], t["mode"], t["ranks"], strict=True))
     base = np.array([ref.get(k, math.nan) for k in keys], dtype=float)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalelab.backends.pipeline_rules import pipeline_problems
+from scalelab.backends.pipeline_rules import microbatch_problems, pipeline_problems
 from scalelab.backends.problem import Problem
 from scalelab.backends.registry import AUTO, REGISTRY, with_capability
 from scalelab.errors import UsageError
@@ -192,6 +192,24 @@ class ParallelDims:
                 )
             )
         return found
+
+    def batch_problems(self, accum: int = 1, batch: int | None = None) -> list[Problem]:
+        """Why a replica's step of ``batch`` samples (None: not known yet), taken in
+        ``accum`` gradient-accumulation steps, cannot feed this layout's pipeline; empty
+        without a pipeline. The m micro-batches are the pipeline's own accumulation, so
+        accumulating on top of them is refused rather than nested."""
+        if self.pp == 1:
+            return []
+        if accum > 1:
+            return [
+                Problem(
+                    "optim.grad_accum_steps",
+                    f"{accum} accumulation steps with pipeline parallelism (pp={self.pp}): "
+                    "the pipeline already accumulates over its micro-batches; set "
+                    "dist.microbatches instead",
+                )
+            ]
+        return [] if batch is None else microbatch_problems(self.pipe.m, batch)
 
     def check(
         self,

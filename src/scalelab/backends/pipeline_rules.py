@@ -21,6 +21,7 @@ __all__ = [
     "SCHEDULES",
     "ScheduleSpec",
     "bubble_fraction",
+    "microbatch_problems",
     "pipeline_problems",
     "stage_ranks",
 ]
@@ -147,14 +148,22 @@ def pipeline_problems(
                 f"{rounds}; m = {m}",
             )
         )
-    if batch is not None and batch % m:
-        found.append(
+    if batch is not None:
+        found += microbatch_problems(m, batch)
+    return found
+
+
+def microbatch_problems(m: int, batch: int) -> list[Problem]:
+    """Why ``m`` micro-batches cannot split a pipeline's step of ``batch`` samples (each
+    micro-batch must hold the same number, or the loss averages over unequal parts)."""
+    if batch % m:
+        return [
             Problem(
                 "dist.microbatches",
                 f"{m} micro-batches do not split the pipeline's batch of {batch} evenly",
             )
-        )
-    return found
+        ]
+    return []
 
 
 def stage_ranks(pp: int, v: int, schedule: str) -> list[list[int]]:

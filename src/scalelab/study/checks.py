@@ -236,6 +236,13 @@ _WORKFLOW_OWNED = {
     ("train", "threads"): "launch.cpus_per_task",
 }
 
+#: The optional sweep lists, each with the ``train.dist`` field it sets: a list given
+#: owns its field (written in ``train`` as well, it is refused); a list left out leaves
+#: the field as written.
+OPTIONAL_KNOBS = {"tp": "tp", "pp": "pp", "microbatches": "microbatches", "schedule": "schedule"}
+#: Sweep lists that describe a pipeline: they need ``sweep.pp`` with a value above 1.
+PIPELINE_KNOBS = ("microbatches", "schedule")
+
 #: Images of the sources whose size is known without reading them.
 _KNOWN_SIZES = kinds.KNOWN_SIZES
 #: `scalelab stage --source synthetic` defaults (data/cli.py).
@@ -331,12 +338,25 @@ def _check_owned(cfg: dict, source: str) -> None:
     if not isinstance(train, dict):
         raise UsageError(f"{source}: train: expected a mapping")
     owned = dict(_WORKFLOW_OWNED)
-    if cfg["sweep"].get("tp"):
-        owned[("dist", "tp")] = "sweep.tp"
+    for knob, field in OPTIONAL_KNOBS.items():
+        if cfg["sweep"].get(knob):
+            owned[("dist", field)] = f"sweep.{knob}"
     for (section, key), owner in owned.items():
         if isinstance(train.get(section), dict) and key in train[section]:
             raise UsageError(
                 f"{source}: train.{section}.{key}: set by the workflow from {owner}; remove it here"
+            )
+    _check_pipeline_knobs(cfg["sweep"], source)
+
+
+def _check_pipeline_knobs(sweep: dict, source: str) -> None:
+    """A micro-batch or schedule list without a pipeline in the sweep would change no run
+    (a point with pp = 1 takes neither), so it is refused rather than ignored."""
+    for knob in PIPELINE_KNOBS:
+        if sweep.get(knob) and max(sweep.get("pp") or [1]) == 1:
+            raise UsageError(
+                f"{source}: sweep.{knob}: applies to pipelines, and no point has one; "
+                "give sweep.pp a value above 1 (train.dist.pp moves there)"
             )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from scalelab.errors import UsageError
 from scalelab.study.config import load, write_schemas
 from scalelab.study.files import check_study_dir
-from scalelab.study.plan import plan, plan_summary
+from scalelab.study.plan import RunPoint, plan, plan_summary, point_bubble, point_layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +62,17 @@ def plan_text(cfg: dict) -> str:
         lines.append(
             f"  run {point.run_id}: {point.ranks} rank(s)"
             + (f", tp={point.tp}" if point.tp > 1 else "")
+            + _pipeline_words(cfg, point)
         )
     return "\n".join(lines)
+
+
+def _pipeline_words(cfg: dict, point: RunPoint) -> str:
+    """``, pp 2, 1f1b, m 4, bubble 0.25``: the pipeline a point runs (empty without one)."""
+    dims = point_layout(cfg, point)
+    if dims.pp == 1:
+        return ""
+    return f", {dims.describe_pipe()}, bubble {point_bubble(cfg, point):.3g}"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -29,12 +29,19 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError
 
 from scalelab import docload
+from scalelab.backends.config import ScheduleName
 from scalelab.backends.registry import BACKENDS
 from scalelab.config_types import Section, first_error
 from scalelab.container.config import ContainerConfig
 from scalelab.data import kinds
 from scalelab.errors import UsageError
-from scalelab.study.checks import _check_finite, _check_semantics, _check_strings, _path
+from scalelab.study.checks import (
+    OPTIONAL_KNOBS,
+    _check_finite,
+    _check_semantics,
+    _check_strings,
+    _path,
+)
 from scalelab.study.files import YTE_HINT_PLAN
 from scalelab.study.plan import _check_size, check_points, plan
 from scalelab.train.config import json_schema as run_schema
@@ -110,6 +117,21 @@ class SweepSection(Section):
     none with tp > 1, tp not dividing the ranks, a model without a tensor-parallel plan)
     are skipped and listed by ``scalelab plan``, when the workflow starts and in
     RESULTS/sweep.json; run ids of tp = 1 carry no tp."""
+    pp: _axis(_int(1, 4096)) | None = None
+    """Pipeline stages per model replica (gpt with ddp or fsdp, on a pp x dp x tp mesh;
+    absent: train.dist.pp as written, else 1). Combinations that cannot exist (horovod or
+    none with pp > 1, a model that does not split into stages, layers not divisible by pp
+    x train.dist.virtual_stages, m below pp for 1f1b, a replica's batch that m
+    micro-batches do not split) are skipped and listed like those of ``tp``; run ids of
+    pp = 1 carry no pp."""
+    microbatches: _axis(_int(1, 65536)) | None = None
+    """Micro-batches per pipeline step (m) of the points with pp > 1 (absent:
+    train.dist.microbatches as written, else pp); the bubble is (pp - 1) / (v m). Points
+    without a pipeline run once, whatever this list holds; run ids of pp > 1 carry m when
+    it is given."""
+    schedule: _axis(ScheduleName) | None = None
+    """Pipeline schedules of the points with pp > 1 (absent: train.dist.schedule as
+    written, else 1f1b); run ids of pp > 1 carry the schedule when it is given."""
     modes: _axis(Literal["strong", "weak"]) = Field(default_factory=lambda: ["strong"])
     """strong: the global batch is fixed, more ranks split it; weak: the batch per rank is
     fixed (that of the smallest configuration), the global batch grows."""
@@ -263,10 +285,12 @@ class StudyConfig(Section):
 
     def to_config(self) -> dict[str, Any]:
         """The plain dict the workflow reads (``config[...]``): every default filled in,
-        ``sweep.tp`` absent when not given, per-rule overrides only where set."""
+        the optional knobs (``sweep.tp``, ``pp``, ...) absent when not given, per-rule
+        overrides only where set."""
         out = self.model_dump(mode="python")
-        if out["sweep"]["tp"] is None:
-            del out["sweep"]["tp"]
+        for knob in OPTIONAL_KNOBS:
+            if out["sweep"][knob] is None:
+                del out["sweep"][knob]
         out["resources"]["rules"] = {
             rule: {k: v for k, v in section.items() if v is not None}
             for rule, section in out["resources"]["rules"].items()

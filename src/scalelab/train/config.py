@@ -392,6 +392,14 @@ class BatchPlan:
     lr: float
 
 
+def _check_pipeline_batch(par: ParallelDims, accum: int, batch: int | None, prefix: str) -> None:
+    """A replica's batch under a pipeline: the layout's rule (``ParallelDims.batch_problems``),
+    checked before the batch divides (accumulation) and after (micro-batches)."""
+    found = par.batch_problems(accum, batch)
+    if found:
+        raise UsageError(found[0].line(prefix))
+
+
 def resolve_batch(cfg: RunConfig, world_size: int | ParallelDims, prefix: str = "") -> BatchPlan:
     """Derive per-rank and micro-batch sizes and the scaled lr; check divisibility. The
     batch splits over the layout's data-parallel replicas (a world size alone: all ranks)."""
@@ -399,6 +407,7 @@ def resolve_batch(cfg: RunConfig, world_size: int | ParallelDims, prefix: str = 
     dp = par.replicas
     o = cfg.optim
     accum = o.grad_accum_steps
+    _check_pipeline_batch(par, accum, None, prefix)
     if o.per_rank_batch_size is not None:
         if o.per_rank_batch_size % accum:
             raise UsageError(
@@ -414,6 +423,7 @@ def resolve_batch(cfg: RunConfig, world_size: int | ParallelDims, prefix: str = 
                 f"{par.replicas_words()} * grad_accum_steps = {dp} * {accum}"
             )
     per_rank = global_batch // dp
+    _check_pipeline_batch(par, accum, per_rank, prefix)
     lr = o.lr * global_batch / o.base_batch_size if o.base_batch_size else o.lr
     if not math.isfinite(lr):
         raise UsageError(f"field '{prefix}optim.lr': the scaled learning rate is not finite")
