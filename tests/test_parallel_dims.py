@@ -372,3 +372,14 @@ def test_build_mesh_on_two_gloo_ranks(tmp_path: Path, tp: int) -> None:
         assert g["dp_rank"] == g["mesh_dp"] == (r if tp == 1 else 0)
         assert g["dp_ranks"] == ([0, 1] if tp == 1 else [r])
         assert g["tp_ranks"] == ([r] if tp == 1 else [0, 1])
+
+
+def test_recomputation_without_a_pipeline_needs_a_sharded_backend() -> None:
+    """dist.activation_checkpointing at pp=1 is applied by fsdp only; elsewhere it would
+    be a knob that does nothing, so it is refused in one line."""
+    recompute = Pipe(recompute=True)
+    assert ParallelDims.of(2, pipe=recompute).problems("fsdp", "gpt") == []
+    assert ParallelDims.of(2, pp=2, pipe=Pipe(m=2, recompute=True)).problems("ddp", "gpt") == []
+    (line,) = [str(p) for p in ParallelDims.of(2, pipe=recompute).problems("ddp", "gpt")]
+    assert line.startswith("field 'dist.activation_checkpointing': recomputation runs in")
+    assert "backend ddp at pp=1" in line

@@ -88,7 +88,7 @@ class FSDPBackend(MeshBackend):
             self.mesh["dp"],
             self._mp_policy(),
             self.cfg.fsdp.reshard_after_forward,
-            self.cfg.fsdp.activation_checkpointing,
+            self.cfg.fsdp.activation_checkpointing or self.cfg.activation_checkpointing,
         )
         return model
 

@@ -153,6 +153,15 @@ class ParallelDims:
             found += pipeline_problems(self.pp, p.v, p.m, p.schedule, layers, backend, model)
             if found:
                 return found
+        sharded = with_capability("shards_state")
+        if self.pipe.recompute and self.pp == 1 and backend not in sharded:
+            found.append(
+                Problem(
+                    "dist.activation_checkpointing",
+                    f"recomputation runs in pipeline stages (pp > 1) or under "
+                    f"{' or '.join(sharded)}; backend {backend} at pp=1 does not recompute",
+                )
+            )
         tp_backends = with_capability("supports_tp")
         if self.tp > 1 and backend != AUTO and backend in REGISTRY and backend not in tp_backends:
             found.append(

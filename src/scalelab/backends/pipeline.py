@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scalelab.backends.pipeline_rules import SCHEDULES, pipeline_problems, stage_ranks
+from scalelab.backends.pipeline_rules import (
+    SCHEDULES,
+    microbatch_problems,
+    pipeline_problems,
+    stage_ranks,
+)
 from scalelab.backends.problem import Problem
 from scalelab.backends.registry import AUTO
 from scalelab.errors import UsageError
@@ -148,11 +153,9 @@ class Pipeline:
         refused."""
         m = self.microbatches
         for batch in (x, y):  # every rank that passes the batch refuses it alike
-            if batch is not None and batch.shape[0] % m:
-                raise UsageError(
-                    f"field 'dist.microbatches': {m} micro-batches do not split the "
-                    f"pipeline's batch of {batch.shape[0]} evenly"
-                )
+            found = microbatch_problems(m, batch.shape[0]) if batch is not None else []
+            if found:
+                raise UsageError(found[0].line())
         losses: list[torch.Tensor] = []
         args = (x,) if self.has_first else ()
         target = y if self.has_last else None

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--recompute",
-        choices=("auto", "none", "full"),
+        choices=("auto", "off", "full"),
         default="auto",
         help="activation recomputation: try both (auto), never, or always",
     )
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
     if not 1 <= args.top <= 10_000:
         raise UsageError(f"--top: {args.top} must be in [1, 10000]")
-    recompute = {"auto": (False, True), "none": (False,), "full": (True,)}[args.recompute]
+    recompute = {"auto": (False, True), "off": (False,), "full": (True,)}[args.recompute]
     advice = advisor.advise(shape, batch, args.world_size, hw, args.hardware, limit, recompute)
     print(advisor.to_json(advice, hw) if args.json else advisor.markdown(advice, hw, args.top))
     return 0

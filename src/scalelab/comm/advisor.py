@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from scalelab.backends.parallel_dims import ParallelDims, Pipe
+from scalelab.backends.registry import DEFAULT
 from scalelab.comm.hardware import Profile
 from scalelab.comm.layout_model import (
     GPTShape,
@@ -32,7 +33,7 @@ from scalelab.errors import UsageError
 from scalelab.units import format_size
 
 #: The backend the advisor's layouts replicate with (Megatron's data parallelism: DDP).
-BACKEND = "ddp"
+BACKEND = DEFAULT  # the data-parallel default: replication over dp
 #: Bounds that keep the enumeration to seconds (a hostile 2**63 would never finish).
 MAX_WORLD = 16384
 MAX_BATCH = 1 << 24

@@ -240,7 +240,12 @@ def summary(job: Job, state: TrainState, reasons: dict[str, str]) -> dict[str, A
         )
     )
     out.update(job.backend.memory_facts())
-    out.update(pipeline_facts(job.backend.dims))
+    d = cfg.dist
+    out.update(
+        pipeline_facts(
+            job.backend.dims, d.activation_checkpointing or d.fsdp.activation_checkpointing
+        )
+    )
     out.update(lm_facts(job.raw_model, out, job.device, peak_bf16))
     out.update(energy_facts(history, reasons))
     return out
@@ -286,9 +291,15 @@ def model_facts(
     return facts
 
 
-def pipeline_facts(dims: ParallelDims) -> dict[str, Any]:
-    """The layout a run had, and its pipeline's bubble (pp - 1) / (v m)."""
-    facts: dict[str, Any] = {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
+def pipeline_facts(dims: ParallelDims, recompute: bool) -> dict[str, Any]:
+    """The layout a run had, whether blocks recomputed their activations, and its
+    pipeline's bubble (pp - 1) / (v m)."""
+    facts: dict[str, Any] = {
+        "dp": dims.dp,
+        "tp": dims.tp,
+        "pp": dims.pp,
+        "activation_checkpointing": recompute,
+    }
     if dims.pp > 1:
         pipe = dims.pipe
         facts.update(
@@ -297,7 +308,6 @@ def pipeline_facts(dims: ParallelDims) -> dict[str, Any]:
             virtual_stages=pipe.v,
             bubble=bubble_fraction(dims.pp, pipe.v, pipe.m),
             bubble_is_upper_bound=SCHEDULES[pipe.schedule].zero_bubble,
-            activation_checkpointing=pipe.recompute,
         )
     return facts
 
