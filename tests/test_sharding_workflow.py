@@ -1,7 +1,7 @@
-"""Issue 18 through the workflow: the sweep's ``tp`` knob, the skipped combinations, the
-tokens source without staging, and the memory figures of the analysis, on a real sweep
-of ``backends: [ddp, fsdp]`` x ``tp: [1, 2]`` (.test/sharding.yaml) run locally and under
-``--profile slurm`` on the test cluster.
+"""Issues 18 and 27 through the workflow: the sweep's ``tp`` and ``pp`` knobs, the skipped
+combinations, the tokens source without staging, and the memory and bubble figures of the
+analysis, on a real sweep of ``backends: [ddp, fsdp]`` x ``tp: [1, 2]`` x ``pp: [1, 2]``
+(.test/sharding.yaml) run locally and under ``--profile slurm`` on the test cluster.
 
 The plan-time checks run in-process through ``study_config.validate`` (what common.smk calls);
 the two workflow runs share one local reference (a session fixture).
@@ -39,12 +39,20 @@ FSDP_SHARE = 0.55
 ATOL = 1e-5
 RUNS = [
     "ddp-strong-n1-t1-g0-r0",
+    "ddp-strong-n1-t2-g0-pp2-r0",
     "ddp-strong-n1-t2-g0-r0",
     "ddp-strong-n1-t2-g0-tp2-r0",
     "fsdp-strong-n1-t1-g0-r0",
+    "fsdp-strong-n1-t2-g0-pp2-r0",
     "fsdp-strong-n1-t2-g0-r0",
     "fsdp-strong-n1-t2-g0-tp2-r0",
 ]
+#: The skipped combinations of .test/sharding.yaml: tp or pp at 1 rank, tp x pp at 2.
+SKIPPED = sorted(
+    f"{b}-strong-n1-t{t}-g0-{layout}-r0"
+    for b in ("ddp", "fsdp")
+    for t, layout in ((1, "pp2"), (1, "tp2"), (1, "tp2-pp2"), (2, "tp2-pp2"))
+)
 
 
 def _cfg(**sweep_lists) -> dict:
@@ -73,7 +81,7 @@ def test_tp_1_keeps_todays_run_ids():
 
 
 def test_impossible_combinations_are_skipped_and_listed():
-    cfg = study_config.validate(_cfg(backends=["ddp", "horovod", "fsdp"]))
+    cfg = study_config.validate(_cfg(backends=["ddp", "horovod", "fsdp"], pp=[1]))
     points, skipped = study_plan.plan(cfg)
     assert [p.run_id for p in points] == [  # the lists' order; tp before repeats
         "ddp-strong-n1-t1-g0-r0",
@@ -122,7 +130,7 @@ def test_heads_that_do_not_split_are_skipped_at_plan_time():
     cfg["train"]["model"]["options"]["d_model"] = 32
     points, skipped = study_plan.plan(study_config.validate(cfg))
     assert points and all(p.tp == 1 for p in points)
-    two_ranks = [s for s in skipped if s.point.tasks_per_node == 2]
+    two_ranks = [s for s in skipped if s.point.tasks_per_node == 2 and s.point.pp == 1]
     assert two_ranks and all("1 heads do not split over tp=2" in s.reason for s in two_ranks)
 
 
@@ -171,7 +179,7 @@ def test_plan_printed_without_snakemake(tmp_path):
         check=True,
     )
     lines = proc.stdout.splitlines()
-    assert lines[0] == "sweep: 6 training run(s); 2 combination(s) skipped, they cannot exist:"
+    assert lines[0] == "sweep: 8 training run(s); 8 combination(s) skipped, they cannot exist:"
     assert (
         "  skipped ddp-strong-n1-t1-g0-tp2-r0: tp=2 needs a multiple of 2 ranks; this "
         "point has 1" in lines
@@ -220,12 +228,9 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
     assert sorted(p.name for p in (res / "runs").iterdir()) == RUNS
     assert not (res / "data").exists()  # tokens: nothing staged
     # the skipped combinations, said when the workflow starts and listed in sweep.json
-    assert "2 combination(s) skipped" in proc.stderr
+    assert "8 combination(s) skipped" in proc.stderr
     plan = json.loads((res / "sweep.json").read_text())
-    assert sorted(s["run_id"] for s in plan["skipped"]) == [
-        "ddp-strong-n1-t1-g0-tp2-r0",
-        "fsdp-strong-n1-t1-g0-tp2-r0",
-    ]
+    assert sorted(s["run_id"] for s in plan["skipped"]) == SKIPPED
     assert sorted(r["run_id"] for r in plan["runs"]) == RUNS
     ref = _weights(res / "runs" / RUNS[0])
     for run in RUNS:
@@ -233,6 +238,10 @@ def test_local_sweep_of_ddp_fsdp_and_tp(local_study):
         assert summary["status"] == "completed" and summary["backend"] == run.split("-")[0]
         assert summary["world_size"] == int(run.split("-t")[1][0])
         assert summary.get("tp", 1) == (2 if "-tp2-" in run else 1)
+        assert summary["pp"] == (2 if "-pp2-" in run else 1)
+        if "-pp2-" in run:  # m = pp = 2: the bubble (pp - 1) / m, each stage measured
+            assert (summary["microbatches"], summary["bubble"]) == (2, 0.5)
+            assert len(summary["per_stage"]) == 2
         assert summary["rank0_state_bytes"] > 0
         # a generated test split: scored per token, with perplexity
         ev = json.loads((res / "runs" / run / "evaluation.json").read_text())
@@ -266,10 +275,22 @@ def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):
     ):
         assert col in table.columns, col
     assert (table["test_perplexity"] > 1).all()  # every run was evaluated on its test split
-    # a tp=2 point is its own series (its own baseline: efficiency 1 at its smallest point)
-    series = table.groupby(["backend", "tp"])["ranks"].apply(sorted).to_dict()
-    assert series == {("ddp", 1): [1, 2], ("ddp", 2): [2], ("fsdp", 1): [1, 2], ("fsdp", 2): [2]}
-    at = table.set_index(["backend", "tp", "ranks"])
+    # a tp=2 or pp=2 point is its own series (its own baseline: efficiency 1 at its
+    # smallest point)
+    series = table.groupby(["backend", "tp", "pp"])["ranks"].apply(sorted).to_dict()
+    assert series == {
+        (b, tp, pp): ([1, 2] if tp == pp == 1 else [2])
+        for b in ("ddp", "fsdp")
+        for tp, pp in ((1, 1), (2, 1), (1, 2))
+    }
+    # the pipeline points: their bubble, and each stage holds less than the whole model
+    pipes = table[table["pp"] == 2]
+    assert list(pipes["bubble"]) == [0.5, 0.5] and (pipes["samples_per_s"] > 0).all()
+    whole = table[(table["pp"] == 1) & (table["tp"] == 1) & (table["ranks"] == 2)]
+    for backend in ("ddp", "fsdp"):
+        pipe = pipes[pipes["backend"] == backend]["activation_bytes_per_rank"].iloc[0]
+        assert pipe < whole[whole["backend"] == backend]["activation_bytes_per_rank"].iloc[0]
+    at = table[table["pp"] == 1].set_index(["backend", "tp", "ranks"])
     ddp, fsdp = at.loc[("ddp", 1, 2)], at.loc[("fsdp", 1, 2)]
     share = (fsdp["param_bytes_per_rank"] + fsdp["optim_state_bytes_per_rank"]) / (
         ddp["param_bytes_per_rank"] + ddp["optim_state_bytes_per_rank"]
@@ -282,6 +303,8 @@ def test_analysis_carries_tp_and_shows_what_sharding_bought(local_study):
     )
     md = (out / "scaling.md").read_text()
     assert "test ppl" in md
+    header = next(line for line in md.splitlines() if "| tp |" in line)
+    assert "| pp |" in header and "bubble" in header
     sentence = next(line for line in md.splitlines() if line.startswith("What sharding bought"))
     assert f"fsdp at 2 ranks holds {share:.2f}x of ddp's parameter + optimizer-state" in sentence
     doc = json.loads((out / "analysis.json").read_text())
@@ -320,7 +343,7 @@ def test_slurm_profile_sweep_matches_local(cluster, local_study):
         env=env,
         timeout=1500,
     )
-    assert "2 combination(s) skipped" in proc.stderr
+    assert "8 combination(s) skipped" in proc.stderr
     srun = shutil.which("srun", path=env["PATH"]) or "srun"
     for run in RUNS:
         # same computation, other layout: n1-t2 here is n2-t1 there
@@ -342,9 +365,10 @@ def test_slurm_profile_sweep_matches_local(cluster, local_study):
     ).stdout.split()
     rows = [j.split("|") for j in jobs if j.split("|")[0] not in before]
     train = [r for r in rows if r[3].startswith("rule_train")]
-    assert sorted(int(r[2]) for r in train) == [1, 1, 2, 2, 2, 2], rows
+    assert sorted(int(r[2]) for r in train) == [1, 1, 2, 2, 2, 2, 2, 2], rows
     assert all(state == "COMPLETED" for _, state, _, _ in rows), rows
     table = pd.read_csv(wd / "results" / "analysis" / "scaling.csv").set_index(
-        ["backend", "tp", "ranks"]
+        ["backend", "tp", "pp", "ranks"]
     )
-    assert table.loc[("fsdp", 1, 2), "memory_vs_ddp"] <= FSDP_SHARE
+    assert table.loc[("fsdp", 1, 1, 2), "memory_vs_ddp"] <= FSDP_SHARE
+    assert table.loc[("ddp", 1, 2, 2), "bubble"] == 0.5  # one stage per node
