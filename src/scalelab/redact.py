@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 #: Environment variables copied into the manifest (MLPerf-style system description):
 #: communication libraries' tuning, thread counts, device selection, Slurm's layout.
@@ -110,3 +111,19 @@ def redact_argv(argv: list[str]) -> list[str]:
         pair = i > 0 and argv[i - 1] in _PAIR_OPTIONS and SECRET_NAME.search(arg)
         hide_next = bool(pair) or _secret_option(arg)
     return out
+
+
+def redact_tree(obj: Any) -> Any:
+    """A JSON-like document fit to leave the run directory (a tracker's params, tags and
+    artifacts): a string under a credential-like key loses its value, every other string
+    goes through :func:`redact_text`; structure and numbers stay."""
+    if isinstance(obj, dict):
+        return {
+            key: REDACTED
+            if isinstance(value, str) and SECRET_NAME.search(str(key))
+            else redact_tree(value)
+            for key, value in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [redact_tree(item) for item in obj]
+    return redact_text(obj) if isinstance(obj, str) else obj

@@ -37,6 +37,7 @@ from scalelab.errors import UsageError
 from scalelab.study.checks import _check_finite, _check_semantics, _check_strings, _path
 from scalelab.study.files import YTE_HINT_PLAN
 from scalelab.study.plan import _check_size, check_points, plan
+from scalelab.tracking.config import TrackingConfig
 from scalelab.train.config import json_schema as run_schema
 
 
@@ -260,6 +261,8 @@ class StudyConfig(Section):
     """Commbench."""
     container: ContainerConfig = Field(default_factory=ContainerConfig)
     """Container."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment trackers (MLflow, TensorBoard) fed from every run; see docs/tracking.md."""
 
     def to_config(self) -> dict[str, Any]:
         """The plain dict the workflow reads (``config[...]``): every default filled in,
