@@ -110,9 +110,9 @@ def free_port() -> int:
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a sqlite store and a local artifact root."""
 
-    def __init__(self, venv: Path, root: Path) -> None:
+    def __init__(self, venv: Path, root: Path, port: int | None = None) -> None:
         self.venv, self.root = venv, root
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
     @property

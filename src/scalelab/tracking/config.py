@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import MutableMapping
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from scalelab.config_types import Section, format_error
 from scalelab.errors import UsageError
+from scalelab.redact import redact_text
 
 #: The study's tracking settings, set by the workflow (common.smk) for the launcher of
 #: each training job (JSON: :class:`StudySettings`). An environment variable and not a
@@ -39,7 +42,26 @@ EXPERIMENT_PATTERN = r"^[A-Za-z0-9_./@ -]{1,200}$"
 #: A study key (:func:`scalelab.study.tracking.study_key`): hex.
 KEY_PATTERN = r"^[0-9a-f]{8,64}$"
 
-Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=2000)]
+
+def _check_uri(value: str) -> str:
+    """A tracking URI without credentials; the error never repeats a password."""
+    if "@" in urllib.parse.urlsplit(value).netloc:
+        raise ValueError(
+            "holds a user or password: give http(s)://HOST[:PORT] and put the token in "
+            f"${TOKEN_ENV} (or ${USERNAME_ENV} and ${PASSWORD_ENV})"
+        )
+    if not re.fullmatch(URI_PATTERN, value):
+        raise ValueError(
+            f"expected http(s)://HOST[:PORT][/PATH] (no query), got {redact_text(value)[:80]!r}"
+        )
+    return value
+
+
+Uri = Annotated[
+    str,
+    Field(max_length=2000, json_schema_extra={"pattern": URI_PATTERN}),
+    AfterValidator(_check_uri),
+]
 
 
 class MlflowSection(Section):
