@@ -61,7 +61,9 @@ def study_dict(results: str, uri: str, experiment: str, **extra: Any) -> dict[st
         "modes": ["strong"],
         "repeats": 2,
     }
-    base["tracking"] = {"mlflow": {"uri": uri, "experiment": experiment}, "tensorboard": True}
+    # Generous timeouts: two runs and the server share a loaded 2-core machine in CI.
+    mlflow = {"uri": uri, "experiment": experiment, "timeout_s": 30, "flush_s": 120}
+    base["tracking"] = {"mlflow": mlflow, "tensorboard": True}
     for key, value in extra.items():
         base[key] = value
     return base

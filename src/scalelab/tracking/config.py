@@ -78,8 +78,11 @@ class MlflowSection(Section):
     only the workflow's track rule (on the submit host) and ``scalelab track sync`` send,
     for compute nodes without a route to the server."""
     timeout_s: Annotated[float, Field(gt=0, le=120, allow_inf_nan=False)] = 5.0
-    """Longest wait for one request; also the most a run waits for the server at its end
-    (a training step never waits for it)."""
+    """Longest wait for one request. A server that accepts connections and never answers
+    costs a run at most this, once (a training step never waits for the server)."""
+    flush_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 30.0
+    """The most a run waits at its end for what it queued to reach a slow server; what is
+    left is recorded as not sent (``scalelab track sync`` sends it)."""
 
 
 class TrackingConfig(Section):

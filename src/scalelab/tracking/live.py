@@ -5,8 +5,10 @@
 The trainer calls :meth:`~RunTracker.start`, :meth:`~RunTracker.epoch`,
 :meth:`~RunTracker.finish` and :meth:`~RunTracker.close`, and none of them raises or
 waits on the network: MLflow's requests run on the :class:`~scalelab.tracking.sender.Sender`
-lane. The bound on what tracking costs a run: nothing per step or epoch (a queue put), and
-at most ``tracking.mlflow.timeout_s`` at the end, while :meth:`close` lets the lane drain.
+lane. The bound on what tracking costs a run: nothing per step or epoch (a queue put); at its
+end, :meth:`close` lets the lane drain for at most ``tracking.mlflow.flush_s``. A server
+that accepts connections and never answers fails the first request after
+``tracking.mlflow.timeout_s`` and nothing more is tried, so it costs at most that, once.
 
 What was not sent is said once, in one line, and recorded in the run directory
 (``RunDir.UNSENT``); ``scalelab track sync`` sends it later.
@@ -98,7 +100,7 @@ class MlflowLive:
 
     def close(self) -> dict[str, Any] | None:
         """Drain within the bound; the not-sent entry (None: everything was sent)."""
-        unsent = self.sender.close(self.mlflow.timeout_s)
+        unsent = self.sender.close(self.mlflow.flush_s)
         self.client.close()
         if not unsent:
             return None

@@ -44,28 +44,24 @@ class Sender:
         self.name = name
         self.queue: queue.Queue[Item | None] = queue.Queue(MAX_QUEUED)
         self.lock = threading.Lock()
-        self.unsent: list[Item] = []
+        #: Every item put and not (yet) accepted by the server: id -> (place, item).
+        self.pending: dict[int, tuple[int, Item]] = {}
         self.sent = 0
         self.error: str | None = None
-        self.current: Item | None = None
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._work, name=f"scalelab-{name}", daemon=True)
         self.thread.start()
 
     def put(self, item: Item) -> None:
         """Queue an item (never blocks); after close or a failure it is only counted."""
+        with self.lock:
+            self.pending[id(item)] = (len(self.pending) + self.sent, item)
         if self.closed.is_set() or self.error is not None:
-            self._not_sent(item)
             return
         try:
             self.queue.put_nowait(item)
         except queue.Full:
-            self._not_sent(item)
             self._fail(f"more than {MAX_QUEUED} items waiting for the server")
-
-    def _not_sent(self, item: Item) -> None:
-        with self.lock:
-            self.unsent.append(item)
 
     def _fail(self, reason: str) -> None:
         with self.lock:
@@ -78,42 +74,33 @@ class Sender:
             if item is None:
                 return
             if self.error is not None or self.closed.is_set():
-                self._not_sent(item)
-                continue
-            self.current = item
+                continue  # stays pending: counted as not sent
             try:
                 item.send()
             except Exception as exc:  # a tracker never breaks training: count it, stop
-                self._not_sent(item)
                 self._fail(str(exc) or type(exc).__name__)
                 continue
-            finally:
-                self.current = None
             with self.lock:
+                self.pending.pop(id(item), None)
                 self.sent += 1
             for observer in list(OBSERVERS):
                 observer(self.name, item)
 
     def close(self, wait_s: float) -> list[Item]:
-        """Wait at most ``wait_s`` for what is queued; return every item not sent."""
+        """Wait at most ``wait_s`` for what is queued; return every item not sent, in the
+        order it was put."""
         deadline = time.monotonic() + wait_s
         with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=max(0.0, wait_s))
         self.thread.join(max(0.0, deadline - time.monotonic()))
         self.closed.set()
-        stuck = self.current if self.thread.is_alive() else None
-        while True:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._not_sent(item)
+        busy = self.thread.is_alive()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)  # a thread stuck in a request ends after it
         with self.lock:
-            if stuck is not None and stuck not in self.unsent:
-                self.unsent.append(stuck)
-                if self.error is None:
-                    self.error = f"no answer within {wait_s:g} s at the end of the run"
-            return list(self.unsent)
+            if busy and self.pending and self.error is None:
+                self.error = f"the server was still busy after {wait_s:g} s at the end of the run"
+            return [item for _, item in sorted(self.pending.values(), key=lambda p: p[0])]

@@ -177,7 +177,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.tracker.close()  # bounded: at most tracking.mlflow.timeout_s
+            self.tracker.close()  # bounded: tracking.mlflow.flush_s at most
 
     def _fit(self) -> dict[str, Any]:
         job = self.job
