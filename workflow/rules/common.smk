@@ -112,6 +112,12 @@ def ranks_enter_image(wildcards):
     return None
 
 
+def on_the_host(wildcards):
+    """Rules that talk to a service outside the cluster (the tracking server) run with
+    the submit host's scalelab, its network and CA trust, never in the image."""
+    return None
+
+
 def stage_args():
     """`scalelab stage` arguments from the data section, one list item each."""
     d = config["data"]

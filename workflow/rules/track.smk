@@ -11,8 +11,10 @@ rule track:
     log:
         "logs/track.log",
     localrule: True
+    container:
+        on_the_host
     params:
-        results=RESULTS,
+        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
         uri=config["tracking"]["mlflow"]["uri"] or "",
         experiment=config["tracking"]["mlflow"]["experiment"],
     shell:

@@ -161,7 +161,7 @@ class RunTracker:
             action()
         except Exception as exc:
             _say(f"{what}: {type(exc).__name__}: {redact_text(str(exc))[:300]}")
-            if what.startswith("tensorboard"):
+            if what == "TensorBoard":
                 self.tensorboard = None
 
     def start(self, config: dict[str, Any]) -> None:
@@ -171,7 +171,7 @@ class RunTracker:
         if s.tracking.mlflow.uri and s.tracking.mlflow.live:
             self._guard("mlflow", lambda: self._start_mlflow(s, config))
         if s.tracking.tensorboard:
-            self._guard("tensorboard", self._start_tensorboard)
+            self._guard("TensorBoard", self._start_tensorboard)
 
     def _start_mlflow(self, s: RunSettings, config: dict[str, Any]) -> None:
         self.mlflow = MlflowLive(s, self.run_dir)
@@ -185,7 +185,7 @@ class RunTracker:
         if self.mlflow is not None:
             self._guard("mlflow", lambda: self.mlflow.epoch(record))
         if self.tensorboard is not None:
-            self._guard("tensorboard", lambda: self.tensorboard.epoch(record))
+            self._guard("TensorBoard", lambda: self.tensorboard.epoch(record))
 
     def finish(self, summary: dict[str, Any]) -> None:
         """After summary.json is written: the run's figures, artifacts and status."""
@@ -198,7 +198,7 @@ class RunTracker:
             return
         self.closed = True
         if self.tensorboard is not None:
-            self._guard("tensorboard", self.tensorboard.close)
+            self._guard("TensorBoard", self.tensorboard.close)
         if self.mlflow is None:
             return
         try:
