@@ -85,7 +85,6 @@ def _server(args: argparse.Namespace, cfg: dict[str, Any]) -> MlflowSection:
         section["experiment"] = args.experiment
     if args.timeout_s is not None:
         section["timeout_s"] = args.timeout_s
-    section.pop("live", None)
     try:
         return MlflowSection.model_validate(section)
     except ValidationError as exc:
@@ -136,8 +135,9 @@ def sync_study(results: Path, server: MlflowSection, cfg: dict[str, Any]) -> dic
         counts = Counts()
         exp = client.experiment_id(server.experiment)
         ensure_parent(client, exp, key, study_tracking.study_name(results, key), counts)
-        merged = merge_parents(client, exp, key)
-        parent = client.get_run(ensure_parent(client, exp, key, "", counts)["info"]["run_id"])
+        merged = merge_parents(client, exp, key)  # parents made at once by live runs
+        oldest = client.find_runs(exp, content.KEY_TAG, key)[0]
+        parent = client.get_run(oldest["info"]["run_id"])
         ident = {s: cfg.get(s) for s in study_tracking.IDENTITY_SECTIONS}
         new = missing_params(parent, content.params(ident))
         if new:

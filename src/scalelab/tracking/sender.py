@@ -84,7 +84,8 @@ class Sender:
                 self.pending.pop(id(item), None)
                 self.sent += 1
             for observer in list(OBSERVERS):
-                observer(self.name, item)
+                with contextlib.suppress(Exception):  # an observer's error is not ours
+                    observer(self.name, item)
 
     def close(self, wait_s: float) -> list[Item]:
         """Wait at most ``wait_s`` for what is queued; return every item not sent, in the
