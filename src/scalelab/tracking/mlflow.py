@@ -75,6 +75,23 @@ def _verify(environ: Mapping[str, str]) -> bool | str:
     return True
 
 
+def _reason(exc: requests.RequestException) -> str:
+    """Why a request failed, in a few words: the operating system's reason for a failed
+    connection (refused, unreachable), else the error's own first words."""
+    if isinstance(exc, requests.ConnectionError) and not isinstance(
+        exc, requests.exceptions.SSLError
+    ):
+        cause: BaseException | None = exc
+        for _ in range(8):  # requests -> urllib3 MaxRetryError -> NewConnectionError -> OSError
+            if isinstance(cause, OSError) and cause.strerror:
+                return f"cannot connect: {cause.strerror}"
+            cause = getattr(cause, "reason", None) or cause.__cause__ or cause.__context__
+            if cause is None:
+                break
+        return "cannot connect"
+    return f"{type(exc).__name__}: {redact_text(str(exc))[:160]}"
+
+
 class MlflowClient:
     """One tracking server at ``uri``; each request waits at most ``timeout_s``."""
 
@@ -106,10 +123,7 @@ class MlflowClient:
                 f"{self.uri}: {what}: no answer in {self.timeout_s:g} s", reachable=False
             ) from None
         except requests.RequestException as exc:
-            reason = redact_text(str(exc))[:200]
-            raise TrackerError(
-                f"{self.uri}: {what}: {type(exc).__name__}: {reason}", reachable=False
-            ) from None
+            raise TrackerError(f"{self.uri}: {what}: {_reason(exc)}", reachable=False) from None
         return resp
 
     def call(self, method: str, endpoint: str, what: str, **kw: Any) -> dict[str, Any]:
