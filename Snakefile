@@ -29,6 +29,7 @@ include: "workflow/rules/stage.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analyze.smk"
+include: "workflow/rules/track.smk"
 
 
 rule all:

@@ -86,6 +86,8 @@ def test_names_used_sees_literals_and_path_pieces_not_docstrings_or_prose():
 NOT_RUN_FILES = {
     ("launcher.py", "config.yaml"): "the workflow's config/config.yaml (--help)",
     ("study/cli.py", "config.yaml"): "the workflow's config/config.yaml (plan's usage line)",
+    ("study/tracking.py", "config.yaml"): "the study's effective config, RESULTS/config.yaml",
+    ("study/tracking.py", "sweep.json"): "the study's plan, RESULTS/sweep.json",
 }
 
 

@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "diff": "scalelab.runs",
     "export": "scalelab.bundle",
     "import": "scalelab.bundle",
+    "track": "scalelab.track",
 }
 
 #: Spellings of the previous release, kept for one release: old command -> the command

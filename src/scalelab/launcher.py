@@ -40,6 +40,7 @@ from scalelab.study import plan as study_plan
 from scalelab.study.checks import GENERATED_SOURCES
 from scalelab.study.plan import RunPoint
 from scalelab.study.slurm import gpu_gres
+from scalelab.tracking import config as tracking_config
 
 
 def run_config(cfg: dict, point: RunPoint, data_dir: str | Path) -> dict:
@@ -123,8 +124,14 @@ def rank_env(launch: dict) -> dict[str, str]:
     return env
 
 
-def prepare_run_dir(out_dir: Path, run_cfg: dict, point: RunPoint) -> Path:
-    """Write run.yaml and sweep.json; a run dir left by a different config is cleared.
+def prepare_run_dir(
+    out_dir: Path,
+    run_cfg: dict,
+    point: RunPoint,
+    tracking: tracking_config.StudySettings | None = None,
+) -> Path:
+    """Write run.yaml, sweep.json and the study's tracking settings (tracking.json, when
+    a tracker is on); a run dir left by a different config is cleared.
 
     An identical config keeps the directory so `--resume` continues from its
     newest checkpoint (a requeued or retried job); a changed config must not
@@ -136,6 +143,11 @@ def prepare_run_dir(out_dir: Path, run_cfg: dict, point: RunPoint) -> Path:
     run_dir.prepare_launch(digest)
     run_dir.write_run_config(run_cfg)
     run_dir.write_sweep({**point.as_dict(), "config_sha256": digest})
+    run_dir.set_tracking(
+        tracking_config.for_run(tracking, point.run_id).model_dump(mode="json")
+        if tracking is not None
+        else None
+    )
     return run_dir.run_config_path
 
 
@@ -295,6 +307,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     run_dir = RunDir(out_dir)
     run_dir.check()  # guard's check: a dry run too refuses what it may not replace
     prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
+    tracking = tracking_config.from_environ()  # the study's, exported by the workflow
     argv = launch_argv(
         launch, point, train_args(run_dir.run_config_path, out_dir), container_prefix=prefix
     )
@@ -303,7 +316,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0  # a dry run touches nothing: no run directory, no lock
     token = secrets.token_hex(8)
     with run_dir.guard(force=args.force, token=token):
-        prepare_run_dir(out_dir, spec["run_config"], point)
+        prepare_run_dir(out_dir, spec["run_config"], point, tracking)
         if image:
             run_dir.write_container(image)
         env = {**rank_env(launch), LOCK_ENV: token}

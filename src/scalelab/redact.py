@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+from typing import Any
 
 #: Environment variables copied into the manifest (MLPerf-style system description):
 #: communication libraries' tuning, thread counts, device selection, Slurm's layout.
@@ -132,3 +133,19 @@ def redact_secrets(text: str, secrets: list[str]) -> str:
     for form in secret_forms(secrets):
         text = text.replace(form, REDACTED)
     return redact_text(text)
+
+
+def redact_tree(obj: Any) -> Any:
+    """A JSON-like document fit to leave the run directory (a tracker's params, tags and
+    artifacts): a string under a credential-like key loses its value, every other string
+    goes through :func:`redact_text`; structure and numbers stay."""
+    if isinstance(obj, dict):
+        return {
+            key: REDACTED
+            if isinstance(value, str) and SECRET_NAME.search(str(key))
+            else redact_tree(value)
+            for key, value in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [redact_tree(item) for item in obj]
+    return redact_text(obj) if isinstance(obj, str) else obj

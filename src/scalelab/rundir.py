@@ -60,6 +60,9 @@ class RunDir:
     CHECKPOINTS = "checkpoints"  # the checkpoint directory (trainer)
     EVALUATION = "evaluation.json"  # `scalelab evaluate --out` in the workflow
     REPRODUCE = "reproduce.json"  # `scalelab reproduce`'s comparison, in the rerun's dir
+    TRACKING = "tracking.json"  # the tracking settings the study gives the run (launch)
+    UNSENT = "tracking-unsent.json"  # what live tracking could not send (trainer, rank 0)
+    TENSORBOARD = "tensorboard"  # TensorBoard event files (trainer, rank 0)
 
     #: What scalelab writes in a run directory (train, launch, evaluate, reproduce): the
     #: marker records it, and the guard replaces a run directory only if it holds no more.
@@ -76,6 +79,9 @@ class RunDir:
         CHECKPOINTS + "/",
         EVALUATION,
         REPRODUCE,
+        TRACKING,
+        UNSENT,
+        TENSORBOARD + "/",
     )
 
     def __init__(self, path: str | Path) -> None:
@@ -137,6 +143,18 @@ class RunDir:
     def reproduce_path(self) -> Path:
         return self.path / self.REPRODUCE
 
+    @property
+    def tracking_path(self) -> Path:
+        return self.path / self.TRACKING
+
+    @property
+    def unsent_path(self) -> Path:
+        return self.path / self.UNSENT
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
     # ------------------------------------------------------------- guard and lock
 
     def check(self, inputs: Iterable[str | Path] = ()) -> None:
@@ -175,11 +193,12 @@ class RunDir:
 
     def prepare(self, resume: bool) -> None:
         """The trainer's start (rank 0): marked; a fresh run drops an earlier attempt's
-        metrics and weights, a resume keeps them."""
+        metrics, weights and tracker records, a resume keeps them."""
         self.mark()
         if not resume:
-            for stale in (self.metrics_path, self.model_path):
+            for stale in (self.metrics_path, self.model_path, self.unsent_path):
                 stale.unlink(missing_ok=True)
+            shutil.rmtree(self.tensorboard, ignore_errors=True)
 
     def prepare_launch(self, config_sha256: str) -> None:
         """The launcher's start (under :meth:`guard`): a run directory left by another
@@ -249,6 +268,17 @@ class RunDir:
     def write_reproduce(self, doc: dict[str, Any]) -> None:
         fsio.atomic_write_json(self.reproduce_path, doc)
 
+    def set_tracking(self, settings: dict[str, Any] | None) -> None:
+        """The run's tracking settings; None removes an earlier launch's."""
+        if settings is None:
+            self.tracking_path.unlink(missing_ok=True)
+        else:
+            fsio.atomic_write_json(self.tracking_path, settings)
+
+    def record_unsent(self, entry: dict[str, Any]) -> None:
+        """Add one start's not-sent entry to the record (a resumed run adds its own)."""
+        fsio.atomic_write_json(self.unsent_path, {"unsent": [*self.unsent(), entry]})
+
     @staticmethod
     def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
         import yaml
@@ -290,6 +320,18 @@ class RunDir:
     def sweep(self) -> dict[str, Any]:
         """sweep.json ({} when missing: a run not started by `scalelab launch`)."""
         return _read_json(self.sweep_path) if self.sweep_path.is_file() else {}
+
+    def tracking(self) -> dict[str, Any] | None:
+        """tracking.json (None when missing: the study tracks nothing)."""
+        return _read_json(self.tracking_path) if self.tracking_path.is_file() else None
+
+    def unsent(self) -> list[dict[str, Any]]:
+        """The entries of tracking-unsent.json ([] when missing or unreadable)."""
+        try:
+            entries = json.loads(self.unsent_path.read_text()).get("unsent", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
     def evaluation(self) -> dict[str, Any] | None:
         """evaluation.json (None when `scalelab evaluate` did not write one)."""

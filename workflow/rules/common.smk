@@ -16,6 +16,7 @@ from scalelab.study import config as study_config
 from scalelab.study import slurm as study_slurm
 from scalelab.study.checks import stages_data
 from scalelab.study import plan as study_plan
+from scalelab.study import tracking as study_tracking
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text
 
@@ -87,6 +88,13 @@ if SKIPPED and workflow.is_main_process:
 # A generated source (tokens) is not staged; its test split is generated too.
 STAGED = stages_data(config)
 
+# Trackers (tracking:): each training job's launcher receives the study's key and
+# tracking settings through the environment (SCALELAB_TRACKING), not a rule parameter,
+# so a changed tracking server never retrains the study. Set again in every job.
+TRACKING = study_tracking.export(config, os.environ)
+#: What the track rule sent to MLflow (the study, after everything else).
+TRACK_RECORD = f"{RESULTS}/tracking/mlflow.json"
+
 # Under --sdm apptainer, Snakemake pastes this path unquoted into a shell command:
 # it is the digest-named alias of workflow_image, never the configured path.
 IMAGE = _alias if config["container"]["enabled"] else None
@@ -101,6 +109,12 @@ def ranks_enter_image(wildcards):
     """Jobs that start ranks with srun stay on the host: `scalelab launch` puts
     `apptainer exec IMAGE` inside srun (the hybrid model), never srun inside the image.
     """
+    return None
+
+
+def on_the_host(wildcards):
+    """Rules that talk to a service outside the cluster (the tracking server) run with
+    the submit host's scalelab, its network and CA trust, never in the image."""
     return None
 
 
@@ -210,7 +224,16 @@ def sweep_plan_json():
 
 
 def final_targets():
-    """The default target: runs, evaluations, analysis, benchmarks, prediction."""
+    """The default target: the study's outputs, then (with an MLflow server) the track
+    rule's record of sending them."""
+    targets = study_targets()
+    if TRACKING is not None and TRACKING.tracking.mlflow.uri:
+        targets.append(TRACK_RECORD)
+    return targets
+
+
+def study_targets():
+    """Runs, evaluations, analysis, benchmarks, prediction."""
     targets = [f"{RESULTS}/analysis/scaling.csv", f"{RESULTS}/config.yaml"]
     targets += expand(f"{RESULTS}/runs/{{run}}/summary.json", run=sorted(RUNS))
     targets += evaluations()

@@ -44,6 +44,7 @@ from scalelab.study.checks import (
 )
 from scalelab.study.files import YTE_HINT_PLAN
 from scalelab.study.plan import _check_size, check_points, plan
+from scalelab.tracking.config import TrackingConfig
 from scalelab.train.config import json_schema as run_schema
 
 
@@ -282,6 +283,8 @@ class StudyConfig(Section):
     """Commbench."""
     container: ContainerConfig = Field(default_factory=ContainerConfig)
     """Container."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment trackers (MLflow, TensorBoard) fed from every run; see docs/tracking.md."""
 
     def to_config(self) -> dict[str, Any]:
         """The plain dict the workflow reads (``config[...]``): every default filled in,

@@ -30,6 +30,7 @@ from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
 from scalelab.layout import detect
 from scalelab.models import build
+from scalelab.tracking.live import RunTracker
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.config import RunConfig, apply_overrides, from_dict, load, resolve_batch
 from scalelab.train.energy_ledger import EnergyLedger
@@ -164,11 +165,22 @@ class Trainer:
         self.energy = EnergyLedger(
             job.cfg.metrics.energy, job.backend, job.device, job.layout.local_rank
         )
+        # Rank 0's trackers (MLflow, TensorBoard), from the settings the study left in
+        # RUN_DIR; they never raise, and never wait on the network in a step.
+        self.tracker = RunTracker.open(job.run_dir, job.main)
 
     def fit(self) -> dict[str, Any]:
         """Resume if asked, run the remaining epochs, write model.pt and summary.json."""
         job = self.job
         describe_run_dir(job, run_info(job))
+        self.tracker.start(job.cfg.to_dict())
+        try:
+            return self._fit()
+        finally:
+            self.tracker.close()  # bounded: tracking.mlflow.flush_s at most
+
+    def _fit(self) -> dict[str, Any]:
+        job = self.job
         job.metrics.write(
             {
                 "kind": "start",
@@ -352,6 +364,7 @@ class Trainer:
         st.history.append(record)
         job.metrics.write(record)
         job.metrics.sync()
+        self.tracker.epoch(record)
         if job.main:
             print(format_epoch_line(record), flush=True)
         st.next_epoch()
@@ -376,6 +389,7 @@ class Trainer:
         job.metrics.close()
         if job.main:
             job.run_dir.write_summary(result)
+            self.tracker.finish(result)
         job.backend.barrier()
         return result
 
