@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,11 +75,16 @@ def test_plan_of_a_shipped_config_lists_points_and_skips(path, tmp_path, capsys,
 def test_the_sharding_config_skips_combinations_with_their_reason(capsys):
     code, doc, _ = _main(capsys, "plan", REPO / ".test" / "sharding.yaml", "--json")
     skipped = json.loads(doc)["skipped"]
+    # tp or pp 2 at 1 rank, tp 2 x pp 2 at 1 and 2 ranks, for ddp and fsdp
     assert code == 0 and {s["run_id"] for s in skipped} == {
-        "ddp-strong-n1-t1-g0-tp2-r0",
-        "fsdp-strong-n1-t1-g0-tp2-r0",
+        f"{b}-strong-n1-t{t}-g0-{layout}-r0"
+        for b in ("ddp", "fsdp")
+        for t, layout in ((1, "pp2"), (1, "tp2"), (1, "tp2-pp2"), (2, "tp2-pp2"))
     }
-    assert all("needs a multiple of 2 ranks" in s["reason"] for s in skipped)
+    assert all(
+        re.search(r"needs a multiple of [24] ranks; this point has [12]$", s["reason"])
+        for s in skipped
+    ), skipped
 
 
 def test_plan_json_schema_refuses_a_wrong_document():
