@@ -19,6 +19,7 @@ Methods take the whole run config (``cfg.data`` and ``cfg.seed``); it arrives va
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,15 +149,15 @@ class TokenData:
 # ----------------------------------------------------------------------- on disk
 
 
-class _FileSource:
+class _FileSource(ABC):
     """Data at ``data.path``: open both splits with :meth:`_opener` and check they agree."""
 
     name = ""
     generated = False
 
+    @abstractmethod
     def _opener(self):
         """``(path, split) -> dataset``."""
-        raise NotImplementedError
 
     def _read_path(self, cfg: Any) -> str:
         """Where to read ``data.path`` from on this rank."""
