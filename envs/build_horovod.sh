@@ -13,17 +13,31 @@
 # Usage: envs/build_horovod.sh VENV_DIR
 #        envs/build_horovod.sh --check VENV_DIR   print what the build lacks (C++ compiler,
 #                                                 cmake, Python headers), nothing when ready
+#        envs/build_horovod.sh --cache-key TORCH OMPI PY_TAG DEVICE   the cache entry's name
 # Env:   SCALELAB_CACHE (default ~/.cache/scalelab), HOROVOD_VERSION (default 0.28.1),
 #        SCALELAB_HOROVOD_GPU=1 (build NCCL GPU operations)
 set -euo pipefail
+
+hvd_version="${HOROVOD_VERSION:-0.28.1}"
+cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
+# The wheel cache's directory name: its one definition (the CPU image build asks for it with
+# --cache-key). "relocatable": the wheel finds the venv's libraries relative to itself (see
+# the runpath below), so a wheel built for one venv serves any venv with the same torch, MPI
+# and Python.
+cache_key() {  # TORCH_VERSION OMPI_VERSION PY_TAG DEVICE
+  echo "horovod${hvd_version}-relocatable-torch$1-ompi$2-$3-$4"
+}
+if [ "${1:-}" = --cache-key ]; then
+  [ $# -eq 5 ] || { echo "usage: build_horovod.sh --cache-key TORCH OMPI PY_TAG DEVICE" >&2; exit 2; }
+  cache_key "$2" "$3" "$4" "$5"
+  exit 0
+fi
 
 check_only=0
 if [ "${1:-}" = --check ]; then check_only=1; shift; fi
 venv="$(cd "${1:?usage: build_horovod.sh [--check] VENV_DIR}" && pwd)"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="$venv/bin/python"
-hvd_version="${HOROVOD_VERSION:-0.28.1}"
-cache_root="${SCALELAB_CACHE:-$HOME/.cache/scalelab}"
 
 # What the build needs from the machine; each is named with its non-root ways to get it.
 missing_prereqs() {
@@ -66,7 +80,7 @@ if [ -n "$cuda_version" ] && command -v nvcc >/dev/null 2>&1; then
     device="cuda${cuda_version}"
   fi
 fi
-key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-${device}"
+key="$(cache_key "$torch_version" "$mpi_version" "$py_tag" "$device")"
 cache_dir="$cache_root/wheels/$key"
 
 if "$py" -c "import horovod, horovod.torch, sys; sys.exit(horovod.__version__ != '$hvd_version')" 2>/dev/null; then
@@ -97,6 +111,33 @@ if ! ls "$cache_dir"/horovod-*.whl >/dev/null 2>&1; then
     export HOROVOD_TORCH_CPU_ONLY=1
   fi
   bash "$here/patch_horovod.sh" "${patch_args[@]}" "$src"
+  # A relocatable runpath. CMake's default writes the absolute directories it linked
+  # against (this venv's lib/ and torch/lib) into mpi_lib_v2.so, so the cached wheel
+  # installed into another venv (another checkout, another user, the venv seen from
+  # another path on a compute node) loads libmpi from the building venv, or fails with
+  # "libmpi.so.40: cannot open shared object file" once that venv is gone. Directories
+  # inside the venv become $ORIGIN-relative; MPI or NCCL from outside it stay absolute.
+  runpath="$("$py" - "$venv" "$device" "$(PATH="$venv/bin:$PATH" mpicc --showme:libdirs)" <<'PY'
+import os, sys, sysconfig
+venv, device, mpi_dirs = sys.argv[1], sys.argv[2], sys.argv[3].split()
+site = sysconfig.get_paths()["purelib"]
+ext_dir = os.path.join(site, "horovod", "torch")  # where mpi_lib_v2.so is installed
+dirs = [os.path.join(site, "torch", "lib"), *mpi_dirs]
+if device != "cpu":
+    dirs.append(os.environ.get("NCCL_HOME") and os.path.join(os.environ["NCCL_HOME"], "lib")
+                or os.path.join(site, "nvidia", "nccl", "lib"))
+def entry(d: str) -> str:
+    d = os.path.realpath(d)
+    inside = os.path.commonpath([d, os.path.realpath(venv)]) == os.path.realpath(venv)
+    return "$ORIGIN/" + os.path.relpath(d, os.path.realpath(ext_dir)) if inside else d
+print(";".join(dict.fromkeys(entry(d) for d in dirs)))
+PY
+)"
+  grep -q '^project(horovod CXX)$' "$src/CMakeLists.txt" ||
+    { echo "error: $src/CMakeLists.txt has no project(horovod CXX) line" >&2; exit 1; }
+  sed -i '/^project(horovod CXX)$/a set(CMAKE_BUILD_WITH_INSTALL_RPATH TRUE)\nset(CMAKE_INSTALL_RPATH "$ENV{SCALELAB_HOROVOD_RUNPATH}")' \
+    "$src/CMakeLists.txt"
+  export SCALELAB_HOROVOD_RUNPATH="$runpath"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
   if [ "$device" != cpu ]; then

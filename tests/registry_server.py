@@ -197,3 +197,20 @@ def login(env: dict[str, str], reg: Registry) -> None:
         capture_output=True,
         timeout=60,
     )
+
+
+def build_tiny_sif(d: Path, apptainer: str) -> Path:
+    """A real SIF of a few KB, `apptainer build` from a sandbox directory (no network, under
+    a second): the registry round trip costs seconds, not the CPU image's minutes."""
+    sandbox = d / "sandbox"
+    (sandbox / "etc").mkdir(parents=True, exist_ok=True)
+    (sandbox / "etc" / "scalelab-test").write_text("a tiny image for the registry tests\n")
+    out = d / "tiny.sif"
+    subprocess.run(
+        [apptainer, "build", "--force", str(out), str(sandbox)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "APPTAINER_CACHEDIR": str(d / "cache")},
+    )
+    return out

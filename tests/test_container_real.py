@@ -471,6 +471,61 @@ def cluster_registry(cluster):
         shutil.rmtree(d, ignore_errors=True)
 
 
+_CLIENT_VARS = ("SSL_CERT_FILE", "APPTAINER_CONFIGDIR", "APPTAINER_CACHEDIR")
+
+
+@pytest.mark.cluster
+def test_nodes_pull_anonymously_and_an_auth_registry_refuses_a_node_without_a_login(
+    cluster, cluster_registry
+):
+    """Issue 28's other half of the node pull: a registry that wants no credentials (an
+    open site mirror) serves a node with an empty login store, pin and signature checked
+    there; the credentialed registry refuses a node without a login in one line, and
+    nothing lands on the shared path."""
+    from registry_server import build_tiny_sif, client_env, login, make_key_pair, start_registry
+
+    d = cluster.shared_dir / f"anon-{os.getpid()}"
+    anon = start_registry(d / "registry", addr=cluster.cluster.spec.host_addr)
+    try:
+        key, pub = make_key_pair(d / "keys", "lab")
+        tiny = build_tiny_sif(d / "tiny", require_apptainer())
+        pusher = client_env(anon, d / "pusher", cluster.env(tool_env()))  # no login at all
+        ref = anon.ref("mirror/tiny:1")
+        sha, digest = _signed_pushed(tiny, key, ref, pusher)
+        node = client_env(anon, d / "node", cluster.env(tool_env()))  # an empty login store
+        assert not any((d / "node" / "apptainer").iterdir())
+        pulled = d / "images" / "tiny.sif"
+        out = cluster.srun(
+            ["-N1", "-w", "n1", SCALELAB, "container", "pull", f"{ref}@{digest}", "--image",
+             str(pulled), "--sha256", sha, "--key", str(pub)],
+            timeout=300, extra_env={k: node[k] for k in _CLIENT_VARS},
+        ).stdout  # fmt: skip
+        assert f"signed by {pub}" in out and _sha256_of(pulled) == sha
+    finally:
+        anon.stop()
+
+    # The credentialed registry: the submit host logs in and pushes, a node without a
+    # login is refused.
+    reg = cluster_registry
+    owner = client_env(reg, d / "owner", cluster.env(tool_env()))
+    login(owner, reg)
+    ref = reg.ref("lab/tiny:1")
+    sha, digest = _signed_pushed(tiny, key, ref, owner)
+    stranger = client_env(reg, d / "stranger", cluster.env(tool_env()))
+    dest = d / "images" / "refused.sif"
+    proc = cluster.srun(
+        ["-N1", "-w", "n2", SCALELAB, "container", "pull", f"{ref}@{digest}", "--image",
+         str(dest), "--sha256", sha, "--key", str(pub)],
+        timeout=300, check=False, extra_env={k: stranger[k] for k in _CLIENT_VARS},
+    )  # fmt: skip
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("scalelab container: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout + proc.stderr
+    assert reg.host in errors[0] and any(
+        w in errors[0].lower() for w in ("401", "unauthorized", "authentication", "login")
+    ), errors[0]
+    assert not dest.exists() and not list(dest.parent.glob("*.tmp*"))
+
+
 def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

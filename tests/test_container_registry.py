@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import VENV_BIN, tool_env
 from container_image import require_apptainer
-from registry_server import client_env, login, make_key_pair, start_registry
+from registry_server import build_tiny_sif, client_env, login, make_key_pair, start_registry
 
 from scalelab.container import registry
 from scalelab.container.config import ContainerConfig
@@ -38,21 +38,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def tiny_sif(tmp_path_factory) -> Path:
-    """A real SIF of a few KB: `apptainer build` from a sandbox directory."""
-    apptainer = require_apptainer()
-    d = tmp_path_factory.mktemp("tiny")
-    sandbox = d / "sandbox"
-    (sandbox / "etc").mkdir(parents=True)
-    (sandbox / "etc" / "scalelab-test").write_text("a tiny image for the registry tests\n")
-    out = d / "tiny.sif"
-    subprocess.run(
-        [apptainer, "build", "--force", str(out), str(sandbox)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-        env={**os.environ, "APPTAINER_CACHEDIR": str(d / "cache")},
-    )
-    return out
+    """A real SIF of a few KB (registry_server.build_tiny_sif)."""
+    return build_tiny_sif(tmp_path_factory.mktemp("tiny"), require_apptainer())
 
 
 @pytest.fixture(scope="module")

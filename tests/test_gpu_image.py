@@ -923,8 +923,8 @@ def test_patch_fails_loudly_where_it_no_longer_applies(tmp_path):
 
 def test_cpu_build_patch_is_unchanged(tmp_path):
     # envs/build_horovod.sh now calls the shared script without --libcuda: the tree it
-    # builds is byte for byte the one the old inline C++17 loop made (its cache key is
-    # untouched, so a cached CPU wheel stays valid).
+    # builds is byte for byte the one the old inline C++17 loop made (before the runpath line
+    # build_horovod.sh adds itself: see test_setup's plain-user test).
     old = unpack_sdist(tmp_path / "old")
     for cmake in (old / "CMakeLists.txt", old / "horovod" / "torch" / "CMakeLists.txt"):
         cmake.write_text(
@@ -942,10 +942,18 @@ def test_cpu_build_patch_is_unchanged(tmp_path):
     assert 'bash "$here/patch_horovod.sh" "${patch_args[@]}" "$src"' in build
     assert "patch_args=(--cpu-only)" in build and '[ -n "$cuda_version" ]' in build
     assert "--libcuda" not in build.replace("no --libcuda", "")
-    assert (
-        'key="horovod${hvd_version}-torch${torch_version}-ompi${mpi_version}-${py_tag}-'
-        '${device}"' in build
-    )
+    # The cache key names every input of the wheel, and one change is another entry.
+    script = str(REPO / "envs" / "build_horovod.sh")
+    inputs = ["2.13.0", "5.0.11", "cp311", "cpu"]
+
+    def key(*args: str) -> str:
+        argv = ["bash", script, "--cache-key", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+    base = key(*inputs)
+    assert all(x in base for x in inputs) and "relocatable" in base
+    for i in range(len(inputs)):
+        assert key(*inputs[:i], inputs[i] + "x", *inputs[i + 1 :]) != base
 
 
 def test_horovod_cmake_finds_torchs_pip_nccl(tmp_path):

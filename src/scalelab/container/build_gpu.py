@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scalelab.container import build, build_plan, build_stages, runtime
+from scalelab.container import build, build_plan, runtime
 from scalelab.container.build_gpu_plan import (
     CUDA_ARCHS,
     DRIVER_NOTE,
@@ -41,6 +41,16 @@ from scalelab.container.build_gpu_plan import (
     check_disk,
     free_gb,
     plan,
+)
+from scalelab.container.build_stages import (
+    STAGE_OK,
+    Stages,
+    build_lock,
+    clean_env,
+    keep_result,
+    pip_sdist,
+    run_logged,
+    scalelab_wheel,
 )
 from scalelab.fsio import atomic_write_text, sha256_file
 
@@ -88,34 +98,57 @@ def _inputs(p: GpuPlan, meta: Path, log: Path, say) -> None:
     (meta / "requirements.txt").write_text("\n".join(x.split()[0] for x in p.pins) + "\n")
     (meta / "cuda-build.txt").write_text("\n".join(x.split()[0] for x in p.tools) + "\n")
     say(f"wheelhouse: pip download of {len(everything)} hashed pins into {p.wheels} ...")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    build_stages._run(
-        wheelhouse_argv(p, meta / "lock.txt"), log, "pip download (the GPU wheelhouse)", env=env
-    )
+    argv = wheelhouse_argv(p, meta / "lock.txt")
+    run_logged(argv, log, "pip download (the GPU wheelhouse)", env=clean_env())
     envs = p.repo / "envs"
-    build_stages._run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--isolated",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--require-hashes",
-            "--dest",
-            str(meta / "horovod-src"),
-            "-r",
-            str(envs / "lock-horovod.txt"),
-        ],
-        log,
-        "pip download (Horovod's sdist)",
-        env=env,
-    )
+    pip_sdist(envs / "lock-horovod.txt", meta / "horovod-src", log, pypi_only=True)
     shutil.copy2(envs / "patch_horovod.sh", meta / "horovod-src" / "patch_horovod.sh")
     p.times["wheelhouse"] = round(time.monotonic() - t0, 1)
+
+
+def _stack_and_horovod(p: GpuPlan, st: Stages) -> Path:
+    """Stages 2 and 3 (cached together): the CUDA stack, then Horovod compiled on it."""
+    gpu_dir = p.repo / "containers" / "gpu"
+    stack, hvd = p.stack_dir / "stack", p.hvd_dir / "horovod"
+    if (hvd / STAGE_OK).is_file():
+        st.say(f"stack, horovod: cached ({hvd})")
+        return hvd
+    p.stack_dir.mkdir(parents=True, exist_ok=True)
+    p.hvd_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=p.images, prefix="gpu-inputs-") as meta_dir:
+        meta = Path(meta_dir)
+        os.chmod(meta, 0o755)
+        _inputs(p, meta, st.log, st.say)
+        binds = {p.wheels: "/srv", meta: "/mnt"}
+        st.on_top("stack", stack, gpu_dir / "stack.def", {"base": p.base_dir}, binds)
+        st.on_top("horovod", hvd, gpu_dir / "horovod.def", {"stack": stack}, binds)
+    return hvd
+
+
+def _app_args(p: GpuPlan, hvd: Path, wheel: Path, commit: str) -> dict[str, object]:
+    """The last stage's build arguments: what it installs and the labels it writes."""
+    gpu_dir = p.repo / "containers" / "gpu"
+    v = p.versions()
+    return {
+        "horovod_stage": hvd,
+        "horovod": v["horovod"],
+        "wheel": wheel,
+        "hook_module": gpu_dir / "scalelab_image_env.py",
+        "hook_pth": gpu_dir / "scalelab-image-env.pth",
+        "torch": v["torch"],
+        "cuda": v["cuda"],
+        "nccl": v["nccl"],
+        "openmpi": v["openmpi"],
+        "mpi4py": v["mpi4py"],
+        "nvcc": v["nvcc"],
+        "cuda_archs": CUDA_ARCHS.replace(",", " "),
+        "arch": p.machine,
+        "version": v["scalelab"],
+        "commit": commit,
+        "lock_pypi": p.lock_pypi,
+        "lock_cuda_build": p.lock_cuda_build,
+        "key": f"{p.stack_key}-{p.hvd_key}-{p.src_key}",
+    }
 
 
 def build_gpu(
@@ -127,176 +160,38 @@ def build_gpu(
     say=print,
 ) -> tuple[Path, GpuPlan]:
     """Build (or find cached) the GPU image; returns (cached SIF, plan with stage times)."""
-    rt = runtime.require("apptainer")
     p = plan(repo)
     say(f"note: {DRIVER_NOTE}")
-    images = p.images
-    images.mkdir(parents=True, exist_ok=True)
-    log = images / f"build-gpu-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    p.images.mkdir(parents=True, exist_ok=True)
+    log = p.images / f"build-gpu-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     t_all = time.monotonic()
-    with build_stages._lock(images / ".build.lock"):
+    st = Stages(runtime.require("apptainer"), log, say, p.times)
+    with build_lock(p.images / ".build.lock"):
         if p.cached_sif.is_file() and not notest:
-            say(
-                f"image: cached ({p.cached_sif}; stack {p.stack_key}, horovod {p.hvd_key}, "
-                f"scalelab {p.src_key})"
-            )
+            keys = f"stack {p.stack_key}, horovod {p.hvd_key}, scalelab {p.src_key}"
+            say(f"image: cached ({p.cached_sif}; {keys})")
             p.times["total"] = round(time.monotonic() - t_all, 1)
             return p.cached_sif, p
         check_disk(p)
         say(
-            f"disk: {free_gb(images):.1f} GB free under {images} (the cold build needs about "
-            f"{MIN_FREE_GB} GB); log {log}"
+            f"disk: {free_gb(p.images):.1f} GB free under {p.images} (the cold build needs "
+            f"about {MIN_FREE_GB} GB); log {log}"
         )
-        mirror = build_plan.debian_mirror()
-        base_def = repo / "containers" / "cpu" / "base.def"
-        root_build = [rt.path, "build"] if os.geteuid() == 0 else [rt.path, "build", "--fakeroot"]
-        bp = build_plan.Plan(
-            repo=repo,
-            cpu_dir=base_def.parent,
-            pins=[],
-            torch_index=None,
-            horovod=None,
-            base_key=p.base_key,
-            deps_key="",
-            src_key="",
-        )
-        build_stages._stage(
-            bp,
-            "base",
-            p.base_dir,
-            lambda out: [
-                *root_build,
-                "--sandbox",
-                "--build-arg",
-                f"mirror={mirror}",
-                str(out),
-                str(base_def),
-            ],
-            log,
-            say,
-        )
-        p.times.update(bp.times)
-        gpu_dir = repo / "containers" / "gpu"
-        stack, hvd = p.stack_dir / "stack", p.hvd_dir / "horovod"
-        need_inputs = not (hvd / ".scalelab-stage-ok").is_file()
-        with tempfile.TemporaryDirectory(dir=images, prefix="gpu-inputs-") as meta_dir:
-            meta = Path(meta_dir)
-            os.chmod(meta, 0o755)
-            if need_inputs:
-                _inputs(p, meta, log, say)
-            binds = ["--bind", f"{p.wheels}:/srv:ro", "--bind", f"{meta}:/mnt:ro"]
-            p.stack_dir.mkdir(parents=True, exist_ok=True)
-            p.hvd_dir.mkdir(parents=True, exist_ok=True)
-            if need_inputs:
-                sp = build_plan.Plan(
-                    repo=repo,
-                    cpu_dir=gpu_dir,
-                    pins=[],
-                    torch_index=None,
-                    horovod=None,
-                    base_key="",
-                    deps_key="",
-                    src_key="",
-                )
-                build_stages._stage(
-                    sp,
-                    "stack",
-                    stack,
-                    lambda out: [
-                        *build_stages._staged(rt),
-                        "--sandbox",
-                        *binds,
-                        "--build-arg",
-                        f"base={p.base_dir}",
-                        str(out),
-                        str(gpu_dir / "stack.def"),
-                    ],
-                    log,
-                    say,
-                )
-                build_stages._stage(
-                    sp,
-                    "horovod",
-                    hvd,
-                    lambda out: [
-                        *build_stages._staged(rt),
-                        "--sandbox",
-                        *binds,
-                        "--build-arg",
-                        f"stack={stack}",
-                        str(out),
-                        str(gpu_dir / "horovod.def"),
-                    ],
-                    log,
-                    say,
-                )
-                p.times.update(sp.times)
-            else:
-                say(f"stack, horovod: cached ({hvd})")
-        with tempfile.TemporaryDirectory(dir=images, prefix="dist-") as dist:
+        # The CPU image's base: the same definition and cache entry, built once for both.
+        st.base(p.base_dir, repo / "containers" / "cpu" / "base.def", build_plan.debian_mirror())
+        hvd = _stack_and_horovod(p, st)
+        tmp = p.cached_sif.with_name(p.cached_sif.name + ".tmp")
+        with tempfile.TemporaryDirectory(dir=p.images, prefix="dist-") as dist:
             os.chmod(dist, 0o755)
-            t0 = time.monotonic()
             say("scalelab: wheel + thin last stage, %test, mksquashfs ...")
-            wheel = build._scalelab_wheel(
-                build_plan.Plan(
-                    repo=repo,
-                    cpu_dir=gpu_dir,
-                    pins=[],
-                    torch_index=None,
-                    horovod=None,
-                    base_key="",
-                    deps_key="",
-                    src_key="",
-                ),
-                Path(dist),
-                log,
-            )
-            v = p.versions()
-            args = {
-                "horovod_stage": str(hvd),
-                "horovod": v["horovod"],
-                "wheel": str(wheel),
-                "hook_module": str(gpu_dir / "scalelab_image_env.py"),
-                "hook_pth": str(gpu_dir / "scalelab-image-env.pth"),
-                "torch": v["torch"],
-                "cuda": v["cuda"],
-                "nccl": v["nccl"],
-                "openmpi": v["openmpi"],
-                "mpi4py": v["mpi4py"],
-                "nvcc": v["nvcc"],
-                "cuda_archs": CUDA_ARCHS.replace(",", " "),
-                "arch": p.machine,
-                "version": v["scalelab"],
-                "commit": commit,
-                "lock_pypi": p.lock_pypi,
-                "lock_cuda_build": p.lock_cuda_build,
-                "key": f"{p.stack_key}-{p.hvd_key}-{p.src_key}",
-            }
-            tmp = p.cached_sif.with_name(p.cached_sif.name + ".tmp")
-            argv = [
-                *build_stages._staged(rt),
-                "--force",
-                *(["--notest"] if notest else []),
-                "--mksquashfs-args",
-                mksquashfs_args,
-            ]
-            for k, val in args.items():
-                argv += ["--build-arg", f"{k}={val}"]
-            build_stages._run(
-                [*argv, str(tmp), str(gpu_dir / "app.def")],
-                log,
-                "stage scalelab (GPU)",
-                env=build_stages._clean_env(),
-            )
-            p.times["scalelab"] = round(time.monotonic() - t0, 1)
+            wheel = scalelab_wheel(repo, Path(dist), log)
+            args = _app_args(p, hvd, wheel, commit)
+            definition = repo / "containers" / "gpu" / "app.def"
+            st.sif("scalelab", tmp, definition, args, notest=notest,
+                   mksquashfs_args=mksquashfs_args)  # fmt: skip
+        out = keep_result(tmp, p.cached_sif, notest=notest, stale="scalelab-gpu-*.sif")
         if notest:
-            out = p.cached_sif.with_name(p.cached_sif.stem + "-notest.sif")
-            tmp.rename(out)
             return out, p
-        tmp.rename(p.cached_sif)
-        for old in p.hvd_dir.glob("scalelab-gpu-*.sif"):
-            if old != p.cached_sif:
-                old.unlink(missing_ok=True)
         p.times["total"] = round(time.monotonic() - t_all, 1)
         say(f"image: built in {p.times['total']} s ({p.cached_sif}; log {log})")
     return p.cached_sif, p

