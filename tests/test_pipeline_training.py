@@ -173,3 +173,18 @@ def test_impossible_pipeline_is_one_line_naming_the_field(tmp_path: Path, sets, 
     assert rc == 2, err
     assert err.strip().splitlines() == [f"scalelab train: error: {line}"]
     assert not (tmp_path / "r").exists()
+
+
+def test_predict_refuses_a_pipeline_base_run_in_one_line(runs: dict[str, Path], tmp_path) -> None:
+    """Extrapolating a pipeline run with the data-parallel scaling model would print
+    figures without the bubble; predict names the field and the advisor instead."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("")
+    out = tmp_path / "predict"
+    code, _, err = scalelab_main(
+        "predict", "--run", runs["dp2xpp2"], "--commbench", bench, "--out", out
+    )
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, err
+    assert "dist.pp = 2" in lines[0] and "--advise" in lines[0], lines[0]
+    assert not out.exists()

@@ -15,6 +15,7 @@ best (dp, tp, pp, m, v) of a GPT on a declared hardware profile, no measurement 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -115,9 +116,9 @@ def predict(args: argparse.Namespace) -> int:
     for flag, path in (("--commbench", args.commbench), ("--measured-csv", args.measured_csv)):
         if path and not Path(path).is_dir():
             read_text(path, flag)  # missing or not UTF-8: one line naming the file
+    base, run_row = _base(args)  # the run's refusals come before the curve's
     records = results.read(args.commbench)
     fit = model.fit_ring(records, min_fit, max_fit)
-    base, run_row = _base(args)
     model.check_curve(records, run_row, args.allow_cpu_curve)
     ranks = model.scales(args.max_nodes, args.ranks_per_node)
     measured = _measured(args, run_row, base.mode)
@@ -157,6 +158,7 @@ def _base(args: argparse.Namespace):
     row: dict = {}
     if args.run:
         row = load_run(args.run, count_params=args.grad_bytes is None)
+        _refuse_pipeline_base(args.run, row)
     compute = args.compute_time if args.compute_time is not None else row.get("compute_s")
     if args.compute_time is None and row.get("flags"):
         raise UsageError(
@@ -186,6 +188,18 @@ def _base(args: argparse.Namespace):
     )
     base.check()
     return base, row
+
+
+def _refuse_pipeline_base(run: str, row: dict) -> None:
+    """A pipeline run is not a base this model can extrapolate: its step has a bubble and
+    point-to-point sends that a data-parallel scaling curve leaves out, so its figures
+    would be wrong without saying so. The advisor models the pipeline."""
+    pp = row.get("pp")
+    if pp is not None and not math.isnan(pp) and int(pp) > 1:
+        raise UsageError(
+            f"--run {run}: a pipeline run (dist.pp = {int(pp)}); predict extrapolates "
+            "data- and tensor-parallel runs: for pipeline layouts use scalelab predict --advise"
+        )
 
 
 def _measured(args: argparse.Namespace, run_row: dict, mode: str):
