@@ -7,6 +7,12 @@ project's venv). The venv is made by the tests themselves, once per pinned versi
 mlflow==MLFLOW_VERSION``), and reused while present. The store is sqlite and the artifact
 root a local directory, served through the server's mlflow-artifacts proxy
 (``--serve-artifacts``, the default since MLflow 2).
+
+``MlflowServer(..., auth=True)`` starts MLflow's own basic-auth app (``--app-name
+basic-auth``, from the ``auth`` extra): its users live in a sqlite file beside the store,
+and its admin, with a password made per server, comes from a ``basic_auth.ini`` named by
+``MLFLOW_AUTH_CONFIG_PATH``. :meth:`MlflowServer.create_user` adds users through the
+server's REST API with the admin's credentials.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +35,11 @@ from typing import Any
 
 #: The server's version: one that exists on PyPI (the client side speaks its REST API).
 MLFLOW_VERSION = "3.17.2"
+#: What the venv installs: the server with its ``auth`` extra (Flask-WTF), so one venv
+#: serves both the plain app and ``--app-name basic-auth``.
+MLFLOW_REQUIREMENT = f"mlflow[auth]=={MLFLOW_VERSION}"
+#: A module only the auth extra brings: a venv without it is not reused.
+AUTH_PROBE = "flask_wtf"
 #: Longest wait for a venv install (a cold pip cache downloads ~100 MB).
 INSTALL_TIMEOUT_S = 1500
 #: Longest wait for the server to answer its health check.
@@ -41,7 +53,8 @@ def base_python() -> str:
 
 
 def venv_dir() -> Path:
-    """~/.cache/scalelab/mlflow-venv-<hash of the pin and the base interpreter's version>."""
+    """~/.cache/scalelab/mlflow-venv-<hash of the requirement and the base interpreter's
+    version>: a changed pin or extra is another venv, never an old one reused."""
     version = subprocess.run(
         [base_python(), "-c", "import sys; print(sys.version)"],
         capture_output=True,
@@ -49,7 +62,7 @@ def venv_dir() -> Path:
         check=True,
         timeout=60,
     ).stdout.strip()
-    key = hashlib.sha256(f"mlflow=={MLFLOW_VERSION}\n{version}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{MLFLOW_REQUIREMENT}\n{version}".encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "scalelab" / f"mlflow-venv-{key}"
 
 
@@ -76,14 +89,14 @@ def ensure_venv() -> Path:
                 "pip",
                 "install",
                 "--quiet",
-                f"mlflow=={MLFLOW_VERSION}",
+                MLFLOW_REQUIREMENT,
             ],
             check=True,
             timeout=INSTALL_TIMEOUT_S,
         )
         if not _usable(venv):
             raise RuntimeError(f"{venv}: mlflow {MLFLOW_VERSION} does not import after install")
-        marker.write_text(f"mlflow=={MLFLOW_VERSION}\n")
+        marker.write_text(f"{MLFLOW_REQUIREMENT}\n")
     return venv
 
 
@@ -92,7 +105,7 @@ def _usable(venv: Path) -> bool:
     if not py.exists():
         return False
     probe = subprocess.run(
-        [str(py), "-c", "import mlflow; print(mlflow.__version__)"],
+        [str(py), "-c", f"import {AUTH_PROBE}, mlflow; print(mlflow.__version__)"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -107,13 +120,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a sqlite store and a local artifact root."""
+#: The basic-auth app's admin user (its password is made per server).
+ADMIN_USER = "admin"
 
-    def __init__(self, venv: Path, root: Path, port: int | None = None) -> None:
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store and a local artifact root;
+    ``auth``: behind MLflow's basic-auth app (see the module doc)."""
+
+    def __init__(
+        self, venv: Path, root: Path, port: int | None = None, *, auth: bool = False
+    ) -> None:
         self.venv, self.root = venv, root
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.auth = auth
+        #: The admin's (user, password) on an auth server, kept across restarts of ``root``.
+        self.admin: tuple[str, str] | None = (ADMIN_USER, self._admin_password()) if auth else None
+
+    def _admin_password(self) -> str:
+        """The admin password of ``root``'s user store: made once, read again on a restart
+        (MLflow takes it only when it creates the admin)."""
+        path = self.root / "admin-password"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(18))
+        return path.read_text()
+
+    def _auth_env(self) -> dict[str, str]:
+        """The basic-auth app's config file (written into ``root``) and its variable."""
+        ini = self.root / "basic_auth.ini"
+        assert self.admin is not None
+        ini.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
+            f"admin_username = {self.admin[0]}\n"
+            f"admin_password = {self.admin[1]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # The app refuses to start without a static key for its forms' CSRF tokens.
+        key = secrets.token_hex(16)
+        return {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
+
+    def create_user(self, user: str, password: str) -> None:
+        """A user of the auth server, made by the admin through the REST API."""
+        import requests
+
+        resp = requests.post(
+            f"{self.uri}/api/2.0/mlflow/users/create",
+            json={"username": user, "password": password},
+            auth=self.admin,
+            timeout=60,
+        )
+        if resp.status_code != 200:
+            raise RuntimeError(f"create user {user}: HTTP {resp.status_code} {resp.text[:300]}")
 
     @property
     def uri(self) -> str:
@@ -139,8 +201,17 @@ class MlflowServer:
             "--workers",
             "1",
         ]
+        env = None
+        if self.auth:
+            argv += ["--app-name", "basic-auth"]
+            env = self._auth_env()
         self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+            env=env,
         )
         self._wait_ready()
         return self
@@ -176,10 +247,15 @@ class MlflowServer:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def read_back(venv: Path, uri: str, experiment: str, out: Path) -> dict[str, Any]:
+def read_back(
+    venv: Path, uri: str, experiment: str, out: Path, auth: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """What the server holds for ``experiment``, read through MLflow's own client in the
     server's venv: every run (tags, params, metric histories) and its artifacts, downloaded
-    under ``out``."""
+    under ``out``. ``auth``: the (user, password) it reads as (an auth server's admin)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    if auth is not None:
+        env.update(MLFLOW_TRACKING_USERNAME=auth[0], MLFLOW_TRACKING_PASSWORD=auth[1])
     script = Path(__file__).with_name("scripts") / "mlflow_read_back.py"
     proc = subprocess.run(
         [str(venv_python(venv)), str(script), uri, experiment, str(out)],
@@ -187,7 +263,7 @@ def read_back(venv: Path, uri: str, experiment: str, out: Path) -> dict[str, Any
         text=True,
         timeout=300,
         check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        env=env,
     )
     if proc.returncode != 0:
         raise AssertionError(f"read back failed:\n{proc.stdout}\n{proc.stderr}")
@@ -195,8 +271,8 @@ def read_back(venv: Path, uri: str, experiment: str, out: Path) -> dict[str, Any
 
 
 @contextlib.contextmanager
-def running(venv: Path, root: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(venv, root).start()
+def running(venv: Path, root: Path, *, auth: bool = False) -> Iterator[MlflowServer]:
+    server = MlflowServer(venv, root, auth=auth).start()
     try:
         yield server
     finally:

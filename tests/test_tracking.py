@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import scalelab_main
 from train_support import TINY, deep_update
 
 import scalelab.train
@@ -275,6 +277,22 @@ def test_the_lane_never_blocks_and_returns_within_its_bound():
     assert "still busy after 1 s" in (sender.error or "")
 
 
+def test_a_user_and_password_win_over_a_token_as_in_mlflows_client():
+    """MLflow 3.17.2's rest_utils.http_request sends Basic when a user and a password are
+    set, a token only without them; a refusal names the variables, never a value."""
+    both = {
+        "MLFLOW_TRACKING_TOKEN": "tok-77",
+        "MLFLOW_TRACKING_USERNAME": "u",
+        "MLFLOW_TRACKING_PASSWORD": "pw-77",
+    }
+    with capture_server() as (uri, seen):
+        client = MlflowClient(uri, 5.0, environ=both)
+        client.call("GET", "experiments/search", "probe")
+    assert b"Authorization: Basic " + base64.b64encode(b"u:pw-77") in seen[0]
+    assert b"tok-77" not in seen[0]
+    assert "$MLFLOW_TRACKING_USERNAME" in client.sent and "pw-77" not in client.sent
+
+
 def test_requests_carry_the_token_and_never_a_netrc_password(monkeypatch, tmp_path):
     """The token (MLflow's variable) goes in the Authorization header; a ~/.netrc entry
     for the server's host is not read (requests would send it as Basic auth)."""
@@ -384,3 +402,62 @@ def test_a_run_without_settings_tracks_nothing(tmp_path):
     scalelab.train.run(deep_update(TINY, {"train": {"steps_per_epoch": 2}}), out)
     run_dir = RunDir(out)
     assert not run_dir.tensorboard.exists() and not run_dir.unsent_path.exists()
+
+
+# --------------------------------------------------------------------------- train --tracking
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ("tracking: {mlflow: {uri: 'http://u:pw-9@h'}}", "tracking.mlflow.uri"),
+        ("tracking: {mlflow: {urii: 'http://h'}}", "tracking.mlflow.urii"),
+        ("tracking: {tensorboard: 'yes'}", "tracking.tensorboard"),
+        ("tracking: {mlflow: {uri: 'http://h', timeout_s: 0}}", "tracking.mlflow.timeout_s"),
+        ("mlflow: {uri: 'http://h'}", "mlflow"),
+        ("tracking: {}", "tracking"),
+        ("- a list", None),
+        ("tracking: [unclosed", None),
+    ],
+)
+def test_train_refuses_a_bad_tracking_file_in_one_line_before_training(tmp_path, content, field):
+    trk = tmp_path / "trk.yaml"
+    trk.write_text(content)
+    out = tmp_path / "run"
+    rc, stdout, stderr = scalelab_main("train", "--out", out, "--tracking", trk)
+    assert rc == 2 and stdout == ""
+    (line,) = stderr.strip().splitlines()
+    assert str(trk) in line and "pw-9" not in line
+    if field is not None:
+        assert f"field '{field}'" in line
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_train_refuses_a_missing_tracking_file(tmp_path):
+    rc, _, stderr = scalelab_main("train", "--out", tmp_path / "r", "--tracking", tmp_path / "no")
+    assert rc == 2 and str(tmp_path / "no") in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_train_tracking_writes_the_settings_a_resume_keeps(tmp_path):
+    """--tracking writes RUN_DIR/tracking.json as a launch does; a resume without it keeps
+    them, and TensorBoard follows them."""
+    trk = tmp_path / "trk.yaml"
+    trk.write_text(yaml.safe_dump({"tracking": {"tensorboard": True}}))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"train": {"epochs": 2}})))
+    out = tmp_path / "my run"
+    rc, _, err = scalelab_main("train", "--config", cfg, "--out", out, "--tracking", trk)
+    assert rc == 0, err
+    run_dir = RunDir(out)
+    saved = run_dir.tracking()
+    assert saved["run_id"] == "my-run" and saved["standalone"] is True
+    assert saved["tracking"]["tensorboard"] is True and saved["tracking"]["mlflow"]["uri"] is None
+    assert any(run_dir.tensorboard.glob("events.out.tfevents.*"))
+    rc, out_text, err = scalelab_main("train", "--config", cfg, "--out", out, "--resume")
+    assert rc == 0 and "nothing to do" in out_text, err
+    assert run_dir.tracking() == saved
+
+
+def test_train_help_names_the_tracking_file():
+    rc, stdout, _ = scalelab_main("train", "--help")
+    assert rc == 0 and "--tracking FILE" in stdout and "tracking:" in stdout

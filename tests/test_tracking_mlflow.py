@@ -4,7 +4,10 @@ read back through MLflow's own client and compared with what the run directories
 the workflow's study (parent and children, params, per-epoch metrics, artifacts), a
 server stopped after the first epoch and ``track sync`` afterwards (twice: the second
 sends nothing), planted secrets found nowhere, and a 2-rank run of which only rank 0
-sends."""
+sends. Then plain ``scalelab train --tracking FILE`` runs, and MLflow's basic-auth app
+(``mlflow server --app-name basic-auth``): a user and password reach it, a wrong password
+is refused in one line with nothing lost or leaked, and a bearer token, which that app
+does not take, is refused the same way."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import yaml
 from conftest import REPO, run, tool_env
 from mlflow_server import MlflowServer, ensure_venv, read_back, running
 from test_workflow import copy_workflow, snakemake
-from train_support import PY
+from train_support import PY, TINY, deep_update
 
 import scalelab.train
 from scalelab import launcher
@@ -30,8 +33,8 @@ from scalelab.study import config as study_config
 from scalelab.study import tracking as study_tracking
 from scalelab.study.plan import plan
 from scalelab.tracking import sender
-from scalelab.tracking.config import for_run
-from scalelab.tracking.mlflow import PARENT_TAG, MlflowClient
+from scalelab.tracking.config import for_run, for_run_dir, load_file
+from scalelab.tracking.mlflow import PARENT_TAG, MlflowClient, TrackerError
 from scalelab.tracking.sync import merge_parents
 
 NOT_METRICS = {"kind", "epoch", "epochs", "time"}
@@ -389,3 +392,192 @@ def test_the_server_venv_is_made_once_and_outside_the_project(mlflow_venv):
     assert shutil.which("mlflow", path=str(Path(PY).parent)) is None  # not in our venv
     probe = run([PY, "-c", "import mlflow"], check=False)
     assert probe.returncode != 0 and "No module named 'mlflow'" in probe.stderr
+
+
+# --------------------------------------------------------------------------- plain train
+
+
+def tracking_file(path: Path, uri: str, experiment: str) -> Path:
+    """A ``--tracking`` file: the ``tracking:`` section a study would hold (generous
+    timeouts: the auth app checks a password hash on every request of a loaded CI box)."""
+    mlflow = {"uri": uri, "experiment": experiment, "timeout_s": 30, "flush_s": 180}
+    path.write_text(yaml.safe_dump({"tracking": {"mlflow": mlflow, "tensorboard": True}}))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test environment without any MLflow variable of the caller's, plus ``extra``."""
+    env = {k: v for k, v in tool_env().items() if not k.startswith("MLFLOW_")}
+    return {**env, **extra}
+
+
+def train_tracked(tmp_path: Path, out: Path, tracking: Path, env: dict[str, str]):
+    """``scalelab train`` of a tiny CNN (EPOCHS epochs) with ``--tracking``."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"train": {"epochs": EPOCHS}})))
+    argv = [PY, "-m", "scalelab", "train", "--config", str(cfg), "--out", str(out)]
+    return run([*argv, "--tracking", str(tracking)], timeout=600, env=env)
+
+
+def check_plain_run(doc: dict[str, Any], run_dir: RunDir, downloads: Path) -> None:
+    """A plain run on the server: a finished parent for its directory, one child equal to
+    the run directory."""
+    settings = run_dir.tracking()
+    assert settings is not None and settings["standalone"] is True
+    (parent,) = [r for r in doc["runs"] if r["tags"].get("scalelab.kind") == "study"]
+    (child,) = [r for r in doc["runs"] if r["tags"].get("scalelab.kind") == "run"]
+    assert parent["tags"]["scalelab.key"] == settings["study_key"]
+    assert parent["status"] == "FINISHED" and not parent["deleted"]
+    assert child["name"] == run_dir.path.name == settings["run_id"]
+    assert child["tags"][PARENT_TAG] == parent["run_id"]
+    check_child(child, run_dir, downloads)
+
+
+def test_plain_train_with_tracking_sends_its_run_and_writes_tensorboard(
+    server, mlflow_venv, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "plain-run"
+    trk = tracking_file(tmp_path / "trk.yaml", server.uri, "plain")
+    proc = train_tracked(tmp_path, out, trk, clean_env())
+    assert "tracking:" not in proc.stderr, proc.stderr  # nothing to say: all sent
+    run_dir = RunDir(out)
+    assert run_dir.is_complete() and not run_dir.unsent_path.exists()
+    assert run_dir.tracking() == for_run_dir(load_file(trk), out).model_dump(mode="json")
+    check_plain_run(
+        read_back(mlflow_venv, server.uri, "plain", tmp_path / "dl"), run_dir, tmp_path / "dl"
+    )
+
+    events = list(run_dir.tensorboard.glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    acc = EventAccumulator(str(run_dir.tensorboard))
+    acc.Reload()
+    want = expected_metrics(run_dir)
+    assert set(acc.Tags()["scalars"]) == set(want)
+    for key, points in want.items():  # float32 in the event file
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in points], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), key
+
+
+# --------------------------------------------------------------------------- basic-auth
+
+USER = "trainer"
+#: The auth app wants 12 characters or more.
+PASSWORD = "trainer-pw-3f9a61c2"
+WRONG = "wrong-pw-8d41e07b55"
+TOKEN = "bearer-tok-c04e9a12"
+
+
+@pytest.fixture(scope="module")
+def auth_server(mlflow_venv, tmp_path_factory):
+    with running(mlflow_venv, tmp_path_factory.mktemp("mlflow-auth"), auth=True) as srv:
+        srv.create_user(USER, PASSWORD)
+        yield srv
+
+
+def user_env(password: str, **extra: str) -> dict[str, str]:
+    return clean_env(MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=password, **extra)
+
+
+def secret_forms(*secrets: str) -> list[bytes]:
+    """Each secret in clear, in base64, and as the Basic header's base64 of user:secret."""
+    forms = [s.encode() for s in secrets]
+    forms += [base64.b64encode(s.encode()) for s in secrets]
+    forms += [base64.b64encode(f"{USER}:{s}".encode()) for s in secrets]
+    return forms
+
+
+def assert_not_leaked(forms: list[bytes], texts: list[str], run_dir: RunDir) -> int:
+    """No form in any output, nor in any file of the run directory; places searched."""
+    searched = 0
+    for i, text in enumerate(texts):
+        assert_no_secret(forms, f"output {i}", text.encode())
+        searched += 1
+    for path in run_dir.path.rglob("*"):
+        if path.is_file():
+            assert_no_secret(forms, str(path), path.read_bytes())
+            searched += 1
+    return searched
+
+
+def sync_cli(target: Path, uri: str, env: dict[str, str], check: bool = True):
+    """``track sync``: its JSON record when it must succeed, its plain lines otherwise."""
+    argv = [PY, "-m", "scalelab", "track", "sync", str(target), "--mlflow", uri]
+    return run(argv + (["--json"] if check else []), timeout=600, env=env, check=check)
+
+
+def test_an_auth_server_takes_a_run_from_a_user_and_password(auth_server, mlflow_venv, tmp_path):
+    """The user and password reach the basic-auth app; a token set beside them is not
+    sent (MLflow's client prefers the user and password too), so the run gets through."""
+    out = tmp_path / "auth-run"
+    trk = tracking_file(tmp_path / "trk.yaml", auth_server.uri, "authed")
+    proc = train_tracked(tmp_path, out, trk, user_env(PASSWORD, MLFLOW_TRACKING_TOKEN=TOKEN))
+    assert "tracking:" not in proc.stderr, proc.stderr
+    run_dir = RunDir(out)
+    assert not run_dir.unsent_path.exists()
+    doc = read_back(mlflow_venv, auth_server.uri, "authed", tmp_path / "dl", auth_server.admin)
+    check_plain_run(doc, run_dir, tmp_path / "dl")
+    again = json.loads(sync_cli(out, auth_server.uri, user_env(PASSWORD)).stdout)
+    assert sum(again["sent"].values()) == 0  # the live run sent everything
+    assert assert_not_leaked(secret_forms(PASSWORD, TOKEN), [proc.stdout, proc.stderr], run_dir) > 5
+
+
+def test_a_wrong_password_is_refused_in_one_line_and_nothing_is_lost(
+    auth_server, mlflow_venv, tmp_path
+):
+    out = tmp_path / "wrong-run"
+    trk = tracking_file(tmp_path / "trk.yaml", auth_server.uri, "refused")
+    proc = train_tracked(tmp_path, out, trk, user_env(WRONG))
+    run_dir = RunDir(out)
+    assert run_dir.is_complete()  # training does not care
+    lines = [x for x in proc.stderr.splitlines() if "tracking:" in x]
+    assert len(lines) == 1, proc.stderr
+    assert auth_server.uri in lines[0] and "HTTP 401" in lines[0]
+    assert "$MLFLOW_TRACKING_USERNAME" in lines[0] and f"track sync {out}" in lines[0]
+    (entry,) = run_dir.unsent()
+    assert entry["not_sent"][0].startswith("run start")
+    assert f"epoch {EPOCHS} metrics" in " ".join(entry["not_sent"])
+    assert "final status" in entry["not_sent"]
+    empty = read_back(mlflow_venv, auth_server.uri, "refused", tmp_path / "dl0", auth_server.admin)
+    assert empty["runs"] == []  # nothing looks sent
+
+    refused = sync_cli(out, auth_server.uri, user_env(WRONG), check=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert auth_server.uri in line and "HTTP 401" in line
+    texts = [proc.stdout, proc.stderr, refused.stdout, refused.stderr]
+    assert assert_not_leaked(secret_forms(WRONG), texts, run_dir) > 5
+    again = read_back(mlflow_venv, auth_server.uri, "refused", tmp_path / "dl1", auth_server.admin)
+    assert again["runs"] == []
+
+    first = json.loads(sync_cli(out, auth_server.uri, user_env(PASSWORD)).stdout)
+    assert first["sent"]["runs"] == 2 and first["sent"]["statuses"] == 2
+    doc = read_back(mlflow_venv, auth_server.uri, "refused", tmp_path / "dl", auth_server.admin)
+    check_plain_run(doc, run_dir, tmp_path / "dl")
+    second = json.loads(sync_cli(out, auth_server.uri, user_env(PASSWORD)).stdout)
+    assert sum(second["sent"].values()) == 0
+
+
+def test_a_bearer_token_is_refused_by_the_basic_auth_app(auth_server, mlflow_venv, tmp_path):
+    """MLflow's basic-auth app knows users and passwords only: a token (even the user's
+    password given as one) is refused, in one line that names the variable, not its value."""
+    for token in (TOKEN, PASSWORD):
+        client = MlflowClient(auth_server.uri, 30.0, environ={"MLFLOW_TRACKING_TOKEN": token})
+        with pytest.raises(TrackerError) as err:
+            client.experiment_id("token")
+        assert "HTTP 401" in str(err.value) and "$MLFLOW_TRACKING_TOKEN" in str(err.value)
+        assert token not in str(err.value)
+    out = tmp_path / "token-run"
+    trk = tracking_file(tmp_path / "trk.yaml", auth_server.uri, "token")
+    run_dir = RunDir(out)
+    run_dir.mark()
+    run_dir.set_tracking(for_run_dir(load_file(trk), out).model_dump(mode="json"))
+    proc = sync_cli(out, auth_server.uri, clean_env(MLFLOW_TRACKING_TOKEN=TOKEN), check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert auth_server.uri in line and "HTTP 401" in line and "bearer token" in line
+    assert_not_leaked(secret_forms(TOKEN), [proc.stdout, proc.stderr], run_dir)
+    doc = read_back(mlflow_venv, auth_server.uri, "token", tmp_path / "dl", auth_server.admin)
+    assert doc["runs"] == []

@@ -1,4 +1,5 @@
-"""``scalelab track sync RESULTS --mlflow URI``: send a study to an MLflow server after the fact.
+"""``scalelab track sync RESULTS|RUN_DIR --mlflow URI``: send a study, or one run, to an
+MLflow server after the fact.
 
 For clusters whose compute nodes cannot reach the tracking server: the study runs with
 ``tracking.mlflow.live: false`` (or the server was down), and this command, run where
@@ -6,7 +7,9 @@ the server is reachable, sends what the results directory holds. The study's par
 gets its identity sections as params and the effective config, the plan and the scaling
 analysis (tables and plots) as artifacts; each run directory becomes a child run with its
 params, per-epoch metrics, summary figures, and its summary, provenance, metrics and
-config as artifacts. Everything goes through the provenance's redaction.
+config as artifacts. Everything goes through the provenance's redaction. A run directory
+(one holding tracking.json: a ``scalelab train --tracking`` run, or one run of a study)
+is sent alone, under the parent run its settings name.
 
 It is idempotent: runs are found by their key tag and only what the server lacks is sent,
 so a second sync sends nothing. ``--record FILE`` writes what was sent as JSON (the
@@ -33,7 +36,7 @@ from scalelab.fsio import atomic_write_json
 from scalelab.rundir import RunDir
 from scalelab.study import tracking as study_tracking
 from scalelab.tracking import content
-from scalelab.tracking.config import MlflowSection
+from scalelab.tracking.config import MlflowSection, RunSettings, parse
 from scalelab.tracking.mlflow import MlflowClient
 from scalelab.tracking.sync import (
     FINISHED,
@@ -62,12 +65,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=" ".join(doc[1:4]).replace("\n", " "),
         epilog=doc[-1],
     )
-    s.add_argument("results", type=Path, metavar="RESULTS", help="the study's results directory")
+    s.add_argument(
+        "results",
+        type=Path,
+        metavar="RESULTS|RUN_DIR",
+        help="the study's results directory, or one run directory holding tracking.json",
+    )
     s.add_argument("--mlflow", required=True, metavar="URI", help="tracking server, http(s)://")
     s.add_argument(
         "--experiment",
         metavar="NAME",
-        help="experiment (default: the study's tracking.mlflow.experiment)",
+        help="experiment (default: the study's, or the run's, tracking.mlflow.experiment)",
     )
     s.add_argument(
         "--timeout-s", type=float, metavar="S", help="longest wait for one request (default 5)"
@@ -169,11 +177,57 @@ def sync_study(results: Path, server: MlflowSection, cfg: dict[str, Any]) -> dic
     }
 
 
+def run_settings(path: Path) -> RunSettings | None:
+    """The tracking settings of a run directory (None: ``path`` holds none, so it is a
+    study's results, or nothing)."""
+    run_dir = RunDir(path)
+    if not run_dir.tracking_path.is_file():
+        return None
+    raw = docload.load(run_dir.tracking_path)
+    found = parse(raw, RunSettings, str(run_dir.tracking_path))
+    assert isinstance(found, RunSettings)
+    return found
+
+
+def sync_one(run_dir: RunDir, server: MlflowSection, settings: RunSettings) -> dict[str, Any]:
+    """Send one run directory under the parent its settings name; the record."""
+    client = MlflowClient(server.uri or "", server.timeout_s)
+    try:
+        counts = Counts()
+        exp = client.experiment_id(server.experiment)
+        key = settings.study_key
+        parent = ensure_parent(client, exp, key, settings.study_name, counts)
+        counts.add(sync_run(client, exp, parent, key, settings.run_id, run_dir))
+        done = settings.standalone and run_dir.is_complete()  # no study finishes it
+        if done and parent["info"].get("status") != FINISHED:
+            client.finish_run(parent["info"]["run_id"], FINISHED, now_ms())
+            counts.statuses += 1
+    finally:
+        client.close()
+    return {
+        "uri": server.uri,
+        "experiment": server.experiment,
+        "experiment_id": exp,
+        "study_key": key,
+        "parent_run_id": parent["info"]["run_id"],
+        "runs": [settings.run_id],
+        "sent": counts.as_dict(),
+        "duplicate_parents_merged": 0,
+        "notes": counts.notes,
+        "words": counts.words(),
+    }
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     results = Path(args.results)
-    cfg = study_config(results)
-    server = _server(args, cfg)
-    record = sync_study(results, server, cfg)
+    settings = run_settings(results)
+    if settings is not None:
+        server = _server(args, {"tracking": settings.tracking.model_dump()})
+        record = sync_one(RunDir(results), server, settings)
+    else:
+        cfg = study_config(results)
+        server = _server(args, cfg)
+        record = sync_study(results, server, cfg)
     if args.record is not None:
         args.record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.record, record)

@@ -1,7 +1,10 @@
 """The ``tracking:`` section of a study, and the settings one run receives from it.
 
 A study writes its tracking settings into each run directory (``RunDir.TRACKING``,
-written by ``scalelab launch``); the trainer's rank 0 reads them there. Credentials
+written by ``scalelab launch``); the trainer's rank 0 reads them there. A plain
+``scalelab train --tracking FILE`` reads the same section from FILE (:func:`load_file`)
+and writes the same settings (:func:`for_run_dir`): the run directory stands in for the
+study. Credentials
 never pass through a config or a settings file: the MLflow token and password come
 from the environment variables MLflow itself reads (:data:`TOKEN_ENV`,
 :data:`USERNAME_ENV`, :data:`PASSWORD_ENV`), and a URI with a user or password in it is
@@ -15,12 +18,15 @@ import os
 import re
 import urllib.parse
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, ValidationError
 
+from scalelab import docload
 from scalelab.config_types import Section, format_error
 from scalelab.errors import UsageError
+from scalelab.fsio import canonical, sha256_bytes
 from scalelab.redact import redact_text
 
 #: The study's tracking settings, set by the workflow (common.smk) for the launcher of
@@ -41,6 +47,8 @@ URI_PATTERN = r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-
 EXPERIMENT_PATTERN = r"^[A-Za-z0-9_./@ -]{1,200}$"
 #: A study key (:func:`scalelab.study.tracking.study_key`): hex.
 KEY_PATTERN = r"^[0-9a-f]{8,64}$"
+#: A run id (an MLflow child run's name); :func:`for_run_dir` maps a directory's name to one.
+RUN_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,200}$"
 
 
 def _check_uri(value: str) -> str:
@@ -99,6 +107,14 @@ class TrackingConfig(Section):
         return self.tensorboard or self.mlflow.uri is not None
 
 
+class TrackingFile(Section):
+    """The file ``scalelab train --tracking FILE`` reads: a study's ``tracking:`` section,
+    alone."""
+
+    tracking: TrackingConfig
+    """The section, as a study config holds it."""
+
+
 class StudySettings(Section):
     """What a study gives the runs it starts: the tracking section and the study's identity
     (the MLflow parent run's key)."""
@@ -114,8 +130,11 @@ class StudySettings(Section):
 class RunSettings(StudySettings):
     """The tracking settings of one run (``RunDir.TRACKING``)."""
 
-    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,200}$")]
+    run_id: Annotated[str, Field(pattern=RUN_ID_PATTERN)]
     """The sweep point's run id (the child run's name)."""
+    standalone: bool = False
+    """A run without a study (``scalelab train --tracking``): its parent run stands for
+    the run directory and finishes with the run."""
 
 
 def parse(data: Any, model: type[StudySettings], where: str) -> StudySettings:
@@ -141,3 +160,35 @@ def from_environ(environ: MutableMapping[str, str] | None = None) -> StudySettin
 def for_run(study: StudySettings, run_id: str) -> RunSettings:
     """The settings one sweep point's run receives."""
     return RunSettings.model_validate({**study.model_dump(), "run_id": run_id})
+
+
+def load_file(path: str | Path) -> TrackingConfig:
+    """The ``tracking:`` section of ``path`` (``scalelab train --tracking``); a bad file,
+    a bad field or a section that turns on nothing is one line naming the file."""
+    try:
+        section = TrackingFile.model_validate(docload.load(path)).tracking
+    except ValidationError as exc:
+        raise UsageError(f"{path}: {format_error(exc, TrackingFile)}") from None
+    if not section.enabled:
+        raise UsageError(
+            f"{path}: field 'tracking': turns on no tracker "
+            "(set tracking.mlflow.uri, or tracking.tensorboard: true)"
+        )
+    return section
+
+
+def for_run_dir(section: TrackingConfig, run_dir: str | Path) -> RunSettings:
+    """The settings of a run started without a study: the run directory (absolute) is the
+    parent run's key and name, each fresh start in it a child run named after it."""
+    where = Path(run_dir).resolve()
+    key = sha256_bytes(canonical({"run_dir": str(where)}))[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", where.name)[:200] or "run"
+    return RunSettings.model_validate(
+        {
+            "tracking": section.model_dump(),
+            "study_key": key,
+            "study_name": f"{name} {key[:8]}",
+            "run_id": name,
+            "standalone": True,
+        }
+    )

@@ -42,6 +42,7 @@ class MlflowLive:
         self.client = MlflowClient(self.mlflow.uri or "", self.mlflow.timeout_s)
         self.sender = Sender("mlflow")
         self.child: dict[str, Any] | None = None
+        self.parent_id: str | None = None
         self.counts = sync.Counts()
 
     def start(self, config: dict[str, Any]) -> None:
@@ -53,6 +54,7 @@ class MlflowLive:
             s, client = self.settings, self.client
             exp = client.experiment_id(self.mlflow.experiment)
             parent = sync.ensure_parent(client, exp, s.study_key, s.study_name, self.counts)
+            self.parent_id = parent["info"]["run_id"]
             tags = content.run_tags(s.study_key, s.run_id, self.run_dir, parent["info"]["run_id"])
             child = sync.ensure_child(
                 client, exp, parent, tags, s.run_id, sync.now_ms(), self.counts
@@ -97,6 +99,8 @@ class MlflowLive:
         if self.child is None:
             raise RuntimeError("no child run (its creation failed)")
         self.client.finish_run(self.child["info"]["run_id"], sync.FINISHED, sync.now_ms())
+        if self.settings.standalone and self.parent_id is not None:  # no study finishes it
+            self.client.finish_run(self.parent_id, sync.FINISHED, sync.now_ms())
 
     def close(self) -> dict[str, Any] | None:
         """Drain within the bound; the not-sent entry (None: everything was sent)."""
@@ -212,7 +216,8 @@ class RunTracker:
     def _unsent_line(self, entry: dict[str, Any]) -> str:
         items = entry["not_sent"]
         shown = ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+        where = "RESULTS" if self.run_dir.sweep() else str(self.run_dir.path)
         return (
             f"mlflow {entry['uri']}: not sent: {shown} ({entry['reason']}); recorded in "
-            f"{self.run_dir.unsent_path}; `scalelab track sync RESULTS --mlflow URI` sends it"
+            f"{self.run_dir.unsent_path}; `scalelab track sync {where} --mlflow URI` sends it"
         )

@@ -6,10 +6,12 @@ the server's ``mlflow-artifacts`` proxy (``mlflow server --serve-artifacts``, th
 default since MLflow 2). Every request has a timeout; every failure is one
 :class:`TrackerError` whose text names the server and the call, never a credential.
 
-Credentials come from the variables MLflow's own client reads (a bearer token, or a user
-and password); ``~/.netrc`` is not read (requests would otherwise send a password it
-finds there for the host to the tracking server), proxies and CA bundles come from the
-usual variables.
+Credentials come from the variables MLflow's own client reads (a user and password, or a
+bearer token), in the order its ``rest_utils.http_request`` takes them (3.17.2): a user
+and a password win over a token. A refusal (HTTP 401, 403) says which of them was sent,
+by the variables' names, never their values. ``~/.netrc`` is not read (requests would
+otherwise send a password it finds there for the host to the tracking server), proxies
+and CA bundles come from the usual variables.
 """
 
 from __future__ import annotations
@@ -56,14 +58,36 @@ class TrackerError(ScalelabError):
 
 
 def _auth(environ: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, str] | None]:
-    """(headers, basic auth) from MLflow's variables: the token wins, as in MLflow."""
-    token = environ.get(TOKEN_ENV)
-    if token:
-        return {"Authorization": f"Bearer {token}"}, None
+    """(headers, basic auth) from MLflow's variables: a user and a password win over a
+    token, as in MLflow's client (its docstring says otherwise; its code decides)."""
     user, password = environ.get(USERNAME_ENV), environ.get(PASSWORD_ENV)
     if user and password:
         return {}, (user, password)
+    token = environ.get(TOKEN_ENV)
+    if token:
+        return {"Authorization": f"Bearer {token}"}, None
     return {}, None
+
+
+def _sent(environ: Mapping[str, str]) -> str:
+    """Which credentials a request carries, in words naming variables (no values)."""
+    if environ.get(USERNAME_ENV) and environ.get(PASSWORD_ENV):
+        return f"the user ${USERNAME_ENV} with ${PASSWORD_ENV}"
+    if environ.get(TOKEN_ENV):
+        return f"a bearer token from ${TOKEN_ENV}"
+    return (
+        f"no credentials (set ${USERNAME_ENV} and ${PASSWORD_ENV}, or ${TOKEN_ENV}, "
+        "where this runs)"
+    )
+
+
+def _refusal(status: int, sent: str) -> str:
+    """What a refusal means (401: who you are, 403: what you may), else nothing."""
+    if status == 401:
+        return f" (not authenticated; sent {sent})"
+    if status == 403:
+        return f" (permission denied for {sent.removeprefix('the ')})"
+    return ""
 
 
 def _verify(environ: Mapping[str, str]) -> bool | str:
@@ -104,6 +128,7 @@ class MlflowClient:
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc; proxies and CAs are set below
         headers, self.session.auth = _auth(environ)
+        self.sent = _sent(environ)
         self.session.headers.update({"User-Agent": "scalelab", **headers})
         self.session.proxies = requests.utils.get_environ_proxies(self.uri)
         self.session.verify = _verify(environ)
@@ -136,7 +161,8 @@ class MlflowClient:
         if resp.status_code != 200:
             code = body.get("error_code", f"HTTP {resp.status_code}")
             message = redact_text(str(body.get("message", resp.reason)))[:300]
-            raise TrackerError(f"{self.uri}: {what}: {code}: {message}")
+            hint = _refusal(resp.status_code, self.sent)
+            raise TrackerError(f"{self.uri}: {what}: {code}: {message}{hint}")
         return body if isinstance(body, dict) else {}
 
     # ------------------------------------------------------------------ experiments
@@ -308,7 +334,8 @@ class MlflowClient:
             data=data,
         )
         if resp.status_code != 200:
+            text = resp.reason if resp.status_code in (401, 403) else redact_text(resp.text)
             raise TrackerError(
                 f"{self.uri}: upload artifact {path}: HTTP {resp.status_code} "
-                f"{redact_text(resp.text)[:200]}"
+                f"{text[:200]}{_refusal(resp.status_code, self.sent)}"
             )

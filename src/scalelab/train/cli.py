@@ -1,4 +1,9 @@
-"""``scalelab train --config RUN.yaml --out RUN_DIR [--resume [--reshard]] [--set KEY=VALUE]``.
+"""``scalelab train --config RUN.yaml --out RUN_DIR [--resume [--reshard]] [--set KEY=VALUE]
+[--tracking FILE]``.
+
+``--tracking FILE`` sends the run to MLflow and/or writes TensorBoard event files: FILE
+holds a ``tracking:`` section as a study config does (docs/tracking.md). The settings
+are written into RUN_DIR (tracking.json), so a later ``--resume`` tracks the same way.
 
 Exit codes: 0 completed (RUN_DIR/summary.json written), 2 bad input (one
 line naming the field; nothing written as if complete), 75 stopped by
@@ -17,6 +22,7 @@ from pathlib import Path
 from scalelab.errors import UsageError, process_rank, report_error
 from scalelab.layout import detect
 from scalelab.rundir import RunDir
+from scalelab.tracking import config as tracking_config
 from scalelab.train import config, run
 from scalelab.train.signals import Preempted
 
@@ -61,6 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a config field (value parsed as YAML)",
     )
     p.add_argument(
+        "--tracking",
+        type=Path,
+        metavar="FILE",
+        help="track the run: FILE (YAML) holds a study's 'tracking:' section (MLflow server, "
+        "TensorBoard); credentials only from $MLFLOW_TRACKING_TOKEN or "
+        "$MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="take over a stale lock of RUN_DIR whose writer cannot be proven dead",
@@ -82,9 +96,12 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--out RUN_DIR is required")
     cfg = config.load(args.config, args.overrides)
+    tracking = None
+    if args.tracking is not None:  # checked before anything is written or trained
+        tracking = tracking_config.for_run_dir(tracking_config.load_file(args.tracking), args.out)
     try:
         with RunDir(args.out).lock(force=args.force):
-            run(cfg, args.out, resume=args.resume, reshard=args.reshard)
+            run(cfg, args.out, resume=args.resume, reshard=args.reshard, tracking=tracking)
     except Preempted as exc:
         print(f"scalelab train: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -30,6 +30,7 @@ from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
 from scalelab.layout import detect
 from scalelab.models import build
+from scalelab.tracking.config import RunSettings
 from scalelab.tracking.live import RunTracker
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.config import RunConfig, apply_overrides, from_dict, load, resolve_batch
@@ -60,11 +61,14 @@ def run(
     resume: bool = False,
     overrides: list[str] | None = None,
     reshard: bool = False,
+    tracking: RunSettings | None = None,
 ) -> dict[str, Any]:
     """Train as configured, writing RUN_DIR = ``out_dir``; return the summary dict.
 
     ``config`` is a RunConfig, a nested dict or a YAML path. ``reshard`` lets a
-    resume continue from a checkpoint written at another world size or tp. Raises
+    resume continue from a checkpoint written at another world size or tp.
+    ``tracking``: settings rank 0 writes into RUN_DIR before training (None: those a
+    launch left there, if any). Raises
     UsageError for bad input (nothing written), Preempted after a stop signal
     (checkpoint written). Every rank of the job calls this.
     """
@@ -72,7 +76,7 @@ def run(
         raise UsageError("--reshard: only with --resume (it lets a resume change the layout)")
     stop = StopRequest().install()  # early: a signal during start-up must not kill us
     try:
-        return _run(config, Path(out_dir), resume, reshard, overrides or [], stop)
+        return _run(config, Path(out_dir), resume, reshard, overrides or [], stop, tracking)
     finally:
         stop.restore()
 
@@ -84,6 +88,7 @@ def _run(
     reshard: bool,
     overrides: list[str],
     stop: StopRequest,
+    tracking: RunSettings | None = None,
 ) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
@@ -122,7 +127,7 @@ def _run(
                 resume,
                 reshard=reshard,
             )
-            result = Trainer(job, stop, watchdog).fit()
+            result = Trainer(job, stop, watchdog, tracking).fit()
         except Preempted:  # every rank agreed to stop: leave together
             backend.barrier()
             backend.shutdown()
@@ -154,8 +159,15 @@ class Trainer:
     """One rank's run: its state, and the metric reductions, checkpoints and energy
     readings it asks at the marks of the loop."""
 
-    def __init__(self, job: Job, stop: StopRequest, watchdog: Watchdog) -> None:
+    def __init__(
+        self,
+        job: Job,
+        stop: StopRequest,
+        watchdog: Watchdog,
+        tracking: RunSettings | None = None,
+    ) -> None:
         self.job, self.stop, self.watchdog = job, stop, watchdog
+        self.tracking = tracking
         self.state = TrainState()
         self.reducer = MetricsReducer(job.backend, job.device, job.metrics, job.plan.global_batch)
         self.checkpointer = Checkpointer(job.run_dir.checkpoints, job, self.state, watchdog.beat)
@@ -165,14 +177,17 @@ class Trainer:
         self.energy = EnergyLedger(
             job.cfg.metrics.energy, job.backend, job.device, job.layout.local_rank
         )
-        # Rank 0's trackers (MLflow, TensorBoard), from the settings the study left in
-        # RUN_DIR; they never raise, and never wait on the network in a step.
-        self.tracker = RunTracker.open(job.run_dir, job.main)
+        self.tracker = RunTracker(job.run_dir, None)  # opened by fit, once RUN_DIR is ready
 
     def fit(self) -> dict[str, Any]:
         """Resume if asked, run the remaining epochs, write model.pt and summary.json."""
         job = self.job
         describe_run_dir(job, run_info(job))
+        if job.main and self.tracking is not None:  # `scalelab train --tracking`
+            job.run_dir.set_tracking(self.tracking.model_dump(mode="json"))
+        # Rank 0's trackers (MLflow, TensorBoard), from the settings in RUN_DIR (a study's
+        # launch or --tracking wrote them); they never raise, nor wait on the network in a step.
+        self.tracker = RunTracker.open(job.run_dir, job.main)
         self.tracker.start(job.cfg.to_dict())
         try:
             return self._fit()
