@@ -61,6 +61,7 @@ machine="$(uname -m)"
 need_gb=3
 { [ "${SCALELAB_LOCK:-}" = pypi ] || [ "$cpu_lock_fits" = 0 ]; } && need_gb=10
 parent="$(dirname "$venv")"
+mkdir -p "$parent"
 free_kb="$(df -Pk "$parent" | awk 'NR==2 {print $4}')"
 free_gb=$((free_kb / 1024 / 1024))
 if [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
