@@ -255,11 +255,12 @@ def collaborator_env(**extra: str) -> dict[str, str]:
 
 
 def bundle_setup(
-    bundle: Path, out: Path, env: dict[str, str], timeout: float = 120
+    bundle: Path, out: Path, env: dict[str, str], horovod: bool = False, timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    """``bash BUNDLE/setup.sh --out OUT --no-horovod`` from outside the bundle."""
+    """``bash BUNDLE/setup.sh --out OUT [--no-horovod]`` from outside the bundle."""
     return subprocess.run(
-        ["bash", str(bundle / "setup.sh"), "--out", str(out), "--no-horovod"],
+        ["bash", str(bundle / "setup.sh"), "--out", str(out)]
+        + ([] if horovod else ["--no-horovod"]),
         cwd=out.parent,
         env=env,
         capture_output=True,
@@ -320,6 +321,9 @@ def test_setup_sh_refuses_a_python_older_than_3_11(bundle, tmp_path):
 
 @pytest.mark.setup
 def test_setup_sh_alone_installs_imports_and_reruns_the_study(bundle, tmp_path):
+    """First without Horovod: set up and imported, but the run recorded Horovod, so the
+    printed command fails (and says why). Then again with it (the cached wheel
+    build_horovod.sh keeps): the finished steps are kept and the run reproduces bitwise."""
     copy = tmp_path / "received"
     shutil.copytree(bundle, copy)
     out = tmp_path / "work"
@@ -327,27 +331,41 @@ def test_setup_sh_alone_installs_imports_and_reruns_the_study(bundle, tmp_path):
     proc = bundle_setup(copy, out, env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("setup.sh: warning:")]
-    assert len(warnings) == 1 and "Horovod runs of this study are not reproducible" in warnings[0]
+    assert len(warnings) == 1 and "versions.horovod" in warnings[0], proc.stderr
     meta = json.loads((copy / "bundle.json").read_text())
     probe = (
         "import importlib.metadata as m, scalelab; print(m.version('scalelab'), scalelab.__file__)"
     )
-    version, where = ok(run([str(out / ".venv/bin/python"), "-c", probe])).stdout.split()
+    found = subprocess.run(
+        [str(out / ".venv/bin/python"), "-c", probe], env=env, capture_output=True, text=True
+    )
+    version, where = ok(found).stdout.split()
     assert version == meta["scalelab"] and f"scalelab-{version}-" in meta["wheel"]
     assert Path(where).is_relative_to(out / ".venv")
     assert (out / "study/bundle.json").read_bytes() == (copy / "bundle.json").read_bytes()
     assert (out / "study/results/runs/tiny/provenance.json").is_file()
     command = proc.stdout.strip().splitlines()[-1]
-    rerun = subprocess.run(
-        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+
+    def rerun() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    refused = rerun()
+    assert refused.returncode != 0 and "versions.horovod" in refused.stderr, refused.stderr
+    assert not list((out / "study").glob("reproduce/**/reproduce.json"))
+    again = bundle_setup(copy, out, env, horovod=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "imported before" in again.stdout and "setup.sh: warning" not in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == command
+    done = rerun()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = list((out / "study").glob("reproduce/**/reproduce.json"))
     assert len(reports) == 1, reports
     report = json.loads(reports[0].read_text())
     assert report["mode"] == "bitwise" and report["weights_equal"] and report["metrics_equal"]
-    # Run again (as after an interruption): what is done stays, the rerun is kept.
-    again = bundle_setup(copy, out, env, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "imported before" in again.stdout and again.stdout.strip().splitlines()[-1] == command
-    assert reports[0].is_file()

@@ -478,8 +478,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     print("  rerun and compare each run (bitwise on CPU in deterministic mode):")
     results = shlex.quote(str(meta["results"]))
+    # The loop runs in a subshell: the first run that does not reproduce stops it with a
+    # failing status (a bare `|| break` ended with status 0), and a pasted line cannot
+    # close the user's shell. The bundle's setup.sh writes this last line into rerun.sh.
     print(
-        f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
-        'scalelab reproduce "$run" || break; done'
+        f"    cd {shlex.quote(str(out))} && (for run in {results}/runs/*/; do "
+        'scalelab reproduce "$run" || exit 1; done)'
     )
     return 0
