@@ -4,17 +4,26 @@ A study (the shipped workflow files + a deterministic 2-rank run under mpirun) i
 exported, imported into a fresh directory, and its run is rerun there with
 `scalelab reproduce`: bitwise-identical weights. A bundle with one changed byte is
 rejected, naming the file, and nothing is written.
+
+The bundle's own setup.sh, run as a collaborator with nothing installed would (no scalelab
+on PATH, no PYTHONPATH): it refuses a changed byte or an old Python in one line before any
+venv exists, and (marked ``setup``: a real venv install) installs the bundled scalelab,
+imports the study and prints the command that reruns it, which reproduces the run.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import VENV_BIN, require
 from train_support import MPIRUN, PY, TINY, TRAIN, deep_update, ok, run, write_config
 
 SCALELAB = [PY, "-m", "scalelab"]
@@ -227,3 +236,136 @@ def test_export_of_a_study_copied_as_the_readme_says(tmp_path):
     ok(run([*SCALELAB, "export", str(study), "--out", str(tmp_path / "bundle")], timeout=300))
     files = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["files"]
     assert "study/workflow/schemas/config.schema.yaml" in files
+
+
+# -- the bundle's own setup.sh, as a collaborator with nothing installed runs it ----------------
+def collaborator_env(**extra: str) -> dict[str, str]:
+    """This machine without scalelab: no test venv on PATH, no PYTHONPATH, a plain Python 3.11;
+    pip keeps its configuration (here PIP_FIND_LINKS=/opt/wheels holds the CPU torch)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(
+        p
+        for p in env["PATH"].split(os.pathsep)
+        if p != str(VENV_BIN) and not (Path(p) / "scalelab").exists()
+    )
+    env["PYTHON"] = str(Path(sys.base_prefix) / "bin" / "python3")
+    env.update(extra)
+    assert shutil.which("scalelab", path=env["PATH"]) is None
+    return env
+
+
+def bundle_setup(
+    bundle: Path, out: Path, env: dict[str, str], horovod: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``bash BUNDLE/setup.sh --out OUT [--no-horovod]`` from outside the bundle."""
+    return subprocess.run(
+        ["bash", str(bundle / "setup.sh"), "--out", str(out)]
+        + ([] if horovod else ["--no-horovod"]),
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """setup.sh refused: exit 2 and a single line on stderr holding ``words``."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("setup.sh: error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_bundle_carries_an_executable_setup_sh(bundle, tmp_path):
+    meta = json.loads((bundle / "bundle.json").read_text())
+    script = bundle / "setup.sh"
+    assert "setup.sh" in meta["files"] and "envs/python_env.sh" in meta["files"]
+    assert os.access(script, os.X_OK)
+    text = script.read_text()
+    assert meta["wheel"] in text and "@WHEEL@" not in text and "@SUMS@" not in text
+    proc = subprocess.run(
+        ["bash", str(script), "--help"], env=collaborator_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--no-horovod" in proc.stdout and "--out DIR" in proc.stdout
+
+
+def test_setup_sh_refuses_a_changed_byte_before_anything(bundle, tmp_path):
+    """Checked before the interpreter is even looked at (PYTHON names none here)."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    target = copy / "study" / "results" / "runs" / "tiny" / "model.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    out = tmp_path / "work"
+    env = collaborator_env(PYTHON=str(tmp_path / "no-python"))
+    one_error_line(bundle_setup(copy, out, env), "study/results/runs/tiny/model.pt", "SHA256SUMS")
+    assert not out.exists()
+    target.write_bytes((bundle / "study/results/runs/tiny/model.pt").read_bytes())
+    (copy / "study" / "extra.py").write_text("print('hi')\n")
+    one_error_line(bundle_setup(copy, out, env), "study/extra.py: not in SHA256SUMS")
+    assert not out.exists()
+
+
+def test_setup_sh_refuses_a_python_older_than_3_11(bundle, tmp_path):
+    old = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
+    require(bool(old), "no Python 3.10 on this machine (pyenv has one on the project's machines)")
+    out = tmp_path / "work"
+    proc = bundle_setup(bundle, out, collaborator_env(PYTHON=old[0]))
+    one_error_line(proc, "Python 3.10", "3.11 to 3.14", "PYTHON=")
+    assert not (out / ".venv").exists()
+
+
+@pytest.mark.setup
+def test_setup_sh_alone_installs_imports_and_reruns_the_study(bundle, tmp_path):
+    """First without Horovod: set up and imported, but the run recorded Horovod, so the
+    printed command fails (and says why). Then again with it (the cached wheel
+    build_horovod.sh keeps): the finished steps are kept and the run reproduces bitwise."""
+    copy = tmp_path / "received"
+    shutil.copytree(bundle, copy)
+    out = tmp_path / "work"
+    env = collaborator_env()
+    proc = bundle_setup(copy, out, env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("setup.sh: warning:")]
+    assert len(warnings) == 1 and "versions.horovod" in warnings[0], proc.stderr
+    meta = json.loads((copy / "bundle.json").read_text())
+    probe = (
+        "import importlib.metadata as m, scalelab; print(m.version('scalelab'), scalelab.__file__)"
+    )
+    found = subprocess.run(
+        [str(out / ".venv/bin/python"), "-c", probe], env=env, capture_output=True, text=True
+    )
+    version, where = ok(found).stdout.split()
+    assert version == meta["scalelab"] and f"scalelab-{version}-" in meta["wheel"]
+    assert Path(where).is_relative_to(out / ".venv")
+    assert (out / "study/bundle.json").read_bytes() == (copy / "bundle.json").read_bytes()
+    assert (out / "study/results/runs/tiny/provenance.json").is_file()
+    command = proc.stdout.strip().splitlines()[-1]
+
+    def rerun() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    refused = rerun()
+    assert refused.returncode != 0 and "versions.horovod" in refused.stderr, refused.stderr
+    assert not list((out / "study").glob("reproduce/**/reproduce.json"))
+    again = bundle_setup(copy, out, env, horovod=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "imported before" in again.stdout and "setup.sh: warning" not in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == command
+    done = rerun()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = list((out / "study").glob("reproduce/**/reproduce.json"))
+    assert len(reports) == 1, reports
+    report = json.loads(reports[0].read_text())
+    assert report["mode"] == "bitwise" and report["weights_equal"] and report["metrics_equal"]

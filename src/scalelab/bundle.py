@@ -8,6 +8,9 @@ and ``bundle.json``: the sha256 and size of every file (an inventory in the spir
 Ramble's archives), also written as ``SHA256SUMS`` for ``sha256sum -c``, whose last line
 is the sha256 of ``bundle.json`` itself: the inventory covers itself, and a changed byte
 in either file is found. (This proves integrity, not origin: the bundle is not signed.)
+The bundle's own ``setup.sh`` (bash and coreutils only) checks SHA256SUMS, builds a venv
+from the lock, installs the bundled wheel and imports the study: a collaborator needs
+nothing but Python 3.11+ to rerun it.
 
 ``import`` verifies every file against the inventory before it writes anything, names
 each file that does not match (changed, missing, or not in the inventory), and then
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,7 +54,12 @@ ENV_FILES = (
     "lock-horovod.txt",
     "build_horovod.sh",
     "patch_horovod.sh",
+    "python_env.sh",
 )
+#: The bundle's own ``setup.sh`` (a collaborator with nothing installed runs it), from this
+#: template: ``@NAME@`` placeholders take this module's file names and the wheel's path.
+SETUP = "setup.sh"
+SETUP_TEMPLATE = Path(__file__).with_name("bundle_setup.sh.tmpl")
 #: Written by output_guard.atomic_dir in every output directory; not part of the inventory.
 SKIP = {INVENTORY, SUMS, ".scalelab-output.json"}
 
@@ -219,6 +228,18 @@ def _outside(out: Path, source: Path, what: str) -> None:
         )
 
 
+def write_setup(dest: Path, wheel: str) -> None:
+    """The bundle's setup.sh: bash and coreutils only, so that a collaborator needs no
+    scalelab to verify the bundle, install its environment and rerun the study."""
+    text = SETUP_TEMPLATE.read_text()
+    for key, value in {"SUMS": SUMS, "INVENTORY": INVENTORY, "WHEEL": wheel}.items():
+        text = text.replace(f"@{key}@", value)
+    if re.search(r"@[A-Z]+@", text):
+        raise CheckFailed(f"{SETUP_TEMPLATE}: a placeholder was left unfilled")
+    atomic_write_text(dest, text)
+    dest.chmod(0o755)
+
+
 def inventory(root: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {bytes, sha256}} of every file under ``root`` (links refused)."""
     files: dict[str, dict[str, Any]] = {}
@@ -256,6 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             if (envs / name).is_file():
                 _copy(envs / name, tmp / "envs" / name)
         wheel = _build_wheel(tmp / "dist")
+        write_setup(tmp / SETUP, wheel.relative_to(tmp).as_posix())
         copied = []
         if args.image:
             for img in images:
@@ -456,8 +478,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     print("  rerun and compare each run (bitwise on CPU in deterministic mode):")
     results = shlex.quote(str(meta["results"]))
+    # The loop runs in a subshell: the first run that does not reproduce stops it with a
+    # failing status (a bare `|| break` ended with status 0), and a pasted line cannot
+    # close the user's shell. The bundle's setup.sh writes this last line into rerun.sh.
     print(
-        f"    cd {shlex.quote(str(out))} && for run in {results}/runs/*/; do "
-        'scalelab reproduce "$run" || break; done'
+        f"    cd {shlex.quote(str(out))} && (for run in {results}/runs/*/; do "
+        'scalelab reproduce "$run" || exit 1; done)'
     )
     return 0
