@@ -138,8 +138,12 @@ def test_training_under_ch_run_equals_apptainer_exec_of_the_same_sif(cpu_image, 
     s_ch = json.loads((ch_out / "summary.json").read_text())
     s_app = json.loads((app_out / "summary.json").read_text())
     assert s_ch["global_steps"] == s_app["global_steps"] > 0
-    # The same image's torch on the same CPU, deterministic: the same bytes.
+    # The same image's torch on the same CPU, deterministic: the same bytes; and the host
+    # venv (the image's pins are the venv's) gives them too (measured: all three equal).
+    host = tmp_path / "run-host"
+    run([PY, "-m", "scalelab", *train[1:], "--out", str(host)], timeout=600)
     assert _sha256(ch_out / "model.pt") == _sha256(app_out / "model.pt")
+    assert _sha256(host / "model.pt") == _sha256(ch_out / "model.pt")
 
 
 def test_a_tampered_sif_is_refused_before_anything_is_unpacked(cpu_image, tmp_path):
