@@ -9,8 +9,12 @@ sudo_cmd=()
 # and what builds Horovod and the tools the tests run. Never part of a plain ./setup.sh.
 # docker-registry (the CNCF distribution 2.8), openssl (its test CA and the signing keys) and
 # apache2-utils (htpasswd, bcrypt) serve tests/test_container_registry.py's real registry.
+# charliecloud-runtime (0.31: ch-run) and squashfs-tools (unsquashfs) run the image as
+# Charliecloud does in tests/test_container_charliecloud.py (the `charliecloud` metapackage
+# would also pull docker.io and buildah through charliecloud-builders; no test needs them).
 apt_packages=(build-essential cmake python3-dev git slurm-wlm munge libpmix2 libpmix-dev
-              iproute2 util-linux procps docker-registry openssl apache2-utils ca-certificates)
+              iproute2 util-linux procps docker-registry openssl apache2-utils ca-certificates
+              charliecloud-runtime squashfs-tools)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -249,6 +249,68 @@ def test_two_node_training_inside_the_image_equals_the_host(cluster, staged, cpu
     assert s_in["global_steps"] == s_host["global_steps"] > 0 and s_in["world_size"] == 2
 
 
+def _exec_srun(image: Path, shared: Path, runtime_args: list[str], train: list[str]) -> list[str]:
+    """`scalelab container exec --srun` of `scalelab train` on 2 nodes x 1 rank."""
+    return [
+        SCALELAB,
+        "container",
+        "exec",
+        *runtime_args,
+        "--image",
+        str(image),
+        "--no-nv",
+        "--srun",
+        "--bind",
+        str(shared),
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "1",
+        "--",
+        "scalelab",
+        *train,
+    ]
+
+
+@pytest.mark.cluster
+def test_two_node_training_under_charliecloud_equals_apptainer(cluster, staged, cpu_image):
+    """srun --mpi=pmix -N2 -n2 ch-run TREE -- scalelab train (DDP): the tree derived from the
+    verified SIF, two nodes, and the same model.pt as the same run under apptainer exec."""
+    from scalelab.container import charliecloud
+
+    if shutil.which("ch-run") is None:
+        pytest.fail("ch-run not installed (envs/test_env.sh installs charliecloud-runtime)")
+    image = cpu_image["path"]
+    cfg = _train_config(cluster, staged, "ddp", "ch")
+    ch_out = cluster.shared_dir / f"run-ch-{os.getpid()}"
+    app_out = cluster.shared_dir / f"run-app-{os.getpid()}"
+    env = cluster.env(charliecloud.ch_env(tool_env()))
+    shared = cluster.shared_dir
+    proc = run(
+        _exec_srun(image, shared, ["--runtime", "charliecloud"], ["train", "--config", str(cfg)])
+        + ["--out", str(ch_out)],
+        env=env,
+        timeout=900,
+    )
+    assert (ch_out / "summary.json").exists(), proc.stdout + proc.stderr
+    run(
+        _exec_srun(image, shared, [], ["train", "--config", str(cfg)]) + ["--out", str(app_out)],
+        env=cluster.env(tool_env()),
+        timeout=600,
+    )
+    info = json.loads((ch_out / "run_info.json").read_text())
+    assert two_nodes(info["hostnames"])
+    proof = info["container"]
+    assert proof["image"] == str(image) and proof["image_sha256"] == cpu_image["sha256"]
+    assert proof["sys_prefix"] == "/opt/venv"
+    assert charliecloud.image_dir(image, cpu_image["sha256"]).is_dir()
+    s_ch = json.loads((ch_out / "summary.json").read_text())
+    s_app = json.loads((app_out / "summary.json").read_text())
+    assert s_ch["global_steps"] == s_app["global_steps"] > 0 and s_ch["world_size"] == 2
+    digest = [hashlib.sha256((d / "model.pt").read_bytes()).hexdigest() for d in (ch_out, app_out)]
+    assert digest[0] == digest[1]
+
+
 # ---- the pull onto the cluster, over HTTP on the cluster's own network ------------------------
 
 

@@ -403,3 +403,197 @@ def test_export_sdm_binds_keeps_the_sites_binds(tmp_path):
     assert env["APPTAINER_BIND"] == f"/site/scratch,{tmp_path.resolve()},{data.resolve()}"
     env = {}
     assert export_sdm_binds({"results": "results", "data": {}}, env) == [] and env == {}
+
+
+# ---- Charliecloud: ch-run on the tree derived from the verified SIF ---------------------------
+
+
+def _sif(path: Path, metadata: bytes = b'{"data": {"attributes": {"labels": {"a": "1"}}}}') -> Path:
+    """A SIF of the real layout (apptainer/sif v1): a JSON descriptor and a squash partition."""
+    import struct
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    from scalelab.container import sif
+
+    desc_off, data_off = 128, 128 + 2 * sif._DESCRIPTOR.size
+    part = b"hsqs" + bytes(60)
+    rows = [
+        (
+            0x4006,
+            1,
+            1,
+            0,
+            0,
+            data_off,
+            len(metadata),
+            len(metadata),
+            0,
+            0,
+            0,
+            0,
+            b"inspect-metadata.json",
+            b"",
+        ),
+        (
+            0x4004,
+            1,
+            2,
+            0,
+            0,
+            data_off + len(metadata),
+            len(part),
+            len(part),
+            0,
+            0,
+            0,
+            0,
+            b"",
+            struct.pack("<ii3s", 1, 2, b"02\0"),
+        ),
+    ]
+    head = struct.pack(
+        "<32s10s3s3s16s8q",
+        b"#!/usr/bin/env run-singularity\n",
+        sif.MAGIC,
+        b"01\0",
+        b"02\0",
+        bytes(16),
+        0,
+        0,
+        0,
+        2,
+        desc_off,
+        2 * sif._DESCRIPTOR.size,
+        data_off,
+        len(metadata),
+    )
+    path.write_bytes(head + b"".join(sif._DESCRIPTOR.pack(*r) for r in rows) + metadata + part)
+    return path
+
+
+def test_sif_layout_is_read_without_apptainer(tmp_path):
+    from scalelab.container import sif
+
+    image = _sif(tmp_path / "a.sif")
+    part = sif.primary_partition(image)
+    assert image.read_bytes()[part.offset : part.offset + 4] == b"hsqs" and part.size == 64
+    assert parse_inspect_labels(sif.inspect_metadata(image)) == {"a": "1"}
+    (tmp_path / "b.sif").write_bytes(b"not a sif" * 20)
+    with pytest.raises(UsageError, match="not a SIF file"):
+        sif.primary_partition(tmp_path / "b.sif")
+
+
+def test_ch_run_argv():
+    argv = runtime.ch_run_argv(
+        "ch-run",
+        "/s/sha256-ab.ch",
+        ["scalelab", "train"],
+        binds=[("/data", "/data"), ("/scratch/x", "/scratch")],
+        env=[("A", "1"), ("SCALELAB_IMAGE_SHA256", "ab")],
+        flags=["--private-tmp"],
+        pwd="/work",
+    )
+    assert argv == [
+        "ch-run",
+        "--env-no-expand",
+        "--set-env",
+        "--set-env=A=1",
+        "--set-env=SCALELAB_IMAGE_SHA256=ab",
+        "--bind=/data:/data",
+        "--bind=/scratch/x:/scratch",
+        "--private-tmp",
+        "--cd=/work",
+        "/s/sha256-ab.ch",
+        "--",
+        "scalelab",
+        "train",
+    ]
+    assert runtime.ch_bind("/a") == ("/a", "/a") and runtime.ch_bind("/a:/b") == ("/a", "/b")
+    with pytest.raises(UsageError, match="container.binds: '/a:/b:ro': bind options"):
+        runtime.ch_bind("/a:/b:ro")
+
+
+CH = {"image": "/x/a.sif", "runtime": "charliecloud", "nv": False}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({**CH, "nv": True}, "container.nv: Charliecloud has no --nv"),
+        ({**CH, "userns": False}, "container.userns: ch-run always runs in a user namespace"),
+        ({**CH, "binds": ["/a", "/b:/c:ro"]}, "container.binds.1: '/b:/c:ro': bind options"),
+        ({**CH, "image": "oras://h/i:1"}, "container.image: Charliecloud derives its image"),
+        (
+            {**CH, "nccl_net_plugin": {"dir": "/opt/ofi", "name": "ofi"}},
+            "container.nccl_net_plugin: needs read-only binds",
+        ),
+    ],
+)
+def test_charliecloud_refuses_what_ch_run_lacks(data, message):
+    with pytest.raises(UsageError, match="^" + message.replace(".", r"\.")):
+        ContainerConfig.from_mapping(data)
+
+
+def test_job_container_with_charliecloud_goes_inside_srun(tmp_path, monkeypatch):
+    from scalelab.container import charliecloud
+
+    monkeypatch.setenv("PATH", str(make_standins(tmp_path / "bin", ("ch-run",))))
+    image = _sif(tmp_path / "img" / "a.sif")
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    tree = charliecloud.image_dir(image, sha)
+    monkeypatch.setattr(charliecloud, "derive", lambda *a: tree.mkdir() or tree)  # real: tests/
+    data, work = tmp_path / "data", tmp_path / "work"
+    data.mkdir(), work.mkdir()
+    section = {**CH, "image": str(image), "sha256": sha, "binds": [f"{data}:/data"]}
+    prefix, record = job_container(section, binds=[str(data)], pwd=str(work))
+    assert prefix == [
+        "ch-run",
+        "--env-no-expand",
+        "--set-env",
+        f"--set-env=SCALELAB_IMAGE_SHA256={sha}",
+        f"--set-env=SCALELAB_IMAGE_PATH={image}",
+        f"--bind={data}:/data",
+        f"--bind={data}:{data}",
+        f"--bind={work}:{work}",
+        f"--cd={work}",
+        str(tree),
+        "--",
+    ]
+    # Every mount point exists in the tree (ch-run cannot make one in a read-only image).
+    assert all((tree / p.lstrip("/")).is_dir() for p in ("/data", str(data), str(work)))
+    assert record["runtime"] == "ch-run" and record["labels"] == {"a": "1"}
+    argv = launcher.launch_argv(LAUNCH, POINT, TRAIN, {"SLURM_JOB_ID": "7"}, prefix)
+    i = argv.index("ch-run")
+    assert argv[:i] == launcher.srun_argv(LAUNCH, POINT)
+    assert argv[i:] == [*prefix, "scalelab", *TRAIN]
+
+
+def test_a_failed_unpack_leaves_nothing_that_looks_ready(tmp_path, monkeypatch):
+    from scalelab.container import charliecloud
+
+    # unsquashfs that writes part of the tree, then fails as a full disk would.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "unsquashfs"
+    tool.write_text(
+        '#!/bin/sh\nfor a; do d="$a"; shift; [ "$prev" = -d ] && dest="$d"; prev="$d"; done\n'
+        'mkdir -p "$dest/usr" && chmod 555 "$dest/usr"\necho "write failed: No space" >&2\nexit 1\n'
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    image = _sif(tmp_path / "img" / "a.sif")
+    with pytest.raises(UsageError, match="unsquashfs of .* failed: write failed: No space"):
+        charliecloud.derive(image, "ab" * 32, "ch-run")
+    assert [p.name for p in image.parent.iterdir()] == ["a.sif"]
+
+
+def test_mount_points_never_follow_the_images_symlinks(tmp_path):
+    from scalelab.container import charliecloud
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "alt").symlink_to(tmp_path / "outside")
+    with pytest.raises(UsageError, match="crosses the image's symlink /etc/alt"):
+        charliecloud.mount_points(tree, [("/x", "/etc/alt/data")])
+    assert not (tmp_path / "outside").exists()

@@ -257,7 +257,8 @@ def _add_exec(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "exec",
         help="run a command in the image (optionally under srun)",
-        description="apptainer exec [--nv] [--bind ...] IMAGE CMD...; with --srun: "
+        description="apptainer exec [--nv] [--bind ...] IMAGE CMD... (or, with --runtime "
+        "charliecloud, ch-run on the tree derived from the verified IMAGE); with --srun: "
         "srun --mpi=pmix ... apptainer exec ... (the container call inside srun).",
     )
     e.add_argument("--config", help="workflow config with a container: section")
@@ -282,10 +283,12 @@ def _add_exec(sub: argparse._SubParsersAction) -> None:
         metavar="-- COMMAND",
         help="the command to run in the image",
     )
-    _runtime_args(e)
+    _runtime_args(e, charliecloud=True)
     e.set_defaults(func=cmd_exec)
 
 
-def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", choices=("auto", "apptainer", "singularity"), default="auto")
+def _runtime_args(p: argparse.ArgumentParser, charliecloud: bool = False) -> None:
+    """--runtime: the SIF tools, and for `exec` Charliecloud's ch-run too."""
+    names = ("auto", "apptainer", "singularity", *(("charliecloud",) if charliecloud else ()))
+    p.add_argument("--runtime", choices=names, default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the command line, run nothing")

@@ -14,7 +14,7 @@ from pathlib import Path
 from scalelab.container import pull, registry, runtime, verify
 from scalelab.container.build import sha256_record
 from scalelab.container.config import ContainerConfig, launch_srun
-from scalelab.container.wiring import exec_flags, parse_inspect_labels
+from scalelab.container.wiring import checked_image, exec_prefix, parse_inspect_labels
 from scalelab.errors import UsageError
 from scalelab.fsio import atomic_write_text, sha256_file
 from scalelab.launch import commands
@@ -168,18 +168,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         changes["userns"] = args.userns
     if args.runtime != "auto":
         changes["runtime"] = args.runtime
-    cfg = cfg.model_copy(update=changes)
+    cfg = ContainerConfig.from_mapping({**cfg.model_dump(), **changes})  # checked again
     name, rt = _runtime_name(argparse.Namespace(dry_run=args.dry_run, runtime=cfg.runtime))
     if not cfg.is_uri and not args.dry_run:
         runtime.check_image_file(cfg.image)
-    argv = runtime.exec_argv(
-        name,
-        cfg.image,
-        command,
-        nv=cfg.nv,
-        binds=cfg.bind_specs,
-        env=cfg.env_pairs,
-        flags=exec_flags(cfg),
+    # Charliecloud runs a tree derived from the SIF: only from one whose pin (and signature)
+    # held, named by its sha256.
+    sha256 = checked_image(cfg).sha256 if cfg.runtime == runtime.CHARLIECLOUD else None
+    argv = exec_prefix(
+        cfg, cfg.bind_specs, cfg.env_pairs, sha256=sha256, command=command, derive=not args.dry_run
     )
     if not args.srun:
         return _run_or_print(args, argv, rt)

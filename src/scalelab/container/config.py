@@ -27,7 +27,7 @@ from scalelab.container.registry import parse_ref
 from scalelab.errors import UsageError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-RUNTIMES = ("auto", "apptainer", "singularity")
+RUNTIMES = ("auto", "apptainer", "singularity", "charliecloud")
 _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -74,19 +74,25 @@ class ContainerConfig(Section):
     """PEM public key files: when set, an image is accepted only signed by one of them
     (``apptainer sign --key``), by ``container verify``, ``container pull`` and the
     workflow before any job; an unsigned or otherwise signed image is refused."""
-    runtime: Literal["auto", "apptainer", "singularity"] = "auto"
-    """Which binary runs the image (auto prefers apptainer)."""
+    runtime: Literal["auto", "apptainer", "singularity", "charliecloud"] = "auto"
+    """Which runtime runs the image (auto prefers apptainer). charliecloud: ``ch-run`` on a
+    directory scalelab derives from the verified .sif once per sha256, beside it
+    (``sha256-<hex>.ch``); needs unsquashfs, ``nv: false``, binds without options, no
+    nccl_net_plugin (docs/containers.md)."""
     nv: bool = True
-    """Pass --nv (bind the host's NVIDIA driver); false for the CPU image."""
+    """Pass --nv (bind the host's NVIDIA driver); false for the CPU image and for
+    Charliecloud (which has no --nv: ``ch-fromhost --nvidia`` on the derived directory)."""
     userns: Literal["auto", "true", "false"] = Field("auto", json_schema_extra=_userns_schema)
     """Pass --userns to ``apptainer exec``: auto does so where root lacks the capabilities
     a setuid-free exec needs (as on the test machines)."""
     binds: list[NonEmpty] = Field(default_factory=list)
-    """Extra --bind specs SRC[:DST[:OPTS]] for data, scratch and results."""
+    """Extra --bind specs SRC[:DST[:OPTS]] for data, scratch and results (Charliecloud:
+    SRC[:DST])."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables set inside the container (--env KEY=VALUE)."""
     exec_flags: list[NonEmpty] = Field(default_factory=list)
-    """Extra ``apptainer exec`` flags, e.g. --cleanenv."""
+    """Extra flags of the runtime's exec: ``apptainer exec`` (e.g. --cleanenv), or
+    ``ch-run`` with runtime charliecloud (e.g. --private-tmp)."""
 
     nccl_net_plugin: NcclNetSection | None = None
     """A site's NCCL network plugin (aws-ofi-nccl and its libfabric): {dir, name, lib_dirs};
@@ -149,6 +155,32 @@ class ContainerConfig(Section):
                 raise UsageError(
                     f"container.env.{clash[0]}: set by "
                     "container.nccl_net_plugin; remove it from env"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _charliecloud_limits(self) -> ContainerConfig:
+        """What Apptainer offers and ch-run does not: refused, naming the field."""
+        if self.runtime != "charliecloud" or not self.enabled:
+            return self
+        if self.nv:
+            raise ValueError(
+                "@nv:Charliecloud has no --nv: set nv: false (for GPUs, add the host's "
+                "driver to the derived image with ch-fromhost --nvidia; docs/containers.md)"
+            )
+        if self.userns == "false":
+            raise ValueError("@userns:ch-run always runs in a user namespace; use auto")
+        if self.nccl_net_plugin is not None:
+            raise ValueError(
+                "@nccl_net_plugin:needs read-only binds, which ch-run 0.31 lacks; use apptainer"
+            )
+        if self.is_uri:
+            raise ValueError("@image:Charliecloud derives its image from a local .sif path")
+        for i, spec in enumerate(self.binds):
+            if spec.count(":") > 1:
+                raise ValueError(
+                    f"@binds.{i}:{spec!r}: bind options have no Charliecloud equivalent; "
+                    "give SRC or SRC:DST"
                 )
         return self
 

@@ -26,6 +26,11 @@ NOT_FOUND = (
     "no apptainer or singularity on PATH: install Apptainer "
     "(https://apptainer.org/docs/admin/main/installation.html) or load your site's module"
 )
+#: container.runtime's name for Charliecloud, and the executable that runs its images.
+CHARLIECLOUD = "charliecloud"
+CH_RUN = "ch-run"
+#: The executable of each configured runtime (auto: the first of apptainer, singularity).
+EXECUTABLES = {"apptainer": "apptainer", "singularity": "singularity", CHARLIECLOUD: CH_RUN}
 
 
 @dataclass(frozen=True)
@@ -33,14 +38,15 @@ class Runtime:
     """A container runtime found on PATH."""
 
     name: str
-    """apptainer or singularity (the executable name used in command lines)."""
+    """apptainer, singularity or ch-run (the executable name used in command lines)."""
     path: str
     """Where it was found (for messages and provenance)."""
 
 
 def detect(preferred: str = "auto", path: str | None = None) -> Runtime | None:
-    """The runtime to use: apptainer before singularity for `auto`; None when absent."""
-    names = ("apptainer", "singularity") if preferred == "auto" else (preferred,)
+    """The runtime to use: apptainer before singularity for `auto` (Charliecloud only when
+    named: its images and limits differ); None when absent."""
+    names = ("apptainer", "singularity") if preferred == "auto" else (EXECUTABLES[preferred],)
     for name in names:
         found = shutil.which(name, path=path)
         if found:
@@ -54,19 +60,36 @@ def require(preferred: str = "auto", path: str | None = None) -> Runtime:
     if rt is None:
         if preferred == "auto":
             raise UsageError(NOT_FOUND)
-        raise UsageError(f"{preferred} not found on PATH (container.runtime is {preferred})")
+        exe = EXECUTABLES[preferred]
+        raise UsageError(f"{exe} not found on PATH (container.runtime is {preferred})")
+    return rt
+
+
+def sif_tool(preferred: str = "auto", path: str | None = None) -> Runtime:
+    """The runtime that pulls, signs and verifies SIF files: apptainer or singularity,
+    also where Charliecloud runs the image (ch-run has no SIF signatures or oras://)."""
+    if preferred != CHARLIECLOUD:
+        return require(preferred, path)
+    rt = detect("auto", path)
+    if rt is None:
+        raise UsageError(
+            "container.runtime: charliecloud runs the image, but pulling it from "
+            "container.registry and checking container.trusted_keys need apptainer or "
+            "singularity on the submit host's PATH"
+        )
     return rt
 
 
 def runtime_version(rt: Runtime, timeout: float = 30) -> str | None:
-    """`apptainer --version` output, e.g. 'apptainer version 1.3.4'; None if it fails."""
+    """`apptainer --version` output, e.g. 'apptainer version 1.3.4' (ch-run prints its
+    '0.31' on stderr); None if it fails."""
     try:
         proc = subprocess.run(
             [rt.path, "--version"], capture_output=True, text=True, timeout=timeout, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    out = proc.stdout.strip().splitlines()
+    out = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
     return out[0] if proc.returncode == 0 and out else None
 
 
@@ -174,6 +197,41 @@ def exec_argv(
     if pwd:
         argv += ["--pwd", pwd]
     return [*argv, image, *command]
+
+
+def ch_bind(spec: str, where: str = "container.binds") -> tuple[str, str]:
+    """An Apptainer bind spec SRC[:DST] as ch-run's (SRC, DST); options (``:ro``) have no
+    ch-run 0.31 equivalent (its binds are read-write), so they are refused."""
+    parts = spec.split(":")
+    if len(parts) > 2:
+        raise UsageError(
+            f"{where}: {spec!r}: bind options ({parts[2]}) have no Charliecloud equivalent; "
+            "give SRC or SRC:DST"
+        )
+    return parts[0], parts[-1]
+
+
+def ch_run_argv(
+    rt: str,
+    image_dir: str,
+    command: Sequence[str],
+    *,
+    binds: Iterable[tuple[str, str]] = (),
+    env: Iterable[tuple[str, str]] = (),
+    flags: Iterable[str] = (),
+    pwd: str | None = None,
+) -> list[str]:
+    """`ch-run --env-no-expand --set-env [--set-env=K=V]... [-b SRC:DST]... [flags]
+    [--cd=PWD] DIR -- COMMAND...`: the image's own variables (/ch/environment) first, then
+    ours, each value literal."""
+    argv = [rt, "--env-no-expand", "--set-env"]
+    argv += [f"--set-env={key}={value}" for key, value in env]
+    for src, dst in binds:
+        argv.append(f"--bind={src}:{dst}")
+    argv += list(flags)
+    if pwd:
+        argv.append(f"--cd={pwd}")
+    return [*argv, image_dir, "--", *command]
 
 
 def run(argv: Sequence[str], cwd: str | Path | None = None) -> int:

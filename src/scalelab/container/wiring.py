@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import scalelab
-from scalelab.container import pull, runtime, verify
+from scalelab.container import charliecloud, pull, runtime, sif, verify
 from scalelab.container.config import ContainerConfig
 from scalelab.errors import UsageError
 
@@ -36,13 +36,22 @@ def runtime_name(cfg: ContainerConfig, path: str | None = None) -> str:
 
 
 def exec_flags(c: ContainerConfig) -> list[str]:
-    """container.exec_flags, with --userns first when container.userns asks for it."""
+    """container.exec_flags, with --userns first when container.userns asks for it
+    (apptainer; ch-run always runs in a user namespace and has no such flag)."""
+    if c.runtime == runtime.CHARLIECLOUD:
+        return list(c.exec_flags)
     userns = runtime.use_userns(c.userns) and not {"--userns", "-u"} & set(c.exec_flags)
     return [*(["--userns"] if userns else []), *c.exec_flags]
 
 
 def inspect_labels(rt: runtime.Runtime, image: str, timeout: float = 120) -> dict[str, str]:
-    """The image's labels from `apptainer inspect --json` ({} when it cannot say)."""
+    """The image's labels from `apptainer inspect --json`, or with ch-run (which cannot
+    inspect a SIF) from the same JSON read out of the SIF ({} when it cannot say)."""
+    if rt.name == runtime.CH_RUN:
+        try:
+            return parse_inspect_labels(sif.inspect_metadata(image) or "")
+        except (OSError, UsageError):
+            return {}
     argv = runtime.inspect_argv(rt.name, image)
     try:
         proc = subprocess.run(
@@ -140,26 +149,59 @@ def job_container(
     c = _config(section)
     env = (*c.env_pairs, ("SCALELAB_IMAGE_SHA256", provenance["sha256"]))
     already = {b.split(":", 1)[0] for b in os.environ.get("APPTAINER_BIND", "").split(",") if b}
+    if c.runtime == runtime.CHARLIECLOUD:
+        already = set()  # APPTAINER_BIND means nothing to ch-run
     binds = [
         b
         for b in dict.fromkeys(binds)
         if Path(b.split(":", 1)[0]).exists() and b.split(":", 1)[0] not in already
     ]
-    prefix = runtime.exec_argv(
-        runtime_name(c),
-        c.image,
-        [],
-        nv=c.nv,
-        binds=[*c.bind_specs, *binds],
-        env=env,
-        flags=exec_flags(c),
-        pwd=pwd,
-    )
+    prefix = exec_prefix(c, [*c.bind_specs, *binds], env, pwd=pwd, sha256=provenance["sha256"])
     return prefix, provenance
 
 
+def exec_prefix(
+    c: ContainerConfig,
+    binds: list[str],
+    env: tuple[tuple[str, str], ...],
+    *,
+    pwd: str | None = None,
+    sha256: str | None = None,
+    command: list[str] | None = None,
+    derive: bool = True,
+) -> list[str]:
+    """The runtime's exec command line for this config (``command`` after it, or nothing:
+    a prefix). Charliecloud runs the directory derived from the SIF whose verified
+    ``sha256`` the caller gives, the working directory bound (Apptainer binds it itself)
+    and every bind's mount point made in the image (``derive`` false: only named, for a
+    dry run)."""
+    name = runtime_name(c)
+    if c.runtime != runtime.CHARLIECLOUD:
+        return runtime.exec_argv(
+            name,
+            c.image,
+            command or [],
+            nv=c.nv,
+            binds=binds,
+            env=env,
+            flags=exec_flags(c),
+            pwd=pwd,
+        )
+    if sha256 is None:
+        raise UsageError("container.sha256: Charliecloud runs only a verified image")
+    pairs = [runtime.ch_bind(b) for b in dict.fromkeys([*binds, *([pwd] if pwd else [])])]
+    tree = charliecloud.image_dir(c.image, sha256)
+    if derive:
+        tree = charliecloud.derive(c.image, sha256, name)
+        charliecloud.mount_points(tree, pairs)
+    env = (*env, ("SCALELAB_IMAGE_PATH", str(c.image)))
+    return runtime.ch_run_argv(
+        name, str(tree), command or [], binds=pairs, env=env, flags=exec_flags(c), pwd=pwd
+    )
+
+
 def inside_image_info() -> dict[str, Any] | None:
-    """Proof that this process runs inside an Apptainer image (None on the host).
+    """Proof that this process runs inside an Apptainer or Charliecloud image (None on the host).
 
     Recorded in run_info.json by the training loop: the image's os-release, the
     interpreter's prefix, where scalelab was imported from, and the image path and
@@ -168,6 +210,8 @@ def inside_image_info() -> dict[str, Any] | None:
     import sys
 
     image = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if not image and os.environ.get("CH_RUNNING"):  # ch-run: the SIF its tree came from
+        image = os.environ.get("SCALELAB_IMAGE_PATH")
     if not image:
         return None
 
@@ -200,12 +244,12 @@ def checked_image(c: ContainerConfig) -> verify.ImagePin:
     (when ``container.trusted_keys`` lists any): the check before any job."""
     signed_by = None
     if c.registry and not Path(c.image).exists():
-        rt = runtime.require(c.runtime)
+        rt = runtime.sif_tool(c.runtime)
         pulled = pull.pull_verified(rt, c.registry, c.image, pinned=c.sha256, keys=c.trusted_keys)
         signed_by = pulled.signed_by
     pin = verify.pin_image(c.image, c.sha256)
     if c.trusted_keys and signed_by is None:
-        rt = runtime.require(c.runtime)
+        rt = runtime.sif_tool(c.runtime)
         signed_by = verify.check_trusted_signature(rt, c.image, c.trusted_keys)
     return dataclasses.replace(pin, signed_by=signed_by)
 

@@ -1,0 +1,171 @@
+"""Charliecloud as a second runtime: the directory image derived from the verified SIF.
+
+The SIF stays the one artifact that is pinned (sha256) and signature-checked; Charliecloud
+runs a directory derived from it, once per sha256, beside the SIF:
+``sha256-<hex>.ch/``. It is unpacked into a hidden ``.sha256-<hex>.ch.partial-*`` sibling
+and renamed into place only when complete (a rename of a directory is atomic), so a
+half-unpacked tree never carries the ready name; a present tree is reused, a missing one
+derived again. Why a directory and not the SIF's SquashFS (``ch-run`` 0.31 mounts one
+with its built-in squashfuse): ``ch-run`` cannot create bind mount points in a read-only
+image, and the ranks bind the run's own paths (data, scratch, working directory), so the
+mount points are made in the directory (:func:`mount_points`); ``ch-fromhost --nvidia``
+also needs a directory.
+
+The image's environment (Apptainer's ``%environment``, kept in the SIF as
+``/.singularity.d/env/90-environment.sh``) is evaluated once inside the fresh tree and
+written to ``/ch/environment``, which ``ch-run --set-env`` reads: the image's PATH and
+LD_LIBRARY_PATH, not the host's.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from scalelab.container import sif
+from scalelab.errors import UsageError
+
+UNSQUASHFS = "unsquashfs"
+#: Where ``ch-run --set-env`` (without a file) reads the image's variables.
+ENV_FILE = Path("ch") / "environment"
+#: Apptainer's environment scripts a recipe's ``%environment`` (or a Docker ENV) became.
+ENV_SCRIPTS = (
+    "/.singularity.d/env/10-docker2singularity.sh",
+    "/.singularity.d/env/90-environment.sh",
+)
+#: The PATH the image's scripts start from (Apptainer's own default inside an image).
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Set by the shell or ch-run itself, not by the image.
+_NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING"}
+_TIMEOUT_S = 1800
+
+
+def image_dir(sif_path: str | Path, sha256: str) -> Path:
+    """The Charliecloud image derived from the SIF of this sha256: beside the SIF."""
+    return Path(sif_path).resolve().parent / f"sha256-{sha256}.ch"
+
+
+def ch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment to start ch-run in: it refuses to run without $USER (measured,
+    0.31: "error: $USER not set"), which a root shell in CI may lack."""
+    env = dict(os.environ if environ is None else environ)
+    if "USER" not in env:
+        env["USER"] = pwd.getpwuid(os.getuid()).pw_name
+    return env
+
+
+def derive(sif_path: str | Path, sha256: str, ch_run: str) -> Path:
+    """The ready image directory of an already verified SIF, unpacked now if missing.
+
+    The caller has checked the SIF's sha256 (and signature): nothing here trusts a file
+    that was not. Concurrent derivations each unpack their own partial tree; the first
+    rename wins and the others discard theirs.
+    """
+    final = image_dir(sif_path, sha256)
+    if final.is_dir():
+        return final
+    tool = shutil.which(UNSQUASHFS)
+    if tool is None:
+        raise UsageError(
+            "container.runtime: charliecloud needs unsquashfs (Debian: squashfs-tools) "
+            "to derive its image from the SIF"
+        )
+    part = sif.primary_partition(sif_path)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _unpack(tool, sif_path, part.offset, tmp)
+        write_environment(tmp, ch_run)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        remove_tree(tmp)
+    return final
+
+
+def _unpack(tool: str, sif_path: str | Path, offset: int, dest: Path) -> None:
+    """unsquashfs the SIF's partition at ``offset`` into ``dest`` (which must not exist)."""
+    argv = [tool, "-q", "-n", "-no-xattrs", "-o", str(offset), "-d", str(dest), str(sif_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UsageError(
+            f"unsquashfs of {sif_path} failed: {last[-1] if last else proc.returncode}"
+        )
+
+
+def _image_env(tree: Path, ch_run: str, scripts: Iterable[str]) -> dict[str, str]:
+    """The variables a clean shell has inside ``tree`` after sourcing ``scripts``."""
+    body = 'for f in "$@"; do if [ -r "$f" ]; then . "$f"; fi; done; exec /usr/bin/env -0'
+    argv = [ch_run, "--unset-env=*", f"--set-env=PATH={BASE_PATH}", str(tree), "--"]
+    argv += ["/bin/sh", "-c", body, "sh", *scripts]
+    proc = subprocess.run(argv, capture_output=True, env=ch_env(), timeout=120, check=False)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise UsageError(
+            f"ch-run could not read the image's environment: {err[-1:] or proc.returncode}"
+        )
+    pairs = (item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
+    return {k: v for k, v in pairs if k not in _NOT_THE_IMAGES}
+
+
+def write_environment(tree: Path, ch_run: str) -> dict[str, str]:
+    """Write the image's own variables (those its scripts set or change) to /ch/environment."""
+    base = _image_env(tree, ch_run, ())
+    image = _image_env(tree, ch_run, ENV_SCRIPTS)
+    own = {k: v for k, v in image.items() if base.get(k) != v}
+    bad = sorted(k for k, v in own.items() if "\n" in v)
+    if bad:
+        raise UsageError(f"the image's variable {bad[0]} holds a newline: /ch/environment cannot")
+    target = tree / ENV_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(f"{k}={v}\n" for k, v in own.items()))
+    return own
+
+
+def mount_points(tree: Path, binds: Iterable[tuple[str, str]]) -> None:
+    """Create each bind's destination in the image (ch-run 0.31 cannot in a read-only one):
+    a directory, or an empty file for a file source. A destination whose path crosses a
+    symlink of the image is refused: it could resolve outside the tree."""
+    for src, dst in binds:
+        target = tree / dst.lstrip("/")
+        _no_symlink_on_the_way(tree, target, dst)
+        if target.exists():
+            continue
+        if Path(src).is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch(exist_ok=True)
+
+
+def _no_symlink_on_the_way(tree: Path, target: Path, dst: str) -> None:
+    here = tree
+    for part in target.relative_to(tree).parts:
+        here = here / part
+        if here.is_symlink():
+            raise UsageError(
+                f"container.binds: destination {dst} crosses the image's symlink "
+                f"/{here.relative_to(tree)}: bind it to the path the link names"
+            )
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a (partial) tree, making its read-only directories writable first."""
+    if not path.exists() and not path.is_symlink():
+        return
+
+    def _writable(func, p, _exc) -> None:  # noqa: ANN001 - shutil's onerror signature
+        parent = os.path.dirname(p)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+        func(p)
+
+    shutil.rmtree(path, onerror=_writable)
