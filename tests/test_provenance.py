@@ -274,3 +274,30 @@ def test_a_resumed_run_keeps_its_manifest_and_records_each_start(tmp_path):
     before = (out / "provenance.json").read_bytes()
     ok(run([PY, *TRAIN, "--config", str(cfg), "--out", str(out), "--resume"], timeout=120))
     assert (out / "provenance.json").read_bytes() == before
+
+
+def test_horovods_version_decides_only_the_runs_that_use_it():
+    """An environment without Horovod reproduces a DDP run (auto under mpirun, or explicit)
+    but not a Horovod run (explicit, or auto under horovodrun); torch decides all of them."""
+    from scalelab.provenance import must_match_differences
+
+    def must(backend: str, launcher: str, horovod: str | None, torch: str = "2.13.0") -> dict:
+        build = {"mpi": True, "gloo": True} if horovod else None
+        versions = {"torch": torch, "horovod": horovod, "horovod_build": build}
+        return {"backend": backend, "launcher": launcher, "world_size": 2, "versions": versions}
+
+    for backend, launcher in (("ddp", "torchrun"), ("auto", "openmpi"), ("fsdp", "slurm")):
+        assert (
+            must_match_differences(must(backend, launcher, "0.28.1"), must(backend, launcher, None))
+            == []
+        ), backend
+        changed = must_match_differences(
+            must(backend, launcher, "0.28.1"), must(backend, launcher, None, torch="2.12.0")
+        )
+        assert changed == ["versions.torch: '2.13.0' (recorded) != '2.12.0' (now)"], changed
+    for backend, launcher in (("horovod", "openmpi"), ("auto", "horovodrun")):
+        changed = must_match_differences(
+            must(backend, launcher, "0.28.1"), must(backend, launcher, None)
+        )
+        assert "versions.horovod: '0.28.1' (recorded) != None (now)" in changed, changed
+        assert any(k.startswith("versions.horovod_build.mpi:") for k in changed), changed

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scalelab import docload
+from scalelab.backends import registry
 from scalelab.errors import CheckFailed, UsageError
 from scalelab.fsio import atomic_write_json, canonical, sha256_bytes
 from scalelab.redact import allowed_env, redact_argv
@@ -151,13 +152,35 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+#: Must-match fields that decide the numbers of the MPI backend's runs only: Horovod's
+#: version and build are recorded for every run (the environment had them), but a DDP or
+#: FSDP run never calls Horovod, so an environment without it still reproduces that run.
+MPI_BACKEND_FIELDS = ("versions.horovod", "versions.horovod_build")
+
+
+def _backend(must: dict[str, Any]) -> str | None:
+    """The backend the run used (``auto`` resolved as the trainer resolves it)."""
+    requested, launcher = must.get("backend"), must.get("launcher")
+    if not isinstance(requested, str) or not isinstance(launcher, str):
+        return None
+    return registry.resolve(requested, launcher, int(must.get("world_size") or 1))
+
+
+def _decides(key: str, backends: set[str | None]) -> bool:
+    if any(key == f or key.startswith(f + ".") for f in MPI_BACKEND_FIELDS):
+        return registry.MPI in backends or None in backends
+    return True
+
+
 def must_match_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One line per must-match field that differs: 'versions.torch: 2.13.0 (run) != 2.12.0'."""
+    """One line per must-match field that differs: 'versions.torch: 2.13.0 (run) != 2.12.0',
+    leaving out the fields that do not decide this run's backend (:data:`MPI_BACKEND_FIELDS`)."""
     a, b = flatten(recorded), flatten(current)
+    backends = {_backend(recorded), _backend(current)}
     return [
         f"{k}: {a.get(k)!r} (recorded) != {b.get(k)!r} (now)"
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
+        if a.get(k) != b.get(k) and _decides(k, backends)
     ]
 
 

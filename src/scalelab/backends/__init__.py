@@ -28,6 +28,7 @@ from scalelab.backends.registry import (
     BackendSpec,
     load_class,
     name_of,
+    resolve,
     spec,
     with_capability,
 )
@@ -262,13 +263,8 @@ def choose_backend(
 ) -> str:
     """Resolve ``dist.backend: auto`` and reject combinations that cannot work (``dims``:
     the run's whole layout, else ``tp`` alone)."""
-    name = requested
     (dims or ParallelDims.of(layout.world_size, tp)).check(requested, model, options)
-    if name == AUTO:
-        if layout.launcher == "horovodrun":
-            name = MPI
-        else:
-            name = DEFAULT if layout.world_size > 1 else SINGLE
+    name = resolve(requested, layout.launcher, layout.world_size)
     if name in REGISTRY and REGISTRY[name].single_process and layout.world_size > 1:
         raise UsageError(
             f"field 'dist.backend': {name!r} runs one process but the {layout.launcher} "

@@ -103,6 +103,16 @@ MPI: str = _only("needs_mpi")
 DEFAULT: str = BACKENDS[0]
 
 
+def resolve(requested: str, launcher: str, world_size: int) -> str:
+    """The backend ``requested`` names: ``auto`` is the MPI backend under horovodrun, the
+    data-parallel default for several ranks, the one-process backend for one."""
+    if requested != AUTO:
+        return requested
+    if launcher == "horovodrun":
+        return MPI
+    return DEFAULT if world_size > 1 else SINGLE
+
+
 def spec(name: str, field: str = "dist.backend") -> BackendSpec:
     """The spec of backend ``name``; a UsageError naming ``field`` for an unknown one."""
     if name not in REGISTRY:
