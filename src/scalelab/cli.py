@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "scalelab.analysis.cli",
     "commbench": "scalelab.comm.cli",
     "predict": "scalelab.comm.predict_cli",
+    "site": "scalelab.sites",
     "container": "scalelab.container.cli",
     "testcluster": "scalelab.testcluster.cli",
     "reproduce": "scalelab.rerun",

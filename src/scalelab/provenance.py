@@ -172,6 +172,12 @@ def _decides(key: str, backends: set[str | None]) -> bool:
     return True
 
 
+def decides(key: str, must: dict[str, Any]) -> bool:
+    """Whether must-match field ``key`` (flattened, e.g. ``versions.horovod``) decides the
+    numbers of the run ``must`` describes."""
+    return _decides(key, {_backend(must)})
+
+
 def must_match_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """One line per must-match field that differs: 'versions.torch: 2.13.0 (run) != 2.12.0',
     leaving out the fields that do not decide this run's backend (:data:`MPI_BACKEND_FIELDS`)."""
