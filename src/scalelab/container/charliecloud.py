@@ -45,8 +45,9 @@ ENV_SCRIPTS = (
 )
 #: The PATH the image's scripts start from (Apptainer's own default inside an image).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Set by the shell or ch-run itself, not by the image.
-_NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING"}
+#: Set by the shell or the runtime itself (ch-run; podman, whose HOSTNAME differs in each
+#: container), not by the image.
+_NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING", "HOSTNAME", "container"}
 _TIMEOUT_S = 1800
 
 
