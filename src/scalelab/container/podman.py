@@ -33,6 +33,34 @@ HYBRID_CGROUP2 = Path("/sys/fs/cgroup/unified")
 PID_MAX = Path("/proc/sys/kernel/pid_max")
 #: The OCI runtime that ran on a hybrid cgroup layout (measured: runc 1.1.5).
 HYBRID_OCI_RUNTIME = "runc"
+#: Host variables each rank's container inherits (``--env=NAME`` or ``--env=PREFIX*``:
+#: podman copies them from its own environment when set). Apptainer and ch-run pass the
+#: whole host environment; podman passes none, so a rank would not know who it is. These
+#: are what :mod:`scalelab.layout` and the training loop read: the launchers' rank and
+#: rendezvous variables (torchrun, Horovod, Open MPI, PMIx/PMI, Slurm), threads, the
+#: communication libraries' settings, scalelab's own (run lock, tracking).
+HOST_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "TORCHELASTIC_*",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HOROVOD_*",
+    "OMPI_*",
+    "PMIX_*",
+    "PMI_*",
+    "SLURM_*",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "CUDA_VISIBLE_DEVICES",
+    "NCCL_*",
+    "GLOO_*",
+    "SCALELAB_*",
+)
 #: The variable podman sets in every container it runs (``container=podman``).
 MARK_VAR, MARK = "container", "podman"
 _LIMITS = (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC))

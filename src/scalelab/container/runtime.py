@@ -257,6 +257,7 @@ def podman_run_argv(
     globals_: Iterable[str] = (),
     binds: Iterable[str] = (),
     env_file: str | None = None,
+    host_env: Iterable[str] = (),
     env: Iterable[tuple[str, str]] = (),
     ulimits: Iterable[str] = (),
     nv: bool = False,
@@ -266,9 +267,10 @@ def podman_run_argv(
 ) -> list[str]:
     """`podman [GLOBALS] run --rm --read-only --network=host --ipc=host --pid=host
     [--userns=keep-id] [--ulimit=U]... [--device=nvidia.com/gpu=all] [-v B]...
-    [--env-file=F] [--env=K=V]... [flags] [--workdir=PWD] --rootfs TREE COMMAND...`: the
-    host's network, IPC and PID namespaces (MPI and NCCL shared memory across ranks, PMIx),
-    the image's variables (``env_file``) before ours, each value literal."""
+    [--env-file=F] [--env=NAME]... [--env=K=V]... [flags] [--workdir=PWD] --rootfs TREE
+    COMMAND...`: the host's network, IPC and PID namespaces (MPI and NCCL shared memory
+    across ranks, PMIx), the image's variables (``env_file``), then the host's named in
+    ``host_env`` (names or ``PREFIX*``), then ours, each value literal."""
     argv = [rt, *globals_, "run", "--rm", "--read-only"]
     argv += ["--network=host", "--ipc=host", "--pid=host"]
     if keep_id:
@@ -280,6 +282,7 @@ def podman_run_argv(
         argv += ["-v", bind]
     if env_file:
         argv.append(f"--env-file={env_file}")
+    argv += [f"--env={name}" for name in host_env]
     argv += [f"--env={key}={value}" for key, value in env]
     argv += list(flags)
     if pwd:

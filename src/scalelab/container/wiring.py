@@ -236,6 +236,7 @@ def _podman_prefix(
         globals_=podman.global_flags(),
         binds=specs,
         env_file=str(podman.env_file(tree)),
+        host_env=podman.HOST_VARIABLES,
         env=env,
         ulimits=podman.ulimits(),
         nv=c.nv,
