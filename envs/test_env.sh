@@ -12,9 +12,14 @@ sudo_cmd=()
 # charliecloud-runtime (0.31: ch-run) and squashfs-tools (unsquashfs) run the image as
 # Charliecloud does in tests/test_container_charliecloud.py (the `charliecloud` metapackage
 # would also pull docker.io and buildah through charliecloud-builders; no test needs them).
+# podman (4.3.1) runs the same tree in tests/test_container_podman.py, installed without its
+# recommends (buildah, slirp4netns, fuse-overlayfs, uidmap, catatonit: the tests run it as
+# root on the host network with --rootfs, so none is needed); it pulls conmon, runc or crun
+# and golang-github-containers-common.
 apt_packages=(build-essential cmake python3-dev git slurm-wlm munge libpmix2 libpmix-dev
               iproute2 util-linux procps docker-registry openssl apache2-utils ca-certificates
               charliecloud-runtime squashfs-tools)
+no_recommends=(podman)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +29,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+for p in "${no_recommends[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "$p"
+  fi
+done
 # Chromium (Debian's package) renders the Snakemake report headless in
 # tests/test_report_headless.py.
 if ! command -v chromium >/dev/null 2>&1; then

@@ -311,6 +311,43 @@ def test_two_node_training_under_charliecloud_equals_apptainer(cluster, staged, 
     assert digest[0] == digest[1]
 
 
+@pytest.mark.cluster
+def test_two_node_training_under_podman_equals_apptainer(cluster, staged, cpu_image):
+    """srun --mpi=pmix -N2 -n2 podman run --rootfs TREE scalelab train (DDP): each rank in its
+    own podman run on the host network, and the same model.pt as under apptainer exec."""
+    from scalelab.container import charliecloud
+
+    if shutil.which("podman") is None:
+        pytest.fail("podman not installed (envs/test_env.sh installs it)")
+    image = cpu_image["path"]
+    cfg = _train_config(cluster, staged, "ddp", "podman")
+    pod_out = cluster.shared_dir / f"run-podman-{os.getpid()}"
+    app_out = cluster.shared_dir / f"run-app-pod-{os.getpid()}"
+    shared = cluster.shared_dir
+    proc = run(
+        _exec_srun(image, shared, ["--runtime", "podman"], ["train", "--config", str(cfg)])
+        + ["--out", str(pod_out)],
+        env=cluster.env(tool_env()),
+        timeout=900,
+    )
+    assert (pod_out / "summary.json").exists(), proc.stdout + proc.stderr
+    run(
+        _exec_srun(image, shared, [], ["train", "--config", str(cfg)]) + ["--out", str(app_out)],
+        env=cluster.env(tool_env()),
+        timeout=600,
+    )
+    info = json.loads((pod_out / "run_info.json").read_text())
+    assert two_nodes(info["hostnames"])
+    proof = info["container"]
+    assert proof["image"] == str(image) and proof["sys_prefix"] == "/opt/venv"
+    assert charliecloud.image_dir(image, cpu_image["sha256"]).is_dir()
+    s_pod = json.loads((pod_out / "summary.json").read_text())
+    s_app = json.loads((app_out / "summary.json").read_text())
+    assert s_pod["global_steps"] == s_app["global_steps"] > 0 and s_pod["world_size"] == 2
+    digest = [hashlib.sha256((d / "model.pt").read_bytes()).hexdigest() for d in (pod_out, app_out)]
+    assert digest[0] == digest[1]
+
+
 # ---- the pull onto the cluster, over HTTP on the cluster's own network ------------------------
 
 

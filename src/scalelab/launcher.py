@@ -167,12 +167,13 @@ def job_spec(cfg: dict, run_id: str, data_dir: str | Path) -> dict:
 
 
 def container_setup(
-    container: dict, run_config: dict | None = None
+    container: dict, run_config: dict | None = None, *, dry_run: bool = False
 ) -> tuple[list[str], dict | None]:
     """The `apptainer exec ... IMAGE` prefix and the image's provenance, or ([], None).
 
     The image is checked (present, sha256 equal to the pin) before any rank
-    starts, so a wrong image fails the job at once with one line.
+    starts, so a wrong image fails the job at once with one line. A dry run derives
+    no tree (Charliecloud, Podman): it only names it.
     """
     if not container.get("enabled"):
         return [], None
@@ -180,7 +181,7 @@ def container_setup(
     # The dataset and node-local scratch must be seen inside the image at the same paths.
     data = (run_config or {}).get("data", {})
     binds = [str(Path(p).resolve()) for p in (data.get("path"), data.get("scratch")) if p]
-    return job_container(container, binds=binds, pwd=os.getcwd())
+    return job_container(container, binds=binds, pwd=os.getcwd(), derive=not dry_run)
 
 
 def _point(d: dict) -> RunPoint:
@@ -306,7 +307,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     run_dir = RunDir(out_dir)
     run_dir.check()  # guard's check: a dry run too refuses what it may not replace
-    prefix, image = container_setup(spec.get("container") or {}, spec["run_config"])
+    prefix, image = container_setup(
+        spec.get("container") or {}, spec["run_config"], dry_run=args.dry_run
+    )
     tracking = tracking_config.from_environ()  # the study's, exported by the workflow
     argv = launch_argv(
         launch, point, train_args(run_dir.run_config_path, out_dir), container_prefix=prefix

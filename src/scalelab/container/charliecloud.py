@@ -11,6 +11,10 @@ image, and the ranks bind the run's own paths (data, scratch, working directory)
 mount points are made in the directory (:func:`mount_points`); ``ch-fromhost --nvidia``
 also needs a directory.
 
+Podman runs the same tree (``podman run --rootfs``, :mod:`scalelab.container.podman`): one
+derivation for both runtimes, the image's environment evaluated by whichever derives it
+(``enter``: the argument list that runs a command in the tree with only PATH set).
+
 The image's environment (Apptainer's ``%environment``, kept in the SIF as
 ``/.singularity.d/env/90-environment.sh``) is evaluated once inside the fresh tree and
 written to ``/ch/environment``, which ``ch-run --set-env`` reads: the image's PATH and
@@ -25,7 +29,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from scalelab.container import sif
@@ -41,8 +45,9 @@ ENV_SCRIPTS = (
 )
 #: The PATH the image's scripts start from (Apptainer's own default inside an image).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Set by the shell or ch-run itself, not by the image.
-_NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING"}
+#: Set by the shell or the runtime itself (ch-run; podman, whose HOSTNAME differs in each
+#: container), not by the image.
+_NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING", "HOSTNAME", "container"}
 _TIMEOUT_S = 1800
 
 
@@ -60,8 +65,18 @@ def ch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def derive(sif_path: str | Path, sha256: str, ch_run: str) -> Path:
+#: How a runtime runs a command inside a tree with only PATH set: the argv before it.
+Enter = Callable[[Path], list[str]]
+
+
+def ch_enter(ch_run: str) -> Enter:
+    """ch-run's way into a tree: every host variable unset, PATH the image's default."""
+    return lambda tree: [ch_run, "--unset-env=*", f"--set-env=PATH={BASE_PATH}", str(tree), "--"]
+
+
+def derive(sif_path: str | Path, sha256: str, ch_run: str | Enter) -> Path:
     """The ready image directory of an already verified SIF, unpacked now if missing.
+    ``ch_run``: ch-run's path, or the :data:`Enter` of the runtime that derives it.
 
     The caller has checked the SIF's sha256 (and signature): nothing here trusts a file
     that was not. Concurrent derivations each unpack their own partial tree; the first
@@ -80,7 +95,7 @@ def derive(sif_path: str | Path, sha256: str, ch_run: str) -> Path:
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         _unpack(tool, sif_path, part.offset, tmp)
-        write_environment(tmp, ch_run)
+        write_environment(tmp, ch_enter(ch_run) if isinstance(ch_run, str) else ch_run)
         try:
             tmp.rename(final)
         except OSError:
@@ -102,25 +117,26 @@ def _unpack(tool: str, sif_path: str | Path, offset: int, dest: Path) -> None:
         )
 
 
-def _image_env(tree: Path, ch_run: str, scripts: Iterable[str]) -> dict[str, str]:
+def _image_env(tree: Path, enter: Enter, scripts: Iterable[str]) -> dict[str, str]:
     """The variables a clean shell has inside ``tree`` after sourcing ``scripts``."""
     body = 'for f in "$@"; do if [ -r "$f" ]; then . "$f"; fi; done; exec /usr/bin/env -0'
-    argv = [ch_run, "--unset-env=*", f"--set-env=PATH={BASE_PATH}", str(tree), "--"]
-    argv += ["/bin/sh", "-c", body, "sh", *scripts]
+    argv = [*enter(tree), "/bin/sh", "-c", body, "sh", *scripts]
     proc = subprocess.run(argv, capture_output=True, env=ch_env(), timeout=120, check=False)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise UsageError(
-            f"ch-run could not read the image's environment: {err[-1:] or proc.returncode}"
+            f"{Path(argv[0]).name} could not read the image's environment: "
+            f"{err[-1:] or proc.returncode}"
         )
     pairs = (item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
     return {k: v for k, v in pairs if k not in _NOT_THE_IMAGES}
 
 
-def write_environment(tree: Path, ch_run: str) -> dict[str, str]:
-    """Write the image's own variables (those its scripts set or change) to /ch/environment."""
-    base = _image_env(tree, ch_run, ())
-    image = _image_env(tree, ch_run, ENV_SCRIPTS)
+def write_environment(tree: Path, enter: Enter) -> dict[str, str]:
+    """Write the image's own variables (those its scripts set or change) to /ch/environment
+    (a KEY=VALUE file that ``ch-run --set-env`` and ``podman run --env-file`` both read)."""
+    base = _image_env(tree, enter, ())
+    image = _image_env(tree, enter, ENV_SCRIPTS)
     own = {k: v for k, v in image.items() if base.get(k) != v}
     bad = sorted(k for k, v in own.items() if "\n" in v)
     if bad:

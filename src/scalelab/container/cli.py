@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from scalelab.container import runtime
 from scalelab.container.cli_build import cmd_build
 from scalelab.container.cli_image import (
     cmd_exec,
@@ -258,7 +259,8 @@ def _add_exec(sub: argparse._SubParsersAction) -> None:
         "exec",
         help="run a command in the image (optionally under srun)",
         description="apptainer exec [--nv] [--bind ...] IMAGE CMD... (or, with --runtime "
-        "charliecloud, ch-run on the tree derived from the verified IMAGE); with --srun: "
+        "charliecloud, ch-run on the tree derived from the verified IMAGE; with podman, "
+        "podman run --rootfs on that tree); with --srun: "
         "srun --mpi=pmix ... apptainer exec ... (the container call inside srun).",
     )
     e.add_argument("--config", help="workflow config with a container: section")
@@ -283,12 +285,12 @@ def _add_exec(sub: argparse._SubParsersAction) -> None:
         metavar="-- COMMAND",
         help="the command to run in the image",
     )
-    _runtime_args(e, charliecloud=True)
+    _runtime_args(e, derived=True)
     e.set_defaults(func=cmd_exec)
 
 
-def _runtime_args(p: argparse.ArgumentParser, charliecloud: bool = False) -> None:
-    """--runtime: the SIF tools, and for `exec` Charliecloud's ch-run too."""
-    names = ("auto", "apptainer", "singularity", *(("charliecloud",) if charliecloud else ()))
+def _runtime_args(p: argparse.ArgumentParser, derived: bool = False) -> None:
+    """--runtime: the SIF tools, and for `exec` Charliecloud's ch-run and podman too."""
+    names = ("auto", "apptainer", "singularity", *(runtime.DERIVED_TREE if derived else ()))
     p.add_argument("--runtime", choices=names, default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the command line, run nothing")

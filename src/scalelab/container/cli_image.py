@@ -172,9 +172,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     name, rt = _runtime_name(argparse.Namespace(dry_run=args.dry_run, runtime=cfg.runtime))
     if not cfg.is_uri and not args.dry_run:
         runtime.check_image_file(cfg.image)
-    # Charliecloud runs a tree derived from the SIF: only from one whose pin (and signature)
-    # held, named by its sha256.
-    sha256 = checked_image(cfg).sha256 if cfg.runtime == runtime.CHARLIECLOUD else None
+    # Charliecloud and Podman run a tree derived from the SIF: only from one whose pin (and
+    # signature) held, named by its sha256.
+    sha256 = checked_image(cfg).sha256 if cfg.runtime in runtime.DERIVED_TREE else None
     argv = exec_prefix(
         cfg, cfg.bind_specs, cfg.env_pairs, sha256=sha256, command=command, derive=not args.dry_run
     )

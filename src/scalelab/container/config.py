@@ -27,7 +27,7 @@ from scalelab.container.registry import parse_ref
 from scalelab.errors import UsageError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-RUNTIMES = ("auto", "apptainer", "singularity", "charliecloud")
+RUNTIMES = ("auto", "apptainer", "singularity", "charliecloud", "podman")
 _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -74,14 +74,16 @@ class ContainerConfig(Section):
     """PEM public key files: when set, an image is accepted only signed by one of them
     (``apptainer sign --key``), by ``container verify``, ``container pull`` and the
     workflow before any job; an unsigned or otherwise signed image is refused."""
-    runtime: Literal["auto", "apptainer", "singularity", "charliecloud"] = "auto"
+    runtime: Literal["auto", "apptainer", "singularity", "charliecloud", "podman"] = "auto"
     """Which runtime runs the image (auto prefers apptainer). charliecloud: ``ch-run`` on a
     directory scalelab derives from the verified .sif once per sha256, beside it
     (``sha256-<hex>.ch``); needs unsquashfs, ``nv: false``, binds without options, no
-    nccl_net_plugin (docs/containers.md)."""
+    nccl_net_plugin. podman: ``podman run --rootfs`` on that same directory, with the
+    host's network, IPC and PID namespaces (docs/containers.md)."""
     nv: bool = True
     """Pass --nv (bind the host's NVIDIA driver); false for the CPU image and for
-    Charliecloud (which has no --nv: ``ch-fromhost --nvidia`` on the derived directory)."""
+    Charliecloud (which has no --nv: ``ch-fromhost --nvidia`` on the derived directory).
+    Podman: ``--device nvidia.com/gpu=all`` (CDI; the site generates its spec)."""
     userns: Literal["auto", "true", "false"] = Field("auto", json_schema_extra=_userns_schema)
     """Pass --userns to ``apptainer exec``: auto does so where root lacks the capabilities
     a setuid-free exec needs (as on the test machines)."""
@@ -91,8 +93,9 @@ class ContainerConfig(Section):
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables set inside the container (--env KEY=VALUE)."""
     exec_flags: list[NonEmpty] = Field(default_factory=list)
-    """Extra flags of the runtime's exec: ``apptainer exec`` (e.g. --cleanenv), or
-    ``ch-run`` with runtime charliecloud (e.g. --private-tmp)."""
+    """Extra flags of the runtime's exec: ``apptainer exec`` (e.g. --cleanenv), ``ch-run``
+    with runtime charliecloud (e.g. --private-tmp), or ``podman run`` with runtime podman
+    (e.g. --cgroups=disabled)."""
 
     nccl_net_plugin: NcclNetSection | None = None
     """A site's NCCL network plugin (aws-ofi-nccl and its libfabric): {dir, name, lib_dirs};
@@ -182,6 +185,20 @@ class ContainerConfig(Section):
                     f"@binds.{i}:{spec!r}: bind options have no Charliecloud equivalent; "
                     "give SRC or SRC:DST"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _podman_limits(self) -> ContainerConfig:
+        """What Apptainer offers and ``podman run --rootfs`` does not: refused, naming the field."""
+        if self.runtime != "podman" or not self.enabled:
+            return self
+        if self.userns == "true":
+            raise ValueError(
+                "@userns:podman has no --userns like Apptainer's (rootless podman always "
+                "runs in one; scalelab adds --userns=keep-id when not root); use auto"
+            )
+        if self.is_uri:
+            raise ValueError("@image:podman runs a tree derived from a local .sif path")
         return self
 
     @model_validator(mode="after")

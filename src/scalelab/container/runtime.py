@@ -29,8 +29,17 @@ NOT_FOUND = (
 #: container.runtime's name for Charliecloud, and the executable that runs its images.
 CHARLIECLOUD = "charliecloud"
 CH_RUN = "ch-run"
+#: container.runtime's name for Podman, which is also its executable.
+PODMAN = "podman"
+#: The runtimes that run the directory tree derived from the verified SIF, not the SIF.
+DERIVED_TREE = (CHARLIECLOUD, PODMAN)
 #: The executable of each configured runtime (auto: the first of apptainer, singularity).
-EXECUTABLES = {"apptainer": "apptainer", "singularity": "singularity", CHARLIECLOUD: CH_RUN}
+EXECUTABLES = {
+    "apptainer": "apptainer",
+    "singularity": "singularity",
+    CHARLIECLOUD: CH_RUN,
+    PODMAN: PODMAN,
+}
 
 
 @dataclass(frozen=True)
@@ -67,13 +76,14 @@ def require(preferred: str = "auto", path: str | None = None) -> Runtime:
 
 def sif_tool(preferred: str = "auto", path: str | None = None) -> Runtime:
     """The runtime that pulls, signs and verifies SIF files: apptainer or singularity,
-    also where Charliecloud runs the image (ch-run has no SIF signatures or oras://)."""
-    if preferred != CHARLIECLOUD:
+    also where Charliecloud or Podman runs the image (neither reads SIF signatures or
+    pulls oras:// SIFs)."""
+    if preferred not in DERIVED_TREE:
         return require(preferred, path)
     rt = detect("auto", path)
     if rt is None:
         raise UsageError(
-            "container.runtime: charliecloud runs the image, but pulling it from "
+            f"container.runtime: {preferred} runs the image, but pulling it from "
             "container.registry and checking container.trusted_keys need apptainer or "
             "singularity on the submit host's PATH"
         )
@@ -232,6 +242,52 @@ def ch_run_argv(
     if pwd:
         argv.append(f"--cd={pwd}")
     return [*argv, image_dir, "--", *command]
+
+
+#: Podman 4.3's --device name for every NVIDIA GPU through CDI (a spec that
+#: ``nvidia-ctk cdi generate`` writes to /etc/cdi/nvidia.yaml).
+PODMAN_CDI_GPUS = "nvidia.com/gpu=all"
+
+
+def podman_run_argv(
+    rt: str,
+    tree: str,
+    command: Sequence[str],
+    *,
+    globals_: Iterable[str] = (),
+    binds: Iterable[str] = (),
+    env_file: str | None = None,
+    host_env: Iterable[str] = (),
+    env: Iterable[tuple[str, str]] = (),
+    ulimits: Iterable[str] = (),
+    nv: bool = False,
+    keep_id: bool = False,
+    flags: Iterable[str] = (),
+    pwd: str | None = None,
+) -> list[str]:
+    """`podman [GLOBALS] run --rm --read-only --network=host --ipc=host --pid=host
+    [--userns=keep-id] [--ulimit=U]... [--device=nvidia.com/gpu=all] [-v B]...
+    [--env-file=F] [--env=NAME]... [--env=K=V]... [flags] [--workdir=PWD] --rootfs TREE
+    COMMAND...`: the host's network, IPC and PID namespaces (MPI and NCCL shared memory
+    across ranks, PMIx), the image's variables (``env_file``), then the host's named in
+    ``host_env`` (names or ``PREFIX*``), then ours, each value literal."""
+    argv = [rt, *globals_, "run", "--rm", "--read-only"]
+    argv += ["--network=host", "--ipc=host", "--pid=host"]
+    if keep_id:
+        argv.append("--userns=keep-id")
+    argv += [f"--ulimit={u}" for u in ulimits]
+    if nv:
+        argv.append(f"--device={PODMAN_CDI_GPUS}")
+    for bind in binds:
+        argv += ["-v", bind]
+    if env_file:
+        argv.append(f"--env-file={env_file}")
+    argv += [f"--env={name}" for name in host_env]
+    argv += [f"--env={key}={value}" for key, value in env]
+    argv += list(flags)
+    if pwd:
+        argv.append(f"--workdir={pwd}")
+    return [*argv, "--rootfs", tree, *command]
 
 
 def run(argv: Sequence[str], cwd: str | Path | None = None) -> int:

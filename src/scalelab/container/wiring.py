@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import scalelab
-from scalelab.container import charliecloud, pull, runtime, sif, verify
+from scalelab.container import charliecloud, podman, pull, runtime, sif, verify
 from scalelab.container.config import ContainerConfig
 from scalelab.errors import UsageError
 
@@ -37,8 +37,9 @@ def runtime_name(cfg: ContainerConfig, path: str | None = None) -> str:
 
 def exec_flags(c: ContainerConfig) -> list[str]:
     """container.exec_flags, with --userns first when container.userns asks for it
-    (apptainer; ch-run always runs in a user namespace and has no such flag)."""
-    if c.runtime == runtime.CHARLIECLOUD:
+    (apptainer; ch-run always runs in a user namespace and has no such flag, podman's
+    is added by :func:`exec_prefix`)."""
+    if c.runtime in runtime.DERIVED_TREE:
         return list(c.exec_flags)
     userns = runtime.use_userns(c.userns) and not {"--userns", "-u"} & set(c.exec_flags)
     return [*(["--userns"] if userns else []), *c.exec_flags]
@@ -46,8 +47,8 @@ def exec_flags(c: ContainerConfig) -> list[str]:
 
 def inspect_labels(rt: runtime.Runtime, image: str, timeout: float = 120) -> dict[str, str]:
     """The image's labels from `apptainer inspect --json`, or with ch-run (which cannot
-    inspect a SIF) from the same JSON read out of the SIF ({} when it cannot say)."""
-    if rt.name == runtime.CH_RUN:
+    inspect a SIF) or podman from the same JSON read out of the SIF ({} when it cannot say)."""
+    if rt.name in (runtime.CH_RUN, runtime.PODMAN):
         try:
             return parse_inspect_labels(sif.inspect_metadata(image) or "")
         except (OSError, UsageError):
@@ -134,13 +135,18 @@ PIN_RECORD_KEY = "pin_record"
 
 
 def job_container(
-    section: Mapping[str, Any], *, binds: Iterable[str] = (), pwd: str | None = None
+    section: Mapping[str, Any],
+    *,
+    binds: Iterable[str] = (),
+    pwd: str | None = None,
+    derive: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
     """(`apptainer exec ... IMAGE` prefix, provenance) for one training job.
 
     The submit host's pin record (if the workflow wrote one) spares the job a re-hash;
     the digest travels into the container as SCALELAB_IMAGE_SHA256 so each rank's
-    run_info.json names the image it ran in.
+    run_info.json names the image it ran in. ``derive`` false (a dry run): the tree a
+    Charliecloud or Podman run needs is only named, not unpacked.
     """
     section = {k: v for k, v in section.items() if v not in (None, [], {})}
     record = section.pop(PIN_RECORD_KEY, None)
@@ -149,14 +155,16 @@ def job_container(
     c = _config(section)
     env = (*c.env_pairs, ("SCALELAB_IMAGE_SHA256", provenance["sha256"]))
     already = {b.split(":", 1)[0] for b in os.environ.get("APPTAINER_BIND", "").split(",") if b}
-    if c.runtime == runtime.CHARLIECLOUD:
-        already = set()  # APPTAINER_BIND means nothing to ch-run
+    if c.runtime in runtime.DERIVED_TREE:
+        already = set()  # APPTAINER_BIND means nothing to ch-run or podman
     binds = [
         b
         for b in dict.fromkeys(binds)
         if Path(b.split(":", 1)[0]).exists() and b.split(":", 1)[0] not in already
     ]
-    prefix = exec_prefix(c, [*c.bind_specs, *binds], env, pwd=pwd, sha256=provenance["sha256"])
+    prefix = exec_prefix(
+        c, [*c.bind_specs, *binds], env, pwd=pwd, sha256=provenance["sha256"], derive=derive
+    )
     return prefix, provenance
 
 
@@ -176,7 +184,7 @@ def exec_prefix(
     and every bind's mount point made in the image (``derive`` false: only named, for a
     dry run)."""
     name = runtime_name(c)
-    if c.runtime != runtime.CHARLIECLOUD:
+    if c.runtime not in runtime.DERIVED_TREE:
         return runtime.exec_argv(
             name,
             c.image,
@@ -188,20 +196,59 @@ def exec_prefix(
             pwd=pwd,
         )
     if sha256 is None:
-        raise UsageError("container.sha256: Charliecloud runs only a verified image")
+        raise UsageError(f"container.sha256: {c.runtime} runs only a verified image")
+    env = (*env, ("SCALELAB_IMAGE_PATH", str(c.image)))
+    if c.runtime == runtime.PODMAN:
+        return _podman_prefix(c, name, binds, env, pwd, sha256, command or [], derive)
     pairs = [runtime.ch_bind(b) for b in dict.fromkeys([*binds, *([pwd] if pwd else [])])]
     tree = charliecloud.image_dir(c.image, sha256)
     if derive:
         tree = charliecloud.derive(c.image, sha256, name)
         charliecloud.mount_points(tree, pairs)
-    env = (*env, ("SCALELAB_IMAGE_PATH", str(c.image)))
     return runtime.ch_run_argv(
         name, str(tree), command or [], binds=pairs, env=env, flags=exec_flags(c), pwd=pwd
     )
 
 
+def _podman_prefix(
+    c: ContainerConfig,
+    name: str,
+    binds: list[str],
+    env: tuple[tuple[str, str], ...],
+    pwd: str | None,
+    sha256: str,
+    command: list[str],
+    derive: bool,
+) -> list[str]:
+    """``podman run --rootfs`` on the tree derived from the verified SIF (the one
+    Charliecloud runs), the working directory bound as ch-run's is, each bind's mount
+    point made in the tree first (so concurrent ranks do not race to make it)."""
+    specs = list(dict.fromkeys([*binds, *([pwd] if pwd else [])]))
+    specs = [b if ":" in b else f"{b}:{b}" for b in specs]  # podman's -v needs a DST
+    tree = charliecloud.image_dir(c.image, sha256)
+    if derive:
+        tree = charliecloud.derive(c.image, sha256, podman.enter(name))
+        charliecloud.mount_points(tree, [tuple(b.split(":")[:2]) for b in specs])
+    return runtime.podman_run_argv(
+        name,
+        str(tree),
+        command,
+        globals_=podman.global_flags(),
+        binds=specs,
+        env_file=str(podman.env_file(tree)),
+        host_env=podman.HOST_VARIABLES,
+        env=env,
+        ulimits=podman.ulimits(),
+        nv=c.nv,
+        keep_id=podman.keep_id(),
+        flags=exec_flags(c),
+        pwd=pwd,
+    )
+
+
 def inside_image_info() -> dict[str, Any] | None:
-    """Proof that this process runs inside an Apptainer or Charliecloud image (None on the host).
+    """Proof that this process runs inside an Apptainer, Charliecloud or Podman image (None on
+    the host).
 
     Recorded in run_info.json by the training loop: the image's os-release, the
     interpreter's prefix, where scalelab was imported from, and the image path and
@@ -210,7 +257,8 @@ def inside_image_info() -> dict[str, Any] | None:
     import sys
 
     image = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
-    if not image and os.environ.get("CH_RUNNING"):  # ch-run: the SIF its tree came from
+    # ch-run and podman (which sets container=podman): the SIF their tree came from.
+    if not image and (os.environ.get("CH_RUNNING") or podman.inside(os.environ)):
         image = os.environ.get("SCALELAB_IMAGE_PATH")
     if not image:
         return None
