@@ -58,7 +58,10 @@ def test_podman_argv_names_the_derived_tree_and_the_hpc_namespaces(monkeypatch):
     envs = [a for a in argv if a.startswith("--env=")]
     # The host's rank variables first, then ours (podman: the last value wins).
     assert envs.index("--env=OMPI_*") < envs.index("--env=A=1")
-    assert envs[-1] == "--env=SCALELAB_IMAGE_PATH=/img/x.sif"
+    assert envs[-2:] == [
+        "--env=SCALELAB_IMAGE_PATH=/img/x.sif",
+        f"--env=SCALELAB_IMAGE_SHA256={SHA}",
+    ]
     assert "--workdir=/work" in argv and argv.index("--cgroups=disabled") < argv.index("--rootfs")
     assert "--device=nvidia.com/gpu=all" not in argv
     want = [f"--ulimit={u}" for u in podman.ulimits()]

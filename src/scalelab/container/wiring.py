@@ -197,7 +197,10 @@ def exec_prefix(
         )
     if sha256 is None:
         raise UsageError(f"container.sha256: {c.runtime} runs only a verified image")
-    env = (*env, ("SCALELAB_IMAGE_PATH", str(c.image)))
+    # The proof a rank records (inside_image_info): the SIF and the digest that was checked.
+    named = {k for k, _ in env}
+    proof = (("SCALELAB_IMAGE_PATH", str(c.image)), ("SCALELAB_IMAGE_SHA256", sha256))
+    env = (*env, *((k, v) for k, v in proof if k not in named))
     if c.runtime == runtime.PODMAN:
         return _podman_prefix(c, name, binds, env, pwd, sha256, command or [], derive)
     pairs = [runtime.ch_bind(b) for b in dict.fromkeys([*binds, *([pwd] if pwd else [])])]
