@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scalelab.analysis import report, runs, runs_csv, scaling
+from scalelab.analysis import report, report_sections, runs, runs_csv, scaling
 
 
 def _run(
@@ -83,7 +83,7 @@ def test_tp_is_its_own_series(study):
 
 def test_sentence_says_what_sharding_bought(study):
     _, table, _ = study
-    sentence = report.sharding_sentence(table)
+    sentence = report_sections.sharding_sentence(table)
     assert sentence.startswith(
         "What sharding bought: fsdp at 2 ranks holds 0.50x of ddp's "
         "parameter + optimizer-state bytes per rank (6 vs 12 MiB)"
@@ -99,7 +99,7 @@ def test_no_memory_figures_nothing_to_compare(tmp_path):
     _run(tmp_path, "fsdp-2", "fsdp", 2, 1, None, 150.0)
     table, _ = scaling.analyse(runs.to_frame(runs.load_runs([tmp_path])))
     assert table["memory_vs_ddp"].isna().all()
-    assert "nothing to compare" in report.sharding_sentence(table)
+    assert "nothing to compare" in report_sections.sharding_sentence(table)
 
 
 def test_csv_rows_carry_tp(tmp_path):
@@ -120,5 +120,5 @@ def test_no_sharded_run_says_how_to_measure_it(tmp_path):
     _run(tmp_path, "ddp-1", "ddp", 1, 1, (4, 4, 4), 100.0)
     _run(tmp_path, "ddp-2", "ddp", 2, 1, (4, 4, 4), 150.0)
     table, _ = scaling.analyse(runs.to_frame(runs.load_runs([tmp_path])))
-    sentence = report.sharding_sentence(table)
+    sentence = report_sections.sharding_sentence(table)
     assert "no sharded run in this study" in sentence and "fsdp" in sentence

@@ -81,8 +81,12 @@ def test_a_site_three_times_faster_flags_the_slow_points_in_one_line(study, refe
     ref = yaml.safe_load(reference.read_text())
     for point in ref["points"]:
         if point["layout"]["ranks"] == 1:
+            fig = point["throughput"]
+            # three times faster than the fastest repeat here, whatever the repeats' spread
+            # on a loaded machine
+            factor = 3 * fig["high"] / fig["low"]
             for k in ("median", "low", "high"):
-                point["throughput"][k] *= 3
+                fig[k] *= factor
     faster = tmp_path / "faster.yaml"
     faster.write_text(yaml.safe_dump(ref))
     table = tmp_path / "check.csv"

@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO
 
 from scalelab import cli, launcher
-from scalelab.analysis import report, runs, runs_csv, scaling
+from scalelab.analysis import columns, report, report_sections, runs, runs_csv, scaling
 from scalelab.backends.parallel_dims import ParallelDims
 from scalelab.backends.pipeline_rules import bubble_fraction
 from scalelab.errors import UsageError
@@ -391,14 +391,14 @@ def pipeline_study(tmp_path):
 def test_runs_table_has_the_pipeline_columns(pipeline_study):
     frame, _, _ = pipeline_study
     row = frame.set_index("run_id")
-    assert list(runs.COLUMNS)[list(runs.COLUMNS).index("tp") + 1 :][:4] == [
+    assert list(columns.COLUMNS)[list(columns.COLUMNS).index("tp") + 1 :][:4] == [
         "pp",
         "microbatches",
         "schedule",
         "bubble",
     ]
     assert (row.loc["dp-2", "pp"], row.loc["dp-2", "bubble"]) == (1, 0)
-    assert row.loc["dp-2", "schedule"] == runs.NO_SCHEDULE
+    assert row.loc["dp-2", "schedule"] == columns.NO_SCHEDULE
     assert row.loc["pp2-m2-2", "bubble"] == pytest.approx(bubble_fraction(2, 1, 2))
     assert row.loc["pp2-m4-4", "bubble"] == pytest.approx(bubble_fraction(2, 1, 4))
     assert row.loc["pp2-v2-4", "bubble"] == pytest.approx(bubble_fraction(2, 2, 4))
@@ -419,7 +419,7 @@ def test_each_pipeline_is_its_own_series(pipeline_study):
     _, table, fits = pipeline_study
     at = table.set_index(["pp", "microbatches", "schedule", "recompute", "ranks"])
     assert at.loc[(2, 2, "1f1b", False, 4), "speedup"] == pytest.approx(230 / 120)
-    assert at.loc[(1, 1, runs.NO_SCHEDULE, False, 4), "speedup"] == pytest.approx(380 / 200)
+    assert at.loc[(1, 1, columns.NO_SCHEDULE, False, 4), "speedup"] == pytest.approx(380 / 200)
     assert at.loc[(2, 2, "1f1b", False, 4), "bubble"] == pytest.approx(bubble_fraction(2, 1, 2))
     assert at.loc[(2, 4, "interleaved-1f1b", False, 4), "bubble"] == pytest.approx(
         bubble_fraction(2, 2, 4)
@@ -434,7 +434,7 @@ def test_report_shows_pipeline_columns_and_memory(pipeline_study):
     md = report.markdown(table, fits, 0.7, ["runs"])
     header = next(line for line in md.splitlines() if line.startswith("| source |"))
     assert "| tp | pp | m | schedule | bubble | recompute | nodes |" in header
-    memory = report.memory_comparisons(table)
+    memory = report_sections.memory_comparisons(table)
     assert any(  # each stage holds half the layers' state
         c["pp"] == 2 and c["microbatches"] == 4 and c["ratio"] == pytest.approx(0.5) for c in memory
     )
@@ -450,7 +450,7 @@ def test_csv_rows_carry_the_pipeline(tmp_path):
     assert [(r["pp"], r["microbatches"], r["schedule"]) for r in rows] == [
         (2, 4, "1f1b"),
         (2, 4, "1f1b"),
-        (1, 1, runs.NO_SCHEDULE),
+        (1, 1, columns.NO_SCHEDULE),
     ]
     assert rows[0]["bubble"] == pytest.approx(bubble_fraction(2, 1, 4))
     bad = tmp_path / "bad.csv"
@@ -488,9 +488,9 @@ def test_memory_falls_with_pp_and_recomputation_is_measured(pipeline_study, tmp_
     at = table.set_index(["pp", "microbatches", "schedule", "recompute", "ranks"])
     assert (
         at.loc[(2, 2, "1f1b", False, 4), "state_bytes_per_rank"]
-        < at.loc[(1, 1, runs.NO_SCHEDULE, False, 4), "state_bytes_per_rank"]
+        < at.loc[(1, 1, columns.NO_SCHEDULE, False, 4), "state_bytes_per_rank"]
     )
-    (saved,) = report.recompute_comparisons(table)
+    (saved,) = report_sections.recompute_comparisons(table)
     assert (saved["pp"], saved["ranks"], saved["without_bytes_per_rank"]) == (2, 4, 48)
     assert saved["throughput_ratio"] == pytest.approx(184 / 230)
     md = report.markdown(table, fits, 0.7, ["runs"])
@@ -504,7 +504,9 @@ def test_memory_falls_with_pp_and_recomputation_is_measured(pipeline_study, tmp_
     written = json.loads((out / "analysis.json").read_text())
     assert written["recompute"] == [saved] and written["recompute_sentence"] in md
     back = pd.read_csv(out / "runs.csv").set_index("run_id")  # a CSV keeps the pipeline
-    assert back.loc["dp-2", "schedule"] == runs.NO_SCHEDULE and back.loc["pp2-m2-4-rc", "recompute"]
+    assert (
+        back.loc["dp-2", "schedule"] == columns.NO_SCHEDULE and back.loc["pp2-m2-4-rc", "recompute"]
+    )
 
 
 def test_a_pipelines_recomputation_is_read_from_its_run_config(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from scalelab.analysis import runs, runs_csv
+from scalelab.analysis import columns, runs, runs_csv
 from scalelab.errors import UsageError
 from scalelab.fsio import read_text
 from scalelab.output_guard import check_target
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     untimed = int(table["untimed_runs"].sum())
     if untimed:
         print(
-            f"{untimed} run(s) without timed steps: flagged '{runs.NO_TIMED_STEPS}', left "
+            f"{untimed} run(s) without timed steps: flagged '{columns.NO_TIMED_STEPS}', left "
             "out of the metrics and fits"
         )
     print(f"wrote {out}")

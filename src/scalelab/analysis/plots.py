@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scalelab.analysis.runs import NO_SCHEDULE
+from scalelab.analysis.columns import NO_SCHEDULE
 from scalelab.analysis.scaling import GROUP, amdahl, gustafson
 
 FIGSIZE = (8.0, 5.0)

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scalelab.analysis.runs import MEMORY_KEYS, NAN, check_label, pipeline_columns
+from scalelab.analysis.columns import MEMORY_KEYS, NAN, check_label
+from scalelab.analysis.runs import pipeline_columns
 from scalelab.errors import UsageError
 
 #: Accepted CSV headers (case-insensitive; spaces and dashes read as underscores).

@@ -41,7 +41,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from scalelab.analysis.runs import NO_TIMED_STEPS
+from scalelab.analysis.columns import NO_TIMED_STEPS
 from scalelab.backends.registry import DEFAULT, SINGLE
 from scalelab.errors import UsageError
 

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from scalelab.analysis import runs, runs_csv
-from scalelab.analysis.runs import NO_TIMED_STEPS, load_run
+from scalelab.analysis.columns import NO_TIMED_STEPS
+from scalelab.analysis.runs import load_run
 from scalelab.backends.registry import SINGLE
 from scalelab.comm import advise_cli, results
 from scalelab.errors import UsageError

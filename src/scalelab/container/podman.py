@@ -114,6 +114,11 @@ def env_file(tree: Path) -> Path:
     return tree / charliecloud.ENV_FILE
 
 
-def inside(environ: Mapping[str, str]) -> bool:
-    """True in a process podman started (it sets ``container=podman``)."""
-    return environ.get(MARK_VAR) == MARK
+#: The file podman writes into every container it runs (``--rootfs`` ones included), its
+#: documented marker; ``container=podman`` is not set for a ``--rootfs`` run (measured).
+CONTAINERENV = Path("/run/.containerenv")
+
+
+def inside(environ: Mapping[str, str], marker: Path = CONTAINERENV) -> bool:
+    """True in a process podman started."""
+    return environ.get(MARK_VAR) == MARK or marker.is_file()
