@@ -69,7 +69,8 @@ COLUMNS: dict[str, str] = {
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
     "CSV: file:line",
     "flags": "'no timed steps' when summary.json has no throughput (every step of each epoch "
-    "was warm-up): its timings are NaN and the scaling metrics leave it out",
+    "was warm-up), 'world size changed' when an elastic run lost or gained nodes (its "
+    "throughput mixes world sizes): its timings are NaN and the scaling metrics leave it out",
 }
 
 NUMERIC = (
@@ -127,6 +128,9 @@ NO_SCHEDULE = "no pipeline"
 #: The ``flags`` code of a run whose summary.json has ``samples_per_s: null``: the warm-up
 #: steps took every step the throughput counts (e.g. one step per epoch at many ranks).
 NO_TIMED_STEPS = "no timed steps"
+#: The ``flags`` code of an elastic run whose world size changed (summary.json's
+#: ``world_size_changed``): its throughput mixes world sizes, so it is no scaling point.
+WORLD_SIZE_CHANGED = "world size changed"
 
 #: A cell starting with one of these is a formula to Excel/LibreOffice/Sheets (OWASP
 #: "CSV Injection"); tab and carriage return are on the same list.
@@ -380,6 +384,8 @@ def load_run(
         "flags": "",
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
+    if _dig(summary, "world_size_changed"):
+        return _untimed(row, WORLD_SIZE_CHANGED)
     return _untimed(row) if math.isnan(samples_per_s) else row
 
 
@@ -458,10 +464,11 @@ TIMED = (
 )
 
 
-def _untimed(row: dict[str, Any]) -> dict[str, Any]:
-    """A run without timed steps: flagged, its timings NaN (a warm-up step's time is
-    compile and allocation, not the configuration's speed), the rest kept."""
-    return {**row, **dict.fromkeys(TIMED, NAN), "flags": NO_TIMED_STEPS}
+def _untimed(row: dict[str, Any], flag: str = NO_TIMED_STEPS) -> dict[str, Any]:
+    """A run without timed steps of one configuration: flagged, its timings NaN (a warm-up
+    step's time is compile and allocation, a mixed world size's is two configurations,
+    not the configuration's speed), the rest kept."""
+    return {**row, **dict.fromkeys(TIMED, NAN), "flags": flag}
 
 
 def _test_scores(run_dir: Path) -> dict[str, float]:
