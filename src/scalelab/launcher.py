@@ -115,7 +115,7 @@ def elastic_argv(
     if not hosts:
         raise UsageError("dist.elastic: SLURM_JOB_NODELIST is empty; no rendezvous host")
     agents = commands.srun(
-        mpi="none",
+        mpi=commands.SRUN_NO_MPI,
         nodes=point.nodes,
         ntasks=point.nodes,
         tasks_per_node=1,

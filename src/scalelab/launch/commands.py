@@ -100,6 +100,8 @@ def torchrun(nproc_per_node: int) -> list[str]:
     ]
 
 
+#: ``srun --mpi=none``: elastic agents are not MPI ranks (no PMIx wire-up to wait for).
+SRUN_NO_MPI = "none"
 #: torchrun's rendezvous backend for elastic jobs: a TCP store on the endpoint's host
 #: (no etcd), hosted by the agent that binds it first.
 RDZV_BACKEND = "c10d"
