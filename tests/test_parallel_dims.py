@@ -268,7 +268,7 @@ NOT_A_BACKEND = {
     "container/lint.py": {"horovod": "the horovod version label", "none": "an absent label"},
     "container/selftest.py": {"horovod": "the image's horovod package"},
     "doctor.py": {"horovod": "the horovod package probe"},
-    "launch/commands.py": {"none": "mpirun --bind-to none"},
+    "launch/commands.py": {"none": "mpirun --bind-to none, srun --mpi=none"},
     "sysfacts.py": {"horovod": "the horovod package version"},
     "container/build_gpu.py": {"horovod": "the image's horovod package", "none": "pip --abi none"},
     "study/config.py": {"horovod": "commbench's libs: the horovod library"},

@@ -28,12 +28,17 @@ from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from scalelab import docload, supervise
 from scalelab.backends import DEFAULT, SINGLE
+from scalelab.backends.config import ElasticConfig
 from scalelab.backends.pipeline_rules import SCHEDULES
+from scalelab.config_types import format_error
 from scalelab.container import job_container
 from scalelab.errors import UsageError
 from scalelab.launch import commands
+from scalelab.layout import expand_hostlist, port_for
 from scalelab.rundir import LOCK_ENV, RunDir
 from scalelab.study import config as study_config
 from scalelab.study import plan as study_plan
@@ -86,15 +91,70 @@ def local_argv(launch: dict, point: RunPoint) -> list[str]:
     )
 
 
+def elastic_argv(
+    launch: dict, point: RunPoint, elastic: dict, env: dict[str, str] | None = None
+) -> list[str]:
+    """One torchrun elastic agent per node (``dist.elastic``): inside Slurm, ``srun`` starts
+    one agent on each of the point's nodes, without ``--kill-on-bad-exit`` and with
+    ``--no-kill`` so a lost node does not end the others' step; the agents meet at the
+    allocation's first node. Outside Slurm, one agent runs every rank on this machine
+    (a failed worker is restarted up to ``max_restarts`` times)."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID") or point.run_id
+    restarts = elastic["max_restarts"]
+    if not in_slurm_allocation(env):
+        return commands.torchrun_elastic(
+            nproc_per_node=point.ranks,
+            min_nodes=1,
+            max_nodes=1,
+            max_restarts=restarts,
+            endpoint=f"127.0.0.1:{port_for(f'elastic-{job}-{os.getpid()}')}",
+            run_id=point.run_id,
+        )
+    hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""))
+    if not hosts:
+        raise UsageError("dist.elastic: SLURM_JOB_NODELIST is empty; no rendezvous host")
+    agents = commands.srun(
+        mpi=commands.SRUN_NO_MPI,
+        nodes=point.nodes,
+        ntasks=point.nodes,
+        tasks_per_node=1,
+        cpus_per_task=launch["cpus_per_task"] * point.tasks_per_node,
+        kill_on_bad_exit=False,
+        gres=gpu_gres(point),
+        flags=["--no-kill", *launch["extra_srun_args"]],
+    )
+    return [
+        *agents,
+        *commands.torchrun_elastic(
+            nproc_per_node=point.tasks_per_node,
+            min_nodes=elastic["min_nodes"],
+            max_nodes=min(elastic["max_nodes"], point.nodes),
+            max_restarts=restarts,
+            endpoint=f"{hosts[0]}:{port_for(f'elastic-{job}')}",
+            run_id=f"{point.run_id}-{job}",
+        ),
+    ]
+
+
 def launch_argv(
     launch: dict,
     point: RunPoint,
     args: list[str],
     env: dict[str, str] | None = None,
     container_prefix: list[str] | None = None,
+    elastic: dict | None = None,
 ) -> list[str]:
-    """The whole command line that starts `scalelab ARGS` on every rank of `point`."""
+    """The whole command line that starts `scalelab ARGS` on every rank of `point`
+    (``elastic``: the run config's ``dist.elastic``, torchrun's elastic agents)."""
     per_rank = commands.scalelab_command(args, container_prefix)
+    if elastic:
+        if container_prefix:
+            raise UsageError(
+                "field 'train.dist.elastic': not with container.enabled yet (torchrun's "
+                "agent would have to run inside the image)"
+            )
+        return commands.compose(elastic_argv(launch, point, elastic, env), per_rank)
     if in_slurm_allocation(env):
         if point.ranks == 1:
             # A 1-rank job is submitted without the `mpi` resource: the slurm plugin's job
@@ -275,6 +335,19 @@ def _generic_point(args: argparse.Namespace) -> RunPoint:
     return point
 
 
+def _elastic(run_config: dict) -> dict | None:
+    """The run config's ``dist.elastic`` with its defaults (None: not elastic); one line
+    naming the field when it is wrong (the trainer would refuse it too, but only after
+    the agents started)."""
+    raw = (run_config.get("dist") or {}).get("elastic")
+    if raw is None:
+        return None
+    try:
+        return ElasticConfig.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        raise UsageError(format_error(exc, ElasticConfig, "train.dist.elastic.")) from None
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if command:
@@ -312,7 +385,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     )
     tracking = tracking_config.from_environ()  # the study's, exported by the workflow
     argv = launch_argv(
-        launch, point, train_args(run_dir.run_config_path, out_dir), container_prefix=prefix
+        launch,
+        point,
+        train_args(run_dir.run_config_path, out_dir),
+        container_prefix=prefix,
+        elastic=_elastic(spec["run_config"]),
     )
     print("scalelab launch:", " ".join(argv), flush=True)
     if args.dry_run:

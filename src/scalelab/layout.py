@@ -36,7 +36,7 @@ import re
 import socket
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scalelab.errors import UsageError
 from scalelab.rank import HOROVODRUN, MPICH, OPENMPI, SLURM, TORCHRUN, Names, launcher_names
@@ -61,6 +61,10 @@ class Layout:
     master_port: int
     #: torchrun | horovodrun | openmpi | mpich | slurm | single
     launcher: str
+    #: How many times torchrun's elastic agent restarted the workers before this one
+    #: (``TORCHELASTIC_RESTART_COUNT``; 0 for every other launcher): > 0 means a failure
+    #: or a membership change happened, and the world size may differ from the start's.
+    restart_count: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -153,6 +157,12 @@ def _port_from(key: str) -> int:
     return PORT_BASE + zlib.crc32(key.encode()) % PORT_SPAN
 
 
+def port_for(key: str) -> int:
+    """A port derived from a job's identity (below the ephemeral range, see
+    :data:`PORT_BASE`): the rendezvous port of an elastic launch."""
+    return _port_from(key)
+
+
 def _master_port(env: Mapping[str, str], fallback_key: str) -> int:
     if env.get("MASTER_PORT"):
         return _int(env, "MASTER_PORT")
@@ -220,8 +230,13 @@ def _read(
     )
 
 
+#: What torchrun's agent sets in each worker: restarts of the worker group so far.
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+
+
 def _from_torchrun(env: Mapping[str, str]) -> Layout:
-    return _read(env, TORCHRUN, lambda _: env.get("MASTER_ADDR", "127.0.0.1"), "torchrun")
+    layout = _read(env, TORCHRUN, lambda _: env.get("MASTER_ADDR", "127.0.0.1"), "torchrun")
+    return replace(layout, restart_count=_int(env, RESTART_COUNT, 0))
 
 
 def _from_horovodrun(env: Mapping[str, str]) -> Layout:

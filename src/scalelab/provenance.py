@@ -93,6 +93,10 @@ def collect(cfg: Any, run_dir: Path, layout: Layout) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # each start's own world (an elastic restart may run on fewer or more nodes)
+        "world_size": layout.world_size,
+        "nodes": nodes,
+        "restart_count": layout.restart_count,
     }
     incidental = {
         "git": git_state(),

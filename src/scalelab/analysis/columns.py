@@ -59,7 +59,8 @@ COLUMNS: dict[str, str] = {
     "provenance": "provenance id: the trainer's, else a hash of config+run_info+summary; "
     "CSV: file:line",
     "flags": "'no timed steps' when summary.json has no throughput (every step of each epoch "
-    "was warm-up): its timings are NaN and the scaling metrics leave it out",
+    "was warm-up), 'world size changed' when an elastic run lost or gained nodes (its "
+    "throughput mixes world sizes): its timings are NaN and the scaling metrics leave it out",
 }
 
 NUMERIC = (
@@ -117,6 +118,9 @@ NO_SCHEDULE = "no pipeline"
 #: The ``flags`` code of a run whose summary.json has ``samples_per_s: null``: the warm-up
 #: steps took every step the throughput counts (e.g. one step per epoch at many ranks).
 NO_TIMED_STEPS = "no timed steps"
+#: The ``flags`` code of an elastic run whose world size changed (summary.json's
+#: ``world_size_changed``): its throughput mixes world sizes, so it is no scaling point.
+WORLD_SIZE_CHANGED = "world size changed"
 
 #: A cell starting with one of these is a formula to Excel/LibreOffice/Sheets (OWASP
 #: "CSV Injection"); tab and carriage return are on the same list.

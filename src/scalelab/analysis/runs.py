@@ -252,6 +252,8 @@ def load_run(
         "flags": "",
     }
     row["workers"] = row["gpus"] if row["gpus"] > 0 else row["ranks"]
+    if _dig(summary, "world_size_changed"):
+        return _untimed(row, WORLD_SIZE_CHANGED)
     return _untimed(row) if math.isnan(samples_per_s) else row
 
 
@@ -330,10 +332,11 @@ TIMED = (
 )
 
 
-def _untimed(row: dict[str, Any]) -> dict[str, Any]:
-    """A run without timed steps: flagged, its timings NaN (a warm-up step's time is
-    compile and allocation, not the configuration's speed), the rest kept."""
-    return {**row, **dict.fromkeys(TIMED, NAN), "flags": NO_TIMED_STEPS}
+def _untimed(row: dict[str, Any], flag: str = NO_TIMED_STEPS) -> dict[str, Any]:
+    """A run without timed steps of one configuration: flagged, its timings NaN (a warm-up
+    step's time is compile and allocation, a mixed world size's is two configurations,
+    not the configuration's speed), the rest kept."""
+    return {**row, **dict.fromkeys(TIMED, NAN), "flags": flag}
 
 
 def _test_scores(run_dir: Path) -> dict[str, float]:

@@ -70,7 +70,8 @@ FLAG_LEGEND: dict[str, str] = {
     "noisy": "the spread of the repeats is larger than the speedup's gain |S - 1|: "
     "the scaling effect is not resolved",
     NO_TIMED_STEPS: "runs of this configuration whose summary.json has no throughput (the "
-    "warm-up took every step, e.g. one step per epoch at many ranks): left out "
+    "warm-up took every step, e.g. one step per epoch at many ranks) or whose world size "
+    "changed (an elastic run that lost or gained nodes): left out "
     "of throughput, spread, efficiency and fits; the other repeats count",
     "no baseline": "the smallest configuration of this series has no timed steps: no speedup "
     "or efficiency against it",

@@ -7,13 +7,13 @@ new backend adds its options section here and a field of that name to
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from scalelab.backends.pipeline_rules import SCHEDULES
 from scalelab.backends.registry import AUTO, CHOICES
-from scalelab.config_types import Megabytes, NonNegFloat, PosInt, Seconds, Section
+from scalelab.config_types import Megabytes, NonNegFloat, NonNegInt, PosInt, Seconds, Section
 
 #: ``dist.backend``'s values: ``auto`` and every registered backend.
 BackendName = Literal[CHOICES]
@@ -40,6 +40,31 @@ class FSDPConfig(Section):
     same as dist.activation_checkpointing."""
     reshard_after_forward: bool = True
     """Free gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2)."""
+
+
+#: Most nodes an elastic range may name: beyond this a typo, not a job.
+MAX_ELASTIC_NODES = 1 << 16
+
+
+class ElasticConfig(Section):
+    """torchrun's elastic agent: the job survives losing (or gaining) nodes between
+    ``min_nodes`` and ``max_nodes``; every membership change restarts all workers, which
+    resume from the newest checkpoint at the new world size (resharded: this section is
+    the consent ``--reshard`` gives a plain resume)."""
+
+    min_nodes: PosInt = 1
+    """Fewest nodes the job runs on; below this the agents wait, then fail."""
+    max_nodes: Annotated[int, Field(ge=1, le=MAX_ELASTIC_NODES)] = 1
+    """Most nodes the job runs on (the allocation's nodes under Slurm)."""
+    max_restarts: Annotated[NonNegInt, Field(le=1000)] = 3
+    """Worker-group restarts torchrun allows (each membership change or failure is one)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> ElasticConfig:
+        """An empty range can never rendezvous: refuse it here, not after a wait in the job."""
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"@min_nodes:{self.min_nodes} is more than max_nodes={self.max_nodes}")
+        return self
 
 
 class DistConfig(Section):
@@ -75,6 +100,10 @@ class DistConfig(Section):
     """Horovod options."""
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     """fsdp options."""
+    elastic: ElasticConfig | None = None
+    """Elastic training under torchrun (min_nodes, max_nodes, max_restarts); null: a lost
+    node fails the job (a retry resumes it). Needs optim.global_batch_size (strong
+    scaling: the global batch, and so the loss curve, stay the same at every world size)."""
 
     @property
     def m(self) -> int:

@@ -100,13 +100,53 @@ def torchrun(nproc_per_node: int) -> list[str]:
     ]
 
 
+#: ``srun --mpi=none``: elastic agents are not MPI ranks (no PMIx wire-up to wait for).
+SRUN_NO_MPI = "none"
+#: torchrun's rendezvous backend for elastic jobs: a TCP store on the endpoint's host
+#: (no etcd), hosted by the agent that binds it first.
+RDZV_BACKEND = "c10d"
+
+
+def torchrun_elastic(
+    *,
+    nproc_per_node: int,
+    min_nodes: int,
+    max_nodes: int,
+    max_restarts: int,
+    endpoint: str,
+    run_id: str,
+    rdzv_conf: dict[str, str] | None = None,
+) -> list[str]:
+    """``python -m torch.distributed.run --nnodes=MIN:MAX --nproc-per-node=N
+    --max-restarts=R --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=ID``: one
+    elastic agent per node; the agents rendezvous at ``endpoint`` and restart every
+    worker with the new world size when a node is lost or joins (``dist.elastic``).
+    ``rdzv_conf``: the rendezvous options (e.g. ``last_call_timeout``, ``is_host``)."""
+    argv = [
+        sys.executable,
+        "-m",
+        TORCHRUN_MODULE,
+        f"--nnodes={min_nodes}:{max_nodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--max-restarts={max_restarts}",
+        f"--rdzv-backend={RDZV_BACKEND}",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+    ]
+    if rdzv_conf:
+        argv.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in rdzv_conf.items()))
+    return argv
+
+
 def horovodrun(ranks: int) -> list[str]:
     """``horovodrun -np RANKS``."""
     return [which(HOROVODRUN) or HOROVODRUN, "-np", str(ranks)]
 
 
 def is_torchrun(launcher: Sequence[str]) -> bool:
-    return list(launcher[1:3]) == ["-m", TORCHRUN_MODULE]
+    """Whether ``launcher`` runs torchrun: alone, or after srun (elastic agents per node)."""
+    argv = list(launcher)
+    return any(argv[i : i + 2] == ["-m", TORCHRUN_MODULE] for i in range(len(argv) - 1))
 
 
 def compose(launcher: Sequence[str], per_rank: Sequence[str]) -> list[str]:

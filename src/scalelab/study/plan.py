@@ -28,7 +28,7 @@ from scalelab.backends.registry import DEFAULT
 from scalelab.data import kinds
 from scalelab.errors import UsageError
 from scalelab.study.checks import OPTIONAL_KNOBS, _dataset_size, stages_data
-from scalelab.train.config import RunConfig, from_dict, resolve_batch
+from scalelab.train.config import RunConfig, check_elastic, from_dict, resolve_batch
 from scalelab.train.timing import epoch_steps, timed_steps
 
 #: The sweep's knobs, in run-id order. A new knob is one entry here, one field of RunPoint
@@ -432,6 +432,7 @@ def check_points(cfg: dict, source: str = "config") -> None:
         try:
             rc = from_dict(run_config(cfg, point, "DATA"), prefix="train.")
             batch = resolve_batch(rc, _checked_layout(point, rc), prefix="train.")
+            check_elastic(rc, point.tasks_per_node, prefix="train.")
             if train_max is not None and batch.global_batch > train_max:
                 raise UsageError(
                     f"field 'train.optim.global_batch_size': a global batch of "

@@ -81,6 +81,7 @@ RESUME_MAY_CHANGE = (
     "dist.socket_ifname",
     "dist.bucket_cap_mb",
     "dist.activation_checkpointing",
+    "dist.elastic",
 )
 #: The layout's fields: they change only under ``--reshard`` (with the world size).
 LAYOUT_FIELDS = (

@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --resume: accept a checkpoint written at another world size or "
         "tp (sharded checkpoints are resharded to this job's layout); without "
-        "it such a resume is refused",
+        "it such a resume is refused. With dist.elastic set the config is that consent, "
+        "and a restart by torchrun's elastic agent (TORCHELASTIC_RESTART_COUNT > 0) "
+        "resumes by itself",
     )
     p.add_argument(
         "--set",

@@ -347,6 +347,12 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
 
 def validate(cfg: RunConfig, prefix: str = "") -> None:
     """Checks beyond types and bounds that need no world size and no torch import."""
+    if cfg.dist.elastic is not None and cfg.optim.per_rank_batch_size is not None:
+        raise UsageError(
+            f"field '{prefix}dist.elastic': needs optim.global_batch_size, not "
+            "optim.per_rank_batch_size (weak scaling would change the global batch, and the "
+            "loss curve, with every membership change)"
+        )
     allowed = model_option_names(cfg.model.name)
     for key in cfg.model.options:
         if key not in allowed:
@@ -428,6 +434,32 @@ def resolve_batch(cfg: RunConfig, world_size: int | ParallelDims, prefix: str = 
     if not math.isfinite(lr):
         raise UsageError(f"field '{prefix}optim.lr': the scaled learning rate is not finite")
     return BatchPlan(global_batch, per_rank, per_rank // accum, accum, lr)
+
+
+def elastic_world_sizes(cfg: RunConfig, tasks_per_node: int) -> list[int]:
+    """The world sizes an elastic run may have: every node count of ``dist.elastic`` times
+    the ranks per node ([] without ``dist.elastic``)."""
+    el = cfg.dist.elastic
+    if el is None:
+        return []
+    return [n * tasks_per_node for n in range(el.min_nodes, el.max_nodes + 1)]
+
+
+def check_elastic(cfg: RunConfig, tasks_per_node: int, prefix: str = "") -> None:
+    """Refuse an elastic range where some allowed world size cannot hold the layout or
+    split the global batch: found at plan (or start) time, not after a node is lost."""
+    for world in elastic_world_sizes(cfg, tasks_per_node):
+        nodes = world // tasks_per_node
+        dims = ParallelDims.from_dist(world, cfg.dist)
+        where = f"field '{prefix}dist.elastic': at {nodes} node(s) x {tasks_per_node} ranks"
+        if not dims.fits:
+            raise UsageError(
+                f"{where}: world size {world} is not a multiple of tp * pp = {dims.tp} * {dims.pp}"
+            )
+        try:
+            resolve_batch(cfg, dims, prefix)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- documentation

@@ -28,12 +28,19 @@ from scalelab.backends import Backend, ParallelDims, choose_backend, make_backen
 from scalelab.data.progress import Progress
 from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
-from scalelab.layout import detect
+from scalelab.layout import Layout, detect
 from scalelab.models import build
 from scalelab.tracking.config import RunSettings
 from scalelab.tracking.live import RunTracker
 from scalelab.train.checkpoint import Checkpointer
-from scalelab.train.config import RunConfig, apply_overrides, from_dict, load, resolve_batch
+from scalelab.train.config import (
+    RunConfig,
+    apply_overrides,
+    check_elastic,
+    from_dict,
+    load,
+    resolve_batch,
+)
 from scalelab.train.energy_ledger import EnergyLedger
 from scalelab.train.records import epoch_record, format_epoch_line, run_info, summary
 from scalelab.train.reducer import MetricsReducer
@@ -92,6 +99,7 @@ def _run(
 ) -> dict[str, Any]:
     cfg = _load(config, overrides)
     layout = detect()
+    resume, reshard = elastic_resume(cfg, layout, resume, reshard)
     dims = ParallelDims.from_dist(layout.world_size, cfg.dist)
     backend_name = choose_backend(
         cfg.dist.backend, layout, model=cfg.model.name, options=cfg.model.options, dims=dims
@@ -136,6 +144,27 @@ def _run(
     finally:
         watchdog.stop()  # never outlive run(): an API caller's process must not be killed later
     return result
+
+
+def elastic_resume(
+    cfg: RunConfig, layout: Layout, resume: bool, reshard: bool
+) -> tuple[bool, bool]:
+    """(resume, reshard) of this start. With ``dist.elastic`` the config is the consent to
+    continue at another world size (what ``--reshard`` says for a plain resume), and a
+    restart by torchrun's elastic agent resumes by itself: the agent reruns the same
+    command line, which a first start gave without ``--resume``."""
+    if cfg.dist.elastic is None:
+        return resume, reshard
+    check_elastic(cfg, layout.local_world_size)
+    if layout.restart_count > 0:
+        if layout.is_main and not resume:
+            print(
+                f"scalelab train: elastic restart {layout.restart_count} at world size "
+                f"{layout.world_size}: resuming from the newest checkpoint",
+                flush=True,
+            )
+        resume = True
+    return resume, reshard or resume
 
 
 def _load(config: RunConfig | dict | str | Path, overrides: list[str]) -> RunConfig:
@@ -204,17 +233,35 @@ class Trainer:
                 "launcher": job.layout.launcher,
                 "hostnames": job.hostnames,
                 "resume": job.resume,
+                "restart_count": job.layout.restart_count,
             }
         )
         seed_everything(job.cfg.seed + 1 + job.layout.rank)  # per-rank streams (dropout)
         if job.resume:
             self.checkpointer.resume()
+        self.join()
         job.model.train()
         for epoch in range(self.state.epoch, job.cfg.train.epochs):
             self.state.stats.comm_measured = job.backend.measures_comm
             self.run_epoch(epoch)
             self.end_epoch(epoch)
         return self.finish()
+
+    def join(self) -> None:
+        """Record this start's world size in the run's membership (kept in checkpoints);
+        a change (an elastic restart on fewer or more nodes, or a resharded resume) is a
+        ``membership`` record in metrics.jsonl."""
+        layout, st = self.job.layout, self.state
+        was = st.world_sizes[-1] if st.membership else None
+        entry = st.join(layout.world_size, layout.restart_count)
+        if entry is not None and was is not None:
+            self.job.metrics.write({"kind": "membership", "world_size_was": was, **entry})
+            if self.job.main:
+                print(
+                    f"scalelab train: world size {was} -> {layout.world_size} at step "
+                    f"{entry['global_step']} (restart {layout.restart_count})",
+                    flush=True,
+                )
 
     def run_epoch(self, epoch: int) -> None:
         job, plan = self.job, self.job.plan

@@ -1,8 +1,9 @@
 """What a run writes about itself: metrics.jsonl records, run_info.json, summary.json.
 
 ``RUN_DIR/metrics.jsonl`` holds one JSON object per line with a ``kind``:
-``start`` (each process start, resumes included), ``step`` (every
-``metrics.log_every`` steps), ``epoch``, ``preempted`` and ``end``. Each line is
+``start`` (each process start, resumes included), ``resume``, ``membership`` (the
+world size changed since the previous start: an elastic restart or a resharded resume),
+``step`` (every ``metrics.log_every`` steps), ``epoch``, ``preempted`` and ``end``. Each line is
 written with one ``write`` on an ``O_APPEND`` descriptor, so a crash can cut
 the file only between lines.
 
@@ -226,6 +227,11 @@ def summary(job: Job, state: TrainState, reasons: dict[str, str]) -> dict[str, A
             "comm": sum(comm) if comm else None,
         },
         "resumes": state.resumes,
+        # an elastic run that lost or gained nodes: its throughput mixes world sizes, so
+        # it is no clean scaling point (analysis leaves it out of the figures)
+        "world_sizes": state.world_sizes,
+        "world_size_changed": len(set(state.world_sizes)) > 1,
+        "membership": list(state.membership),
         "model_file": RunDir.MODEL,
     }
     out.update(

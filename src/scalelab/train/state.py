@@ -30,6 +30,9 @@ class TrainState:
     stats: EpochStats = field(default_factory=EpochStats)
     #: One record per finished epoch (what metrics.jsonl's epoch lines hold).
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The world sizes the run trained at, in order: one entry per start whose world size
+    #: differs from the previous one (``global_step``, ``world_size``, ``restart_count``).
+    membership: list[dict[str, int]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class TrainState:
             "resumes": self.resumes,
             "stats": self.stats.to_dict(),
             "history": list(self.history),
+            "membership": list(self.membership),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -47,6 +51,25 @@ class TrainState:
         self.resumes = state.get("resumes", 0)
         self.stats = EpochStats(**state["stats"])
         self.history = list(state["history"])
+        self.membership = list(state.get("membership", []))  # older checkpoints: none
+
+    def join(self, world_size: int, restart_count: int) -> dict[str, int] | None:
+        """Note this start's world size; the new entry when it differs from the last one
+        (a membership change, or the first start), else None."""
+        if self.membership and self.membership[-1]["world_size"] == world_size:
+            return None
+        entry = {
+            "global_step": self.global_step,
+            "world_size": world_size,
+            "restart_count": restart_count,
+        }
+        self.membership.append(entry)
+        return entry
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """The world sizes the run trained at, in order (a change when more than one)."""
+        return [m["world_size"] for m in self.membership]
 
     def next_epoch(self) -> None:
         """Move to the start of the next epoch with fresh statistics."""
