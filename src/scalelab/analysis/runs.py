@@ -21,6 +21,7 @@ from scalelab.analysis.columns import (
     NAN,
     NO_SCHEDULE,
     NO_TIMED_STEPS,
+    WORLD_SIZE_CHANGED,
     NUMERIC,
     check_label,
 )
