@@ -21,8 +21,8 @@ from scalelab.analysis.columns import (
     NAN,
     NO_SCHEDULE,
     NO_TIMED_STEPS,
-    WORLD_SIZE_CHANGED,
     NUMERIC,
+    WORLD_SIZE_CHANGED,
     check_label,
 )
 from scalelab.backends.config import DistConfig
