@@ -13,13 +13,15 @@ import torch
 from train_support import TINY, deep_update
 
 from scalelab.backends import make_backend
+from scalelab.backends.parallel_dims import ParallelDims
 from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
 from scalelab.layout import Layout
 from scalelab.models import build
 from scalelab.train import checkpoint as ckpt
+from scalelab.train.batch import resolve_batch
 from scalelab.train.checkpoint import Checkpointer
-from scalelab.train.config import Parallelism, from_dict, resolve_batch
+from scalelab.train.config import from_dict
 from scalelab.train.setup import build_job, open_datasets, steps_per_epoch
 from scalelab.train.state import TrainState
 
@@ -45,7 +47,7 @@ def make_job(
         master_port=29500,
         launcher="single",
     )
-    plan = resolve_batch(cfg, Parallelism(1, cfg.dist.tp))
+    plan = resolve_batch(cfg, ParallelDims.of(1, cfg.dist.tp))
     train_set, val_set = open_datasets(cfg)
     torch.manual_seed(seed)
     model = build(cfg.model.name, cfg.model.options, DataSpec.of(train_set))

@@ -29,7 +29,8 @@ from scalelab.backends import (
 from scalelab.backends.parallel_dims import Pipe, Problem
 from scalelab.errors import UsageError
 from scalelab.layout import Layout
-from scalelab.train.config import RunConfig, from_dict, resolve_batch
+from scalelab.train.batch import resolve_batch
+from scalelab.train.config import RunConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "scalelab"

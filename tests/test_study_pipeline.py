@@ -24,7 +24,8 @@ from scalelab.backends.pipeline_rules import bubble_fraction
 from scalelab.errors import UsageError
 from scalelab.study import config as study_config
 from scalelab.study import plan as study_plan
-from scalelab.train.config import from_dict, resolve_batch
+from scalelab.train.batch import resolve_batch
+from scalelab.train.config import from_dict
 
 SHARDING = yaml.safe_load((REPO / ".test" / "sharding.yaml").read_text())
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from scalelab.errors import UsageError
+from scalelab.train import batch as B
 from scalelab.train import config as C
 
 
 def test_defaults_are_valid() -> None:
     cfg = C.load(None)
     assert cfg.model.name == "cnn" and cfg.dist.backend == "auto"
-    plan = C.resolve_batch(cfg, 1)
+    plan = B.resolve_batch(cfg, 1)
     assert (plan.global_batch, plan.per_rank_batch, plan.lr) == (256, 256, cfg.optim.lr)
 
 
@@ -137,22 +138,22 @@ def test_batch_plan_and_linear_scaling() -> None:
             }
         }
     )
-    plan = C.resolve_batch(cfg, 4)
+    plan = B.resolve_batch(cfg, 4)
     assert (plan.global_batch, plan.per_rank_batch, plan.micro_batch) == (512, 128, 64)
     assert plan.lr == pytest.approx(0.2)
     per_rank = C.from_dict({"optim": {"per_rank_batch_size": 64, "base_batch_size": 64}})
-    plan = C.resolve_batch(per_rank, 8)
+    plan = B.resolve_batch(per_rank, 8)
     assert (plan.global_batch, plan.per_rank_batch, plan.lr) == (512, 64, pytest.approx(0.8))
 
 
 def test_batch_not_divisible() -> None:
     cfg = C.from_dict({"optim": {"global_batch_size": 96, "grad_accum_steps": 4}})
-    C.resolve_batch(cfg, 3)  # 96 = 3 * 4 * 8
+    B.resolve_batch(cfg, 3)  # 96 = 3 * 4 * 8
     with pytest.raises(UsageError, match=r"field 'optim.global_batch_size': 96 .* 5 \* 4"):
-        C.resolve_batch(cfg, 5)
+        B.resolve_batch(cfg, 5)
     cfg = C.from_dict({"optim": {"per_rank_batch_size": 30, "grad_accum_steps": 4}})
     with pytest.raises(UsageError, match="field 'optim.per_rank_batch_size'"):
-        C.resolve_batch(cfg, 2)
+        B.resolve_batch(cfg, 2)
 
 
 def test_explain_lists_every_registered_model():

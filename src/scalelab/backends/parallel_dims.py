@@ -3,7 +3,7 @@ device mesh, in one object (torchtitan's ``ParallelDims`` is the model).
 
 Ranks are laid out ``rank = (pp_index * dp + dp_index) * tp + tp_index``: tensor-parallel
 peers are neighbours (on one node when tp divides the ranks per node), pipeline stages
-outermost. Batch resolution (:func:`scalelab.train.config.resolve_batch`), the plan (every
+outermost. Batch resolution (:func:`scalelab.train.batch.resolve_batch`), the plan (every
 sweep point), the backends, checkpoint resharding and the communication model all ask
 this object, so the arithmetic and its error messages exist once.
 

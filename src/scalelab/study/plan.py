@@ -28,7 +28,8 @@ from scalelab.backends.registry import DEFAULT
 from scalelab.data import kinds
 from scalelab.errors import UsageError
 from scalelab.study.checks import OPTIONAL_KNOBS, _dataset_size, stages_data
-from scalelab.train.config import RunConfig, check_elastic, from_dict, resolve_batch
+from scalelab.train.batch import check_elastic, resolve_batch
+from scalelab.train.config import RunConfig, from_dict
 from scalelab.train.timing import epoch_steps, timed_steps
 
 #: The sweep's knobs, in run-id order. A new knob is one entry here, one field of RunPoint

@@ -14,17 +14,15 @@ readings in :class:`~scalelab.train.energy_ledger.EnergyLedger`.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scalelab.backends import Backend, ParallelDims, choose_backend, make_backend
+from scalelab.backends import ParallelDims, choose_backend, make_backend
 from scalelab.data.progress import Progress
 from scalelab.data.spec import DataSpec
 from scalelab.errors import UsageError
@@ -32,19 +30,14 @@ from scalelab.layout import Layout, detect
 from scalelab.models import build
 from scalelab.tracking.config import RunSettings
 from scalelab.tracking.live import RunTracker
+from scalelab.train.batch import check_elastic, resolve_batch
 from scalelab.train.checkpoint import Checkpointer
-from scalelab.train.config import (
-    RunConfig,
-    apply_overrides,
-    check_elastic,
-    from_dict,
-    load,
-    resolve_batch,
-)
+from scalelab.train.config import RunConfig, apply_overrides, from_dict, load
 from scalelab.train.energy_ledger import EnergyLedger
+from scalelab.train.evaluation import evaluate
 from scalelab.train.records import epoch_record, format_epoch_line, run_info, summary
 from scalelab.train.reducer import MetricsReducer
-from scalelab.train.sampling import Batches, epoch_order, eval_shard, rank_batches
+from scalelab.train.sampling import Batches, epoch_order, rank_batches
 from scalelab.train.setup import (
     Job,
     build_job,
@@ -58,6 +51,7 @@ from scalelab.train.setup import (
 )
 from scalelab.train.signals import Preempted, StopRequest
 from scalelab.train.state import TrainState
+from scalelab.train.timing import StepClock
 from scalelab.train.watchdog import Watchdog
 
 
@@ -202,7 +196,7 @@ class Trainer:
         self.checkpointer = Checkpointer(job.run_dir.checkpoints, job, self.state, watchdog.beat)
         self.process_steps = 0  # steps run by this process (warm-up exclusion restarts on resume)
         self.bar: Any = _NoBar()
-        self.clock = _Clock()
+        self.clock = StepClock()
         self.energy = EnergyLedger(
             job.cfg.metrics.energy, job.backend, job.device, job.layout.local_rank
         )
@@ -284,7 +278,7 @@ class Trainer:
         self.bar = _progress(
             self._show_bar(), epoch, job.cfg.train.epochs, first, job.steps_per_epoch
         )
-        self.clock = _Clock()
+        self.clock = StepClock()
         self.energy.mark()
         for step in range(first, job.steps_per_epoch):
             job.timer.mark("start")
@@ -458,63 +452,6 @@ class Trainer:
     def _show_bar(self) -> bool:
         progress = self.job.cfg.train.progress
         return self.job.main and (progress if progress is not None else sys.stderr.isatty())
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    dataset,
-    backend: Backend,
-    device: torch.device,
-    batch: int,
-    channels_last: bool,
-    autocast,
-    watchdog: Watchdog,
-) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole split; each rank evaluates its own share."""
-    was_training = model.training
-    model.eval()
-    idx = eval_shard(len(dataset), backend.dp_rank, backend.dp_size)
-    # As many chunks on every rank (shares differ by one sample): fsdp/tp forwards are
-    # collectives, and a rank with one chunk more would wait for its peers forever.
-    count = math.ceil(math.ceil(len(dataset) / backend.dp_size) / batch)
-    chunks = (c for c in np.array_split(idx, max(1, count)) if len(c))
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for x, y in Batches(dataset, chunks, device, channels_last, prefetch=False):
-        with autocast:
-            logits = model(x) if backend.pipeline is None else backend.pipeline.forward(x)
-        watchdog.beat()
-        if logits is None:  # a pipeline rank without the last stage
-            continue
-        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == y).sum().double()
-        sums[2] += y.numel()  # targets: labels, or tokens of sequences
-    model.train(was_training)
-    loss_sum, correct, count = backend.allreduce(sums.tolist())
-    return loss_sum / count, correct / count
-
-
-class _Clock:
-    """Step times and the epoch's wall time on this rank's host clock."""
-
-    def __init__(self) -> None:
-        self.epoch_start = self.last = time.perf_counter()
-
-    def step(self) -> float:
-        """Seconds since the previous step ended."""
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
-
-    def epoch(self) -> float:
-        """Seconds since the epoch (or its last checkpoint) began; restarts the count."""
-        now = time.perf_counter()
-        elapsed, self.epoch_start = now - self.epoch_start, now
-        return elapsed
-
-    def skip(self) -> None:
-        """Do not count the time since the last step as step time (a checkpoint write)."""
-        self.last = time.perf_counter()
 
 
 class _NoBar:

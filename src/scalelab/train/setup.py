@@ -28,7 +28,8 @@ from scalelab.layout import Layout
 from scalelab.provenance import record_start
 from scalelab.rundir import RunDir
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.config import BatchPlan, RunConfig
+from scalelab.train.batch import BatchPlan
+from scalelab.train.config import RunConfig
 from scalelab.train.records import MetricsWriter
 from scalelab.train.timing import PhaseTimer, epoch_steps
 

@@ -3,6 +3,7 @@ the run's throughput from its epoch history (warm-up excluded)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -99,3 +100,26 @@ class PhaseTimer:
                 c = max(0.0, step_s - d - m)
             data, compute, comm = data + d, compute + c, comm + m
         return data, compute, comm
+
+
+class StepClock:
+    """Step times and the epoch's wall time on this rank's host clock."""
+
+    def __init__(self) -> None:
+        self.epoch_start = self.last = time.perf_counter()
+
+    def step(self) -> float:
+        """Seconds since the previous step ended."""
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    def epoch(self) -> float:
+        """Seconds since the epoch (or its last checkpoint) began; restarts the count."""
+        now = time.perf_counter()
+        elapsed, self.epoch_start = now - self.epoch_start, now
+        return elapsed
+
+    def skip(self) -> None:
+        """Do not count the time since the last step as step time (a checkpoint write)."""
+        self.last = time.perf_counter()
