@@ -37,3 +37,16 @@ def test_the_format_check_can_fail(tmp_path):
     bad.write_text("x = {  'a':1,'b' :2 }\n")
     proc = ruff("format", "--check", "--no-cache", str(bad))
     assert proc.returncode == 1 and "bad.py" in proc.stdout
+
+
+#: A module longer than this holds more than one concern: split it by what changes together.
+MAX_MODULE_LINES = 500
+
+
+def test_every_module_is_at_most_max_module_lines():
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in sorted((REPO / "src" / "scalelab").rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"

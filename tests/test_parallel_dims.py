@@ -262,7 +262,6 @@ NOT_A_BACKEND = {
     "comm/libs.py": {"horovod": "commbench's libraries: the horovod package"},
     "comm/predict.py": {"fsdp": "the dist.fsdp options section of a stored config"},
     "container/build.py": {"horovod": "the image's horovod package", "none": "pip --abi none"},
-    "container/build_plan.py": {"horovod": "the cached horovod wheel's directory name"},
     "container/build_gpu_plan.py": {"horovod": "the image's horovod package version"},
     "container/cli_build.py": {"horovod": "the horovod stage's cache directory"},
     "container/cli_recipe.py": {"horovod": "the image's horovod version option"},

@@ -41,7 +41,8 @@ from scalelab.analysis import runs
 from scalelab.errors import UsageError
 from scalelab.launch import commands
 from scalelab.train import checkpoint as ckpt
-from scalelab.train.config import check_elastic, elastic_world_sizes, from_dict
+from scalelab.train.batch import check_elastic, elastic_world_sizes
+from scalelab.train.config import from_dict
 
 EPOCHS = 3
 #: 64 steps per epoch at a global batch of 64, deterministic, one thread per rank: about a
