@@ -14,12 +14,14 @@ sudo_cmd=()
 # would also pull docker.io and buildah through charliecloud-builders; no test needs them).
 # podman (4.3.1) runs the same tree in tests/test_container_podman.py, installed without its
 # recommends (buildah, slirp4netns, fuse-overlayfs, uidmap, catatonit: the tests run it as
-# root on the host network with --rootfs, so none is needed); it pulls conmon, runc or crun
-# and golang-github-containers-common.
+# root on the host network with --rootfs, so none is needed); it pulls conmon, crun (its
+# first choice of runtime) and golang-github-containers-common. runc is named too: crun 1.8
+# refuses this machine's hybrid cgroup v1/v2 layout, and scalelab then runs podman with
+# --runtime=runc (src/scalelab/container/podman.py).
 apt_packages=(build-essential cmake python3-dev git slurm-wlm munge libpmix2 libpmix-dev
               iproute2 util-linux procps docker-registry openssl apache2-utils ca-certificates
               charliecloud-runtime squashfs-tools)
-no_recommends=(podman)
+no_recommends=(podman runc)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
