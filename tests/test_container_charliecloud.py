@@ -208,3 +208,21 @@ def test_an_interrupted_unpack_leaves_nothing_that_looks_ready(cpu_image, tmp_pa
     assert got == ready and (ready / charliecloud.ENV_FILE).is_file()
     out = run([ch_run, str(ready), "--", "/bin/echo", "ok"], env=ch_env()).stdout
     assert out.strip() == "ok"
+
+
+def test_partial_trees_of_dead_unpacks_are_removed_and_young_ones_kept(tmp_path):
+    """A killed unpack leaves a hidden partial tree (gigabytes on the shared filesystem);
+    the next derivation removes the ones no live unpack can own, and only those."""
+    final = tmp_path / "sha256-ab.ch"
+    old, young = (final.with_name(f".{final.name}.partial-{n}-0000") for n in (1, 2))
+    for d in (old, young):
+        (d / "usr" / "bin").mkdir(parents=True)
+        (d / "usr" / "bin" / "x").write_text("x")
+        (d / "usr").chmod(0o555)  # read-only directories, as unsquashfs leaves them
+    hours_ago = time.time() - charliecloud.STALE_PARTIAL_S - 60
+    os.utime(old, (hours_ago, hours_ago))
+    other = tmp_path / ".sha256-cd.ch.partial-3-0000"  # another image's: not this one's
+    other.mkdir()
+    os.utime(other, (hours_ago, hours_ago))
+    assert charliecloud.remove_stale_partials(final) == [old]
+    assert not old.exists() and young.is_dir() and other.is_dir()

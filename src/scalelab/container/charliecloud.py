@@ -29,6 +29,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,9 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: container), not by the image.
 _NOT_THE_IMAGES = {"_", "PWD", "OLDPWD", "SHLVL", "CH_RUNNING", "HOSTNAME", "container"}
 _TIMEOUT_S = 1800
+#: A partial tree older than this is an unpack that died (an unpack takes under a minute
+#: here, and ``_TIMEOUT_S`` bounds a live one): the next derivation removes it.
+STALE_PARTIAL_S = 6 * 3600
 
 
 def image_dir(sif_path: str | Path, sha256: str) -> Path:
@@ -92,6 +96,7 @@ def derive(sif_path: str | Path, sha256: str, ch_run: str | Enter) -> Path:
             "to derive its image from the SIF"
         )
     part = sif.primary_partition(sif_path)
+    remove_stale_partials(final)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         _unpack(tool, sif_path, part.offset, tmp)
@@ -104,6 +109,21 @@ def derive(sif_path: str | Path, sha256: str, ch_run: str | Enter) -> Path:
     finally:
         remove_tree(tmp)
     return final
+
+
+def remove_stale_partials(final: Path, max_age_s: float = STALE_PARTIAL_S) -> list[Path]:
+    """Remove the partial trees of ``final`` that no live unpack can own (older than
+    ``max_age_s``: a killed unpack leaves one, gigabytes on the shared filesystem).
+    Younger ones may belong to an unpack running on another node, and stay."""
+    now = time.time()
+    stale = [
+        p
+        for p in final.parent.glob(f".{final.name}.partial-*")
+        if now - p.lstat().st_mtime > max_age_s
+    ]
+    for p in stale:
+        remove_tree(p)
+    return stale
 
 
 def _unpack(tool: str, sif_path: str | Path, offset: int, dest: Path) -> None:
