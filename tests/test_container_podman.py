@@ -58,9 +58,10 @@ def test_podman_argv_names_the_derived_tree_and_the_hpc_namespaces(monkeypatch):
     envs = [a for a in argv if a.startswith("--env=")]
     # The host's rank variables first, then ours (podman: the last value wins).
     assert envs.index("--env=OMPI_*") < envs.index("--env=A=1")
-    assert envs[-2:] == [
+    assert envs[-3:] == [
         "--env=SCALELAB_IMAGE_PATH=/img/x.sif",
         f"--env=SCALELAB_IMAGE_SHA256={SHA}",
+        "--env=SCALELAB_CONTAINER_RUNTIME=podman",  # how the rank knows (podman.inside)
     ]
     assert "--workdir=/work" in argv and argv.index("--cgroups=disabled") < argv.index("--rootfs")
     assert "--device=nvidia.com/gpu=all" not in argv
@@ -97,8 +98,10 @@ def test_inside_image_info_knows_podman(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SCALELAB_IMAGE_PATH", "/img/x.sif")
     monkeypatch.delenv(podman.MARK_VAR, raising=False)
+    monkeypatch.delenv(podman.RUNTIME_VAR[0], raising=False)
+    monkeypatch.setattr(podman, "CONTAINERENV", Path("/nonexistent/.containerenv"))
     assert inside_image_info() is None
-    monkeypatch.setenv(podman.MARK_VAR, podman.MARK)
+    monkeypatch.setenv(*podman.RUNTIME_VAR)
     assert inside_image_info()["image"] == "/img/x.sif"
 
 

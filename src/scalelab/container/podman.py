@@ -114,11 +114,15 @@ def env_file(tree: Path) -> Path:
     return tree / charliecloud.ENV_FILE
 
 
-#: The file podman writes into every container it runs (``--rootfs`` ones included), its
-#: documented marker; ``container=podman`` is not set for a ``--rootfs`` run (measured).
+#: Podman's own markers are unreliable for a ``--rootfs`` run (measured, 4.3.1 as root:
+#: neither ``container=podman`` nor ``/run/.containerenv`` reaches the process), so scalelab
+#: sets its own variable in every ``podman run`` it builds.
+RUNTIME_VAR = ("SCALELAB_CONTAINER_RUNTIME", "podman")
 CONTAINERENV = Path("/run/.containerenv")
 
 
-def inside(environ: Mapping[str, str], marker: Path = CONTAINERENV) -> bool:
-    """True in a process podman started."""
-    return environ.get(MARK_VAR) == MARK or marker.is_file()
+def inside(environ: Mapping[str, str]) -> bool:
+    """True in a process podman started (scalelab's variable, or podman's own markers)."""
+    name, value = RUNTIME_VAR
+    own = environ.get(name) == value or environ.get(MARK_VAR) == MARK
+    return own or CONTAINERENV.is_file()

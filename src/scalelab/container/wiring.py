@@ -240,7 +240,7 @@ def _podman_prefix(
         binds=specs,
         env_file=str(podman.env_file(tree)),
         host_env=podman.HOST_VARIABLES,
-        env=env,
+        env=(*env, podman.RUNTIME_VAR),
         ulimits=podman.ulimits(),
         nv=c.nv,
         keep_id=podman.keep_id(),
@@ -260,7 +260,7 @@ def inside_image_info() -> dict[str, Any] | None:
     import sys
 
     image = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
-    # ch-run and podman (which sets container=podman): the SIF their tree came from.
+    # ch-run and podman (podman.inside): the SIF their tree came from.
     if not image and (os.environ.get("CH_RUNNING") or podman.inside(os.environ)):
         image = os.environ.get("SCALELAB_IMAGE_PATH")
     if not image:
