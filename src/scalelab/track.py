@@ -157,12 +157,29 @@ def sync_study(results: Path, server: MlflowSection, cfg: dict[str, Any]) -> dic
             counts.add(sync_run(client, exp, parent, key, run_id, run_dir))
             runs.append(run_id)
         send_artifacts(client, parent, analysis_files(results), counts)
-        done = bool(dirs) and all(d.is_complete() for d in dirs)
-        if done and parent["info"].get("status") != FINISHED:
-            client.finish_run(parent["info"]["run_id"], FINISHED, now_ms())
-            counts.statuses += 1
+        _finish_parent(client, parent, bool(dirs) and all(d.is_complete() for d in dirs), counts)
     finally:
         client.close()
+    return _record(server, exp, key, parent, runs, counts, merged)
+
+
+def _finish_parent(client: MlflowClient, parent: dict, done: bool, counts: Counts) -> None:
+    """Mark the study's parent run finished once every run under it is complete."""
+    if done and parent["info"].get("status") != FINISHED:
+        client.finish_run(parent["info"]["run_id"], FINISHED, now_ms())
+        counts.statuses += 1
+
+
+def _record(
+    server: MlflowSection,
+    exp: str,
+    key: str,
+    parent: dict,
+    runs: list[str],
+    counts: Counts,
+    merged: int,
+) -> dict[str, Any]:
+    """What a sync did, as `track sync --json` prints it."""
     return {
         "uri": server.uri,
         "experiment": server.experiment,
@@ -198,24 +215,11 @@ def sync_one(run_dir: RunDir, server: MlflowSection, settings: RunSettings) -> d
         key = settings.study_key
         parent = ensure_parent(client, exp, key, settings.study_name, counts)
         counts.add(sync_run(client, exp, parent, key, settings.run_id, run_dir))
-        done = settings.standalone and run_dir.is_complete()  # no study finishes it
-        if done and parent["info"].get("status") != FINISHED:
-            client.finish_run(parent["info"]["run_id"], FINISHED, now_ms())
-            counts.statuses += 1
+        # no study finishes a plain run's parent: the run itself does
+        _finish_parent(client, parent, settings.standalone and run_dir.is_complete(), counts)
     finally:
         client.close()
-    return {
-        "uri": server.uri,
-        "experiment": server.experiment,
-        "experiment_id": exp,
-        "study_key": key,
-        "parent_run_id": parent["info"]["run_id"],
-        "runs": [settings.run_id],
-        "sent": counts.as_dict(),
-        "duplicate_parents_merged": 0,
-        "notes": counts.notes,
-        "words": counts.words(),
-    }
+    return _record(server, exp, key, parent, [settings.run_id], counts, 0)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
