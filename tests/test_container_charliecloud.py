@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VENV_BIN, run, tool_env
+from conftest import VENV_BIN, require, run, tool_env
 from container_image import SCALELAB, require_apptainer, session_image
 
 from scalelab.container import charliecloud
@@ -30,13 +30,13 @@ pytestmark = pytest.mark.timeout(2400)  # the first test may wait for a cold ima
 
 
 def require_ch_run() -> str:
-    """The real ch-run; a skip only off CI, where CI's environment must have it."""
+    """The real ch-run (and unsquashfs); conftest.require: a skip off CI, a failure in CI."""
     path = shutil.which("ch-run")
-    if path is None or shutil.which("unsquashfs") is None:
-        reason = "charliecloud or squashfs-tools not installed (./setup.sh --test-env)"
-        if os.environ.get("SCALELAB_REQUIRE_CLUSTER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(
+        path is not None and shutil.which("unsquashfs") is not None,
+        "charliecloud or squashfs-tools not installed (./setup.sh --test-env)",
+    )
+    assert path is not None
     return path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VENV_BIN, run, tool_env
+from conftest import VENV_BIN, require, run, tool_env
 from container_image import SCALELAB, require_apptainer, session_image
 
 from scalelab import launcher
@@ -125,13 +125,13 @@ def test_a_launch_dry_run_derives_no_tree(name, tmp_path, monkeypatch):
 
 
 def require_podman() -> str:
-    """The real podman; a skip only off CI, where CI's environment must have it."""
+    """The real podman (and unsquashfs); conftest.require: a skip off CI, a failure in CI."""
     path = shutil.which("podman")
-    if path is None or shutil.which("unsquashfs") is None:
-        reason = "podman or squashfs-tools not installed (./setup.sh --test-env)"
-        if os.environ.get("SCALELAB_REQUIRE_CLUSTER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(
+        path is not None and shutil.which("unsquashfs") is not None,
+        "podman or squashfs-tools not installed (./setup.sh --test-env)",
+    )
+    assert path is not None
     return path
 
 

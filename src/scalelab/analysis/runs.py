@@ -198,17 +198,13 @@ def load_run(
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     f = _run_files(run_dir)
-    summary, info, sweep, config = f["summary"], f["info"], f["sweep"], f["config"]
+    summary, sweep, config = f["summary"], f["sweep"], f["config"]
     s = str(rd.summary_path)
     ranks = _num(_dig(summary, "world_size"), f"{s}: world_size")
     if not ranks > 0:
         raise UsageError(f"{s}: field 'world_size' missing or not positive")
     samples_per_s = _throughput(summary, s)
     global_batch = _num(_dig(summary, "global_batch_size"), f"{s}: global_batch_size")
-    hosts = _dig(info, "hostnames") or next(
-        (r["hostnames"] for r in f["records"] if r.get("kind") == "start" and r.get("hostnames")),
-        [],
-    )
     mode = _dig(sweep, "mode") or (
         "weak" if _dig(config, "optim.per_rank_batch_size") is not None else "strong"
     )
@@ -221,14 +217,7 @@ def load_run(
     row = {
         "source": "runs",
         **_labels(run_dir, summary, sweep, mode),
-        "nodes": _num(_dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1), f"{s}: nodes"),
-        "ranks": ranks,
-        "gpus": _gpus(summary, sweep, ranks, rd.sweep_path),
-        "cores_per_rank": _num(
-            _dig(info, "threads_per_rank") or _dig(config, "train.threads") or 1,
-            f"{rd.run_info_path}: threads_per_rank",
-        ),
-        "repeat": _num(_dig(sweep, "repeat") or 0, f"{rd.sweep_path}: repeat"),
+        **_placement(rd, f, ranks),
         "global_batch": global_batch,
         "samples_per_s": samples_per_s,
         "throughput": samples_per_s,
@@ -256,6 +245,27 @@ def load_run(
     if _dig(summary, "world_size_changed"):
         return _untimed(row, WORLD_SIZE_CHANGED)
     return _untimed(row) if math.isnan(samples_per_s) else row
+
+
+def _placement(rd: RunDir, f: dict[str, Any], ranks: float) -> dict[str, float]:
+    """Where the run ran: nodes (the sweep's, else its distinct hosts), ranks, GPUs,
+    cores per rank and the repeat index."""
+    summary, info, sweep, config = f["summary"], f["info"], f["sweep"], f["config"]
+    hosts = _dig(info, "hostnames") or next(
+        (r["hostnames"] for r in f["records"] if r.get("kind") == "start" and r.get("hostnames")),
+        [],
+    )
+    nodes = _dig(sweep, "nodes") or (len(set(hosts)) if hosts else 1)
+    return {
+        "nodes": _num(nodes, f"{rd.summary_path}: nodes"),
+        "ranks": ranks,
+        "gpus": _gpus(summary, sweep, ranks, rd.sweep_path),
+        "cores_per_rank": _num(
+            _dig(info, "threads_per_rank") or _dig(config, "train.threads") or 1,
+            f"{rd.run_info_path}: threads_per_rank",
+        ),
+        "repeat": _num(_dig(sweep, "repeat") or 0, f"{rd.sweep_path}: repeat"),
+    }
 
 
 def _count(value: Any, where: str) -> int:
